@@ -1,0 +1,167 @@
+//! `portcullis`: the gateway binary. Thin: parses the command line, loads config, hands over to
+//! the library. Exit codes: 0 ok, 1 refused (explain) or runtime failure, 64 bad config or usage.
+
+use clap::{Parser, Subcommand};
+use portcullis::config::{Config, LogFormat};
+use portcullis::connect::Gateway;
+use portcullis::hostname::Target;
+use portcullis::server::Server;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// sysexits EX_USAGE / EX_CONFIG-style code for a bad config or argument.
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "portcullis",
+    version,
+    about = "Egress gateway for hybrid file sync: an allow-listing CONNECT proxy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (built-in azure-file-sync policy when no --config is given).
+    Serve {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Overrides `log.format` from the config.
+        #[arg(long, value_name = "json|text")]
+        log_format: Option<LogFormatArg>,
+    },
+    /// Validate a config file and print the effective policy; exit 64 listing every problem.
+    CheckConfig { file: PathBuf },
+    /// Print the decision the gateway would take for CONNECT HOST:PORT.
+    Explain {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Client address to check against `listen.clients` (default 127.0.0.1).
+        #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
+        from: IpAddr,
+        #[arg(value_name = "HOST:PORT")]
+        target: String,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormatArg {
+    Json,
+    Text,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { file } => match Config::load(&file) {
+            Ok(config) => {
+                println!("{}: ok", file.display());
+                print!("{}", portcullis::explain::effective_policy(&config));
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_failure(&e),
+        },
+        Command::Explain {
+            config,
+            from,
+            target,
+        } => {
+            let config = match load(config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => return config_failure(&e),
+            };
+            let target = match Target::parse_authority(&target) {
+                Ok(t) => t,
+                Err(why) => {
+                    eprintln!("portcullis: {target:?}: {why}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            runtime(|| async move {
+                let gateway = Gateway::new(config).map_err(anyhow::Error::msg)?;
+                let (report, allowed) = portcullis::explain::explain(&gateway, from, &target).await;
+                print!("{report}");
+                Ok(if allowed {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                })
+            })
+        }
+        Command::Serve { config, log_format } => {
+            let config = match load(config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => return config_failure(&e),
+            };
+            let format = match log_format {
+                Some(LogFormatArg::Json) => LogFormat::Json,
+                Some(LogFormatArg::Text) => LogFormat::Text,
+                None => config.log.format,
+            };
+            portcullis::access_log::init(format);
+            runtime(|| async move {
+                let gateway = Gateway::new(config).map_err(anyhow::Error::msg)?;
+                let server = Server::bind(gateway).await?;
+                server.run(shutdown_signal()).await;
+                tracing::info!("stopped accepting; exiting");
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+    }
+}
+
+fn load(path: Option<&std::path::Path>) -> Result<Config, portcullis::config::ConfigError> {
+    match path {
+        Some(path) => Config::load(path),
+        None => Ok(Config::builtin()),
+    }
+}
+
+fn config_failure(e: &portcullis::config::ConfigError) -> ExitCode {
+    eprintln!("portcullis: invalid configuration:\n{e}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn runtime<F, Fut>(body: F) -> ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
+{
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("portcullis: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(body()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("portcullis: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// SIGTERM (systemd, container runtimes) or Ctrl-C.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

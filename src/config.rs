@@ -1,0 +1,873 @@
+//! Configuration: the TOML file an operator writes (`Raw*`, serde with `deny_unknown_fields`),
+//! compiled once into the validated `Config` the gateway runs on. Every problem found is reported
+//! with file, line, column, key and what was expected; all semantic problems are listed at once.
+
+use crate::hostname::{DnsName, HostPattern};
+use crate::policy::{Mode, Policy, Rule};
+use crate::profiles;
+use ipnet::IpNet;
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+use toml::Spanned;
+
+/// Where clients may connect from when the file does not say: loopback and private networks.
+pub const DEFAULT_CLIENTS: &[&str] = &[
+    "127.0.0.0/8",
+    "::1/128",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "fc00::/7",
+];
+pub const DEFAULT_PROXY_LISTEN: &str = "0.0.0.0:3128";
+pub const DEFAULT_PROFILE: &str = "azure-file-sync";
+pub const DEFAULT_RULE_PORTS: &[u16] = &[443];
+pub const DEFAULT_CATEGORY: &str = "other";
+pub const DEFAULT_DNS_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Sync sessions sit idle for long stretches between change batches.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: Listen,
+    pub policy: Policy,
+    /// Built-in profiles in use, in the order given.
+    pub profiles: Vec<&'static str>,
+    pub resolver: ResolverSettings,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub log: LogSettings,
+}
+
+#[derive(Clone, Debug)]
+pub struct Listen {
+    pub proxy: Vec<SocketAddr>,
+    /// Source networks allowed to use the proxy at all.
+    pub clients: Vec<IpNet>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ResolverSettings {
+    /// DNS servers to ask; empty means the system's resolv.conf.
+    pub servers: Vec<SocketAddr>,
+    pub timeout: Duration,
+    /// Static overrides: a name listed here never goes to DNS.
+    pub hosts: BTreeMap<DnsName, Vec<IpAddr>>,
+    /// Resolve only through `hosts`; DNS is never asked.
+    pub hosts_only: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// Time a client has to send its complete request head.
+    pub head: Duration,
+    /// Time to establish the upstream TCP connection, over all candidate addresses.
+    pub connect: Duration,
+    /// A tunnel with no bytes in either direction for this long is closed.
+    pub idle: Duration,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Client connections served at once; further clients wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct LogSettings {
+    pub format: LogFormat,
+}
+
+/// Everything wrong with one config file.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+/// One problem: where it is and what was expected.
+#[derive(Debug)]
+pub struct Problem {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    /// Dotted key path, as in `policy.allow[1].hosts[0]`; empty when the parser could not tell.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        if !self.key.is_empty() {
+            write!(f, "{}: ", self.key)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            problem.fmt(f)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ---- the file as written -------------------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    listen: RawListen,
+    policy: RawPolicy,
+    resolver: RawResolver,
+    timeouts: RawTimeouts,
+    limits: RawLimits,
+    log: RawLog,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawListen {
+    proxy: Option<Vec<Spanned<String>>>,
+    clients: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawPolicy {
+    mode: Option<Mode>,
+    profiles: Option<Vec<Spanned<String>>>,
+    allow: Vec<Spanned<RawRule>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Spanned<String>,
+    category: Option<Spanned<String>>,
+    #[serde(default)]
+    hosts: Vec<Spanned<String>>,
+    ports: Option<Vec<Spanned<u16>>>,
+    #[serde(default)]
+    addresses: Vec<Spanned<String>>,
+    #[serde(default)]
+    private_addresses: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawResolver {
+    servers: Vec<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    hosts: BTreeMap<Spanned<String>, Spanned<toml::Value>>,
+    hosts_only: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawTimeouts {
+    head: Option<Spanned<String>>,
+    connect: Option<Spanned<String>>,
+    idle: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawLimits {
+    max_connections: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    format: Option<LogFormat>,
+}
+
+// ---- compiling ---------------------------------------------------------------------------
+
+/// Collects problems with their positions in one file.
+struct Problems<'a> {
+    file: &'a str,
+    source: &'a str,
+    list: Vec<Problem>,
+}
+
+impl Problems<'_> {
+    fn add(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
+        let (line, column) = line_column(self.source, span.start);
+        self.list.push(Problem {
+            file: self.file.to_owned(),
+            line,
+            column,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// 1-based line and column of byte `offset` in `source`.
+fn line_column(source: &str, offset: usize) -> (usize, usize) {
+    let before = &source.as_bytes()[..offset.min(source.len())];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    (line, offset.min(source.len()) - line_start + 1)
+}
+
+impl Config {
+    /// The gateway with no config file: the public-cloud Azure File Sync allow-list.
+    pub fn builtin() -> Self {
+        Self::parse("", "<built-in>").expect("the empty config compiles")
+    }
+
+    /// Reads and compiles the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text, &file),
+            Err(e) => Err(ConfigError {
+                problems: vec![Problem {
+                    file,
+                    line: 0,
+                    column: 0,
+                    key: String::new(),
+                    message: format!("cannot read the file: {e}"),
+                }],
+            }),
+        }
+    }
+
+    /// Compiles config `source`; `file` names it in problems.
+    pub fn parse(source: &str, file: &str) -> Result<Self, ConfigError> {
+        let mut problems = Problems {
+            file,
+            source,
+            list: Vec::new(),
+        };
+        let raw: RawConfig = match toml::from_str(source) {
+            Ok(raw) => raw,
+            Err(e) => {
+                let span = e.span().unwrap_or(0..0);
+                problems.add(span, "", e.message().trim_end().to_owned());
+                return Err(ConfigError {
+                    problems: problems.list,
+                });
+            }
+        };
+        let config = compile(raw, &mut problems);
+        if problems.list.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError {
+                problems: problems.list,
+            })
+        }
+    }
+}
+
+fn compile(raw: RawConfig, p: &mut Problems<'_>) -> Config {
+    let listen = Listen {
+        proxy: match raw.listen.proxy {
+            None => vec![DEFAULT_PROXY_LISTEN.parse().expect("valid default")],
+            Some(list) => {
+                if list.is_empty() {
+                    p.add(
+                        0..0,
+                        "listen.proxy",
+                        "expected at least one address such as \"0.0.0.0:3128\"",
+                    );
+                }
+                list.iter()
+                    .enumerate()
+                    .filter_map(|(i, a)| {
+                        parse_or(
+                            p,
+                            a,
+                            &format!("listen.proxy[{i}]"),
+                            "expected IP:PORT such as \"0.0.0.0:3128\" or \"[::]:3128\"",
+                        )
+                    })
+                    .collect()
+            }
+        },
+        clients: match raw.listen.clients {
+            None => DEFAULT_CLIENTS
+                .iter()
+                .map(|c| c.parse().expect("valid default"))
+                .collect(),
+            Some(list) => cidrs(p, &list, "listen.clients"),
+        },
+    };
+
+    let profile_names: Vec<Spanned<String>> = raw
+        .policy
+        .profiles
+        .unwrap_or_else(|| vec![Spanned::new(0..0, DEFAULT_PROFILE.to_owned())]);
+    let mut rules = Vec::new();
+    let mut profiles_used = Vec::new();
+    for (i, name) in profile_names.iter().enumerate() {
+        match profiles::find(name.get_ref()) {
+            Some(profile) => {
+                profiles_used.push(profile.name);
+                rules.extend(
+                    profile
+                        .entries
+                        .iter()
+                        .map(|entry| profile_rule(profile.name, entry)),
+                );
+            }
+            None => p.add(
+                name.span(),
+                format!("policy.profiles[{i}]"),
+                format!(
+                    "unknown profile {:?}; expected one of {}",
+                    name.get_ref(),
+                    profiles::names().join(", ")
+                ),
+            ),
+        }
+    }
+    let mut names: HashSet<String> = rules.iter().map(|r| r.name.clone()).collect();
+    for (i, raw_rule) in raw.policy.allow.iter().enumerate() {
+        if let Some(rule) = compile_rule(p, raw_rule, &format!("policy.allow[{i}]"), &mut names) {
+            rules.push(rule);
+        }
+    }
+    let policy = Policy {
+        mode: raw.policy.mode.unwrap_or(Mode::Enforce),
+        rules,
+    };
+
+    let resolver = ResolverSettings {
+        servers: raw
+            .resolver
+            .servers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let key = format!("resolver.servers[{i}]");
+                let text = s.get_ref();
+                match text.parse::<SocketAddr>() {
+                    Ok(addr) => Some(addr),
+                    Err(_) => match text.parse::<IpAddr>() {
+                        Ok(ip) => Some(SocketAddr::new(ip, 53)),
+                        Err(_) => {
+                            p.add(
+                                s.span(),
+                                key,
+                                "expected an IP address or IP:PORT of a DNS server",
+                            );
+                            None
+                        }
+                    },
+                }
+            })
+            .collect(),
+        timeout: duration(
+            p,
+            raw.resolver.timeout.as_ref(),
+            "resolver.timeout",
+            DEFAULT_DNS_TIMEOUT,
+        ),
+        hosts: static_hosts(p, &raw.resolver.hosts),
+        hosts_only: raw.resolver.hosts_only,
+    };
+
+    let timeouts = Timeouts {
+        head: duration(
+            p,
+            raw.timeouts.head.as_ref(),
+            "timeouts.head",
+            DEFAULT_HEAD_TIMEOUT,
+        ),
+        connect: duration(
+            p,
+            raw.timeouts.connect.as_ref(),
+            "timeouts.connect",
+            DEFAULT_CONNECT_TIMEOUT,
+        ),
+        idle: duration(
+            p,
+            raw.timeouts.idle.as_ref(),
+            "timeouts.idle",
+            DEFAULT_IDLE_TIMEOUT,
+        ),
+    };
+
+    let limits = Limits {
+        max_connections: match raw.limits.max_connections {
+            None => DEFAULT_MAX_CONNECTIONS,
+            Some(n) if *n.get_ref() == 0 => {
+                p.add(
+                    n.span(),
+                    "limits.max_connections",
+                    "expected a number of connections above 0",
+                );
+                DEFAULT_MAX_CONNECTIONS
+            }
+            Some(n) => *n.get_ref() as usize,
+        },
+    };
+
+    Config {
+        listen,
+        policy,
+        profiles: profiles_used,
+        resolver,
+        timeouts,
+        limits,
+        log: LogSettings {
+            format: raw.log.format.unwrap_or(LogFormat::Text),
+        },
+    }
+}
+
+fn profile_rule(profile: &'static str, entry: &profiles::Entry) -> Rule {
+    Rule {
+        name: format!("{profile}/{}", entry.category),
+        category: entry.category.to_owned(),
+        hosts: entry
+            .hosts
+            .iter()
+            .map(|h| HostPattern::parse(h).expect("built-in patterns are checked by a unit test"))
+            .collect(),
+        ports: entry.ports.to_vec(),
+        addresses: Vec::new(),
+        private_addresses: Vec::new(),
+        origin: format!("profile {profile} ({})", profiles::VERSION),
+        reachable: Vec::new(),
+    }
+}
+
+fn compile_rule(
+    p: &mut Problems<'_>,
+    raw: &Spanned<RawRule>,
+    key: &str,
+    names: &mut HashSet<String>,
+) -> Option<Rule> {
+    let before = p.list.len();
+    let span = raw.span();
+    let raw = raw.get_ref();
+    let name = raw.name.get_ref().trim().to_owned();
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+    {
+        p.add(
+            raw.name.span(),
+            format!("{key}.name"),
+            "expected a non-empty name of letters, digits, '-', '_', '.', '/'",
+        );
+    } else if !names.insert(name.clone()) {
+        p.add(raw.name.span(), format!("{key}.name"), format!("rule name {name:?} is used twice (built-in profile rules are named profile/category)"));
+    }
+    let category = match &raw.category {
+        None => DEFAULT_CATEGORY.to_owned(),
+        Some(c)
+            if c.get_ref().is_empty()
+                || !c
+                    .get_ref()
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+        {
+            p.add(
+                c.span(),
+                format!("{key}.category"),
+                "expected a category name of letters, digits, '-' or '_'",
+            );
+            String::new()
+        }
+        Some(c) => c.get_ref().to_ascii_lowercase(),
+    };
+    let hosts: Vec<HostPattern> = raw
+        .hosts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, h)| match HostPattern::parse(h.get_ref()) {
+            Ok(pattern) => Some(pattern),
+            Err(why) => {
+                p.add(
+                    h.span(),
+                    format!("{key}.hosts[{i}]"),
+                    format!("{why}; expected a DNS name or \"*.suffix\""),
+                );
+                None
+            }
+        })
+        .collect();
+    let ports: Vec<u16> = match &raw.ports {
+        None => DEFAULT_RULE_PORTS.to_vec(),
+        Some(list) => {
+            if list.is_empty() {
+                p.add(
+                    span.clone(),
+                    format!("{key}.ports"),
+                    "expected at least one port",
+                );
+            }
+            list.iter()
+                .enumerate()
+                .filter_map(|(i, port)| {
+                    if *port.get_ref() == 0 {
+                        p.add(
+                            port.span(),
+                            format!("{key}.ports[{i}]"),
+                            "expected a port from 1 to 65535",
+                        );
+                        None
+                    } else {
+                        Some(*port.get_ref())
+                    }
+                })
+                .collect()
+        }
+    };
+    let addresses = cidrs(p, &raw.addresses, &format!("{key}.addresses"));
+    let private_addresses = cidrs(
+        p,
+        &raw.private_addresses,
+        &format!("{key}.private_addresses"),
+    );
+    if raw.hosts.is_empty() && raw.addresses.is_empty() {
+        p.add(
+            span,
+            key,
+            "a rule needs `hosts` (names) or `addresses` (CIDRs for IP-literal targets)",
+        );
+    }
+    if p.list.len() > before {
+        return None;
+    }
+    let reachable = addresses
+        .iter()
+        .chain(&private_addresses)
+        .copied()
+        .collect();
+    Some(Rule {
+        name,
+        category,
+        hosts,
+        ports,
+        addresses,
+        private_addresses,
+        origin: "config".into(),
+        reachable,
+    })
+}
+
+fn parse_or<T: std::str::FromStr>(
+    p: &mut Problems<'_>,
+    value: &Spanned<String>,
+    key: &str,
+    expected: &str,
+) -> Option<T> {
+    match value.get_ref().parse() {
+        Ok(v) => Some(v),
+        Err(_) => {
+            p.add(
+                value.span(),
+                key,
+                format!("{:?}: {expected}", value.get_ref()),
+            );
+            None
+        }
+    }
+}
+
+/// CIDRs; a bare address means just that address (/32 or /128).
+fn cidrs(p: &mut Problems<'_>, list: &[Spanned<String>], key: &str) -> Vec<IpNet> {
+    list.iter()
+        .enumerate()
+        .filter_map(|(i, text)| {
+            let t = text.get_ref();
+            t.parse::<IpNet>()
+                .ok()
+                .or_else(|| t.parse::<IpAddr>().ok().map(IpNet::from))
+                .or_else(|| {
+                    p.add(
+                        text.span(),
+                        format!("{key}[{i}]"),
+                        format!("{t:?}: expected a CIDR such as \"10.20.0.0/16\" or an IP address"),
+                    );
+                    None
+                })
+        })
+        .collect()
+}
+
+fn duration(
+    p: &mut Problems<'_>,
+    value: Option<&Spanned<String>>,
+    key: &str,
+    default: Duration,
+) -> Duration {
+    let Some(value) = value else { return default };
+    let parsed = value
+        .get_ref()
+        .parse::<jiff::SignedDuration>()
+        .ok()
+        .filter(|d| d.is_positive())
+        .and_then(|d| Duration::try_from(d).ok());
+    parsed.unwrap_or_else(|| {
+        p.add(
+            value.span(),
+            key,
+            format!(
+                "{:?}: expected a positive duration such as \"500ms\", \"10s\", \"15m\" or \"1h\"",
+                value.get_ref()
+            ),
+        );
+        default
+    })
+}
+
+fn static_hosts(
+    p: &mut Problems<'_>,
+    raw: &BTreeMap<Spanned<String>, Spanned<toml::Value>>,
+) -> BTreeMap<DnsName, Vec<IpAddr>> {
+    let mut hosts = BTreeMap::new();
+    for (name, value) in raw {
+        let key = format!("resolver.hosts.{:?}", name.get_ref());
+        let dns_name = match DnsName::parse(name.get_ref()) {
+            Ok(n) => Some(n),
+            Err(why) => {
+                p.add(
+                    name.span(),
+                    key.clone(),
+                    format!("{why}; expected a DNS name"),
+                );
+                None
+            }
+        };
+        let texts: Vec<&toml::Value> = match value.get_ref() {
+            toml::Value::Array(items) => items.iter().collect(),
+            single => vec![single],
+        };
+        let mut addrs = Vec::new();
+        for item in &texts {
+            match item.as_str().and_then(|s| s.parse::<IpAddr>().ok()) {
+                Some(ip) => addrs.push(ip),
+                None => {
+                    let shown = item
+                        .as_str()
+                        .map_or_else(|| format!("a {}", item.type_str()), |s| format!("{s:?}"));
+                    p.add(
+                        value.span(),
+                        key.clone(),
+                        format!("{shown}: expected an IP address or a list of them"),
+                    )
+                }
+            }
+        }
+        if texts.is_empty() {
+            p.add(
+                value.span(),
+                key.clone(),
+                "expected at least one IP address",
+            );
+        }
+        if let Some(n) = dns_name {
+            hosts.insert(n, addrs);
+        }
+    }
+    hosts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_builtin_gateway() {
+        let c = Config::builtin();
+        assert_eq!(
+            c.listen.proxy,
+            vec!["0.0.0.0:3128".parse::<SocketAddr>().unwrap()]
+        );
+        assert_eq!(c.listen.clients.len(), DEFAULT_CLIENTS.len());
+        assert_eq!(c.profiles, vec!["azure-file-sync"]);
+        assert_eq!(c.policy.mode, Mode::Enforce);
+        assert!(
+            c.policy
+                .rules
+                .iter()
+                .any(|r| r.name == "azure-file-sync/storage")
+        );
+        assert_eq!(c.timeouts.head, Duration::from_secs(10));
+        assert_eq!(c.timeouts.idle, Duration::from_secs(900));
+        assert_eq!(c.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn a_full_file_compiles() {
+        let c = Config::parse(
+            r#"
+[listen]
+proxy = ["127.0.0.1:0", "[::1]:0"]
+clients = ["10.1.0.0/16", "192.0.2.7"]
+
+[policy]
+mode = "report"
+profiles = ["azure-file-sync-usgov", "azure-file-sync-china"]
+
+[[policy.allow]]
+name = "contoso-pe"
+category = "storage"
+hosts = ["contoso.file.core.windows.net"]
+private_addresses = ["10.20.0.0/16"]
+
+[[policy.allow]]
+name = "literal"
+addresses = ["203.0.113.0/24"]
+ports = [443, 8443]
+
+[resolver]
+servers = ["10.0.0.53", "10.0.0.54:5353"]
+timeout = "2s"
+hosts = { "contoso.file.core.windows.net" = "10.20.1.5", "Dual.Example" = ["10.0.0.1", "fd00::1"] }
+
+[timeouts]
+head = "500ms"
+idle = "1h"
+
+[limits]
+max_connections = 10
+
+[log]
+format = "json"
+"#,
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.policy.mode, Mode::Report);
+        let pe = c
+            .policy
+            .rules
+            .iter()
+            .find(|r| r.name == "contoso-pe")
+            .unwrap();
+        assert_eq!(
+            (pe.category.as_str(), pe.ports.as_slice()),
+            ("storage", &[443][..])
+        );
+        let literal = c.policy.rules.iter().find(|r| r.name == "literal").unwrap();
+        assert_eq!(literal.category, "other");
+        assert_eq!(
+            c.resolver.servers[1],
+            "10.0.0.54:5353".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(
+            c.resolver.hosts[&DnsName::parse("dual.example").unwrap()].len(),
+            2
+        );
+        assert_eq!(c.timeouts.head, Duration::from_millis(500));
+        assert_eq!(c.timeouts.connect, DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(c.limits.max_connections, 10);
+        assert_eq!(c.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn every_semantic_problem_is_listed_with_line_and_key() {
+        let text = "[listen]\nproxy = [\"nonsense\"]\n\n[policy]\nprofiles = [\"azure\"]\n\n[[policy.allow]]\nname = \"x\"\nhosts = [\"bad_host.com\", \"*.ok.com\"]\nports = [0]\n\n[timeouts]\nidle = \"soon\"\n";
+        let err = Config::parse(text, "bad.toml").unwrap_err();
+        let lines: Vec<String> = err.problems.iter().map(|p| p.to_string()).collect();
+        let want = [
+            ("bad.toml:2:10: listen.proxy[0]", "expected IP:PORT"),
+            (
+                "bad.toml:5:13: policy.profiles[0]",
+                "unknown profile \"azure\"",
+            ),
+            (
+                "bad.toml:9:10: policy.allow[0].hosts[0]",
+                "expected a DNS name",
+            ),
+            (
+                "bad.toml:10:10: policy.allow[0].ports[0]",
+                "expected a port from 1 to 65535",
+            ),
+            (
+                "bad.toml:13:8: timeouts.idle",
+                "expected a positive duration",
+            ),
+        ];
+        assert_eq!(lines.len(), want.len(), "{lines:#?}");
+        for (line, (prefix, text)) in lines.iter().zip(want) {
+            assert!(
+                line.starts_with(prefix) && line.contains(text),
+                "{line:?} vs {prefix} … {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn syntax_and_unknown_keys_name_their_line() {
+        let err = Config::parse("[listen]\nproxi = []\n", "f.toml").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("f.toml:2:1: ") && msg.contains("unknown field `proxi`"),
+            "{msg}"
+        );
+        let err = Config::parse("[policy]\nmode = \"enforced\"\n", "f.toml").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("f.toml:2:8: ") && msg.contains("enforce"),
+            "{msg}"
+        );
+        let err = Config::parse("[policy\n", "f.toml").unwrap_err();
+        assert!(err.to_string().starts_with("f.toml:1:"), "{err}");
+    }
+
+    #[test]
+    fn rules_need_a_target_and_unique_names() {
+        let text = "[[policy.allow]]\nname = \"a\"\n\n[[policy.allow]]\nname = \"a\"\nhosts = [\"x.example\"]\n\n[[policy.allow]]\nname = \"azure-file-sync/storage\"\nhosts = [\"y.example\"]\n";
+        let err = Config::parse(text, "f.toml").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("f.toml:1:1: policy.allow[0]: a rule needs `hosts`"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("f.toml:5:8: policy.allow[1].name: rule name \"a\" is used twice"),
+            "{msg}"
+        );
+        assert!(msg.contains("f.toml:9:8: policy.allow[2].name"), "{msg}");
+    }
+
+    #[test]
+    fn static_host_values_must_be_addresses() {
+        let err = Config::parse(
+            "[resolver]\nhosts = { \"a.example\" = \"not-an-ip\", \"b_.x\" = \"10.0.0.1\" }\n",
+            "f.toml",
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("resolver.hosts.\"a.example\""), "{msg}");
+        assert!(msg.contains("resolver.hosts.\"b_.x\""), "{msg}");
+    }
+}

@@ -1,0 +1,306 @@
+//! The data path for one client connection, top to bottom: read the head, decide, resolve and
+//! vet, dial, answer 200, tunnel, log. Every failure becomes one `Refusal` carrying the status
+//! to send (if a reply can still be sent) and a stable kind for logs.
+
+use crate::access_log::AccessRecord;
+use crate::config::Config;
+use crate::destination;
+use crate::hostname::{Host, Target};
+use crate::policy::{Decision, Verdict};
+use crate::request::{self, HeadError};
+use crate::resolve::{ResolveError, Resolver, Source};
+use crate::tunnel;
+use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// What every connection shares: the compiled config and the resolver.
+pub struct Gateway {
+    pub config: Config,
+    pub resolver: Resolver,
+}
+
+impl Gateway {
+    pub fn new(config: Config) -> Result<Self, String> {
+        let resolver = Resolver::new(&config.resolver)?;
+        Ok(Self { config, resolver })
+    }
+
+    pub fn client_allowed(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.config
+            .listen
+            .clients
+            .iter()
+            .any(|net| net.contains(&ip))
+    }
+}
+
+/// Why a request got no tunnel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Status to answer with; `None` when the client is already gone.
+    pub status: Option<u16>,
+    /// Stable name for logs and (later) metrics.
+    pub kind: &'static str,
+    /// Short human reason, sent in `Portcullis-Error` and the body; never client-supplied text.
+    pub reason: Cow<'static, str>,
+}
+
+impl Refusal {
+    fn new(status: u16, kind: &'static str, reason: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            status: Some(status),
+            kind,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<HeadError> for Refusal {
+    fn from(e: HeadError) -> Self {
+        let reason = match &e {
+            // Keep our wording: the method text came from the client.
+            HeadError::Method(_) => Cow::Borrowed("method not allowed: only CONNECT"),
+            HeadError::Malformed(why) => Cow::Borrowed(*why),
+            other => Cow::Owned(other.to_string()),
+        };
+        Self {
+            status: e.status(),
+            kind: e.kind(),
+            reason,
+        }
+    }
+}
+
+/// One address a name resolved to, and whether the destination wall lets it through.
+#[derive(Debug)]
+pub struct Candidate {
+    pub ip: IpAddr,
+    /// `Err(range)` when refused.
+    pub vetted: Result<(), &'static str>,
+}
+
+/// Everything decided about a request before any upstream connection: what `explain` prints and
+/// what the data path acts on.
+#[derive(Debug)]
+pub struct Plan<'g> {
+    pub client_allowed: bool,
+    pub decision: Decision<'g>,
+    /// Where the addresses came from: "literal", "override" or "dns".
+    pub source: Option<&'static str>,
+    pub candidates: Vec<Candidate>,
+    /// Set when the request must be refused; otherwise dial the candidates that passed.
+    pub refusal: Option<Refusal>,
+}
+
+impl Plan<'_> {
+    pub fn dialable(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.candidates
+            .iter()
+            .filter(|c| c.vetted.is_ok())
+            .map(|c| c.ip)
+    }
+}
+
+/// Steps 3 to 5: is the client allowed, does the policy allow the target, and which of its
+/// addresses may be dialled.
+pub async fn plan<'g>(gw: &'g Gateway, client: IpAddr, target: &Target) -> Plan<'g> {
+    let decision = gw.config.policy.decide(&target.host, target.port);
+    let mut plan = Plan {
+        client_allowed: gw.client_allowed(client),
+        decision,
+        source: None,
+        candidates: Vec::new(),
+        refusal: None,
+    };
+    if !plan.client_allowed {
+        plan.refusal = Some(Refusal::new(
+            403,
+            "client_denied",
+            "client address not allowed",
+        ));
+        return plan;
+    }
+    if decision.verdict == Verdict::Deny {
+        plan.refusal = Some(Refusal::new(403, "policy_denied", decision.reason));
+        return plan;
+    }
+    let addrs = match &target.host {
+        Host::Ip(ip) => {
+            plan.source = Some("literal");
+            vec![*ip]
+        }
+        Host::Name(name) => match gw.resolver.resolve(name).await {
+            Ok((addrs, source)) => {
+                plan.source = Some(match source {
+                    Source::Override => "override",
+                    Source::Dns => "dns",
+                });
+                addrs
+            }
+            Err(e) => {
+                let (status, kind) = match e {
+                    ResolveError::Timeout => (504, "dns_timeout"),
+                    ResolveError::NotFound | ResolveError::Failed(_) => (502, "dns_failed"),
+                };
+                plan.refusal = Some(Refusal::new(
+                    status,
+                    kind,
+                    format!("cannot resolve host: {e}"),
+                ));
+                return plan;
+            }
+        },
+    };
+    plan.candidates = addrs
+        .into_iter()
+        .map(|ip| Candidate {
+            ip,
+            vetted: destination::vet(ip, decision.reachable()),
+        })
+        .collect();
+    if plan.dialable().next().is_none() {
+        let range = plan
+            .candidates
+            .iter()
+            .find_map(|c| c.vetted.err())
+            .unwrap_or("none");
+        plan.refusal = Some(Refusal::new(
+            403,
+            "destination_forbidden",
+            format!("destination address forbidden ({range})"),
+        ));
+    }
+    plan
+}
+
+/// Serves one client connection and emits its canonical log line.
+pub async fn serve(gw: &Gateway, mut client: TcpStream, peer: SocketAddr, conn_id: u64) {
+    let started = Instant::now();
+    let mut record = AccessRecord {
+        conn_id,
+        client: Some(peer),
+        ..AccessRecord::default()
+    };
+    if let Err(refusal) = handle(gw, &mut client, peer, &mut record).await {
+        if let Some(status) = refusal.status {
+            if request::write_error(&mut client, status, &refusal.reason)
+                .await
+                .is_ok()
+            {
+                record.status = status;
+            }
+            let _ = client.shutdown().await;
+        }
+        record.reason = refusal.reason.into_owned();
+        record.end = refusal.kind;
+    }
+    record.duration = started.elapsed();
+    record.emit();
+}
+
+async fn handle(
+    gw: &Gateway,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    record: &mut AccessRecord,
+) -> Result<(), Refusal> {
+    let timeouts = gw.config.timeouts;
+    let req = request::read_connect(client, timeouts.head).await?;
+    record.host = Some(req.target.host.to_string());
+    record.port = Some(req.target.port);
+
+    let plan = plan(gw, peer.ip(), &req.target).await;
+    if plan.client_allowed {
+        record.verdict = Some(plan.decision.verdict.as_str());
+        record.rule = plan.decision.rule.map(|r| r.name.clone());
+        record.category = plan.decision.rule.map(|r| r.category.clone());
+    }
+    if let Some(refusal) = plan.refusal {
+        record.resolved = plan
+            .candidates
+            .first()
+            .map(|c| SocketAddr::new(c.ip, req.target.port));
+        return Err(refusal);
+    }
+
+    let dial_started = Instant::now();
+    let dialled = dial(
+        plan.dialable(),
+        req.target.port,
+        timeouts.connect,
+        &mut record.resolved,
+    )
+    .await;
+    record.connect_time = Some(dial_started.elapsed());
+    let mut upstream = dialled?;
+
+    request::write_established(client)
+        .await
+        .map_err(|_| Refusal {
+            status: None,
+            kind: "client_error",
+            reason: "client went away before 200".into(),
+        })?;
+    record.status = 200;
+    record.reason = plan.decision.reason.to_owned();
+    if !req.early_data.is_empty() {
+        upstream
+            .write_all(&req.early_data)
+            .await
+            .map_err(|_| Refusal {
+                status: None,
+                kind: "upstream_error",
+                reason: "upstream write failed".into(),
+            })?;
+        record.bytes_up = req.early_data.len() as u64;
+    }
+    drop(req);
+
+    let outcome = tunnel::relay(client, &mut upstream, timeouts.idle).await;
+    record.bytes_up += outcome.bytes_up;
+    record.bytes_down = outcome.bytes_down;
+    record.end = outcome.end.as_str();
+    Ok(())
+}
+
+/// Step 6: connect to the vetted addresses in order, all within `timeout`.
+async fn dial(
+    addrs: impl Iterator<Item = IpAddr>,
+    port: u16,
+    timeout: Duration,
+    tried: &mut Option<SocketAddr>,
+) -> Result<TcpStream, Refusal> {
+    let deadline = Instant::now() + timeout;
+    let mut last_error = None;
+    for ip in addrs {
+        let addr = SocketAddr::new(ip, port);
+        *tried = Some(addr);
+        match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Ok(Err(e)) => last_error = Some(e),
+            Err(_) => {
+                return Err(Refusal::new(
+                    504,
+                    "connect_timeout",
+                    "upstream connect timed out",
+                ));
+            }
+        }
+    }
+    let reason = match last_error {
+        Some(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            "upstream refused the connection".into()
+        }
+        Some(e) => format!("upstream connect failed: {}", e.kind()),
+        None => "no address to connect to".to_owned(),
+    };
+    Err(Refusal::new(502, "connect_failed", reason))
+}

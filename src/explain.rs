@@ -1,0 +1,159 @@
+//! Human-readable views of a config for operators: the effective policy (`check-config`) and the
+//! decision for one target (`explain`), built from the same `plan` the data path acts on.
+
+use crate::config::Config;
+use crate::connect::{Gateway, plan};
+use crate::hostname::Target;
+use crate::policy::Mode;
+use std::fmt::Write;
+use std::net::IpAddr;
+
+/// The effective policy: mode, profiles, every rule with its category, hosts and ports.
+pub fn effective_policy(config: &Config) -> String {
+    let mut out = String::new();
+    let mode = match config.policy.mode {
+        Mode::Enforce => "enforce",
+        Mode::Report => "report (allow, log what enforce would deny)",
+    };
+    let _ = writeln!(out, "mode: {mode}");
+    let _ = writeln!(
+        out,
+        "profiles: {}",
+        if config.profiles.is_empty() {
+            "none".into()
+        } else {
+            config.profiles.join(", ")
+        }
+    );
+    let _ = writeln!(out, "listen: {}", join(&config.listen.proxy));
+    let _ = writeln!(out, "clients: {}", join(&config.listen.clients));
+    let mut categories: Vec<&str> = config
+        .policy
+        .rules
+        .iter()
+        .map(|r| r.category.as_str())
+        .collect();
+    categories.sort_unstable();
+    categories.dedup();
+    let _ = writeln!(out, "categories: {}", categories.join(", "));
+    let _ = writeln!(
+        out,
+        "rules ({}, first match wins):",
+        config.policy.rules.len()
+    );
+    for rule in &config.policy.rules {
+        let _ = writeln!(
+            out,
+            "  {}  [{}]  ports {}  from {}",
+            rule.name,
+            rule.category,
+            join(&rule.ports),
+            rule.origin
+        );
+        if !rule.hosts.is_empty() {
+            let _ = writeln!(out, "    hosts: {}", join(&rule.hosts));
+        }
+        if !rule.addresses.is_empty() {
+            let _ = writeln!(out, "    addresses: {}", join(&rule.addresses));
+        }
+        if !rule.private_addresses.is_empty() {
+            let _ = writeln!(
+                out,
+                "    private_addresses: {}",
+                join(&rule.private_addresses)
+            );
+        }
+    }
+    let r = &config.resolver;
+    let servers = if r.hosts_only {
+        "none (hosts_only)".to_owned()
+    } else if r.servers.is_empty() {
+        "system resolv.conf".to_owned()
+    } else {
+        join(&r.servers)
+    };
+    let _ = writeln!(
+        out,
+        "resolver: {servers}, timeout {:?}, {} static host(s)",
+        r.timeout,
+        r.hosts.len()
+    );
+    let t = &config.timeouts;
+    let _ = writeln!(
+        out,
+        "timeouts: head {:?}, connect {:?}, idle {:?}",
+        t.head, t.connect, t.idle
+    );
+    out
+}
+
+/// What the gateway would do with `CONNECT target` from `from`. Returns the report and whether
+/// a tunnel would be opened (if the upstream accepts the connection).
+pub async fn explain(gw: &Gateway, from: IpAddr, target: &Target) -> (String, bool) {
+    let plan = plan(gw, from, target).await;
+    let mut out = String::new();
+    let _ = writeln!(out, "target:   {target}");
+    let _ = writeln!(
+        out,
+        "client:   {from} {}",
+        if plan.client_allowed {
+            "allowed"
+        } else {
+            "NOT allowed (listen.clients)"
+        }
+    );
+    if plan.client_allowed {
+        let d = &plan.decision;
+        let _ = writeln!(out, "verdict:  {} ({})", d.verdict.as_str(), d.reason);
+        match d.rule {
+            Some(rule) => {
+                let _ = writeln!(out, "rule:     {} (from {})", rule.name, rule.origin);
+                let _ = writeln!(out, "category: {}", rule.category);
+            }
+            None => {
+                let _ = writeln!(out, "rule:     none");
+            }
+        }
+    }
+    if let Some(source) = plan.source {
+        let _ = writeln!(out, "addresses ({source}):");
+        for c in &plan.candidates {
+            let _ = match c.vetted {
+                Ok(()) => writeln!(out, "  {}  ok", c.ip),
+                Err(range) => writeln!(
+                    out,
+                    "  {}  refused: {range} (not in a CIDR the rule lists)",
+                    c.ip
+                ),
+            };
+        }
+    }
+    let allowed = match &plan.refusal {
+        Some(r) => {
+            let _ = writeln!(out, "result:   {} {}", r.status.unwrap_or(0), r.reason);
+            false
+        }
+        None => {
+            let first = plan
+                .dialable()
+                .next()
+                .map(|ip| ip.to_string())
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "result:   tunnel to {first} port {} (200 once connected)",
+                target.port
+            );
+            true
+        }
+    };
+    (out, allowed)
+}
+
+fn join<T: std::fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}

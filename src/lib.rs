@@ -1,0 +1,22 @@
+//! Portcullis: an egress gateway for hybrid file sync. An HTTP CONNECT proxy that lets branch
+//! file servers reach only the sync service's domains, resolves names itself, refuses internal
+//! destinations, and logs one canonical line per request.
+//!
+//! The data path reads top to bottom in [`connect`]: head ([`request`]) -> client check and
+//! policy ([`policy`]) -> resolve ([`resolve`]) -> destination wall ([`destination`]) -> dial ->
+//! tunnel ([`tunnel`]) -> log line ([`access_log`]). Config is compiled once ([`config`]) from
+//! the operator's TOML and the built-in profiles ([`profiles`]).
+#![forbid(unsafe_code)]
+
+pub mod access_log;
+pub mod config;
+pub mod connect;
+pub mod destination;
+pub mod explain;
+pub mod hostname;
+pub mod policy;
+pub mod profiles;
+pub mod request;
+pub mod resolve;
+pub mod server;
+pub mod tunnel;

@@ -1,0 +1,227 @@
+//! The compiled allow-list and the decision it takes for a CONNECT target. Pure: no I/O, no
+//! clock; the data path asks `Policy::decide` once per request and keeps the answer as a value.
+
+use crate::hostname::{Host, HostPattern};
+use ipnet::IpNet;
+
+/// Whether denials are enforced or only reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Enforce,
+    /// Allow everything the allow-list would deny, and log it as `would_deny`. The destination
+    /// address wall stays in force: report mode never opens the internal network.
+    Report,
+}
+
+/// One named allow rule, from a built-in profile or the config file.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    pub name: String,
+    pub category: String,
+    pub hosts: Vec<HostPattern>,
+    pub ports: Vec<u16>,
+    /// IP literal targets this rule allows (CONNECT 10.20.1.5:443).
+    pub addresses: Vec<IpNet>,
+    /// Forbidden-range addresses (private, loopback, ...) that names under this rule may
+    /// resolve to; `addresses` count too, since listing an address is explicit consent.
+    pub private_addresses: Vec<IpNet>,
+    /// Where the rule came from: "profile azure-file-sync" or "config".
+    pub origin: String,
+    /// `addresses` and `private_addresses` together: what the destination wall lets through.
+    pub reachable: Vec<IpNet>,
+}
+
+impl Rule {
+    fn matches_host(&self, host: &Host) -> bool {
+        match host {
+            Host::Name(name) => self.hosts.iter().any(|p| p.matches(name)),
+            Host::Ip(ip) => self.addresses.iter().any(|net| net.contains(ip)),
+        }
+    }
+}
+
+/// What the allow-list says about a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    Deny,
+    /// Report mode let through what enforce would deny.
+    WouldDeny,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+            Verdict::WouldDeny => "would_deny",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Decision<'a> {
+    pub verdict: Verdict,
+    /// The rule that allowed the request, if one did.
+    pub rule: Option<&'a Rule>,
+    /// Why a request is denied (or would be); "allowed" otherwise.
+    pub reason: &'static str,
+}
+
+impl Decision<'_> {
+    /// CIDRs the destination wall opens for this request.
+    pub fn reachable(&self) -> &[IpNet] {
+        self.rule.map_or(&[], |r| &r.reachable)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub mode: Mode,
+    pub rules: Vec<Rule>,
+}
+
+impl Policy {
+    /// The first rule listing both host and port allows; everything else is denied.
+    pub fn decide(&self, host: &Host, port: u16) -> Decision<'_> {
+        let mut host_listed = false;
+        for rule in &self.rules {
+            if rule.matches_host(host) {
+                host_listed = true;
+                if rule.ports.contains(&port) {
+                    return Decision {
+                        verdict: Verdict::Allow,
+                        rule: Some(rule),
+                        reason: "allowed",
+                    };
+                }
+            }
+        }
+        let reason = match host {
+            _ if host_listed => "port not allowed",
+            Host::Ip(_) => "ip literal not allowed",
+            Host::Name(_) => "host not allowed",
+        };
+        let verdict = match self.mode {
+            Mode::Enforce => Verdict::Deny,
+            Mode::Report => Verdict::WouldDeny,
+        };
+        Decision {
+            verdict,
+            rule: None,
+            reason,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hostname::Target;
+
+    fn rule(name: &str, hosts: &[&str], ports: &[u16], addresses: &[&str]) -> Rule {
+        let addresses: Vec<IpNet> = addresses.iter().map(|a| a.parse().unwrap()).collect();
+        Rule {
+            name: name.into(),
+            category: "test".into(),
+            hosts: hosts
+                .iter()
+                .map(|h| HostPattern::parse(h).unwrap())
+                .collect(),
+            ports: ports.to_vec(),
+            reachable: addresses.clone(),
+            addresses,
+            private_addresses: vec![],
+            origin: "test".into(),
+        }
+    }
+
+    #[test]
+    fn decision_table() {
+        let policy = Policy {
+            mode: Mode::Enforce,
+            rules: vec![
+                rule("storage", &["*.core.windows.net"], &[443], &[]),
+                rule("crl", &["crl.microsoft.com"], &[80], &[]),
+                rule("pe", &[], &[443], &["10.20.0.0/16"]),
+            ],
+        };
+        let table: &[(&str, Verdict, Option<&str>, &str)] = &[
+            (
+                "a.file.core.windows.net:443",
+                Verdict::Allow,
+                Some("storage"),
+                "allowed",
+            ),
+            (
+                "A.FILE.core.windows.net.:443",
+                Verdict::Allow,
+                Some("storage"),
+                "allowed",
+            ),
+            (
+                "a.file.core.windows.net:8443",
+                Verdict::Deny,
+                None,
+                "port not allowed",
+            ),
+            (
+                "core.windows.net:443",
+                Verdict::Deny,
+                None,
+                "host not allowed",
+            ),
+            ("evil.com:443", Verdict::Deny, None, "host not allowed"),
+            (
+                "crl.microsoft.com:80",
+                Verdict::Allow,
+                Some("crl"),
+                "allowed",
+            ),
+            (
+                "crl.microsoft.com:443",
+                Verdict::Deny,
+                None,
+                "port not allowed",
+            ),
+            ("10.20.1.5:443", Verdict::Allow, Some("pe"), "allowed"),
+            (
+                "10.21.1.5:443",
+                Verdict::Deny,
+                None,
+                "ip literal not allowed",
+            ),
+            ("[::1]:443", Verdict::Deny, None, "ip literal not allowed"),
+            (
+                "20.60.1.2:443",
+                Verdict::Deny,
+                None,
+                "ip literal not allowed",
+            ),
+        ];
+        for (target, verdict, rule, reason) in table {
+            let t = Target::parse_authority(target).unwrap();
+            let d = policy.decide(&t.host, t.port);
+            assert_eq!(d.verdict, *verdict, "{target}");
+            assert_eq!(d.rule.map(|r| r.name.as_str()), *rule, "{target}");
+            assert_eq!(d.reason, *reason, "{target}");
+        }
+    }
+
+    #[test]
+    fn report_mode_turns_denials_into_would_deny() {
+        let policy = Policy {
+            mode: Mode::Report,
+            rules: vec![rule("s", &["a.example"], &[443], &[])],
+        };
+        let t = Target::parse_authority("b.example:443").unwrap();
+        let d = policy.decide(&t.host, t.port);
+        assert_eq!(
+            (d.verdict, d.reason),
+            (Verdict::WouldDeny, "host not allowed")
+        );
+        let t = Target::parse_authority("a.example:443").unwrap();
+        assert_eq!(policy.decide(&t.host, t.port).verdict, Verdict::Allow);
+    }
+}

@@ -1,0 +1,271 @@
+//! The client's request head: read within a byte and time budget, parsed with httparse, reduced
+//! to a CONNECT target. Also writes the gateway's own short replies.
+//!
+//! Why httparse on the raw socket rather than hyper's server: every malformed, oversized or slow
+//! request must get its exact status (400/405/408/431) *and* a canonical log line, and hyper
+//! answers (or drops) those itself before our code sees them. A CONNECT proxy needs nothing else
+//! from an HTTP stack: after the head, the connection is a byte tunnel.
+
+use crate::hostname::Target;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Largest request head accepted; a larger one gets 431.
+pub const MAX_HEAD_BYTES: usize = 8 * 1024;
+/// Most header lines accepted; more gets 431.
+const MAX_HEADERS: usize = 64;
+
+/// A CONNECT request, parsed.
+#[derive(Debug)]
+pub struct ConnectRequest {
+    pub target: Target,
+    /// Bytes the client sent after the head (an eager TLS ClientHello); forwarded upstream.
+    pub early_data: Vec<u8>,
+}
+
+/// Why no CONNECT request came out of the head.
+#[derive(Debug, thiserror::Error)]
+pub enum HeadError {
+    #[error("no complete request head in time")]
+    Timeout,
+    #[error("request head larger than 8 KiB")]
+    TooLarge,
+    #[error("too many header lines")]
+    TooManyHeaders,
+    #[error("{0}")]
+    Malformed(&'static str),
+    #[error("method {0} not allowed: only CONNECT")]
+    Method(String),
+    #[error("client closed before a complete request head")]
+    Closed,
+    #[error("client read failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl HeadError {
+    /// The status to answer with, or `None` when the client is gone.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            HeadError::Timeout => Some(408),
+            HeadError::TooLarge | HeadError::TooManyHeaders => Some(431),
+            HeadError::Malformed(_) => Some(400),
+            HeadError::Method(_) => Some(405),
+            HeadError::Closed | HeadError::Io(_) => None,
+        }
+    }
+
+    /// Stable name for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            HeadError::Timeout => "head_timeout",
+            HeadError::TooLarge | HeadError::TooManyHeaders => "head_too_large",
+            HeadError::Malformed(_) => "bad_request",
+            HeadError::Method(_) => "method_not_allowed",
+            HeadError::Closed => "client_closed",
+            HeadError::Io(_) => "client_read",
+        }
+    }
+}
+
+/// Reads one request head from `io` within `timeout` and returns its CONNECT target.
+pub async fn read_connect<R: AsyncRead + Unpin>(
+    io: &mut R,
+    timeout: Duration,
+) -> Result<ConnectRequest, HeadError> {
+    match tokio::time::timeout(timeout, read_head(io)).await {
+        Ok(result) => result,
+        Err(_) => Err(HeadError::Timeout),
+    }
+}
+
+async fn read_head<R: AsyncRead + Unpin>(io: &mut R) -> Result<ConnectRequest, HeadError> {
+    let mut buf = vec![0u8; MAX_HEAD_BYTES];
+    let mut filled = 0;
+    loop {
+        let n = io.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            return Err(HeadError::Closed);
+        }
+        filled += n;
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf[..filled]) {
+            Ok(httparse::Status::Complete(head_len)) => {
+                let method = req.method.unwrap_or_default();
+                if method != "CONNECT" {
+                    return Err(HeadError::Method(printable(method)));
+                }
+                let target = Target::parse_authority(req.path.unwrap_or_default())
+                    .map_err(HeadError::Malformed)?;
+                return Ok(ConnectRequest {
+                    target,
+                    early_data: buf[head_len..filled].to_vec(),
+                });
+            }
+            Ok(httparse::Status::Partial) if filled == buf.len() => {
+                return Err(HeadError::TooLarge);
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
+            Err(e) => return Err(HeadError::Malformed(malformed_reason(e))),
+        }
+    }
+}
+
+fn malformed_reason(e: httparse::Error) -> &'static str {
+    match e {
+        httparse::Error::Token => "malformed request line",
+        httparse::Error::Version => "unsupported HTTP version",
+        httparse::Error::HeaderName | httparse::Error::HeaderValue => "malformed header",
+        httparse::Error::NewLine | httparse::Error::Status => "malformed request line",
+        httparse::Error::TooManyHeaders => "too many header lines",
+    }
+}
+
+/// A method name safe to put in a log line: printable ASCII, bounded.
+fn printable(s: &str) -> String {
+    s.chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(32)
+        .collect()
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "Connection Established",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        431 => "Request Header Fields Too Large",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    }
+}
+
+/// Writes an error reply: status, `Portcullis-Error: <reason>`, the reason as the body, and
+/// `Connection: close` (the caller closes). `reason` is ours, never client text.
+pub async fn write_error<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    status: u16,
+    reason: &str,
+) -> std::io::Result<()> {
+    let allow = if status == 405 {
+        "Allow: CONNECT\r\n"
+    } else {
+        ""
+    };
+    let reply = format!(
+        "HTTP/1.1 {status} {}\r\nPortcullis-Error: {reason}\r\n{allow}Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reason}\n",
+        reason_phrase(status),
+        reason.len() + 1
+    );
+    io.write_all(reply.as_bytes()).await?;
+    io.flush().await
+}
+
+/// The tunnel is up.
+pub async fn write_established<W: AsyncWrite + Unpin>(io: &mut W) -> std::io::Result<()> {
+    io.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        .await?;
+    io.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn parse(bytes: &[u8]) -> Result<ConnectRequest, HeadError> {
+        let mut io = bytes;
+        read_connect(&mut io, Duration::from_secs(1)).await
+    }
+
+    #[tokio::test]
+    async fn head_table() {
+        let big = format!(
+            "CONNECT a.example:443 HTTP/1.1\r\nX: {}\r\n\r\n",
+            "a".repeat(MAX_HEAD_BYTES)
+        );
+        let many: String = (0..70).map(|i| format!("H{i}: v\r\n")).collect();
+        let many = format!("CONNECT a.example:443 HTTP/1.1\r\n{many}\r\n");
+        let table: Vec<(&[u8], Option<u16>, &str)> = vec![
+            (
+                b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n",
+                None,
+                "a.example:443",
+            ),
+            (
+                b"CONNECT [2001:db8::1]:443 HTTP/1.0\r\n\r\n",
+                None,
+                "[2001:db8::1]:443",
+            ),
+            (
+                b"GET http://a.example/ HTTP/1.1\r\n\r\n",
+                Some(405),
+                "method",
+            ),
+            (b"CONNECT a.example HTTP/1.1\r\n\r\n", Some(400), "no port"),
+            (b"CONNECT a.example:0 HTTP/1.1\r\n\r\n", Some(400), "port"),
+            (
+                b"CONNECT a.example:70000 HTTP/1.1\r\n\r\n",
+                Some(400),
+                "port",
+            ),
+            (b"CONNECT bad_host:443 HTTP/1.1\r\n\r\n", Some(400), "host"),
+            (
+                b"CONNECT a.example:443 HTTP/2.0\r\n\r\n",
+                Some(400),
+                "version",
+            ),
+            (b"\x16\x03\x01\x00\x05hello\r\n\r\n", Some(400), "malformed"),
+            (
+                b"CONNECT  a.example:443 HTTP/1.1\r\n\r\n",
+                Some(400),
+                "malformed",
+            ),
+            (big.as_bytes(), Some(431), "8 KiB"),
+            (many.as_bytes(), Some(431), "header"),
+            (b"CONNECT a.example:443 HTTP/1.1\r\n", None, "closed"),
+        ];
+        for (input, status, text) in table {
+            let shown = String::from_utf8_lossy(&input[..input.len().min(40)]).into_owned();
+            match parse(input).await {
+                Ok(req) => {
+                    assert_eq!(status, None, "{shown}");
+                    assert_eq!(req.target.to_string(), text, "{shown}");
+                }
+                Err(e) => {
+                    assert_eq!(e.status(), status, "{shown}: {e}");
+                    assert!(
+                        e.to_string().contains(text) || e.kind().contains(text),
+                        "{shown}: {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn bytes_after_the_head_are_kept() {
+        let req = parse(b"CONNECT a.example:443 HTTP/1.1\r\n\r\n\x16\x03\x01early")
+            .await
+            .unwrap();
+        assert_eq!(req.early_data, b"\x16\x03\x01early");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_head_times_out() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        client
+            .write_all(b"CONNECT a.example:443 HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        let err = read_connect(&mut server, Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), Some(408));
+        drop(client);
+    }
+}

@@ -1,0 +1,94 @@
+//! Listeners and the accept loop: binds every configured proxy address, takes a connection
+//! permit before each accept (so a flood waits in the kernel backlog, not in our memory), and
+//! serves each client on its own task.
+
+use crate::connect::{self, Gateway};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+pub struct Server {
+    gateway: Arc<Gateway>,
+    listeners: Vec<TcpListener>,
+}
+
+impl Server {
+    /// Binds every `listen.proxy` address; fails on the first that cannot be bound.
+    pub async fn bind(gateway: Gateway) -> std::io::Result<Self> {
+        let mut listeners = Vec::new();
+        for addr in &gateway.config.listen.proxy {
+            let listener = TcpListener::bind(addr).await.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
+            })?;
+            listeners.push(listener);
+        }
+        Ok(Self {
+            gateway: Arc::new(gateway),
+            listeners,
+        })
+    }
+
+    /// The bound addresses (port 0 resolved to the real port).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// Accepts until `shutdown` completes; open tunnels are left to finish on their own tasks.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let permits = Arc::new(Semaphore::new(self.gateway.config.limits.max_connections));
+        let next_id = Arc::new(AtomicU64::new(1));
+        let mut accept_loops = tokio::task::JoinSet::new();
+        for listener in self.listeners {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(address = %addr, "listening");
+            }
+            accept_loops.spawn(accept_loop(
+                listener,
+                self.gateway.clone(),
+                permits.clone(),
+                next_id.clone(),
+            ));
+        }
+        shutdown.await;
+        accept_loops.shutdown().await;
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    permits: Arc<Semaphore>,
+    next_id: Arc<AtomicU64>,
+) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(10);
+                let _ = stream.set_nodelay(true);
+                let gateway = gateway.clone();
+                let conn_id = next_id.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    connect::serve(&gateway, stream, peer, conn_id).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // Out of file descriptors or similar: wait and retry instead of spinning.
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
