@@ -328,13 +328,15 @@ fn compile(raw: RawConfig, p: &mut Problems<'_>) -> Config {
         .policy
         .profiles
         .unwrap_or_else(|| vec![Spanned::new(0..0, DEFAULT_PROFILE.to_owned())]);
-    let mut rules = Vec::new();
+    // The file's own rules come first (first match wins), so an operator's rule for a name
+    // under a built-in wildcard (a private endpoint, say) is the one that applies.
+    let mut profile_rules = Vec::new();
     let mut profiles_used = Vec::new();
     for (i, name) in profile_names.iter().enumerate() {
         match profiles::find(name.get_ref()) {
             Some(profile) => {
                 profiles_used.push(profile.name);
-                rules.extend(
+                profile_rules.extend(
                     profile
                         .entries
                         .iter()
@@ -352,12 +354,14 @@ fn compile(raw: RawConfig, p: &mut Problems<'_>) -> Config {
             ),
         }
     }
-    let mut names: HashSet<String> = rules.iter().map(|r| r.name.clone()).collect();
+    let mut names: HashSet<String> = profile_rules.iter().map(|r| r.name.clone()).collect();
+    let mut rules = Vec::new();
     for (i, raw_rule) in raw.policy.allow.iter().enumerate() {
         if let Some(rule) = compile_rule(p, raw_rule, &format!("policy.allow[{i}]"), &mut names) {
             rules.push(rule);
         }
     }
+    rules.extend(profile_rules);
     let policy = Policy {
         mode: raw.policy.mode.unwrap_or(Mode::Enforce),
         rules,

@@ -8,7 +8,7 @@ use crate::destination;
 use crate::hostname::{Host, Target};
 use crate::policy::{Decision, Verdict};
 use crate::request::{self, HeadError};
-use crate::resolve::{ResolveError, Resolver, Source};
+use crate::resolve::{ResolveError, Resolver};
 use crate::tunnel;
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
@@ -136,10 +136,7 @@ pub async fn plan<'g>(gw: &'g Gateway, client: IpAddr, target: &Target) -> Plan<
         }
         Host::Name(name) => match gw.resolver.resolve(name).await {
             Ok((addrs, source)) => {
-                plan.source = Some(match source {
-                    Source::Override => "override",
-                    Source::Dns => "dns",
-                });
+                plan.source = Some(source.as_str());
                 addrs
             }
             Err(e) => {
@@ -160,7 +157,7 @@ pub async fn plan<'g>(gw: &'g Gateway, client: IpAddr, target: &Target) -> Plan<
         .into_iter()
         .map(|ip| Candidate {
             ip,
-            vetted: destination::vet(ip, decision.reachable()),
+            vetted: destination::vet(ip, decision.reachable),
         })
         .collect();
     if plan.dialable().next().is_none() {

@@ -67,13 +67,10 @@ pub struct Decision<'a> {
     pub rule: Option<&'a Rule>,
     /// Why a request is denied (or would be); "allowed" otherwise.
     pub reason: &'static str,
-}
-
-impl Decision<'_> {
-    /// CIDRs the destination wall opens for this request.
-    pub fn reachable(&self) -> &[IpNet] {
-        self.rule.map_or(&[], |r| &r.reachable)
-    }
+    /// CIDRs the destination wall opens for this request: the allowing rule's, or in report
+    /// mode those of the first rule that lists the host (so a port-only miss still reaches a
+    /// private endpoint). Empty for a denial.
+    pub reachable: &'a [IpNet],
 }
 
 #[derive(Clone, Debug)]
@@ -85,32 +82,37 @@ pub struct Policy {
 impl Policy {
     /// The first rule listing both host and port allows; everything else is denied.
     pub fn decide(&self, host: &Host, port: u16) -> Decision<'_> {
-        let mut host_listed = false;
+        let mut host_rule: Option<&Rule> = None;
         for rule in &self.rules {
             if rule.matches_host(host) {
-                host_listed = true;
                 if rule.ports.contains(&port) {
                     return Decision {
                         verdict: Verdict::Allow,
                         rule: Some(rule),
                         reason: "allowed",
+                        reachable: &rule.reachable,
                     };
                 }
+                host_rule = host_rule.or(Some(rule));
             }
         }
         let reason = match host {
-            _ if host_listed => "port not allowed",
+            _ if host_rule.is_some() => "port not allowed",
             Host::Ip(_) => "ip literal not allowed",
             Host::Name(_) => "host not allowed",
         };
-        let verdict = match self.mode {
-            Mode::Enforce => Verdict::Deny,
-            Mode::Report => Verdict::WouldDeny,
+        let (verdict, reachable) = match self.mode {
+            Mode::Enforce => (Verdict::Deny, &[][..]),
+            Mode::Report => (
+                Verdict::WouldDeny,
+                host_rule.map_or(&[][..], |r| &r.reachable[..]),
+            ),
         };
         Decision {
             verdict,
             rule: None,
             reason,
+            reachable,
         }
     }
 }

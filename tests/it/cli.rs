@@ -1,0 +1,166 @@
+//! The command line: check-config, explain, and every example in config/ loading cleanly.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn portcullis(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(args)
+        .output()
+        .expect("run portcullis")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn every_example_config_is_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = portcullis(&["check-config", path.to_str().unwrap()]);
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                text(&out.stderr)
+            );
+            assert!(
+                text(&out.stdout).contains("rules ("),
+                "{}",
+                text(&out.stdout)
+            );
+            seen += 1;
+        }
+    }
+    assert!(seen >= 3, "config/ holds the examples ({seen} found)");
+}
+
+#[test]
+fn check_config_prints_the_effective_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ok.toml");
+    std::fs::write(&path, "[[policy.allow]]\nname = \"pe\"\ncategory = \"storage\"\nhosts = [\"contoso.file.core.windows.net\"]\nprivate_addresses = [\"10.20.0.0/16\"]\n").unwrap();
+    let out = portcullis(&["check-config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = text(&out.stdout);
+    for want in [
+        "mode: enforce",
+        "profiles: azure-file-sync",
+        "categories: graph, login, management, revocation, storage, sync",
+        "azure-file-sync/storage  [storage]  ports 443",
+        "hosts: *.core.windows.net",
+        "azure-file-sync/revocation  [revocation]  ports 80",
+        "pe  [storage]  ports 443  from config",
+        "private_addresses: 10.20.0.0/16",
+    ] {
+        assert!(stdout.contains(want), "missing {want:?} in:\n{stdout}");
+    }
+}
+
+#[test]
+fn check_config_lists_every_problem_and_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[listen]\nclients = [\"10.0.0.0/33\"]\n\n[[policy.allow]]\nname = \"x\"\nhosts = [\"*.bad_suffix.com\"]\nports = [0]\n\n[timeouts]\nhead = \"-3s\"\n",
+    )
+    .unwrap();
+    let out = portcullis(&["check-config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = text(&out.stderr);
+    let file = path.display().to_string();
+    for want in [
+        format!("{file}:2:12: listen.clients[0]"),
+        format!("{file}:6:10: policy.allow[0].hosts[0]"),
+        format!("{file}:7:10: policy.allow[0].ports[0]: expected a port from 1 to 65535"),
+        format!("{file}:10:8: timeouts.head"),
+    ] {
+        assert!(stderr.contains(&want), "missing {want:?} in:\n{stderr}");
+    }
+    // serve refuses the same file with the same code, before binding anything.
+    let out = portcullis(&["serve", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    let out = portcullis(&["check-config", "/nonexistent/portcullis.toml"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(text(&out.stderr).contains("cannot read the file"));
+}
+
+#[test]
+fn explain_shows_decision_rule_addresses_and_wall() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("e.toml");
+    std::fs::write(
+        &path,
+        "[[policy.allow]]\nname = \"pe\"\ncategory = \"storage\"\nhosts = [\"contoso.file.core.windows.net\"]\nprivate_addresses = [\"10.20.0.0/16\"]\n\n[resolver]\nhosts_only = true\n[resolver.hosts]\n\"contoso.file.core.windows.net\" = [\"10.20.1.5\", \"10.99.0.1\"]\n\"sneaky.file.core.windows.net\" = \"169.254.169.254\"\n",
+    )
+    .unwrap();
+    let config = path.to_str().unwrap();
+
+    let out = portcullis(&[
+        "explain",
+        "--config",
+        config,
+        "--from",
+        "10.1.2.3",
+        "contoso.file.core.windows.net:443",
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    for want in [
+        "client:   10.1.2.3 allowed",
+        "verdict:  allow (allowed)",
+        "rule:     pe (from config)",
+        "category: storage",
+        "addresses (override):",
+        "10.20.1.5  ok",
+        "10.99.0.1  refused: private",
+        "result:   tunnel to 10.20.1.5 port 443",
+    ] {
+        assert!(stdout.contains(want), "missing {want:?} in:\n{stdout}");
+    }
+
+    let out = portcullis(&[
+        "explain",
+        "--config",
+        config,
+        "sneaky.file.core.windows.net:443",
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("rule:     azure-file-sync/storage"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("169.254.169.254  refused: link-local"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("result:   403 destination address forbidden (link-local)"),
+        "{stdout}"
+    );
+
+    let out = portcullis(&[
+        "explain",
+        "--config",
+        config,
+        "--from",
+        "203.0.113.9",
+        "management.azure.com:443",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stdout).contains("NOT allowed"));
+
+    let out = portcullis(&["explain", "--config", config, "evil.example:443"]);
+    assert!(text(&out.stdout).contains("verdict:  deny (host not allowed)"));
+    assert!(text(&out.stdout).contains("result:   403 host not allowed"));
+
+    let out = portcullis(&["explain", "management.azure.com"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(text(&out.stderr).contains("request target has no port"));
+}

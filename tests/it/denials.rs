@@ -1,0 +1,333 @@
+//! Denials: unlisted hosts and ports, IP literals, names that resolve into forbidden ranges,
+//! DNS and connect failures. Each gets its status and a `Portcullis-Error` reason, and the
+//! gateway keeps serving good requests afterwards.
+
+use crate::support::*;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpSocket, UdpSocket};
+
+async fn connect_reply(gw: SocketAddr, target: &str) -> Reply {
+    raw_request(
+        gw,
+        format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes(),
+    )
+    .await
+}
+
+fn assert_refused(reply: &Reply, status: u16, reason: &str) {
+    assert_eq!(reply.status, status, "{reply:?}");
+    assert_eq!(reply.header("portcullis-error"), Some(reason), "{reply:?}");
+    assert_eq!(reply.body.trim_end(), reason);
+}
+
+#[tokio::test]
+async fn unlisted_hosts_ports_and_ip_literals_get_403() {
+    let pki = Pki::new();
+    let origin = Origin::start(&pki).await;
+    let mut gw = Gateway::start(&config_for(origin.port(), &resolver_hosts(""))).await;
+    let table = [
+        ("evil.example:443", "host not allowed"),
+        ("core.windows.net:443", "host not allowed"),
+        ("xcore.windows.net:443", "host not allowed"),
+        (
+            "share1.file.core.windows.net.evil.example:443",
+            "host not allowed",
+        ),
+        ("management.azure.com:8443", "port not allowed"),
+        ("share1.file.core.windows.net:22", "port not allowed"),
+        ("127.0.0.1:443", "ip literal not allowed"),
+        ("20.60.1.2:443", "ip literal not allowed"),
+        ("[::1]:443", "ip literal not allowed"),
+    ];
+    for (target, reason) in table {
+        let reply = connect_reply(gw.addr, target).await;
+        assert_refused(&reply, 403, reason);
+        let host = target
+            .rsplit_once(':')
+            .unwrap()
+            .0
+            .trim_matches(['[', ']'])
+            .to_owned();
+        let line = gw
+            .access_line(|l| l["host"] == host.as_str() && l["reason"] == reason)
+            .await;
+        assert_eq!(
+            (line["verdict"].as_str(), line["status"].as_u64()),
+            (Some("deny"), Some(403))
+        );
+        assert_eq!(line["end"], "policy_denied");
+        assert_serves(&pki, gw.addr, &origin).await;
+    }
+}
+
+#[tokio::test]
+async fn names_resolving_into_forbidden_ranges_are_refused() {
+    let pki = Pki::new();
+    let origin = Origin::start(&pki).await;
+    let port = origin.port();
+    let table = [
+        ("loopback", "127.0.0.1", "loopback"),
+        ("loopback-other", "127.0.0.2", "loopback"),
+        ("rfc1918-10", "10.0.0.1", "private"),
+        ("rfc1918-172", "172.16.5.4", "private"),
+        ("rfc1918-192", "192.168.1.1", "private"),
+        ("metadata", "169.254.169.254", "link-local"),
+        ("cgnat", "100.64.0.1", "cgnat"),
+        ("unspecified", "0.0.0.0", "unspecified"),
+        ("multicast", "224.0.0.1", "multicast"),
+        ("broadcast", "255.255.255.255", "broadcast"),
+        ("documentation", "192.0.2.1", "documentation"),
+        ("v6-loopback", "::1", "loopback"),
+        ("v6-ula", "fd00::1", "private"),
+        ("v6-link-local", "fe80::1", "link-local"),
+        ("v4-mapped", "::ffff:127.0.0.1", "ipv4-mapped"),
+        ("nat64", "64:ff9b::7f00:1", "nat64"),
+        ("sixtofour", "2002:7f00:1::1", "6to4"),
+        ("teredo", "2001:0:4136:e378::1", "teredo"),
+    ];
+    let hosts: String = table
+        .iter()
+        .map(|(name, ip, _)| format!("\"{name}.wall.example\" = \"{ip}\"\n"))
+        .collect();
+    let extra = format!(
+        "[[policy.allow]]\nname = \"wall\"\nhosts = [\"*.wall.example\"]\nports = [443, {port}]\n\n{}",
+        resolver_hosts(&hosts)
+    );
+    let mut gw = Gateway::start(&config_for(port, &extra)).await;
+    for (name, _, range) in table {
+        // The origin listens on 127.0.0.1:port: were the wall missing, loopback names would get 200.
+        let reply = connect_reply(gw.addr, &format!("{name}.wall.example:{port}")).await;
+        let reason = format!("destination address forbidden ({range})");
+        assert_refused(&reply, 403, &reason);
+        let line = gw
+            .access_line(|l| l["host"] == format!("{name}.wall.example"))
+            .await;
+        assert_eq!(
+            (line["verdict"].as_str(), line["rule"].as_str()),
+            (Some("allow"), Some("wall"))
+        );
+        assert_eq!(line["end"], "destination_forbidden");
+    }
+    assert_serves(&pki, gw.addr, &origin).await;
+}
+
+#[tokio::test]
+async fn report_mode_lets_denials_through_but_keeps_the_wall() {
+    let pki = Pki::new();
+    let origin = Origin::start(&pki).await;
+    let port = origin.port();
+    // The test rule lists only 443: the origin's port is a policy miss, reported, not enforced.
+    let config = config_for(
+        port,
+        &resolver_hosts("\"unlisted.example\" = \"127.0.0.1\"\n"),
+    )
+    .replace(&format!("ports = [{port}]"), "ports = [443]")
+    .replace("[listen]", "[policy]\nmode = \"report\"\n\n[listen]");
+    let mut gw = Gateway::start(&config).await;
+    assert_serves(&pki, gw.addr, &origin).await;
+    let line = gw.access_line(|l| l["host"] == ORIGIN_HOST).await;
+    assert_eq!(line["verdict"], "would_deny");
+    assert_eq!(line["reason"], "port not allowed");
+    assert_eq!(line["status"], 200);
+    // An unlisted name has no rule to open the wall: loopback stays out of reach.
+    let reply = connect_reply(gw.addr, &format!("unlisted.example:{port}")).await;
+    assert_refused(&reply, 403, "destination address forbidden (loopback)");
+    let line = gw.access_line(|l| l["host"] == "unlisted.example").await;
+    assert_eq!(
+        (line["verdict"].as_str(), line["reason"].as_str()),
+        (
+            Some("would_deny"),
+            Some("destination address forbidden (loopback)")
+        )
+    );
+}
+
+/// A minimal DNS server on 127.0.0.1 (UDP): A queries get `answer`, names starting with "nx"
+/// get NXDOMAIN, other types an empty NOERROR.
+async fn fake_dns(answer: Ipv4Addr) -> SocketAddr {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let query = &buf[..n];
+            let mut end = 12;
+            while end < n && query[end] != 0 {
+                end += query[end] as usize + 1;
+            }
+            let question_end = end + 5;
+            if question_end > n {
+                continue;
+            }
+            let qtype = u16::from_be_bytes([query[end + 1], query[end + 2]]);
+            let nx = query[13..15] == *b"nx";
+            let answers = u16::from(qtype == 1 && !nx);
+            let mut reply = query[..2].to_vec();
+            reply.extend_from_slice(&[0x81, if nx { 0x83 } else { 0x80 }, 0, 1]);
+            reply.extend_from_slice(&answers.to_be_bytes());
+            reply.extend_from_slice(&[0, 0, 0, 0]);
+            reply.extend_from_slice(&query[12..question_end]);
+            if answers == 1 {
+                reply.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+                reply.extend_from_slice(&answer.octets());
+            }
+            let _ = socket.send_to(&reply, from).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn names_go_through_the_gateways_own_dns_and_answers_are_vetted() {
+    let pki = Pki::new();
+    let origin = Origin::start(&pki).await;
+    let port = origin.port();
+    let loopback_dns = fake_dns(Ipv4Addr::LOCALHOST).await;
+    let metadata_dns = fake_dns(Ipv4Addr::new(169, 254, 169, 254)).await;
+    let config = |dns: SocketAddr| {
+        config_for(
+            port,
+            &format!("[resolver]\nservers = [\"{dns}\"]\ntimeout = \"2s\"\n[resolver.hosts]\n\"pinned.file.core.windows.net\" = \"127.0.0.1\"\n"),
+        )
+        .replace(&format!("hosts = [\"{ORIGIN_HOST}\"]"), "hosts = [\"*.file.core.windows.net\"]")
+    };
+
+    // DNS says 127.0.0.1 and the rule allows 127.0.0.1/32: the tunnel opens via a real lookup.
+    let mut gw = Gateway::start(&config(loopback_dns)).await;
+    assert_serves(&pki, gw.addr, &origin).await;
+    let reply = connect_reply(gw.addr, &format!("nx.file.core.windows.net:{port}")).await;
+    assert_refused(&reply, 502, "cannot resolve host: no address for the name");
+    assert_eq!(
+        gw.access_line(|l| l["host"] == "nx.file.core.windows.net")
+            .await["end"],
+        "dns_failed"
+    );
+    drop(gw);
+
+    // DNS says 169.254.169.254: the wall refuses it; a name with an override never asks DNS.
+    let mut gw = Gateway::start(&config(metadata_dns)).await;
+    let reply = connect_reply(gw.addr, &format!("{ORIGIN_HOST}:{port}")).await;
+    assert_refused(&reply, 403, "destination address forbidden (link-local)");
+    let line = gw.access_line(|l| l["host"] == ORIGIN_HOST).await;
+    assert_eq!(line["resolved"], format!("169.254.169.254:{port}"));
+    let (_tcp, status) = open_tunnel(
+        gw.addr,
+        &format!("pinned.file.core.windows.net:{port}"),
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200, "the override wins over DNS");
+}
+
+#[tokio::test]
+async fn dns_failure_is_502_and_dns_timeout_is_504() {
+    let pki = Pki::new();
+    let origin = Origin::start(&pki).await;
+    // hosts_only with no entry for the name: nothing to connect to.
+    let extra = resolver_hosts("").replace(
+        &format!("\"{ORIGIN_HOST}\" = \"127.0.0.1\"\n"),
+        "\"other.example\" = \"127.0.0.1\"\n",
+    );
+    let mut gw = Gateway::start(&config_for(origin.port(), &extra)).await;
+    let reply = connect_reply(gw.addr, &format!("{ORIGIN_HOST}:{}", origin.port())).await;
+    assert_refused(&reply, 502, "cannot resolve host: no address for the name");
+    assert_eq!(
+        gw.access_line(|l| l["host"] == ORIGIN_HOST).await["end"],
+        "dns_failed"
+    );
+    drop(gw);
+
+    // A DNS server that takes queries (UDP and TCP) and never answers.
+    let silent_udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let dns = silent_udp.local_addr().unwrap();
+    let silent_tcp = TcpListener::bind(dns).await.unwrap();
+    let extra = format!("[resolver]\nservers = [\"{dns}\"]\ntimeout = \"300ms\"\n");
+    let mut gw = Gateway::start(&config_for(origin.port(), &extra)).await;
+    let reply = connect_reply(gw.addr, &format!("{ORIGIN_HOST}:{}", origin.port())).await;
+    assert_refused(
+        &reply,
+        504,
+        "cannot resolve host: DNS did not answer in time",
+    );
+    assert_eq!(
+        gw.access_line(|l| l["host"] == ORIGIN_HOST).await["end"],
+        "dns_timeout"
+    );
+    drop((silent_udp, silent_tcp));
+}
+
+#[tokio::test]
+async fn connect_refused_is_502_and_connect_timeout_is_504() {
+    let pki = Pki::new();
+    let origin = Origin::start(&pki).await;
+
+    // A port nothing listens on.
+    let closed_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    // A listener whose accept queue is full: further SYNs are dropped, so connects hang.
+    let full = TcpSocket::new_v4().unwrap();
+    full.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let full = full.listen(0).unwrap();
+    let full_port = full.local_addr().unwrap().port();
+    let mut fillers = Vec::new();
+    for _ in 0..2 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(("127.0.0.1", full_port)),
+        )
+        .await
+        {
+            fillers.push(s);
+        }
+    }
+
+    let extra = format!(
+        "[[policy.allow]]\nname = \"dead-ends\"\nhosts = [\"*.dead.example\"]\nports = [{closed_port}, {full_port}]\nprivate_addresses = [\"127.0.0.1/32\"]\n\n{}\n[timeouts]\nconnect = \"500ms\"\n",
+        resolver_hosts(
+            "\"refused.dead.example\" = \"127.0.0.1\"\n\"slow.dead.example\" = \"127.0.0.1\"\n"
+        )
+    );
+    let mut gw = Gateway::start(&config_for(origin.port(), &extra)).await;
+
+    let reply = connect_reply(gw.addr, &format!("refused.dead.example:{closed_port}")).await;
+    assert_refused(&reply, 502, "upstream refused the connection");
+    let line = gw
+        .access_line(|l| l["host"] == "refused.dead.example")
+        .await;
+    assert_eq!(
+        (line["end"].as_str(), line["resolved"].as_str()),
+        (
+            Some("connect_failed"),
+            Some(&*format!("127.0.0.1:{closed_port}"))
+        )
+    );
+
+    let reply = connect_reply(gw.addr, &format!("slow.dead.example:{full_port}")).await;
+    assert_refused(&reply, 504, "upstream connect timed out");
+    assert_eq!(
+        gw.access_line(|l| l["host"] == "slow.dead.example").await["end"],
+        "connect_timeout"
+    );
+    assert_serves(&pki, gw.addr, &origin).await;
+    drop((full, fillers));
+}
+
+#[tokio::test]
+async fn clients_outside_the_allowed_networks_get_403() {
+    let pki = Pki::new();
+    let origin = Origin::start(&pki).await;
+    let config = config_for(origin.port(), &resolver_hosts(""))
+        .replace("[listen]", "[listen]\nclients = [\"10.0.0.0/8\"]");
+    let mut gw = Gateway::start(&config).await;
+    let reply = connect_reply(gw.addr, &format!("{ORIGIN_HOST}:{}", origin.port())).await;
+    assert_refused(&reply, 403, "client address not allowed");
+    let line = gw.access_line(|l| l["host"] == ORIGIN_HOST).await;
+    assert_eq!(line["end"], "client_denied");
+    assert!(
+        line["verdict"].is_null(),
+        "no policy verdict for an unknown client: {line}"
+    );
+}

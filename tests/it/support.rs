@@ -1,0 +1,406 @@
+//! Test fixtures: a PKI made in-process with rcgen, a real TLS origin (hyper over tokio-rustls),
+//! the real `portcullis` binary on 127.0.0.1:0 with JSON logs captured, and real clients.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The name test origins answer to; the gateway maps it to 127.0.0.1 with a static override.
+pub const ORIGIN_HOST: &str = "share1.file.core.windows.net";
+
+/// A test certificate authority.
+pub struct Pki {
+    pub ca_der: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&key).unwrap();
+        Self {
+            ca_der: ca.der().clone(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    pub fn server_config(&self, names: &[&str]) -> Arc<rustls::ServerConfig> {
+        let key = KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &self.issuer)
+            .unwrap();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let mut config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key)
+            .unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+
+    pub fn client_config(&self) -> rustls::ClientConfig {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca_der.clone()).unwrap();
+        let mut config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config
+    }
+}
+
+/// Deterministic incompressible bytes, so a transfer cannot be faked by a pattern.
+pub fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, data)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A TLS origin server: `GET /download?bytes=N` sends N payload bytes with their SHA-256 in
+/// `x-sha256`; `POST /upload` answers with the SHA-256 of what it received.
+pub struct Origin {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Origin {
+    pub async fn start(pki: &Pki) -> Self {
+        let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config(&[ORIGIN_HOST]));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), service_fn(origin_route))
+                        .await;
+                });
+            }
+        });
+        Self { addr, task }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn origin_route(
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or_default().to_owned();
+    if path == "/upload" {
+        let body = req.into_body().collect().await?.to_bytes();
+        let answer = format!("{} {}", body.len(), sha256_hex(&body));
+        return Ok(Response::new(Full::new(Bytes::from(answer))));
+    }
+    let len: usize = query
+        .strip_prefix("bytes=")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(16);
+    let body = payload(len, len as u64);
+    let hash = sha256_hex(&body);
+    Ok(Response::builder()
+        .header("x-sha256", hash)
+        .body(Full::new(Bytes::from(body)))
+        .unwrap())
+}
+
+/// A plain TCP origin that records what it receives and answers with a fixed reply once the
+/// client half-closes.
+pub struct TcpOrigin {
+    pub addr: SocketAddr,
+    pub received: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+}
+
+impl TcpOrigin {
+    pub async fn start(reply: &'static [u8]) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, received) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let _ = tcp.read_to_end(&mut got).await;
+                    let _ = tx.send(got);
+                    let _ = tcp.write_all(reply).await;
+                    let _ = tcp.shutdown().await;
+                });
+            }
+        });
+        Self { addr, received }
+    }
+}
+
+/// The real gateway binary, serving `config` on 127.0.0.1 with JSON logs captured.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    child: Child,
+    logs: Arc<Mutex<Vec<Value>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// Starts `portcullis serve` with `config` (TOML) and waits until it listens.
+    pub async fn start(config: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("portcullis.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["serve", "--log-format", "json", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start portcullis");
+        let stdout = child.stdout.take().unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                match serde_json::from_str::<Value>(&line) {
+                    Ok(value) => sink.lock().unwrap().push(value),
+                    Err(_) => panic!("log line is not JSON: {line}"),
+                }
+            }
+        });
+        let mut gateway = Self {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            child,
+            logs,
+            _dir: dir,
+        };
+        let listening = gateway.wait_log(|l| l["message"] == "listening").await;
+        gateway.addr = listening["address"].as_str().unwrap().parse().unwrap();
+        gateway
+    }
+
+    /// The first log line matching `pred`, waiting up to 10 s for it. Async, so the test's own
+    /// runtime keeps running client tasks (closing pooled connections) while it waits.
+    pub async fn wait_log(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(line) = self.logs.lock().unwrap().iter().find(|l| pred(l)) {
+                return line.clone();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "gateway exited with {status}; logs: {:#?}",
+                    self.logs.lock().unwrap()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no matching log line; logs: {:#?}",
+                self.logs.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The canonical access line for the request whose `host` (and port) match.
+    pub async fn access_line(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
+        self.wait_log(|l| l["target"] == "portcullis::access" && pred(l))
+            .await
+    }
+
+    /// Number of canonical access lines so far.
+    pub fn access_count(&self) -> usize {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l["target"] == "portcullis::access")
+            .count()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The usual test config: listen on 127.0.0.1:0, built-in profile, plus a rule that lets
+/// `ORIGIN_HOST` on the origin's port reach 127.0.0.1 (via a static override). `extra` is
+/// appended verbatim (more rules, resolver or timeout settings).
+pub fn config_for(origin_port: u16, extra: &str) -> String {
+    format!(
+        r#"
+[listen]
+proxy = ["127.0.0.1:0"]
+
+[[policy.allow]]
+name = "test-origin"
+category = "storage"
+hosts = ["{ORIGIN_HOST}"]
+ports = [{origin_port}]
+private_addresses = ["127.0.0.1/32"]
+
+{extra}
+"#
+    )
+}
+
+/// The `[resolver]` section mapping `ORIGIN_HOST` to 127.0.0.1, with more `name = "addr"` lines.
+pub fn resolver_hosts(more: &str) -> String {
+    format!(
+        "[resolver]\nhosts_only = true\n[resolver.hosts]\n\"{ORIGIN_HOST}\" = \"127.0.0.1\"\n{more}\n"
+    )
+}
+
+/// A reqwest client using `gateway` as its proxy and trusting the test CA; no pooled
+/// connections, so each request gets its own tunnel and access line.
+pub fn client(pki: &Pki, gateway: SocketAddr) -> reqwest::Client {
+    reqwest::Client::builder()
+        .proxy(reqwest::Proxy::all(format!("http://{gateway}")).unwrap())
+        .tls_backend_preconfigured(pki.client_config())
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+/// Downloads 16 bytes from the origin through the gateway: proof the gateway still serves.
+pub async fn assert_serves(pki: &Pki, gateway: SocketAddr, origin: &Origin) {
+    let url = format!("https://{ORIGIN_HOST}:{}/download?bytes=16", origin.port());
+    let resp = client(pki, gateway)
+        .get(url)
+        .send()
+        .await
+        .expect("gateway still serves a good request");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await.unwrap().len(), 16);
+}
+
+/// A reply the gateway sent on its own: status, headers (lowercase names), body.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends raw `request` bytes and reads the reply until the gateway closes the connection
+/// (it must, after any error reply); panics if it does not within 15 s.
+pub async fn raw_request(gateway: SocketAddr, request: &[u8]) -> Reply {
+    let mut tcp = TcpStream::connect(gateway).await.unwrap();
+    tcp.write_all(request).await.unwrap();
+    read_reply_to_close(&mut tcp).await
+}
+
+pub async fn read_reply_to_close(tcp: &mut TcpStream) -> Reply {
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), tcp.read_to_end(&mut raw))
+        .await
+        .expect("gateway closes the connection after an error reply")
+        .unwrap();
+    parse_reply(&raw)
+}
+
+fn parse_reply(raw: &[u8]) -> Reply {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no reply head in {text:?}"));
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Reply {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
+}
+
+/// Sends CONNECT for `target` (plus `early` bytes in the same write) and reads only the reply
+/// head; returns the open stream and the status.
+pub async fn open_tunnel(gateway: SocketAddr, target: &str, early: &[u8]) -> (TcpStream, u16) {
+    let mut tcp = TcpStream::connect(gateway).await.unwrap();
+    let mut request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").into_bytes();
+    request.extend_from_slice(early);
+    tcp.write_all(&request).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(15), tcp.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            n == 1,
+            "closed before a reply head: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let status = parse_reply(&head).status;
+    (tcp, status)
+}
