@@ -183,21 +183,47 @@ pub async fn serve(gw: &Gateway, mut client: TcpStream, peer: SocketAddr, conn_i
         client: Some(peer),
         ..AccessRecord::default()
     };
+    let mut replied = false;
     if let Err(refusal) = handle(gw, &mut client, peer, &mut record).await {
         if let Some(status) = refusal.status {
-            if request::write_error(&mut client, status, &refusal.reason)
-                .await
-                .is_ok()
-            {
+            let reply = request::write_error(&mut client, status, &refusal.reason);
+            if let Ok(Ok(())) = tokio::time::timeout(REPLY_TIMEOUT, reply).await {
                 record.status = status;
+                replied = true;
             }
-            let _ = client.shutdown().await;
         }
         record.reason = refusal.reason.into_owned();
         record.end = refusal.kind;
     }
     record.duration = started.elapsed();
     record.emit();
+    if replied {
+        linger_close(client).await;
+    }
+}
+
+/// Longest we wait for a client to take a ~200-byte error reply.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Closes after an error reply without losing it: send FIN, then read and discard what the
+/// client still sends (bounded in bytes and time). Closing a socket with unread input makes the
+/// kernel send RST, which can destroy the reply before the client reads it.
+async fn linger_close(mut client: TcpStream) {
+    use tokio::io::AsyncReadExt;
+    const LINGER_BYTES: usize = 64 * 1024;
+    const LINGER_TIME: Duration = Duration::from_secs(2);
+    let _ = client.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let mut drained = 0;
+    let drain = async {
+        while drained < LINGER_BYTES {
+            match client.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_TIME, drain).await;
 }
 
 async fn handle(
