@@ -44,7 +44,7 @@ impl AccessRecord {
             verdict = self.verdict,
             rule = self.rule.as_deref(),
             category = self.category.as_deref(),
-            reason = %self.reason,
+            reason = self.reason.as_str(),
             status = self.status,
             bytes_up = self.bytes_up,
             bytes_down = self.bytes_down,

@@ -97,7 +97,6 @@ async fn each_malformed_request_gets_its_status_and_the_gateway_keeps_serving() 
         ),
     ];
     for (request, status, reason, end) in table {
-        let before = gw.access_count();
         let reply = raw_request(gw.addr, &request).await;
         assert_eq!(
             reply.status,
@@ -110,11 +109,13 @@ async fn each_malformed_request_gets_its_status_and_the_gateway_keeps_serving() 
         if status == 405 {
             assert_eq!(reply.header("allow"), Some("CONNECT"));
         }
-        let line = gw
-            .access_line(|l| l["end"] == end && l["reason"] == reason)
-            .await;
+        let client = reply.client.unwrap().to_string();
+        let line = gw.access_line(|l| l["client"] == client.as_str()).await;
+        assert_eq!(
+            (line["end"].as_str(), line["reason"].as_str()),
+            (Some(end), Some(reason))
+        );
         assert_eq!(line["status"], status);
-        assert!(gw.access_count() > before);
         assert_serves(&pki, gw.addr, &origin).await;
     }
 }

@@ -324,6 +324,8 @@ pub async fn assert_serves(pki: &Pki, gateway: SocketAddr, origin: &Origin) {
 /// A reply the gateway sent on its own: status, headers (lowercase names), body.
 #[derive(Debug)]
 pub struct Reply {
+    /// The client side address of the connection, as the gateway logs it.
+    pub client: Option<SocketAddr>,
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: String,
@@ -343,7 +345,9 @@ impl Reply {
 pub async fn raw_request(gateway: SocketAddr, request: &[u8]) -> Reply {
     let mut tcp = TcpStream::connect(gateway).await.unwrap();
     tcp.write_all(request).await.unwrap();
-    read_reply_to_close(&mut tcp).await
+    let mut reply = read_reply_to_close(&mut tcp).await;
+    reply.client = tcp.local_addr().ok();
+    reply
 }
 
 pub async fn read_reply_to_close(tcp: &mut TcpStream) -> Reply {
@@ -374,6 +378,7 @@ fn parse_reply(raw: &[u8]) -> Reply {
         .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
     Reply {
+        client: None,
         status,
         headers,
         body: body.to_owned(),
