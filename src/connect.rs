@@ -213,7 +213,7 @@ async fn linger_close(mut client: TcpStream) {
     const LINGER_BYTES: usize = 64 * 1024;
     const LINGER_TIME: Duration = Duration::from_secs(2);
     let _ = client.shutdown().await;
-    let mut sink = [0u8; 4096];
+    let mut sink = vec![0u8; 4096];
     let mut drained = 0;
     let drain = async {
         while drained < LINGER_BYTES {
@@ -282,7 +282,8 @@ async fn handle(
             })?;
         record.bytes_up = req.early_data.len() as u64;
     }
-    drop(req);
+    // Nothing of the request is needed any more: an idle tunnel holds only its sockets.
+    drop((req, plan));
 
     let outcome = tunnel::relay(client, &mut upstream, timeouts.idle).await;
     record.bytes_up += outcome.bytes_up;
@@ -326,4 +327,23 @@ async fn dial(
         None => "no address to connect to".to_owned(),
     };
     Err(Refusal::new(502, "connect_failed", reason))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every client connection is one task whose future holds the whole data path; its size
+    /// is paid by every idle tunnel (docs/benchmarks.md: memory per idle tunnel). Large
+    /// futures (hickory's lookup, scratch buffers) must be boxed or kept out of it.
+    #[tokio::test]
+    async fn the_connection_future_stays_small() {
+        let config = Config::parse("[resolver]\nhosts_only = true\n", "t").unwrap();
+        let gw = Gateway::new(config).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let size = std::mem::size_of_val(&serve(&gw, stream, addr, 1));
+        assert!(size <= 1536, "serve() future is {size} bytes");
+    }
 }

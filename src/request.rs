@@ -87,28 +87,34 @@ async fn read_head<R: AsyncRead + Unpin>(io: &mut R) -> Result<ConnectRequest, H
             return Err(HeadError::Closed);
         }
         filled += n;
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&buf[..filled]) {
-            Ok(httparse::Status::Complete(head_len)) => {
-                let method = req.method.unwrap_or_default();
-                if method != "CONNECT" {
-                    return Err(HeadError::Method(printable(method)));
-                }
-                let target = Target::parse_authority(req.path.unwrap_or_default())
-                    .map_err(HeadError::Malformed)?;
-                return Ok(ConnectRequest {
-                    target,
-                    early_data: buf[head_len..filled].to_vec(),
-                });
-            }
-            Ok(httparse::Status::Partial) if filled == buf.len() => {
-                return Err(HeadError::TooLarge);
-            }
-            Ok(httparse::Status::Partial) => {}
-            Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
-            Err(e) => return Err(HeadError::Malformed(malformed_reason(e))),
+        if let Some((target, head_len)) = parse_head(&buf[..filled])? {
+            return Ok(ConnectRequest {
+                target,
+                early_data: buf[head_len..filled].to_vec(),
+            });
         }
+    }
+}
+
+/// Parses what has arrived so far: `Ok(None)` means "need more bytes". A plain function, not
+/// async, so the 2 KiB header table lives on the stack and never in the connection's future.
+fn parse_head(bytes: &[u8]) -> Result<Option<(Target, usize)>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(bytes) {
+        Ok(httparse::Status::Complete(head_len)) => {
+            let method = req.method.unwrap_or_default();
+            if method != "CONNECT" {
+                return Err(HeadError::Method(printable(method)));
+            }
+            let target = Target::parse_authority(req.path.unwrap_or_default())
+                .map_err(HeadError::Malformed)?;
+            Ok(Some((target, head_len)))
+        }
+        Ok(httparse::Status::Partial) if bytes.len() == MAX_HEAD_BYTES => Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooManyHeaders),
+        Err(e) => Err(HeadError::Malformed(malformed_reason(e))),
     }
 }
 

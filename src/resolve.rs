@@ -100,7 +100,13 @@ impl Resolver {
         };
         // A trailing dot makes the name absolute: no search-domain suffixes, one query per type.
         let fqdn = format!("{name}.");
-        match tokio::time::timeout(self.timeout, dns.lookup_ip(fqdn.as_str())).await {
+        // Boxed: hickory's lookup future is over 1 KiB, and every connection's task would
+        // otherwise carry that space for its whole life, idle tunnels included.
+        let lookup = Box::pin(tokio::time::timeout(
+            self.timeout,
+            dns.lookup_ip(fqdn.as_str()),
+        ));
+        match lookup.await {
             Err(_) => Err(ResolveError::Timeout),
             Ok(Err(e)) => Err(classify(&e)),
             Ok(Ok(lookup)) => {

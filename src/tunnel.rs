@@ -1,18 +1,71 @@
 //! The tunnel: a two-way byte copy with half-close, an idle timeout and byte counts per
-//! direction. One future polls both directions, so there is no task, lock or allocation per
-//! chunk; each direction owns one buffer for the tunnel's life. The idle check reads the byte
-//! counters on a coarse tick instead of touching the clock per chunk.
+//! direction. One future polls both directions, so there is no task or lock per chunk. A
+//! direction takes a buffer from a small per-thread spare list only when its source turns
+//! readable and gives it back as soon as it has drained, so the thousands of idle sync sessions
+//! a gateway holds cost no buffer memory, and a busy tunnel reuses warm buffers without
+//! allocating. The idle check reads the byte counters on a coarse tick instead of touching the
+//! clock per chunk.
 
+use std::cell::RefCell;
 use std::future::poll_fn;
+use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep, sleep_until};
 
-/// Per-direction buffer. 32 KiB moves loopback bulk transfers at memory speed while keeping an
-/// idle tunnel at 64 KiB of buffers.
-pub const BUFFER_BYTES: usize = 32 * 1024;
+/// Per-direction buffer while data flows. Larger buffers mean fewer system calls per byte on
+/// bulk transfers (see docs/benchmarks.md); only active directions hold one.
+pub const BUFFER_BYTES: usize = 64 * 1024;
+
+/// Longest interval between idle checks.
+const MAX_TICK: Duration = Duration::from_secs(30);
+
+/// Drained buffers kept per worker thread for the next readable direction; beyond this they
+/// are freed. Bounds the pool at 512 KiB per thread.
+const SPARE_BUFFERS_PER_THREAD: usize = 8;
+
+thread_local! {
+    static SPARE_BUFFERS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_buffer() -> Box<[u8]> {
+    SPARE_BUFFERS
+        .try_with(|spare| spare.borrow_mut().pop())
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| vec![0; BUFFER_BYTES].into_boxed_slice())
+}
+
+fn give_back(buf: Box<[u8]>) {
+    let _ = SPARE_BUFFERS.try_with(|spare| {
+        let mut spare = spare.borrow_mut();
+        if spare.len() < SPARE_BUFFERS_PER_THREAD {
+            spare.push(buf);
+        }
+    });
+}
+
+/// A tunnel endpoint: a byte stream that can say "readable" before a buffer is committed.
+pub trait Endpoint: AsyncRead + AsyncWrite + Unpin {
+    /// Ready when a read would make progress (data, EOF or error).
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl Endpoint for TcpStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
+}
+
+impl Endpoint for tokio::io::DuplexStream {
+    fn poll_read_ready(&self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // In-memory test streams cannot report readiness; take the buffer at once.
+        Poll::Ready(Ok(()))
+    }
+}
 
 /// How a tunnel ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,43 +109,43 @@ enum Failed {
 
 /// One direction: read from one side into `buf`, write it all to the other, then forward EOF
 /// as a write shutdown.
+#[derive(Default)]
 struct Pipe {
-    buf: Box<[u8]>,
+    /// Held only between "source readable" and "everything read has been written".
+    buf: Option<Box<[u8]>>,
     start: usize,
     end: usize,
     eof: bool,
     unflushed: bool,
     done: bool,
     bytes: u64,
+    /// `bytes` at the previous idle tick.
+    bytes_at_tick: u64,
 }
 
 impl Pipe {
-    fn new() -> Self {
-        Self {
-            buf: vec![0; BUFFER_BYTES].into_boxed_slice(),
-            start: 0,
-            end: 0,
-            eof: false,
-            unflushed: false,
-            done: false,
-            bytes: 0,
-        }
-    }
-
     fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
-        mut reader: Pin<&mut R>,
-        mut writer: Pin<&mut W>,
+        reader: &mut R,
+        writer: &mut W,
     ) -> Poll<Result<(), Failed>>
     where
-        R: AsyncRead + ?Sized,
-        W: AsyncWrite + ?Sized,
+        R: Endpoint + ?Sized,
+        W: Endpoint + ?Sized,
     {
         loop {
             if self.start == self.end && !self.eof {
-                let mut read_buf = ReadBuf::new(&mut self.buf);
-                match reader.as_mut().poll_read(cx, &mut read_buf) {
+                if self.buf.is_none() {
+                    match reader.poll_read_ready(cx) {
+                        Poll::Ready(Ok(())) => {}
+                        Poll::Ready(Err(_)) => return Poll::Ready(Err(Failed::Reader)),
+                        Poll::Pending => return self.poll_flush_pending(cx, writer),
+                    }
+                }
+                let buf = self.buf.get_or_insert_with(take_buffer);
+                let mut read_buf = ReadBuf::new(buf);
+                match Pin::new(&mut *reader).poll_read(cx, &mut read_buf) {
                     Poll::Ready(Ok(())) => {
                         let n = read_buf.filled().len();
                         if n == 0 {
@@ -103,36 +156,50 @@ impl Pipe {
                     }
                     Poll::Ready(Err(_)) => return Poll::Ready(Err(Failed::Reader)),
                     Poll::Pending => {
-                        // Nothing more to read now: push out what a buffering writer (TLS) holds.
-                        if self.unflushed {
-                            ready!(writer.as_mut().poll_flush(cx)).map_err(|_| Failed::Writer)?;
-                            self.unflushed = false;
+                        // Drained: the buffer goes back until the source is readable again.
+                        if let Some(buf) = self.buf.take() {
+                            give_back(buf);
                         }
-                        return Poll::Pending;
+                        return self.poll_flush_pending(cx, writer);
                     }
                 }
             }
-            while self.start < self.end {
-                match ready!(
-                    writer
-                        .as_mut()
-                        .poll_write(cx, &self.buf[self.start..self.end])
-                ) {
-                    Ok(0) | Err(_) => return Poll::Ready(Err(Failed::Writer)),
-                    Ok(n) => {
-                        self.start += n;
-                        self.bytes += n as u64;
-                        self.unflushed = true;
+            if let Some(buf) = &self.buf {
+                while self.start < self.end {
+                    match ready!(Pin::new(&mut *writer).poll_write(cx, &buf[self.start..self.end]))
+                    {
+                        Ok(0) | Err(_) => return Poll::Ready(Err(Failed::Writer)),
+                        Ok(n) => {
+                            self.start += n;
+                            self.bytes += n as u64;
+                            self.unflushed = true;
+                        }
                     }
                 }
             }
             if self.eof {
-                ready!(writer.as_mut().poll_flush(cx)).map_err(|_| Failed::Writer)?;
-                ready!(writer.as_mut().poll_shutdown(cx)).map_err(|_| Failed::Writer)?;
+                ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(|_| Failed::Writer)?;
+                ready!(Pin::new(&mut *writer).poll_shutdown(cx)).map_err(|_| Failed::Writer)?;
                 self.done = true;
+                if let Some(buf) = self.buf.take() {
+                    give_back(buf);
+                }
                 return Poll::Ready(Ok(()));
             }
         }
+    }
+
+    /// Nothing more to read now: push out what a buffering writer (TLS) still holds.
+    fn poll_flush_pending<W: Endpoint + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        writer: &mut W,
+    ) -> Poll<Result<(), Failed>> {
+        if self.unflushed {
+            ready!(Pin::new(writer).poll_flush(cx)).map_err(|_| Failed::Writer)?;
+            self.unflushed = false;
+        }
+        Poll::Pending
     }
 }
 
@@ -140,28 +207,27 @@ impl Pipe {
 /// no byte moves for `idle`.
 pub async fn relay<C, U>(client: &mut C, upstream: &mut U, idle: Duration) -> Outcome
 where
-    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    C: Endpoint + ?Sized,
+    U: Endpoint + ?Sized,
 {
-    let mut up = Pipe::new();
-    let mut down = Pipe::new();
-    // Checked four times per idle period: a tunnel is closed between `idle` and 1.25 x `idle`
-    // after its last byte.
-    let tick = (idle / 4).max(Duration::from_millis(1));
+    let mut up = Pipe::default();
+    let mut down = Pipe::default();
+    // At least four checks per idle period: a tunnel is closed between `idle` and
+    // `idle` + one tick after its last byte.
+    let tick = (idle / 4).clamp(Duration::from_millis(1), MAX_TICK);
     let mut idle_check: Pin<Box<Sleep>> = Box::pin(sleep_until(Instant::now() + tick));
-    let mut seen = 0u64;
-    let mut quiet_ticks = 0u32;
+    let mut quiet = Duration::ZERO;
 
     let end = poll_fn(|cx| {
         if !up.done {
-            match up.poll_copy(cx, Pin::new(&mut *client), Pin::new(&mut *upstream)) {
+            match up.poll_copy(cx, &mut *client, &mut *upstream) {
                 Poll::Ready(Err(Failed::Reader)) => return Poll::Ready(End::ClientError),
                 Poll::Ready(Err(Failed::Writer)) => return Poll::Ready(End::UpstreamError),
                 Poll::Ready(Ok(())) | Poll::Pending => {}
             }
         }
         if !down.done {
-            match down.poll_copy(cx, Pin::new(&mut *upstream), Pin::new(&mut *client)) {
+            match down.poll_copy(cx, &mut *upstream, &mut *client) {
                 Poll::Ready(Err(Failed::Reader)) => return Poll::Ready(End::UpstreamError),
                 Poll::Ready(Err(Failed::Writer)) => return Poll::Ready(End::ClientError),
                 Poll::Ready(Ok(())) | Poll::Pending => {}
@@ -171,15 +237,13 @@ where
             return Poll::Ready(End::Closed);
         }
         while idle_check.as_mut().poll(cx).is_ready() {
-            let total = up.bytes + down.bytes;
-            if total == seen {
-                quiet_ticks += 1;
-                if quiet_ticks >= 4 {
-                    return Poll::Ready(End::Idle);
-                }
-            } else {
-                (seen, quiet_ticks) = (total, 0);
+            let moved = up.bytes != up.bytes_at_tick || down.bytes != down.bytes_at_tick;
+            quiet = if moved { Duration::ZERO } else { quiet + tick };
+            if quiet >= idle {
+                return Poll::Ready(End::Idle);
             }
+            up.bytes_at_tick = up.bytes;
+            down.bytes_at_tick = down.bytes;
             let next = idle_check.deadline() + tick;
             idle_check.as_mut().reset(next);
         }
@@ -269,6 +333,46 @@ mod tests {
             "closed after {quiet:?} of quiet"
         );
         assert!(Instant::now() - started >= Duration::from_secs(280));
+    }
+
+    #[tokio::test]
+    async fn an_idle_tunnel_holds_no_buffer_and_a_busy_one_reuses_them() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let (mut client_side, _) = listener.accept().await.unwrap();
+        let mut upstream_side = TcpStream::connect(addr).await.unwrap();
+        let (mut upstream, _) = listener.accept().await.unwrap();
+        let mut up = Pipe::default();
+        let mut down = Pipe::default();
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        // Nothing to read: no buffer is taken.
+        assert!(
+            up.poll_copy(&mut cx, &mut client_side, &mut upstream_side)
+                .is_pending()
+        );
+        assert!(
+            down.poll_copy(&mut cx, &mut upstream_side, &mut client_side)
+                .is_pending()
+        );
+        assert!(up.buf.is_none() && down.buf.is_none());
+        // Bytes arrive, are copied, and the drained direction gives its buffer back.
+        client.write_all(b"sync batch").await.unwrap();
+        client_side.readable().await.unwrap();
+        assert!(
+            up.poll_copy(&mut cx, &mut client_side, &mut upstream_side)
+                .is_pending()
+        );
+        assert_eq!(up.bytes, 10);
+        assert!(up.buf.is_none());
+        let mut got = [0u8; 10];
+        upstream.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"sync batch");
+        assert!(
+            SPARE_BUFFERS.with(|s| !s.borrow().is_empty()),
+            "the buffer waits on the spare list"
+        );
     }
 
     #[tokio::test]

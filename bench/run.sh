@@ -1,0 +1,217 @@
+#!/usr/bin/env bash
+# Benchmarks Portcullis against direct loopback, Squid and tinyproxy, all on loopback, in one run.
+#
+#   bench/run.sh                 full run (installs squid + tinyproxy with apt-get if missing)
+#   bench/run.sh --quick         a few-second smoke run: portcullis and direct only, debug build
+#   bench/run.sh --runs 5        medians over 5 interleaved runs (default 3)
+#   bench/run.sh --no-peers      skip squid and tinyproxy
+#   bench/run.sh --release       with --quick: measure release builds (quick defaults to debug)
+#
+# Prints a table and writes bench/results/<time>.jsonl (+ .summary.json). Every process it
+# starts is stopped on exit; every load loop is bounded in count and time (see loadgen.rs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNS=3
+QUICK=0
+PEERS=1
+RELEASE=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=1; PEERS=0; RUNS=1 ;;
+    --runs) RUNS="$2"; shift ;;
+    --no-peers) PEERS=0 ;;
+    --release) RELEASE=1 ;;
+    *) echo "unknown argument: $1" >&2; exit 64 ;;
+  esac
+  shift
+done
+
+if [ "$QUICK" = 1 ]; then
+  BULK_BYTES=$((64 * 1024 * 1024)); SETUP_SECS=0.5; SETUP_CLIENTS="1 16"; SCALE_TUNNELS="200"
+  if [ "$RELEASE" = 1 ]; then
+    PROFILE=release; cargo build --quiet --release --bin portcullis --example loadgen
+  else
+    PROFILE=debug; cargo build --quiet --bin portcullis --example loadgen
+  fi
+else
+  BULK_BYTES=$((4 * 1024 * 1024 * 1024)); SETUP_SECS=3; SETUP_CLIENTS="1 16 64 256"; SCALE_TUNNELS="1000 5000 9500"
+  PROFILE=release; cargo build --quiet --release --bin portcullis --example loadgen
+fi
+GATEWAY="target/$PROFILE/portcullis"
+LOADGEN="target/$PROFILE/examples/loadgen"
+
+# Two file descriptors per tunnel in the proxy, one per tunnel in the client and the origin.
+ulimit -n "$(ulimit -Hn)"
+
+WORK=$(mktemp -d /tmp/portcullis-bench.XXXXXX)
+chmod 0777 "$WORK"
+mkdir -p bench/results
+RESULTS="bench/results/$(date -u +%Y%m%dT%H%M%SZ)$([ "$QUICK" = 1 ] && echo -quick).jsonl"
+: > "$RESULTS"
+
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# Listening ports come from below the ephemeral range (32768+), so no client socket can hold
+# them, and readiness is read from the socket table: a probe connect to a port nobody listens
+# on yet can connect to itself (TCP simultaneous open) and squat the port.
+free_port() {
+  python3 -c '
+import random, socket
+for _ in range(100):
+    p = random.randint(20000, 32000)
+    try:
+        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", p)); s.close(); print(p); break
+    except OSError:
+        pass'
+}
+wait_port() { # port: wait up to 10 s for a listener
+  for _ in $(seq 100); do
+    if [ -n "$(ss -Hltn "sport = :$1")" ]; then return 0; fi
+    sleep 0.1
+  done
+  echo "nothing listens on 127.0.0.1:$1" >&2; return 1
+}
+
+ORIGIN_PORT=$(free_port); TLS_PORT=$(free_port)
+"$LOADGEN" origin --port "$ORIGIN_PORT" --tls-port "$TLS_PORT" --ca "$WORK/ca.der" 2>"$WORK/origin.log" &
+PIDS+=($!)
+wait_port "$ORIGIN_PORT"
+
+if [ "$PEERS" = 1 ]; then
+  if ! command -v squid >/dev/null || ! command -v tinyproxy >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq squid tinyproxy >/dev/null
+  fi
+  # Debian starts the packaged services; the benchmark runs its own instances.
+  systemctl stop squid tinyproxy 2>/dev/null || service squid stop 2>/dev/null || true
+  pkill -x squid 2>/dev/null || true; pkill -x tinyproxy 2>/dev/null || true
+  TARGETS="portcullis squid tinyproxy"
+else
+  TARGETS="portcullis"
+fi
+
+declare -A PORT PID
+# start_target NAME: (re)starts a fresh process with an allow-list equivalent to the others':
+# CONNECT from 127.0.0.0/8 to 127.0.0.1 on the two origin ports only.
+start_target() {
+  local name=$1 port
+  port=$(free_port)
+  case "$name" in
+    portcullis)
+      cat > "$WORK/portcullis.toml" <<EOF
+[listen]
+proxy = ["127.0.0.1:$port"]
+clients = ["127.0.0.0/8"]
+[policy]
+profiles = []
+[[policy.allow]]
+name = "bench-origin"
+addresses = ["127.0.0.1/32"]
+ports = [$ORIGIN_PORT, $TLS_PORT]
+[limits]
+max_connections = 20000
+[log]
+format = "json"
+EOF
+      "$GATEWAY" serve --config "$WORK/portcullis.toml" > "$WORK/portcullis.log" 2>&1 &
+      ;;
+    squid)
+      cat > "$WORK/squid.conf" <<EOF
+http_port 127.0.0.1:$port
+acl localnet src 127.0.0.0/8
+acl bench_ports port $ORIGIN_PORT $TLS_PORT
+acl bench_dst dst 127.0.0.1/32
+acl CONNECT method CONNECT
+http_access allow CONNECT localnet bench_ports bench_dst
+http_access deny all
+cache deny all
+cache_mem 8 MB
+access_log stdio:$WORK/squid-access.log
+cache_log $WORK/squid-cache.log
+pid_filename $WORK/squid.pid
+coredump_dir $WORK
+max_filedescriptors 20000
+shutdown_lifetime 1 seconds
+EOF
+      squid -N -f "$WORK/squid.conf" > "$WORK/squid.out" 2>&1 &
+      ;;
+    tinyproxy)
+      cat > "$WORK/tinyproxy.conf" <<EOF
+User nobody
+Group nogroup
+Port $port
+Listen 127.0.0.1
+Timeout 600
+Allow 127.0.0.0/8
+ConnectPort $ORIGIN_PORT
+ConnectPort $TLS_PORT
+MaxClients 20000
+LogFile "$WORK/tinyproxy.log"
+LogLevel Info
+EOF
+      tinyproxy -d -c "$WORK/tinyproxy.conf" > "$WORK/tinyproxy.out" 2>&1 &
+      ;;
+  esac
+  PID[$name]=$!
+  PIDS+=($!)
+  PORT[$name]=$port
+  wait_port "$port"
+}
+stop_target() {
+  kill "${PID[$1]}" 2>/dev/null || true
+  wait "${PID[$1]}" 2>/dev/null || true
+}
+
+# args_for NAME RUN: loadgen target arguments
+args_for() {
+  if [ "$1" = direct ]; then
+    echo --name direct --origin-port "$ORIGIN_PORT" --tls-port "$TLS_PORT" --run "$2"
+  else
+    echo --name "$1" --proxy "127.0.0.1:${PORT[$1]}" --proxy-pid "${PID[$1]}" --origin-port "$ORIGIN_PORT" --tls-port "$TLS_PORT" --run "$2"
+  fi
+}
+
+for t in $TARGETS; do start_target "$t"; done
+
+echo "bulk: $((BULK_BYTES / 1024 / 1024)) MiB per transfer, $RUNS interleaved run(s)"
+for run in $(seq "$RUNS"); do
+  for t in direct $TARGETS; do
+    # shellcheck disable=SC2046
+    {
+      "$LOADGEN" bulk $(args_for "$t" "$run") --bytes "$BULK_BYTES" --direction down
+      "$LOADGEN" bulk $(args_for "$t" "$run") --bytes "$BULK_BYTES" --direction up
+      "$LOADGEN" bulk $(args_for "$t" "$run") --bytes "$BULK_BYTES" --streams 8
+      "$LOADGEN" bulk $(args_for "$t" "$run") --bytes "$BULK_BYTES" --streams 64
+      "$LOADGEN" bulk $(args_for "$t" "$run") --bytes "$BULK_BYTES" --tls --ca "$WORK/ca.der"
+    } >> "$RESULTS"
+  done
+done
+
+echo "setup: clients $SETUP_CLIENTS, ${SETUP_SECS}s each"
+for run in $(seq "$RUNS"); do
+  for c in $SETUP_CLIENTS; do
+    for t in direct $TARGETS; do
+      # shellcheck disable=SC2046
+      "$LOADGEN" setup $(args_for "$t" "$run") --clients "$c" --seconds "$SETUP_SECS" >> "$RESULTS"
+    done
+  done
+done
+
+echo "scale: $SCALE_TUNNELS idle tunnels, fresh process each"
+for n in $SCALE_TUNNELS; do
+  for t in $TARGETS; do
+    stop_target "$t"; start_target "$t"
+    # shellcheck disable=SC2046
+    "$LOADGEN" scale $(args_for "$t" 1) --tunnels "$n" >> "$RESULTS"
+  done
+done
+
+echo
+"$LOADGEN" report "$RESULTS"
+echo "results: $RESULTS"
