@@ -47,7 +47,9 @@ ulimit -n "$(ulimit -Hn)"
 WORK=$(mktemp -d /tmp/portcullis-bench.XXXXXX)
 chmod 0777 "$WORK"
 mkdir -p bench/results
-RESULTS="bench/results/$(date -u +%Y%m%dT%H%M%SZ)$([ "$QUICK" = 1 ] && echo -quick).jsonl"
+SUFFIX=""
+if [ "$QUICK" = 1 ]; then SUFFIX="-quick"; fi
+RESULTS="bench/results/$(date -u +%Y%m%dT%H%M%SZ)$SUFFIX.jsonl"
 : > "$RESULTS"
 
 PIDS=()

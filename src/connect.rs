@@ -285,7 +285,7 @@ async fn handle(
     // Nothing of the request is needed any more: an idle tunnel holds only its sockets.
     drop((req, plan));
 
-    let outcome = tunnel::relay(client, &mut upstream, timeouts.idle).await;
+    let outcome = tunnel::relay_tcp(client, &mut upstream, timeouts.idle).await;
     record.bytes_up += outcome.bytes_up;
     record.bytes_down = outcome.bytes_down;
     record.end = outcome.end.as_str();

@@ -19,4 +19,6 @@ pub mod profiles;
 pub mod request;
 pub mod resolve;
 pub mod server;
+#[cfg(target_os = "linux")]
+mod splice;
 pub mod tunnel;

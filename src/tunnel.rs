@@ -102,9 +102,30 @@ pub struct Outcome {
 }
 
 /// Which side an I/O failure is on, relative to one direction's copy.
-enum Failed {
+pub(crate) enum Failed {
     Reader,
     Writer,
+}
+
+/// What the relay loop reads of a direction, whatever copies its bytes.
+#[derive(Default)]
+pub(crate) struct Progress {
+    pub done: bool,
+    pub bytes: u64,
+    /// `bytes` at the previous idle tick.
+    pub bytes_at_tick: u64,
+}
+
+/// One direction's copy engine: user-space buffer (`Pipe`) or splice (`splice::SplicePipe`).
+pub(crate) trait Copier<R: ?Sized, W: ?Sized> {
+    /// Moves bytes from `src` to `dst`; `Ready(Ok)` once EOF has been forwarded.
+    fn poll_copy(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut R,
+        dst: &mut W,
+    ) -> Poll<Result<(), Failed>>;
+    fn progress(&mut self) -> &mut Progress;
 }
 
 /// One direction: read from one side into `buf`, write it all to the other, then forward EOF
@@ -117,23 +138,20 @@ struct Pipe {
     end: usize,
     eof: bool,
     unflushed: bool,
-    done: bool,
-    bytes: u64,
-    /// `bytes` at the previous idle tick.
-    bytes_at_tick: u64,
+    progress: Progress,
 }
 
-impl Pipe {
-    fn poll_copy<R, W>(
+impl<R: Endpoint + ?Sized, W: Endpoint + ?Sized> Copier<R, W> for Pipe {
+    fn progress(&mut self) -> &mut Progress {
+        &mut self.progress
+    }
+
+    fn poll_copy(
         &mut self,
         cx: &mut Context<'_>,
         reader: &mut R,
         writer: &mut W,
-    ) -> Poll<Result<(), Failed>>
-    where
-        R: Endpoint + ?Sized,
-        W: Endpoint + ?Sized,
-    {
+    ) -> Poll<Result<(), Failed>> {
         loop {
             if self.start == self.end && !self.eof {
                 if self.buf.is_none() {
@@ -171,7 +189,7 @@ impl Pipe {
                         Ok(0) | Err(_) => return Poll::Ready(Err(Failed::Writer)),
                         Ok(n) => {
                             self.start += n;
-                            self.bytes += n as u64;
+                            self.progress.bytes += n as u64;
                             self.unflushed = true;
                         }
                     }
@@ -180,7 +198,7 @@ impl Pipe {
             if self.eof {
                 ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(|_| Failed::Writer)?;
                 ready!(Pin::new(&mut *writer).poll_shutdown(cx)).map_err(|_| Failed::Writer)?;
-                self.done = true;
+                self.progress.done = true;
                 if let Some(buf) = self.buf.take() {
                     give_back(buf);
                 }
@@ -188,7 +206,9 @@ impl Pipe {
             }
         }
     }
+}
 
+impl Pipe {
     /// Nothing more to read now: push out what a buffering writer (TLS) still holds.
     fn poll_flush_pending<W: Endpoint + ?Sized>(
         &mut self,
@@ -204,14 +224,52 @@ impl Pipe {
 }
 
 /// Copies both ways between `client` and `upstream` until both sides have closed, one fails, or
-/// no byte moves for `idle`.
+/// no byte moves for `idle`, through user-space buffers.
 pub async fn relay<C, U>(client: &mut C, upstream: &mut U, idle: Duration) -> Outcome
 where
     C: Endpoint + ?Sized,
     U: Endpoint + ?Sized,
 {
-    let mut up = Pipe::default();
-    let mut down = Pipe::default();
+    drive(client, upstream, idle, Pipe::default(), Pipe::default()).await
+}
+
+/// `relay` for plain TCP on both sides: on Linux the bytes never enter user space (splice).
+pub async fn relay_tcp(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    idle: Duration,
+) -> Outcome {
+    #[cfg(target_os = "linux")]
+    {
+        use crate::splice::SplicePipe;
+        drive(
+            client,
+            upstream,
+            idle,
+            SplicePipe::default(),
+            SplicePipe::default(),
+        )
+        .await
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        relay(client, upstream, idle).await
+    }
+}
+
+/// The relay loop, whatever copies the bytes: both directions and the idle check in one future.
+async fn drive<C, U, P>(
+    client: &mut C,
+    upstream: &mut U,
+    idle: Duration,
+    mut up: P,
+    mut down: P,
+) -> Outcome
+where
+    C: ?Sized,
+    U: ?Sized,
+    P: Copier<C, U> + Copier<U, C>,
+{
     // At least four checks per idle period: a tunnel is closed between `idle` and
     // `idle` + one tick after its last byte.
     let tick = (idle / 4).clamp(Duration::from_millis(1), MAX_TICK);
@@ -219,40 +277,46 @@ where
     let mut quiet = Duration::ZERO;
 
     let end = poll_fn(|cx| {
-        if !up.done {
-            match up.poll_copy(cx, &mut *client, &mut *upstream) {
+        if !Copier::<C, U>::progress(&mut up).done {
+            match Copier::<C, U>::poll_copy(&mut up, cx, client, upstream) {
                 Poll::Ready(Err(Failed::Reader)) => return Poll::Ready(End::ClientError),
                 Poll::Ready(Err(Failed::Writer)) => return Poll::Ready(End::UpstreamError),
                 Poll::Ready(Ok(())) | Poll::Pending => {}
             }
         }
-        if !down.done {
-            match down.poll_copy(cx, &mut *upstream, &mut *client) {
+        if !Copier::<U, C>::progress(&mut down).done {
+            match Copier::<U, C>::poll_copy(&mut down, cx, upstream, client) {
                 Poll::Ready(Err(Failed::Reader)) => return Poll::Ready(End::UpstreamError),
                 Poll::Ready(Err(Failed::Writer)) => return Poll::Ready(End::ClientError),
                 Poll::Ready(Ok(())) | Poll::Pending => {}
             }
         }
-        if up.done && down.done {
+        let (up_p, down_p) = (
+            Copier::<C, U>::progress(&mut up),
+            Copier::<U, C>::progress(&mut down),
+        );
+        if up_p.done && down_p.done {
             return Poll::Ready(End::Closed);
         }
         while idle_check.as_mut().poll(cx).is_ready() {
-            let moved = up.bytes != up.bytes_at_tick || down.bytes != down.bytes_at_tick;
+            let moved = up_p.bytes != up_p.bytes_at_tick || down_p.bytes != down_p.bytes_at_tick;
             quiet = if moved { Duration::ZERO } else { quiet + tick };
             if quiet >= idle {
                 return Poll::Ready(End::Idle);
             }
-            up.bytes_at_tick = up.bytes;
-            down.bytes_at_tick = down.bytes;
+            up_p.bytes_at_tick = up_p.bytes;
+            down_p.bytes_at_tick = down_p.bytes;
             let next = idle_check.deadline() + tick;
             idle_check.as_mut().reset(next);
         }
         Poll::Pending
     })
     .await;
+    let bytes_up = Copier::<C, U>::progress(&mut up).bytes;
+    let bytes_down = Copier::<U, C>::progress(&mut down).bytes;
     Outcome {
-        bytes_up: up.bytes,
-        bytes_down: down.bytes,
+        bytes_up,
+        bytes_down,
         end,
     }
 }
@@ -364,7 +428,7 @@ mod tests {
             up.poll_copy(&mut cx, &mut client_side, &mut upstream_side)
                 .is_pending()
         );
-        assert_eq!(up.bytes, 10);
+        assert_eq!(up.progress.bytes, 10);
         assert!(up.buf.is_none());
         let mut got = [0u8; 10];
         upstream.read_exact(&mut got).await.unwrap();
