@@ -324,20 +324,22 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
+
+    /// A relay between two in-memory streams; returns the client's and the upstream's far ends.
+    fn spawn_relay(
+        idle: Duration,
+    ) -> (DuplexStream, DuplexStream, tokio::task::JoinHandle<Outcome>) {
+        let (client, mut client_side) = duplex(1024);
+        let (mut upstream_side, upstream) = duplex(1024);
+        let relay =
+            tokio::spawn(async move { relay(&mut client_side, &mut upstream_side, idle).await });
+        (client, upstream, relay)
+    }
 
     #[tokio::test]
     async fn copies_both_ways_and_forwards_half_close() {
-        let (mut client, mut client_side) = duplex(1024);
-        let (mut upstream_side, mut upstream) = duplex(1024);
-        let relay = tokio::spawn(async move {
-            relay(
-                &mut client_side,
-                &mut upstream_side,
-                Duration::from_secs(60),
-            )
-            .await
-        });
+        let (mut client, mut upstream, relay) = spawn_relay(Duration::from_secs(60));
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             upstream.read_to_end(&mut got).await.unwrap();
@@ -369,17 +371,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn closes_an_idle_tunnel_after_the_timeout_and_not_before() {
-        let (mut client, mut client_side) = duplex(1024);
-        let (mut upstream_side, mut upstream) = duplex(1024);
         let started = Instant::now();
-        let relay = tokio::spawn(async move {
-            relay(
-                &mut client_side,
-                &mut upstream_side,
-                Duration::from_secs(100),
-            )
-            .await
-        });
+        let (mut client, mut upstream, relay) = spawn_relay(Duration::from_secs(100));
         // Activity every 60 s keeps it open past the 100 s timeout.
         for _ in 0..3 {
             tokio::time::sleep(Duration::from_secs(60)).await;
@@ -441,16 +434,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_upstream_failure_ends_the_tunnel_with_counts() {
-        let (mut client, mut client_side) = duplex(1024);
-        let (mut upstream_side, upstream) = duplex(1024);
-        let relay = tokio::spawn(async move {
-            relay(
-                &mut client_side,
-                &mut upstream_side,
-                Duration::from_secs(60),
-            )
-            .await
-        });
+        let (mut client, upstream, relay) = spawn_relay(Duration::from_secs(60));
         client.write_all(b"hello").await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         drop(upstream);

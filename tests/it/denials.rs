@@ -239,9 +239,17 @@ async fn dns_failure_is_502_and_dns_timeout_is_504() {
     drop(gw);
 
     // A DNS server that takes queries (UDP and TCP) and never answers.
-    let silent_udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // The UDP port is random; retry until the same TCP port is free too.
+    let mut silent = None;
+    for _ in 0..50 {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        if let Ok(tcp) = TcpListener::bind(udp.local_addr().unwrap()).await {
+            silent = Some((udp, tcp));
+            break;
+        }
+    }
+    let (silent_udp, silent_tcp) = silent.expect("a port free for both UDP and TCP");
     let dns = silent_udp.local_addr().unwrap();
-    let silent_tcp = TcpListener::bind(dns).await.unwrap();
     let extra = format!("[resolver]\nservers = [\"{dns}\"]\ntimeout = \"300ms\"\n");
     let mut gw = Gateway::start(&config_for(origin.port(), &extra)).await;
     let reply = connect_reply(gw.addr, &format!("{ORIGIN_HOST}:{}", origin.port())).await;
