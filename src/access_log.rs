@@ -13,6 +13,8 @@ pub const TARGET: &str = "portcullis::access";
 pub struct AccessRecord {
     pub conn_id: u64,
     pub client: Option<SocketAddr>,
+    /// The branch the client was identified as ("unassigned" when admitted without one).
+    pub branch: Option<String>,
     pub host: Option<String>,
     pub port: Option<u16>,
     /// The upstream address connected to (or last tried).
@@ -38,6 +40,7 @@ impl AccessRecord {
             target: TARGET,
             conn_id = self.conn_id,
             client = self.client.map(tracing::field::display),
+            branch = self.branch.as_deref(),
             host = self.host.as_deref(),
             port = self.port,
             resolved = self.resolved.map(tracing::field::display),

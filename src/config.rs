@@ -34,6 +34,8 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Sync sessions sit idle for long stretches between change batches.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+pub const DEFAULT_AUTH_ATTEMPTS_PER_MINUTE: std::num::NonZeroU32 =
+    std::num::NonZeroU32::new(30).expect("non-zero");
 
 /// The validated configuration.
 #[derive(Clone, Debug)]
@@ -46,6 +48,29 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub log: LogSettings,
+    /// Branches in file order; the first whose sources hold a client's address is its branch.
+    pub branches: Vec<Branch>,
+}
+
+/// A branch office: who it is (networks, credentials, certificate names) and what it may do.
+#[derive(Clone, Debug)]
+pub struct Branch {
+    pub name: String,
+    pub sources: Vec<IpNet>,
+    pub credentials: Vec<Credential>,
+    /// Client-certificate names (DNS SAN or CN) that identify this branch on TLS listeners.
+    pub client_certificates: Vec<DnsName>,
+    /// Rules this branch may use, by position in `policy.rules`; `None` means all of them.
+    pub allowed_rules: Option<Vec<bool>>,
+    /// Open tunnels at once; `None` is unlimited.
+    pub max_tunnels: Option<u32>,
+}
+
+/// A proxy user; the password exists only as an argon2id PHC string.
+#[derive(Clone, Debug)]
+pub struct Credential {
+    pub user: String,
+    pub password_hash: String,
 }
 
 #[derive(Clone, Debug)]
@@ -80,6 +105,10 @@ pub struct Timeouts {
 pub struct Limits {
     /// Client connections served at once; further clients wait in the listen backlog.
     pub max_connections: usize,
+    /// CONNECT requests per second from one client address; `None` is unlimited.
+    pub connect_rate_per_client: Option<std::num::NonZeroU32>,
+    /// Credential checks (argon2 verifications) per minute from one client address.
+    pub auth_attempts_per_minute: std::num::NonZeroU32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -146,6 +175,28 @@ struct RawConfig {
     timeouts: RawTimeouts,
     limits: RawLimits,
     log: RawLog,
+    branch: Vec<Spanned<RawBranch>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBranch {
+    name: Spanned<String>,
+    #[serde(default)]
+    sources: Vec<Spanned<String>>,
+    #[serde(default)]
+    credentials: Vec<RawCredential>,
+    #[serde(default)]
+    client_certificates: Vec<Spanned<String>>,
+    allow: Option<Vec<Spanned<String>>>,
+    max_tunnels: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredential {
+    user: Spanned<String>,
+    password_hash: Spanned<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -161,6 +212,7 @@ struct RawPolicy {
     mode: Option<Mode>,
     profiles: Option<Vec<Spanned<String>>>,
     allow: Vec<Spanned<RawRule>>,
+    allow_unassigned: bool,
 }
 
 #[derive(Deserialize)]
@@ -198,6 +250,8 @@ struct RawTimeouts {
 #[serde(deny_unknown_fields, default)]
 struct RawLimits {
     max_connections: Option<Spanned<u32>>,
+    connect_rate_per_client: Option<Spanned<u32>>,
+    auth_attempts_per_minute: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -365,7 +419,9 @@ fn compile(raw: RawConfig, p: &mut Problems<'_>) -> Config {
     let policy = Policy {
         mode: raw.policy.mode.unwrap_or(Mode::Enforce),
         rules,
+        allow_unassigned: raw.policy.allow_unassigned,
     };
+    let branches = compile_branches(p, &raw.branch, &policy);
 
     let resolver = ResolverSettings {
         servers: raw
@@ -436,6 +492,22 @@ fn compile(raw: RawConfig, p: &mut Problems<'_>) -> Config {
             }
             Some(n) => *n.get_ref() as usize,
         },
+        connect_rate_per_client: raw
+            .limits
+            .connect_rate_per_client
+            .as_ref()
+            .and_then(|n| std::num::NonZeroU32::new(*n.get_ref())),
+        auth_attempts_per_minute: match &raw.limits.auth_attempts_per_minute {
+            None => DEFAULT_AUTH_ATTEMPTS_PER_MINUTE,
+            Some(n) => std::num::NonZeroU32::new(*n.get_ref()).unwrap_or_else(|| {
+                p.add(
+                    n.span(),
+                    "limits.auth_attempts_per_minute",
+                    "expected a number above 0",
+                );
+                DEFAULT_AUTH_ATTEMPTS_PER_MINUTE
+            }),
+        },
     };
 
     Config {
@@ -448,7 +520,134 @@ fn compile(raw: RawConfig, p: &mut Problems<'_>) -> Config {
         log: LogSettings {
             format: raw.log.format.unwrap_or(LogFormat::Text),
         },
+        branches,
     }
+}
+
+fn is_name(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+fn compile_branches(
+    p: &mut Problems<'_>,
+    raw: &[Spanned<RawBranch>],
+    policy: &Policy,
+) -> Vec<Branch> {
+    let mut names = HashSet::new();
+    let mut users = HashSet::new();
+    let mut branches = Vec::new();
+    for (i, raw_branch) in raw.iter().enumerate() {
+        let key = format!("branch[{i}]");
+        let before = p.list.len();
+        let b = raw_branch.get_ref();
+        let name = b.name.get_ref().clone();
+        if !is_name(&name) || name == crate::identity::UNASSIGNED {
+            p.add(
+                b.name.span(),
+                format!("{key}.name"),
+                "expected a name of letters, digits, '-', '_', '.' (not \"unassigned\")",
+            );
+        } else if !names.insert(name.clone()) {
+            p.add(
+                b.name.span(),
+                format!("{key}.name"),
+                format!("branch name {name:?} is used twice"),
+            );
+        }
+        let sources = cidrs(p, &b.sources, &format!("{key}.sources"));
+        let mut credentials = Vec::new();
+        for (j, c) in b.credentials.iter().enumerate() {
+            let user = c.user.get_ref();
+            if user.is_empty() || user.contains(':') || user.chars().any(char::is_control) {
+                p.add(
+                    c.user.span(),
+                    format!("{key}.credentials[{j}].user"),
+                    "expected a user name without ':' or control characters",
+                );
+            } else if !users.insert(user.clone()) {
+                p.add(
+                    c.user.span(),
+                    format!("{key}.credentials[{j}].user"),
+                    format!("user {user:?} is defined twice"),
+                );
+            }
+            if !crate::identity::is_argon2id_phc(c.password_hash.get_ref()) {
+                p.add(
+                    c.password_hash.span(),
+                    format!("{key}.credentials[{j}].password_hash"),
+                    "expected an argon2id hash (\"$argon2id$...\", from `portcullis hash-password`); plain passwords are not accepted",
+                );
+            }
+            credentials.push(Credential {
+                user: user.clone(),
+                password_hash: c.password_hash.get_ref().clone(),
+            });
+        }
+        let client_certificates = b
+            .client_certificates
+            .iter()
+            .enumerate()
+            .filter_map(|(j, n)| match DnsName::parse(n.get_ref()) {
+                Ok(name) => Some(name),
+                Err(why) => {
+                    p.add(
+                        n.span(),
+                        format!("{key}.client_certificates[{j}]"),
+                        format!("{why}; expected a certificate's DNS name"),
+                    );
+                    None
+                }
+            })
+            .collect();
+        let allowed_rules = b.allow.as_ref().map(|names| {
+            let mut allowed = vec![false; policy.rules.len()];
+            for (j, rule) in names.iter().enumerate() {
+                match policy.rules.iter().position(|r| &r.name == rule.get_ref()) {
+                    Some(k) => allowed[k] = true,
+                    None => p.add(
+                        rule.span(),
+                        format!("{key}.allow[{j}]"),
+                        format!(
+                            "no rule named {:?} (rules are listed by check-config)",
+                            rule.get_ref()
+                        ),
+                    ),
+                }
+            }
+            allowed
+        });
+        let max_tunnels = b.max_tunnels.as_ref().and_then(|n| {
+            if *n.get_ref() == 0 {
+                p.add(
+                    n.span(),
+                    format!("{key}.max_tunnels"),
+                    "expected a number above 0 (leave it out for no limit)",
+                );
+            }
+            Some(*n.get_ref()).filter(|&n| n > 0)
+        });
+        if b.sources.is_empty() && b.credentials.is_empty() && b.client_certificates.is_empty() {
+            p.add(
+                raw_branch.span(),
+                key,
+                "a branch needs `sources`, `credentials` or `client_certificates`",
+            );
+        }
+        if p.list.len() == before {
+            branches.push(Branch {
+                name,
+                sources,
+                credentials,
+                client_certificates,
+                allowed_rules,
+                max_tunnels,
+            });
+        }
+    }
+    branches
 }
 
 fn profile_rule(profile: &'static str, entry: &profiles::Entry) -> Rule {
@@ -861,6 +1060,23 @@ format = "json"
             "{msg}"
         );
         assert!(msg.contains("f.toml:9:8: policy.allow[2].name"), "{msg}");
+    }
+
+    #[test]
+    fn branch_problems_are_listed_with_their_keys() {
+        let text = "[[branch]]\nname = \"a\"\ncredentials = [{ user = \"u\", password_hash = \"plain\" }]\nallow = [\"nope\"]\nmax_tunnels = 0\n\n[[branch]]\nname = \"a\"\nsources = [\"10.0.0.0/8\"]\ncredentials = [{ user = \"u\", password_hash = \"plain\" }]\n\n[[branch]]\nname = \"unassigned\"\n";
+        let msg = Config::parse(text, "b.toml").unwrap_err().to_string();
+        for want in [
+            "b.toml:3:46: branch[0].credentials[0].password_hash: expected an argon2id hash",
+            "b.toml:4:10: branch[0].allow[0]: no rule named \"nope\"",
+            "b.toml:5:15: branch[0].max_tunnels: expected a number above 0",
+            "b.toml:8:8: branch[1].name: branch name \"a\" is used twice",
+            "b.toml:10:25: branch[1].credentials[0].user: user \"u\" is defined twice",
+            "b.toml:13:8: branch[2].name",
+            "b.toml:12:1: branch[2]: a branch needs `sources`, `credentials` or `client_certificates`",
+        ] {
+            assert!(msg.contains(want), "missing {want:?} in:\n{msg}");
+        }
     }
 
     #[test]

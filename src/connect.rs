@@ -6,27 +6,74 @@ use crate::access_log::AccessRecord;
 use crate::config::Config;
 use crate::destination;
 use crate::hostname::{Host, Target};
+use crate::identity::{self, Identifier, Identity};
 use crate::policy::{Decision, Verdict};
 use crate::request::{self, HeadError};
 use crate::resolve::{ResolveError, Resolver};
 use crate::tunnel;
+use governor::{DefaultKeyedRateLimiter, Quota};
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-/// What every connection shares: the compiled config and the resolver.
+/// What every connection shares: the compiled config, the resolver, who-is-who, and the
+/// counters behind per-branch and per-client limits.
 pub struct Gateway {
     pub config: Config,
     pub resolver: Resolver,
+    pub identifier: Identifier,
+    /// Open tunnels per branch, by branch position (only counted where a limit is set).
+    open_tunnels: Vec<AtomicU32>,
+    /// CONNECT requests per client address, when `limits.connect_rate_per_client` is set.
+    connect_rate: Option<DefaultKeyedRateLimiter<IpAddr>>,
 }
 
 impl Gateway {
     pub fn new(config: Config) -> Result<Self, String> {
         let resolver = Resolver::new(&config.resolver)?;
-        Ok(Self { config, resolver })
+        let identifier = Identifier::new(&config);
+        let open_tunnels = config.branches.iter().map(|_| AtomicU32::new(0)).collect();
+        let connect_rate = config
+            .limits
+            .connect_rate_per_client
+            .map(|rate| DefaultKeyedRateLimiter::keyed(Quota::per_second(rate)));
+        Ok(Self {
+            config,
+            resolver,
+            identifier,
+            open_tunnels,
+            connect_rate,
+        })
+    }
+
+    /// Forgets idle per-address rate-limit state; the server calls this now and then.
+    pub fn forget_idle_counters(&self) {
+        self.identifier.forget_idle_counters();
+        if let Some(limiter) = &self.connect_rate {
+            limiter.retain_recent();
+        }
+    }
+
+    /// Counts a tunnel against its branch's `max_tunnels`; `None` when the branch is full.
+    fn admit_tunnel(&self, identity: Identity) -> Option<TunnelSlot<'_>> {
+        let Some(i) = identity else {
+            return Some(TunnelSlot(None));
+        };
+        let Some(max) = self.config.branches[i].max_tunnels else {
+            return Some(TunnelSlot(None));
+        };
+        let counter = &self.open_tunnels[i];
+        let admitted = counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < max).then(|| open + 1)
+            })
+            .is_ok();
+        // Built only when counted: a slot decrements when dropped.
+        admitted.then(|| TunnelSlot(Some(counter)))
     }
 
     pub fn client_allowed(&self, ip: IpAddr) -> bool {
@@ -36,6 +83,17 @@ impl Gateway {
             .clients
             .iter()
             .any(|net| net.contains(&ip))
+    }
+}
+
+/// A tunnel counted against its branch's limit until dropped.
+struct TunnelSlot<'g>(Option<&'g AtomicU32>);
+
+impl Drop for TunnelSlot<'_> {
+    fn drop(&mut self) {
+        if let Some(counter) = self.0 {
+            counter.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -89,6 +147,8 @@ pub struct Candidate {
 #[derive(Debug)]
 pub struct Plan<'g> {
     pub client_allowed: bool,
+    /// The branch, once the client is known (`Some(None)`: admitted, no branch).
+    pub identity: Option<Identity>,
     pub decision: Decision<'g>,
     /// Where the addresses came from: "literal", "override" or "dns".
     pub source: Option<&'static str>,
@@ -108,10 +168,23 @@ impl Plan<'_> {
 
 /// Steps 3 to 5: is the client allowed, does the policy allow the target, and which of its
 /// addresses may be dialled.
-pub async fn plan<'g>(gw: &'g Gateway, client: IpAddr, target: &Target) -> Plan<'g> {
-    let decision = gw.config.policy.decide(&target.host, target.port);
+pub async fn plan<'g>(
+    gw: &'g Gateway,
+    client: IpAddr,
+    who: Result<Identity, identity::Refused>,
+    target: &Target,
+) -> Plan<'g> {
+    let allowed_rules = who
+        .ok()
+        .flatten()
+        .and_then(|i| gw.config.branches[i].allowed_rules.as_deref());
+    let decision = gw
+        .config
+        .policy
+        .decide(&target.host, target.port, allowed_rules);
     let mut plan = Plan {
         client_allowed: gw.client_allowed(client),
+        identity: None,
         decision,
         source: None,
         candidates: Vec::new(),
@@ -124,6 +197,16 @@ pub async fn plan<'g>(gw: &'g Gateway, client: IpAddr, target: &Target) -> Plan<
             "client address not allowed",
         ));
         return plan;
+    }
+    match who {
+        Ok(identity) => plan.identity = Some(identity),
+        Err(refused) => {
+            plan.refusal = Some(identity_refusal(
+                refused,
+                gw.identifier.accepts_credentials(),
+            ));
+            return plan;
+        }
     }
     if decision.verdict == Verdict::Deny {
         plan.refusal = Some(Refusal::new(403, "policy_denied", decision.reason));
@@ -173,6 +256,24 @@ pub async fn plan<'g>(gw: &'g Gateway, client: IpAddr, target: &Target) -> Plan<
         ));
     }
     plan
+}
+
+fn identity_refusal(refused: identity::Refused, accepts_credentials: bool) -> Refusal {
+    match refused {
+        identity::Refused::MalformedCredentials => {
+            Refusal::new(407, "auth_failed", "malformed proxy credentials")
+        }
+        identity::Refused::WrongCredentials => {
+            Refusal::new(407, "auth_failed", "invalid proxy credentials")
+        }
+        identity::Refused::TooManyAttempts => {
+            Refusal::new(429, "auth_rate_limited", "too many authentication attempts")
+        }
+        identity::Refused::NoBranch if accepts_credentials => {
+            Refusal::new(407, "auth_required", "proxy authentication required")
+        }
+        identity::Refused::NoBranch => Refusal::new(403, "no_branch", "client matches no branch"),
+    }
 }
 
 /// Serves one client connection and emits its canonical log line.
@@ -236,9 +337,27 @@ async fn handle(
     let req = request::read_connect(client, timeouts.head).await?;
     record.host = Some(req.target.host.to_string());
     record.port = Some(req.target.port);
+    if let Some(limiter) = &gw.connect_rate
+        && limiter.check_key(&peer.ip().to_canonical()).is_err()
+    {
+        return Err(Refusal::new(
+            429,
+            "rate_limited",
+            "too many requests from this client",
+        ));
+    }
 
-    let plan = plan(gw, peer.ip(), &req.target).await;
-    if plan.client_allowed {
+    let who = if gw.client_allowed(peer.ip()) {
+        let authorization = req.proxy_authorization.as_deref();
+        gw.identifier
+            .identify(&gw.config, peer.ip(), authorization)
+            .await
+    } else {
+        Ok(None)
+    };
+    let plan = plan(gw, peer.ip(), who, &req.target).await;
+    if let Some(identity) = plan.identity {
+        record.branch = Some(identity::name(&gw.config.branches, identity).to_owned());
         record.verdict = Some(plan.decision.verdict.as_str());
         record.rule = plan.decision.rule.map(|r| r.name.clone());
         record.category = plan.decision.rule.map(|r| r.category.clone());
@@ -250,6 +369,15 @@ async fn handle(
             .map(|c| SocketAddr::new(c.ip, req.target.port));
         return Err(refusal);
     }
+
+    let identity = plan.identity.flatten();
+    let Some(_slot) = gw.admit_tunnel(identity) else {
+        return Err(Refusal::new(
+            429,
+            "branch_tunnel_limit",
+            "branch tunnel limit reached",
+        ));
+    };
 
     let dial_started = Instant::now();
     let dialled = dial(

@@ -64,6 +64,49 @@ pub fn effective_policy(config: &Config) -> String {
             );
         }
     }
+    let _ = writeln!(
+        out,
+        "branches ({}, first source match wins):",
+        config.branches.len()
+    );
+    for b in &config.branches {
+        let _ = writeln!(
+            out,
+            "  {}  sources {}  users {}  certificates {}  rules {}  max_tunnels {}",
+            b.name,
+            if b.sources.is_empty() {
+                "-".into()
+            } else {
+                join(&b.sources)
+            },
+            b.credentials.len(),
+            if b.client_certificates.is_empty() {
+                "-".into()
+            } else {
+                join(&b.client_certificates)
+            },
+            b.allowed_rules.as_ref().map_or("all".into(), |allowed| {
+                let names: Vec<&str> = config
+                    .policy
+                    .rules
+                    .iter()
+                    .zip(allowed)
+                    .filter(|(_, a)| **a)
+                    .map(|(r, _)| r.name.as_str())
+                    .collect();
+                names.join(", ")
+            }),
+            b.max_tunnels.map_or("unlimited".into(), |n| n.to_string()),
+        );
+    }
+    if !config.branches.is_empty() {
+        let unassigned = if config.policy.allow_unassigned {
+            "admitted"
+        } else {
+            "refused"
+        };
+        let _ = writeln!(out, "unassigned clients: {unassigned}");
+    }
     let r = &config.resolver;
     let servers = if r.hosts_only {
         "none (hosts_only)".to_owned()
@@ -90,7 +133,9 @@ pub fn effective_policy(config: &Config) -> String {
 /// What the gateway would do with `CONNECT target` from `from`. Returns the report and whether
 /// a tunnel would be opened (if the upstream accepts the connection).
 pub async fn explain(gw: &Gateway, from: IpAddr, target: &Target) -> (String, bool) {
-    let plan = plan(gw, from, target).await;
+    // explain knows only the source address: credentials and certificates are not simulated.
+    let who = gw.identifier.identify(&gw.config, from, None).await;
+    let plan = plan(gw, from, who, target).await;
     let mut out = String::new();
     let _ = writeln!(out, "target:   {target}");
     let _ = writeln!(
@@ -102,7 +147,12 @@ pub async fn explain(gw: &Gateway, from: IpAddr, target: &Target) -> (String, bo
             "NOT allowed (listen.clients)"
         }
     );
-    if plan.client_allowed {
+    if let Some(identity) = plan.identity {
+        let _ = writeln!(
+            out,
+            "branch:   {}",
+            crate::identity::name(&gw.config.branches, identity)
+        );
         let d = &plan.decision;
         let _ = writeln!(out, "verdict:  {} ({})", d.verdict.as_str(), d.reason);
         match d.rule {

@@ -14,6 +14,7 @@ pub mod connect;
 pub mod destination;
 pub mod explain;
 pub mod hostname;
+pub mod identity;
 pub mod policy;
 pub mod profiles;
 pub mod request;

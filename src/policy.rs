@@ -77,13 +77,21 @@ pub struct Decision<'a> {
 pub struct Policy {
     pub mode: Mode,
     pub rules: Vec<Rule>,
+    /// Admit clients that match no branch (only matters once branches are configured).
+    pub allow_unassigned: bool,
 }
 
 impl Policy {
     /// The first rule listing both host and port allows; everything else is denied.
-    pub fn decide(&self, host: &Host, port: u16) -> Decision<'_> {
+    /// `allowed` (a branch's narrowing, by rule position) skips the rules it does not hold.
+    pub fn decide(&self, host: &Host, port: u16, allowed: Option<&[bool]>) -> Decision<'_> {
         let mut host_rule: Option<&Rule> = None;
-        for rule in &self.rules {
+        let mut narrowed_out = false;
+        for (i, rule) in self.rules.iter().enumerate() {
+            if allowed.is_some_and(|a| !a[i]) {
+                narrowed_out |= rule.matches_host(host) && rule.ports.contains(&port);
+                continue;
+            }
             if rule.matches_host(host) {
                 if rule.ports.contains(&port) {
                     return Decision {
@@ -97,6 +105,7 @@ impl Policy {
             }
         }
         let reason = match host {
+            _ if narrowed_out => "not allowed for this branch",
             _ if host_rule.is_some() => "port not allowed",
             Host::Ip(_) => "ip literal not allowed",
             Host::Name(_) => "host not allowed",
@@ -142,6 +151,7 @@ mod tests {
     #[test]
     fn decision_table() {
         let policy = Policy {
+            allow_unassigned: false,
             mode: Mode::Enforce,
             rules: vec![
                 rule("storage", &["*.core.windows.net"], &[443], &[]),
@@ -204,7 +214,7 @@ mod tests {
         ];
         for (target, verdict, rule, reason) in table {
             let t = Target::parse_authority(target).unwrap();
-            let d = policy.decide(&t.host, t.port);
+            let d = policy.decide(&t.host, t.port, None);
             assert_eq!(d.verdict, *verdict, "{target}");
             assert_eq!(d.rule.map(|r| r.name.as_str()), *rule, "{target}");
             assert_eq!(d.reason, *reason, "{target}");
@@ -212,18 +222,56 @@ mod tests {
     }
 
     #[test]
+    fn a_branch_narrowing_skips_rules_it_does_not_hold() {
+        let policy = Policy {
+            allow_unassigned: false,
+            mode: Mode::Enforce,
+            rules: vec![
+                rule("contoso", &["contoso.file.core.windows.net"], &[443], &[]),
+                rule("storage", &["*.core.windows.net"], &[443], &[]),
+            ],
+        };
+        let only_contoso = [true, false];
+        let table: &[(&str, Option<&str>, &str)] = &[
+            (
+                "contoso.file.core.windows.net:443",
+                Some("contoso"),
+                "allowed",
+            ),
+            (
+                "fabrikam.file.core.windows.net:443",
+                None,
+                "not allowed for this branch",
+            ),
+            ("evil.example:443", None, "host not allowed"),
+        ];
+        for (target, rule, reason) in table {
+            let t = Target::parse_authority(target).unwrap();
+            let d = policy.decide(&t.host, t.port, Some(&only_contoso));
+            assert_eq!(
+                (d.rule.map(|r| r.name.as_str()), d.reason),
+                (*rule, *reason),
+                "{target}"
+            );
+        }
+        let t = Target::parse_authority("fabrikam.file.core.windows.net:443").unwrap();
+        assert_eq!(policy.decide(&t.host, t.port, None).verdict, Verdict::Allow);
+    }
+
+    #[test]
     fn report_mode_turns_denials_into_would_deny() {
         let policy = Policy {
+            allow_unassigned: false,
             mode: Mode::Report,
             rules: vec![rule("s", &["a.example"], &[443], &[])],
         };
         let t = Target::parse_authority("b.example:443").unwrap();
-        let d = policy.decide(&t.host, t.port);
+        let d = policy.decide(&t.host, t.port, None);
         assert_eq!(
             (d.verdict, d.reason),
             (Verdict::WouldDeny, "host not allowed")
         );
         let t = Target::parse_authority("a.example:443").unwrap();
-        assert_eq!(policy.decide(&t.host, t.port).verdict, Verdict::Allow);
+        assert_eq!(policy.decide(&t.host, t.port, None).verdict, Verdict::Allow);
     }
 }

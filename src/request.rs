@@ -21,6 +21,8 @@ pub struct ConnectRequest {
     pub target: Target,
     /// Bytes the client sent after the head (an eager TLS ClientHello); forwarded upstream.
     pub early_data: Vec<u8>,
+    /// The `Proxy-Authorization` value, if sent (used for identity, never forwarded).
+    pub proxy_authorization: Option<String>,
 }
 
 /// Why no CONNECT request came out of the head.
@@ -87,10 +89,11 @@ async fn read_head<R: AsyncRead + Unpin>(io: &mut R) -> Result<ConnectRequest, H
             return Err(HeadError::Closed);
         }
         filled += n;
-        if let Some((target, head_len)) = parse_head(&buf[..filled])? {
+        if let Some((target, head_len, proxy_authorization)) = parse_head(&buf[..filled])? {
             return Ok(ConnectRequest {
                 target,
                 early_data: buf[head_len..filled].to_vec(),
+                proxy_authorization,
             });
         }
     }
@@ -98,7 +101,9 @@ async fn read_head<R: AsyncRead + Unpin>(io: &mut R) -> Result<ConnectRequest, H
 
 /// Parses what has arrived so far: `Ok(None)` means "need more bytes". A plain function, not
 /// async, so the 2 KiB header table lives on the stack and never in the connection's future.
-fn parse_head(bytes: &[u8]) -> Result<Option<(Target, usize)>, HeadError> {
+type Parsed = (Target, usize, Option<String>);
+
+fn parse_head(bytes: &[u8]) -> Result<Option<Parsed>, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(bytes) {
@@ -109,7 +114,22 @@ fn parse_head(bytes: &[u8]) -> Result<Option<(Target, usize)>, HeadError> {
             }
             let target = Target::parse_authority(req.path.unwrap_or_default())
                 .map_err(HeadError::Malformed)?;
-            Ok(Some((target, head_len)))
+            let mut authorization = req
+                .headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("proxy-authorization"));
+            let proxy_authorization = match (authorization.next(), authorization.next()) {
+                (None, _) => None,
+                (Some(h), None) => Some(
+                    std::str::from_utf8(h.value)
+                        .map_err(|_| HeadError::Malformed("malformed Proxy-Authorization"))?
+                        .to_owned(),
+                ),
+                (Some(_), Some(_)) => {
+                    return Err(HeadError::Malformed("more than one Proxy-Authorization"));
+                }
+            };
+            Ok(Some((target, head_len, proxy_authorization)))
         }
         Ok(httparse::Status::Partial) if bytes.len() == MAX_HEAD_BYTES => Err(HeadError::TooLarge),
         Ok(httparse::Status::Partial) => Ok(None),
@@ -142,7 +162,9 @@ fn reason_phrase(status: u16) -> &'static str {
         400 => "Bad Request",
         403 => "Forbidden",
         405 => "Method Not Allowed",
+        407 => "Proxy Authentication Required",
         408 => "Request Timeout",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
@@ -158,10 +180,10 @@ pub async fn write_error<W: AsyncWrite + Unpin>(
     status: u16,
     reason: &str,
 ) -> std::io::Result<()> {
-    let allow = if status == 405 {
-        "Allow: CONNECT\r\n"
-    } else {
-        ""
+    let allow = match status {
+        405 => "Allow: CONNECT\r\n",
+        407 => "Proxy-Authenticate: Basic realm=\"portcullis\"\r\n",
+        _ => "",
     };
     let reply = format!(
         "HTTP/1.1 {status} {}\r\nPortcullis-Error: {reason}\r\n{allow}Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reason}\n",

@@ -56,6 +56,14 @@ impl Server {
                 next_id.clone(),
             ));
         }
+        let gateway = self.gateway.clone();
+        accept_loops.spawn(async move {
+            let mut every_minute = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                every_minute.tick().await;
+                gateway.forget_idle_counters();
+            }
+        });
         shutdown.await;
         accept_loops.shutdown().await;
     }

@@ -36,6 +36,9 @@ enum Command {
     },
     /// Validate a config file and print the effective policy; exit 64 listing every problem.
     CheckConfig { file: PathBuf },
+    /// Print an argon2id hash for a branch credential's `password_hash`. Reads the password
+    /// from a prompt (no echo) on a terminal, else the first line of standard input.
+    HashPassword,
     /// Print the decision the gateway would take for CONNECT HOST:PORT.
     Explain {
         #[arg(long, value_name = "FILE")]
@@ -57,6 +60,7 @@ enum LogFormatArg {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::HashPassword => hash_password(),
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(config) => {
                 println!("{}: ok", file.display());
@@ -110,6 +114,40 @@ fn main() -> ExitCode {
                 tracing::info!("stopped accepting; exiting");
                 Ok(ExitCode::SUCCESS)
             })
+        }
+    }
+}
+
+fn hash_password() -> ExitCode {
+    use std::io::IsTerminal;
+    let password = if std::io::stdin().is_terminal() {
+        rpassword::prompt_password("password: ")
+    } else {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .map(|_| line.trim_end_matches(['\r', '\n']).to_owned())
+    };
+    match password {
+        Ok(password) if !password.is_empty() => {
+            match portcullis::identity::hash_password(&password) {
+                Ok(hash) => {
+                    println!("{hash}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("portcullis: cannot hash: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Ok(_) => {
+            eprintln!("portcullis: empty password");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            eprintln!("portcullis: cannot read the password: {e}");
+            ExitCode::from(1)
         }
     }
 }

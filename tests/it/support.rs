@@ -409,3 +409,43 @@ pub async fn open_tunnel(gateway: SocketAddr, target: &str, early: &[u8]) -> (Tc
     let status = parse_reply(&head).status;
     (tcp, status)
 }
+
+/// Sends `CONNECT target` with extra header lines from a client bound to `from` (any loopback
+/// address) and reads the reply head; the stream stays open (a tunnel, or closing after an
+/// error reply).
+pub async fn connect_from(
+    gateway: SocketAddr,
+    from: &str,
+    target: &str,
+    headers: &str,
+) -> (TcpStream, Reply) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut tcp = socket.connect(gateway).await.unwrap();
+    let request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{headers}\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(15), tcp.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            n == 1,
+            "closed before a reply head: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let mut reply = parse_reply(&head);
+    reply.client = tcp.local_addr().ok();
+    (tcp, reply)
+}
+
+/// `Proxy-Authorization: Basic ...` header line for `user:password`.
+pub fn basic(user: &str, password: &str) -> String {
+    use base64::Engine;
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    format!("Proxy-Authorization: Basic {token}\r\n")
+}
