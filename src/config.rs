@@ -34,6 +34,7 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Sync sessions sit idle for long stretches between change batches.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_AUTH_ATTEMPTS_PER_MINUTE: std::num::NonZeroU32 =
     std::num::NonZeroU32::new(30).expect("non-zero");
 
@@ -48,6 +49,8 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub log: LogSettings,
+    /// Present when `[tls]` is configured.
+    pub tls: Option<TlsSettings>,
     /// Branches in file order; the first whose sources hold a client's address is its branch.
     pub branches: Vec<Branch>,
 }
@@ -76,8 +79,36 @@ pub struct Credential {
 #[derive(Clone, Debug)]
 pub struct Listen {
     pub proxy: Vec<SocketAddr>,
+    /// HTTPS proxy listeners: the same protocol inside TLS.
+    pub tls_proxy: Vec<TlsListen>,
     /// Source networks allowed to use the proxy at all.
     pub clients: Vec<IpNet>,
+}
+
+#[derive(Clone, Debug)]
+pub struct TlsListen {
+    pub address: SocketAddr,
+    pub client_certificates: ClientCertificates,
+}
+
+/// Whether a TLS listener asks clients for a certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientCertificates {
+    Off,
+    /// Asked for and verified when sent; clients without one continue (credentials, source).
+    Optional,
+    /// No verified certificate, no connection.
+    Required,
+}
+
+/// The gateway's certificate for TLS listeners and the CA that signs branch certificates.
+#[derive(Clone, Debug)]
+pub struct TlsSettings {
+    pub certificate: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub client_ca: Option<std::path::PathBuf>,
+    pub handshake_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -175,6 +206,7 @@ struct RawConfig {
     timeouts: RawTimeouts,
     limits: RawLimits,
     log: RawLog,
+    tls: Option<Spanned<RawTls>>,
     branch: Vec<Spanned<RawBranch>>,
 }
 
@@ -204,6 +236,23 @@ struct RawCredential {
 struct RawListen {
     proxy: Option<Vec<Spanned<String>>>,
     clients: Option<Vec<Spanned<String>>>,
+    tls_proxy: Vec<Spanned<RawTlsListen>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTlsListen {
+    address: Spanned<String>,
+    client_certificates: Option<ClientCertificates>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawTls {
+    certificate: Option<Spanned<String>>,
+    key: Option<Spanned<String>>,
+    client_ca: Option<Spanned<String>>,
+    handshake_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -333,7 +382,8 @@ impl Config {
                 });
             }
         };
-        let config = compile(raw, &mut problems);
+        let base = Path::new(file).parent().unwrap_or(Path::new(""));
+        let config = compile(raw, base, &mut problems);
         if problems.list.is_empty() {
             Ok(config)
         } else {
@@ -344,7 +394,8 @@ impl Config {
     }
 }
 
-fn compile(raw: RawConfig, p: &mut Problems<'_>) -> Config {
+fn compile(raw: RawConfig, base: &Path, p: &mut Problems<'_>) -> Config {
+    let tls = raw.tls.as_ref().map(|t| compile_tls(p, t, base));
     let listen = Listen {
         proxy: match raw.listen.proxy {
             None => vec![DEFAULT_PROXY_LISTEN.parse().expect("valid default")],
@@ -369,6 +420,45 @@ fn compile(raw: RawConfig, p: &mut Problems<'_>) -> Config {
                     .collect()
             }
         },
+        tls_proxy: raw
+            .listen
+            .tls_proxy
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| {
+                let key = format!("listen.tls_proxy[{i}]");
+                let listen = l.get_ref();
+                let address = parse_or(
+                    p,
+                    &listen.address,
+                    &format!("{key}.address"),
+                    "expected IP:PORT such as \"0.0.0.0:3129\"",
+                )?;
+                let has_ca = tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+                let mode = listen.client_certificates.unwrap_or(if has_ca {
+                    ClientCertificates::Required
+                } else {
+                    ClientCertificates::Off
+                });
+                if tls.is_none() {
+                    p.add(
+                        l.span(),
+                        key.clone(),
+                        "a TLS listener needs a [tls] section with `certificate` and `key`",
+                    );
+                } else if mode != ClientCertificates::Off && !has_ca {
+                    p.add(
+                        l.span(),
+                        format!("{key}.client_certificates"),
+                        "asking for client certificates needs `tls.client_ca`",
+                    );
+                }
+                Some(TlsListen {
+                    address,
+                    client_certificates: mode,
+                })
+            })
+            .collect(),
         clients: match raw.listen.clients {
             None => DEFAULT_CLIENTS
                 .iter()
@@ -521,6 +611,36 @@ fn compile(raw: RawConfig, p: &mut Problems<'_>) -> Config {
             format: raw.log.format.unwrap_or(LogFormat::Text),
         },
         branches,
+        tls,
+    }
+}
+
+fn compile_tls(p: &mut Problems<'_>, raw: &Spanned<RawTls>, base: &Path) -> TlsSettings {
+    let t = raw.get_ref();
+    let path = |value: &Spanned<String>| base.join(value.get_ref());
+    let mut required = |value: &Option<Spanned<String>>, key: &str| match value {
+        Some(v) => path(v),
+        None => {
+            p.add(
+                raw.span(),
+                format!("tls.{key}"),
+                format!("expected `{key}` = path of a PEM file"),
+            );
+            std::path::PathBuf::new()
+        }
+    };
+    let certificate = required(&t.certificate, "certificate");
+    let key = required(&t.key, "key");
+    TlsSettings {
+        certificate,
+        key,
+        client_ca: t.client_ca.as_ref().map(path),
+        handshake_timeout: duration(
+            p,
+            t.handshake_timeout.as_ref(),
+            "tls.handshake_timeout",
+            DEFAULT_HANDSHAKE_TIMEOUT,
+        ),
     }
 }
 

@@ -134,7 +134,7 @@ pub fn effective_policy(config: &Config) -> String {
 /// a tunnel would be opened (if the upstream accepts the connection).
 pub async fn explain(gw: &Gateway, from: IpAddr, target: &Target) -> (String, bool) {
     // explain knows only the source address: credentials and certificates are not simulated.
-    let who = gw.identifier.identify(&gw.config, from, None).await;
+    let who = gw.identifier.identify(&gw.config, from, None, &[]).await;
     let plan = plan(gw, from, who, target).await;
     let mut out = String::new();
     let _ = writeln!(out, "target:   {target}");

@@ -68,15 +68,28 @@ impl Identifier {
         !self.users.is_empty()
     }
 
-    /// Credentials first, then source network. `authorization` is the raw header value.
+    /// A verified client certificate first, then credentials, then source network.
+    /// `authorization` is the raw header value; `certificate_names` the DNS SANs and CN of a
+    /// certificate the TLS listener verified (empty otherwise).
     pub async fn identify(
         &self,
         config: &Config,
         client: IpAddr,
         authorization: Option<&str>,
+        certificate_names: &[String],
     ) -> Result<Identity, Refused> {
+        if !certificate_names.is_empty()
+            && let Some(i) = config.branches.iter().position(|b| {
+                b.client_certificates
+                    .iter()
+                    .any(|n| certificate_names.iter().any(|c| c == n.as_str()))
+            })
+        {
+            return Ok(Some(i));
+        }
         if let Some(value) = authorization {
-            return self.check_credentials(client, value).await.map(Some);
+            // Boxed: only clients that send credentials pay for this future's space.
+            return Box::pin(self.check_credentials(client, value)).await.map(Some);
         }
         let client = client.to_canonical();
         if let Some(i) = config

@@ -22,4 +22,6 @@ pub mod resolve;
 pub mod server;
 #[cfg(target_os = "linux")]
 mod splice;
+pub mod stream;
+pub mod tls;
 pub mod tunnel;

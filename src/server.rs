@@ -10,21 +10,37 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 
 pub struct Server {
     gateway: Arc<Gateway>,
-    listeners: Vec<TcpListener>,
+    /// Each listener, with its TLS acceptor when it is an HTTPS proxy listener.
+    listeners: Vec<(TcpListener, Option<Arc<TlsAcceptor>>)>,
 }
 
 impl Server {
-    /// Binds every `listen.proxy` address; fails on the first that cannot be bound.
+    /// Binds every `listen.proxy` and `listen.tls_proxy` address (reading the TLS files);
+    /// fails on the first that cannot be bound or loaded.
     pub async fn bind(gateway: Gateway) -> std::io::Result<Self> {
         let mut listeners = Vec::new();
-        for addr in &gateway.config.listen.proxy {
+        let config = &gateway.config;
+        let plain = config.listen.proxy.iter().map(|addr| (*addr, None));
+        let tls = config
+            .listen
+            .tls_proxy
+            .iter()
+            .map(|l| (l.address, Some(l.client_certificates)));
+        for (addr, tls_mode) in plain.chain(tls) {
+            let acceptor = match (tls_mode, &config.tls) {
+                (Some(mode), Some(settings)) => Some(Arc::new(
+                    crate::tls::acceptor(settings, mode).map_err(std::io::Error::other)?,
+                )),
+                _ => None,
+            };
             let listener = TcpListener::bind(addr).await.map_err(|e| {
                 std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
             })?;
-            listeners.push(listener);
+            listeners.push((listener, acceptor));
         }
         Ok(Self {
             gateway: Arc::new(gateway),
@@ -36,7 +52,7 @@ impl Server {
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners
             .iter()
-            .filter_map(|l| l.local_addr().ok())
+            .filter_map(|(l, _)| l.local_addr().ok())
             .collect()
     }
 
@@ -45,12 +61,14 @@ impl Server {
         let permits = Arc::new(Semaphore::new(self.gateway.config.limits.max_connections));
         let next_id = Arc::new(AtomicU64::new(1));
         let mut accept_loops = tokio::task::JoinSet::new();
-        for listener in self.listeners {
+        for (listener, acceptor) in self.listeners {
             if let Ok(addr) = listener.local_addr() {
-                tracing::info!(address = %addr, "listening");
+                let kind = if acceptor.is_some() { "tls" } else { "plain" };
+                tracing::info!(address = %addr, kind, "listening");
             }
             accept_loops.spawn(accept_loop(
                 listener,
+                acceptor,
                 self.gateway.clone(),
                 permits.clone(),
                 next_id.clone(),
@@ -71,6 +89,7 @@ impl Server {
 
 async fn accept_loop(
     listener: TcpListener,
+    acceptor: Option<Arc<TlsAcceptor>>,
     gateway: Arc<Gateway>,
     permits: Arc<Semaphore>,
     next_id: Arc<AtomicU64>,
@@ -85,9 +104,15 @@ async fn accept_loop(
                 backoff = Duration::from_millis(10);
                 let _ = stream.set_nodelay(true);
                 let gateway = gateway.clone();
+                let acceptor = acceptor.clone();
                 let conn_id = next_id.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
-                    connect::serve(&gateway, stream, peer, conn_id).await;
+                    match acceptor {
+                        None => connect::serve(&gateway, stream, peer, conn_id).await,
+                        Some(tls) => {
+                            connect::serve_tls(&gateway, &tls, stream, peer, conn_id).await
+                        }
+                    }
                     drop(permit);
                 });
             }

@@ -172,6 +172,10 @@ impl<R: Endpoint + ?Sized, W: Endpoint + ?Sized> Copier<R, W> for Pipe {
                             (self.start, self.end) = (0, n);
                         }
                     }
+                    // A TLS client that closes without close_notify: the tunnel's end, not a fault.
+                    Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        self.eof = true
+                    }
                     Poll::Ready(Err(_)) => return Poll::Ready(Err(Failed::Reader)),
                     Poll::Pending => {
                         // Drained: the buffer goes back until the source is readable again.
@@ -280,6 +284,10 @@ where
         if !Copier::<C, U>::progress(&mut up).done {
             match Copier::<C, U>::poll_copy(&mut up, cx, client, upstream) {
                 Poll::Ready(Err(Failed::Reader)) => return Poll::Ready(End::ClientError),
+                // The upstream already closed its side and then stopped reading: it is done.
+                Poll::Ready(Err(Failed::Writer)) if Copier::<U, C>::progress(&mut down).done => {
+                    return Poll::Ready(End::Closed);
+                }
                 Poll::Ready(Err(Failed::Writer)) => return Poll::Ready(End::UpstreamError),
                 Poll::Ready(Ok(())) | Poll::Pending => {}
             }
@@ -287,6 +295,10 @@ where
         if !Copier::<U, C>::progress(&mut down).done {
             match Copier::<U, C>::poll_copy(&mut down, cx, upstream, client) {
                 Poll::Ready(Err(Failed::Reader)) => return Poll::Ready(End::UpstreamError),
+                // The client already closed its side and left: what it did not take was its choice.
+                Poll::Ready(Err(Failed::Writer)) if Copier::<C, U>::progress(&mut up).done => {
+                    return Poll::Ready(End::Closed);
+                }
                 Poll::Ready(Err(Failed::Writer)) => return Poll::Ready(End::ClientError),
                 Poll::Ready(Ok(())) | Poll::Pending => {}
             }

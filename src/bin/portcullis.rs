@@ -63,6 +63,20 @@ fn main() -> ExitCode {
         Command::HashPassword => hash_password(),
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(config) => {
+                // The TLS files are part of a valid configuration too.
+                if let Some(settings) = &config.tls {
+                    for listener in &config.listen.tls_proxy {
+                        if let Err(e) =
+                            portcullis::tls::acceptor(settings, listener.client_certificates)
+                        {
+                            eprintln!(
+                                "portcullis: invalid configuration:\n{}: tls: {e}",
+                                file.display()
+                            );
+                            return ExitCode::from(EXIT_CONFIG);
+                        }
+                    }
+                }
                 println!("{}: ok", file.display());
                 print!("{}", portcullis::explain::effective_policy(&config));
                 ExitCode::SUCCESS

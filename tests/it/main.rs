@@ -6,4 +6,5 @@ mod cli;
 mod denials;
 mod malformed;
 mod support;
+mod tls_listener;
 mod tunnel;

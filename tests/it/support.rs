@@ -23,6 +23,7 @@ pub const ORIGIN_HOST: &str = "share1.file.core.windows.net";
 /// A test certificate authority.
 pub struct Pki {
     pub ca_der: CertificateDer<'static>,
+    pub ca_pem: String,
     issuer: Issuer<'static, KeyPair>,
 }
 
@@ -35,8 +36,40 @@ impl Pki {
         let ca = params.self_signed(&key).unwrap();
         Self {
             ca_der: ca.der().clone(),
+            ca_pem: ca.pem(),
             issuer: Issuer::new(params, key),
         }
+    }
+
+    /// A certificate for `names` signed by this CA, valid until `not_after` (year), as PEM
+    /// (certificate, private key).
+    pub fn issue_pem(&self, names: &[&str], not_after_year: i32) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+        params.not_after = rcgen::date_time_ymd(not_after_year, 1, 1);
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// A client config trusting this CA and presenting `identity` (PEM certificate and key).
+    pub fn client_config_with(&self, identity: Option<&(String, String)>) -> rustls::ClientConfig {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca_der.clone()).unwrap();
+        let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+        let mut config = match identity {
+            Some((cert, key)) => builder
+                .with_client_auth_cert(
+                    vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+                    PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+                )
+                .unwrap(),
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config
     }
 
     pub fn server_config(&self, names: &[&str]) -> Arc<rustls::ServerConfig> {
@@ -180,6 +213,8 @@ impl TcpOrigin {
 /// The real gateway binary, serving `config` on 127.0.0.1 with JSON logs captured.
 pub struct Gateway {
     pub addr: SocketAddr,
+    /// The first TLS listener's address, when the config has one.
+    pub tls_addr: Option<SocketAddr>,
     child: Child,
     logs: Arc<Mutex<Vec<Value>>>,
     _dir: tempfile::TempDir,
@@ -215,10 +250,19 @@ impl Gateway {
             addr: "127.0.0.1:0".parse().unwrap(),
             child,
             logs,
+            tls_addr: None,
             _dir: dir,
         };
-        let listening = gateway.wait_log(|l| l["message"] == "listening").await;
+        let listening = gateway
+            .wait_log(|l| l["message"] == "listening" && l["kind"] == "plain")
+            .await;
         gateway.addr = listening["address"].as_str().unwrap().parse().unwrap();
+        if config.contains("tls_proxy") {
+            let tls = gateway
+                .wait_log(|l| l["message"] == "listening" && l["kind"] == "tls")
+                .await;
+            gateway.tls_addr = Some(tls["address"].as_str().unwrap().parse().unwrap());
+        }
         gateway
     }
 

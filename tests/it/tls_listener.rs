@@ -1,0 +1,201 @@
+//! The HTTPS proxy listener: the proxy protocol inside TLS, client certificates verified against
+//! the branch CA and mapped to branches; bad certificates refused at the handshake and logged.
+
+use crate::support::*;
+use std::net::SocketAddr;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const GATEWAY_NAME: &str = "gateway.test";
+
+struct TlsGateway {
+    gw: Gateway,
+    tls_addr: SocketAddr,
+    _files: tempfile::TempDir,
+}
+
+/// A gateway with a TLS listener (client certificates `mode`), the branch `london` known by the
+/// certificate name `london-fs1.contoso.example`, and `berlin` by credentials.
+async fn tls_gateway(pki: &Pki, origin_port: u16, mode: &str) -> TlsGateway {
+    let files = tempfile::tempdir().unwrap();
+    let (cert, key) = pki.issue_pem(&[GATEWAY_NAME, "127.0.0.1"], 2099);
+    std::fs::write(files.path().join("gateway.pem"), cert).unwrap();
+    std::fs::write(files.path().join("gateway.key"), key).unwrap();
+    std::fs::write(files.path().join("branch-ca.pem"), &pki.ca_pem).unwrap();
+    let hash = portcullis::identity::hash_password("s3cret").unwrap();
+    let dir = files.path().display();
+    let extra = format!(
+        r#"
+[tls]
+certificate = "{dir}/gateway.pem"
+key = "{dir}/gateway.key"
+client_ca = "{dir}/branch-ca.pem"
+handshake_timeout = "2s"
+
+[[branch]]
+name = "london"
+client_certificates = ["london-fs1.contoso.example"]
+
+[[branch]]
+name = "berlin"
+credentials = [{{ user = "berlin-fs1", password_hash = "{hash}" }}]
+
+{}"#,
+        resolver_hosts("")
+    );
+    let config = config_for(origin_port, &extra).replace(
+        "[listen]\nproxy = [\"127.0.0.1:0\"]",
+        &format!("[listen]\nproxy = [\"127.0.0.1:0\"]\n\n[[listen.tls_proxy]]\naddress = \"127.0.0.1:0\"\nclient_certificates = \"{mode}\""),
+    );
+    let gw = Gateway::start(&config).await;
+    let tls_addr = gw.tls_addr.unwrap();
+    TlsGateway {
+        gw,
+        tls_addr,
+        _files: files,
+    }
+}
+
+/// TLS to the gateway with `identity`, then CONNECT inside; returns the status (or the error).
+async fn connect_over_tls(
+    pki: &Pki,
+    gateway: SocketAddr,
+    identity: Option<&(String, String)>,
+    target: &str,
+    headers: &str,
+) -> Result<(tokio_rustls::client::TlsStream<tokio::net::TcpStream>, u16), String> {
+    let connector =
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(pki.client_config_with(identity)));
+    let tcp = tokio::net::TcpStream::connect(gateway).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(GATEWAY_NAME).unwrap();
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{headers}\r\n");
+    tls.write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        match tls.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            Ok(_) => return Err("closed before a reply".into()),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    let status = String::from_utf8_lossy(&head)
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    Ok((tls, status))
+}
+
+#[tokio::test]
+async fn a_valid_client_certificate_names_the_branch_and_bad_ones_are_refused() {
+    let pki = Pki::new();
+    let origin = TcpOrigin::start(b"over tls").await;
+    let port = origin.addr.port();
+    let mut t = tls_gateway(&pki, port, "required").await;
+    let target = format!("{ORIGIN_HOST}:{port}");
+
+    let london = pki.issue_pem(&["london-fs1.contoso.example"], 2099);
+    let (mut tls, status) = connect_over_tls(&pki, t.tls_addr, Some(&london), &target, "")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    tls.write_all(b"hello").await.unwrap();
+    tls.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    tls.read_to_end(&mut reply).await.unwrap();
+    assert_eq!(reply, b"over tls");
+    let line =
+        t.gw.access_line(|l| l["port"] == port && l["status"] == 200)
+            .await;
+    assert_eq!(
+        (line["branch"].as_str(), line["bytes_up"].as_u64()),
+        (Some("london"), Some(5))
+    );
+
+    let expired = pki.issue_pem(&["london-fs1.contoso.example"], 2020);
+    let stranger = Pki::new().issue_pem(&["london-fs1.contoso.example"], 2099);
+    let cases: [(Option<&(String, String)>, &str); 3] = [
+        (Some(&expired), "expired"),
+        (Some(&stranger), "badsignature"),
+        (None, "no certificate"),
+    ];
+    for (identity, why) in cases {
+        let result = connect_over_tls(&pki, t.tls_addr, identity, &target, "").await;
+        assert!(
+            result.is_err(),
+            "{why}: the handshake must fail, got {:?}",
+            result.map(|r| r.1)
+        );
+        let line =
+            t.gw.access_line(|l| {
+                let reason = l["reason"].as_str().unwrap_or_default();
+                l["end"] == "tls_handshake_failed" && reason.to_ascii_lowercase().contains(why)
+            })
+            .await;
+        assert!(
+            line["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("TLS handshake failed"),
+            "{line}"
+        );
+    }
+    // The gateway still serves.
+    let (_tls, status) = connect_over_tls(&pki, t.tls_addr, Some(&london), &target, "")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn an_optional_listener_admits_clients_without_a_certificate_by_credentials() {
+    let pki = Pki::new();
+    let tls_origin = Origin::start(&pki).await;
+    let port = tls_origin.port();
+    let mut t = tls_gateway(&pki, port, "optional").await;
+    let target = format!("{ORIGIN_HOST}:{port}");
+
+    let (_tls, status) = connect_over_tls(&pki, t.tls_addr, None, &target, "")
+        .await
+        .unwrap();
+    assert_eq!(
+        status, 407,
+        "no certificate, no credentials: authentication required"
+    );
+    let (_tls, status) = connect_over_tls(
+        &pki,
+        t.tls_addr,
+        None,
+        &target,
+        &basic("berlin-fs1", "s3cret"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+
+    // A real client through the HTTPS proxy: reqwest, TLS to the gateway and TLS to the origin.
+    let london = pki.issue_pem(&["london-fs1.contoso.example"], 2099);
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::all(format!("https://{}", t.tls_addr)).unwrap())
+        .tls_backend_preconfigured(pki.client_config_with(Some(&london)))
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let url = format!("https://{ORIGIN_HOST}:{port}/download?bytes=100000");
+    let resp = client.get(url).send().await.unwrap();
+    let want = resp.headers()["x-sha256"].to_str().unwrap().to_owned();
+    assert_eq!(sha256_hex(&resp.bytes().await.unwrap()), want);
+    drop(client);
+    let line = t.gw.access_line(|l| l["branch"] == "london").await;
+    assert_eq!(
+        (line["status"].as_u64(), line["end"].as_str()),
+        (Some(200), Some("closed"))
+    );
+}
