@@ -83,6 +83,9 @@ pub struct Listen {
     pub tls_proxy: Vec<TlsListen>,
     /// Source networks allowed to use the proxy at all.
     pub clients: Vec<IpNet>,
+    /// L4 load balancers whose connections start with a PROXY protocol header (v1 or v2)
+    /// naming the real client.
+    pub proxy_protocol_from: Vec<IpNet>,
 }
 
 #[derive(Clone, Debug)]
@@ -237,6 +240,7 @@ struct RawListen {
     proxy: Option<Vec<Spanned<String>>>,
     clients: Option<Vec<Spanned<String>>>,
     tls_proxy: Vec<Spanned<RawTlsListen>>,
+    proxy_protocol_from: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -459,6 +463,11 @@ fn compile(raw: RawConfig, base: &Path, p: &mut Problems<'_>) -> Config {
                 })
             })
             .collect(),
+        proxy_protocol_from: cidrs(
+            p,
+            &raw.listen.proxy_protocol_from,
+            "listen.proxy_protocol_from",
+        ),
         clients: match raw.listen.clients {
             None => DEFAULT_CLIENTS
                 .iter()

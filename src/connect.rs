@@ -279,16 +279,51 @@ fn identity_refusal(refused: identity::Refused, accepts_credentials: bool) -> Re
 }
 
 /// Serves one client connection and emits its canonical log line.
-pub async fn serve(gw: &Gateway, client: TcpStream, peer: SocketAddr, conn_id: u64) {
+pub async fn serve(gw: &Gateway, mut client: TcpStream, peer: SocketAddr, conn_id: u64) {
+    let started = Instant::now();
+    let Some(peer) = real_client(gw, &mut client, peer, conn_id, started).await else {
+        return;
+    };
     serve_stream(
         gw,
         ClientStream::Plain(client),
         peer,
         conn_id,
         Vec::new(),
-        Instant::now(),
+        started,
     )
     .await;
+}
+
+/// The client's address: the peer's own, or, for a trusted load balancer, the one its PROXY
+/// protocol header names. `None` (logged) when a balancer's header is missing or malformed.
+async fn real_client(
+    gw: &Gateway,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    conn_id: u64,
+    started: Instant,
+) -> Option<SocketAddr> {
+    let balancers = &gw.config.listen.proxy_protocol_from;
+    let peer_ip = peer.ip().to_canonical();
+    if !balancers.iter().any(|net| net.contains(&peer_ip)) {
+        return Some(peer);
+    }
+    match crate::proxy_protocol::read_header(client, gw.config.timeouts.head).await {
+        Ok(source) => Some(source.unwrap_or(peer)),
+        Err(why) => {
+            AccessRecord {
+                conn_id,
+                client: Some(peer),
+                reason: why.to_owned(),
+                end: "proxy_protocol_error",
+                duration: started.elapsed(),
+                ..AccessRecord::default()
+            }
+            .emit();
+            None
+        }
+    }
 }
 
 /// Serves one client on a TLS listener: handshake (bounded by `tls.handshake_timeout`), then
@@ -296,11 +331,14 @@ pub async fn serve(gw: &Gateway, client: TcpStream, peer: SocketAddr, conn_id: u
 pub async fn serve_tls(
     gw: &Gateway,
     acceptor: &TlsAcceptor,
-    client: TcpStream,
+    mut client: TcpStream,
     peer: SocketAddr,
     conn_id: u64,
 ) {
     let started = Instant::now();
+    let Some(peer) = real_client(gw, &mut client, peer, conn_id, started).await else {
+        return;
+    };
     let timeout = gw
         .config
         .tls

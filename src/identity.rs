@@ -89,7 +89,9 @@ impl Identifier {
         }
         if let Some(value) = authorization {
             // Boxed: only clients that send credentials pay for this future's space.
-            return Box::pin(self.check_credentials(client, value)).await.map(Some);
+            return Box::pin(self.check_credentials(client, value))
+                .await
+                .map(Some);
         }
         let client = client.to_canonical();
         if let Some(i) = config

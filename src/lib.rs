@@ -17,6 +17,7 @@ pub mod hostname;
 pub mod identity;
 pub mod policy;
 pub mod profiles;
+pub mod proxy_protocol;
 pub mod request;
 pub mod resolve;
 pub mod server;

@@ -5,6 +5,7 @@ mod branches;
 mod cli;
 mod denials;
 mod malformed;
+mod proxy_protocol;
 mod support;
 mod tls_listener;
 mod tunnel;
