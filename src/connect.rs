@@ -344,7 +344,7 @@ pub async fn serve_tls(
         .tls
         .as_ref()
         .map_or(Duration::from_secs(10), |t| t.handshake_timeout);
-    let failure = match tokio::time::timeout(timeout, acceptor.accept(client)).await {
+    let failure = match tokio::time::timeout(timeout, Box::pin(acceptor.accept(client))).await {
         Ok(Ok(tls)) => {
             let names = tls
                 .get_ref()

@@ -106,15 +106,18 @@ async fn accept_loop(
                 let gateway = gateway.clone();
                 let acceptor = acceptor.clone();
                 let conn_id = next_id.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(async move {
-                    match acceptor {
-                        None => connect::serve(&gateway, stream, peer, conn_id).await,
-                        Some(tls) => {
-                            connect::serve_tls(&gateway, &tls, stream, peer, conn_id).await
-                        }
-                    }
-                    drop(permit);
-                });
+                // Separate tasks per listener kind: a plain connection's task must not carry
+                // the TLS handshake's space (rustls state) for its whole life.
+                match acceptor {
+                    None => tokio::spawn(async move {
+                        connect::serve(&gateway, stream, peer, conn_id).await;
+                        drop(permit);
+                    }),
+                    Some(tls) => tokio::spawn(async move {
+                        connect::serve_tls(&gateway, &tls, stream, peer, conn_id).await;
+                        drop(permit);
+                    }),
+                };
             }
             Err(e) => {
                 // Out of file descriptors or similar: wait and retry instead of spinning.
