@@ -38,8 +38,12 @@ else
   BULK_BYTES=$((4 * 1024 * 1024 * 1024)); SETUP_SECS=3; SETUP_CLIENTS="1 16 64 256"; SCALE_TUNNELS="1000 5000 9500"
   PROFILE=release; cargo build --quiet --release --bin portcullis --example loadgen
 fi
-GATEWAY="target/$PROFILE/portcullis"
-LOADGEN="target/$PROFILE/examples/loadgen"
+TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+GATEWAY="$TARGET_DIR/$PROFILE/portcullis"
+LOADGEN="$TARGET_DIR/$PROFILE/examples/loadgen"
+for binary in "$GATEWAY" "$LOADGEN"; do
+  [ -x "$binary" ] || { echo "missing $binary (build failed?)" >&2; exit 1; }
+done
 
 # Two file descriptors per tunnel in the proxy, one per tunnel in the client and the origin.
 ulimit -n "$(ulimit -Hn)"

@@ -15,6 +15,7 @@ use crate::tunnel;
 use governor::{DefaultKeyedRateLimiter, Quota};
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -28,17 +29,50 @@ pub struct Gateway {
     pub config: Config,
     pub resolver: Resolver,
     pub identifier: Identifier,
-    /// Open tunnels per branch, by branch position (only counted where a limit is set).
-    open_tunnels: Vec<AtomicU32>,
+    /// Open tunnels per branch, by branch position (only counted where a limit is set). Shared
+    /// by name with the snapshot a reload replaces, so limits hold across reloads.
+    open_tunnels: Vec<Arc<AtomicU32>>,
+    /// One acceptor per `listen.tls_proxy` entry, built from the files at load (and reload).
+    pub tls_acceptors: Vec<Arc<TlsAcceptor>>,
     /// CONNECT requests per client address, when `limits.connect_rate_per_client` is set.
     connect_rate: Option<DefaultKeyedRateLimiter<IpAddr>>,
 }
 
 impl Gateway {
     pub fn new(config: Config) -> Result<Self, String> {
+        Self::replacing(config, None)
+    }
+
+    /// A snapshot that takes over from `previous` (a reload): branch tunnel counters carry over
+    /// by branch name; everything else is built afresh from `config` and the files it names.
+    pub fn replacing(config: Config, previous: Option<&Gateway>) -> Result<Self, String> {
         let resolver = Resolver::new(&config.resolver)?;
         let identifier = Identifier::new(&config);
-        let open_tunnels = config.branches.iter().map(|_| AtomicU32::new(0)).collect();
+        let open_tunnels = config
+            .branches
+            .iter()
+            .map(|b| {
+                previous
+                    .and_then(|p| {
+                        let i = p
+                            .config
+                            .branches
+                            .iter()
+                            .position(|old| old.name == b.name)?;
+                        Some(p.open_tunnels[i].clone())
+                    })
+                    .unwrap_or_default()
+            })
+            .collect();
+        let tls_acceptors = match &config.tls {
+            None => Vec::new(),
+            Some(settings) => config
+                .listen
+                .tls_proxy
+                .iter()
+                .map(|l| crate::tls::acceptor(settings, l.client_certificates).map(Arc::new))
+                .collect::<Result<_, _>>()?,
+        };
         let connect_rate = config
             .limits
             .connect_rate_per_client
@@ -48,6 +82,7 @@ impl Gateway {
             resolver,
             identifier,
             open_tunnels,
+            tls_acceptors,
             connect_rate,
         })
     }
@@ -68,7 +103,7 @@ impl Gateway {
         let Some(max) = self.config.branches[i].max_tunnels else {
             return Some(TunnelSlot(None));
         };
-        let counter = &self.open_tunnels[i];
+        let counter: &AtomicU32 = &self.open_tunnels[i];
         let admitted = counter
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
                 (open < max).then(|| open + 1)

@@ -2,7 +2,9 @@
 //! permit before each accept (so a flood waits in the kernel backlog, not in our memory), and
 //! serves each client on its own task.
 
+use crate::config::Config;
 use crate::connect::{self, Gateway};
+use arc_swap::ArcSwap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,17 +12,41 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 
 pub struct Server {
-    gateway: Arc<Gateway>,
-    /// Each listener, with its TLS acceptor when it is an HTTPS proxy listener.
-    listeners: Vec<(TcpListener, Option<Arc<TlsAcceptor>>)>,
+    /// The current snapshot; each connection takes the one current at its accept and keeps
+    /// it for its whole life, so a reload never changes an open tunnel.
+    current: Arc<ArcSwap<Gateway>>,
+    /// Each listener, with its position among `listen.tls_proxy` when it is an HTTPS listener.
+    listeners: Vec<(TcpListener, Option<usize>)>,
+}
+
+/// Applies a new configuration to a running server.
+#[derive(Clone)]
+pub struct Reloader {
+    current: Arc<ArcSwap<Gateway>>,
+}
+
+impl Reloader {
+    /// Builds a snapshot from `config` (reading TLS files again) and makes it current. Listener
+    /// addresses are bound at start: a change to them is reported and waits for a restart.
+    pub fn apply(&self, config: Config) -> Result<(), String> {
+        let previous = self.current.load_full();
+        let old = &previous.config.listen;
+        let tls_addresses =
+            |l: &crate::config::Listen| l.tls_proxy.iter().map(|t| t.address).collect::<Vec<_>>();
+        if old.proxy != config.listen.proxy || tls_addresses(old) != tls_addresses(&config.listen) {
+            return Err("listener addresses changed: restart the gateway to rebind".into());
+        }
+        let next = Gateway::replacing(config, Some(&previous))?;
+        self.current.store(Arc::new(next));
+        Ok(())
+    }
 }
 
 impl Server {
-    /// Binds every `listen.proxy` and `listen.tls_proxy` address (reading the TLS files);
-    /// fails on the first that cannot be bound or loaded.
+    /// Binds every `listen.proxy` and `listen.tls_proxy` address; fails on the first that
+    /// cannot be bound.
     pub async fn bind(gateway: Gateway) -> std::io::Result<Self> {
         let mut listeners = Vec::new();
         let config = &gateway.config;
@@ -29,23 +55,25 @@ impl Server {
             .listen
             .tls_proxy
             .iter()
-            .map(|l| (l.address, Some(l.client_certificates)));
-        for (addr, tls_mode) in plain.chain(tls) {
-            let acceptor = match (tls_mode, &config.tls) {
-                (Some(mode), Some(settings)) => Some(Arc::new(
-                    crate::tls::acceptor(settings, mode).map_err(std::io::Error::other)?,
-                )),
-                _ => None,
-            };
+            .enumerate()
+            .map(|(i, l)| (l.address, Some(i)));
+        for (addr, tls_index) in plain.chain(tls) {
             let listener = TcpListener::bind(addr).await.map_err(|e| {
                 std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
             })?;
-            listeners.push((listener, acceptor));
+            listeners.push((listener, tls_index));
         }
         Ok(Self {
-            gateway: Arc::new(gateway),
+            current: Arc::new(ArcSwap::from_pointee(gateway)),
             listeners,
         })
+    }
+
+    /// A handle that applies new configurations (SIGHUP).
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            current: self.current.clone(),
+        }
     }
 
     /// The bound addresses (port 0 resolved to the real port).
@@ -58,28 +86,30 @@ impl Server {
 
     /// Accepts until `shutdown` completes; open tunnels are left to finish on their own tasks.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let permits = Arc::new(Semaphore::new(self.gateway.config.limits.max_connections));
+        let permits = Arc::new(Semaphore::new(
+            self.current.load().config.limits.max_connections,
+        ));
         let next_id = Arc::new(AtomicU64::new(1));
         let mut accept_loops = tokio::task::JoinSet::new();
-        for (listener, acceptor) in self.listeners {
+        for (listener, tls_index) in self.listeners {
             if let Ok(addr) = listener.local_addr() {
-                let kind = if acceptor.is_some() { "tls" } else { "plain" };
+                let kind = if tls_index.is_some() { "tls" } else { "plain" };
                 tracing::info!(address = %addr, kind, "listening");
             }
             accept_loops.spawn(accept_loop(
                 listener,
-                acceptor,
-                self.gateway.clone(),
+                tls_index,
+                self.current.clone(),
                 permits.clone(),
                 next_id.clone(),
             ));
         }
-        let gateway = self.gateway.clone();
+        let current = self.current.clone();
         accept_loops.spawn(async move {
             let mut every_minute = tokio::time::interval(Duration::from_secs(60));
             loop {
                 every_minute.tick().await;
-                gateway.forget_idle_counters();
+                current.load().forget_idle_counters();
             }
         });
         shutdown.await;
@@ -89,8 +119,8 @@ impl Server {
 
 async fn accept_loop(
     listener: TcpListener,
-    acceptor: Option<Arc<TlsAcceptor>>,
-    gateway: Arc<Gateway>,
+    tls_index: Option<usize>,
+    current: Arc<ArcSwap<Gateway>>,
     permits: Arc<Semaphore>,
     next_id: Arc<AtomicU64>,
 ) {
@@ -103,18 +133,20 @@ async fn accept_loop(
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(10);
                 let _ = stream.set_nodelay(true);
-                let gateway = gateway.clone();
-                let acceptor = acceptor.clone();
+                let gateway = current.load_full();
                 let conn_id = next_id.fetch_add(1, Ordering::Relaxed);
                 // Separate tasks per listener kind: a plain connection's task must not carry
                 // the TLS handshake's space (rustls state) for its whole life.
-                match acceptor {
+                match tls_index {
                     None => tokio::spawn(async move {
                         connect::serve(&gateway, stream, peer, conn_id).await;
                         drop(permit);
                     }),
-                    Some(tls) => tokio::spawn(async move {
-                        connect::serve_tls(&gateway, &tls, stream, peer, conn_id).await;
+                    // Reload keeps listeners and acceptors in step; the index always resolves.
+                    Some(i) => tokio::spawn(async move {
+                        if let Some(tls) = gateway.tls_acceptors.get(i).cloned() {
+                            connect::serve_tls(&gateway, &tls, stream, peer, conn_id).await;
+                        }
                         drop(permit);
                     }),
                 };

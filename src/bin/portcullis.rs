@@ -111,6 +111,7 @@ fn main() -> ExitCode {
             })
         }
         Command::Serve { config, log_format } => {
+            let config_path_for_reload = config.clone();
             let config = match load(config.as_deref()) {
                 Ok(c) => c,
                 Err(e) => return config_failure(&e),
@@ -121,9 +122,11 @@ fn main() -> ExitCode {
                 None => config.log.format,
             };
             portcullis::access_log::init(format);
+            let config_path = config_path_for_reload;
             runtime(|| async move {
                 let gateway = Gateway::new(config).map_err(anyhow::Error::msg)?;
                 let server = Server::bind(gateway).await?;
+                tokio::spawn(reload_on_sighup(config_path, server.reloader()));
                 server.run(shutdown_signal()).await;
                 tracing::info!("stopped accepting; exiting");
                 Ok(ExitCode::SUCCESS)
@@ -198,6 +201,30 @@ where
         Err(e) => {
             eprintln!("portcullis: {e:#}");
             ExitCode::from(1)
+        }
+    }
+}
+
+/// SIGHUP (`systemctl reload`): re-read the config file and the files it names; a bad file is
+/// refused with its problems logged and the running configuration stays.
+async fn reload_on_sighup(path: Option<PathBuf>, reloader: portcullis::server::Reloader) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        let Some(path) = &path else {
+            tracing::warn!("reload requested, but the gateway runs on the built-in config");
+            continue;
+        };
+        match Config::load(path)
+            .map_err(|e| e.to_string())
+            .and_then(|c| reloader.apply(c))
+        {
+            Ok(()) => tracing::info!(file = %path.display(), "reload applied"),
+            Err(problems) => {
+                tracing::warn!(file = %path.display(), %problems, "reload rejected; the running configuration stays")
+            }
         }
     }
 }

@@ -6,6 +6,7 @@ mod cli;
 mod denials;
 mod malformed;
 mod proxy_protocol;
+mod reload;
 mod support;
 mod tls_listener;
 mod tunnel;

@@ -295,6 +295,25 @@ impl Gateway {
             .await
     }
 
+    /// The config file the gateway was started with (rewrite it, then `signal("HUP")`).
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self._dir.path().join("portcullis.toml")
+    }
+
+    /// Sends a signal (`"HUP"`, `"TERM"`) to the gateway process.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args(["-s", name, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Number of log lines matching `pred` so far.
+    pub fn count_logs(&self, pred: impl Fn(&Value) -> bool) -> usize {
+        self.logs.lock().unwrap().iter().filter(|l| pred(l)).count()
+    }
+
     /// Number of canonical access lines so far.
     pub fn access_count(&self) -> usize {
         self.logs
