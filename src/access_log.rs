@@ -21,6 +21,8 @@ pub struct AccessRecord {
     pub resolved: Option<SocketAddr>,
     pub verdict: Option<&'static str>,
     pub rule: Option<String>,
+    /// The server name in the tunnel's TLS ClientHello, when it was checked.
+    pub sni: Option<String>,
     pub category: Option<String>,
     pub reason: String,
     /// The status sent to the client; 0 when none was (the client went away first).
@@ -47,6 +49,7 @@ impl AccessRecord {
             verdict = self.verdict,
             rule = self.rule.as_deref(),
             category = self.category.as_deref(),
+            sni = self.sni.as_deref(),
             reason = self.reason.as_str(),
             status = self.status,
             bytes_up = self.bytes_up,

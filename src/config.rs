@@ -266,6 +266,7 @@ struct RawPolicy {
     profiles: Option<Vec<Spanned<String>>>,
     allow: Vec<Spanned<RawRule>>,
     allow_unassigned: bool,
+    sni: Option<crate::sni::SniMode>,
 }
 
 #[derive(Deserialize)]
@@ -280,6 +281,7 @@ struct RawRule {
     addresses: Vec<Spanned<String>>,
     #[serde(default)]
     private_addresses: Vec<Spanned<String>>,
+    sni: Option<crate::sni::SniMode>,
 }
 
 #[derive(Deserialize, Default)]
@@ -519,6 +521,7 @@ fn compile(raw: RawConfig, base: &Path, p: &mut Problems<'_>) -> Config {
         mode: raw.policy.mode.unwrap_or(Mode::Enforce),
         rules,
         allow_unassigned: raw.policy.allow_unassigned,
+        sni: raw.policy.sni.unwrap_or(crate::sni::SniMode::Match),
     };
     let branches = compile_branches(p, &raw.branch, &policy);
 
@@ -793,6 +796,7 @@ fn profile_rule(profile: &'static str, entry: &profiles::Entry) -> Rule {
         private_addresses: Vec::new(),
         origin: format!("profile {profile} ({})", profiles::VERSION),
         reachable: Vec::new(),
+        sni: None,
     }
 }
 
@@ -910,6 +914,7 @@ fn compile_rule(
         private_addresses,
         origin: "config".into(),
         reachable,
+        sni: raw.sni,
     })
 }
 

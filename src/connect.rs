@@ -10,6 +10,7 @@ use crate::identity::{self, Identifier, Identity};
 use crate::policy::{Decision, Verdict};
 use crate::request::{self, HeadError};
 use crate::resolve::{ResolveError, Resolver};
+use crate::sni::{self, Hello, SniMode};
 use crate::stream::ClientStream;
 use crate::tunnel;
 use governor::{DefaultKeyedRateLimiter, Quota};
@@ -476,7 +477,7 @@ async fn handle(
     record: &mut AccessRecord,
 ) -> Result<(), Refusal> {
     let timeouts = gw.config.timeouts;
-    let req = request::read_connect(client, timeouts.head).await?;
+    let mut req = request::read_connect(client, timeouts.head).await?;
     record.host = Some(req.target.host.to_string());
     record.port = Some(req.target.port);
     if let Some(limiter) = &gw.connect_rate
@@ -541,19 +542,41 @@ async fn handle(
         })?;
     record.status = 200;
     record.reason = plan.decision.reason.to_owned();
-    if !req.early_data.is_empty() {
+    let mut first_bytes = std::mem::take(&mut req.early_data);
+    let policy = &gw.config.policy;
+    let sni_mode = policy.sni_mode(plan.decision.rule, req.target.port);
+    if sni_mode != SniMode::Off {
+        let (hello, bytes) = sni::peek_client_hello(client, first_bytes).await;
+        first_bytes = bytes;
+        let allowed_rules = identity.and_then(|i| gw.config.branches[i].allowed_rules.as_deref());
+        if let Hello::Name(name) = &hello {
+            record.sni = Some(name.to_string());
+        }
+        check_sni(&hello, sni_mode, &req.target, |name| {
+            policy
+                .decide(&Host::Name(name.clone()), req.target.port, allowed_rules)
+                .verdict
+                == Verdict::Allow
+        })
+        .map_err(|(kind, reason)| Refusal {
+            status: None,
+            kind,
+            reason,
+        })?;
+    }
+    if !first_bytes.is_empty() {
         upstream
-            .write_all(&req.early_data)
+            .write_all(&first_bytes)
             .await
             .map_err(|_| Refusal {
                 status: None,
                 kind: "upstream_error",
                 reason: "upstream write failed".into(),
             })?;
-        record.bytes_up = req.early_data.len() as u64;
+        record.bytes_up = first_bytes.len() as u64;
     }
     // Nothing of the request is needed any more: an idle tunnel holds only its sockets.
-    drop((req, plan));
+    drop((req, plan, first_bytes));
 
     // Plain clients splice; TLS clients go through the buffered copy (bytes must be decrypted).
     let outcome = if let ClientStream::Plain(tcp) = client {
@@ -565,6 +588,33 @@ async fn handle(
     record.bytes_down = outcome.bytes_down;
     record.end = outcome.end.as_str();
     Ok(())
+}
+
+/// Whether the ClientHello fits the tunnel: `Err((kind, reason))` closes it.
+fn check_sni(
+    hello: &Hello,
+    mode: SniMode,
+    target: &Target,
+    allowed_by_policy: impl Fn(&crate::hostname::DnsName) -> bool,
+) -> Result<(), (&'static str, Cow<'static, str>)> {
+    match hello {
+        Hello::NotTls => Err(("not_tls", "tunnel bytes are not a TLS ClientHello".into())),
+        Hello::NoName => Err(("sni_missing", "ClientHello carries no server name".into())),
+        Hello::Closed => Err(("client_closed", "client sent no ClientHello".into())),
+        Hello::Name(name) => match (&target.host, mode) {
+            (Host::Name(host), SniMode::Match) if host == name => Ok(()),
+            (Host::Name(host), SniMode::Match) => Err((
+                "sni_mismatch",
+                format!("SNI {name} does not match CONNECT host {host}").into(),
+            )),
+            // An IP-literal target, or mode "allowed": the name must be one the policy allows.
+            _ if allowed_by_policy(name) => Ok(()),
+            _ => Err((
+                "sni_mismatch",
+                format!("SNI {name} is not allowed on this port").into(),
+            )),
+        },
+    }
 }
 
 /// Step 6: connect to the vetted addresses in order, all within `timeout`.

@@ -21,6 +21,7 @@ pub mod proxy_protocol;
 pub mod request;
 pub mod resolve;
 pub mod server;
+pub mod sni;
 #[cfg(target_os = "linux")]
 mod splice;
 pub mod stream;

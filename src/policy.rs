@@ -30,6 +30,9 @@ pub struct Rule {
     pub origin: String,
     /// `addresses` and `private_addresses` together: what the destination wall lets through.
     pub reachable: Vec<IpNet>,
+    /// SNI check for tunnels this rule allows; `None` takes `Policy::sni` on port 443 and
+    /// no check elsewhere.
+    pub sni: Option<crate::sni::SniMode>,
 }
 
 impl Rule {
@@ -79,6 +82,19 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     /// Admit clients that match no branch (only matters once branches are configured).
     pub allow_unassigned: bool,
+    /// Default SNI check for port-443 tunnels whose rule does not say.
+    pub sni: crate::sni::SniMode,
+}
+
+impl Policy {
+    /// The SNI check that applies to a tunnel to `port` allowed by `rule`.
+    pub fn sni_mode(&self, rule: Option<&Rule>, port: u16) -> crate::sni::SniMode {
+        match rule.and_then(|r| r.sni) {
+            Some(mode) => mode,
+            None if port == 443 => self.sni,
+            None => crate::sni::SniMode::Off,
+        }
+    }
 }
 
 impl Policy {
@@ -145,6 +161,7 @@ mod tests {
             addresses,
             private_addresses: vec![],
             origin: "test".into(),
+            sni: None,
         }
     }
 
@@ -152,6 +169,7 @@ mod tests {
     fn decision_table() {
         let policy = Policy {
             allow_unassigned: false,
+            sni: crate::sni::SniMode::Match,
             mode: Mode::Enforce,
             rules: vec![
                 rule("storage", &["*.core.windows.net"], &[443], &[]),
@@ -225,6 +243,7 @@ mod tests {
     fn a_branch_narrowing_skips_rules_it_does_not_hold() {
         let policy = Policy {
             allow_unassigned: false,
+            sni: crate::sni::SniMode::Match,
             mode: Mode::Enforce,
             rules: vec![
                 rule("contoso", &["contoso.file.core.windows.net"], &[443], &[]),
@@ -262,6 +281,7 @@ mod tests {
     fn report_mode_turns_denials_into_would_deny() {
         let policy = Policy {
             allow_unassigned: false,
+            sni: crate::sni::SniMode::Match,
             mode: Mode::Report,
             rules: vec![rule("s", &["a.example"], &[443], &[])],
         };

@@ -7,6 +7,7 @@ mod denials;
 mod malformed;
 mod proxy_protocol;
 mod reload;
+mod sni;
 mod support;
 mod tls_listener;
 mod tunnel;

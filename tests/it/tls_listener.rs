@@ -199,3 +199,27 @@ async fn an_optional_listener_admits_clients_without_a_certificate_by_credential
         (Some(200), Some("closed"))
     );
 }
+
+#[tokio::test]
+async fn a_client_that_never_finishes_the_handshake_is_cut_at_the_timeout() {
+    let pki = Pki::new();
+    let origin = TcpOrigin::start(b"ok").await;
+    let mut t = tls_gateway(&pki, origin.addr.port(), "required").await;
+    let mut silent = tokio::net::TcpStream::connect(t.tls_addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        silent.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(closed.is_ok(), "the gateway closes a silent TLS client");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(1900),
+        "not before handshake_timeout (2 s)"
+    );
+    let line =
+        t.gw.access_line(|l| l["reason"] == "TLS handshake timed out")
+            .await;
+    assert_eq!(line["end"], "tls_handshake_failed");
+}

@@ -1,0 +1,159 @@
+//! SNI verification (anti domain fronting): after the 200, the client's first TLS record(s) are
+//! read without terminating TLS, and the ClientHello's server name must fit the CONNECT target.
+//! The bytes read are kept and forwarded unchanged when the check passes.
+
+use crate::hostname::DnsName;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Most bytes read while looking for a complete ClientHello (post-quantum key shares make it
+/// 1.2-1.8 KB; GREASE and many extensions more, never near this).
+pub const MAX_CLIENT_HELLO_BYTES: usize = 16 * 1024;
+/// Longest wait for the ClientHello after the 200.
+pub const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Per-rule SNI policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SniMode {
+    /// The SNI must equal the CONNECT host (for an IP-literal target: be allowed by policy).
+    Match,
+    /// The SNI must be a host the policy allows on the tunnel's port.
+    Allowed,
+    /// No check: the bytes are not inspected.
+    Off,
+}
+
+/// What the peek found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Hello {
+    /// A ClientHello naming this host (normalised).
+    Name(DnsName),
+    /// A ClientHello without a (valid DNS) server name.
+    NoName,
+    /// The bytes are not a TLS ClientHello.
+    NotTls,
+    /// The client went away or stayed silent.
+    Closed,
+}
+
+/// Reads from `client` (after `already`, the bytes that came with the request head) until a
+/// whole ClientHello is seen, at most `MAX_CLIENT_HELLO_BYTES` and `CLIENT_HELLO_TIMEOUT`.
+/// Returns the verdict and every byte read, to be forwarded unchanged.
+pub async fn peek_client_hello<R: AsyncRead + Unpin>(
+    client: &mut R,
+    already: Vec<u8>,
+) -> (Hello, Vec<u8>) {
+    let mut bytes = already;
+    let read = async {
+        loop {
+            match parse(&bytes) {
+                Some(hello) => return hello,
+                None if bytes.len() >= MAX_CLIENT_HELLO_BYTES => return Hello::NotTls,
+                None => {}
+            }
+            let start = bytes.len();
+            bytes.resize(start + 4096, 0);
+            match client.read(&mut bytes[start..]).await {
+                Ok(0) | Err(_) => {
+                    bytes.truncate(start);
+                    return Hello::Closed;
+                }
+                Ok(n) => bytes.truncate(start + n),
+            }
+        }
+    };
+    let hello = tokio::time::timeout(CLIENT_HELLO_TIMEOUT, read)
+        .await
+        .unwrap_or(Hello::Closed);
+    (hello, bytes)
+}
+
+/// `None` while more bytes are needed.
+pub fn parse(bytes: &[u8]) -> Option<Hello> {
+    if bytes.is_empty() {
+        return None;
+    }
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut input = bytes;
+    while !input.is_empty() {
+        if acceptor.read_tls(&mut input).is_err() {
+            return Some(Hello::NotTls);
+        }
+    }
+    match acceptor.accept() {
+        Ok(None) => None,
+        Ok(Some(accepted)) => Some(
+            accepted
+                .client_hello()
+                .server_name()
+                .and_then(|name| DnsName::parse(name).ok())
+                .map_or(Hello::NoName, Hello::Name),
+        ),
+        Err(_) => Some(Hello::NotTls),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// The first flight a real rustls client sends for `server_name`.
+    fn client_hello(server_name: &str) -> Vec<u8> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(std::iter::empty::<rustls::pki_types::TrustAnchor<'static>>());
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from(server_name.to_owned()).unwrap();
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut out = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut out).unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn client_hello_table() {
+        let hello = client_hello("Share1.File.Core.Windows.Net");
+        let name = |n: &str| Hello::Name(DnsName::parse(n).unwrap());
+        assert_eq!(parse(&hello), Some(name("share1.file.core.windows.net")));
+        // Split anywhere: more bytes needed, then the same answer.
+        for cut in [1, 5, 6, 40, hello.len() - 1] {
+            assert_eq!(parse(&hello[..cut]), None, "cut at {cut}");
+        }
+        // An IP address as server name is not sent as SNI.
+        assert_eq!(parse(&client_hello("127.0.0.1")), Some(Hello::NoName));
+        assert_eq!(
+            parse(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Some(Hello::NotTls)
+        );
+        assert_eq!(parse(b"SSH-2.0-OpenSSH_9.2\r\n"), Some(Hello::NotTls));
+        assert_eq!(
+            parse(&[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5]),
+            Some(Hello::NotTls)
+        );
+    }
+
+    #[tokio::test]
+    async fn peeking_keeps_every_byte_read() {
+        let hello = client_hello("a.example");
+        let (head, rest) = hello.split_at(10);
+        let mut rest_then_app_data = rest.to_vec();
+        rest_then_app_data.extend_from_slice(b"later bytes");
+        let mut reader = &rest_then_app_data[..];
+        let (verdict, bytes) = peek_client_hello(&mut reader, head.to_vec()).await;
+        assert_eq!(verdict, Hello::Name(DnsName::parse("a.example").unwrap()));
+        let mut all = head.to_vec();
+        all.extend_from_slice(&rest_then_app_data[..bytes.len() - head.len()]);
+        assert_eq!(bytes, all, "forwarded unchanged");
+        let (verdict, _) = peek_client_hello(&mut &b""[..], Vec::new()).await;
+        assert_eq!(verdict, Hello::Closed);
+    }
+}
