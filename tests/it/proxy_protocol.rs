@@ -2,7 +2,7 @@
 //! branch; other peers cannot claim an address that way.
 
 use crate::support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 fn v2_header(source: [u8; 4], source_port: u16) -> Vec<u8> {
     let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
@@ -23,23 +23,10 @@ async fn via(gw: std::net::SocketAddr, from: &str, prefix: &[u8], target: &str) 
     let mut request = prefix.to_vec();
     request.extend_from_slice(format!("CONNECT {target} HTTP/1.1\r\n\r\n").as_bytes());
     tcp.write_all(&request).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        match tokio::time::timeout(std::time::Duration::from_secs(10), tcp.read(&mut byte))
-            .await
-            .unwrap()
-        {
-            Ok(1) => head.push(byte[0]),
-            _ => return 0,
-        }
+    match read_head_bytes(&mut tcp).await {
+        Ok(head) => status_of(&head),
+        Err(_) => 0,
     }
-    String::from_utf8_lossy(&head)
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 #[tokio::test]

@@ -448,6 +448,33 @@ fn parse_reply(raw: &[u8]) -> Reply {
     }
 }
 
+/// Reads a reply head byte by byte (nothing after it is consumed), within 15 s.
+pub async fn read_head_bytes<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+) -> Result<Vec<u8>, String> {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(Duration::from_secs(15), stream.read(&mut byte)).await {
+            Ok(Ok(1)) => head.push(byte[0]),
+            Ok(Ok(_)) => {
+                return Err(format!(
+                    "closed before a reply head: {:?}",
+                    String::from_utf8_lossy(&head)
+                ));
+            }
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("no reply head in 15 s".into()),
+        }
+    }
+    Ok(head)
+}
+
+/// The status code of a reply head.
+pub fn status_of(head: &[u8]) -> u16 {
+    parse_reply(head).status
+}
+
 /// Sends CONNECT for `target` (plus `early` bytes in the same write) and reads only the reply
 /// head; returns the open stream and the status.
 pub async fn open_tunnel(gateway: SocketAddr, target: &str, early: &[u8]) -> (TcpStream, u16) {
@@ -455,20 +482,7 @@ pub async fn open_tunnel(gateway: SocketAddr, target: &str, early: &[u8]) -> (Tc
     let mut request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").into_bytes();
     request.extend_from_slice(early);
     tcp.write_all(&request).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        let n = tokio::time::timeout(Duration::from_secs(15), tcp.read(&mut byte))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(
-            n == 1,
-            "closed before a reply head: {:?}",
-            String::from_utf8_lossy(&head)
-        );
-        head.push(byte[0]);
-    }
+    let head = read_head_bytes(&mut tcp).await.expect("a reply head");
     let status = parse_reply(&head).status;
     (tcp, status)
 }
@@ -487,20 +501,7 @@ pub async fn connect_from(
     let mut tcp = socket.connect(gateway).await.unwrap();
     let request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{headers}\r\n");
     tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        let n = tokio::time::timeout(Duration::from_secs(15), tcp.read(&mut byte))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(
-            n == 1,
-            "closed before a reply head: {:?}",
-            String::from_utf8_lossy(&head)
-        );
-        head.push(byte[0]);
-    }
+    let head = read_head_bytes(&mut tcp).await.expect("a reply head");
     let mut reply = parse_reply(&head);
     reply.client = tcp.local_addr().ok();
     (tcp, reply)

@@ -75,21 +75,7 @@ async fn connect_over_tls(
     tls.write_all(request.as_bytes())
         .await
         .map_err(|e| e.to_string())?;
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        match tls.read(&mut byte).await {
-            Ok(1) => head.push(byte[0]),
-            Ok(_) => return Err("closed before a reply".into()),
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-    let status = String::from_utf8_lossy(&head)
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let status = status_of(&read_head_bytes(&mut tls).await?);
     Ok((tls, status))
 }
 
