@@ -141,6 +141,123 @@ mod tests {
         );
     }
 
+    /// A TLS 1.3 ClientHello as browsers send it: GREASE values in the cipher suites, groups,
+    /// versions and extension list, and an (outer) Encrypted Client Hello extension.
+    fn grease_ech_client_hello(server_name: &str) -> Vec<u8> {
+        fn ext(id: u16, data: &[u8]) -> Vec<u8> {
+            let mut e = id.to_be_bytes().to_vec();
+            e.extend_from_slice(&(data.len() as u16).to_be_bytes());
+            e.extend_from_slice(data);
+            e
+        }
+        let name = server_name.as_bytes();
+        let mut sni = ((name.len() + 3) as u16).to_be_bytes().to_vec();
+        sni.push(0);
+        sni.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        sni.extend_from_slice(name);
+        let mut key_share = vec![0, 36, 0x00, 0x1d, 0, 32];
+        key_share.extend_from_slice(&[7; 32]);
+        let mut ech = vec![0, 0x00, 0x01, 0x00, 0x01, 0x2a, 0, 32];
+        ech.extend_from_slice(&[9; 32]);
+        ech.extend_from_slice(&[0, 16]);
+        ech.extend_from_slice(&[5; 16]);
+        let extensions: Vec<u8> = [
+            ext(0x1a1a, &[]),
+            ext(0x0000, &sni),
+            ext(0x002b, &[4, 0x0a, 0x0a, 0x03, 0x04]),
+            ext(0x000a, &[0, 4, 0x0a, 0x0a, 0x00, 0x1d]),
+            ext(0x0033, &key_share),
+            ext(0x000d, &[0, 2, 0x08, 0x04]),
+            ext(0x002d, &[1, 1]),
+            ext(0xfe0d, &ech),
+            ext(0x2a2a, &[0]),
+        ]
+        .concat();
+        let mut body = vec![0x03, 0x03];
+        body.extend_from_slice(&[1; 32]);
+        body.push(32);
+        body.extend_from_slice(&[2; 32]);
+        body.extend_from_slice(&[0, 6, 0x0a, 0x0a, 0x13, 0x01, 0x13, 0x02]);
+        body.extend_from_slice(&[1, 0]);
+        body.extend_from_slice(&(extensions.len() as u16).to_be_bytes());
+        body.extend_from_slice(&extensions);
+        let mut handshake = vec![1];
+        handshake.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+        handshake.extend_from_slice(&body);
+        let mut record = vec![0x16, 0x03, 0x01];
+        record.extend_from_slice(&(handshake.len() as u16).to_be_bytes());
+        record.extend_from_slice(&handshake);
+        record
+    }
+
+    /// Real first flights: rustls, OpenSSL 3.0 (`openssl s_client`), curl 7.88, and the GREASE
+    /// and ECH-bearing one above, all for the same name.
+    fn real_client_hellos() -> Vec<(&'static str, Vec<u8>)> {
+        vec![
+            ("rustls", client_hello("share1.file.core.windows.net")),
+            (
+                "openssl",
+                include_bytes!("testdata/clienthello-openssl.bin").to_vec(),
+            ),
+            (
+                "curl",
+                include_bytes!("testdata/clienthello-curl.bin").to_vec(),
+            ),
+            (
+                "grease+ech",
+                grease_ech_client_hello("share1.file.core.windows.net"),
+            ),
+        ]
+    }
+
+    #[test]
+    fn real_client_hellos_name_their_server_whole_or_in_pieces() {
+        let want = Hello::Name(DnsName::parse("share1.file.core.windows.net").unwrap());
+        for (who, hello) in real_client_hellos() {
+            assert_eq!(parse(&hello).as_ref(), Some(&want), "{who}");
+            // Split into two records' worth of arrivals: never a wrong answer early.
+            for cut in (1..hello.len()).step_by(7) {
+                assert_eq!(parse(&hello[..cut]), None, "{who} cut at {cut}");
+            }
+        }
+    }
+
+    /// Bounded fuzzing in every test run: mutated and random inputs never panic, and anything
+    /// reported as a name is a valid DNS name. (Longer runs: fuzz/ with cargo fuzz.)
+    #[test]
+    fn mutated_and_random_client_hellos_never_panic() {
+        let seeds = real_client_hellos();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for round in 0..20_000 {
+            let (_, seed) = &seeds[round % seeds.len()];
+            let mut input = seed.clone();
+            match next() % 4 {
+                0 => {
+                    for _ in 0..1 + next() % 8 {
+                        let i = (next() as usize) % input.len();
+                        input[i] ^= 1 << (next() % 8);
+                    }
+                }
+                1 => input.truncate((next() as usize) % input.len()),
+                2 => {
+                    let i = (next() as usize) % input.len();
+                    let junk: Vec<u8> = (0..1 + next() % 64).map(|_| next() as u8).collect();
+                    input.splice(i..i, junk);
+                }
+                _ => input = (0..(next() % 2048)).map(|_| next() as u8).collect(),
+            }
+            if let Some(Hello::Name(name)) = parse(&input) {
+                assert!(DnsName::parse(name.as_str()).is_ok());
+            }
+        }
+    }
+
     #[tokio::test]
     async fn peeking_keeps_every_byte_read() {
         let hello = client_hello("a.example");
