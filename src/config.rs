@@ -282,6 +282,8 @@ struct RawRule {
     #[serde(default)]
     private_addresses: Vec<Spanned<String>>,
     sni: Option<crate::sni::SniMode>,
+    #[serde(default)]
+    plain_http: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -797,6 +799,8 @@ fn profile_rule(profile: &'static str, entry: &profiles::Entry) -> Rule {
         origin: format!("profile {profile} ({})", profiles::VERSION),
         reachable: Vec::new(),
         sni: None,
+        // Revocation lists and OCSP are plain HTTP: the lane serves them, CONNECT does not.
+        plain_http: entry.category == "revocation",
     }
 }
 
@@ -915,6 +919,7 @@ fn compile_rule(
         origin: "config".into(),
         reachable,
         sni: raw.sni,
+        plain_http: raw.plain_http,
     })
 }
 

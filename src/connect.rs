@@ -7,6 +7,7 @@ use crate::config::Config;
 use crate::destination;
 use crate::hostname::{Host, Target};
 use crate::identity::{self, Identifier, Identity};
+use crate::lane;
 use crate::policy::{Decision, Verdict};
 use crate::request::{self, HeadError};
 use crate::resolve::{ResolveError, Resolver};
@@ -513,6 +514,17 @@ async fn handle(
         return Err(refusal);
     }
 
+    // Plain-HTTP rules (revocation lists, OCSP) are served by the lane only, and the lane only
+    // serves them.
+    let lane_rule = plan.decision.rule.is_some_and(|r| r.plain_http);
+    if plan.decision.verdict == Verdict::Allow && lane_rule != req.forward.is_some() {
+        let reason = if lane_rule {
+            "plain-HTTP host: only GET, HEAD or OCSP POST through the proxy"
+        } else {
+            "not allowed as plain HTTP"
+        };
+        return Err(Refusal::new(403, "policy_denied", reason));
+    }
     let identity = plan.identity.flatten();
     let Some(_slot) = gw.admit_tunnel(identity) else {
         return Err(Refusal::new(
@@ -533,6 +545,39 @@ async fn handle(
     record.connect_time = Some(dial_started.elapsed());
     let mut upstream = dialled?;
 
+    if let Some(forward) = req.forward.take() {
+        let host_header = match (&req.target.host, req.target.port) {
+            (host, 80) => host.to_string(),
+            _ => req.target.to_string(),
+        };
+        let body = std::mem::take(&mut req.early_data);
+        drop(plan);
+        // Boxed: only lane requests pay for the HTTP client's future.
+        let exchange = lane::forward(
+            client,
+            upstream,
+            &forward,
+            &host_header,
+            body,
+            timeouts.head,
+        );
+        return match Box::pin(exchange).await {
+            Ok(done) => {
+                record.status = done.status;
+                record.bytes_up = done.bytes_up;
+                record.bytes_down = done.bytes_down;
+                record.reason = "allowed".into();
+                record.end = "forwarded";
+                Ok(())
+            }
+            Err((status, kind, reason)) => Err(Refusal {
+                status: (status != 0).then_some(status),
+                kind,
+                reason: reason.into(),
+            }),
+        };
+    }
+
     request::write_established(client)
         .await
         .map_err(|_| Refusal {
@@ -546,7 +591,8 @@ async fn handle(
     let policy = &gw.config.policy;
     let sni_mode = policy.sni_mode(plan.decision.rule, req.target.port);
     if sni_mode != SniMode::Off {
-        let (hello, bytes) = sni::peek_client_hello(client, first_bytes).await;
+        // Boxed: tunnels without an SNI check do not carry the peek's space.
+        let (hello, bytes) = Box::pin(sni::peek_client_hello(client, first_bytes)).await;
         first_bytes = bytes;
         let allowed_rules = identity.and_then(|i| gw.config.branches[i].allowed_rules.as_deref());
         if let Hello::Name(name) = &hello {

@@ -87,7 +87,9 @@ impl Identifier {
         {
             return Ok(Some(i));
         }
-        if let Some(value) = authorization {
+        // Credentials count only where some branch accepts them; otherwise the header is
+        // ignored (and still never forwarded).
+        if let Some(value) = authorization.filter(|_| self.accepts_credentials()) {
             // Boxed: only clients that send credentials pay for this future's space.
             return Box::pin(self.check_credentials(client, value))
                 .await

@@ -15,6 +15,7 @@ pub mod destination;
 pub mod explain;
 pub mod hostname;
 pub mod identity;
+pub mod lane;
 pub mod policy;
 pub mod profiles;
 pub mod proxy_protocol;

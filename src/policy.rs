@@ -33,6 +33,9 @@ pub struct Rule {
     /// SNI check for tunnels this rule allows; `None` takes `Policy::sni` on port 443 and
     /// no check elsewhere.
     pub sni: Option<crate::sni::SniMode>,
+    /// Served only by the plain-HTTP lane (absolute-form GET/HEAD, OCSP POST), never CONNECT:
+    /// certificate revocation lists and OCSP.
+    pub plain_http: bool,
 }
 
 impl Rule {
@@ -162,6 +165,7 @@ mod tests {
             private_addresses: vec![],
             origin: "test".into(),
             sni: None,
+            plain_http: false,
         }
     }
 

@@ -23,7 +23,38 @@ pub struct ConnectRequest {
     pub early_data: Vec<u8>,
     /// The `Proxy-Authorization` value, if sent (used for identity, never forwarded).
     pub proxy_authorization: Option<String>,
+    /// Set for an absolute-form plain-HTTP request (the revocation lane) instead of CONNECT;
+    /// `early_data` then holds the start of its body.
+    pub forward: Option<Box<Forward>>,
 }
+
+/// An absolute-form `GET`/`HEAD` (or OCSP `POST`) to be forwarded by the plain-HTTP lane.
+#[derive(Debug)]
+pub struct Forward {
+    pub method: &'static str,
+    /// Origin-form path and query, e.g. `/pki/crl/products/x.crl`.
+    pub path: String,
+    /// End-to-end headers to pass on (hop-by-hop ones and `Host` already removed).
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Request body length (`Content-Length`), 0 for GET/HEAD.
+    pub body_len: usize,
+}
+
+/// Largest OCSP request body accepted on the lane.
+pub const MAX_LANE_BODY: usize = 64 * 1024;
+
+/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1), plus the proxy's own.
+pub const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
 
 /// Why no CONNECT request came out of the head.
 #[derive(Debug, thiserror::Error)]
@@ -89,11 +120,13 @@ async fn read_head<R: AsyncRead + Unpin>(io: &mut R) -> Result<ConnectRequest, H
             return Err(HeadError::Closed);
         }
         filled += n;
-        if let Some((target, head_len, proxy_authorization)) = parse_head(&buf[..filled])? {
+        if let Some((target, head_len, proxy_authorization, forward)) = parse_head(&buf[..filled])?
+        {
             return Ok(ConnectRequest {
                 target,
                 early_data: buf[head_len..filled].to_vec(),
                 proxy_authorization,
+                forward,
             });
         }
     }
@@ -101,7 +134,7 @@ async fn read_head<R: AsyncRead + Unpin>(io: &mut R) -> Result<ConnectRequest, H
 
 /// Parses what has arrived so far: `Ok(None)` means "need more bytes". A plain function, not
 /// async, so the 2 KiB header table lives on the stack and never in the connection's future.
-type Parsed = (Target, usize, Option<String>);
+type Parsed = (Target, usize, Option<String>, Option<Box<Forward>>);
 
 fn parse_head(bytes: &[u8]) -> Result<Option<Parsed>, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -109,11 +142,13 @@ fn parse_head(bytes: &[u8]) -> Result<Option<Parsed>, HeadError> {
     match req.parse(bytes) {
         Ok(httparse::Status::Complete(head_len)) => {
             let method = req.method.unwrap_or_default();
-            if method != "CONNECT" {
-                return Err(HeadError::Method(printable(method)));
-            }
-            let target = Target::parse_authority(req.path.unwrap_or_default())
-                .map_err(HeadError::Malformed)?;
+            let (target, forward) = if method == "CONNECT" {
+                let target = Target::parse_authority(req.path.unwrap_or_default())
+                    .map_err(HeadError::Malformed)?;
+                (target, None)
+            } else {
+                parse_forward(method, req.path.unwrap_or_default(), req.headers)?
+            };
             let mut authorization = req
                 .headers
                 .iter()
@@ -129,13 +164,109 @@ fn parse_head(bytes: &[u8]) -> Result<Option<Parsed>, HeadError> {
                     return Err(HeadError::Malformed("more than one Proxy-Authorization"));
                 }
             };
-            Ok(Some((target, head_len, proxy_authorization)))
+            Ok(Some((target, head_len, proxy_authorization, forward)))
         }
         Ok(httparse::Status::Partial) if bytes.len() == MAX_HEAD_BYTES => Err(HeadError::TooLarge),
         Ok(httparse::Status::Partial) => Ok(None),
         Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooManyHeaders),
         Err(e) => Err(HeadError::Malformed(malformed_reason(e))),
     }
+}
+
+/// An absolute-form request for the plain-HTTP lane: `GET`/`HEAD http://host[:port]/path`, or
+/// `POST` of an OCSP request. Anything else that is not CONNECT is 405.
+fn parse_forward(
+    method: &str,
+    uri: &str,
+    headers: &[httparse::Header<'_>],
+) -> Result<(Target, Option<Box<Forward>>), HeadError> {
+    let method = match method {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        other => return Err(HeadError::Method(printable(other))),
+    };
+    let Some(rest) = uri
+        .get(..7)
+        .filter(|s| s.eq_ignore_ascii_case("http://"))
+        .map(|_| &uri[7..])
+    else {
+        return Err(HeadError::Method(printable(method)));
+    };
+    let split = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(split);
+    let authority = if authority.ends_with(']') || !authority.contains(':') {
+        format!("{authority}:80")
+    } else {
+        authority.to_owned()
+    };
+    let target = Target::parse_authority(&authority).map_err(HeadError::Malformed)?;
+    let path = match path {
+        "" => "/".to_owned(),
+        p if p.starts_with('?') => format!("/{p}"),
+        p => p.to_owned(),
+    };
+    if path.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err(HeadError::Malformed("malformed request target"));
+    }
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    };
+    let content_length = match header("content-length") {
+        None => 0,
+        Some(v) => std::str::from_utf8(v)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .ok_or(HeadError::Malformed("malformed Content-Length"))?,
+    };
+    if header("transfer-encoding").is_some() {
+        return Err(HeadError::Malformed(
+            "chunked request bodies are not forwarded",
+        ));
+    }
+    if method == "POST" {
+        let ocsp = header("content-type")
+            .is_some_and(|v| v.eq_ignore_ascii_case(b"application/ocsp-request"));
+        if !ocsp {
+            return Err(HeadError::Method("POST".into()));
+        }
+        if content_length > MAX_LANE_BODY {
+            return Err(HeadError::Malformed("OCSP request body larger than 64 KiB"));
+        }
+    } else if content_length > 0 {
+        return Err(HeadError::Malformed("GET and HEAD carry no body"));
+    }
+    // Headers named by Connection are hop-by-hop too.
+    let named_by_connection: Vec<String> = header("connection")
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(|v| {
+            v.split(',')
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect()
+        })
+        .unwrap_or_default();
+    let forwarded = headers
+        .iter()
+        .filter(|h| {
+            let name = h.name.to_ascii_lowercase();
+            name != "host"
+                && !HOP_BY_HOP.contains(&name.as_str())
+                && !named_by_connection.contains(&name)
+        })
+        .map(|h| (h.name.to_owned(), h.value.to_vec()))
+        .collect();
+    Ok((
+        target,
+        Some(Box::new(Forward {
+            method,
+            path,
+            headers: forwarded,
+            body_len: content_length,
+        })),
+    ))
 }
 
 fn malformed_reason(e: httparse::Error) -> &'static str {
@@ -231,9 +362,15 @@ mod tests {
             ),
             (
                 b"GET http://a.example/ HTTP/1.1\r\n\r\n",
+                None,
+                "a.example:80",
+            ),
+            (
+                b"PUT http://a.example/ HTTP/1.1\r\n\r\n",
                 Some(405),
                 "method",
             ),
+            (b"GET / HTTP/1.1\r\n\r\n", Some(405), "method"),
             (b"CONNECT a.example HTTP/1.1\r\n\r\n", Some(400), "no port"),
             (b"CONNECT a.example:0 HTTP/1.1\r\n\r\n", Some(400), "port"),
             (

@@ -4,6 +4,7 @@
 mod branches;
 mod cli;
 mod denials;
+mod lane;
 mod malformed;
 mod proxy_protocol;
 mod reload;

@@ -83,7 +83,7 @@ async fn each_malformed_request_gets_its_status_and_the_gateway_keeps_serving() 
             "bad_request",
         ),
         (
-            b"GET http://crl.microsoft.com/pki/crl.crl HTTP/1.1\r\nHost: crl.microsoft.com\r\n\r\n"
+            b"PUT http://crl.microsoft.com/pki/crl.crl HTTP/1.1\r\nHost: crl.microsoft.com\r\n\r\n"
                 .to_vec(),
             405,
             "method not allowed: only CONNECT",
