@@ -39,7 +39,15 @@ async fn http_origin() -> (SocketAddr, Arc<AtomicUsize>) {
                             (_, "/headers") => headers,
                             _ => "CRL-DATA".to_owned(),
                         };
-                        Ok::<_, hyper::Error>(hyper::Response::new(Full::new(Bytes::from(answer))))
+                        let cache_control = match path.as_str() {
+                            "/cached-crl" => "public, max-age=300",
+                            _ => "no-store",
+                        };
+                        let response = hyper::Response::builder()
+                            .header("cache-control", cache_control)
+                            .body(Full::new(Bytes::from(answer)))
+                            .unwrap();
+                        Ok::<_, hyper::Error>(response)
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -175,4 +183,36 @@ async fn everything_else_in_plain_http_is_refused() {
         );
     }
     assert_eq!(hits.load(Ordering::SeqCst), 0, "nothing reached the origin");
+}
+
+#[tokio::test]
+async fn a_fresh_crl_is_served_from_the_cache_without_reaching_the_origin() {
+    let (origin, hits) = http_origin().await;
+    let port = origin.port();
+    let mut gw = Gateway::start(&lane_config(port)).await;
+    let fetch = |path: &str| format!("GET http://{CRL_HOST}:{port}{path} HTTP/1.1\r\n\r\n");
+
+    for _ in 0..3 {
+        let reply = raw_request(gw.addr, fetch("/cached-crl").as_bytes()).await;
+        assert_eq!((reply.status, reply.body.as_str()), (200, "CRL-DATA"));
+    }
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "max-age=300: fetched once, then from the cache"
+    );
+    let line = gw.access_line(|l| l["end"] == "cache_hit").await;
+    assert_eq!(
+        (line["status"].as_u64(), line["bytes_down"].as_u64()),
+        (Some(200), Some(8))
+    );
+
+    for _ in 0..2 {
+        raw_request(gw.addr, fetch("/nostore").as_bytes()).await;
+    }
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        3,
+        "no-store answers are not cached"
+    );
 }
