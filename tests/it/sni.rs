@@ -109,3 +109,35 @@ async fn an_ip_literal_target_needs_an_sni_the_policy_allows() {
         "SNI evil.example is not allowed on this port"
     );
 }
+
+#[tokio::test]
+async fn curl_through_the_proxy_passes_the_sni_check() {
+    let pki = Pki::new();
+    let origin = Origin::start(&pki).await;
+    let port = origin.port();
+    let mut gw = Gateway::start(&with_sni(port, "match", "")).await;
+    let ca = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(ca.path(), &pki.ca_pem).unwrap();
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-x",
+            &format!("http://{}", gw.addr),
+            "--cacert",
+        ])
+        .arg(ca.path())
+        .arg(format!("https://{ORIGIN_HOST}:{port}/download?bytes=5000"))
+        .output()
+        .await
+        .expect("curl is installed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout.len(), 5000);
+    let line = gw.access_line(|l| l["sni"] == ORIGIN_HOST).await;
+    assert_eq!(line["end"], "closed");
+}
