@@ -54,6 +54,12 @@ async fn a_matching_sni_passes_and_any_other_name_is_cut() {
         "nothing of the ClientHello reached the origin"
     );
 
+    // A ClientHello without a server name (rustls sends none for an IP address).
+    let (tunnel, _) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
+    assert!(!handshake_through(&pki, tunnel, "127.0.0.1").await);
+    let line = gw.access_line(|l| l["end"] == "sni_missing").await;
+    assert_eq!(line["reason"], "ClientHello carries no server name");
+
     // Not TLS at all.
     let (mut tunnel, _) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
     tunnel
