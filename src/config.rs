@@ -34,6 +34,7 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Sync sessions sit idle for long stretches between change batches.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_AUTH_ATTEMPTS_PER_MINUTE: std::num::NonZeroU32 =
     std::num::NonZeroU32::new(30).expect("non-zero");
@@ -133,6 +134,8 @@ pub struct Timeouts {
     pub connect: Duration,
     /// A tunnel with no bytes in either direction for this long is closed.
     pub idle: Duration,
+    /// On SIGTERM/SIGINT, how long open connections may take to finish before they are closed.
+    pub drain: Duration,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -301,6 +304,7 @@ struct RawTimeouts {
     head: Option<Spanned<String>>,
     connect: Option<Spanned<String>>,
     idle: Option<Spanned<String>>,
+    drain: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -580,6 +584,12 @@ fn compile(raw: RawConfig, base: &Path, p: &mut Problems<'_>) -> Config {
             raw.timeouts.idle.as_ref(),
             "timeouts.idle",
             DEFAULT_IDLE_TIMEOUT,
+        ),
+        drain: duration(
+            p,
+            raw.timeouts.drain.as_ref(),
+            "timeouts.drain",
+            DEFAULT_DRAIN_TIMEOUT,
         ),
     };
 

@@ -124,8 +124,8 @@ pub fn effective_policy(config: &Config) -> String {
     let t = &config.timeouts;
     let _ = writeln!(
         out,
-        "timeouts: head {:?}, connect {:?}, idle {:?}",
-        t.head, t.connect, t.idle
+        "timeouts: head {:?}, connect {:?}, idle {:?}, drain {:?}",
+        t.head, t.connect, t.idle, t.drain
     );
     out
 }

@@ -84,7 +84,8 @@ impl Server {
             .collect()
     }
 
-    /// Accepts until `shutdown` completes; open tunnels are left to finish on their own tasks.
+    /// Accepts until `shutdown` completes, then drains: open connections get up to
+    /// `timeouts.drain` to finish; whatever is left is closed when the process exits.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let permits = Arc::new(Semaphore::new(
             self.current.load().config.limits.max_connections,
@@ -113,7 +114,28 @@ impl Server {
             }
         });
         shutdown.await;
+        // Drain: stop accepting (the listeners close with their loops), let open connections
+        // finish within the drain timeout, then leave the rest to be closed at exit.
         accept_loops.shutdown().await;
+        let max = self.current.load().config.limits.max_connections;
+        let drain = self.current.load().config.timeouts.drain;
+        let open = max - permits.available_permits();
+        tracing::info!(
+            open_connections = open,
+            drain_timeout_s = drain.as_secs(),
+            "stopped accepting; draining"
+        );
+        let all_back = permits.acquire_many(max as u32);
+        match tokio::time::timeout(drain, all_back).await {
+            Ok(_) => tracing::info!("drained: every connection finished"),
+            Err(_) => {
+                let left = max - permits.available_permits();
+                tracing::warn!(
+                    closing_connections = left,
+                    "drain timeout reached; closing the rest"
+                );
+            }
+        }
     }
 }
 

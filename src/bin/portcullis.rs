@@ -128,7 +128,7 @@ fn main() -> ExitCode {
                 let server = Server::bind(gateway).await?;
                 tokio::spawn(reload_on_sighup(config_path, server.reloader()));
                 server.run(shutdown_signal()).await;
-                tracing::info!("stopped accepting; exiting");
+                tracing::info!("exiting");
                 Ok(ExitCode::SUCCESS)
             })
         }

@@ -8,6 +8,7 @@ mod lane;
 mod malformed;
 mod proxy_protocol;
 mod reload;
+mod shutdown;
 mod sni;
 mod support;
 mod tls_listener;

@@ -316,6 +316,18 @@ impl Gateway {
         assert!(status.success());
     }
 
+    /// The exit status, waiting up to `within` for the process to end.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
     /// Number of log lines matching `pred` so far.
     pub fn count_logs(&self, pred: impl Fn(&Value) -> bool) -> usize {
         self.logs.lock().unwrap().iter().filter(|l| pred(l)).count()
