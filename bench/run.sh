@@ -114,6 +114,7 @@ start_target() {
 [listen]
 proxy = ["127.0.0.1:$port"]
 clients = ["127.0.0.0/8"]
+admin = "off"
 [policy]
 profiles = []
 [[policy.allow]]

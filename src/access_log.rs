@@ -37,6 +37,31 @@ pub struct AccessRecord {
 }
 
 impl AccessRecord {
+    /// Writes the canonical line and counts the request in the metrics.
+    pub fn finish(&self, metrics: &crate::metrics::Metrics) {
+        self.emit();
+        let category = self.category.clone().unwrap_or_else(|| "none".into());
+        let branch = self.branch.clone().unwrap_or_else(|| "none".into());
+        let verdict = self.verdict.unwrap_or("none");
+        let labels = crate::metrics::RequestLabels {
+            verdict,
+            end: self.end,
+            category,
+            branch,
+        };
+        metrics.requests.get_or_create(&labels).inc();
+        if self.bytes_up + self.bytes_down > 0 {
+            for (direction, bytes) in [("up", self.bytes_up), ("down", self.bytes_down)] {
+                let labels = crate::metrics::BytesLabels {
+                    direction,
+                    category: labels.category.clone(),
+                    branch: labels.branch.clone(),
+                };
+                metrics.bytes.get_or_create(&labels).inc_by(bytes);
+            }
+        }
+    }
+
     pub fn emit(&self) {
         tracing::info!(
             target: TARGET,

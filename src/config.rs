@@ -25,6 +25,7 @@ pub const DEFAULT_CLIENTS: &[&str] = &[
     "fc00::/7",
 ];
 pub const DEFAULT_PROXY_LISTEN: &str = "0.0.0.0:3128";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
 pub const DEFAULT_PROFILE: &str = "azure-file-sync";
 pub const DEFAULT_RULE_PORTS: &[u16] = &[443];
 pub const DEFAULT_CATEGORY: &str = "other";
@@ -80,6 +81,8 @@ pub struct Credential {
 #[derive(Clone, Debug)]
 pub struct Listen {
     pub proxy: Vec<SocketAddr>,
+    /// Admin listener (/metrics, /healthz, /readyz); `None` when switched off.
+    pub admin: Option<SocketAddr>,
     /// HTTPS proxy listeners: the same protocol inside TLS.
     pub tls_proxy: Vec<TlsListen>,
     /// Source networks allowed to use the proxy at all.
@@ -244,6 +247,7 @@ struct RawListen {
     clients: Option<Vec<Spanned<String>>>,
     tls_proxy: Vec<Spanned<RawTlsListen>>,
     proxy_protocol_from: Vec<Spanned<String>>,
+    admin: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -431,6 +435,16 @@ fn compile(raw: RawConfig, base: &Path, p: &mut Problems<'_>) -> Config {
                     })
                     .collect()
             }
+        },
+        admin: match &raw.listen.admin {
+            None => Some(DEFAULT_ADMIN_LISTEN.parse().expect("valid default")),
+            Some(v) if v.get_ref() == "off" => None,
+            Some(v) => parse_or(
+                p,
+                v,
+                "listen.admin",
+                "expected IP:PORT such as \"127.0.0.1:9464\", or \"off\"",
+            ),
         },
         tls_proxy: raw
             .listen

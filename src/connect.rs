@@ -36,6 +36,8 @@ pub struct Gateway {
     open_tunnels: Vec<Arc<AtomicU32>>,
     /// One acceptor per `listen.tls_proxy` entry, built from the files at load (and reload).
     pub tls_acceptors: Vec<Arc<TlsAcceptor>>,
+    /// Shared by every snapshot: counters survive reloads.
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Fresh CRL answers of the plain-HTTP lane.
     pub crl_cache: lane::CrlCache,
     /// CONNECT requests per client address, when `limits.connect_rate_per_client` is set.
@@ -88,6 +90,7 @@ impl Gateway {
             open_tunnels,
             tls_acceptors,
             crl_cache: lane::CrlCache::default(),
+            metrics: previous.map_or_else(Default::default, |p| p.metrics.clone()),
             connect_rate,
         })
     }
@@ -360,7 +363,7 @@ async fn real_client(
                 duration: started.elapsed(),
                 ..AccessRecord::default()
             }
-            .emit();
+            .finish(&gw.metrics);
             None
         }
     }
@@ -414,7 +417,7 @@ pub async fn serve_tls(
         duration: started.elapsed(),
         ..AccessRecord::default()
     }
-    .emit();
+    .finish(&gw.metrics);
 }
 
 async fn serve_stream(
@@ -443,7 +446,7 @@ async fn serve_stream(
         record.end = refusal.kind;
     }
     record.duration = started.elapsed();
-    record.emit();
+    record.finish(&gw.metrics);
     if replied {
         linger_close(client).await;
     }
@@ -608,6 +611,19 @@ async fn handle(
         })?;
     record.status = 200;
     record.reason = plan.decision.reason.to_owned();
+    let active = gw
+        .metrics
+        .tunnels_active
+        .get_or_create(&crate::metrics::TunnelLabels {
+            category: record.category.clone().unwrap_or_else(|| "none".into()),
+            branch: record.branch.clone().unwrap_or_else(|| "none".into()),
+        })
+        .clone();
+    active.inc();
+    // Counted down however the tunnel ends, early returns included.
+    let _active = scopeguard(move || {
+        active.dec();
+    });
     let mut first_bytes = std::mem::take(&mut req.early_data);
     let policy = &gw.config.policy;
     let sni_mode = policy.sni_mode(plan.decision.rule, req.target.port);
@@ -655,6 +671,19 @@ async fn handle(
     record.bytes_down = outcome.bytes_down;
     record.end = outcome.end.as_str();
     Ok(())
+}
+
+/// Runs `f` when dropped.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }
 
 fn lane_cache_key(target: &Target, path: &str) -> String {

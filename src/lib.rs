@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access_log;
+pub mod admin;
 pub mod config;
 pub mod connect;
 pub mod destination;
@@ -16,6 +17,7 @@ pub mod explain;
 pub mod hostname;
 pub mod identity;
 pub mod lane;
+pub mod metrics;
 pub mod policy;
 pub mod profiles;
 pub mod proxy_protocol;

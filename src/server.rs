@@ -8,7 +8,7 @@ use arc_swap::ArcSwap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -19,6 +19,9 @@ pub struct Server {
     current: Arc<ArcSwap<Gateway>>,
     /// Each listener, with its position among `listen.tls_proxy` when it is an HTTPS listener.
     listeners: Vec<(TcpListener, Option<usize>)>,
+    admin: Option<TcpListener>,
+    /// Set once shutdown begins: /readyz answers 503.
+    draining: Arc<AtomicBool>,
 }
 
 /// Applies a new configuration to a running server.
@@ -39,8 +42,14 @@ impl Reloader {
             return Err("listener addresses changed: restart the gateway to rebind".into());
         }
         let next = Gateway::replacing(config, Some(&previous))?;
+        next.metrics.reloaded(true);
         self.current.store(Arc::new(next));
         Ok(())
+    }
+
+    /// Counts a reload that failed before a configuration could be built (a bad file).
+    pub fn failed(&self) {
+        self.current.load().metrics.reloaded(false);
     }
 }
 
@@ -63,9 +72,17 @@ impl Server {
             })?;
             listeners.push((listener, tls_index));
         }
+        let admin = match config.listen.admin {
+            None => None,
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("cannot listen on {addr} (admin): {e}"))
+            })?),
+        };
         Ok(Self {
             current: Arc::new(ArcSwap::from_pointee(gateway)),
             listeners,
+            admin,
+            draining: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -105,6 +122,18 @@ impl Server {
                 next_id.clone(),
             ));
         }
+        let mut admin_task = None;
+        if let Some(admin) = self.admin {
+            if let Ok(addr) = admin.local_addr() {
+                tracing::info!(address = %addr, kind = "admin", "listening");
+            }
+            let metrics = self.current.load().metrics.clone();
+            admin_task = Some(tokio::spawn(crate::admin::serve(
+                admin,
+                metrics,
+                self.draining.clone(),
+            )));
+        }
         let current = self.current.clone();
         accept_loops.spawn(async move {
             let mut every_minute = tokio::time::interval(Duration::from_secs(60));
@@ -114,6 +143,7 @@ impl Server {
             }
         });
         shutdown.await;
+        self.draining.store(true, Ordering::Relaxed);
         // Drain: stop accepting (the listeners close with their loops), let open connections
         // finish within the drain timeout, then leave the rest to be closed at exit.
         accept_loops.shutdown().await;
@@ -135,6 +165,9 @@ impl Server {
                     "drain timeout reached; closing the rest"
                 );
             }
+        }
+        if let Some(task) = admin_task {
+            task.abort();
         }
     }
 }

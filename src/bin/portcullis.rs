@@ -223,6 +223,7 @@ async fn reload_on_sighup(path: Option<PathBuf>, reloader: portcullis::server::R
         {
             Ok(()) => tracing::info!(file = %path.display(), "reload applied"),
             Err(problems) => {
+                reloader.failed();
                 tracing::warn!(file = %path.display(), %problems, "reload rejected; the running configuration stays")
             }
         }

@@ -81,8 +81,8 @@ async fn a_reload_reads_the_tls_certificate_again() {
         ),
     )
     .replace(
-        "[listen]\nproxy = [\"127.0.0.1:0\"]",
-        "[listen]\nproxy = [\"127.0.0.1:0\"]\n\n[[listen.tls_proxy]]\naddress = \"127.0.0.1:0\"",
+        "admin = \"127.0.0.1:0\"",
+        "admin = \"127.0.0.1:0\"\n\n[[listen.tls_proxy]]\naddress = \"127.0.0.1:0\"",
     );
     let mut gw = Gateway::start(&config).await;
     let tls_addr = gw.tls_addr.unwrap();

@@ -222,6 +222,8 @@ pub struct Gateway {
     pub addr: SocketAddr,
     /// The first TLS listener's address, when the config has one.
     pub tls_addr: Option<SocketAddr>,
+    /// The admin listener's address, when the config has one.
+    pub admin_addr: Option<SocketAddr>,
     child: Child,
     logs: Arc<Mutex<Vec<Value>>>,
     _dir: tempfile::TempDir,
@@ -258,12 +260,19 @@ impl Gateway {
             child,
             logs,
             tls_addr: None,
+            admin_addr: None,
             _dir: dir,
         };
         let listening = gateway
             .wait_log(|l| l["message"] == "listening" && l["kind"] == "plain")
             .await;
         gateway.addr = listening["address"].as_str().unwrap().parse().unwrap();
+        if config.contains("admin = \"127.0.0.1:0\"") {
+            let admin = gateway
+                .wait_log(|l| l["message"] == "listening" && l["kind"] == "admin")
+                .await;
+            gateway.admin_addr = Some(admin["address"].as_str().unwrap().parse().unwrap());
+        }
         if config.contains("tls_proxy") {
             let tls = gateway
                 .wait_log(|l| l["message"] == "listening" && l["kind"] == "tls")
@@ -359,6 +368,7 @@ pub fn config_for(origin_port: u16, extra: &str) -> String {
         r#"
 [listen]
 proxy = ["127.0.0.1:0"]
+admin = "127.0.0.1:0"
 
 [[policy.allow]]
 name = "test-origin"

@@ -43,8 +43,8 @@ credentials = [{{ user = "berlin-fs1", password_hash = "{hash}" }}]
         resolver_hosts("")
     );
     let config = config_for(origin_port, &extra).replace(
-        "[listen]\nproxy = [\"127.0.0.1:0\"]",
-        &format!("[listen]\nproxy = [\"127.0.0.1:0\"]\n\n[[listen.tls_proxy]]\naddress = \"127.0.0.1:0\"\nclient_certificates = \"{mode}\""),
+        "admin = \"127.0.0.1:0\"",
+        &format!("admin = \"127.0.0.1:0\"\n\n[[listen.tls_proxy]]\naddress = \"127.0.0.1:0\"\nclient_certificates = \"{mode}\""),
     );
     let gw = Gateway::start(&config).await;
     let tls_addr = gw.tls_addr.unwrap();

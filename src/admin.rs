@@ -1,0 +1,66 @@
+//! The admin listener (127.0.0.1:9464 by default; `listen.admin = "off"` disables it):
+//!
+//! | route | answer |
+//! |---|---|
+//! | `GET /metrics` | Prometheus text exposition |
+//! | `GET /healthz` | 200 while the process runs |
+//! | `GET /readyz` | 200 when serving, 503 while draining |
+
+use crate::metrics::Metrics;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// Serves admin requests until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, draining: Arc<AtomicBool>) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let metrics = metrics.clone();
+        let draining = draining.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let answer = route(req.method(), req.uri().path(), &metrics, &draining);
+                async move { Ok::<_, std::convert::Infallible>(answer) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tcp), service);
+            let _ = tokio::time::timeout(Duration::from_secs(30), connection).await;
+        });
+    }
+}
+
+fn route(
+    method: &hyper::Method,
+    path: &str,
+    metrics: &Metrics,
+    draining: &AtomicBool,
+) -> hyper::Response<Full<Bytes>> {
+    let (status, content_type, body) = match (method.as_str(), path) {
+        ("GET", "/metrics") => (
+            200,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.render(),
+        ),
+        ("GET", "/healthz") => (200, "text/plain", "ok\n".to_owned()),
+        ("GET", "/readyz") if draining.load(Ordering::Relaxed) => {
+            (503, "text/plain", "draining\n".to_owned())
+        }
+        ("GET", "/readyz") => (200, "text/plain", "ready\n".to_owned()),
+        _ => (404, "text/plain", "not found\n".to_owned()),
+    };
+    hyper::Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts")
+}

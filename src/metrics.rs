@@ -1,0 +1,129 @@
+//! Prometheus metrics (prometheus-client). Label values come only from config-bounded sets
+//! (verdict, end kind, rule category, branch name, direction): a destination host is never a
+//! label. Updated once when a tunnel opens and once when a connection ends, never per chunk.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub verdict: &'static str,
+    pub end: &'static str,
+    pub category: String,
+    pub branch: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TunnelLabels {
+    pub category: String,
+    pub branch: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub direction: &'static str,
+    pub category: String,
+    pub branch: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+/// Every metric the gateway exports; shared by all configuration snapshots.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub tunnels_active: Family<TunnelLabels, Gauge>,
+    pub bytes: Family<BytesLabels, Counter>,
+    pub reloads: Family<ReloadLabels, Counter>,
+    pub last_reload_seconds: Gauge<f64, AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("portcullis");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Client requests by verdict, how they ended, category and branch",
+            requests.clone(),
+        );
+        let tunnels_active = Family::<TunnelLabels, Gauge>::default();
+        registry.register(
+            "tunnels_active",
+            "Open tunnels by category and branch",
+            tunnels_active.clone(),
+        );
+        let bytes = Family::<BytesLabels, Counter>::default();
+        registry.register(
+            "bytes",
+            "Tunnel bytes by direction (up: client to upstream), category and branch",
+            bytes.clone(),
+        );
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads by result",
+            reloads.clone(),
+        );
+        let last_reload_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "Unix time of the last configuration load that succeeded",
+            last_reload_seconds.clone(),
+        );
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("build_info", "Build information", build);
+        last_reload_seconds.set(unix_now());
+        Self {
+            registry,
+            requests,
+            tunnels_active,
+            bytes,
+            reloads,
+            last_reload_seconds,
+        }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn reloaded(&self, ok: bool) {
+        self.reloads
+            .get_or_create(&ReloadLabels {
+                result: if ok { "success" } else { "failure" },
+            })
+            .inc();
+        if ok {
+            self.last_reload_seconds.set(unix_now());
+        }
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}

@@ -1,0 +1,109 @@
+//! The admin listener: exact metric values after known traffic, health and readiness (503 while
+//! draining), reload counters.
+
+use crate::support::*;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn get(admin: std::net::SocketAddr, path: &str) -> Reply {
+    raw_request(
+        admin,
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn metrics_count_known_traffic_exactly_and_never_name_a_destination() {
+    let mut origin = TcpOrigin::start(b"5byte").await;
+    let port = origin.addr.port();
+    let mut gw = Gateway::start(&config_for(port, &resolver_hosts(""))).await;
+    let admin = gw.admin_addr.unwrap();
+
+    let (mut tunnel, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
+    assert_eq!(status, 200);
+    let metrics = get(admin, "/metrics").await.body;
+    assert!(
+        metrics.contains("portcullis_tunnels_active{category=\"storage\",branch=\"unassigned\"} 1"),
+        "{metrics}"
+    );
+    tunnel.write_all(b"ten bytes!").await.unwrap();
+    tunnel.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    tunnel.read_to_end(&mut reply).await.unwrap();
+    assert_eq!(origin.received.recv().await.unwrap(), b"ten bytes!");
+    let _ = gw.access_line(|l| l["end"] == "closed").await;
+    let denied = raw_request(gw.addr, b"CONNECT evil.example:443 HTTP/1.1\r\n\r\n").await;
+    assert_eq!(denied.status, 403);
+    let _ = gw.access_line(|l| l["end"] == "policy_denied").await;
+
+    let reply = get(admin, "/metrics").await;
+    assert_eq!(reply.status, 200);
+    let metrics = reply.body;
+    for want in [
+        "portcullis_requests_total{verdict=\"allow\",end=\"closed\",category=\"storage\",branch=\"unassigned\"} 1",
+        "portcullis_requests_total{verdict=\"deny\",end=\"policy_denied\",category=\"none\",branch=\"unassigned\"} 1",
+        "portcullis_bytes_total{direction=\"up\",category=\"storage\",branch=\"unassigned\"} 10",
+        "portcullis_bytes_total{direction=\"down\",category=\"storage\",branch=\"unassigned\"} 5",
+        "portcullis_tunnels_active{category=\"storage\",branch=\"unassigned\"} 0",
+        "portcullis_build_info{version=\"0.1.0\"} 1",
+    ] {
+        assert!(metrics.contains(want), "missing {want:?} in:\n{metrics}");
+    }
+    assert!(
+        !metrics.contains("share1") && !metrics.contains("evil"),
+        "no destination host in metrics"
+    );
+    assert_eq!(get(admin, "/healthz").await.status, 200);
+    assert_eq!(get(admin, "/nothing").await.status, 404);
+}
+
+#[tokio::test]
+async fn readiness_goes_503_while_draining_and_reloads_are_counted() {
+    let origin = TcpOrigin::start(b"").await;
+    let port = origin.addr.port();
+    let extra = format!("{}\n[timeouts]\ndrain = \"20s\"\n", resolver_hosts(""));
+    let mut gw = Gateway::start(&config_for(port, &extra)).await;
+    let admin = gw.admin_addr.unwrap();
+    assert_eq!(get(admin, "/readyz").await.status, 200);
+
+    // One good reload, one bad.
+    let good = std::fs::read_to_string(gw.config_path()).unwrap();
+    gw.signal("HUP");
+    let _ = gw.wait_log(|l| l["message"] == "reload applied").await;
+    std::fs::write(gw.config_path(), "nonsense = [").unwrap();
+    gw.signal("HUP");
+    let _ = gw
+        .wait_log(|l| l["message"] == "reload rejected; the running configuration stays")
+        .await;
+    std::fs::write(gw.config_path(), good).unwrap();
+    let metrics = get(admin, "/metrics").await.body;
+    assert!(
+        metrics.contains("portcullis_config_reloads_total{result=\"success\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("portcullis_config_reloads_total{result=\"failure\"} 1"),
+        "{metrics}"
+    );
+
+    let (tunnel, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
+    assert_eq!(status, 200);
+    gw.signal("TERM");
+    let _ = gw
+        .wait_log(|l| l["message"] == "stopped accepting; draining")
+        .await;
+    let ready = get(admin, "/readyz").await;
+    assert_eq!((ready.status, ready.body.as_str()), (503, "draining\n"));
+    assert_eq!(
+        get(admin, "/healthz").await.status,
+        200,
+        "alive while draining"
+    );
+    drop(tunnel);
+    let status = gw
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("exits once drained");
+    assert_eq!(status.code(), Some(0));
+}
