@@ -5,8 +5,9 @@
 //! | `GET /metrics` | Prometheus text exposition |
 //! | `GET /healthz` | 200 while the process runs |
 //! | `GET /readyz` | 200 when serving, 503 while draining |
+//! | `POST /reload` | from loopback only: reload the config file (200, or 422 with its problems) |
 
-use crate::metrics::Metrics;
+use crate::server::Reloader;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::service::service_fn;
@@ -17,17 +18,24 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 /// Serves admin requests until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, draining: Arc<AtomicBool>) {
+pub async fn serve(listener: TcpListener, reloader: Reloader, draining: Arc<AtomicBool>) {
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
+        let Ok((tcp, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let metrics = metrics.clone();
+        let reloader = reloader.clone();
         let draining = draining.clone();
+        let from_loopback = peer.ip().to_canonical().is_loopback();
         tokio::spawn(async move {
             let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let answer = route(req.method(), req.uri().path(), &metrics, &draining);
+                let answer = route(
+                    req.method(),
+                    req.uri().path(),
+                    &reloader,
+                    &draining,
+                    from_loopback,
+                );
                 async move { Ok::<_, std::convert::Infallible>(answer) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
@@ -42,15 +50,23 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, draining: Arc<A
 fn route(
     method: &hyper::Method,
     path: &str,
-    metrics: &Metrics,
+    reloader: &Reloader,
     draining: &AtomicBool,
+    from_loopback: bool,
 ) -> hyper::Response<Full<Bytes>> {
     let (status, content_type, body) = match (method.as_str(), path) {
         ("GET", "/metrics") => (
             200,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics.render(),
+            reloader.metrics().render(),
         ),
+        ("POST", "/reload") if !from_loopback => {
+            (403, "text/plain", "reload only from loopback\n".to_owned())
+        }
+        ("POST", "/reload") => match reloader.reload() {
+            Ok(()) => (200, "text/plain", "reloaded\n".to_owned()),
+            Err(problems) => (422, "text/plain", format!("{problems}\n")),
+        },
         ("GET", "/healthz") => (200, "text/plain", "ok\n".to_owned()),
         ("GET", "/readyz") if draining.load(Ordering::Relaxed) => {
             (503, "text/plain", "draining\n".to_owned())

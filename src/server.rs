@@ -7,6 +7,7 @@ use crate::connect::{self, Gateway};
 use arc_swap::ArcSwap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -22,15 +23,47 @@ pub struct Server {
     admin: Option<TcpListener>,
     /// Set once shutdown begins: /readyz answers 503.
     draining: Arc<AtomicBool>,
+    config_path: Option<PathBuf>,
 }
 
 /// Applies a new configuration to a running server.
 #[derive(Clone)]
 pub struct Reloader {
     current: Arc<ArcSwap<Gateway>>,
+    /// The file the gateway runs on; `None` for the built-in configuration.
+    path: Option<PathBuf>,
 }
 
 impl Reloader {
+    /// Reads the config file again and applies it (SIGHUP, `POST /reload`): counted in the
+    /// metrics, logged, and announced to systemd. A bad file leaves the running config.
+    pub fn reload(&self) -> Result<(), String> {
+        let Some(path) = &self.path else {
+            tracing::warn!("reload requested, but the gateway runs on the built-in config");
+            return Err("the gateway runs on the built-in config: nothing to reload".into());
+        };
+        if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading, now]);
+        }
+        let result = Config::load(path)
+            .map_err(|e| e.to_string())
+            .and_then(|c| self.apply(c));
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        match &result {
+            Ok(()) => tracing::info!(file = %path.display(), "reload applied"),
+            Err(problems) => {
+                self.failed();
+                tracing::warn!(file = %path.display(), %problems, "reload rejected; the running configuration stays");
+            }
+        }
+        result
+    }
+
+    /// The metrics of the running configuration (shared by all snapshots).
+    pub fn metrics(&self) -> Arc<crate::metrics::Metrics> {
+        self.current.load().metrics.clone()
+    }
+
     /// Builds a snapshot from `config` (reading TLS files again) and makes it current. Listener
     /// addresses are bound at start: a change to them is reported and waits for a restart.
     pub fn apply(&self, config: Config) -> Result<(), String> {
@@ -56,7 +89,7 @@ impl Reloader {
 impl Server {
     /// Binds every `listen.proxy` and `listen.tls_proxy` address; fails on the first that
     /// cannot be bound.
-    pub async fn bind(gateway: Gateway) -> std::io::Result<Self> {
+    pub async fn bind(gateway: Gateway, config_path: Option<PathBuf>) -> std::io::Result<Self> {
         let mut listeners = Vec::new();
         let config = &gateway.config;
         let plain = config.listen.proxy.iter().map(|addr| (*addr, None));
@@ -83,13 +116,15 @@ impl Server {
             listeners,
             admin,
             draining: Arc::new(AtomicBool::new(false)),
+            config_path,
         })
     }
 
-    /// A handle that applies new configurations (SIGHUP).
+    /// A handle that applies new configurations (SIGHUP, `POST /reload`).
     pub fn reloader(&self) -> Reloader {
         Reloader {
             current: self.current.clone(),
+            path: self.config_path.clone(),
         }
     }
 
@@ -127,10 +162,12 @@ impl Server {
             if let Ok(addr) = admin.local_addr() {
                 tracing::info!(address = %addr, kind = "admin", "listening");
             }
-            let metrics = self.current.load().metrics.clone();
             admin_task = Some(tokio::spawn(crate::admin::serve(
                 admin,
-                metrics,
+                Reloader {
+                    current: self.current.clone(),
+                    path: self.config_path.clone(),
+                },
                 self.draining.clone(),
             )));
         }
@@ -142,8 +179,10 @@ impl Server {
                 current.load().forget_idle_counters();
             }
         });
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         shutdown.await;
         self.draining.store(true, Ordering::Relaxed);
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         // Drain: stop accepting (the listeners close with their loops), let open connections
         // finish within the drain timeout, then leave the rest to be closed at exit.
         accept_loops.shutdown().await;

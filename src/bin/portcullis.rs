@@ -125,8 +125,8 @@ fn main() -> ExitCode {
             let config_path = config_path_for_reload;
             runtime(|| async move {
                 let gateway = Gateway::new(config).map_err(anyhow::Error::msg)?;
-                let server = Server::bind(gateway).await?;
-                tokio::spawn(reload_on_sighup(config_path, server.reloader()));
+                let server = Server::bind(gateway, config_path).await?;
+                tokio::spawn(reload_on_sighup(server.reloader()));
                 server.run(shutdown_signal()).await;
                 tracing::info!("exiting");
                 Ok(ExitCode::SUCCESS)
@@ -207,26 +207,13 @@ where
 
 /// SIGHUP (`systemctl reload`): re-read the config file and the files it names; a bad file is
 /// refused with its problems logged and the running configuration stays.
-async fn reload_on_sighup(path: Option<PathBuf>, reloader: portcullis::server::Reloader) {
+async fn reload_on_sighup(reloader: portcullis::server::Reloader) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hangups) = signal(SignalKind::hangup()) else {
         return;
     };
     while hangups.recv().await.is_some() {
-        let Some(path) = &path else {
-            tracing::warn!("reload requested, but the gateway runs on the built-in config");
-            continue;
-        };
-        match Config::load(path)
-            .map_err(|e| e.to_string())
-            .and_then(|c| reloader.apply(c))
-        {
-            Ok(()) => tracing::info!(file = %path.display(), "reload applied"),
-            Err(problems) => {
-                reloader.failed();
-                tracing::warn!(file = %path.display(), %problems, "reload rejected; the running configuration stays")
-            }
-        }
+        let _ = reloader.reload();
     }
 }
 

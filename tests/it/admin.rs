@@ -76,16 +76,26 @@ async fn readiness_goes_503_while_draining_and_reloads_are_counted() {
     let _ = gw
         .wait_log(|l| l["message"] == "reload rejected; the running configuration stays")
         .await;
+    // POST /reload from loopback: the bad file is refused with its problems, the good one applied.
+    let post =
+        b"POST /reload HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    let refused = raw_request(admin, post).await;
+    assert_eq!(refused.status, 422);
+    assert!(
+        refused.body.contains("portcullis.toml:1:"),
+        "{}",
+        refused.body
+    );
     std::fs::write(gw.config_path(), good).unwrap();
+    let applied = raw_request(admin, post).await;
+    assert_eq!((applied.status, applied.body.as_str()), (200, "reloaded\n"));
     let metrics = get(admin, "/metrics").await.body;
-    assert!(
-        metrics.contains("portcullis_config_reloads_total{result=\"success\"} 1"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("portcullis_config_reloads_total{result=\"failure\"} 1"),
-        "{metrics}"
-    );
+    for want in [
+        "portcullis_config_reloads_total{result=\"success\"} 2",
+        "portcullis_config_reloads_total{result=\"failure\"} 2",
+    ] {
+        assert!(metrics.contains(want), "missing {want:?} in:\n{metrics}");
+    }
 
     let (tunnel, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
     assert_eq!(status, 200);
