@@ -39,6 +39,14 @@ enum Command {
     /// Print an argon2id hash for a branch credential's `password_hash`. Reads the password
     /// from a prompt (no echo) on a terminal, else the first line of standard input.
     HashPassword,
+    /// Ask a running gateway's admin listener for /healthz (container HEALTHCHECK); exit 0 if
+    /// it answers 200 within 5 s.
+    Health {
+        #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:9464")]
+        admin: std::net::SocketAddr,
+        #[arg(long, default_value = "/healthz")]
+        path: String,
+    },
     /// Print the decision the gateway would take for CONNECT HOST:PORT.
     Explain {
         #[arg(long, value_name = "FILE")]
@@ -61,6 +69,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::HashPassword => hash_password(),
+        Command::Health { admin, path } => health(admin, &path),
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(config) => {
                 // The TLS files are part of a valid configuration too.
@@ -164,6 +173,36 @@ fn hash_password() -> ExitCode {
         }
         Err(e) => {
             eprintln!("portcullis: cannot read the password: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn health(admin: std::net::SocketAddr, path: &str) -> ExitCode {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(5);
+    let answer = (|| -> std::io::Result<String> {
+        let mut tcp = std::net::TcpStream::connect_timeout(&admin, timeout)?;
+        tcp.set_read_timeout(Some(timeout))?;
+        write!(
+            tcp,
+            "GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut reply = String::new();
+        tcp.take(64 * 1024).read_to_string(&mut reply)?;
+        Ok(reply)
+    })();
+    match answer {
+        Ok(reply) if reply.starts_with("HTTP/1.1 200") => ExitCode::SUCCESS,
+        Ok(reply) => {
+            eprintln!(
+                "portcullis: {}",
+                reply.lines().next().unwrap_or("no answer")
+            );
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("portcullis: {admin}: {e}");
             ExitCode::from(1)
         }
     }

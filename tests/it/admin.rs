@@ -56,6 +56,17 @@ async fn metrics_count_known_traffic_exactly_and_never_name_a_destination() {
     );
     assert_eq!(get(admin, "/healthz").await.status, 200);
     assert_eq!(get(admin, "/nothing").await.status, 404);
+    // The container HEALTHCHECK command.
+    let health = |path: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["health", "--admin", &admin.to_string(), "--path", path])
+            .output()
+            .unwrap()
+            .status
+            .code()
+    };
+    assert_eq!(health("/healthz"), Some(0));
+    assert_eq!(health("/nothing"), Some(1));
 }
 
 #[tokio::test]

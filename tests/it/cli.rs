@@ -16,9 +16,12 @@ fn text(bytes: &[u8]) -> String {
 
 #[test]
 fn every_example_config_is_valid() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut seen = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
+    let entries = std::fs::read_dir(root.join("config"))
+        .unwrap()
+        .chain(std::fs::read_dir(root.join("docker")).unwrap());
+    for entry in entries {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
             let out = portcullis(&["check-config", path.to_str().unwrap()]);
