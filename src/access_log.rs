@@ -30,6 +30,8 @@ pub struct AccessRecord {
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub connect_time: Option<Duration>,
+    /// Name resolution time (not logged; a metric).
+    pub resolve_time: Option<Duration>,
     pub duration: Duration,
     /// How the connection ended: "closed", "idle_timeout", "client_error", "upstream_error",
     /// or the refusal kind ("policy_denied", "bad_request", ...).
@@ -50,6 +52,12 @@ impl AccessRecord {
             branch,
         };
         metrics.requests.get_or_create(&labels).inc();
+        if let Some(t) = self.connect_time {
+            metrics.dial_seconds.observe(t.as_secs_f64());
+        }
+        if let Some(t) = self.resolve_time {
+            metrics.dns_seconds.observe(t.as_secs_f64());
+        }
         if self.bytes_up + self.bytes_down > 0 {
             for (direction, bytes) in [("up", self.bytes_up), ("down", self.bytes_down)] {
                 let labels = crate::metrics::BytesLabels {

@@ -198,6 +198,8 @@ pub struct Plan<'g> {
     /// Where the addresses came from: "literal", "override" or "dns".
     pub source: Option<&'static str>,
     pub candidates: Vec<Candidate>,
+    /// How long name resolution took (names only; overrides included).
+    pub resolve_time: Option<Duration>,
     /// Set when the request must be refused; otherwise dial the candidates that passed.
     pub refusal: Option<Refusal>,
 }
@@ -230,6 +232,7 @@ pub async fn plan<'g>(
     let mut plan = Plan {
         client_allowed: gw.client_allowed(client),
         identity: None,
+        resolve_time: None,
         decision,
         source: None,
         candidates: Vec::new(),
@@ -262,7 +265,7 @@ pub async fn plan<'g>(
             plan.source = Some("literal");
             vec![*ip]
         }
-        Host::Name(name) => match gw.resolver.resolve(name).await {
+        Host::Name(name) => match timed(&mut plan.resolve_time, gw.resolver.resolve(name)).await {
             Ok((addrs, source)) => {
                 plan.source = Some(source.as_str());
                 addrs
@@ -506,6 +509,7 @@ async fn handle(
         Ok(None)
     };
     let plan = plan(gw, peer.ip(), who, &req.target).await;
+    record.resolve_time = plan.resolve_time;
     if let Some(identity) = plan.identity {
         record.branch = Some(identity::name(&gw.config.branches, identity).to_owned());
         record.verdict = Some(plan.decision.verdict.as_str());
@@ -671,6 +675,14 @@ async fn handle(
     record.bytes_down = outcome.bytes_down;
     record.end = outcome.end.as_str();
     Ok(())
+}
+
+/// Awaits `work`, storing how long it took.
+async fn timed<T>(took: &mut Option<Duration>, work: impl std::future::Future<Output = T>) -> T {
+    let started = Instant::now();
+    let out = work.await;
+    *took = Some(started.elapsed());
+    out
 }
 
 /// Runs `f` when dropped.

@@ -6,6 +6,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
@@ -48,6 +49,15 @@ pub struct Metrics {
     pub bytes: Family<BytesLabels, Counter>,
     pub reloads: Family<ReloadLabels, Counter>,
     pub last_reload_seconds: Gauge<f64, AtomicU64>,
+    /// Upstream connect time, all candidate addresses together.
+    pub dial_seconds: Histogram,
+    /// Name resolution time (static overrides included).
+    pub dns_seconds: Histogram,
+}
+
+/// 0.25 ms to about 16 s, doubling.
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.000_25, 2.0, 17)
 }
 
 impl Default for Metrics {
@@ -83,6 +93,18 @@ impl Default for Metrics {
             "Unix time of the last configuration load that succeeded",
             last_reload_seconds.clone(),
         );
+        let dial_seconds = Histogram::new(latency_buckets());
+        registry.register(
+            "dial_seconds",
+            "Time to connect upstream",
+            dial_seconds.clone(),
+        );
+        let dns_seconds = Histogram::new(latency_buckets());
+        registry.register(
+            "dns_seconds",
+            "Time to resolve the target name",
+            dns_seconds.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -98,6 +120,8 @@ impl Default for Metrics {
             bytes,
             reloads,
             last_reload_seconds,
+            dial_seconds,
+            dns_seconds,
         }
     }
 }

@@ -47,6 +47,8 @@ async fn metrics_count_known_traffic_exactly_and_never_name_a_destination() {
         "portcullis_bytes_total{direction=\"down\",category=\"storage\",branch=\"unassigned\"} 5",
         "portcullis_tunnels_active{category=\"storage\",branch=\"unassigned\"} 0",
         "portcullis_build_info{version=\"0.1.0\"} 1",
+        "portcullis_dial_seconds_count 1",
+        "portcullis_dns_seconds_count 1",
     ] {
         assert!(metrics.contains(want), "missing {want:?} in:\n{metrics}");
     }

@@ -145,5 +145,9 @@ async fn curl_through_the_proxy_passes_the_sni_check() {
     );
     assert_eq!(out.stdout.len(), 5000);
     let line = gw.access_line(|l| l["sni"] == ORIGIN_HOST).await;
-    assert_eq!(line["end"], "closed");
+    assert_eq!(line["status"], 200);
+    // curl may reset rather than close once it has its answer (unread close_notify): either
+    // way the tunnel was not cut by the SNI check.
+    let end = line["end"].as_str().unwrap();
+    assert!(end == "closed" || end == "client_error", "{line}");
 }
