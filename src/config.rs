@@ -274,6 +274,7 @@ struct RawPolicy {
     allow: Vec<Spanned<RawRule>>,
     allow_unassigned: bool,
     sni: Option<crate::sni::SniMode>,
+    on_reload: Option<crate::policy::OnReload>,
 }
 
 #[derive(Deserialize)]
@@ -542,6 +543,10 @@ fn compile(raw: RawConfig, base: &Path, p: &mut Problems<'_>) -> Config {
         rules,
         allow_unassigned: raw.policy.allow_unassigned,
         sni: raw.policy.sni.unwrap_or(crate::sni::SniMode::Match),
+        on_reload: raw
+            .policy
+            .on_reload
+            .unwrap_or(crate::policy::OnReload::Keep),
     };
     let branches = compile_branches(p, &raw.branch, &policy);
 

@@ -38,6 +38,9 @@ pub struct Gateway {
     pub tls_acceptors: Vec<Arc<TlsAcceptor>>,
     /// Shared by every snapshot: counters survive reloads.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Open tunnels a reload may close (tracked only under `on_reload = "close-denied"`);
+    /// shared by every snapshot.
+    pub revocable: Arc<Revocable>,
     /// Fresh CRL answers of the plain-HTTP lane.
     pub crl_cache: lane::CrlCache,
     /// CONNECT requests per client address, when `limits.connect_rate_per_client` is set.
@@ -91,6 +94,7 @@ impl Gateway {
             tls_acceptors,
             crl_cache: lane::CrlCache::default(),
             metrics: previous.map_or_else(Default::default, |p| p.metrics.clone()),
+            revocable: previous.map_or_else(Default::default, |p| p.revocable.clone()),
             connect_rate,
         })
     }
@@ -128,6 +132,68 @@ impl Gateway {
             .clients
             .iter()
             .any(|net| net.contains(&ip))
+    }
+}
+
+/// Tunnels that a reload under `on_reload = "close-denied"` may close.
+#[derive(Default)]
+pub struct Revocable {
+    open: std::sync::Mutex<std::collections::HashMap<u64, RevocableTunnel>>,
+}
+
+struct RevocableTunnel {
+    target: Target,
+    branch: Option<String>,
+    stop: Arc<tokio::sync::Notify>,
+}
+
+impl Revocable {
+    fn register(
+        &self,
+        conn_id: u64,
+        target: Target,
+        branch: Option<String>,
+    ) -> Arc<tokio::sync::Notify> {
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let entry = RevocableTunnel {
+            target,
+            branch,
+            stop: stop.clone(),
+        };
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(conn_id, entry);
+        stop
+    }
+
+    fn remove(&self, conn_id: u64) {
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&conn_id);
+    }
+
+    /// Closes the open tunnels `gw`'s policy denies; returns how many.
+    pub fn close_denied(&self, gw: &Gateway) -> usize {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let mut closed = 0;
+        for tunnel in open.values() {
+            let branch = tunnel
+                .branch
+                .as_ref()
+                .and_then(|name| gw.config.branches.iter().find(|b| &b.name == name));
+            let allowed = branch.and_then(|b| b.allowed_rules.as_deref());
+            let decision =
+                gw.config
+                    .policy
+                    .decide(&tunnel.target.host, tunnel.target.port, allowed);
+            if decision.verdict == Verdict::Deny {
+                tunnel.stop.notify_one();
+                closed += 1;
+            }
+        }
+        closed
     }
 }
 
@@ -662,14 +728,23 @@ async fn handle(
             })?;
         record.bytes_up = first_bytes.len() as u64;
     }
+    // Under `on_reload = "close-denied"` a reload may close this tunnel.
+    let stop = (gw.config.policy.on_reload == crate::policy::OnReload::CloseDenied).then(|| {
+        gw.revocable
+            .register(record.conn_id, req.target.clone(), record.branch.clone())
+    });
+    let conn_id = record.conn_id;
+    let _unregister = stop
+        .is_some()
+        .then(|| scopeguard(move || gw.revocable.remove(conn_id)));
     // Nothing of the request is needed any more: an idle tunnel holds only its sockets.
     drop((req, plan, first_bytes));
 
     // Plain clients splice; TLS clients go through the buffered copy (bytes must be decrypted).
     let outcome = if let ClientStream::Plain(tcp) = client {
-        tunnel::relay_tcp(tcp, &mut upstream, timeouts.idle).await
+        tunnel::relay_tcp(tcp, &mut upstream, timeouts.idle, stop.as_deref()).await
     } else {
-        tunnel::relay(client, &mut upstream, timeouts.idle).await
+        tunnel::relay(client, &mut upstream, timeouts.idle, stop.as_deref()).await
     };
     record.bytes_up += outcome.bytes_up;
     record.bytes_down = outcome.bytes_down;

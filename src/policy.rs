@@ -87,6 +87,18 @@ pub struct Policy {
     pub allow_unassigned: bool,
     /// Default SNI check for port-443 tunnels whose rule does not say.
     pub sni: crate::sni::SniMode,
+    /// What a reload does to open tunnels.
+    pub on_reload: OnReload,
+}
+
+/// What a reload does to tunnels that are already open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnReload {
+    /// Open tunnels keep the policy they started with.
+    Keep,
+    /// Tunnels the new policy denies are closed (`end = "closed_by_reload"`).
+    CloseDenied,
 }
 
 impl Policy {
@@ -174,6 +186,7 @@ mod tests {
         let policy = Policy {
             allow_unassigned: false,
             sni: crate::sni::SniMode::Match,
+            on_reload: OnReload::Keep,
             mode: Mode::Enforce,
             rules: vec![
                 rule("storage", &["*.core.windows.net"], &[443], &[]),
@@ -248,6 +261,7 @@ mod tests {
         let policy = Policy {
             allow_unassigned: false,
             sni: crate::sni::SniMode::Match,
+            on_reload: OnReload::Keep,
             mode: Mode::Enforce,
             rules: vec![
                 rule("contoso", &["contoso.file.core.windows.net"], &[443], &[]),
@@ -286,6 +300,7 @@ mod tests {
         let policy = Policy {
             allow_unassigned: false,
             sni: crate::sni::SniMode::Match,
+            on_reload: OnReload::Keep,
             mode: Mode::Report,
             rules: vec![rule("s", &["a.example"], &[443], &[])],
         };

@@ -74,9 +74,16 @@ impl Reloader {
         if old.proxy != config.listen.proxy || tls_addresses(old) != tls_addresses(&config.listen) {
             return Err("listener addresses changed: restart the gateway to rebind".into());
         }
-        let next = Gateway::replacing(config, Some(&previous))?;
+        let next = Arc::new(Gateway::replacing(config, Some(&previous))?);
         next.metrics.reloaded(true);
-        self.current.store(Arc::new(next));
+        self.current.store(next.clone());
+        if next.config.policy.on_reload == crate::policy::OnReload::CloseDenied {
+            let closed = next.revocable.close_denied(&next);
+            tracing::info!(
+                closed_tunnels = closed,
+                "closed open tunnels the new policy denies"
+            );
+        }
         Ok(())
     }
 

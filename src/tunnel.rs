@@ -14,6 +14,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep, sleep_until};
 
 /// Per-direction buffer while data flows. Larger buffers mean fewer system calls per byte on
@@ -78,6 +79,8 @@ pub enum End {
     ClientError,
     /// Reading from or writing to the upstream failed.
     UpstreamError,
+    /// A reload's new policy denies it (`on_reload = "close-denied"`).
+    Revoked,
 }
 
 impl End {
@@ -87,6 +90,7 @@ impl End {
             End::Idle => "idle_timeout",
             End::ClientError => "client_error",
             End::UpstreamError => "upstream_error",
+            End::Revoked => "closed_by_reload",
         }
     }
 }
@@ -229,12 +233,25 @@ impl Pipe {
 
 /// Copies both ways between `client` and `upstream` until both sides have closed, one fails, or
 /// no byte moves for `idle`, through user-space buffers.
-pub async fn relay<C, U>(client: &mut C, upstream: &mut U, idle: Duration) -> Outcome
+pub async fn relay<C, U>(
+    client: &mut C,
+    upstream: &mut U,
+    idle: Duration,
+    stop: Option<&Notify>,
+) -> Outcome
 where
     C: Endpoint + ?Sized,
     U: Endpoint + ?Sized,
 {
-    drive(client, upstream, idle, Pipe::default(), Pipe::default()).await
+    drive(
+        client,
+        upstream,
+        idle,
+        stop,
+        Pipe::default(),
+        Pipe::default(),
+    )
+    .await
 }
 
 /// `relay` for plain TCP on both sides: on Linux the bytes never enter user space (splice).
@@ -242,6 +259,7 @@ pub async fn relay_tcp(
     client: &mut TcpStream,
     upstream: &mut TcpStream,
     idle: Duration,
+    stop: Option<&Notify>,
 ) -> Outcome {
     #[cfg(target_os = "linux")]
     {
@@ -250,6 +268,7 @@ pub async fn relay_tcp(
             client,
             upstream,
             idle,
+            stop,
             SplicePipe::default(),
             SplicePipe::default(),
         )
@@ -257,7 +276,7 @@ pub async fn relay_tcp(
     }
     #[cfg(not(target_os = "linux"))]
     {
-        relay(client, upstream, idle).await
+        relay(client, upstream, idle, stop).await
     }
 }
 
@@ -266,6 +285,7 @@ async fn drive<C, U, P>(
     client: &mut C,
     upstream: &mut U,
     idle: Duration,
+    stop: Option<&Notify>,
     mut up: P,
     mut down: P,
 ) -> Outcome
@@ -280,7 +300,14 @@ where
     let mut idle_check: Pin<Box<Sleep>> = Box::pin(sleep_until(Instant::now() + tick));
     let mut quiet = Duration::ZERO;
 
+    // A reload that revokes this tunnel (`on_reload = "close-denied"`) wakes this.
+    let mut revoked = stop.map(|n| Box::pin(n.notified()));
     let end = poll_fn(|cx| {
+        if let Some(revoked) = &mut revoked
+            && revoked.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(End::Revoked);
+        }
         if !Copier::<C, U>::progress(&mut up).done {
             match Copier::<C, U>::poll_copy(&mut up, cx, client, upstream) {
                 Poll::Ready(Err(Failed::Reader)) => return Poll::Ready(End::ClientError),
@@ -345,7 +372,9 @@ mod tests {
         let (client, mut client_side) = duplex(1024);
         let (mut upstream_side, upstream) = duplex(1024);
         let relay =
-            tokio::spawn(async move { relay(&mut client_side, &mut upstream_side, idle).await });
+            tokio::spawn(
+                async move { relay(&mut client_side, &mut upstream_side, idle, None).await },
+            );
         (client, upstream, relay)
     }
 

@@ -178,3 +178,47 @@ async fn a_hundred_reloads_under_two_hundred_busy_tunnels_drop_nothing() {
     let closed = gw.count_logs(|l| l["target"] == "portcullis::access" && l["end"] == "closed");
     assert_eq!(closed, TUNNELS);
 }
+
+#[tokio::test]
+async fn close_denied_closes_only_the_tunnels_the_new_policy_denies() {
+    let mut kept_origin = TcpOrigin::start(b"kept").await;
+    let revoked_origin = TcpOrigin::start(b"").await;
+    let (kept_port, revoked_port) = (kept_origin.addr.port(), revoked_origin.addr.port());
+    let config = |ports: &str| {
+        config_for(kept_port, &resolver_hosts(""))
+            .replace(
+                &format!("ports = [{kept_port}]"),
+                &format!("ports = [{ports}]"),
+            )
+            .replace(
+                "[listen]",
+                "[policy]\non_reload = \"close-denied\"\n\n[listen]",
+            )
+    };
+    let mut gw = Gateway::start(&config(&format!("{kept_port}, {revoked_port}"))).await;
+    let (mut kept, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{kept_port}"), b"").await;
+    assert_eq!(status, 200);
+    let (mut revoked, status) =
+        open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{revoked_port}"), b"").await;
+    assert_eq!(status, 200);
+
+    std::fs::write(gw.config_path(), config(&kept_port.to_string())).unwrap();
+    reload(&mut gw, "reload applied").await;
+    let line = gw
+        .wait_log(|l| l["message"] == "closed open tunnels the new policy denies")
+        .await;
+    assert_eq!(line["closed_tunnels"], 1);
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), revoked.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the denied tunnel is closed");
+    let line = gw.access_line(|l| l["port"] == revoked_port).await;
+    assert_eq!(line["end"], "closed_by_reload");
+
+    // The tunnel the new policy still allows carries on.
+    kept.write_all(b"still allowed").await.unwrap();
+    kept.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    kept.read_to_end(&mut reply).await.unwrap();
+    assert_eq!(reply, b"kept");
+    assert_eq!(kept_origin.received.recv().await.unwrap(), b"still allowed");
+}
