@@ -5,6 +5,7 @@
 use crate::config::Config;
 use crate::connect::{self, Gateway};
 use arc_swap::ArcSwap;
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,13 +14,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+/// A listener's configured address, and its position among `listen.tls_proxy` for HTTPS.
+type ListenerKey = (SocketAddr, Option<usize>);
 
 pub struct Server {
     /// The current snapshot; each connection takes the one current at its accept and keeps
     /// it for its whole life, so a reload never changes an open tunnel.
     current: Arc<ArcSwap<Gateway>>,
-    /// Each listener, with its position among `listen.tls_proxy` when it is an HTTPS listener.
-    listeners: Vec<(TcpListener, Option<usize>)>,
+    /// Each listener by its configured address, with its position among `listen.tls_proxy`
+    /// when it is an HTTPS listener.
+    listeners: Vec<(ListenerKey, TcpListener)>,
+    listen_changed: Arc<tokio::sync::Notify>,
     admin: Option<TcpListener>,
     /// Set once shutdown begins: /readyz answers 503.
     draining: Arc<AtomicBool>,
@@ -32,6 +39,8 @@ pub struct Reloader {
     current: Arc<ArcSwap<Gateway>>,
     /// The file the gateway runs on; `None` for the built-in configuration.
     path: Option<PathBuf>,
+    /// Wakes the accept side to rebind listeners whose addresses changed.
+    listen_changed: Arc<tokio::sync::Notify>,
 }
 
 impl Reloader {
@@ -64,19 +73,25 @@ impl Reloader {
         self.current.load().metrics.clone()
     }
 
-    /// Builds a snapshot from `config` (reading TLS files again) and makes it current. Listener
-    /// addresses are bound at start: a change to them is reported and waits for a restart.
+    /// Builds a snapshot from `config` (reading TLS files again) and makes it current; listeners
+    /// whose addresses changed are rebound (the admin listener moves only at restart).
     pub fn apply(&self, config: Config) -> Result<(), String> {
         let previous = self.current.load_full();
         let old = &previous.config.listen;
-        let tls_addresses =
-            |l: &crate::config::Listen| l.tls_proxy.iter().map(|t| t.address).collect::<Vec<_>>();
-        if old.proxy != config.listen.proxy || tls_addresses(old) != tls_addresses(&config.listen) {
-            return Err("listener addresses changed: restart the gateway to rebind".into());
+        let addresses = |l: &crate::config::Listen| {
+            let tls: Vec<_> = l.tls_proxy.iter().map(|t| t.address).collect();
+            (l.proxy.clone(), tls)
+        };
+        let listen_changed = addresses(old) != addresses(&config.listen);
+        if old.admin != config.listen.admin {
+            tracing::warn!("the admin listener moves only at restart");
         }
         let next = Arc::new(Gateway::replacing(config, Some(&previous))?);
         next.metrics.reloaded(true);
         self.current.store(next.clone());
+        if listen_changed {
+            self.listen_changed.notify_one();
+        }
         if next.config.policy.on_reload == crate::policy::OnReload::CloseDenied {
             let closed = next.revocable.close_denied(&next);
             tracing::info!(
@@ -110,7 +125,7 @@ impl Server {
             let listener = TcpListener::bind(addr).await.map_err(|e| {
                 std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
             })?;
-            listeners.push((listener, tls_index));
+            listeners.push(((addr, tls_index), listener));
         }
         let admin = match config.listen.admin {
             None => None,
@@ -124,6 +139,7 @@ impl Server {
             admin,
             draining: Arc::new(AtomicBool::new(false)),
             config_path,
+            listen_changed: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -132,6 +148,7 @@ impl Server {
         Reloader {
             current: self.current.clone(),
             path: self.config_path.clone(),
+            listen_changed: self.listen_changed.clone(),
         }
     }
 
@@ -139,7 +156,7 @@ impl Server {
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners
             .iter()
-            .filter_map(|(l, _)| l.local_addr().ok())
+            .filter_map(|(_, l)| l.local_addr().ok())
             .collect()
     }
 
@@ -151,19 +168,22 @@ impl Server {
         ));
         let next_id = Arc::new(AtomicU64::new(1));
         let mut accept_loops = tokio::task::JoinSet::new();
-        for (listener, tls_index) in self.listeners {
+        let spawn = |(key, listener): (ListenerKey, TcpListener)| {
             if let Ok(addr) = listener.local_addr() {
-                let kind = if tls_index.is_some() { "tls" } else { "plain" };
+                let kind = if key.1.is_some() { "tls" } else { "plain" };
                 tracing::info!(address = %addr, kind, "listening");
             }
-            accept_loops.spawn(accept_loop(
+            let accepting = accept_loop(
                 listener,
-                tls_index,
+                key.1,
                 self.current.clone(),
                 permits.clone(),
                 next_id.clone(),
-            ));
-        }
+            );
+            (key, tokio::spawn(accepting))
+        };
+        let mut listening: HashMap<ListenerKey, JoinHandle<()>> =
+            self.listeners.into_iter().map(spawn).collect();
         let mut admin_task = None;
         if let Some(admin) = self.admin {
             if let Ok(addr) = admin.local_addr() {
@@ -174,6 +194,7 @@ impl Server {
                 Reloader {
                     current: self.current.clone(),
                     path: self.config_path.clone(),
+                    listen_changed: self.listen_changed.clone(),
                 },
                 self.draining.clone(),
             )));
@@ -187,11 +208,47 @@ impl Server {
             }
         });
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-        shutdown.await;
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = self.listen_changed.notified() => {
+                    // A reload changed listener addresses: close the ones gone, bind the new.
+                    let config = &self.current.load().config;
+                    let plain = config.listen.proxy.iter().map(|a| (*a, None));
+                    let tls = config.listen.tls_proxy.iter().enumerate().map(|(i, l)| (l.address, Some(i)));
+                    let wanted: Vec<ListenerKey> = plain.chain(tls).collect();
+                    let gone: Vec<ListenerKey> = listening.keys().filter(|k| !wanted.contains(k)).copied().collect();
+                    for key in gone {
+                        if let Some(handle) = listening.remove(&key) {
+                            handle.abort();
+                            let _ = handle.await;
+                            tracing::info!(address = %key.0, "stopped listening");
+                        }
+                    }
+                    for key in wanted {
+                        if listening.contains_key(&key) {
+                            continue;
+                        }
+                        match TcpListener::bind(key.0).await {
+                            Ok(listener) => {
+                                let (key, handle) = spawn((key, listener));
+                                listening.insert(key, handle);
+                            }
+                            Err(e) => tracing::warn!(address = %key.0, error = %e, "cannot listen"),
+                        }
+                    }
+                }
+            }
+        }
         self.draining.store(true, Ordering::Relaxed);
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         // Drain: stop accepting (the listeners close with their loops), let open connections
         // finish within the drain timeout, then leave the rest to be closed at exit.
+        for (_, handle) in listening.drain() {
+            handle.abort();
+            let _ = handle.await;
+        }
         accept_loops.shutdown().await;
         let max = self.current.load().config.limits.max_connections;
         let drain = self.current.load().config.timeouts.drain;

@@ -222,3 +222,48 @@ async fn close_denied_closes_only_the_tunnels_the_new_policy_denies() {
     assert_eq!(reply, b"kept");
     assert_eq!(kept_origin.received.recv().await.unwrap(), b"still allowed");
 }
+
+#[tokio::test]
+async fn a_reload_that_changes_listener_addresses_rebinds_only_those() {
+    let origin = TcpOrigin::start(b"").await;
+    let port = origin.addr.port();
+    let base = config_for(port, &resolver_hosts(""));
+    let mut gw = Gateway::start(&base).await;
+    let extra_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let extra = format!("127.0.0.1:{extra_port}");
+
+    let with_extra = base.replace(
+        "proxy = [\"127.0.0.1:0\"]",
+        &format!("proxy = [\"127.0.0.1:0\", \"{extra}\"]"),
+    );
+    std::fs::write(gw.config_path(), &with_extra).unwrap();
+    reload(&mut gw, "reload applied").await;
+    let _ = gw
+        .wait_log(|l| l["message"] == "listening" && l["address"] == extra.as_str())
+        .await;
+    let (_tunnel, status) = open_tunnel(
+        extra.parse().unwrap(),
+        &format!("{ORIGIN_HOST}:{port}"),
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200, "the new listener serves");
+    let (_tunnel, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
+    assert_eq!(status, 200, "the unchanged listener kept serving");
+
+    std::fs::write(gw.config_path(), &base).unwrap();
+    reload(&mut gw, "reload applied").await;
+    let _ = gw
+        .wait_log(|l| l["message"] == "stopped listening" && l["address"] == extra.as_str())
+        .await;
+    assert!(
+        tokio::net::TcpStream::connect(&extra).await.is_err(),
+        "the removed listener is closed"
+    );
+    let (_tunnel, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
+    assert_eq!(status, 200);
+}
