@@ -220,6 +220,15 @@ pub struct Refusal {
 }
 
 impl Refusal {
+    /// A failure after which no reply can be sent (the 200 went out, or the client left).
+    fn gone(kind: &'static str, reason: &'static str) -> Self {
+        Self {
+            status: None,
+            kind,
+            reason: Cow::Borrowed(reason),
+        }
+    }
+
     fn new(status: u16, kind: &'static str, reason: impl Into<Cow<'static, str>>) -> Self {
         Self {
             status: Some(status),
@@ -674,11 +683,7 @@ async fn handle(
 
     request::write_established(client)
         .await
-        .map_err(|_| Refusal {
-            status: None,
-            kind: "client_error",
-            reason: "client went away before 200".into(),
-        })?;
+        .map_err(|_| Refusal::gone("client_error", "client went away before 200"))?;
     record.status = 200;
     record.reason = plan.decision.reason.to_owned();
     let active = gw
@@ -721,11 +726,7 @@ async fn handle(
         upstream
             .write_all(&first_bytes)
             .await
-            .map_err(|_| Refusal {
-                status: None,
-                kind: "upstream_error",
-                reason: "upstream write failed".into(),
-            })?;
+            .map_err(|_| Refusal::gone("upstream_error", "upstream write failed"))?;
         record.bytes_up = first_bytes.len() as u64;
     }
     // Under `on_reload = "close-denied"` a reload may close this tunnel.
@@ -788,11 +789,7 @@ async fn send_lane_answer(
     record.reason = "allowed".into();
     record.bytes_down = lane::respond(client, answer, with_body)
         .await
-        .map_err(|_| Refusal {
-            status: None,
-            kind: "client_error",
-            reason: "client went away during the response".into(),
-        })?;
+        .map_err(|_| Refusal::gone("client_error", "client went away during the response"))?;
     record.end = end;
     Ok(())
 }

@@ -181,19 +181,26 @@ mod tests {
         }
     }
 
-    #[test]
-    fn decision_table() {
-        let policy = Policy {
+    fn policy(mode: Mode, rules: Vec<Rule>) -> Policy {
+        Policy {
             allow_unassigned: false,
             sni: crate::sni::SniMode::Match,
             on_reload: OnReload::Keep,
-            mode: Mode::Enforce,
-            rules: vec![
+            mode,
+            rules,
+        }
+    }
+
+    #[test]
+    fn decision_table() {
+        let policy = policy(
+            Mode::Enforce,
+            vec![
                 rule("storage", &["*.core.windows.net"], &[443], &[]),
                 rule("crl", &["crl.microsoft.com"], &[80], &[]),
                 rule("pe", &[], &[443], &["10.20.0.0/16"]),
             ],
-        };
+        );
         let table: &[(&str, Verdict, Option<&str>, &str)] = &[
             (
                 "a.file.core.windows.net:443",
@@ -258,16 +265,13 @@ mod tests {
 
     #[test]
     fn a_branch_narrowing_skips_rules_it_does_not_hold() {
-        let policy = Policy {
-            allow_unassigned: false,
-            sni: crate::sni::SniMode::Match,
-            on_reload: OnReload::Keep,
-            mode: Mode::Enforce,
-            rules: vec![
+        let policy = policy(
+            Mode::Enforce,
+            vec![
                 rule("contoso", &["contoso.file.core.windows.net"], &[443], &[]),
                 rule("storage", &["*.core.windows.net"], &[443], &[]),
             ],
-        };
+        );
         let only_contoso = [true, false];
         let table: &[(&str, Option<&str>, &str)] = &[
             (
@@ -297,13 +301,7 @@ mod tests {
 
     #[test]
     fn report_mode_turns_denials_into_would_deny() {
-        let policy = Policy {
-            allow_unassigned: false,
-            sni: crate::sni::SniMode::Match,
-            on_reload: OnReload::Keep,
-            mode: Mode::Report,
-            rules: vec![rule("s", &["a.example"], &[443], &[])],
-        };
+        let policy = policy(Mode::Report, vec![rule("s", &["a.example"], &[443], &[])]);
         let t = Target::parse_authority("b.example:443").unwrap();
         let d = policy.decide(&t.host, t.port, None);
         assert_eq!(
