@@ -258,6 +258,29 @@ mod tests {
         }
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn the_peek_is_bounded_in_bytes_and_time() {
+        // A handshake record that promises more than 16 KiB never completes: cut at the bound.
+        let mut endless = vec![0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0xff, 0xff, 0xff];
+        endless.resize(64 * 1024, 0);
+        let (verdict, bytes) = peek_client_hello(&mut &endless[..], Vec::new()).await;
+        assert_eq!(verdict, Hello::NotTls);
+        assert!(
+            bytes.len() >= MAX_CLIENT_HELLO_BYTES && bytes.len() < MAX_CLIENT_HELLO_BYTES + 4096
+        );
+        // A client that sends half a ClientHello and stops: given up after the timeout.
+        let (mut client, mut gateway_side) = tokio::io::duplex(64 * 1024);
+        let hello = client_hello("a.example");
+        tokio::io::AsyncWriteExt::write_all(&mut client, &hello[..20])
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let (verdict, _) = peek_client_hello(&mut gateway_side, Vec::new()).await;
+        assert_eq!(verdict, Hello::Closed);
+        assert!(started.elapsed() >= CLIENT_HELLO_TIMEOUT);
+        drop(client);
+    }
+
     #[tokio::test]
     async fn peeking_keeps_every_byte_read() {
         let hello = client_hello("a.example");

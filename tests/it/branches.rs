@@ -321,3 +321,29 @@ fn hash_password_round_trips_through_the_binary() {
         hash
     ));
 }
+
+#[tokio::test]
+async fn max_connections_makes_further_clients_wait_until_a_slot_frees() {
+    let origin = TcpOrigin::start(b"").await;
+    let port = origin.addr.port();
+    let extra = format!("[limits]\nmax_connections = 1\n\n{}", resolver_hosts(""));
+    let gw = Gateway::start(&config_for(port, &extra)).await;
+    let target = format!("{ORIGIN_HOST}:{port}");
+    let (first, status) = open_tunnel(gw.addr, &target, b"").await;
+    assert_eq!(status, 200);
+    // The second client waits in the listen backlog: no answer while the first is open.
+    let mut second = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    second
+        .write_all(format!("CONNECT {target} HTTP/1.1\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let waiting = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        read_head_bytes(&mut second),
+    )
+    .await;
+    assert!(waiting.is_err(), "served while the only slot was taken");
+    drop(first);
+    let head = read_head_bytes(&mut second).await.unwrap();
+    assert_eq!(status_of(&head), 200, "served once the slot is free");
+}
