@@ -72,6 +72,12 @@ async fn a_trusted_balancer_names_the_client_with_v1_or_v2_and_others_cannot() {
     assert_eq!(line["reason"], "malformed PROXY protocol header");
 
     // Anyone else sending a header is not believed: it is just a bad request.
+    let v2 = v2_header([10, 1, 0, 1], 40003);
+    assert_eq!(
+        via(gw.addr, "127.0.0.9", &v2, &target).await,
+        400,
+        "a v2 header from another peer"
+    );
     assert_eq!(via(gw.addr, "127.0.0.8", v1, &target).await, 400);
     let line = gw
         .access_line(|l| {
