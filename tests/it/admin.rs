@@ -3,7 +3,6 @@
 
 use crate::support::*;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn get(admin: std::net::SocketAddr, path: &str) -> Reply {
     raw_request(
@@ -27,10 +26,7 @@ async fn metrics_count_known_traffic_exactly_and_never_name_a_destination() {
         metrics.contains("portcullis_tunnels_active{category=\"storage\",branch=\"unassigned\"} 1"),
         "{metrics}"
     );
-    tunnel.write_all(b"ten bytes!").await.unwrap();
-    tunnel.shutdown().await.unwrap();
-    let mut reply = Vec::new();
-    tunnel.read_to_end(&mut reply).await.unwrap();
+    assert_eq!(send_and_finish(&mut tunnel, b"ten bytes!").await, b"5byte");
     assert_eq!(origin.received.recv().await.unwrap(), b"ten bytes!");
     let _ = gw.access_line(|l| l["end"] == "closed").await;
     let denied = raw_request(gw.addr, b"CONNECT evil.example:443 HTTP/1.1\r\n\r\n").await;

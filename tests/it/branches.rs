@@ -72,10 +72,7 @@ async fn branches_are_told_apart_by_source_and_credentials() {
     )
     .await;
     assert_eq!(reply.status, 200);
-    berlin.write_all(b"payload").await.unwrap();
-    berlin.shutdown().await.unwrap();
-    let mut answer = Vec::new();
-    berlin.read_to_end(&mut answer).await.unwrap();
+    assert_eq!(send_and_finish(&mut berlin, b"payload").await, b"ok");
     // (london's tunnel reached the origin first and carried nothing)
     let mut received = origin.received.recv().await.unwrap();
     while received.is_empty() {

@@ -17,9 +17,7 @@ fn v2_header(source: [u8; 4], source_port: u16) -> Vec<u8> {
 /// Connects from `from`, sends `prefix` then a CONNECT, returns the reply status (0 if the
 /// gateway closed without one).
 async fn via(gw: std::net::SocketAddr, from: &str, prefix: &[u8], target: &str) -> u16 {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
-    let mut tcp = socket.connect(gw).await.unwrap();
+    let mut tcp = connect_bound(gw, from).await;
     let mut request = prefix.to_vec();
     request.extend_from_slice(format!("CONNECT {target} HTTP/1.1\r\n\r\n").as_bytes());
     tcp.write_all(&request).await.unwrap();

@@ -36,10 +36,7 @@ async fn a_good_file_applies_to_new_requests_and_open_tunnels_go_on() {
     assert_eq!(status, 403, "new requests get the new policy");
 
     // The tunnel opened before the reload still carries bytes both ways.
-    open.write_all(b"after reload").await.unwrap();
-    open.shutdown().await.unwrap();
-    let mut reply = Vec::new();
-    open.read_to_end(&mut reply).await.unwrap();
+    let reply = send_and_finish(&mut open, b"after reload").await;
     assert_eq!(reply, b"still here");
     assert_eq!(origin.received.recv().await.unwrap(), b"after reload");
 
@@ -215,10 +212,7 @@ async fn close_denied_closes_only_the_tunnels_the_new_policy_denies() {
     assert_eq!(line["end"], "closed_by_reload");
 
     // The tunnel the new policy still allows carries on.
-    kept.write_all(b"still allowed").await.unwrap();
-    kept.shutdown().await.unwrap();
-    let mut reply = Vec::new();
-    kept.read_to_end(&mut reply).await.unwrap();
+    let reply = send_and_finish(&mut kept, b"still allowed").await;
     assert_eq!(reply, b"kept");
     assert_eq!(kept_origin.received.recv().await.unwrap(), b"still allowed");
 }

@@ -2,7 +2,6 @@
 
 use crate::support::*;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
 async fn sigterm_drains_open_tunnels_then_exits_0() {
@@ -28,10 +27,7 @@ async fn sigterm_drains_open_tunnels_then_exits_0() {
     );
 
     // The open tunnel still works, and its end lets the gateway exit at once.
-    tunnel.write_all(b"last batch").await.unwrap();
-    tunnel.shutdown().await.unwrap();
-    let mut reply = Vec::new();
-    tunnel.read_to_end(&mut reply).await.unwrap();
+    let reply = send_and_finish(&mut tunnel, b"last batch").await;
     assert_eq!(reply, b"served during drain");
     assert_eq!(origin.received.recv().await.unwrap(), b"last batch");
     let status = gw

@@ -83,10 +83,7 @@ async fn sni_off_lets_any_bytes_through() {
     let gw = Gateway::start(&with_sni(port, "off", "")).await;
     let (mut tunnel, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
     assert_eq!(status, 200);
-    tunnel.write_all(b"not tls").await.unwrap();
-    tunnel.shutdown().await.unwrap();
-    let mut reply = Vec::new();
-    tunnel.read_to_end(&mut reply).await.unwrap();
+    let reply = send_and_finish(&mut tunnel, b"not tls").await;
     assert_eq!(reply, b"plain reply");
     assert_eq!(origin.received.recv().await.unwrap(), b"not tls");
 }

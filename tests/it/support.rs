@@ -525,15 +525,32 @@ pub async fn connect_from(
     target: &str,
     headers: &str,
 ) -> (TcpStream, Reply) {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
-    let mut tcp = socket.connect(gateway).await.unwrap();
+    let mut tcp = connect_bound(gateway, from).await;
     let request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{headers}\r\n");
     tcp.write_all(request.as_bytes()).await.unwrap();
     let head = read_head_bytes(&mut tcp).await.expect("a reply head");
     let mut reply = parse_reply(&head);
     reply.client = tcp.local_addr().ok();
     (tcp, reply)
+}
+
+/// Sends `bytes` through an open tunnel, half-closes it, and returns all that comes back.
+pub async fn send_and_finish<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+    bytes: &[u8],
+) -> Vec<u8> {
+    stream.write_all(bytes).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).await.unwrap();
+    reply
+}
+
+/// A TCP connection to `gateway` from the loopback address `from` (127.0.0.x).
+pub async fn connect_bound(gateway: SocketAddr, from: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    socket.connect(gateway).await.unwrap()
 }
 
 /// `Proxy-Authorization: Basic ...` header line for `user:password`.

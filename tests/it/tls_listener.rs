@@ -92,10 +92,7 @@ async fn a_valid_client_certificate_names_the_branch_and_bad_ones_are_refused() 
         .await
         .unwrap();
     assert_eq!(status, 200);
-    tls.write_all(b"hello").await.unwrap();
-    tls.shutdown().await.unwrap();
-    let mut reply = Vec::new();
-    tls.read_to_end(&mut reply).await.unwrap();
+    let reply = send_and_finish(&mut tls, b"hello").await;
     assert_eq!(reply, b"over tls");
     let line =
         t.gw.access_line(|l| l["port"] == port && l["status"] == 200)

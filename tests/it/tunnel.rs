@@ -138,10 +138,7 @@ async fn an_ip_literal_listed_by_a_rule_is_tunnelled() {
     let mut gw = Gateway::start(&config_for(1, &extra)).await;
     let (mut tcp, status) = open_tunnel(gw.addr, &format!("127.0.0.1:{port}"), b"hi").await;
     assert_eq!(status, 200);
-    tcp.shutdown().await.unwrap();
-    let mut reply = Vec::new();
-    tcp.read_to_end(&mut reply).await.unwrap();
-    assert_eq!(reply, b"ok");
+    assert_eq!(send_and_finish(&mut tcp, b"").await, b"ok");
     assert_eq!(origin.received.recv().await.unwrap(), b"hi");
     let line = gw.access_line(|l| l["port"] == port).await;
     assert_eq!(
