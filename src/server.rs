@@ -152,14 +152,6 @@ impl Server {
         }
     }
 
-    /// The bound addresses (port 0 resolved to the real port).
-    pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners
-            .iter()
-            .filter_map(|(_, l)| l.local_addr().ok())
-            .collect()
-    }
-
     /// Accepts until `shutdown` completes, then drains: open connections get up to
     /// `timeouts.drain` to finish; whatever is left is closed when the process exits.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
