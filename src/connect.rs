@@ -43,6 +43,8 @@ pub struct Gateway {
     pub revocable: Arc<Revocable>,
     /// Fresh CRL answers of the plain-HTTP lane.
     pub crl_cache: lane::CrlCache,
+    /// Bandwidth budgets of the schedules; buckets carry over reloads by budget.
+    pub throttles: crate::throttle::Throttles,
     /// CONNECT requests per client address, when `limits.connect_rate_per_client` is set.
     connect_rate: Option<DefaultKeyedRateLimiter<IpAddr>>,
 }
@@ -86,6 +88,22 @@ impl Gateway {
             .limits
             .connect_rate_per_client
             .map(|rate| DefaultKeyedRateLimiter::keyed(Quota::per_second(rate)));
+        let metrics: Arc<crate::metrics::Metrics> =
+            previous.map_or_else(Default::default, |p| p.metrics.clone());
+        // Built last (nothing after can fail): taking over a bucket retunes it for everyone.
+        let branch_names: Vec<&str> = config
+            .branches
+            .iter()
+            .map(|b| b.name.as_str())
+            .chain([crate::identity::UNASSIGNED])
+            .collect();
+        let throttles = crate::throttle::Throttles::new(
+            &config.schedules,
+            &branch_names,
+            previous.map(|p| &p.throttles),
+            Some(metrics.clone()),
+        );
+        throttles.retune(jiff::Timestamp::now());
         Ok(Self {
             config,
             resolver,
@@ -93,7 +111,8 @@ impl Gateway {
             open_tunnels,
             tls_acceptors,
             crl_cache: lane::CrlCache::default(),
-            metrics: previous.map_or_else(Default::default, |p| p.metrics.clone()),
+            throttles,
+            metrics,
             revocable: previous.map_or_else(Default::default, |p| p.revocable.clone()),
             connect_rate,
         })
@@ -741,11 +760,16 @@ async fn handle(
     // Nothing of the request is needed any more: an idle tunnel holds only its sockets.
     drop((req, plan, first_bytes));
 
+    // Only tunnels a schedule can throttle carry gates; the rest pay nothing.
+    let gates = match (&record.branch, &record.category) {
+        (Some(branch), Some(category)) => gw.throttles.gates(branch, category),
+        _ => Default::default(),
+    };
     // Plain clients splice; TLS clients go through the buffered copy (bytes must be decrypted).
     let outcome = if let ClientStream::Plain(tcp) = client {
-        tunnel::relay_tcp(tcp, &mut upstream, timeouts.idle, stop.as_deref()).await
+        tunnel::relay_tcp(tcp, &mut upstream, timeouts.idle, stop.as_deref(), gates).await
     } else {
-        tunnel::relay(client, &mut upstream, timeouts.idle, stop.as_deref()).await
+        tunnel::relay(client, &mut upstream, timeouts.idle, stop.as_deref(), gates).await
     };
     record.bytes_up += outcome.bytes_up;
     record.bytes_down = outcome.bytes_down;

@@ -10,6 +10,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod afs_import;
 pub mod config;
 pub mod connect;
 pub mod destination;
@@ -23,10 +24,13 @@ pub mod profiles;
 pub mod proxy_protocol;
 pub mod request;
 pub mod resolve;
+pub mod schedule;
+pub mod schedule_table;
 pub mod server;
 pub mod sni;
 #[cfg(target_os = "linux")]
 mod splice;
 pub mod stream;
+pub mod throttle;
 pub mod tls;
 pub mod tunnel;

@@ -1,5 +1,5 @@
 //! Prometheus metrics (prometheus-client). Label values come only from config-bounded sets
-//! (verdict, end kind, rule category, branch name, direction): a destination host is never a
+//! (verdict, end kind, rule category, branch name, direction, budget): a destination host is never a
 //! label. Updated once when a tunnel opens and once when a connection ends, never per chunk.
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -31,6 +31,15 @@ pub struct BytesLabels {
     pub branch: String,
 }
 
+/// One bandwidth budget: scope (`each-branch`, `all-branches`), whose (branch or group of
+/// branches, from config) and direction.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ThrottleLabels {
+    pub scope: &'static str,
+    pub budget: String,
+    pub direction: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub result: &'static str,
@@ -53,6 +62,12 @@ pub struct Metrics {
     pub dial_seconds: Histogram,
     /// Name resolution time (static overrides included).
     pub dns_seconds: Histogram,
+    /// Bytes per second a schedule puts in force on a budget; 0 when none is.
+    pub throttle_limit: Family<ThrottleLabels, Gauge>,
+    /// Time tunnels spent waiting for a budget, summed over tunnels.
+    pub throttle_wait_seconds: Family<ThrottleLabels, Counter<f64, AtomicU64>>,
+    /// Bytes that went through a budget in force.
+    pub throttled_bytes: Family<ThrottleLabels, Counter>,
 }
 
 /// 0.25 ms to about 16 s, doubling.
@@ -105,6 +120,24 @@ impl Default for Metrics {
             "Time to resolve the target name",
             dns_seconds.clone(),
         );
+        let throttle_limit = Family::<ThrottleLabels, Gauge>::default();
+        registry.register(
+            "throttle_limit_bytes_per_second",
+            "Bandwidth limit in force per budget (scope, budget, direction); 0 when no schedule is in force",
+            throttle_limit.clone(),
+        );
+        let throttle_wait_seconds = Family::<ThrottleLabels, Counter<f64, AtomicU64>>::default();
+        registry.register(
+            "throttle_wait_seconds",
+            "Time tunnels spent waiting for a bandwidth budget, summed over tunnels",
+            throttle_wait_seconds.clone(),
+        );
+        let throttled_bytes = Family::<ThrottleLabels, Counter>::default();
+        registry.register(
+            "throttled_bytes",
+            "Bytes that went through a bandwidth budget while a limit was in force",
+            throttled_bytes.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -122,6 +155,9 @@ impl Default for Metrics {
             last_reload_seconds,
             dial_seconds,
             dns_seconds,
+            throttle_limit,
+            throttle_wait_seconds,
+            throttled_bytes,
         }
     }
 }

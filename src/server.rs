@@ -27,6 +27,8 @@ pub struct Server {
     /// when it is an HTTPS listener.
     listeners: Vec<(ListenerKey, TcpListener)>,
     listen_changed: Arc<tokio::sync::Notify>,
+    /// Wakes the schedule task after a reload.
+    schedules_changed: Arc<tokio::sync::Notify>,
     admin: Option<TcpListener>,
     /// Set once shutdown begins: /readyz answers 503.
     draining: Arc<AtomicBool>,
@@ -41,6 +43,8 @@ pub struct Reloader {
     path: Option<PathBuf>,
     /// Wakes the accept side to rebind listeners whose addresses changed.
     listen_changed: Arc<tokio::sync::Notify>,
+    /// Wakes the schedule task to find the new schedules' next boundary.
+    schedules_changed: Arc<tokio::sync::Notify>,
 }
 
 impl Reloader {
@@ -89,6 +93,9 @@ impl Reloader {
         let next = Arc::new(Gateway::replacing(config, Some(&previous))?);
         next.metrics.reloaded(true);
         self.current.store(next.clone());
+        // The new snapshot has put its limits in force; budgets it dropped let go.
+        previous.throttles.retire_missing(&next.throttles);
+        self.schedules_changed.notify_one();
         if listen_changed {
             self.listen_changed.notify_one();
         }
@@ -140,6 +147,7 @@ impl Server {
             draining: Arc::new(AtomicBool::new(false)),
             config_path,
             listen_changed: Arc::new(tokio::sync::Notify::new()),
+            schedules_changed: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -149,6 +157,7 @@ impl Server {
             current: self.current.clone(),
             path: self.config_path.clone(),
             listen_changed: self.listen_changed.clone(),
+            schedules_changed: self.schedules_changed.clone(),
         }
     }
 
@@ -187,6 +196,7 @@ impl Server {
                     current: self.current.clone(),
                     path: self.config_path.clone(),
                     listen_changed: self.listen_changed.clone(),
+                    schedules_changed: self.schedules_changed.clone(),
                 },
                 self.draining.clone(),
             )));
@@ -199,6 +209,10 @@ impl Server {
                 current.load().forget_idle_counters();
             }
         });
+        accept_loops.spawn(retune_on_schedule(
+            self.current.clone(),
+            self.schedules_changed.clone(),
+        ));
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
@@ -263,6 +277,53 @@ impl Server {
         }
         if let Some(task) = admin_task {
             task.abort();
+        }
+    }
+}
+
+/// Longest the schedule task sleeps: a wall-clock step (NTP, suspend) is noticed within this.
+const SCHEDULE_RECHECK: Duration = Duration::from_secs(60);
+
+/// Puts each schedule window's limits in force at its boundary: sleeps until the next one (or
+/// a reload) and retunes the buckets. Without schedules it only waits for reloads.
+async fn retune_on_schedule(current: Arc<ArcSwap<Gateway>>, changed: Arc<tokio::sync::Notify>) {
+    let mut announced = Vec::new();
+    loop {
+        let now = jiff::Timestamp::now();
+        let gateway = current.load_full();
+        let next = gateway.throttles.retune(now);
+        let in_force = gateway.throttles.in_force_at(now);
+        if in_force != announced {
+            for limit in &in_force {
+                tracing::info!(
+                    scope = limit.scope.as_str(),
+                    budget = %limit.budget,
+                    direction = limit.direction.as_str(),
+                    schedule = %limit.schedule,
+                    bytes_per_second = limit.rate,
+                    "bandwidth limit in force"
+                );
+            }
+            if in_force.is_empty() {
+                tracing::info!("no bandwidth limit in force");
+            }
+            announced = in_force;
+        }
+        drop(gateway);
+        match next {
+            None => changed.notified().await,
+            Some(next) => {
+                // Just past the boundary, so the window has begun (or ended) when we look.
+                let wait = now
+                    .duration_until(next)
+                    .unsigned_abs()
+                    .saturating_add(Duration::from_millis(1))
+                    .min(SCHEDULE_RECHECK);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = changed.notified() => {}
+                }
+            }
         }
     }
 }

@@ -4,7 +4,8 @@
 //! readable and returns it once drained, so idle tunnels hold no pipe (and no file descriptors
 //! beyond their two sockets).
 
-use crate::tunnel::{Copier, Failed, Progress};
+use crate::throttle::Gate;
+use crate::tunnel::{Copier, Failed, Progress, poll_gate};
 use rustix::fd::OwnedFd;
 use rustix::net::Shutdown;
 use rustix::pipe::{PipeFlags, SpliceFlags};
@@ -60,9 +61,18 @@ pub struct SplicePipe {
     in_pipe: usize,
     eof: bool,
     progress: Progress,
+    /// The budgets this direction obeys, when a schedule can throttle it.
+    gate: Option<Box<Gate>>,
 }
 
 impl SplicePipe {
+    pub fn with_gate(gate: Option<Box<Gate>>) -> Self {
+        Self {
+            gate,
+            ..Self::default()
+        }
+    }
+
     fn release(&mut self) {
         if self.in_pipe == 0
             && let Some(pipe) = self.pipe.take()
@@ -99,18 +109,27 @@ impl Copier<TcpStream, TcpStream> for SplicePipe {
                     self.pipe = Some(take_pipe().map_err(|_| Failed::Reader)?);
                 }
                 let pipe = self.pipe.as_ref().expect("taken above");
+                // Under a budget in force, move about one burst at a time.
+                let limit = self.gate.as_ref().and_then(|g| g.read_limit());
+                let len = limit.map_or(PIPE_BYTES, |l| l.min(PIPE_BYTES));
                 let spliced = src.try_io(Interest::READABLE, || {
-                    rustix::pipe::splice(&*src, None, &pipe.write, None, PIPE_BYTES, flags)
+                    rustix::pipe::splice(&*src, None, &pipe.write, None, len, flags)
                         .map_err(io::Error::from)
                 });
                 match spliced {
                     Ok(0) => self.eof = true,
-                    Ok(n) => self.in_pipe = n,
+                    Ok(n) => {
+                        self.in_pipe = n;
+                        if let (Some(gate), Some(_)) = (&mut self.gate, limit) {
+                            gate.admit(n);
+                        }
+                    }
                     // Readiness was stale; it is cleared, so the next poll registers the waker.
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(_) => return Poll::Ready(Err(Failed::Reader)),
                 }
             }
+            ready!(poll_gate(&mut self.gate, cx));
             while self.in_pipe > 0 {
                 ready!(dst.poll_write_ready(cx)).map_err(|_| Failed::Writer)?;
                 let pipe = self.pipe.as_ref().expect("bytes in the pipe");

@@ -17,6 +17,8 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep, sleep_until};
 
+use crate::throttle::{Gate, Gates};
+
 /// Per-direction buffer while data flows. Larger buffers mean fewer system calls per byte on
 /// bulk transfers (see docs/benchmarks.md); only active directions hold one.
 pub const BUFFER_BYTES: usize = 64 * 1024;
@@ -143,6 +145,8 @@ struct Pipe {
     eof: bool,
     unflushed: bool,
     progress: Progress,
+    /// The budgets this direction obeys, when a schedule can throttle it.
+    gate: Option<Box<Gate>>,
 }
 
 impl<R: Endpoint + ?Sized, W: Endpoint + ?Sized> Copier<R, W> for Pipe {
@@ -165,8 +169,11 @@ impl<R: Endpoint + ?Sized, W: Endpoint + ?Sized> Copier<R, W> for Pipe {
                         Poll::Pending => return self.poll_flush_pending(cx, writer),
                     }
                 }
+                // Under a budget in force, read about one burst at a time.
+                let limit = self.gate.as_ref().and_then(|g| g.read_limit());
                 let buf = self.buf.get_or_insert_with(take_buffer);
-                let mut read_buf = ReadBuf::new(buf);
+                let len = limit.map_or(buf.len(), |l| l.min(buf.len()));
+                let mut read_buf = ReadBuf::new(&mut buf[..len]);
                 match Pin::new(&mut *reader).poll_read(cx, &mut read_buf) {
                     Poll::Ready(Ok(())) => {
                         let n = read_buf.filled().len();
@@ -174,6 +181,9 @@ impl<R: Endpoint + ?Sized, W: Endpoint + ?Sized> Copier<R, W> for Pipe {
                             self.eof = true;
                         } else {
                             (self.start, self.end) = (0, n);
+                            if let (Some(gate), Some(_)) = (&mut self.gate, limit) {
+                                gate.admit(n);
+                            }
                         }
                     }
                     // A TLS client that closes without close_notify: the tunnel's end, not a fault.
@@ -189,6 +199,9 @@ impl<R: Endpoint + ?Sized, W: Endpoint + ?Sized> Copier<R, W> for Pipe {
                         return self.poll_flush_pending(cx, writer);
                     }
                 }
+            }
+            if poll_gate(&mut self.gate, cx).is_pending() {
+                return self.poll_flush_pending(cx, writer);
             }
             if let Some(buf) = &self.buf {
                 while self.start < self.end {
@@ -216,6 +229,15 @@ impl<R: Endpoint + ?Sized, W: Endpoint + ?Sized> Copier<R, W> for Pipe {
     }
 }
 
+/// Ready when the bytes read may be written: at once without a gate or a wait.
+#[inline]
+pub(crate) fn poll_gate(gate: &mut Option<Box<Gate>>, cx: &mut Context<'_>) -> Poll<()> {
+    match gate {
+        Some(gate) if gate.is_waiting() => gate.poll_admit(cx),
+        _ => Poll::Ready(()),
+    }
+}
+
 impl Pipe {
     /// Nothing more to read now: push out what a buffering writer (TLS) still holds.
     fn poll_flush_pending<W: Endpoint + ?Sized>(
@@ -233,12 +255,16 @@ impl Pipe {
 
 /// Copies both ways between `client` and `upstream` until both sides have closed, one fails, or
 /// no byte moves for `idle`, through user-space buffers.
-pub async fn relay<C, U>(
-    client: &mut C,
-    upstream: &mut U,
+///
+/// Not an `async fn`: the gates go straight into the copiers instead of also being kept in
+/// this future's state for the tunnel's whole life (every idle tunnel pays for its future).
+pub fn relay<'a, C, U>(
+    client: &'a mut C,
+    upstream: &'a mut U,
     idle: Duration,
-    stop: Option<&Notify>,
-) -> Outcome
+    stop: Option<&'a Notify>,
+    gates: Gates,
+) -> impl Future<Output = Outcome> + 'a
 where
     C: Endpoint + ?Sized,
     U: Endpoint + ?Sized,
@@ -248,19 +274,25 @@ where
         upstream,
         idle,
         stop,
-        Pipe::default(),
-        Pipe::default(),
+        Pipe {
+            gate: gates.upload,
+            ..Pipe::default()
+        },
+        Pipe {
+            gate: gates.download,
+            ..Pipe::default()
+        },
     )
-    .await
 }
 
 /// `relay` for plain TCP on both sides: on Linux the bytes never enter user space (splice).
-pub async fn relay_tcp(
-    client: &mut TcpStream,
-    upstream: &mut TcpStream,
+pub fn relay_tcp<'a>(
+    client: &'a mut TcpStream,
+    upstream: &'a mut TcpStream,
     idle: Duration,
-    stop: Option<&Notify>,
-) -> Outcome {
+    stop: Option<&'a Notify>,
+    gates: Gates,
+) -> impl Future<Output = Outcome> + 'a {
     #[cfg(target_os = "linux")]
     {
         use crate::splice::SplicePipe;
@@ -269,14 +301,13 @@ pub async fn relay_tcp(
             upstream,
             idle,
             stop,
-            SplicePipe::default(),
-            SplicePipe::default(),
+            SplicePipe::with_gate(gates.upload),
+            SplicePipe::with_gate(gates.download),
         )
-        .await
     }
     #[cfg(not(target_os = "linux"))]
     {
-        relay(client, upstream, idle, stop).await
+        relay(client, upstream, idle, stop, gates)
     }
 }
 
@@ -371,10 +402,16 @@ mod tests {
     ) -> (DuplexStream, DuplexStream, tokio::task::JoinHandle<Outcome>) {
         let (client, mut client_side) = duplex(1024);
         let (mut upstream_side, upstream) = duplex(1024);
-        let relay =
-            tokio::spawn(
-                async move { relay(&mut client_side, &mut upstream_side, idle, None).await },
-            );
+        let relay = tokio::spawn(async move {
+            relay(
+                &mut client_side,
+                &mut upstream_side,
+                idle,
+                None,
+                Gates::default(),
+            )
+            .await
+        });
         (client, upstream, relay)
     }
 

@@ -47,6 +47,22 @@ enum Command {
         #[arg(long, default_value = "/healthz")]
         path: String,
     },
+    /// Print the bandwidth limits in force at a moment and a week table of schedule windows;
+    /// `schedule import-afs FILE` turns Azure File Sync network limits into [[schedule]] TOML.
+    #[command(args_conflicts_with_subcommands = true)]
+    Schedule {
+        #[command(subcommand)]
+        action: Option<ScheduleAction>,
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The moment to check: local time ("2026-11-23T09:30"), RFC 3339 with an offset, or
+        /// with a zone ("2026-11-23T09:30[Europe/London]"). Default: now.
+        #[arg(long, value_name = "TIME")]
+        at: Option<String>,
+        /// Show only what applies to this branch.
+        #[arg(long, value_name = "NAME")]
+        branch: Option<String>,
+    },
     /// Print the decision the gateway would take for CONNECT HOST:PORT.
     Explain {
         #[arg(long, value_name = "FILE")]
@@ -59,6 +75,12 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum ScheduleAction {
+    /// Convert `Get-StorageSyncNetworkLimit | Format-List` output to [[schedule]] TOML.
+    ImportAfs { file: PathBuf },
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum LogFormatArg {
     Json,
@@ -69,6 +91,31 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::HashPassword => hash_password(),
+        Command::Schedule {
+            action: Some(ScheduleAction::ImportAfs { file }),
+            ..
+        } => match std::fs::read_to_string(&file) {
+            Ok(text) => match portcullis::afs_import::import(&text, &file.display().to_string()) {
+                Ok(toml) => {
+                    print!("{toml}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("portcullis: {e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            },
+            Err(e) => {
+                eprintln!("portcullis: {}: {e}", file.display());
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Schedule {
+            action: None,
+            config,
+            at,
+            branch,
+        } => schedule(config.as_deref(), at.as_deref(), branch.as_deref()),
         Command::Health { admin, path } => health(admin, &path),
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(config) => {
@@ -142,6 +189,61 @@ fn main() -> ExitCode {
             })
         }
     }
+}
+
+fn schedule(config: Option<&std::path::Path>, at: Option<&str>, branch: Option<&str>) -> ExitCode {
+    use jiff::tz::TimeZone;
+    let config = match load(config) {
+        Ok(c) => c,
+        Err(e) => return config_failure(&e),
+    };
+    if let Some(b) = branch
+        && b != portcullis::identity::UNASSIGNED
+        && !config.branches.iter().any(|known| known.name == b)
+    {
+        eprintln!("portcullis: --branch {b:?}: no such [[branch]] in the configuration");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let host = TimeZone::system();
+    let moment = match at {
+        None => Ok((jiff::Timestamp::now(), host)),
+        Some(text) => parse_moment(text, host),
+    };
+    match moment {
+        Ok((at, zone)) => {
+            print!(
+                "{}",
+                portcullis::schedule_table::report(&config, at, &zone, branch)
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("portcullis: --at {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+/// A moment and the zone to show it in: zoned, RFC 3339, or civil time in `host`'s zone.
+fn parse_moment(
+    text: &str,
+    host: jiff::tz::TimeZone,
+) -> Result<(jiff::Timestamp, jiff::tz::TimeZone), String> {
+    if let Ok(zoned) = text.parse::<jiff::Zoned>() {
+        return Ok((zoned.timestamp(), zoned.time_zone().clone()));
+    }
+    if let Ok(ts) = text.parse::<jiff::Timestamp>() {
+        return Ok((ts, host));
+    }
+    text.parse::<jiff::civil::DateTime>()
+        .ok()
+        .and_then(|dt| dt.to_zoned(host.clone()).ok())
+        .map(|z| (z.timestamp(), host))
+        .ok_or_else(|| {
+            format!(
+                "{text:?}: expected a time such as \"2026-11-23T09:30\" (local), \"2026-11-23T09:30Z\" or \"2026-11-23T09:30[Europe/London]\""
+            )
+        })
 }
 
 fn hash_password() -> ExitCode {

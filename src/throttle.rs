@@ -1,0 +1,685 @@
+//! Bandwidth budgets: the token buckets schedules put in force, and the per-tunnel gate that
+//! holds a direction's bytes until its budgets allow them.
+//!
+//! A bucket is GCRA-style (a "theoretical arrival time" in one atomic): a tunnel that has read
+//! a chunk reserves its cost and may write once the reservation is no more than the burst
+//! (50 ms of the rate) ahead of now. Reservations queue in arrival order and a tunnel reserves
+//! its next chunk only after writing the last, so tunnels sharing a bucket take turns: no
+//! tunnel starves and equal tunnels get equal shares. The rate lives in an atomic too, so a
+//! schedule change is a store: nothing is rebuilt, no burst is granted, and tunnels already
+//! waiting rescale their turn to the new rate on their next check (at most 250 ms away).
+//!
+//! Cost model: a tunnel no schedule can ever throttle (its category or branch is not in any
+//! schedule, or there are no schedules) has no gate at all. A tunnel with a gate but no budget
+//! in force pays one relaxed atomic load per bucket per chunk and keeps the zero-copy path.
+
+use crate::metrics::{Metrics, ThrottleLabels};
+use crate::schedule::{Direction, Schedule, Scope};
+use jiff::Timestamp;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
+
+/// How far ahead of the rate a bucket lets bytes go: the burst is this much of the rate.
+pub const BURST: Duration = Duration::from_millis(50);
+/// Longest a waiting tunnel sleeps before looking at its bucket again (a retune reaches it
+/// within this).
+const RECHECK: Duration = Duration::from_millis(250);
+/// Smallest chunk a throttled direction reads, so very low rates still move whole packets.
+const MIN_CHUNK: usize = 1024;
+
+/// One budget: a token bucket shared by every tunnel in its scope and direction.
+pub struct Bucket {
+    base: Instant,
+    /// Bytes per second in force; 0 when no schedule is.
+    rate: AtomicU64,
+    /// Category bits (`Throttles::category_bit`) the schedule in force throttles.
+    categories: AtomicU64,
+    /// When the bytes reserved so far will have been sent at the rate (ns since `base`).
+    tat: AtomicU64,
+    /// Bumped on every change of rate or categories: waiters rescale their turn.
+    epoch: AtomicU64,
+    limit: Gauge,
+    waited_seconds: Counter<f64, AtomicU64>,
+    throttled_bytes: Counter,
+}
+
+impl Default for Bucket {
+    fn default() -> Self {
+        Self {
+            base: Instant::now(),
+            rate: AtomicU64::new(0),
+            categories: AtomicU64::new(0),
+            tat: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
+            limit: Gauge::default(),
+            waited_seconds: Counter::default(),
+            throttled_bytes: Counter::default(),
+        }
+    }
+}
+
+impl Bucket {
+    fn now_ns(&self) -> u64 {
+        Instant::now()
+            .saturating_duration_since(self.base)
+            .as_nanos()
+            .min(u64::MAX as u128) as u64
+    }
+
+    /// The rate in force for a tunnel of category bit `category`, if any.
+    #[inline]
+    pub fn in_force(&self, category: u64) -> Option<u64> {
+        let rate = self.rate.load(Relaxed);
+        (rate != 0 && self.categories.load(Relaxed) & category != 0).then_some(rate)
+    }
+
+    /// Puts `limit` (bytes per second, category bits) in force, or lifts the limit. Bytes
+    /// already reserved are rescaled to the new rate, so the change takes effect at once.
+    pub fn set(&self, limit: Option<(u64, u64)>) {
+        let (rate, categories) = limit.unwrap_or((0, 0));
+        let old = self.rate.load(Relaxed);
+        if old == rate && self.categories.load(Relaxed) == categories {
+            return;
+        }
+        if old != 0 && rate != 0 {
+            let now = self.now_ns();
+            let _ = self.tat.fetch_update(Relaxed, Relaxed, |tat| {
+                Some(if tat > now {
+                    now + rescale(tat - now, old, rate)
+                } else {
+                    tat
+                })
+            });
+        }
+        self.categories.store(categories, Relaxed);
+        self.rate.store(rate, Relaxed);
+        self.epoch.fetch_add(1, Relaxed);
+        self.limit.set(rate as i64);
+    }
+
+    /// Reserves `bytes` at `rate`; returns when (ns since `base`) they may be sent.
+    fn reserve(&self, bytes: u64, rate: u64, now: u64) -> u64 {
+        let cost = (bytes as u128 * 1_000_000_000 / rate.max(1) as u128) as u64;
+        let mut tat = self.tat.load(Relaxed);
+        loop {
+            let next = tat.max(now) + cost;
+            match self.tat.compare_exchange_weak(tat, next, Relaxed, Relaxed) {
+                Ok(_) => return next.saturating_sub(BURST.as_nanos() as u64),
+                Err(current) => tat = current,
+            }
+        }
+    }
+}
+
+/// `ns` of waiting at `old` bytes per second, expressed at `new`.
+fn rescale(ns: u64, old: u64, new: u64) -> u64 {
+    (ns as u128 * old as u128 / new.max(1) as u128).min(u64::MAX as u128) as u64
+}
+
+/// Largest read for a direction throttled at `rate`: about one burst.
+fn chunk_for(rate: u64) -> usize {
+    let burst = rate as u128 * BURST.as_nanos() / 1_000_000_000;
+    (burst as usize).max(MIN_CHUNK)
+}
+
+/// One direction of one tunnel: the budgets it obeys, in order (its branch's, then shared).
+pub struct Gate {
+    buckets: Box<[Arc<Bucket>]>,
+    category: u64,
+    pending: Option<Admission>,
+    /// Made on the first wait, then reset: no allocation per chunk.
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+/// Bytes read and waiting for their budgets, one bucket after the other.
+struct Admission {
+    bytes: u64,
+    stage: usize,
+    turn: Option<Turn>,
+}
+
+/// A reservation in one bucket.
+struct Turn {
+    /// When the bytes may go (ns since the bucket's base).
+    at: u64,
+    rate: u64,
+    epoch: u64,
+    since: u64,
+}
+
+impl Gate {
+    pub fn new(buckets: Vec<Arc<Bucket>>, category: u64) -> Self {
+        Self {
+            buckets: buckets.into_boxed_slice(),
+            category,
+            pending: None,
+            sleep: None,
+        }
+    }
+
+    /// The largest read allowed now; `None` when no budget is in force (read freely).
+    #[inline]
+    pub fn read_limit(&self) -> Option<usize> {
+        let mut limit: Option<usize> = None;
+        for bucket in &*self.buckets {
+            if let Some(rate) = bucket.in_force(self.category) {
+                let chunk = chunk_for(rate);
+                limit = Some(limit.map_or(chunk, |l| l.min(chunk)));
+            }
+        }
+        limit
+    }
+
+    /// `bytes` were read under a limit: they wait in `poll_admit` for their turn.
+    pub fn admit(&mut self, bytes: usize) {
+        self.pending = Some(Admission {
+            bytes: bytes as u64,
+            stage: 0,
+            turn: None,
+        });
+    }
+
+    /// Whether bytes read are waiting for their turn.
+    pub fn is_waiting(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Ready once every budget in force lets the admitted bytes go.
+    pub fn poll_admit(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let Some(admission) = &mut self.pending else {
+                return Poll::Ready(());
+            };
+            let Some(bucket) = self.buckets.get(admission.stage) else {
+                self.pending = None;
+                return Poll::Ready(());
+            };
+            let now = bucket.now_ns();
+            let turn = match &mut admission.turn {
+                Some(turn) => turn,
+                None => {
+                    let Some(rate) = bucket.in_force(self.category) else {
+                        admission.stage += 1;
+                        continue;
+                    };
+                    let epoch = bucket.epoch.load(Relaxed);
+                    admission.turn.insert(Turn {
+                        at: bucket.reserve(admission.bytes, rate, now),
+                        rate,
+                        epoch,
+                        since: now,
+                    })
+                }
+            };
+            let epoch = bucket.epoch.load(Relaxed);
+            if epoch != turn.epoch {
+                // Retuned while waiting: the rest of the wait at the new rate, or none.
+                match bucket.in_force(self.category) {
+                    None => turn.at = now,
+                    Some(rate) => {
+                        turn.at = now + rescale(turn.at.saturating_sub(now), turn.rate, rate);
+                        turn.rate = rate;
+                    }
+                }
+                turn.epoch = epoch;
+            }
+            if turn.at <= now {
+                let waited = now.saturating_sub(turn.since);
+                if waited > 0 {
+                    bucket.waited_seconds.inc_by(waited as f64 / 1e9);
+                }
+                bucket.throttled_bytes.inc_by(admission.bytes);
+                admission.stage += 1;
+                admission.turn = None;
+                continue;
+            }
+            let wake =
+                bucket.base + Duration::from_nanos(turn.at.min(now + RECHECK.as_nanos() as u64));
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(wake)));
+            sleep.as_mut().reset(wake);
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
+/// A tunnel's gates, one per direction; `None` where nothing can throttle it.
+#[derive(Default)]
+pub struct Gates {
+    pub upload: Option<Box<Gate>>,
+    pub download: Option<Box<Gate>>,
+}
+
+/// Which budget a bucket is: scope, whose (a branch, or a group of branches), direction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct BudgetKey {
+    scope: Scope,
+    /// The branch (each-branch) or the group's label (all-branches: "all" or "a+b").
+    name: String,
+    /// all-branches: the branches sharing it; `None` is everyone.
+    members: Option<Vec<String>>,
+    direction: Direction,
+}
+
+impl BudgetKey {
+    fn covers(&self, branch: &str) -> bool {
+        match self.scope {
+            Scope::EachBranch => self.name == branch,
+            Scope::AllBranches => self
+                .members
+                .as_ref()
+                .is_none_or(|m| m.iter().any(|b| b == branch)),
+        }
+    }
+
+    fn labels(&self) -> ThrottleLabels {
+        ThrottleLabels {
+            scope: self.scope.as_str(),
+            budget: self.name.clone(),
+            direction: self.direction.as_str(),
+        }
+    }
+}
+
+struct Budget {
+    key: BudgetKey,
+    bucket: Arc<Bucket>,
+    /// Schedules (indices) that set this budget's limit.
+    drivers: Vec<usize>,
+}
+
+/// Every budget the configured schedules can put in force, and the schedules themselves.
+#[derive(Default)]
+pub struct Throttles {
+    schedules: Vec<Schedule>,
+    budgets: Vec<Budget>,
+    /// Categories named by any schedule; a category's bit is its position.
+    categories: Vec<String>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+/// What a budget is set to at one instant, for `portcullis schedule` and logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InForce {
+    pub scope: Scope,
+    pub budget: String,
+    pub direction: Direction,
+    pub schedule: String,
+    pub rate: u64,
+    /// all-branches: the branches sharing it (`None`: everyone).
+    pub members: Option<Vec<String>>,
+}
+
+impl InForce {
+    /// Whether tunnels of `branch` obey this budget.
+    pub fn applies_to(&self, branch: &str) -> bool {
+        match self.scope {
+            Scope::EachBranch => self.budget == branch,
+            Scope::AllBranches => self
+                .members
+                .as_ref()
+                .is_none_or(|m| m.iter().any(|b| b == branch)),
+        }
+    }
+}
+
+impl Throttles {
+    /// Budgets for `schedules`; buckets of `previous` with the same key are taken over, so
+    /// tunnels open across a reload keep sharing them.
+    pub fn new(
+        schedules: &[Schedule],
+        branches: &[&str],
+        previous: Option<&Throttles>,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Self {
+        let mut categories: Vec<String> = Vec::new();
+        for s in schedules {
+            for c in &s.categories {
+                if !categories.contains(c) {
+                    categories.push(c.clone());
+                }
+            }
+        }
+        categories.truncate(64);
+        let mut budgets: Vec<Budget> = Vec::new();
+        for (i, s) in schedules.iter().enumerate() {
+            for direction in Direction::BOTH {
+                if s.limit(direction).is_none() {
+                    continue;
+                }
+                let keys: Vec<BudgetKey> = match s.scope {
+                    Scope::EachBranch => branches
+                        .iter()
+                        .filter(|b| s.covers_branch(b))
+                        .map(|b| BudgetKey {
+                            scope: Scope::EachBranch,
+                            name: (*b).to_owned(),
+                            members: None,
+                            direction,
+                        })
+                        .collect(),
+                    Scope::AllBranches => {
+                        let members = s.branches.as_ref().map(|list| {
+                            let mut list = list.clone();
+                            list.sort();
+                            list.dedup();
+                            list
+                        });
+                        let name = members.as_ref().map_or("all".into(), |m| m.join("+"));
+                        vec![BudgetKey {
+                            scope: Scope::AllBranches,
+                            name,
+                            members,
+                            direction,
+                        }]
+                    }
+                };
+                for key in keys {
+                    match budgets.iter_mut().find(|b| b.key == key) {
+                        Some(budget) => budget.drivers.push(i),
+                        None => {
+                            let bucket = previous
+                                .and_then(|p| p.budgets.iter().find(|b| b.key == key))
+                                .map(|b| b.bucket.clone())
+                                .unwrap_or_else(|| Arc::new(bucket_for(&key, metrics.as_deref())));
+                            budgets.push(Budget {
+                                key,
+                                bucket,
+                                drivers: vec![i],
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Self {
+            schedules: schedules.to_vec(),
+            budgets,
+            categories,
+            metrics,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.budgets.is_empty()
+    }
+
+    /// The gate for one direction of a tunnel of `branch` and `category`; `None` when no
+    /// schedule can ever throttle it.
+    pub fn gate(&self, branch: &str, category: &str, direction: Direction) -> Option<Box<Gate>> {
+        let bit = 1u64 << self.categories.iter().position(|c| c == category)?;
+        let mut buckets: Vec<(Scope, Arc<Bucket>)> = self
+            .budgets
+            .iter()
+            .filter(|b| {
+                b.key.direction == direction
+                    && b.key.covers(branch)
+                    && b.drivers
+                        .iter()
+                        .any(|&s| self.schedules[s].covers_category(category))
+            })
+            .map(|b| (b.key.scope, b.bucket.clone()))
+            .collect();
+        if buckets.is_empty() {
+            return None;
+        }
+        // The branch's own budget first, then shared ones.
+        buckets.sort_by_key(|(scope, _)| *scope != Scope::EachBranch);
+        Some(Box::new(Gate::new(
+            buckets.into_iter().map(|(_, b)| b).collect(),
+            bit,
+        )))
+    }
+
+    /// Both gates of a tunnel.
+    pub fn gates(&self, branch: &str, category: &str) -> Gates {
+        if self.budgets.is_empty() {
+            return Gates::default();
+        }
+        Gates {
+            upload: self.gate(branch, category, Direction::Upload),
+            download: self.gate(branch, category, Direction::Download),
+        }
+    }
+
+    /// What every budget is set to at `at`.
+    pub fn in_force_at(&self, at: Timestamp) -> Vec<InForce> {
+        self.budgets
+            .iter()
+            .filter_map(|b| {
+                let (schedule, rate) = self.driver_at(b, at)?;
+                Some(InForce {
+                    scope: b.key.scope,
+                    budget: b.key.name.clone(),
+                    direction: b.key.direction,
+                    schedule: self.schedules[schedule].name.clone(),
+                    rate,
+                    members: b.key.members.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// The schedule in force for a budget at `at` (config validation leaves at most one; the
+    /// lowest limit wins should there be more) and its rate.
+    fn driver_at(&self, budget: &Budget, at: Timestamp) -> Option<(usize, u64)> {
+        budget
+            .drivers
+            .iter()
+            .filter(|&&s| self.schedules[s].in_force_at(at))
+            .filter_map(|&s| Some((s, self.schedules[s].limit(budget.key.direction)?)))
+            .min_by_key(|&(_, rate)| rate)
+    }
+
+    /// Sets every bucket to the limits in force at `at`; returns the next window boundary.
+    pub fn retune(&self, at: Timestamp) -> Option<Timestamp> {
+        for budget in &self.budgets {
+            let limit = self.driver_at(budget, at).map(|(s, rate)| {
+                let bits = self.schedules[s]
+                    .categories
+                    .iter()
+                    .filter_map(|c| self.categories.iter().position(|k| k == c))
+                    .fold(0u64, |bits, i| bits | 1 << i);
+                (rate, bits)
+            });
+            budget.bucket.set(limit);
+        }
+        crate::schedule::next_boundary(&self.schedules, at)
+    }
+
+    /// After a reload to `next`: budgets it dropped lift their limits (tunnels holding them run
+    /// free) and leave the metrics.
+    pub fn retire_missing(&self, next: &Throttles) {
+        for budget in &self.budgets {
+            if !next
+                .budgets
+                .iter()
+                .any(|b| Arc::ptr_eq(&b.bucket, &budget.bucket))
+            {
+                budget.bucket.set(None);
+                if let Some(metrics) = &self.metrics {
+                    let labels = budget.key.labels();
+                    metrics.throttle_limit.remove(&labels);
+                    metrics.throttle_wait_seconds.remove(&labels);
+                    metrics.throttled_bytes.remove(&labels);
+                }
+            }
+        }
+    }
+}
+
+fn bucket_for(key: &BudgetKey, metrics: Option<&Metrics>) -> Bucket {
+    let mut bucket = Bucket::default();
+    if let Some(m) = metrics {
+        let labels = key.labels();
+        bucket.limit = m.throttle_limit.get_or_create(&labels).clone();
+        bucket.waited_seconds = m.throttle_wait_seconds.get_or_create(&labels).clone();
+        bucket.throttled_bytes = m.throttled_bytes.get_or_create(&labels).clone();
+    }
+    bucket
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::poll_fn;
+
+    /// Sends `total` bytes in `chunk`-sized reads through `gate`; returns when done.
+    async fn send(gate: &mut Gate, total: usize) -> Instant {
+        let mut sent = 0;
+        while sent < total {
+            let n = gate.read_limit().unwrap_or(64 * 1024).min(total - sent);
+            if gate.read_limit().is_some() {
+                gate.admit(n);
+                poll_fn(|cx| gate.poll_admit(cx)).await;
+            }
+            sent += n;
+        }
+        Instant::now()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bucket_holds_the_rate_and_grants_only_a_short_burst() {
+        let bucket = Arc::new(Bucket::default());
+        bucket.set(Some((100_000, 1)));
+        let start = Instant::now();
+        let mut gate = Gate::new(vec![bucket.clone()], 1);
+        let done = send(&mut gate, 1_000_000).await;
+        let took = done - start;
+        // 1 MB at 100 kB/s: 10 s less at most one 50 ms burst.
+        assert!(
+            took >= Duration::from_millis(9_940) && took <= Duration::from_millis(10_010),
+            "{took:?}"
+        );
+        assert_eq!(bucket.throttled_bytes.get(), 1_000_000);
+        assert!(bucket.waited_seconds.get() > 9.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn equal_tunnels_get_equal_shares() {
+        let bucket = Arc::new(Bucket::default());
+        bucket.set(Some((400_000, 1)));
+        let sent: Vec<Arc<AtomicU64>> = (0..4).map(|_| Arc::default()).collect();
+        let start = Instant::now();
+        let tasks: Vec<_> = sent
+            .iter()
+            .map(|counter| {
+                let (bucket, counter) = (bucket.clone(), counter.clone());
+                tokio::spawn(async move {
+                    let mut gate = Gate::new(vec![bucket], 1);
+                    while Instant::now() - start < Duration::from_secs(5) {
+                        let n = gate.read_limit().unwrap();
+                        gate.admit(n);
+                        poll_fn(|cx| gate.poll_admit(cx)).await;
+                        counter.fetch_add(n as u64, Relaxed);
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let shares: Vec<f64> = sent.iter().map(|c| c.load(Relaxed) as f64).collect();
+        let total: f64 = shares.iter().sum();
+        let jain = total * total / (4.0 * shares.iter().map(|x| x * x).sum::<f64>());
+        assert!(jain > 0.99, "Jain's index {jain} for {shares:?}");
+        // 5 s at 400 kB/s, plus one burst and the chunks in flight.
+        assert!((1_990_000.0..=2_150_000.0).contains(&total), "{total}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retune_reaches_waiting_tunnels_within_a_second() {
+        let bucket = Arc::new(Bucket::default());
+        bucket.set(Some((10_000, 1)));
+        // Eight tunnels queue 8 x 1 KiB at 10 kB/s: the last waits ~0.8 s.
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let bucket = bucket.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut gate = Gate::new(vec![bucket], 1);
+                send(&mut gate, 100_000).await
+            }));
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // 800 kB at 10 kB/s would take 80 s; lifted, they finish within the recheck period.
+        let lifted = Instant::now();
+        bucket.set(Some((100_000_000, 1)));
+        for t in tasks {
+            let done = t.await.unwrap();
+            assert!(
+                done - lifted <= Duration::from_secs(1),
+                "{:?}",
+                done - lifted
+            );
+        }
+        // Slowed down again: a new tunnel takes the low rate.
+        bucket.set(Some((10_000, 1)));
+        let start = Instant::now();
+        let mut gate = Gate::new(vec![bucket.clone()], 1);
+        let done = send(&mut gate, 20_000).await;
+        assert!(
+            done - start >= Duration::from_millis(1_900),
+            "{:?}",
+            done - start
+        );
+        // Lifted entirely: no wait, no limit read.
+        bucket.set(None);
+        assert_eq!(gate.read_limit(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_obeys_its_branch_budget_and_the_shared_one() {
+        let branch = Arc::new(Bucket::default());
+        let shared = Arc::new(Bucket::default());
+        branch.set(Some((200_000, 1)));
+        shared.set(Some((300_000, 1)));
+        let start = Instant::now();
+        // Two tunnels of one branch (200 kB/s between them) and one of another branch, all
+        // under the shared 300 kB/s.
+        let mut tasks = Vec::new();
+        for buckets in [
+            vec![branch.clone(), shared.clone()],
+            vec![branch.clone(), shared.clone()],
+            vec![shared.clone()],
+        ] {
+            tasks.push(tokio::spawn(async move {
+                let mut gate = Gate::new(buckets, 1);
+                let mut sent = 0u64;
+                while Instant::now() - start < Duration::from_secs(10) {
+                    let n = gate.read_limit().unwrap();
+                    gate.admit(n);
+                    poll_fn(|cx| gate.poll_admit(cx)).await;
+                    sent += n as u64;
+                }
+                sent
+            }));
+        }
+        let mut sent = Vec::new();
+        for t in tasks {
+            sent.push(t.await.unwrap() as f64);
+        }
+        let (branch_total, total) = (sent[0] + sent[1], sent.iter().sum::<f64>());
+        assert!(branch_total <= 2_000_000.0 * 1.02, "{sent:?}");
+        assert!(
+            (3_000_000.0 * 0.98..=3_000_000.0 * 1.02).contains(&total),
+            "{sent:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_of_other_categories_pass_untouched() {
+        let bucket = Arc::new(Bucket::default());
+        bucket.set(Some((1_000, 0b01)));
+        let gate = Gate::new(vec![bucket], 0b10);
+        assert_eq!(gate.read_limit(), None);
+    }
+}
