@@ -4,7 +4,7 @@
 use crate::support::*;
 use std::time::Duration;
 
-async fn get(admin: std::net::SocketAddr, path: &str) -> Reply {
+pub async fn get(admin: std::net::SocketAddr, path: &str) -> Reply {
     raw_request(
         admin,
         format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),

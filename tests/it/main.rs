@@ -9,6 +9,7 @@ mod lane;
 mod malformed;
 mod proxy_protocol;
 mod reload;
+mod schedules;
 mod shutdown;
 mod sni;
 mod support;
