@@ -77,6 +77,28 @@ enum Command {
         #[arg(long)]
         silent: bool,
     },
+    /// Stream for SECONDS (after a 1 s warm-up) through a throttled proxy: the aggregate rate
+    /// against LIMIT (bytes/s), Jain's fairness index over the streams, and the rate per source.
+    Throttle {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long, default_value_t = 1)]
+        streams: usize,
+        /// down (origin to client) or up.
+        #[arg(long, default_value = "down")]
+        direction: String,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// The configured aggregate limit, bytes per second.
+        #[arg(long)]
+        limit: f64,
+        /// Client source address of each stream, cycled (127.0.0.2,127.0.0.3): branches.
+        #[arg(long, value_delimiter = ',')]
+        sources: Vec<std::net::IpAddr>,
+        /// Prefix of the variant name in the results.
+        #[arg(long, default_value = "")]
+        label: String,
+    },
     /// Print the table for a results file (JSON lines) and write the summary JSON next to it.
     Report { results: std::path::PathBuf },
 }
@@ -135,6 +157,20 @@ fn main() {
                 tunnels,
                 silent,
             } => scale(&target, tunnels, silent).await,
+            Command::Throttle {
+                target,
+                streams,
+                direction,
+                seconds,
+                limit,
+                sources,
+                label,
+            } => {
+                throttle(
+                    &target, streams, &direction, seconds, limit, &sources, &label,
+                )
+                .await
+            }
             Command::Report { .. } => unreachable!(),
         }
     });
@@ -249,13 +285,29 @@ fn test_pki() -> (Arc<rustls::ServerConfig>, CertificateDer<'static>) {
 /// A connection to the origin port, through the proxy's CONNECT when there is one. Returns the
 /// stream and the time from sending CONNECT to reading the 200.
 async fn open(t: &TargetArgs, port: u16) -> std::io::Result<(TcpStream, Duration)> {
+    open_from(t, port, None).await
+}
+
+/// `open` from a chosen loopback source address (a branch, to the gateway).
+async fn open_from(
+    t: &TargetArgs,
+    port: u16,
+    from: Option<std::net::IpAddr>,
+) -> std::io::Result<(TcpStream, Duration)> {
     let started = Instant::now();
     let Some(proxy) = t.proxy else {
         let s = TcpStream::connect(("127.0.0.1", port)).await?;
         s.set_nodelay(true)?;
         return Ok((s, started.elapsed()));
     };
-    let mut s = TcpStream::connect(proxy).await?;
+    let mut s = match from {
+        None => TcpStream::connect(proxy).await?,
+        Some(ip) => {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::new(ip, 0))?;
+            socket.connect(proxy).await?
+        }
+    };
     s.set_nodelay(true)?;
     let req = format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n");
     s.write_all(req.as_bytes()).await?;
@@ -543,6 +595,83 @@ async fn scale(t: &TargetArgs, tunnels: usize, silent: bool) {
     );
 }
 
+async fn throttle(
+    t: &TargetArgs,
+    streams: usize,
+    direction: &str,
+    seconds: f64,
+    limit: f64,
+    sources: &[std::net::IpAddr],
+    label: &str,
+) {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    let counters: Vec<Arc<AtomicU64>> = (0..streams).map(|_| Arc::default()).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, counter) in counters.iter().enumerate() {
+        let (t, counter, up) = (t.clone(), counter.clone(), direction == "up");
+        let from = (!sources.is_empty()).then(|| sources[i % sources.len()]);
+        tasks.spawn(async move {
+            let (mut s, _) = open_from(&t, t.origin_port, from).await?;
+            let mut buf = vec![0x33u8; 64 * 1024];
+            // Endless for the test's length: the origin sends (or takes) until we stop.
+            s.write_all(&command(if up { b'U' } else { b'D' }, u64::MAX / 2))
+                .await?;
+            loop {
+                let n = if up {
+                    s.write(&buf).await?
+                } else {
+                    s.read(&mut buf).await?
+                };
+                if n == 0 {
+                    return Ok::<_, std::io::Error>(());
+                }
+                counter.fetch_add(n as u64, Relaxed);
+            }
+        });
+    }
+    // Warm-up: tunnels open, socket buffers fill; then the measured window.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before: Vec<u64> = counters.iter().map(|c| c.load(Relaxed)).collect();
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    let after: Vec<u64> = counters.iter().map(|c| c.load(Relaxed)).collect();
+    let secs = started.elapsed().as_secs_f64();
+    tasks.shutdown().await;
+    let moved: Vec<f64> = after
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| (a - b) as f64)
+        .collect();
+    let total: f64 = moved.iter().sum();
+    let squares: f64 = moved.iter().map(|x| x * x).sum();
+    let jain = if squares > 0.0 {
+        total * total / (streams as f64 * squares)
+    } else {
+        0.0
+    };
+    let mut per_source: BTreeMap<String, f64> = BTreeMap::new();
+    for (i, m) in moved.iter().enumerate() {
+        let key = sources
+            .get(i % sources.len().max(1))
+            .map_or("all".to_owned(), |ip| ip.to_string());
+        *per_source.entry(key).or_default() += m / secs / 1e6;
+    }
+    let rate = total / secs;
+    emit(
+        t,
+        "throttle",
+        &format!("{label}{direction}-{streams}"),
+        json!({
+            "limit_mb_s": limit / 1e6,
+            "rate_mb_s": rate / 1e6,
+            "vs_limit": rate / limit,
+            "jain": jain,
+            "secs": secs,
+            "per_source_mb_s": per_source,
+        }),
+    );
+}
+
 // ---- report ---------------------------------------------------------------------------------
 
 fn report(path: &std::path::Path) {
@@ -557,6 +686,8 @@ fn report(path: &std::path::Path) {
         ("bulk", &["gbit_s", "cpu_s_per_gib"]),
         ("setup", &["per_s", "p50_ms", "p99_ms", "p999_ms"]),
         ("scale", &["kib_per_idle_tunnel", "held", "passed_byte"]),
+        ("throttle", &["rate_mb_s", "vs_limit", "jain"]),
+        ("sched", &["gbit_s", "cpu_s_per_gib"]),
     ];
     let mut targets: Vec<String> = Vec::new();
     for row in &rows {
@@ -626,6 +757,13 @@ fn report(path: &std::path::Path) {
             let d = direct.map_or(String::from("-"), |d| format!("{:.2}", p / d));
             let s = squid.map_or(String::from("-"), |s| format!("{:.2}", p / s));
             print!("   [portcullis/direct {d}, /squid {s}]");
+        }
+        if let (true, Some(p), Some(sched)) = (
+            scenario == "sched" && *metric == "gbit_s",
+            by_target.get("portcullis").map(|v| median(v)),
+            by_target.get("portcullis-sched").map(|v| median(v)),
+        ) {
+            print!("   [with schedules / without {:.3}]", sched / p);
         }
         println!();
     }

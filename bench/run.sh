@@ -6,6 +6,7 @@
 #   bench/run.sh --runs 5        medians over 5 interleaved runs (default 3)
 #   bench/run.sh --no-peers      skip squid and tinyproxy
 #   bench/run.sh --release       with --quick: measure release builds (quick defaults to debug)
+#   bench/run.sh --only throttle one section: bulk, setup, scale or throttle (all by default)
 #
 # Prints a table and writes bench/results/<time>.jsonl (+ .summary.json). Every process it
 # starts is stopped on exit; every load loop is bounded in count and time (see loadgen.rs).
@@ -16,12 +17,14 @@ RUNS=3
 QUICK=0
 PEERS=1
 RELEASE=0
+ONLY=all
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1; PEERS=0; RUNS=1 ;;
     --runs) RUNS="$2"; shift ;;
     --no-peers) PEERS=0 ;;
     --release) RELEASE=1 ;;
+    --only) ONLY="$2"; shift ;;
     *) echo "unknown argument: $1" >&2; exit 64 ;;
   esac
   shift
@@ -102,6 +105,22 @@ else
   TARGETS="portcullis"
 fi
 
+# Extra config of the portcullis variants that measure bandwidth schedules (the bench rule's
+# category is "other"). A window starting two hours from now is not in force during the run.
+LATER=$(( (10#$(date -u +%H) + 2) % 24 ))
+LATER=$(printf '%02d:00-%02d:00' "$LATER" $(( (LATER + 1) % 24 )))
+all_day() { # NAME RATE [SCOPE] [BRANCHES]
+  printf '[[schedule]]\nname = "%s"\ndays = "daily"\nhours = "00:00-00:00"\ntime_zone = "UTC"\nupload = "%s"\ndownload = "%s"\napplies_to = "%s"\ncategories = ["other"]\n%s\n' \
+    "$1" "$2" "$2" "${3:-each-branch}" "${4:-}"
+}
+declare -A EXTRA
+EXTRA[portcullis]=""
+EXTRA[portcullis-sched]=$(printf '[[schedule]]\nname = "later"\ndays = "daily"\nhours = "%s"\ntime_zone = "UTC"\nupload = "1 MB/s"\ndownload = "1 MB/s"\ncategories = ["other"]\n' "$LATER")
+EXTRA[portcullis-1M]=$(all_day limit "1 MB/s")
+EXTRA[portcullis-50M]=$(all_day limit "50 MB/s")
+# Branch a (127.0.0.2) has its own 2 MB/s; a and b (127.0.0.3) share 5 MB/s.
+EXTRA[portcullis-branches]=$(printf '[[branch]]\nname = "a"\nsources = ["127.0.0.2"]\n[[branch]]\nname = "b"\nsources = ["127.0.0.3"]\n'; all_day branch-a "2 MB/s" each-branch 'branches = ["a"]'; all_day shared "5 MB/s" all-branches)
+
 declare -A PORT PID
 # start_target NAME: (re)starts a fresh process with an allow-list equivalent to the others':
 # CONNECT from 127.0.0.0/8 to 127.0.0.1 on the two origin ports only.
@@ -109,8 +128,8 @@ start_target() {
   local name=$1 port
   port=$(free_port)
   case "$name" in
-    portcullis)
-      cat > "$WORK/portcullis.toml" <<EOF
+    portcullis*)
+      cat > "$WORK/$name.toml" <<EOF
 [listen]
 proxy = ["127.0.0.1:$port"]
 clients = ["127.0.0.0/8"]
@@ -125,8 +144,9 @@ ports = [$ORIGIN_PORT, $TLS_PORT]
 max_connections = 20000
 [log]
 format = "json"
+${EXTRA[$name]}
 EOF
-      "$GATEWAY" serve --config "$WORK/portcullis.toml" > "$WORK/portcullis.log" 2>&1 &
+      "$GATEWAY" serve --config "$WORK/$name.toml" > "$WORK/$name.log" 2>&1 &
       ;;
     squid)
       cat > "$WORK/squid.conf" <<EOF
@@ -186,8 +206,10 @@ args_for() {
 
 for t in $TARGETS; do start_target "$t"; done
 
-echo "bulk: $((BULK_BYTES / 1024 / 1024)) MiB per transfer, $RUNS interleaved run(s)"
-for run in $(seq "$RUNS"); do
+section() { [ "$ONLY" = all ] || [ "$ONLY" = "$1" ]; }
+
+section bulk && echo "bulk: $((BULK_BYTES / 1024 / 1024)) MiB per transfer, $RUNS interleaved run(s)"
+section bulk && for run in $(seq "$RUNS"); do
   for t in direct $TARGETS; do
     # shellcheck disable=SC2046
     {
@@ -200,8 +222,8 @@ for run in $(seq "$RUNS"); do
   done
 done
 
-echo "setup: clients $SETUP_CLIENTS, ${SETUP_SECS}s each"
-for run in $(seq "$RUNS"); do
+section setup && echo "setup: clients $SETUP_CLIENTS, ${SETUP_SECS}s each"
+section setup && for run in $(seq "$RUNS"); do
   for c in $SETUP_CLIENTS; do
     for t in direct $TARGETS; do
       # shellcheck disable=SC2046
@@ -210,14 +232,57 @@ for run in $(seq "$RUNS"); do
   done
 done
 
-echo "scale: $SCALE_TUNNELS idle tunnels, fresh process each"
-for n in $SCALE_TUNNELS; do
+section scale && echo "scale: $SCALE_TUNNELS idle tunnels, fresh process each"
+section scale && for n in $SCALE_TUNNELS; do
   for t in $TARGETS; do
     stop_target "$t"; start_target "$t"
     # shellcheck disable=SC2046
     "$LOADGEN" scale $(args_for "$t" 1) --tunnels "$n" >> "$RESULTS"
   done
 done
+
+# Bandwidth schedules: accuracy against the limit and fairness (Jain's index) over 1-32 tunnels
+# at 1 MB/s and 50 MB/s both ways; a branch budget and a shared one at once; and what a
+# schedule that is configured but not in force costs an unthrottled tunnel.
+if [ "$QUICK" = 1 ]; then
+  THROTTLE_SECS=2; THROTTLE_CASES="50M:50000000:1"; SCHED_RUNS=1
+else
+  THROTTLE_SECS=10; THROTTLE_CASES="1M:1000000:1 1M:1000000:4 1M:1000000:32 50M:50000000:1 50M:50000000:4 50M:50000000:32"; SCHED_RUNS=$((RUNS * 2))
+fi
+if section throttle; then
+echo "throttle: ${THROTTLE_SECS}s per case"
+for case in $THROTTLE_CASES; do
+  IFS=: read -r tag limit streams <<< "$case"
+  start_target "portcullis-$tag"
+  for dir in down up; do
+    # shellcheck disable=SC2046
+    "$LOADGEN" throttle $(args_for "portcullis-$tag" 1) --streams "$streams" --direction "$dir" \
+      --seconds "$THROTTLE_SECS" --limit "$limit" --label "$tag-" >> "$RESULTS"
+  done
+  stop_target "portcullis-$tag"
+done
+if [ "$QUICK" = 0 ]; then
+  start_target portcullis-branches
+  for dir in down up; do
+    # shellcheck disable=SC2046
+    "$LOADGEN" throttle $(args_for portcullis-branches 1) --streams 4 --direction "$dir" \
+      --seconds "$THROTTLE_SECS" --limit 5000000 --sources 127.0.0.2,127.0.0.3 --label "br-" >> "$RESULTS"
+  done
+  stop_target portcullis-branches
+fi
+echo "schedules configured, none in force: bulk against plain portcullis, $SCHED_RUNS interleaved runs"
+start_target portcullis-sched
+for run in $(seq "$SCHED_RUNS"); do
+  for t in portcullis portcullis-sched; do
+    # shellcheck disable=SC2046
+    {
+      "$LOADGEN" bulk $(args_for "$t" "$((run + 100))") --bytes "$BULK_BYTES" --direction down
+      "$LOADGEN" bulk $(args_for "$t" "$((run + 100))") --bytes "$BULK_BYTES" --streams 8
+    } | sed 's/"scenario":"bulk"/"scenario":"sched"/' >> "$RESULTS"
+  done
+done
+stop_target portcullis-sched
+fi
 
 echo
 "$LOADGEN" report "$RESULTS"
