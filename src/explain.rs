@@ -107,6 +107,29 @@ pub fn effective_policy(config: &Config) -> String {
         };
         let _ = writeln!(out, "unassigned clients: {unassigned}");
     }
+    if !config.schedules.is_empty() {
+        let _ = writeln!(
+            out,
+            "schedules ({}, `portcullis schedule` shows the week):",
+            config.schedules.len()
+        );
+        for s in &config.schedules {
+            let rate = |r: Option<u64>| r.map_or("-".to_owned(), crate::schedule::format_rate);
+            let _ = writeln!(
+                out,
+                "  {}  {}  {}{}  upload {}  download {}  [{}]",
+                s.name,
+                s.when(),
+                s.scope.as_str(),
+                s.branches
+                    .as_ref()
+                    .map_or(String::new(), |b| format!(" ({})", b.join(", "))),
+                rate(s.upload),
+                rate(s.download),
+                s.categories.join(", ")
+            );
+        }
+    }
     let r = &config.resolver;
     let servers = if r.hosts_only {
         "none (hosts_only)".to_owned()
