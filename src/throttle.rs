@@ -675,6 +675,120 @@ mod tests {
         );
     }
 
+    fn schedule(name: &str, days: &str, hours: &str, scope: Scope, upload: u64) -> Schedule {
+        let (start, end) = crate::schedule::parse_window(hours).unwrap();
+        Schedule {
+            name: name.into(),
+            days: crate::schedule::parse_days(days).unwrap(),
+            start,
+            end,
+            zone: jiff::tz::TimeZone::get("Europe/London").unwrap(),
+            zone_name: "Europe/London".into(),
+            upload: Some(upload),
+            download: None,
+            scope,
+            branches: None,
+            categories: vec!["storage".into()],
+        }
+    }
+
+    #[tokio::test]
+    async fn retune_follows_the_windows_and_gates_go_only_where_schedules_reach() {
+        let schedules = [
+            schedule(
+                "office",
+                "mon-fri",
+                "09:00-17:00",
+                Scope::EachBranch,
+                1_000_000,
+            ),
+            schedule(
+                "night",
+                "daily",
+                "22:00-06:00",
+                Scope::AllBranches,
+                5_000_000,
+            ),
+        ];
+        let throttles = Throttles::new(&schedules, &["london", "unassigned"], None, None);
+        let london = |at: &str| {
+            let at: Timestamp = at.parse().unwrap();
+            let next = throttles.retune(at);
+            let gate = throttles
+                .gate("london", "storage", Direction::Upload)
+                .unwrap();
+            let rates: Vec<Option<u64>> = gate
+                .buckets
+                .iter()
+                .map(|b| b.in_force(gate.category))
+                .collect();
+            (rates, next.map(|n| n.to_string()))
+        };
+        // Monday 10:00 London (GMT): office hours; the next change is 17:00.
+        assert_eq!(
+            london("2026-11-23T10:00:00Z"),
+            (
+                vec![Some(1_000_000), None],
+                Some("2026-11-23T17:00:00Z".into())
+            )
+        );
+        assert_eq!(
+            london("2026-11-23T17:00:00Z"),
+            (vec![None, None], Some("2026-11-23T22:00:00Z".into()))
+        );
+        assert_eq!(
+            london("2026-11-23T23:00:00Z"),
+            (
+                vec![None, Some(5_000_000)],
+                Some("2026-11-24T06:00:00Z".into())
+            )
+        );
+        // Summer time: office hours start at 08:00 UTC.
+        assert_eq!(
+            london("2026-06-01T08:00:00Z").0,
+            vec![Some(1_000_000), None]
+        );
+        let in_force = throttles.in_force_at("2026-11-23T10:00:00Z".parse().unwrap());
+        assert_eq!(in_force.len(), 2, "london and unassigned: {in_force:?}");
+        assert!(
+            in_force
+                .iter()
+                .all(|l| l.schedule == "office" && l.applies_to(&l.budget))
+        );
+        // Nothing reaches downloads, other categories or branches no budget covers.
+        assert!(
+            throttles
+                .gate("london", "storage", Direction::Download)
+                .is_none()
+        );
+        assert!(
+            throttles
+                .gate("london", "login", Direction::Upload)
+                .is_none()
+        );
+        let paris = throttles
+            .gate("paris", "storage", Direction::Upload)
+            .unwrap();
+        assert_eq!(paris.buckets.len(), 1, "only the shared budget");
+        // A reload keeps buckets by budget; a budget it drops lifts its limit.
+        throttles.retune("2026-11-23T10:00:00Z".parse().unwrap());
+        let next = Throttles::new(
+            &schedules[1..],
+            &["london", "unassigned"],
+            Some(&throttles),
+            None,
+        );
+        throttles.retire_missing(&next);
+        let old_gate = throttles
+            .gate("london", "storage", Direction::Upload)
+            .unwrap();
+        assert_eq!(old_gate.buckets[0].in_force(old_gate.category), None);
+        assert!(Arc::ptr_eq(
+            &next.budgets[0].bucket,
+            &throttles.budgets.last().unwrap().bucket
+        ));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn bytes_of_other_categories_pass_untouched() {
         let bucket = Arc::new(Bucket::default());
