@@ -6,7 +6,9 @@
 //! 9-byte command, `op` then a little-endian u64 `n`:
 //!   b'D' n: the origin sends n bytes, then closes;
 //!   b'U' n: the origin reads n bytes, answers with the 8-byte count, then closes;
-//!   b'E' _: the origin echoes until EOF.
+//!   b'E' _: the origin echoes until EOF;
+//!   b'S' _: the origin reads until EOF, sending back its running byte count (u64 LE) every
+//!           50 ms: upload rates measured where the bytes arrive, not in a sender's buffer.
 
 use clap::{Parser, Subcommand};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
@@ -241,6 +243,23 @@ async fn serve_origin<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) {
             }
             let _ = s.write_all(&got.to_le_bytes()).await;
             let _ = s.shutdown().await;
+        }
+        b'S' => {
+            let mut buf = vec![0u8; CHUNK];
+            let mut got = 0u64;
+            let mut reported = Instant::now();
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => got += k as u64,
+                }
+                if reported.elapsed() >= Duration::from_millis(50) {
+                    reported = Instant::now();
+                    if s.write_all(&got.to_le_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+            }
         }
         b'E' => {
             let mut buf = vec![0u8; 16 * 1024];
@@ -614,18 +633,36 @@ async fn throttle(
             let (mut s, _) = open_from(&t, t.origin_port, from).await?;
             let mut buf = vec![0x33u8; 64 * 1024];
             // Endless for the test's length: the origin sends (or takes) until we stop.
-            s.write_all(&command(if up { b'U' } else { b'D' }, u64::MAX / 2))
-                .await?;
-            loop {
-                let n = if up {
-                    s.write(&buf).await?
-                } else {
-                    s.read(&mut buf).await?
+            if up {
+                // Counted by the origin (its reports), not by what the socket buffer took.
+                s.write_all(&command(b'S', 0)).await?;
+                let (mut rx, mut tx) = s.into_split();
+                let send = async move {
+                    loop {
+                        tx.write_all(&buf).await?;
+                    }
+                    #[allow(unreachable_code)]
+                    Ok::<(), std::io::Error>(())
                 };
-                if n == 0 {
-                    return Ok::<_, std::io::Error>(());
+                let reports = async move {
+                    let mut count = [0u8; 8];
+                    loop {
+                        rx.read_exact(&mut count).await?;
+                        counter.store(u64::from_le_bytes(count), Relaxed);
+                    }
+                    #[allow(unreachable_code)]
+                    Ok::<(), std::io::Error>(())
+                };
+                tokio::try_join!(send, reports).map(|((), ())| ())
+            } else {
+                s.write_all(&command(b'D', u64::MAX / 2)).await?;
+                loop {
+                    let n = s.read(&mut buf).await?;
+                    if n == 0 {
+                        return Ok::<_, std::io::Error>(());
+                    }
+                    counter.fetch_add(n as u64, Relaxed);
                 }
-                counter.fetch_add(n as u64, Relaxed);
             }
         });
     }

@@ -121,6 +121,13 @@ EXTRA[portcullis-50M]=$(all_day limit "50 MB/s")
 # Branch a (127.0.0.2) has its own 2 MB/s; a and b (127.0.0.3) share 5 MB/s.
 EXTRA[portcullis-branches]=$(printf '[[branch]]\nname = "a"\nsources = ["127.0.0.2"]\n[[branch]]\nname = "b"\nsources = ["127.0.0.3"]\n'; all_day branch-a "2 MB/s" each-branch 'branches = ["a"]'; all_day shared "5 MB/s" all-branches)
 
+# Squid's peer of a throttled gateway: one aggregate delay pool (it paces what it sends to
+# clients: downloads only), bucket of 50 ms of the rate.
+declare -A DELAY
+delay_pool() { printf 'delay_pools 1\ndelay_class 1 1\ndelay_parameters 1 %s/%s\ndelay_access 1 allow all\n' "$1" "$(( $1 / 20 ))"; }
+DELAY[squid-1M]=$(delay_pool 1000000)
+DELAY[squid-50M]=$(delay_pool 50000000)
+
 declare -A PORT PID
 # start_target NAME: (re)starts a fresh process with an allow-list equivalent to the others':
 # CONNECT from 127.0.0.0/8 to 127.0.0.1 on the two origin ports only.
@@ -148,8 +155,8 @@ ${EXTRA[$name]}
 EOF
       "$GATEWAY" serve --config "$WORK/$name.toml" > "$WORK/$name.log" 2>&1 &
       ;;
-    squid)
-      cat > "$WORK/squid.conf" <<EOF
+    squid*)
+      cat > "$WORK/$name.conf" <<EOF
 http_port 127.0.0.1:$port
 acl localnet src 127.0.0.0/8
 acl bench_ports port $ORIGIN_PORT $TLS_PORT
@@ -159,14 +166,15 @@ http_access allow CONNECT localnet bench_ports bench_dst
 http_access deny all
 cache deny all
 cache_mem 8 MB
-access_log stdio:$WORK/squid-access.log
-cache_log $WORK/squid-cache.log
-pid_filename $WORK/squid.pid
+access_log stdio:$WORK/$name-access.log
+cache_log $WORK/$name-cache.log
+pid_filename $WORK/$name.pid
 coredump_dir $WORK
 max_filedescriptors 20000
 shutdown_lifetime 1 seconds
+${DELAY[$name]:-}
 EOF
-      squid -N -f "$WORK/squid.conf" > "$WORK/squid.out" 2>&1 &
+      squid -N -f "$WORK/$name.conf" > "$WORK/$name.out" 2>&1 &
       ;;
     tinyproxy)
       cat > "$WORK/tinyproxy.conf" <<EOF
@@ -251,15 +259,19 @@ else
 fi
 if section throttle; then
 echo "throttle: ${THROTTLE_SECS}s per case"
+THROTTLED="portcullis"
+if [ "$PEERS" = 1 ]; then THROTTLED="portcullis squid"; fi
 for case in $THROTTLE_CASES; do
   IFS=: read -r tag limit streams <<< "$case"
-  start_target "portcullis-$tag"
-  for dir in down up; do
-    # shellcheck disable=SC2046
-    "$LOADGEN" throttle $(args_for "portcullis-$tag" 1) --streams "$streams" --direction "$dir" \
-      --seconds "$THROTTLE_SECS" --limit "$limit" --label "$tag-" >> "$RESULTS"
+  for proxy in $THROTTLED; do
+    start_target "$proxy-$tag"
+    for dir in down up; do
+      # shellcheck disable=SC2046
+      "$LOADGEN" throttle $(args_for "$proxy-$tag" 1 | sed "s/--name [^ ]*/--name $proxy/") --streams "$streams" --direction "$dir" \
+        --seconds "$THROTTLE_SECS" --limit "$limit" --label "$tag-" >> "$RESULTS"
+    done
+    stop_target "$proxy-$tag"
   done
-  stop_target "portcullis-$tag"
 done
 if [ "$QUICK" = 0 ]; then
   start_target portcullis-branches
