@@ -270,6 +270,7 @@ async fn serve(settings: &Settings, mut app: TcpStream, peer: SocketAddr, id: u6
             }
         }
     }
+    drop(head);
     let Some((i, mut gateway, reply)) = opened else {
         let why = last_error.map_or_else(|| "no gateway configured".to_owned(), |e| e.to_string());
         refuse(
@@ -301,6 +302,8 @@ async fn serve(settings: &Settings, mut app: TcpStream, peer: SocketAddr, id: u6
         return;
     }
     line.bytes_down = reply.leftover.len() as u64;
+    // Held for the whole tunnel otherwise: only the relay's on-demand buffers stay.
+    drop(reply);
     if !early.is_empty() {
         if gateway.write_all(&early).await.is_err() {
             line.end = "upstream_error";
@@ -309,6 +312,7 @@ async fn serve(settings: &Settings, mut app: TcpStream, peer: SocketAddr, id: u6
         }
         line.bytes_up = early.len() as u64;
     }
+    drop(early);
     let outcome = relay(&mut app, &mut gateway, settings.idle_timeout, None).await;
     line.bytes_up += outcome.bytes_up;
     line.bytes_down += outcome.bytes_down;
