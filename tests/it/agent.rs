@@ -439,6 +439,26 @@ impl Agent {
         }
     }
 
+    fn sigterm(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-s", "TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// The exit status, waiting up to `within`.
+    async fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
     fn count_logs(&self, pred: impl Fn(&Value) -> bool) -> usize {
         self.logs.lock().unwrap().iter().filter(|l| pred(l)).count()
     }
@@ -635,6 +655,39 @@ async fn forward_fails_over_to_the_second_gateway_and_returns_to_the_first() {
         "back on the first gateway"
     );
     assert_eq!(second.access_count(), 1);
+}
+
+#[tokio::test]
+async fn forward_drains_open_tunnels_on_sigterm_and_exits_0() {
+    let pki = Pki::new();
+    let origin = TcpOrigin::start(b"after drain").await;
+    let port = origin.addr.port();
+    let files = Files::new(&pki);
+    let gw = Gateway::start(&gateway_config(&files, port, 0)).await;
+    let mut args = identity_args(&files);
+    args.extend([
+        "--gateway".into(),
+        format!("https://{}", gw.tls_addr.unwrap()),
+    ]);
+    let mut agent = Agent::start(&args).await;
+    let (mut tunnel, status) = open_tunnel(agent.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
+    assert_eq!(status, 200);
+
+    agent.sigterm();
+    let draining = agent.wait_log(|l| l["message"] == "draining").await;
+    assert_eq!(draining["open"], 1);
+    assert!(
+        tokio::net::TcpStream::connect(agent.addr).await.is_err(),
+        "no new clients while draining"
+    );
+    // The open tunnel still works to its end.
+    assert_eq!(
+        send_and_finish(&mut tunnel, b"last batch").await,
+        b"after drain"
+    );
+    let status = agent.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+    assert_eq!(agent.count_logs(|l| l["message"] == "drained"), 1);
 }
 
 #[test]
