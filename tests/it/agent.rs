@@ -552,7 +552,11 @@ async fn forward_carries_curl_through_a_tls_gateway_with_the_branch_certificate(
     let line = agent
         .wait_log(|l| l["target"] == "portcullis::agent" && l["status"] == 200)
         .await;
-    assert_eq!(line["end"], "closed");
+    // curl may reset rather than close once it has its response: either is the app's end.
+    assert!(
+        line["end"] == "closed" || line["end"] == "client_error",
+        "{line}"
+    );
     assert!(line["bytes_down"].as_u64().unwrap() > 300_000);
 
     // The gateway's refusal reaches the app unchanged.
