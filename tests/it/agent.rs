@@ -388,9 +388,15 @@ struct Agent {
 
 impl Agent {
     async fn start(args: &[String]) -> Self {
+        Self::start_with_env(args, &[]).await
+    }
+
+    async fn start_with_env(args: &[String], env: &[(&str, &str)]) -> Self {
         let mut child = std::process::Command::new(AGENT)
             .args(["forward", "--log-format", "json", "--listen", "127.0.0.1:0"])
             .args(args)
+            .env_remove("PORTCULLIS_PROXY_PASSWORD")
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -659,6 +665,54 @@ async fn forward_fails_over_to_the_second_gateway_and_returns_to_the_first() {
         "back on the first gateway"
     );
     assert_eq!(second.access_count(), 1);
+}
+
+#[tokio::test]
+async fn forward_replaces_the_apps_credentials_with_the_configured_ones() {
+    let pki = Pki::new();
+    let origin = TcpOrigin::start(b"ok").await;
+    let port = origin.addr.port();
+    let files = Files::new(&pki);
+    let mut gw = Gateway::start(&gateway_config(&files, port, 0)).await;
+    // A config file names the gateway (plain listener) and the user; the password comes from
+    // the environment.
+    let config = files.dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "gateways = [\"http://{}\"]\nuser = \"berlin-fs1\"\n",
+            gw.addr
+        ),
+    )
+    .unwrap();
+    let args = vec!["--config".to_owned(), config.display().to_string()];
+    let mut agent = Agent::start_with_env(&args, &[("PORTCULLIS_PROXY_PASSWORD", "s3cret")]).await;
+    let target = format!("{ORIGIN_HOST}:{port}");
+    for app_headers in ["", &basic("mallory", "guess")] {
+        let (mut tunnel, reply) = connect_from(agent.addr, "127.0.0.1", &target, app_headers).await;
+        assert_eq!(reply.status, 200, "with app headers {app_headers:?}");
+        assert_eq!(send_and_finish(&mut tunnel, b"x").await, b"ok");
+    }
+    let line = gw.access_line(|l| l["status"] == 200).await;
+    assert_eq!(line["branch"], "berlin");
+    let berlin = |l: &Value| l["branch"] == "berlin" && l["status"] == 200;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.count_logs(berlin) < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(gw.count_logs(berlin), 2, "both tunnels as berlin");
+    let logged = agent
+        .logs
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|l| l.to_string())
+        .collect::<String>();
+    assert!(
+        !logged.contains("s3cret") && !logged.contains("Basic"),
+        "no credentials in logs"
+    );
+    agent.wait_log(|l| l["message"] == "gateway in use").await;
 }
 
 #[tokio::test]
