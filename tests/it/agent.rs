@@ -188,6 +188,21 @@ async fn check_passes_every_stage_through_a_tls_gateway_and_reports_denials() {
     );
     assert_eq!(r["verdict"]["status"], 403);
 
+    // The forwarder's config file serves the check too: its first gateway, TLS files relative
+    // to the file.
+    let config = files.dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "gateways = [\"{proxy}\"]\nca = \"ca.pem\"\ncertificate = \"branch.pem\"\nkey = \"branch.key\"\n"
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let (code, stdout, stderr) =
+        agent(&["check", "--config", &config, "--host", &first], &[]).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+
     // Credentials on the plain listener: right password from the environment passes, a wrong
     // one fails the auth stage with 407.
     let plain = format!("http://{}", gw.addr);
