@@ -7,8 +7,8 @@
 //!   b'D' n: the origin sends n bytes, then closes;
 //!   b'U' n: the origin reads n bytes, answers with the 8-byte count, then closes;
 //!   b'E' _: the origin echoes until EOF;
-//!   b'S' _: the origin reads until EOF, sending back its running byte count (u64 LE) every
-//!           50 ms: upload rates measured where the bytes arrive, not in a sender's buffer.
+//!   b'S' _: the origin reads until EOF, sending back its running byte count (u64 LE) after
+//!           every read: upload rates measured where the bytes arrive, not in a sender's buffer.
 
 use clap::{Parser, Subcommand};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
@@ -247,17 +247,13 @@ async fn serve_origin<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) {
         b'S' => {
             let mut buf = vec![0u8; CHUNK];
             let mut got = 0u64;
-            let mut reported = Instant::now();
             loop {
                 match s.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
                     Ok(k) => got += k as u64,
                 }
-                if reported.elapsed() >= Duration::from_millis(50) {
-                    reported = Instant::now();
-                    if s.write_all(&got.to_le_bytes()).await.is_err() {
-                        break;
-                    }
+                if s.write_all(&got.to_le_bytes()).await.is_err() {
+                    break;
                 }
             }
         }

@@ -116,15 +116,20 @@ all_day() { # NAME RATE [SCOPE] [BRANCHES]
 declare -A EXTRA
 EXTRA[portcullis]=""
 EXTRA[portcullis-sched]=$(printf '[[schedule]]\nname = "later"\ndays = "daily"\nhours = "%s"\ntime_zone = "UTC"\nupload = "1 MB/s"\ndownload = "1 MB/s"\ncategories = ["other"]\n' "$LATER")
-EXTRA[portcullis-1M]=$(all_day limit "1 MB/s")
-EXTRA[portcullis-50M]=$(all_day limit "50 MB/s")
+# A limit on one direction only: the other carries the load generator's reports (uploads are
+# counted where they arrive) and must not queue them.
+one_way() { # RATE DIRECTION(up|down)
+  local key=download; [ "$2" = up ] && key=upload
+  printf '[[schedule]]\nname = "limit"\ndays = "daily"\nhours = "00:00-00:00"\ntime_zone = "UTC"\n%s = "%s"\ncategories = ["other"]\n' "$key" "$1"
+}
 # Branch a (127.0.0.2) has its own 2 MB/s; a and b (127.0.0.3) share 5 MB/s.
 EXTRA[portcullis-branches]=$(printf '[[branch]]\nname = "a"\nsources = ["127.0.0.2"]\n[[branch]]\nname = "b"\nsources = ["127.0.0.3"]\n'; all_day branch-a "2 MB/s" each-branch 'branches = ["a"]'; all_day shared "5 MB/s" all-branches)
 
 # Squid's peer of a throttled gateway: one aggregate delay pool (it paces what it sends to
-# clients: downloads only), bucket of 50 ms of the rate.
+# clients: downloads only). Squid refills its buckets once a second, so the bucket must hold a
+# second of the rate (a smaller one caps the rate at bucket/s).
 declare -A DELAY
-delay_pool() { printf 'delay_pools 1\ndelay_class 1 1\ndelay_parameters 1 %s/%s\ndelay_access 1 allow all\n' "$1" "$(( $1 / 20 ))"; }
+delay_pool() { printf 'delay_pools 1\ndelay_class 1 1\ndelay_parameters 1 %s/%s\ndelay_access 1 allow all\n' "$1" "$1"; }
 DELAY[squid-1M]=$(delay_pool 1000000)
 DELAY[squid-50M]=$(delay_pool 50000000)
 
@@ -255,7 +260,7 @@ done
 if [ "$QUICK" = 1 ]; then
   THROTTLE_SECS=2; THROTTLE_CASES="50M:50000000:1"; SCHED_RUNS=1
 else
-  THROTTLE_SECS=10; THROTTLE_CASES="1M:1000000:1 1M:1000000:4 1M:1000000:32 50M:50000000:1 50M:50000000:4 50M:50000000:32"; SCHED_RUNS=$((RUNS * 2))
+  THROTTLE_SECS=10; THROTTLE_CASES="1M:1000000:1 1M:1000000:4 1M:1000000:32 50M:50000000:1 50M:50000000:4 50M:50000000:32"; SCHED_RUNS=$((RUNS * 3 + 1))
 fi
 if section throttle; then
 echo "throttle: ${THROTTLE_SECS}s per case"
@@ -263,24 +268,27 @@ THROTTLED="portcullis"
 if [ "$PEERS" = 1 ]; then THROTTLED="portcullis squid"; fi
 for case in $THROTTLE_CASES; do
   IFS=: read -r tag limit streams <<< "$case"
+  EXTRA[portcullis-$tag]=""
   for proxy in $THROTTLED; do
-    start_target "$proxy-$tag"
     for dir in down up; do
+      # A fresh process per direction: no queue left over from the previous measurement.
+      [ "$proxy" = portcullis ] && EXTRA[portcullis-$tag]=$(one_way "$limit B/s" "$dir")
+      start_target "$proxy-$tag"
       # shellcheck disable=SC2046
       "$LOADGEN" throttle $(args_for "$proxy-$tag" 1 | sed "s/--name [^ ]*/--name $proxy/") --streams "$streams" --direction "$dir" \
         --seconds "$THROTTLE_SECS" --limit "$limit" --label "$tag-" >> "$RESULTS"
+      stop_target "$proxy-$tag"
     done
-    stop_target "$proxy-$tag"
   done
 done
 if [ "$QUICK" = 0 ]; then
-  start_target portcullis-branches
   for dir in down up; do
+    start_target portcullis-branches
     # shellcheck disable=SC2046
     "$LOADGEN" throttle $(args_for portcullis-branches 1) --streams 4 --direction "$dir" \
       --seconds "$THROTTLE_SECS" --limit 5000000 --sources 127.0.0.2,127.0.0.3 --label "br-" >> "$RESULTS"
+    stop_target portcullis-branches
   done
-  stop_target portcullis-branches
 fi
 echo "schedules configured, none in force: bulk against plain portcullis, $SCHED_RUNS interleaved runs"
 start_target portcullis-sched

@@ -4,13 +4,15 @@
 //!
 //! The data path reads top to bottom in [`connect`]: head ([`request`]) -> client check and
 //! policy ([`policy`]) -> resolve ([`resolve`]) -> destination wall ([`destination`]) -> dial ->
-//! tunnel ([`tunnel`]) -> log line ([`access_log`]). Config is compiled once ([`config`]) from
-//! the operator's TOML and the built-in profiles ([`profiles`]).
+//! tunnel ([`tunnel`], paced by [`throttle`] under [`schedule`]s) -> log line ([`access_log`]). Config is compiled once ([`config`]) from
+//! the operator's TOML and the built-in profiles ([`profiles`]). The branch agent's logic (the
+//! `portcullis-agent` binary: endpoint check and local forwarder) is in [`agent`].
 #![forbid(unsafe_code)]
 
 pub mod access_log;
 pub mod admin;
 pub mod afs_import;
+pub mod agent;
 pub mod config;
 pub mod connect;
 pub mod destination;

@@ -2,6 +2,7 @@
 //! certificates, real clients. One test binary, one module per area.
 
 mod admin;
+mod agent;
 mod branches;
 mod cli;
 mod denials;

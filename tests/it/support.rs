@@ -137,7 +137,12 @@ pub struct Origin {
 
 impl Origin {
     pub async fn start(pki: &Pki) -> Self {
-        let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config(&[ORIGIN_HOST]));
+        Self::start_named(pki, &[ORIGIN_HOST]).await
+    }
+
+    /// An origin whose certificate carries `names` (DNS names the clients will verify).
+    pub async fn start_named(pki: &Pki, names: &[&str]) -> Self {
+        let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config(names));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {

@@ -1,0 +1,776 @@
+//! The branch agent (issue 8): `check` against the real gateway and TLS origins, stage by stage;
+//! `forward` carrying curl through the real gateway with a client certificate, failing over to a
+//! second gateway and returning to the first after its probe.
+
+use crate::support::*;
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_portcullis-agent");
+/// A second name the test origin answers to (and the gateway allows).
+const SECOND_HOST: &str = "eastus01.afs.azure.net";
+/// A name the gateway maps to the origin but no rule allows on the origin's port.
+const DENIED_HOST: &str = "denied.file.core.windows.net";
+const BRANCH_CERT_NAME: &str = "london-fs1.contoso.example";
+
+/// Test PKI files: CA, the gateway's certificate (for 127.0.0.1), the branch's client certificate.
+struct Files {
+    dir: tempfile::TempDir,
+}
+
+impl Files {
+    fn new(pki: &Pki) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = pki.issue_pem(&["gateway.test", "127.0.0.1"], 2099);
+        std::fs::write(dir.path().join("gateway.pem"), cert).unwrap();
+        std::fs::write(dir.path().join("gateway.key"), key).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &pki.ca_pem).unwrap();
+        let (cert, key) = pki.issue_pem(&[BRANCH_CERT_NAME], 2099);
+        std::fs::write(dir.path().join("branch.pem"), cert).unwrap();
+        std::fs::write(dir.path().join("branch.key"), key).unwrap();
+        Self { dir }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+}
+
+/// A gateway config: TLS listener on `tls_port` (0: any) requiring client certificates from the
+/// test CA, branch london by certificate and berlin by credentials, the origin's two names
+/// allowed on its port, and all three names mapped to 127.0.0.1.
+fn gateway_config(files: &Files, origin_port: u16, tls_port: u16) -> String {
+    let hash = portcullis::identity::hash_password("s3cret").unwrap();
+    let dir = files.dir.path().display();
+    let extra = format!(
+        r#"
+[[policy.allow]]
+name = "second"
+category = "sync"
+hosts = ["{SECOND_HOST}"]
+ports = [{origin_port}]
+private_addresses = ["127.0.0.1/32"]
+
+[tls]
+certificate = "{dir}/gateway.pem"
+key = "{dir}/gateway.key"
+client_ca = "{dir}/ca.pem"
+
+[[branch]]
+name = "london"
+client_certificates = ["{BRANCH_CERT_NAME}"]
+
+[[branch]]
+name = "berlin"
+credentials = [{{ user = "berlin-fs1", password_hash = "{hash}" }}]
+
+{}"#,
+        resolver_hosts(&format!(
+            "\"{SECOND_HOST}\" = \"127.0.0.1\"\n\"{DENIED_HOST}\" = \"127.0.0.1\""
+        ))
+    );
+    config_for(origin_port, &extra).replace(
+        "admin = \"127.0.0.1:0\"",
+        &format!(
+            "admin = \"127.0.0.1:0\"\n\n[[listen.tls_proxy]]\naddress = \"127.0.0.1:{tls_port}\"\nclient_certificates = \"required\""
+        ),
+    )
+}
+
+/// Runs `portcullis-agent args` to completion (30 s at most): exit code, stdout, stderr.
+async fn agent(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let mut command = tokio::process::Command::new(AGENT);
+    command.args(args).env_remove("PORTCULLIS_PROXY_PASSWORD");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(30), command.output())
+        .await
+        .expect("the agent finishes within 30 s")
+        .expect("run portcullis-agent");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn row<'a>(report: &'a Value, host: &str) -> &'a Value {
+    report["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["host"] == host)
+        .unwrap_or_else(|| panic!("no row for {host} in {report:#}"))
+}
+
+#[tokio::test]
+async fn check_passes_every_stage_through_a_tls_gateway_and_reports_denials() {
+    let pki = Pki::new();
+    let origin = Origin::start_named(&pki, &[ORIGIN_HOST, SECOND_HOST, DENIED_HOST]).await;
+    let port = origin.port();
+    let files = Files::new(&pki);
+    let gw = Gateway::start(&gateway_config(&files, port, 0)).await;
+    let proxy = format!("https://{}", gw.tls_addr.unwrap());
+    let (ca, cert, key) = (
+        files.path("ca.pem"),
+        files.path("branch.pem"),
+        files.path("branch.key"),
+    );
+    let first = format!("{ORIGIN_HOST}:{port}");
+    let second = format!("{SECOND_HOST}:{port}");
+    let tls_args = [
+        "check", "--proxy", &proxy, "--ca", &ca, "--cert", &cert, "--key", &key,
+    ];
+
+    let mut args = tls_args.to_vec();
+    args.extend(["--host", &first, "--host", &second, "--json"]);
+    let (code, stdout, stderr) = agent(&args, &[]).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let report: Value = serde_json::from_str(&stdout).expect("--json prints JSON");
+    assert_eq!(
+        (report["passed"].as_u64(), report["failed"].as_u64()),
+        (Some(2), Some(0))
+    );
+    for host in [ORIGIN_HOST, SECOND_HOST] {
+        let r = row(&report, host);
+        assert_eq!(r["result"], "pass", "{r:#}");
+        for stage in ["proxy", "auth", "connect", "tls"] {
+            assert_eq!(r[stage]["outcome"], "pass", "{stage}: {r:#}");
+            assert!(r[stage]["ms"].is_u64(), "{stage} is timed: {r:#}");
+        }
+        assert_eq!(r["verdict"]["status"], 200);
+    }
+
+    // One endpoint denied: its row fails with the gateway's reason, the run exits 1.
+    let denied = format!("{DENIED_HOST}:{port}");
+    let mut args = tls_args.to_vec();
+    args.extend(["--host", &first, "--host", &denied, "--color", "never"]);
+    let (code, table, stderr) = agent(&args, &[]).await;
+    assert_eq!(code, Some(1), "{table}{stderr}");
+    let denied_line = table
+        .lines()
+        .find(|l| l.contains(DENIED_HOST))
+        .expect("a row for the denied host");
+    assert!(denied_line.starts_with("FAIL"), "{table}");
+    assert!(denied_line.contains("FAIL 403"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("pass") && l.contains(ORIGIN_HOST)),
+        "{table}"
+    );
+    assert!(table.contains("1 passed, 1 failed, 0 skipped"), "{table}");
+    args.push("--json");
+    let (_, stdout, _) = agent(&args, &[]).await;
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    let r = row(&report, DENIED_HOST);
+    let reason = r["verdict"]["reason"]
+        .as_str()
+        .expect("the gateway's reason");
+    assert!(!reason.is_empty());
+    assert!(
+        denied_line.contains(reason),
+        "the table shows {reason:?}: {table}"
+    );
+    assert_eq!(
+        (
+            r["result"].as_str(),
+            r["connect"]["outcome"].as_str(),
+            r["tls"]["outcome"].as_str()
+        ),
+        (Some("fail"), Some("fail"), Some("not_run"))
+    );
+    assert_eq!(r["verdict"]["status"], 403);
+
+    // The forwarder's config file serves the check too: its first gateway, TLS files relative
+    // to the file.
+    let config = files.dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "gateways = [\"{proxy}\"]\nca = \"ca.pem\"\ncertificate = \"branch.pem\"\nkey = \"branch.key\"\n"
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let (code, stdout, stderr) =
+        agent(&["check", "--config", &config, "--host", &first], &[]).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+
+    // Credentials on the plain listener: right password from the environment passes, a wrong
+    // one fails the auth stage with 407.
+    let plain = format!("http://{}", gw.addr);
+    let args = [
+        "check",
+        "--proxy",
+        &plain,
+        "--ca",
+        &ca,
+        "--user",
+        "berlin-fs1",
+        "--host",
+        &first,
+        "--json",
+    ];
+    let (code, stdout, stderr) = agent(&args, &[("PORTCULLIS_PROXY_PASSWORD", "s3cret")]).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let (code, stdout, _) = agent(&args, &[("PORTCULLIS_PROXY_PASSWORD", "wrong")]).await;
+    assert_eq!(code, Some(1));
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    let r = row(&report, ORIGIN_HOST);
+    assert_eq!(r["auth"]["outcome"], "fail", "{r:#}");
+    assert_eq!(r["verdict"]["status"], 407);
+    assert!(!stdout.contains("wrong"), "the password is never printed");
+}
+
+#[tokio::test]
+async fn check_direct_flags_an_endpoint_reachable_without_the_gateway() {
+    let pki = Pki::new();
+    let origin = Origin::start_named(&pki, &[ORIGIN_HOST, SECOND_HOST]).await;
+    let port = origin.port();
+    let files = Files::new(&pki);
+    let gw = Gateway::start(&gateway_config(&files, port, 0)).await;
+    let proxy = format!("https://{}", gw.tls_addr.unwrap());
+    let (ca, cert, key) = (
+        files.path("ca.pem"),
+        files.path("branch.pem"),
+        files.path("branch.key"),
+    );
+    let (first, second) = (
+        format!("{ORIGIN_HOST}:{port}"),
+        format!("{SECOND_HOST}:{port}"),
+    );
+    // The origin listens on 127.0.0.1 only: 127.0.0.2 is the "firewalled" path.
+    let open = format!("{ORIGIN_HOST}:{port}:127.0.0.1");
+    let closed = format!("{SECOND_HOST}:{port}:127.0.0.2");
+    let args = [
+        "check",
+        "--proxy",
+        &proxy,
+        "--ca",
+        &ca,
+        "--cert",
+        &cert,
+        "--key",
+        &key,
+        "--host",
+        &first,
+        "--host",
+        &second,
+        "--direct",
+        "--resolve",
+        &open,
+        "--resolve",
+        &closed,
+        "--json",
+    ];
+    let (code, stdout, stderr) = agent(&args, &[]).await;
+    assert_eq!(
+        code,
+        Some(1),
+        "a direct path is a finding: {stdout}{stderr}"
+    );
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    let leaky = row(&report, ORIGIN_HOST);
+    assert_eq!(
+        (leaky["result"].as_str(), leaky["direct"]["open"].as_bool()),
+        (Some("fail"), Some(true)),
+        "{leaky:#}"
+    );
+    assert_eq!(
+        leaky["tls"]["outcome"], "pass",
+        "the gateway path itself works"
+    );
+    assert!(leaky["note"].as_str().unwrap().contains("DIRECT OPEN"));
+    let closed = row(&report, SECOND_HOST);
+    assert_eq!(
+        (
+            closed["result"].as_str(),
+            closed["direct"]["open"].as_bool()
+        ),
+        (Some("pass"), Some(false)),
+        "{closed:#}"
+    );
+}
+
+#[tokio::test]
+async fn check_usage_errors_exit_2_with_a_precise_message() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["check", "--host", "a.example"], "--proxy"),
+        (
+            &["check", "--proxy", "gw:3128"],
+            "expected http://HOST:PORT",
+        ),
+        (
+            &[
+                "check",
+                "--proxy",
+                "http://gw:3128",
+                "--host",
+                "*.example.com",
+            ],
+            "wildcard",
+        ),
+        (
+            &["check", "--proxy", "http://gw:3128", "--profile", "nope"],
+            "unknown profile",
+        ),
+        (
+            &[
+                "check",
+                "--proxy",
+                "http://gw:3128",
+                "--storage-account",
+                "Bad.Name",
+            ],
+            "lowercase",
+        ),
+    ];
+    for (args, want) in cases {
+        let (code, _, stderr) = agent(args, &[]).await;
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(want),
+            "{args:?}: missing {want:?} in {stderr}"
+        );
+    }
+    let (code, _, stderr) = agent(
+        &[
+            "check",
+            "--proxy",
+            "http://127.0.0.1:9",
+            "--user",
+            "u",
+            "--host",
+            "a.example",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("PORTCULLIS_PROXY_PASSWORD"), "{stderr}");
+}
+
+#[tokio::test]
+async fn check_skips_wildcards_without_a_representative() {
+    // The gateway is unreachable (port 9 on loopback): listed endpoints fail at the first
+    // stage, wildcards without --storage-account / --region are skipped with a note.
+    let (code, stdout, stderr) = agent(
+        &[
+            "check",
+            "--proxy",
+            "http://127.0.0.1:9",
+            "--timeout",
+            "2s",
+            "--json",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, Some(1), "{stderr}");
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    let storage = row(&report, "*.core.windows.net");
+    assert_eq!(storage["result"], "skip");
+    assert!(
+        storage["note"]
+            .as_str()
+            .unwrap()
+            .contains("--storage-account")
+    );
+    let management = row(&report, "management.azure.com");
+    assert_eq!(
+        (
+            management["result"].as_str(),
+            management["proxy"]["outcome"].as_str()
+        ),
+        (Some("fail"), Some("fail"))
+    );
+    assert!(report["skipped"].as_u64().unwrap() >= 2);
+}
+
+/// The real `portcullis-agent forward`, JSON logs captured.
+struct Agent {
+    addr: SocketAddr,
+    child: std::process::Child,
+    logs: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Agent {
+    async fn start(args: &[String]) -> Self {
+        Self::start_with_env(args, &[]).await
+    }
+
+    async fn start_with_env(args: &[String], env: &[(&str, &str)]) -> Self {
+        let mut child = std::process::Command::new(AGENT)
+            .args(["forward", "--log-format", "json", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env_remove("PORTCULLIS_PROXY_PASSWORD")
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start portcullis-agent");
+        let stdout = child.stdout.take().unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let value: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| panic!("agent log line is not JSON: {line}"));
+                sink.lock().unwrap().push(value);
+            }
+        });
+        let mut agent = Self {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            child,
+            logs,
+        };
+        let listening = agent.wait_log(|l| l["message"] == "listening").await;
+        agent.addr = listening["address"].as_str().unwrap().parse().unwrap();
+        agent
+    }
+
+    /// The first log line matching `pred`, waiting up to 10 s.
+    async fn wait_log(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(line) = self.logs.lock().unwrap().iter().find(|l| pred(l)) {
+                return line.clone();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "agent exited with {status}; logs: {:#?}",
+                    self.logs.lock().unwrap()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no matching agent log line; logs: {:#?}",
+                self.logs.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn sigterm(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-s", "TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// The exit status, waiting up to `within`.
+    async fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    fn count_logs(&self, pred: impl Fn(&Value) -> bool) -> usize {
+        self.logs.lock().unwrap().iter().filter(|l| pred(l)).count()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// curl through the agent to the origin: downloads `bytes` and checks them against the
+/// origin's hash. Returns the verified length.
+async fn curl_through(agent: SocketAddr, ca: &str, origin_port: u16, bytes: usize) -> usize {
+    let dir = tempfile::tempdir().unwrap();
+    let body = dir.path().join("body");
+    let headers = dir.path().join("headers");
+    let url = format!("https://{ORIGIN_HOST}:{origin_port}/download?bytes={bytes}");
+    let status = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new("curl")
+            .args(["-sS", "--max-time", "20", "-x", &format!("http://{agent}")])
+            .args(["--cacert", ca, "-o"])
+            .arg(&body)
+            .arg("-D")
+            .arg(&headers)
+            .arg(&url)
+            .status(),
+    )
+    .await
+    .expect("curl finishes")
+    .expect("run curl");
+    assert!(status.success(), "curl through the agent: {status}");
+    let got = std::fs::read(&body).unwrap();
+    let head = std::fs::read_to_string(&headers)
+        .unwrap()
+        .to_ascii_lowercase();
+    let want = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-sha256: "))
+        .expect("the origin's hash header")
+        .trim()
+        .to_owned();
+    assert_eq!(sha256_hex(&got), want);
+    got.len()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn identity_args(files: &Files) -> Vec<String> {
+    vec![
+        "--ca".into(),
+        files.path("ca.pem"),
+        "--cert".into(),
+        files.path("branch.pem"),
+        "--key".into(),
+        files.path("branch.key"),
+    ]
+}
+
+#[tokio::test]
+async fn forward_carries_curl_through_a_tls_gateway_with_the_branch_certificate() {
+    let pki = Pki::new();
+    let origin = Origin::start(&pki).await;
+    let port = origin.port();
+    let files = Files::new(&pki);
+    let mut gw = Gateway::start(&gateway_config(&files, port, 0)).await;
+    let mut args = identity_args(&files);
+    args.extend([
+        "--gateway".into(),
+        format!("https://{}", gw.tls_addr.unwrap()),
+    ]);
+    let mut agent = Agent::start(&args).await;
+
+    let got = curl_through(agent.addr, &files.path("ca.pem"), port, 300_000).await;
+    assert_eq!(got, 300_000);
+    let line = gw
+        .access_line(|l| l["port"] == port && l["status"] == 200)
+        .await;
+    assert_eq!(
+        line["branch"], "london",
+        "the gateway saw the branch certificate"
+    );
+    let line = agent
+        .wait_log(|l| l["target"] == "portcullis::agent" && l["status"] == 200)
+        .await;
+    // curl may reset rather than close once it has its response: either is the app's end.
+    assert!(
+        line["end"] == "closed" || line["end"] == "client_error",
+        "{line}"
+    );
+    assert!(line["bytes_down"].as_u64().unwrap() > 300_000);
+
+    // The gateway's refusal reaches the app unchanged.
+    let reply = raw_request(
+        agent.addr,
+        format!("CONNECT {DENIED_HOST}:{port} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(reply.status, 403);
+    let gw_line = gw.access_line(|l| l["host"] == DENIED_HOST).await;
+    assert_eq!(reply.header("portcullis-error"), gw_line["reason"].as_str());
+    // Only CONNECT and GET /status; malformed targets are refused by the agent itself.
+    let reply = raw_request(
+        agent.addr,
+        b"GET http://example.com/ HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert_eq!(reply.status, 405);
+    let reply = raw_request(agent.addr, b"CONNECT nohost HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(reply.status, 400);
+
+    let (code, stdout, stderr) = agent_status(agent.addr).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let status: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(status["gateways"][0]["state"], "up");
+    assert_eq!(status["gateways"][0]["in_use"], true);
+}
+
+async fn agent_status(addr: SocketAddr) -> (Option<i32>, String, String) {
+    agent(&["status", "--listen", &addr.to_string(), "--json"], &[]).await
+}
+
+#[tokio::test]
+async fn forward_fails_over_to_the_second_gateway_and_returns_to_the_first() {
+    let pki = Pki::new();
+    let origin = Origin::start(&pki).await;
+    let port = origin.port();
+    let files = Files::new(&pki);
+    let first_port = free_port();
+    let first_config = gateway_config(&files, port, first_port);
+    let mut first = Gateway::start(&first_config).await;
+    let mut second = Gateway::start(&gateway_config(&files, port, 0)).await;
+    let first_url = format!("https://127.0.0.1:{first_port}");
+    let second_url = format!("https://{}", second.tls_addr.unwrap());
+    let mut args = identity_args(&files);
+    args.extend([
+        "--gateway".into(),
+        first_url.clone(),
+        "--gateway".into(),
+        second_url.clone(),
+        "--probe-interval".into(),
+        "1s".into(),
+    ]);
+    let mut agent = Agent::start(&args).await;
+    let ca = files.path("ca.pem");
+    let in_use = |url: &str| {
+        let url = url.to_owned();
+        move |l: &Value| l["message"] == "gateway in use" && l["gateway"] == url.as_str()
+    };
+
+    curl_through(agent.addr, &ca, port, 1000).await;
+    agent.wait_log(in_use(&first_url)).await;
+    first
+        .access_line(|l| l["port"] == port && l["status"] == 200)
+        .await;
+
+    // The first gateway dies: the next request goes to the second, and curl does not notice.
+    drop(first);
+    curl_through(agent.addr, &ca, port, 1000).await;
+    agent
+        .wait_log(|l| l["message"] == "gateway down" && l["gateway"] == first_url.as_str())
+        .await;
+    agent.wait_log(in_use(&second_url)).await;
+    second
+        .access_line(|l| l["port"] == port && l["status"] == 200)
+        .await;
+    let (_, stdout, _) = agent_status(agent.addr).await;
+    let status: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        (
+            status["gateways"][0]["state"].as_str(),
+            status["gateways"][1]["in_use"].as_bool()
+        ),
+        (Some("down"), Some(true)),
+        "{status:#}"
+    );
+
+    // It comes back on the same port: after the probe, new tunnels use it again.
+    let mut first = Gateway::start(&first_config).await;
+    agent
+        .wait_log(|l| l["message"] == "gateway up" && l["gateway"] == first_url.as_str())
+        .await;
+    curl_through(agent.addr, &ca, port, 1000).await;
+    first
+        .access_line(|l| l["port"] == port && l["status"] == 200)
+        .await;
+    assert_eq!(
+        agent.count_logs(in_use(&first_url)),
+        2,
+        "back on the first gateway"
+    );
+    assert_eq!(second.access_count(), 1);
+}
+
+#[tokio::test]
+async fn forward_replaces_the_apps_credentials_with_the_configured_ones() {
+    let pki = Pki::new();
+    let origin = TcpOrigin::start(b"ok").await;
+    let port = origin.addr.port();
+    let files = Files::new(&pki);
+    let mut gw = Gateway::start(&gateway_config(&files, port, 0)).await;
+    // A config file names the gateway (plain listener) and the user; the password comes from
+    // the environment.
+    let config = files.dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "gateways = [\"http://{}\"]\nuser = \"berlin-fs1\"\n",
+            gw.addr
+        ),
+    )
+    .unwrap();
+    let args = vec!["--config".to_owned(), config.display().to_string()];
+    let mut agent = Agent::start_with_env(&args, &[("PORTCULLIS_PROXY_PASSWORD", "s3cret")]).await;
+    let target = format!("{ORIGIN_HOST}:{port}");
+    for app_headers in ["", &basic("mallory", "guess")] {
+        let (mut tunnel, reply) = connect_from(agent.addr, "127.0.0.1", &target, app_headers).await;
+        assert_eq!(reply.status, 200, "with app headers {app_headers:?}");
+        assert_eq!(send_and_finish(&mut tunnel, b"x").await, b"ok");
+    }
+    let line = gw.access_line(|l| l["status"] == 200).await;
+    assert_eq!(line["branch"], "berlin");
+    let berlin = |l: &Value| l["branch"] == "berlin" && l["status"] == 200;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.count_logs(berlin) < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(gw.count_logs(berlin), 2, "both tunnels as berlin");
+    let logged = agent
+        .logs
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|l| l.to_string())
+        .collect::<String>();
+    assert!(
+        !logged.contains("s3cret") && !logged.contains("Basic"),
+        "no credentials in logs"
+    );
+    agent.wait_log(|l| l["message"] == "gateway in use").await;
+}
+
+#[tokio::test]
+async fn forward_drains_open_tunnels_on_sigterm_and_exits_0() {
+    let pki = Pki::new();
+    let origin = TcpOrigin::start(b"after drain").await;
+    let port = origin.addr.port();
+    let files = Files::new(&pki);
+    let gw = Gateway::start(&gateway_config(&files, port, 0)).await;
+    let mut args = identity_args(&files);
+    args.extend([
+        "--gateway".into(),
+        format!("https://{}", gw.tls_addr.unwrap()),
+    ]);
+    let mut agent = Agent::start(&args).await;
+    let (mut tunnel, status) = open_tunnel(agent.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
+    assert_eq!(status, 200);
+
+    agent.sigterm();
+    let draining = agent.wait_log(|l| l["message"] == "draining").await;
+    assert_eq!(draining["open"], 1);
+    assert!(
+        tokio::net::TcpStream::connect(agent.addr).await.is_err(),
+        "no new clients while draining"
+    );
+    // The open tunnel still works to its end.
+    assert_eq!(
+        send_and_finish(&mut tunnel, b"last batch").await,
+        b"after drain"
+    );
+    let status = agent.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+    assert_eq!(agent.count_logs(|l| l["message"] == "drained"), 1);
+}
+
+#[test]
+fn the_example_agent_config_is_valid() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let path = root.join("config/agent.toml");
+    let file = portcullis::agent::config::AgentFile::load(&path).unwrap();
+    assert!(!file.gateways.is_empty());
+    for url in &file.gateways {
+        url.parse::<portcullis::agent::proxy_client::ProxyUrl>()
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
