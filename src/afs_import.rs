@@ -3,7 +3,7 @@
 //! limits are per server and in the server's local time; the import makes each an
 //! each-branch budget in both directions and leaves the time zone for the operator to set.
 
-use crate::schedule::{DAY_NAMES, MIN_RATE, format_days, format_rate};
+use crate::schedule::{DAY_NAMES, MAX_RATE, MIN_RATE, format_days, format_rate};
 use std::fmt::Write;
 
 /// One limit as the cmdlet prints it.
@@ -141,23 +141,30 @@ fn parse(text: &str, file: &str) -> Result<Vec<AfsLimit>, String> {
                     parse_afs_days(value).map_err(|e| format!("{file}:{number}: Day: {e}"))?
             }
             1 | 2 => {
+                // EndHour 24 is the end of the day; a start is 0 to 23.
+                let last = if field == 1 { 23 } else { 24 };
                 let hour: u8 = value
                     .parse()
                     .ok()
-                    .filter(|h| *h <= 24)
-                    .ok_or_else(|| bad("an hour from 0 to 23"))?;
+                    .filter(|h| *h <= last)
+                    .ok_or_else(|| bad(&format!("an hour from 0 to {last}")))?;
                 if field == 1 {
-                    limit.start_hour = hour % 24;
+                    limit.start_hour = hour;
                 } else {
                     limit.end_hour = hour;
                 }
             }
             _ => {
                 limit.limit_kbps = value
-                    .parse()
+                    .parse::<u64>()
                     .ok()
-                    .filter(|k| k * 1000 / 8 >= MIN_RATE)
-                    .ok_or_else(|| bad("a whole number of kilobits per second, at least 8"))?;
+                    .filter(|k| {
+                        k.checked_mul(1000)
+                            .is_some_and(|b| (MIN_RATE..=MAX_RATE).contains(&(b / 8)))
+                    })
+                    .ok_or_else(|| {
+                        bad("a whole number of kilobits per second from 8 to 100000000")
+                    })?;
             }
         }
     }
@@ -243,6 +250,10 @@ LimitKbps      : 50000\r
         assert_eq!(e, "t:1: the limit starting here has no EndHour");
         let e = import("Day : Monday\nStartHour : nine\n", "t").unwrap_err();
         assert!(e.starts_with("t:2: StartHour: \"nine\""), "{e}");
+        let e = import("Day : Monday\nStartHour : 24\n", "t").unwrap_err();
+        assert!(e.contains("an hour from 0 to 23"), "{e}");
+        let e = import("Day : Monday\nLimitKbps : 99999999999999999\n", "t").unwrap_err();
+        assert!(e.contains("from 8 to 100000000"), "{e}");
         let e = import("Day : Funday\n", "t").unwrap_err();
         assert!(e.contains("\"funday\""), "{e}");
         assert!(

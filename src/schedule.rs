@@ -526,7 +526,7 @@ mod tests {
         let before = s.window_on(Date::constant(2026, 3, 7)).unwrap().0;
         let after = s.window_on(Date::constant(2026, 3, 9)).unwrap().0;
         assert_eq!(before.duration_until(after).as_hours(), 47);
-        // A window starting in the spring-forward gap starts when the clock reaches 03:00.
+        // A start in the spring-forward gap (02:00-03:00) moves forward by the gap: 03:30.
         let gap = schedule("sun", "02:30-04:00", z);
         let (start, end) = gap.window_on(Date::constant(2026, 3, 8)).unwrap();
         assert_eq!(start, at("2026-03-08T03:30", z));

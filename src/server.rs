@@ -29,6 +29,7 @@ pub struct Server {
     listen_changed: Arc<tokio::sync::Notify>,
     /// Wakes the schedule task after a reload.
     schedules_changed: Arc<tokio::sync::Notify>,
+    applying: Arc<std::sync::Mutex<()>>,
     admin: Option<TcpListener>,
     /// Set once shutdown begins: /readyz answers 503.
     draining: Arc<AtomicBool>,
@@ -45,6 +46,8 @@ pub struct Reloader {
     listen_changed: Arc<tokio::sync::Notify>,
     /// Wakes the schedule task to find the new schedules' next boundary.
     schedules_changed: Arc<tokio::sync::Notify>,
+    /// One reload at a time (SIGHUP and `POST /reload` may race): each builds on the last.
+    applying: Arc<std::sync::Mutex<()>>,
 }
 
 impl Reloader {
@@ -80,6 +83,7 @@ impl Reloader {
     /// Builds a snapshot from `config` (reading TLS files again) and makes it current; listeners
     /// whose addresses changed are rebound (the admin listener moves only at restart).
     pub fn apply(&self, config: Config) -> Result<(), String> {
+        let _one_at_a_time = self.applying.lock().unwrap_or_else(|e| e.into_inner());
         let previous = self.current.load_full();
         let old = &previous.config.listen;
         let addresses = |l: &crate::config::Listen| {
@@ -148,6 +152,7 @@ impl Server {
             config_path,
             listen_changed: Arc::new(tokio::sync::Notify::new()),
             schedules_changed: Arc::new(tokio::sync::Notify::new()),
+            applying: Arc::default(),
         })
     }
 
@@ -158,6 +163,7 @@ impl Server {
             path: self.config_path.clone(),
             listen_changed: self.listen_changed.clone(),
             schedules_changed: self.schedules_changed.clone(),
+            applying: self.applying.clone(),
         }
     }
 
@@ -197,6 +203,7 @@ impl Server {
                     path: self.config_path.clone(),
                     listen_changed: self.listen_changed.clone(),
                     schedules_changed: self.schedules_changed.clone(),
+                    applying: self.applying.clone(),
                 },
                 self.draining.clone(),
             )));
@@ -308,6 +315,11 @@ async fn retune_on_schedule(current: Arc<ArcSwap<Gateway>>, changed: Arc<tokio::
                 tracing::info!("no bandwidth limit in force");
             }
             announced = in_force;
+        }
+        // A reload stored a new snapshot meanwhile: retune that one before sleeping (buckets it
+        // took over may have just been set by the old schedules).
+        if !Arc::ptr_eq(&gateway, &current.load()) {
+            continue;
         }
         drop(gateway);
         match next {

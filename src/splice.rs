@@ -129,7 +129,10 @@ impl Copier<TcpStream, TcpStream> for SplicePipe {
                     Err(_) => return Poll::Ready(Err(Failed::Reader)),
                 }
             }
-            ready!(poll_gate(&mut self.gate, cx));
+            self.progress.throttled = poll_gate(&mut self.gate, cx).is_pending();
+            if self.progress.throttled {
+                return Poll::Pending;
+            }
             while self.in_pipe > 0 {
                 ready!(dst.poll_write_ready(cx)).map_err(|_| Failed::Writer)?;
                 let pipe = self.pipe.as_ref().expect("bytes in the pipe");

@@ -21,7 +21,10 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU64,
+    Ordering::{Acquire, Relaxed, Release},
+};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
@@ -45,6 +48,9 @@ pub struct Bucket {
     tat: AtomicU64,
     /// Bumped on every change of rate or categories: waiters rescale their turn.
     epoch: AtomicU64,
+    /// Dropped by a reload: never put in force again (a late retune of the old snapshot
+    /// must not throttle the tunnels still holding it).
+    retired: AtomicBool,
     limit: Gauge,
     waited_seconds: Counter<f64, AtomicU64>,
     throttled_bytes: Counter,
@@ -58,6 +64,7 @@ impl Default for Bucket {
             categories: AtomicU64::new(0),
             tat: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
             limit: Gauge::default(),
             waited_seconds: Counter::default(),
             throttled_bytes: Counter::default(),
@@ -83,39 +90,64 @@ impl Bucket {
     /// Puts `limit` (bytes per second, category bits) in force, or lifts the limit. Bytes
     /// already reserved are rescaled to the new rate, so the change takes effect at once.
     pub fn set(&self, limit: Option<(u64, u64)>) {
-        let (rate, categories) = limit.unwrap_or((0, 0));
+        let (rate, categories) = match limit {
+            Some(limit) if !self.retired.load(Relaxed) => limit,
+            _ => (0, 0),
+        };
         let old = self.rate.load(Relaxed);
         if old == rate && self.categories.load(Relaxed) == categories {
             return;
         }
-        if old != 0 && rate != 0 {
-            let now = self.now_ns();
-            let _ = self.tat.fetch_update(Relaxed, Relaxed, |tat| {
-                Some(if tat > now {
-                    now + rescale(tat - now, old, rate)
-                } else {
-                    tat
-                })
-            });
-        }
+        let now = self.now_ns();
+        let _ = self.tat.fetch_update(Relaxed, Relaxed, |tat| {
+            Some(match (old, rate) {
+                // Lifted: what was queued went out freely; a later window starts afresh.
+                (_, 0) => tat.min(now),
+                (0, _) => tat,
+                _ if tat > now => now.saturating_add(rescale(tat - now, old, rate)),
+                _ => tat,
+            })
+        });
         self.categories.store(categories, Relaxed);
         self.rate.store(rate, Relaxed);
-        self.epoch.fetch_add(1, Relaxed);
+        // Release after the stores: a tunnel that sees the new epoch sees the new rate.
+        self.epoch.fetch_add(1, Release);
         self.limit.set(rate as i64);
+    }
+
+    /// A reload dropped this budget: its limit is lifted for good.
+    fn retire(&self) {
+        self.retired.store(true, Relaxed);
+        self.set(None);
     }
 
     /// Reserves `bytes` at `rate`; returns when (ns since `base`) they may be sent.
     fn reserve(&self, bytes: u64, rate: u64, now: u64) -> u64 {
-        let cost = (bytes as u128 * 1_000_000_000 / rate.max(1) as u128) as u64;
+        let cost = cost_ns(bytes, rate);
         let mut tat = self.tat.load(Relaxed);
         loop {
-            let next = tat.max(now) + cost;
+            let next = tat.max(now).saturating_add(cost);
             match self.tat.compare_exchange_weak(tat, next, Relaxed, Relaxed) {
                 Ok(_) => return next.saturating_sub(BURST.as_nanos() as u64),
                 Err(current) => tat = current,
             }
         }
     }
+
+    /// Gives back a reservation of `bytes` at `rate` that will not be used (its tunnel ended
+    /// while waiting), so the budget's later turns are not held up by bytes never sent.
+    fn give_back(&self, bytes: u64, rate: u64) {
+        let cost = cost_ns(bytes, rate);
+        let now = self.now_ns();
+        let _ = self.tat.fetch_update(Relaxed, Relaxed, |tat| {
+            (tat > now).then(|| tat.saturating_sub(cost).max(now))
+        });
+    }
+}
+
+/// Time `bytes` take at `rate` bytes per second, in ns.
+fn cost_ns(bytes: u64, rate: u64) -> u64 {
+    (bytes as u128 * 1_000_000_000 / rate.max(1) as u128).min(u64::MAX as u128) as u64
 }
 
 /// `ns` of waiting at `old` bytes per second, expressed at `new`.
@@ -133,6 +165,8 @@ fn chunk_for(rate: u64) -> usize {
 pub struct Gate {
     buckets: Box<[Arc<Bucket>]>,
     category: u64,
+    /// Bytes already paid for in each bucket and not yet sent (see `admit`).
+    credit: Box<[u64]>,
     /// Bytes read under a limit and not yet allowed out.
     pending: Option<u64>,
     /// Their reservation in each bucket in force; reused, so no allocation per chunk.
@@ -144,6 +178,8 @@ pub struct Gate {
 /// A reservation in one bucket.
 struct Turn {
     bucket: usize,
+    /// Bytes reserved (the chunk sent plus any credit bought with it).
+    bytes: u64,
     /// When the bytes may go (ns since the bucket's base).
     at: u64,
     rate: u64,
@@ -155,6 +191,7 @@ struct Turn {
 impl Gate {
     pub fn new(buckets: Vec<Arc<Bucket>>, category: u64) -> Self {
         Self {
+            credit: vec![0; buckets.len()].into_boxed_slice(),
             buckets: buckets.into_boxed_slice(),
             category,
             pending: None,
@@ -163,20 +200,15 @@ impl Gate {
         }
     }
 
-    /// The largest read allowed now; `None` when no budget is in force (read freely).
-    ///
-    /// About one burst of the *fastest* budget in force: turns are taken in order, one chunk
-    /// each, so every tunnel in a shared budget must read the same amount per turn to get the
-    /// same bytes; a branch tunnel reading only its own (smaller) burst would get less than its
-    /// share of the shared budget. A chunk above a slower budget's burst is not a burst there:
-    /// it waits until it conforms to that budget's rate.
+    /// The largest read allowed now: about one burst of the slowest budget in force, so no
+    /// budget sees more than its burst at once. `None` when no budget is in force.
     #[inline]
     pub fn read_limit(&self) -> Option<usize> {
         let mut limit: Option<usize> = None;
         for bucket in &*self.buckets {
             if let Some(rate) = bucket.in_force(self.category) {
                 let chunk = chunk_for(rate);
-                limit = Some(limit.map_or(chunk, |l| l.max(chunk)));
+                limit = Some(limit.map_or(chunk, |l| l.min(chunk)));
             }
         }
         limit
@@ -185,21 +217,38 @@ impl Gate {
     /// `bytes` were read under a limit: they reserve their turn in every budget in force at
     /// once (so waiting for one budget does not waste a turn in another) and wait in
     /// `poll_admit` for the last of them.
+    ///
+    /// Turns are taken in order, one per tunnel, so for equal shares every tunnel must buy the
+    /// same amount per turn: in each budget a tunnel reserves that budget's own chunk even when
+    /// a slower budget keeps its reads smaller, and spends the rest as credit on its next
+    /// reads. Paying ahead never lets a budget exceed its rate; it only keeps a branch's
+    /// tunnels from getting less than their share of a shared budget.
     pub fn admit(&mut self, bytes: usize) {
         let bytes = bytes as u64;
         self.turns.clear();
         for (i, bucket) in self.buckets.iter().enumerate() {
-            if let Some(rate) = bucket.in_force(self.category) {
-                let now = bucket.now_ns();
-                self.turns.push(Turn {
-                    bucket: i,
-                    at: bucket.reserve(bytes, rate, now),
-                    rate,
-                    epoch: bucket.epoch.load(Relaxed),
-                    since: now,
-                    done: false,
-                });
+            // The epoch before the rate: a retune in between is seen as a change later.
+            let epoch = bucket.epoch.load(Acquire);
+            let Some(rate) = bucket.in_force(self.category) else {
+                continue;
+            };
+            if self.credit[i] >= bytes {
+                self.credit[i] -= bytes;
+                bucket.throttled_bytes.inc_by(bytes);
+                continue;
             }
+            let buy = (chunk_for(rate) as u64).max(bytes - self.credit[i]);
+            self.credit[i] = self.credit[i] + buy - bytes;
+            let now = bucket.now_ns();
+            self.turns.push(Turn {
+                bucket: i,
+                bytes: buy,
+                at: bucket.reserve(buy, rate, now),
+                rate,
+                epoch,
+                since: now,
+                done: false,
+            });
         }
         self.pending = Some(bytes);
     }
@@ -219,13 +268,17 @@ impl Gate {
             for turn in self.turns.iter_mut().filter(|t| !t.done) {
                 let bucket = &self.buckets[turn.bucket];
                 let now = bucket.now_ns();
-                let epoch = bucket.epoch.load(Relaxed);
+                let epoch = bucket.epoch.load(Acquire);
                 if epoch != turn.epoch {
                     // Retuned while waiting: the rest of the wait at the new rate, or none.
                     match bucket.in_force(self.category) {
                         None => turn.at = now,
                         Some(rate) => {
-                            turn.at = now + rescale(turn.at.saturating_sub(now), turn.rate, rate);
+                            turn.at = now.saturating_add(rescale(
+                                turn.at.saturating_sub(now),
+                                turn.rate,
+                                rate,
+                            ));
                             turn.rate = rate;
                         }
                     }
@@ -259,6 +312,24 @@ impl Gate {
     }
 }
 
+impl Drop for Gate {
+    /// A tunnel that ends gives what it paid for and did not send back to its budgets: turns
+    /// it was waiting for, and credit.
+    fn drop(&mut self) {
+        if self.pending.is_some() {
+            for turn in self.turns.iter().filter(|t| !t.done) {
+                self.buckets[turn.bucket].give_back(turn.bytes, turn.rate);
+                self.credit[turn.bucket] = self.credit[turn.bucket].saturating_sub(turn.bytes);
+            }
+        }
+        for (bucket, &credit) in self.buckets.iter().zip(self.credit.iter()) {
+            if let (true, Some(rate)) = (credit > 0, bucket.in_force(self.category)) {
+                bucket.give_back(credit, rate);
+            }
+        }
+    }
+}
+
 /// A tunnel's gates, one per direction; `None` where nothing can throttle it.
 #[derive(Default)]
 pub struct Gates {
@@ -270,7 +341,7 @@ pub struct Gates {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct BudgetKey {
     scope: Scope,
-    /// The branch (each-branch) or the group's label (all-branches: "all" or "a+b").
+    /// The branch (each-branch) or the group's label (all-branches: "*" or "a+b").
     name: String,
     /// all-branches: the branches sharing it; `None` is everyone.
     members: Option<Vec<String>>,
@@ -348,12 +419,17 @@ impl Throttles {
         previous: Option<&Throttles>,
         metrics: Option<Arc<Metrics>>,
     ) -> Self {
-        let mut categories: Vec<String> = Vec::new();
-        for s in schedules {
-            for c in &s.categories {
-                if !categories.contains(c) {
-                    categories.push(c.clone());
-                }
+        // A category keeps its bit across reloads: open tunnels' gates hold the bit they were
+        // made with, and carried-over buckets are retuned with the new snapshot's bits.
+        let mut categories: Vec<String> =
+            previous.map(|p| p.categories.clone()).unwrap_or_default();
+        let wanted = || schedules.iter().flat_map(|s| s.categories.iter());
+        if categories.len() + wanted().filter(|c| !categories.contains(c)).count() > 64 {
+            categories.clear();
+        }
+        for c in wanted() {
+            if !categories.contains(c) {
+                categories.push(c.clone());
             }
         }
         categories.truncate(64);
@@ -381,7 +457,8 @@ impl Throttles {
                             list.dedup();
                             list
                         });
-                        let name = members.as_ref().map_or("all".into(), |m| m.join("+"));
+                        // "*" cannot be a branch name: the everyone budget's label is unique.
+                        let name = members.as_ref().map_or("*".into(), |m| m.join("+"));
                         vec![BudgetKey {
                             scope: Scope::AllBranches,
                             name,
@@ -512,7 +589,7 @@ impl Throttles {
                 .iter()
                 .any(|b| Arc::ptr_eq(&b.bucket, &budget.bucket))
             {
-                budget.bucket.set(None);
+                budget.bucket.retire();
                 if let Some(metrics) = &self.metrics {
                     let labels = budget.key.labels();
                     metrics.throttle_limit.remove(&labels);
@@ -799,6 +876,61 @@ mod tests {
             &next.budgets[0].bucket,
             &throttles.budgets.last().unwrap().bucket
         ));
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_category_bits_and_retired_budgets_stay_lifted() {
+        let mut storage = schedule("day", "daily", "00:00-00:00", Scope::EachBranch, 1_000);
+        storage.categories = vec!["storage".into(), "sync".into()];
+        let before = Throttles::new(std::slice::from_ref(&storage), &["london"], None, None);
+        let at: Timestamp = "2026-11-23T10:00:00Z".parse().unwrap();
+        before.retune(at);
+        let open = before.gate("london", "storage", Direction::Upload).unwrap();
+        // The reload lists a new category first and drops sync: storage keeps its bit.
+        storage.categories = vec!["backup".into(), "storage".into()];
+        let after = Throttles::new(
+            std::slice::from_ref(&storage),
+            &["london"],
+            Some(&before),
+            None,
+        );
+        after.retune(at);
+        assert_eq!(
+            open.read_limit(),
+            Some(MIN_CHUNK),
+            "the open tunnel is still throttled"
+        );
+        let sync = after.gate("london", "sync", Direction::Upload);
+        assert!(sync.is_none(), "sync is no longer throttled");
+        // A budget the next reload drops is lifted, and a late retune of the old snapshot
+        // cannot put it back in force.
+        let none = Throttles::new(&[], &["london"], Some(&after), None);
+        after.retire_missing(&none);
+        after.retune(at);
+        assert_eq!(open.read_limit(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_that_ends_while_waiting_gives_its_turn_back() {
+        let bucket = Arc::new(Bucket::default());
+        bucket.set(Some((10_000, 1)));
+        let mut first = Gate::new(vec![bucket.clone()], 1);
+        // Ten seconds' worth queued, then the tunnel goes away.
+        first.admit(100_000);
+        assert!(
+            poll_fn(|cx| Poll::Ready(first.poll_admit(cx)))
+                .await
+                .is_pending()
+        );
+        drop(first);
+        let start = Instant::now();
+        let mut next = Gate::new(vec![bucket], 1);
+        let done = send(&mut next, 1_000).await;
+        assert!(
+            done - start < Duration::from_millis(200),
+            "{:?}",
+            done - start
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -117,6 +117,8 @@ pub(crate) enum Failed {
 #[derive(Default)]
 pub(crate) struct Progress {
     pub done: bool,
+    /// Bytes read are waiting for their turn in a bandwidth budget: not idle.
+    pub throttled: bool,
     pub bytes: u64,
     /// `bytes` at the previous idle tick.
     pub bytes_at_tick: u64,
@@ -200,7 +202,8 @@ impl<R: Endpoint + ?Sized, W: Endpoint + ?Sized> Copier<R, W> for Pipe {
                     }
                 }
             }
-            if poll_gate(&mut self.gate, cx).is_pending() {
+            self.progress.throttled = poll_gate(&mut self.gate, cx).is_pending();
+            if self.progress.throttled {
                 return self.poll_flush_pending(cx, writer);
             }
             if let Some(buf) = &self.buf {
@@ -369,7 +372,10 @@ where
             return Poll::Ready(End::Closed);
         }
         while idle_check.as_mut().poll(cx).is_ready() {
-            let moved = up_p.bytes != up_p.bytes_at_tick || down_p.bytes != down_p.bytes_at_tick;
+            let moved = up_p.bytes != up_p.bytes_at_tick
+                || down_p.bytes != down_p.bytes_at_tick
+                || up_p.throttled
+                || down_p.throttled;
             quiet = if moved { Duration::ZERO } else { quiet + tick };
             if quiet >= idle {
                 return Poll::Ready(End::Idle);
@@ -508,6 +514,40 @@ mod tests {
             SPARE_BUFFERS.with(|s| !s.borrow().is_empty()),
             "the buffer waits on the spare list"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_waiting_for_its_bandwidth_turn_is_not_idle() {
+        use crate::throttle::{Bucket, Gate};
+        use std::sync::Arc;
+        let bucket = Arc::new(Bucket::default());
+        // 1 kB/s: each 1 KiB chunk waits about a second, longer than the idle timeout.
+        bucket.set(Some((1_000, 1)));
+        let (mut client, mut client_side) = duplex(64 * 1024);
+        let (mut upstream_side, mut upstream) = duplex(64 * 1024);
+        let gates = Gates {
+            upload: Some(Box::new(Gate::new(vec![bucket], 1))),
+            download: None,
+        };
+        let relay = tokio::spawn(async move {
+            relay(
+                &mut client_side,
+                &mut upstream_side,
+                Duration::from_millis(400),
+                None,
+                gates,
+            )
+            .await
+        });
+        client.write_all(&[1u8; 4096]).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        upstream.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), 4096);
+        drop((client, upstream));
+        let outcome = relay.await.unwrap();
+        assert_eq!(outcome.bytes_up, 4096);
+        assert_ne!(outcome.end, End::Idle);
     }
 
     #[tokio::test]

@@ -528,12 +528,18 @@ async fn curl_through(agent: SocketAddr, ca: &str, origin_port: u16, bytes: usiz
     got.len()
 }
 
+/// A free port below the ephemeral range (32768+): the gateway is restarted on it, and no
+/// client socket of a parallel test can take it as its local port in between.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    let seed = std::process::id() as u64 * 7919
+        + std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos() as u64;
+    (0..200)
+        .map(|i| 20_000 + ((seed + i * 104_729) % 12_000) as u16)
+        .find(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .expect("a free port between 20000 and 32000")
 }
 
 fn identity_args(files: &Files) -> Vec<String> {

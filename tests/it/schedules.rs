@@ -140,7 +140,7 @@ async fn schedules_out_of_hours_or_for_other_categories_leave_traffic_alone() {
     let metrics = get(gw.admin_addr.unwrap(), "/metrics").await.body;
     // The storage tunnel passed no budget in force: none counted a byte or a wait.
     let each = "{scope=\"each-branch\",budget=\"unassigned\",direction=\"download\"}";
-    let shared = "{scope=\"all-branches\",budget=\"all\",direction=\"download\"}";
+    let shared = "{scope=\"all-branches\",budget=\"*\",direction=\"download\"}";
     assert_eq!(
         metric(
             &metrics,
