@@ -219,12 +219,14 @@ impl Gate {
     /// `poll_admit` for the last of them.
     ///
     /// Turns are taken in order, one per tunnel, so for equal shares every tunnel must buy the
-    /// same amount per turn: in each budget a tunnel reserves that budget's own chunk even when
-    /// a slower budget keeps its reads smaller, and spends the rest as credit on its next
-    /// reads. Paying ahead never lets a budget exceed its rate; it only keeps a branch's
-    /// tunnels from getting less than their share of a shared budget.
+    /// same amount per turn: in a budget faster than the one that sizes its reads, a tunnel
+    /// reserves that budget's own chunk and spends the rest as credit on its next reads. Paying
+    /// ahead never lets a budget exceed its rate; it keeps a branch's tunnels from getting less
+    /// than their share of a shared budget. In the budget that sizes the reads it pays exactly
+    /// what it read (credit there would be bought and left unsent: lost rate).
     pub fn admit(&mut self, bytes: usize) {
         let bytes = bytes as u64;
+        let read_chunk = self.read_limit().unwrap_or(0) as u64;
         self.turns.clear();
         for (i, bucket) in self.buckets.iter().enumerate() {
             // The epoch before the rate: a retune in between is seen as a change later.
@@ -237,7 +239,9 @@ impl Gate {
                 bucket.throttled_bytes.inc_by(bytes);
                 continue;
             }
-            let buy = (chunk_for(rate) as u64).max(bytes - self.credit[i]);
+            let own_chunk = chunk_for(rate) as u64;
+            let turn = if own_chunk > read_chunk { own_chunk } else { 0 };
+            let buy = turn.max(bytes - self.credit[i]);
             self.credit[i] = self.credit[i] + buy - bytes;
             let now = bucket.now_ns();
             self.turns.push(Turn {
@@ -678,6 +682,39 @@ mod tests {
         assert!(jain > 0.99, "Jain's index {jain} for {shares:?}");
         // 5 s at 400 kB/s, plus one burst and the chunks in flight.
         assert!((1_990_000.0..=2_150_000.0).contains(&total), "{total}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn short_reads_get_the_full_rate() {
+        let bucket = Arc::new(Bucket::default());
+        bucket.set(Some((400_000, 1)));
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let bucket = bucket.clone();
+                tokio::spawn(async move {
+                    let mut gate = Gate::new(vec![bucket], 1);
+                    let mut sent = 0u64;
+                    // Sockets often hold less than a chunk: 60% of it here.
+                    while Instant::now() - start < Duration::from_secs(10) {
+                        let n = gate.read_limit().unwrap() * 6 / 10;
+                        gate.admit(n);
+                        poll_fn(|cx| gate.poll_admit(cx)).await;
+                        sent += n as u64;
+                    }
+                    sent
+                })
+            })
+            .collect();
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.unwrap();
+        }
+        // At most one burst and each tunnel's last read (finishing after 10 s) over.
+        assert!(
+            (3_960_000..=4_130_000).contains(&total),
+            "{total} of 4,000,000"
+        );
     }
 
     #[tokio::test(start_paused = true)]
