@@ -13,6 +13,7 @@ use crate::request::{self, HeadError};
 use crate::resolve::{ResolveError, Resolver};
 use crate::sni::{self, Hello, SniMode};
 use crate::stream::ClientStream;
+use crate::throttle::Paced;
 use crate::tunnel;
 use governor::{DefaultKeyedRateLimiter, Quota};
 use std::borrow::Cow;
@@ -645,7 +646,15 @@ async fn handle(
             .crl_cache
             .get(&lane_cache_key(&req.target, &forward.path))
     {
-        return Box::pin(send_lane_answer(client, &hit, true, "cache_hit", record)).await;
+        let mut paced = Paced::new(client, None, gates_for(gw, record).download);
+        return Box::pin(send_lane_answer(
+            &mut paced,
+            &hit,
+            true,
+            "cache_hit",
+            record,
+        ))
+        .await;
     }
 
     let dial_started = Instant::now();
@@ -666,9 +675,12 @@ async fn handle(
         };
         let body = std::mem::take(&mut req.early_data);
         drop(plan);
+        // Revocation traffic obeys the schedules that list its category, like tunnels do.
+        let gates = gates_for(gw, record);
+        let mut paced_request = Paced::new(&mut *client, gates.upload, None);
         // Boxed: only lane requests pay for the HTTP client's future.
         let exchange = lane::fetch(
-            client,
+            &mut paced_request,
             upstream,
             &forward,
             &host_header,
@@ -690,8 +702,9 @@ async fn handle(
                 .put(lane_cache_key(&req.target, &forward.path), fetched.clone());
         }
         record.bytes_up = fetched.bytes_up;
+        let mut paced = Paced::new(client, None, gates.download);
         return Box::pin(send_lane_answer(
-            client,
+            &mut paced,
             &fetched,
             forward.method != "HEAD",
             "forwarded",
@@ -761,10 +774,7 @@ async fn handle(
     drop((req, plan, first_bytes));
 
     // Only tunnels a schedule can throttle carry gates; the rest pay nothing.
-    let gates = match (&record.branch, &record.category) {
-        (Some(branch), Some(category)) => gw.throttles.gates(branch, category),
-        _ => Default::default(),
-    };
+    let gates = gates_for(gw, record);
     // Plain clients splice; TLS clients go through the buffered copy (bytes must be decrypted).
     let outcome = if let ClientStream::Plain(tcp) = client {
         tunnel::relay_tcp(tcp, &mut upstream, timeouts.idle, stop.as_deref(), gates).await
@@ -798,12 +808,21 @@ fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
     Guard(Some(f))
 }
 
+/// The bandwidth gates for this request's branch and category (none when no schedule can
+/// throttle it).
+fn gates_for(gw: &Gateway, record: &AccessRecord) -> crate::throttle::Gates {
+    match (&record.branch, &record.category) {
+        (Some(branch), Some(category)) => gw.throttles.gates(branch, category),
+        _ => Default::default(),
+    }
+}
+
 fn lane_cache_key(target: &Target, path: &str) -> String {
     format!("{target}{path}")
 }
 
-async fn send_lane_answer(
-    client: &mut ClientStream,
+async fn send_lane_answer<C: tokio::io::AsyncWrite + Unpin>(
+    client: &mut C,
     answer: &lane::Fetched,
     with_body: bool,
     end: &'static str,

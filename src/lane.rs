@@ -4,7 +4,6 @@
 //! are dropped, `Via` is added, and the response is bounded in size and time.
 
 use crate::request::{Forward, HOP_BY_HOP, MAX_LANE_BODY};
-use crate::stream::ClientStream;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
@@ -37,8 +36,8 @@ pub struct Fetched {
 pub type LaneError = (u16, &'static str, &'static str);
 
 /// Reads the rest of the request body from `client` and performs the exchange upstream.
-pub async fn fetch(
-    client: &mut ClientStream,
+pub async fn fetch<C: tokio::io::AsyncRead + Unpin>(
+    client: &mut C,
     upstream: TcpStream,
     request: &Forward,
     host_header: &str,
@@ -147,8 +146,8 @@ pub async fn fetch(
 }
 
 /// Sends a fetched (or cached) answer; the body is left out for HEAD.
-pub async fn respond(
-    client: &mut ClientStream,
+pub async fn respond<C: tokio::io::AsyncWrite + Unpin>(
+    client: &mut C,
     answer: &Fetched,
     with_body: bool,
 ) -> std::io::Result<u64> {

@@ -25,8 +25,9 @@ use std::sync::atomic::{
     AtomicBool, AtomicU64,
     Ordering::{Acquire, Relaxed, Release},
 };
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 /// How far ahead of the rate a bucket lets bytes go: the burst is this much of the rate.
@@ -339,6 +340,83 @@ impl Drop for Gate {
 pub struct Gates {
     pub upload: Option<Box<Gate>>,
     pub download: Option<Box<Gate>>,
+}
+
+/// A stream whose reads wait for one gate and whose writes wait for another, for bytes that do
+/// not go through the tunnel copy (the plain-HTTP lane: CRL and OCSP answers, OCSP requests).
+/// Each read or write moves at most one chunk and pays for it; the next one waits its turn.
+pub struct Paced<S> {
+    inner: S,
+    reads: Option<Box<Gate>>,
+    writes: Option<Box<Gate>>,
+}
+
+impl<S> Paced<S> {
+    pub fn new(inner: S, reads: Option<Box<Gate>>, writes: Option<Box<Gate>>) -> Self {
+        Self {
+            inner,
+            reads,
+            writes,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Paced<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let Some(gate) = &mut this.reads else {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        };
+        if gate.is_waiting() {
+            ready!(gate.poll_admit(cx));
+        }
+        let Some(limit) = gate.read_limit() else {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        };
+        let want = buf.remaining().min(limit);
+        let mut part = ReadBuf::new(buf.initialize_unfilled_to(want));
+        ready!(Pin::new(&mut this.inner).poll_read(cx, &mut part))?;
+        let n = part.filled().len();
+        buf.advance(n);
+        if n > 0 {
+            gate.admit(n);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Paced<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        let Some(gate) = &mut this.writes else {
+            return Pin::new(&mut this.inner).poll_write(cx, data);
+        };
+        if gate.is_waiting() {
+            ready!(gate.poll_admit(cx));
+        }
+        let limit = gate.read_limit().unwrap_or(data.len());
+        let n = ready!(Pin::new(&mut this.inner).poll_write(cx, &data[..data.len().min(limit)]))?;
+        if n > 0 && gate.read_limit().is_some() {
+            gate.admit(n);
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Which budget a bucket is: scope, whose (a branch, or a group of branches), direction.

@@ -37,6 +37,7 @@ async fn http_origin() -> (SocketAddr, Arc<AtomicUsize>) {
                         let answer = match (method.as_str(), path.as_str()) {
                             ("POST", _) => format!("got {}", body.len()),
                             (_, "/headers") => headers,
+                            (_, "/big-crl") => "C".repeat(3_000_000),
                             _ => "CRL-DATA".to_owned(),
                         };
                         let cache_control = match path.as_str() {
@@ -70,6 +71,33 @@ fn lane_config(http_port: u16) -> String {
             resolver_hosts(&format!("\"{CRL_HOST}\" = \"127.0.0.1\"\n"))
         ),
     )
+}
+
+#[tokio::test]
+async fn a_schedule_that_lists_revocation_paces_the_lane() {
+    let (origin, _) = http_origin().await;
+    let port = origin.port();
+    let schedule = "[[schedule]]\nname = \"crl\"\ndays = \"daily\"\nhours = \"00:00-00:00\"\ntime_zone = \"UTC\"\ndownload = \"1 MB/s\"\ncategories = [\"revocation\"]\n";
+    let gw = Gateway::start(&format!("{}\n{schedule}", lane_config(port))).await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(format!("http://{}", gw.addr)).unwrap())
+        .timeout(std::time::Duration::from_secs(60))
+        .build()
+        .unwrap();
+    // 3 MB at 1 MB/s: about 3 s; at least 2 s whatever the machine's load.
+    let started = std::time::Instant::now();
+    let body = client
+        .get(format!("http://{CRL_HOST}:{port}/big-crl"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(body.len(), 3_000_000);
+    assert!(took >= std::time::Duration::from_secs(2), "{took:?}");
 }
 
 #[tokio::test]
