@@ -3,7 +3,7 @@
 //! limits are per server and in the server's local time; the import makes each an
 //! each-branch budget in both directions and leaves the time zone for the operator to set.
 
-use crate::schedule::{DAY_NAMES, MAX_RATE, MIN_RATE, format_days, format_rate};
+use crate::schedule::{MAX_RATE, MIN_RATE, day_index, format_days, format_rate};
 use std::fmt::Write;
 
 /// One limit as the cmdlet prints it.
@@ -16,16 +16,6 @@ struct AfsLimit {
     /// Line where the record starts, for messages.
     line: usize,
 }
-
-const FULL_NAMES: [&str; 7] = [
-    "monday",
-    "tuesday",
-    "wednesday",
-    "thursday",
-    "friday",
-    "saturday",
-    "sunday",
-];
 
 /// The TOML for every limit in `text`, or what is wrong (with line numbers).
 pub fn import(text: &str, file: &str) -> Result<String, String> {
@@ -182,12 +172,12 @@ fn parse_afs_days(value: &str) -> Result<[bool; 7], String> {
     }
     let mut days = [false; 7];
     for name in inner.split(',') {
-        let name = name.trim().to_ascii_lowercase();
-        let i = FULL_NAMES
-            .iter()
-            .position(|d| *d == name)
-            .or_else(|| DAY_NAMES.iter().position(|d| *d == name))
-            .ok_or_else(|| format!("{name:?}: expected day names such as Monday, Tuesday"))?;
+        let i = day_index(name).ok_or_else(|| {
+            format!(
+                "{:?}: expected day names such as Monday, Tuesday",
+                name.trim().to_ascii_lowercase()
+            )
+        })?;
         days[i] = true;
     }
     Ok(days)

@@ -22,6 +22,7 @@ pub mod identity;
 pub mod lane;
 pub mod metrics;
 pub mod policy;
+pub mod process;
 pub mod profiles;
 pub mod proxy_protocol;
 pub mod request;

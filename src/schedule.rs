@@ -250,16 +250,12 @@ pub fn parse_days(text: &str) -> Result<[bool; 7], String> {
     const EXPECTED: &str =
         "expected days such as \"mon-fri\", \"sat,sun\" or \"daily\" (mon tue wed thu fri sat sun)";
     let day = |name: &str| -> Result<usize, String> {
-        let name = name.trim().to_ascii_lowercase();
-        DAY_NAMES
-            .iter()
-            .position(|d| {
-                name == *d
-                    || (name.len() > 3
-                        && name.starts_with(d)
-                        && FULL_DAY_NAMES.iter().any(|f| *f == name))
-            })
-            .ok_or_else(|| format!("{text:?}: unknown day {name:?}; {EXPECTED}"))
+        day_index(name).ok_or_else(|| {
+            format!(
+                "{text:?}: unknown day {:?}; {EXPECTED}",
+                name.trim().to_ascii_lowercase()
+            )
+        })
     };
     let trimmed = text.trim();
     if trimmed.eq_ignore_ascii_case("daily") || trimmed.eq_ignore_ascii_case("all") {
@@ -297,6 +293,15 @@ const FULL_DAY_NAMES: [&str; 7] = [
     "saturday",
     "sunday",
 ];
+
+/// Monday = 0 for `mon` or `Monday` (any case, surrounding spaces ignored).
+pub fn day_index(name: &str) -> Option<usize> {
+    let name = name.trim().to_ascii_lowercase();
+    DAY_NAMES
+        .iter()
+        .position(|d| *d == name)
+        .or_else(|| FULL_DAY_NAMES.iter().position(|d| *d == name))
+}
 
 /// `mon-fri`, `sat,sun`, `daily`: the shortest form with ranges of three or more days.
 pub fn format_days(days: &[bool; 7]) -> String {

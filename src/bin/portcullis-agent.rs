@@ -299,7 +299,7 @@ fn check(args: CheckArgs) -> ExitCode {
             std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
         }
     };
-    runtime(|| async move {
+    portcullis::process::run("portcullis-agent", || async move {
         let report = check.run(endpoints).await;
         if json {
             println!("{}", serde_json::to_string_pretty(&report)?);
@@ -327,8 +327,8 @@ fn forward(args: ForwardArgs) -> ExitCode {
         LogFormatArg::Json => LogFormat::Json,
         LogFormatArg::Text => LogFormat::Text,
     });
-    runtime(|| async move {
-        forward::run(settings, shutdown_signal()).await?;
+    portcullis::process::run("portcullis-agent", || async move {
+        forward::run(settings, portcullis::process::shutdown_signal()).await?;
         tracing::info!("exiting");
         Ok(ExitCode::SUCCESS)
     })
@@ -455,45 +455,5 @@ fn status(listen: SocketAddr, json: bool) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_FAILED)
-    }
-}
-
-fn runtime<F, Fut>(body: F) -> ExitCode
-where
-    F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
-{
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("portcullis-agent: cannot start the runtime: {e}");
-            return ExitCode::from(EXIT_FAILED);
-        }
-    };
-    match rt.block_on(body()) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("portcullis-agent: {e:#}");
-            ExitCode::from(EXIT_FAILED)
-        }
-    }
-}
-
-/// SIGTERM (systemd) or Ctrl-C.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
     }
 }

@@ -155,7 +155,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            runtime(|| async move {
+            portcullis::process::run("portcullis", || async move {
                 let gateway = Gateway::new(config).map_err(anyhow::Error::msg)?;
                 let (report, allowed) = portcullis::explain::explain(&gateway, from, &target).await;
                 print!("{report}");
@@ -179,11 +179,11 @@ fn main() -> ExitCode {
             };
             portcullis::access_log::init(format);
             let config_path = config_path_for_reload;
-            runtime(|| async move {
+            portcullis::process::run("portcullis", || async move {
                 let gateway = Gateway::new(config).map_err(anyhow::Error::msg)?;
                 let server = Server::bind(gateway, config_path).await?;
                 tokio::spawn(reload_on_sighup(server.reloader()));
-                server.run(shutdown_signal()).await;
+                server.run(portcullis::process::shutdown_signal()).await;
                 tracing::info!("exiting");
                 Ok(ExitCode::SUCCESS)
             })
@@ -322,30 +322,6 @@ fn config_failure(e: &portcullis::config::ConfigError) -> ExitCode {
     ExitCode::from(EXIT_CONFIG)
 }
 
-fn runtime<F, Fut>(body: F) -> ExitCode
-where
-    F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
-{
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("portcullis: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match rt.block_on(body()) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("portcullis: {e:#}");
-            ExitCode::from(1)
-        }
-    }
-}
-
 /// SIGHUP (`systemctl reload`): re-read the config file and the files it names; a bad file is
 /// refused with its problems logged and the running configuration stays.
 async fn reload_on_sighup(reloader: portcullis::server::Reloader) {
@@ -355,21 +331,5 @@ async fn reload_on_sighup(reloader: portcullis::server::Reloader) {
     };
     while hangups.recv().await.is_some() {
         let _ = reloader.reload();
-    }
-}
-
-/// SIGTERM (systemd, container runtimes) or Ctrl-C.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
     }
 }

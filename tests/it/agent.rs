@@ -4,11 +4,8 @@
 
 use crate::support::*;
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_portcullis-agent");
@@ -397,8 +394,7 @@ async fn check_skips_wildcards_without_a_representative() {
 /// The real `portcullis-agent forward`, JSON logs captured.
 struct Agent {
     addr: SocketAddr,
-    child: std::process::Child,
-    logs: Arc<Mutex<Vec<Value>>>,
+    process: Logged,
 }
 
 impl Agent {
@@ -407,88 +403,34 @@ impl Agent {
     }
 
     async fn start_with_env(args: &[String], env: &[(&str, &str)]) -> Self {
-        let mut child = std::process::Command::new(AGENT)
-            .args(["forward", "--log-format", "json", "--listen", "127.0.0.1:0"])
-            .args(args)
-            .env_remove("PORTCULLIS_PROXY_PASSWORD")
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start portcullis-agent");
-        let stdout = child.stdout.take().unwrap();
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let value: Value = serde_json::from_str(&line)
-                    .unwrap_or_else(|_| panic!("agent log line is not JSON: {line}"));
-                sink.lock().unwrap().push(value);
-            }
-        });
+        let process = Logged::spawn(
+            "agent",
+            std::process::Command::new(AGENT)
+                .args(["forward", "--log-format", "json", "--listen", "127.0.0.1:0"])
+                .args(args)
+                .env_remove("PORTCULLIS_PROXY_PASSWORD")
+                .envs(env.iter().copied()),
+        );
         let mut agent = Self {
             addr: "127.0.0.1:0".parse().unwrap(),
-            child,
-            logs,
+            process,
         };
         let listening = agent.wait_log(|l| l["message"] == "listening").await;
         agent.addr = listening["address"].as_str().unwrap().parse().unwrap();
         agent
     }
+}
 
-    /// The first log line matching `pred`, waiting up to 10 s.
-    async fn wait_log(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(line) = self.logs.lock().unwrap().iter().find(|l| pred(l)) {
-                return line.clone();
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "agent exited with {status}; logs: {:#?}",
-                    self.logs.lock().unwrap()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no matching agent log line; logs: {:#?}",
-                self.logs.lock().unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn sigterm(&self) {
-        let status = std::process::Command::new("kill")
-            .args(["-s", "TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// The exit status, waiting up to `within`.
-    async fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        None
-    }
-
-    fn count_logs(&self, pred: impl Fn(&Value) -> bool) -> usize {
-        self.logs.lock().unwrap().iter().filter(|l| pred(l)).count()
+impl std::ops::Deref for Agent {
+    type Target = Logged;
+    fn deref(&self) -> &Logged {
+        &self.process
     }
 }
 
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::DerefMut for Agent {
+    fn deref_mut(&mut self) -> &mut Logged {
+        &mut self.process
     }
 }
 
@@ -723,9 +665,7 @@ async fn forward_replaces_the_apps_credentials_with_the_configured_ones() {
     }
     assert_eq!(gw.count_logs(berlin), 2, "both tunnels as berlin");
     let logged = agent
-        .logs
-        .lock()
-        .unwrap()
+        .logs()
         .iter()
         .map(|l| l.to_string())
         .collect::<String>();
@@ -752,7 +692,7 @@ async fn forward_drains_open_tunnels_on_sigterm_and_exits_0() {
     let (mut tunnel, status) = open_tunnel(agent.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
     assert_eq!(status, 200);
 
-    agent.sigterm();
+    agent.signal("TERM");
     let draining = agent.wait_log(|l| l["message"] == "draining").await;
     assert_eq!(draining["open"], 1);
     assert!(
