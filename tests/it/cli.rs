@@ -1,14 +1,7 @@
 //! The command line: check-config, explain, and every example in config/ loading cleanly.
 
+use crate::support::{portcullis, temp_file};
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn portcullis(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(args)
-        .output()
-        .expect("run portcullis")
-}
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -47,9 +40,10 @@ fn every_example_config_is_valid() {
 
 #[test]
 fn check_config_prints_the_effective_policy() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("ok.toml");
-    std::fs::write(&path, "[[policy.allow]]\nname = \"pe\"\ncategory = \"storage\"\nhosts = [\"contoso.file.core.windows.net\"]\nprivate_addresses = [\"10.20.0.0/16\"]\n").unwrap();
+    let (_dir, path) = temp_file(
+        "ok.toml",
+        "[[policy.allow]]\nname = \"pe\"\ncategory = \"storage\"\nhosts = [\"contoso.file.core.windows.net\"]\nprivate_addresses = [\"10.20.0.0/16\"]\n",
+    );
     let out = portcullis(&["check-config", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0));
     let stdout = text(&out.stdout);
@@ -69,13 +63,10 @@ fn check_config_prints_the_effective_policy() {
 
 #[test]
 fn check_config_lists_every_problem_and_exits_64() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bad.toml");
-    std::fs::write(
-        &path,
+    let (_dir, path) = temp_file(
+        "bad.toml",
         "[listen]\nclients = [\"10.0.0.0/33\"]\n\n[[policy.allow]]\nname = \"x\"\nhosts = [\"*.bad_suffix.com\"]\nports = [0]\n\n[timeouts]\nhead = \"-3s\"\n",
-    )
-    .unwrap();
+    );
     let out = portcullis(&["check-config", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(64));
     let stderr = text(&out.stderr);
@@ -98,13 +89,10 @@ fn check_config_lists_every_problem_and_exits_64() {
 
 #[test]
 fn explain_shows_decision_rule_addresses_and_wall() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("e.toml");
-    std::fs::write(
-        &path,
+    let (_dir, path) = temp_file(
+        "e.toml",
         "[[policy.allow]]\nname = \"pe\"\ncategory = \"storage\"\nhosts = [\"contoso.file.core.windows.net\"]\nprivate_addresses = [\"10.20.0.0/16\"]\n\n[resolver]\nhosts_only = true\n[resolver.hosts]\n\"contoso.file.core.windows.net\" = [\"10.20.1.5\", \"10.99.0.1\"]\n\"sneaky.file.core.windows.net\" = \"169.254.169.254\"\n",
-    )
-    .unwrap();
+    );
     let config = path.to_str().unwrap();
 
     let out = portcullis(&[

@@ -4,7 +4,6 @@
 
 use crate::admin::get;
 use crate::support::*;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// `[[schedule]]` in force all day, every day, for `extra` (limits, scope).
@@ -211,19 +210,10 @@ async fn a_reload_that_starts_a_window_slows_an_open_tunnel() {
     assert!(took >= Duration::from_millis(1_500), "16 MB took {took:?}");
 }
 
-fn portcullis(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn the_schedule_command_prints_the_limits_in_force_and_the_week() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("schedules.toml");
-    std::fs::write(
-        &path,
+    let (_dir, path) = temp_file(
+        "schedules.toml",
         r#"
 [[branch]]
 name = "london"
@@ -249,8 +239,7 @@ time_zone = "Europe/London"
 download = "100 Mbit/s"
 applies_to = "all-branches"
 "#,
-    )
-    .unwrap();
+    );
     let config = path.to_str().unwrap();
     let out = portcullis(&[
         "schedule",
@@ -305,10 +294,8 @@ applies_to = "all-branches"
 
 #[test]
 fn overlapping_windows_for_one_budget_are_a_config_error_naming_both() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("overlap.toml");
-    std::fs::write(
-        &path,
+    let (_dir, path) = temp_file(
+        "overlap.toml",
         r#"[[schedule]]
 name = "day"
 days = "mon-fri"
@@ -332,8 +319,7 @@ time_zone = "America/New_York"
 upload = "50 Mbit/s"
 applies_to = "all-branches"
 "#,
-    )
-    .unwrap();
+    );
     let out = portcullis(&["check-config", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8(out.stderr).unwrap();
