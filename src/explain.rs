@@ -153,6 +153,46 @@ pub fn effective_policy(config: &Config) -> String {
     out
 }
 
+/// The limits in force now for a tunnel of `branch` and `category`, per direction; `None`
+/// when no schedule is configured.
+fn bandwidth(gw: &Gateway, branch: &str, category: &str) -> Option<String> {
+    if gw.config.schedules.is_empty() {
+        return None;
+    }
+    let in_force = gw.throttles.in_force_at(jiff::Timestamp::now());
+    let direction = |d: crate::schedule::Direction| {
+        let limits: Vec<String> = in_force
+            .iter()
+            .filter(|l| l.direction == d && l.applies_to(branch))
+            .filter(|l| {
+                gw.config
+                    .schedules
+                    .iter()
+                    .any(|s| s.name == l.schedule && s.covers_category(category))
+            })
+            .map(|l| {
+                format!(
+                    "{} ({}, {} {})",
+                    crate::schedule::format_rate(l.rate),
+                    l.schedule,
+                    l.scope.as_str(),
+                    l.budget
+                )
+            })
+            .collect();
+        if limits.is_empty() {
+            "not throttled now".to_owned()
+        } else {
+            limits.join(" and ")
+        }
+    };
+    Some(format!(
+        "upload {}; download {}",
+        direction(crate::schedule::Direction::Upload),
+        direction(crate::schedule::Direction::Download)
+    ))
+}
+
 /// What the gateway would do with `CONNECT target` from `from`. Returns the report and whether
 /// a tunnel would be opened (if the upstream accepts the connection).
 pub async fn explain(gw: &Gateway, from: IpAddr, target: &Target) -> (String, bool) {
@@ -182,6 +222,10 @@ pub async fn explain(gw: &Gateway, from: IpAddr, target: &Target) -> (String, bo
             Some(rule) => {
                 let _ = writeln!(out, "rule:     {} (from {})", rule.name, rule.origin);
                 let _ = writeln!(out, "category: {}", rule.category);
+                let branch = crate::identity::name(&gw.config.branches, identity);
+                if let Some(line) = bandwidth(gw, branch, &rule.category) {
+                    let _ = writeln!(out, "bandwidth: {line}");
+                }
             }
             None => {
                 let _ = writeln!(out, "rule:     none");

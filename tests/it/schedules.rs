@@ -293,6 +293,54 @@ applies_to = "all-branches"
 }
 
 #[test]
+fn explain_names_the_limits_in_force_for_the_branch_and_category() {
+    let (_dir, path) = temp_file(
+        "explain.toml",
+        r#"[resolver]
+hosts_only = true
+[resolver.hosts]
+"acct.file.core.windows.net" = "20.60.1.2"
+"management.azure.com" = "20.60.1.3"
+
+[[branch]]
+name = "london"
+sources = ["10.1.0.0/16"]
+
+[[schedule]]
+name = "office"
+days = "daily"
+hours = "00:00-00:00"
+upload = "10 Mbit/s"
+branches = ["london"]
+
+[[schedule]]
+name = "total"
+days = "daily"
+hours = "00:00-00:00"
+upload = "100 Mbit/s"
+download = "200 Mbit/s"
+applies_to = "all-branches"
+"#,
+    );
+    let config = path.to_str().unwrap();
+    let explain = |target: &str| {
+        let out = portcullis(&["explain", "--config", config, "--from", "10.1.2.3", target]);
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let storage = explain("acct.file.core.windows.net:443");
+    assert!(
+        storage.contains("bandwidth: upload 10 Mbit/s (1.25 MB/s) (office, each-branch london) and 100 Mbit/s (12.5 MB/s) (total, all-branches *); download 200 Mbit/s (25 MB/s) (total, all-branches *)"),
+        "{storage}"
+    );
+    // Management traffic is in no schedule's categories.
+    let management = explain("management.azure.com:443");
+    assert!(
+        management.contains("bandwidth: upload not throttled now; download not throttled now"),
+        "{management}"
+    );
+}
+
+#[test]
 fn overlapping_windows_for_one_budget_are_a_config_error_naming_both() {
     let (_dir, path) = temp_file(
         "overlap.toml",
