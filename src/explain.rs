@@ -159,17 +159,13 @@ fn bandwidth(gw: &Gateway, branch: &str, category: &str) -> Option<String> {
     if gw.config.schedules.is_empty() {
         return None;
     }
-    let in_force = gw.throttles.in_force_at(jiff::Timestamp::now());
+    let in_force = gw
+        .throttles
+        .in_force_at(jiff::Timestamp::now(), Some(branch), Some(category));
     let direction = |d: crate::schedule::Direction| {
         let limits: Vec<String> = in_force
             .iter()
-            .filter(|l| l.direction == d && l.applies_to(branch))
-            .filter(|l| {
-                gw.config
-                    .schedules
-                    .iter()
-                    .any(|s| s.name == l.schedule && s.covers_category(category))
-            })
+            .filter(|l| l.direction == d)
             .map(|l| {
                 format!(
                     "{} ({}, {} {})",

@@ -1,5 +1,6 @@
 //! What both binaries (`portcullis`, `portcullis-agent`) do around their work: run it on a
-//! multi-threaded runtime with errors turned into exit codes, and wait for the stop signal.
+//! multi-threaded runtime with errors turned into exit codes, wait for the stop signal, and
+//! ask a local endpoint over HTTP.
 
 use std::future::Future;
 use std::process::ExitCode;
@@ -28,6 +29,23 @@ where
             ExitCode::from(1)
         }
     }
+}
+
+/// `GET path` to a local admin or status endpoint, blocking, 5 s for each step: the whole
+/// reply (at most 64 KiB) as text. For the command-line probes (`health`, `status`).
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(5);
+    let mut tcp = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    tcp.set_read_timeout(Some(timeout))?;
+    tcp.set_write_timeout(Some(timeout))?;
+    write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut reply = String::new();
+    tcp.take(64 * 1024).read_to_string(&mut reply)?;
+    Ok(reply)
 }
 
 /// SIGTERM (systemd, container runtimes) or Ctrl-C.

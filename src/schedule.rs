@@ -131,48 +131,31 @@ impl Schedule {
 
     /// Whether a window holds `at` (start inclusive, end exclusive).
     pub fn in_force_at(&self, at: Timestamp) -> bool {
-        let today = self.local_date(at);
-        [today.yesterday().ok(), Some(today)]
-            .into_iter()
-            .flatten()
-            .filter_map(|d| self.window_on(d))
+        self.windows(at, 1)
             .any(|(start, end)| start <= at && at < end)
     }
 
-    /// The first window start or end strictly after `at`.
+    /// The first window start or end strictly after `at` (a week and a day ahead is always
+    /// enough: every schedule has a day in each week).
     pub fn next_boundary_after(&self, at: Timestamp) -> Option<Timestamp> {
-        let mut date = self.local_date(at).yesterday().ok()?;
-        let mut best: Option<Timestamp> = None;
-        for _ in 0..10 {
-            if let Some((start, end)) = self.window_on(date) {
-                for edge in [start, end] {
-                    if edge > at && best.is_none_or(|b| edge < b) {
-                        best = Some(edge);
-                    }
-                }
-            }
-            date = date.tomorrow().ok()?;
-        }
-        best
+        self.windows(at, 9)
+            .flat_map(|(start, end)| [start, end])
+            .filter(|&edge| edge > at)
+            .min()
     }
 
-    /// Every window starting on a local date from `from`'s date for `days` days.
-    pub fn windows(&self, from: Timestamp, days: i64) -> Vec<(Timestamp, Timestamp)> {
-        let mut date = match self.local_date(from).yesterday() {
-            Ok(d) => d,
-            Err(_) => return Vec::new(),
-        };
-        let mut out = Vec::new();
-        for _ in 0..=days {
-            if let Some(w) = self.window_on(date) {
-                out.push(w);
-            }
-            match date.tomorrow() {
-                Ok(next) => date = next,
-                Err(_) => break,
-            }
-        }
-        out
+    /// The windows starting on `days` + 1 local dates from the day before `from`'s (a window
+    /// that began yesterday may still be open).
+    pub fn windows(
+        &self,
+        from: Timestamp,
+        days: i64,
+    ) -> impl Iterator<Item = (Timestamp, Timestamp)> + '_ {
+        std::iter::successors(self.local_date(from).yesterday().ok(), |d| {
+            d.tomorrow().ok()
+        })
+        .take(usize::try_from(days).unwrap_or(0) + 1)
+        .filter_map(|date| self.window_on(date))
     }
 
     /// The days, window and zone as written, for tables and messages.
@@ -219,7 +202,8 @@ fn sorted(list: &Option<Vec<String>>) -> Option<Vec<&str>> {
 
 /// The first instant at which windows of `a` and `b` both hold, looking `days` ahead of `from`.
 pub fn first_overlap(a: &Schedule, b: &Schedule, from: Timestamp, days: i64) -> Option<Timestamp> {
-    let (wa, wb) = (a.windows(from, days), b.windows(from, days));
+    let wa: Vec<_> = a.windows(from, days).collect();
+    let wb: Vec<_> = b.windows(from, days).collect();
     let (mut i, mut j) = (0, 0);
     while i < wa.len() && j < wb.len() {
         let ((s1, e1), (s2, e2)) = (wa[i], wb[j]);

@@ -43,11 +43,7 @@ pub fn report(config: &Config, at: Timestamp, zone: &TimeZone, branch: Option<&s
         .chain([UNASSIGNED])
         .collect();
     let throttles = Throttles::new(&config.schedules, &names, None, None);
-    let in_force: Vec<_> = throttles
-        .in_force_at(at)
-        .into_iter()
-        .filter(|l| branch.is_none_or(|b| l.applies_to(b)))
-        .collect();
+    let in_force = throttles.in_force_at(at, branch, None);
     let _ = writeln!(out, "Limits in force at {}{whom}:", show(at));
     if in_force.is_empty() {
         let _ = writeln!(out, "  none: traffic runs unthrottled");

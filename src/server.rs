@@ -170,6 +170,7 @@ impl Server {
     /// Accepts until `shutdown` completes, then drains: open connections get up to
     /// `timeouts.drain` to finish; whatever is left is closed when the process exits.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let reloader = self.reloader();
         let permits = Arc::new(Semaphore::new(
             self.current.load().config.limits.max_connections,
         ));
@@ -198,13 +199,7 @@ impl Server {
             }
             admin_task = Some(tokio::spawn(crate::admin::serve(
                 admin,
-                Reloader {
-                    current: self.current.clone(),
-                    path: self.config_path.clone(),
-                    listen_changed: self.listen_changed.clone(),
-                    schedules_changed: self.schedules_changed.clone(),
-                    applying: self.applying.clone(),
-                },
+                reloader,
                 self.draining.clone(),
             )));
         }
@@ -298,8 +293,7 @@ async fn retune_on_schedule(current: Arc<ArcSwap<Gateway>>, changed: Arc<tokio::
     loop {
         let now = jiff::Timestamp::now();
         let gateway = current.load_full();
-        let next = gateway.throttles.retune(now);
-        let in_force = gateway.throttles.in_force_at(now);
+        let crate::throttle::Retuned { in_force, next } = gateway.throttles.retune(now);
         if in_force != announced {
             for limit in &in_force {
                 tracing::info!(

@@ -475,21 +475,12 @@ pub struct InForce {
     pub direction: Direction,
     pub schedule: String,
     pub rate: u64,
-    /// all-branches: the branches sharing it (`None`: everyone).
-    pub members: Option<Vec<String>>,
 }
 
-impl InForce {
-    /// Whether tunnels of `branch` obey this budget.
-    pub fn applies_to(&self, branch: &str) -> bool {
-        match self.scope {
-            Scope::EachBranch => self.budget == branch,
-            Scope::AllBranches => self
-                .members
-                .as_ref()
-                .is_none_or(|m| m.iter().any(|b| b == branch)),
-        }
-    }
+/// What `retune` did: the limits now in force and when they next change.
+pub struct Retuned {
+    pub in_force: Vec<InForce>,
+    pub next: Option<Timestamp>,
 }
 
 impl Throttles {
@@ -617,20 +608,29 @@ impl Throttles {
         }
     }
 
-    /// What every budget is set to at `at`.
-    pub fn in_force_at(&self, at: Timestamp) -> Vec<InForce> {
+    /// The limits in force at `at` for tunnels of `branch` and `category` (either `None`:
+    /// every branch, every category).
+    pub fn in_force_at(
+        &self,
+        at: Timestamp,
+        branch: Option<&str>,
+        category: Option<&str>,
+    ) -> Vec<InForce> {
         self.budgets
             .iter()
+            .filter(|b| branch.is_none_or(|name| b.key.covers(name)))
             .filter_map(|b| {
-                let (schedule, rate) = self.driver_at(b, at)?;
-                Some(InForce {
-                    scope: b.key.scope,
-                    budget: b.key.name.clone(),
-                    direction: b.key.direction,
-                    schedule: self.schedules[schedule].name.clone(),
-                    rate,
-                    members: b.key.members.clone(),
-                })
+                let (s, rate) = self.driver_at(b, at)?;
+                let schedule = &self.schedules[s];
+                category
+                    .is_none_or(|c| schedule.covers_category(c))
+                    .then(|| InForce {
+                        scope: b.key.scope,
+                        budget: b.key.name.clone(),
+                        direction: b.key.direction,
+                        schedule: schedule.name.clone(),
+                        rate,
+                    })
             })
             .collect()
     }
@@ -646,11 +646,21 @@ impl Throttles {
             .min_by_key(|&(_, rate)| rate)
     }
 
-    /// Sets every bucket to the limits in force at `at`; returns the next window boundary.
-    pub fn retune(&self, at: Timestamp) -> Option<Timestamp> {
+    /// Sets every bucket to the limits in force at `at`.
+    pub fn retune(&self, at: Timestamp) -> Retuned {
+        let mut in_force = Vec::new();
         for budget in &self.budgets {
-            let limit = self.driver_at(budget, at).map(|(s, rate)| {
-                let bits = self.schedules[s]
+            let driver = self.driver_at(budget, at);
+            let limit = driver.map(|(s, rate)| {
+                let schedule = &self.schedules[s];
+                in_force.push(InForce {
+                    scope: budget.key.scope,
+                    budget: budget.key.name.clone(),
+                    direction: budget.key.direction,
+                    schedule: schedule.name.clone(),
+                    rate,
+                });
+                let bits = schedule
                     .categories
                     .iter()
                     .filter_map(|c| self.categories.iter().position(|k| k == c))
@@ -659,7 +669,10 @@ impl Throttles {
             });
             budget.bucket.set(limit);
         }
-        crate::schedule::next_boundary(&self.schedules, at)
+        Retuned {
+            in_force,
+            next: crate::schedule::next_boundary(&self.schedules, at),
+        }
     }
 
     /// After a reload to `next`: budgets it dropped lift their limits (tunnels holding them run
@@ -917,7 +930,7 @@ mod tests {
         let throttles = Throttles::new(&schedules, &["london", "unassigned"], None, None);
         let london = |at: &str| {
             let at: Timestamp = at.parse().unwrap();
-            let next = throttles.retune(at);
+            let next = throttles.retune(at).next;
             let gate = throttles
                 .gate("london", "storage", Direction::Upload)
                 .unwrap();
@@ -952,12 +965,20 @@ mod tests {
             london("2026-06-01T08:00:00Z").0,
             vec![Some(1_000_000), None]
         );
-        let in_force = throttles.in_force_at("2026-11-23T10:00:00Z".parse().unwrap());
+        let at = "2026-11-23T10:00:00Z".parse().unwrap();
+        let in_force = throttles.in_force_at(at, None, None);
         assert_eq!(in_force.len(), 2, "london and unassigned: {in_force:?}");
+        assert!(in_force.iter().all(|l| l.schedule == "office"));
+        let london_now = throttles.in_force_at(at, Some("london"), Some("storage"));
+        assert_eq!(london_now.len(), 1);
+        assert_eq!(
+            (london_now[0].budget.as_str(), london_now[0].rate),
+            ("london", 1_000_000)
+        );
         assert!(
-            in_force
-                .iter()
-                .all(|l| l.schedule == "office" && l.applies_to(&l.budget))
+            throttles
+                .in_force_at(at, Some("london"), Some("login"))
+                .is_empty()
         );
         // Nothing reaches downloads, other categories or branches no budget covers.
         assert!(

@@ -400,20 +400,7 @@ fn forward_settings(args: &ForwardArgs, file: AgentFile) -> Result<Settings, Str
 }
 
 fn status(listen: SocketAddr, json: bool) -> ExitCode {
-    use std::io::{Read, Write};
-    let timeout = Duration::from_secs(5);
-    let answer = (|| -> std::io::Result<String> {
-        let mut tcp = std::net::TcpStream::connect_timeout(&listen, timeout)?;
-        tcp.set_read_timeout(Some(timeout))?;
-        write!(
-            tcp,
-            "GET /status HTTP/1.1\r\nHost: {listen}\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut reply = String::new();
-        tcp.take(64 * 1024).read_to_string(&mut reply)?;
-        Ok(reply)
-    })();
-    let reply = match answer {
+    let reply = match portcullis::process::http_get(listen, "/status") {
         Ok(reply) => reply,
         Err(e) => {
             eprintln!("portcullis-agent: no forwarder at {listen}: {e}");

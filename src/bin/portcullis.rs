@@ -281,20 +281,7 @@ fn hash_password() -> ExitCode {
 }
 
 fn health(admin: std::net::SocketAddr, path: &str) -> ExitCode {
-    use std::io::{Read, Write};
-    let timeout = std::time::Duration::from_secs(5);
-    let answer = (|| -> std::io::Result<String> {
-        let mut tcp = std::net::TcpStream::connect_timeout(&admin, timeout)?;
-        tcp.set_read_timeout(Some(timeout))?;
-        write!(
-            tcp,
-            "GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut reply = String::new();
-        tcp.take(64 * 1024).read_to_string(&mut reply)?;
-        Ok(reply)
-    })();
-    match answer {
+    match portcullis::process::http_get(admin, path) {
         Ok(reply) if reply.starts_with("HTTP/1.1 200") => ExitCode::SUCCESS,
         Ok(reply) => {
             eprintln!(

@@ -33,6 +33,15 @@ impl Files {
         Self { dir }
     }
 
+    /// The CA, branch certificate and key paths, as `check` and `forward` take them.
+    fn identity(&self) -> (String, String, String) {
+        (
+            self.path("ca.pem"),
+            self.path("branch.pem"),
+            self.path("branch.key"),
+        )
+    }
+
     fn path(&self, name: &str) -> String {
         self.dir.path().join(name).display().to_string()
     }
@@ -114,11 +123,7 @@ async fn check_passes_every_stage_through_a_tls_gateway_and_reports_denials() {
     let files = Files::new(&pki);
     let gw = Gateway::start(&gateway_config(&files, port, 0)).await;
     let proxy = format!("https://{}", gw.tls_addr.unwrap());
-    let (ca, cert, key) = (
-        files.path("ca.pem"),
-        files.path("branch.pem"),
-        files.path("branch.key"),
-    );
+    let (ca, cert, key) = files.identity();
     let first = format!("{ORIGIN_HOST}:{port}");
     let second = format!("{SECOND_HOST}:{port}");
     let tls_args = [
@@ -234,11 +239,7 @@ async fn check_direct_flags_an_endpoint_reachable_without_the_gateway() {
     let files = Files::new(&pki);
     let gw = Gateway::start(&gateway_config(&files, port, 0)).await;
     let proxy = format!("https://{}", gw.tls_addr.unwrap());
-    let (ca, cert, key) = (
-        files.path("ca.pem"),
-        files.path("branch.pem"),
-        files.path("branch.key"),
-    );
+    let (ca, cert, key) = files.identity();
     let (first, second) = (
         format!("{ORIGIN_HOST}:{port}"),
         format!("{SECOND_HOST}:{port}"),
@@ -485,13 +486,14 @@ fn free_port() -> u16 {
 }
 
 fn identity_args(files: &Files) -> Vec<String> {
+    let (ca, cert, key) = files.identity();
     vec![
         "--ca".into(),
-        files.path("ca.pem"),
+        ca,
         "--cert".into(),
-        files.path("branch.pem"),
+        cert,
         "--key".into(),
-        files.path("branch.key"),
+        key,
     ]
 }
 
