@@ -214,6 +214,7 @@ impl Server {
         accept_loops.spawn(retune_on_schedule(
             self.current.clone(),
             self.schedules_changed.clone(),
+            jiff::Timestamp::now,
         ));
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         let mut shutdown = std::pin::pin!(shutdown);
@@ -287,11 +288,16 @@ impl Server {
 const SCHEDULE_RECHECK: Duration = Duration::from_secs(60);
 
 /// Puts each schedule window's limits in force at its boundary: sleeps until the next one (or
-/// a reload) and retunes the buckets. Without schedules it only waits for reloads.
-async fn retune_on_schedule(current: Arc<ArcSwap<Gateway>>, changed: Arc<tokio::sync::Notify>) {
+/// a reload) and retunes the buckets. Without schedules it only waits for reloads. `clock` is
+/// the wall clock (tests run it on tokio's paused time).
+async fn retune_on_schedule(
+    current: Arc<ArcSwap<Gateway>>,
+    changed: Arc<tokio::sync::Notify>,
+    clock: impl Fn() -> jiff::Timestamp,
+) {
     let mut announced = Vec::new();
     loop {
-        let now = jiff::Timestamp::now();
+        let now = clock();
         let gateway = current.load_full();
         let crate::throttle::Retuned { in_force, next } = gateway.throttles.retune(now);
         if in_force != announced {
@@ -375,5 +381,41 @@ async fn accept_loop(
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedule::Direction;
+    use tokio::time::Instant;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_schedule_task_puts_limits_in_force_at_window_boundaries() {
+        let config = Config::parse(
+            "[[schedule]]\nname = \"morning\"\ndays = \"daily\"\nhours = \"10:00-11:00\"\ntime_zone = \"UTC\"\nupload = \"1 MB/s\"\n",
+            "t",
+        )
+        .unwrap();
+        let gateway = Gateway::new(config).unwrap();
+        let gate = gateway
+            .throttles
+            .gate("unassigned", "storage", Direction::Upload)
+            .unwrap();
+        let current = Arc::new(ArcSwap::from_pointee(gateway));
+        // Wall time runs on tokio's paused clock from 09:59:30.
+        let (base, started) = (
+            "2026-11-23T09:59:30Z".parse::<jiff::Timestamp>().unwrap(),
+            Instant::now(),
+        );
+        let clock = move || base + jiff::SignedDuration::try_from(started.elapsed()).unwrap();
+        let task = tokio::spawn(retune_on_schedule(current, Arc::default(), clock));
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert_eq!(gate.read_limit(), None, "09:59:50: not yet");
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert_eq!(gate.read_limit(), Some(50_000), "10:00:01: 1 MB/s in force");
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(gate.read_limit(), None, "11:00:01: lifted");
+        task.abort();
     }
 }
