@@ -103,12 +103,10 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> std:
     Ok(())
 }
 
-fn client_allowed(settings: &Settings, ip: IpAddr) -> bool {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    };
-    ip.is_loopback() || settings.clients.iter().any(|net| net.contains(&ip))
+/// Loopback always; other addresses only from `clients` (IPv4-mapped IPv6 counts as IPv4).
+fn client_allowed(clients: &[IpNet], ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    ip.is_loopback() || clients.iter().any(|net| net.contains(&ip))
 }
 
 /// What the app asked for.
@@ -165,7 +163,7 @@ async fn serve(settings: &Settings, mut app: TcpStream, peer: SocketAddr, id: u6
         started: Instant::now(),
     };
     let _ = app.set_nodelay(true);
-    if !client_allowed(settings, peer.ip()) {
+    if !client_allowed(&settings.clients, peer.ip()) {
         refuse(
             &mut app,
             &mut line,
@@ -443,4 +441,24 @@ fn parse_head(bytes: &[u8]) -> Result<Option<(Ask, usize)>, HeadError> {
         },
         len,
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_local_apps_are_served_unless_networks_are_listed() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        for local in ["127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"] {
+            assert!(client_allowed(&[], ip(local)), "{local}");
+        }
+        for remote in ["10.1.2.3", "192.168.1.5", "::ffff:10.1.2.3", "fd00::1"] {
+            assert!(!client_allowed(&[], ip(remote)), "{remote}");
+        }
+        let office: Vec<IpNet> = vec!["10.1.0.0/16".parse().unwrap()];
+        assert!(client_allowed(&office, ip("10.1.2.3")));
+        assert!(client_allowed(&office, ip("::ffff:10.1.2.3")));
+        assert!(!client_allowed(&office, ip("10.2.0.1")));
+    }
 }

@@ -679,6 +679,38 @@ async fn forward_replaces_the_apps_credentials_with_the_configured_ones() {
 }
 
 #[tokio::test]
+async fn forward_answers_bad_app_requests_itself_and_keeps_serving() {
+    // Nothing listens on the gateway: none of these requests may reach it.
+    let agent = Agent::start(&["--gateway".into(), "http://127.0.0.1:9".into()]).await;
+    let too_long = format!(
+        "CONNECT {ORIGIN_HOST}:443 HTTP/1.1\r\nX-Filler: {}\r\n\r\n",
+        "a".repeat(9 * 1024)
+    );
+    for (request, status) in [
+        (too_long.as_str(), 431),
+        ("POST /upload HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+        ("CONNECT no-port-here HTTP/1.1\r\n\r\n", 400),
+        ("\x16\x03\x01 not http at all\r\n\r\n", 400),
+    ] {
+        let reply = raw_request(agent.addr, request.as_bytes()).await;
+        assert_eq!(reply.status, status, "{request:.40}: {reply:?}");
+    }
+    // A good request still gets its answer: 502, every gateway down, with the reason.
+    let reply = raw_request(
+        agent.addr,
+        format!("CONNECT {ORIGIN_HOST}:443 HTTP/1.1\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(reply.status, 502, "{reply:?}");
+    assert!(
+        reply
+            .header("portcullis-error")
+            .is_some_and(|r| r.contains("no gateway")),
+        "{reply:?}"
+    );
+}
+
+#[tokio::test]
 async fn forward_drains_open_tunnels_on_sigterm_and_exits_0() {
     let pki = Pki::new();
     let origin = TcpOrigin::start(b"after drain").await;
