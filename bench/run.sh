@@ -7,17 +7,28 @@
 #   bench/run.sh --no-peers      skip squid and tinyproxy
 #   bench/run.sh --release       with --quick: measure release builds (quick defaults to debug)
 #   bench/run.sh --only throttle one section: bulk, setup, scale or throttle (all by default)
+#   bench/run.sh --baseline BIN  before/after: BIN is a `portcullis` built from an earlier commit;
+#                                bulk, setup and scale also measure it as "portcullis-before"
+#                                (same config), in ABBA order against this build: before first
+#                                in odd runs, second in even ones (scale: per tunnel count), so
+#                                use an even --runs. Throttle ignores it. Works with --no-peers.
+#
+# Prebuilt binaries instead of cargo: PORTCULLIS_BIN=path LOADGEN_BIN=path bench/run.sh ...
+# (with both set nothing is built; with one, cargo still builds and the other comes from target/).
 #
 # Prints a table and writes bench/results/<time>.jsonl (+ .summary.json). Every process it
 # starts is stopped on exit; every load loop is bounded in count and time (see loadgen.rs).
 set -euo pipefail
+START_DIR=$PWD
 cd "$(dirname "$0")/.."
+absolute() { case "$1" in /*) echo "$1" ;; *) echo "$START_DIR/$1" ;; esac; }
 
 RUNS=3
 QUICK=0
 PEERS=1
 RELEASE=0
 ONLY=all
+BASELINE=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1; PEERS=0; RUNS=1 ;;
@@ -25,6 +36,7 @@ while [ $# -gt 0 ]; do
     --no-peers) PEERS=0 ;;
     --release) RELEASE=1 ;;
     --only) ONLY="$2"; shift ;;
+    --baseline) BASELINE=$(absolute "$2"); shift ;;
     *) echo "unknown argument: $1" >&2; exit 64 ;;
   esac
   shift
@@ -32,19 +44,24 @@ done
 
 if [ "$QUICK" = 1 ]; then
   BULK_BYTES=$((64 * 1024 * 1024)); SETUP_SECS=0.5; SETUP_CLIENTS="1 16"; SCALE_TUNNELS="200"
-  if [ "$RELEASE" = 1 ]; then
-    PROFILE=release; cargo build --quiet --release --bin portcullis --example loadgen
-  else
-    PROFILE=debug; cargo build --quiet --bin portcullis --example loadgen
-  fi
+  PROFILE=debug; if [ "$RELEASE" = 1 ]; then PROFILE=release; fi
 else
   BULK_BYTES=$((4 * 1024 * 1024 * 1024)); SETUP_SECS=3; SETUP_CLIENTS="1 16 64 256"; SCALE_TUNNELS="1000 5000 9500"
-  PROFILE=release; cargo build --quiet --release --bin portcullis --example loadgen
+  PROFILE=release
+fi
+if [ -z "${PORTCULLIS_BIN:-}" ] || [ -z "${LOADGEN_BIN:-}" ]; then
+  if [ "$PROFILE" = release ]; then
+    cargo build --quiet --release --bin portcullis --example loadgen
+  else
+    cargo build --quiet --bin portcullis --example loadgen
+  fi
 fi
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 GATEWAY="$TARGET_DIR/$PROFILE/portcullis"
 LOADGEN="$TARGET_DIR/$PROFILE/examples/loadgen"
-for binary in "$GATEWAY" "$LOADGEN"; do
+if [ -n "${PORTCULLIS_BIN:-}" ]; then GATEWAY=$(absolute "$PORTCULLIS_BIN"); fi
+if [ -n "${LOADGEN_BIN:-}" ]; then LOADGEN=$(absolute "$LOADGEN_BIN"); fi
+for binary in "$GATEWAY" "$LOADGEN" ${BASELINE:+"$BASELINE"}; do
   [ -x "$binary" ] || { echo "missing $binary (build failed?)" >&2; exit 1; }
 done
 
@@ -104,6 +121,22 @@ if [ "$PEERS" = 1 ]; then
 else
   TARGETS="portcullis"
 fi
+if [ -n "$BASELINE" ]; then echo "baseline: $BASELINE as portcullis-before, against $GATEWAY"; fi
+# run_order N: the targets of run N. With --baseline, portcullis-before sits next to portcullis,
+# first in odd runs and second in even ones (ABBA), so neither build always goes first.
+run_order() {
+  local t order=""
+  for t in $TARGETS; do
+    if [ "$t" != portcullis ] || [ -z "$BASELINE" ]; then
+      order+=" $t"
+    elif [ $(($1 % 2)) = 1 ]; then
+      order+=" portcullis-before portcullis"
+    else
+      order+=" portcullis portcullis-before"
+    fi
+  done
+  echo "$order"
+}
 
 # Extra config of the portcullis variants that measure bandwidth schedules (the bench rule's
 # category is "other"). A window starting two hours from now is not in force during the run.
@@ -115,6 +148,7 @@ all_day() { # NAME RATE [SCOPE] [BRANCHES]
 }
 declare -A EXTRA
 EXTRA[portcullis]=""
+EXTRA[portcullis-before]=${EXTRA[portcullis]}
 EXTRA[portcullis-sched]=$(printf '[[schedule]]\nname = "later"\ndays = "daily"\nhours = "%s"\ntime_zone = "UTC"\nupload = "1 MB/s"\ndownload = "1 MB/s"\ncategories = ["other"]\n' "$LATER")
 # A limit on one direction only: the other carries the load generator's reports (uploads are
 # counted where they arrive) and must not queue them.
@@ -158,7 +192,9 @@ max_connections = 20000
 format = "json"
 ${EXTRA[$name]}
 EOF
-      "$GATEWAY" serve --config "$WORK/$name.toml" > "$WORK/$name.log" 2>&1 &
+      local gateway=$GATEWAY
+      if [ "$name" = portcullis-before ]; then gateway=$BASELINE; fi
+      "$gateway" serve --config "$WORK/$name.toml" > "$WORK/$name.log" 2>&1 &
       ;;
     squid*)
       cat > "$WORK/$name.conf" <<EOF
@@ -201,7 +237,7 @@ EOF
   PID[$name]=$!
   PIDS+=($!)
   PORT[$name]=$port
-  wait_port "$port"
+  wait_port "$port" || { tail -n 20 "$WORK/$name".{log,out} >&2 2>/dev/null; return 1; }
 }
 stop_target() {
   kill "${PID[$1]}" 2>/dev/null || true
@@ -217,13 +253,13 @@ args_for() {
   fi
 }
 
-for t in $TARGETS; do start_target "$t"; done
+for t in $(run_order 1); do start_target "$t"; done
 
 section() { [ "$ONLY" = all ] || [ "$ONLY" = "$1" ]; }
 
 section bulk && echo "bulk: $((BULK_BYTES / 1024 / 1024)) MiB per transfer, $RUNS interleaved run(s)"
 section bulk && for run in $(seq "$RUNS"); do
-  for t in direct $TARGETS; do
+  for t in direct $(run_order "$run"); do
     # shellcheck disable=SC2046
     {
       "$LOADGEN" bulk $(args_for "$t" "$run") --bytes "$BULK_BYTES" --direction down
@@ -238,7 +274,7 @@ done
 section setup && echo "setup: clients $SETUP_CLIENTS, ${SETUP_SECS}s each"
 section setup && for run in $(seq "$RUNS"); do
   for c in $SETUP_CLIENTS; do
-    for t in direct $TARGETS; do
+    for t in direct $(run_order "$run"); do
       # shellcheck disable=SC2046
       "$LOADGEN" setup $(args_for "$t" "$run") --clients "$c" --seconds "$SETUP_SECS" >> "$RESULTS"
     done
@@ -246,8 +282,9 @@ section setup && for run in $(seq "$RUNS"); do
 done
 
 section scale && echo "scale: $SCALE_TUNNELS idle tunnels, fresh process each"
-section scale && for n in $SCALE_TUNNELS; do
-  for t in $TARGETS; do
+section scale && step=0 && for n in $SCALE_TUNNELS; do
+  step=$((step + 1))
+  for t in $(run_order "$step"); do
     stop_target "$t"; start_target "$t"
     # shellcheck disable=SC2046
     "$LOADGEN" scale $(args_for "$t" 1) --tunnels "$n" >> "$RESULTS"
