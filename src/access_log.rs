@@ -1,12 +1,43 @@
 //! The canonical log line: exactly one event per client connection, whatever the outcome, with
-//! fixed field names (an API: dashboards and tests read them; README.md documents them).
+//! fixed field names (an API: dashboards and tests read them; README.md documents them). The
+//! gateway and the branch agent write the same record, each at its own target.
 
-use crate::config::LogFormat;
+use crate::end::End;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 /// tracing target of the canonical line, so it can be filtered (`RUST_LOG=portcullis::access=info`).
 pub const TARGET: &str = "portcullis::access";
+/// tracing target of the branch agent's line per forwarded request.
+pub const AGENT_TARGET: &str = "portcullis::agent";
+
+/// One line, at a target given as a constant (tracing needs it at compile time).
+macro_rules! access_line {
+    ($target:expr, $r:expr) => {
+        tracing::info!(
+            target: $target,
+            conn_id = $r.conn_id,
+            client = $r.client.map(tracing::field::display),
+            branch = $r.branch.as_deref(),
+            host = $r.host.as_deref(),
+            port = $r.port,
+            gateway = $r.gateway.as_deref(),
+            resolved = $r.resolved.map(tracing::field::display),
+            verdict = $r.verdict,
+            rule = $r.rule.as_deref(),
+            category = $r.category.as_deref(),
+            sni = $r.sni.as_deref(),
+            reason = $r.reason.as_str(),
+            status = $r.status,
+            bytes_up = $r.bytes_up,
+            bytes_down = $r.bytes_down,
+            connect_ms = $r.connect_time.map(|d| d.as_millis() as u64),
+            duration_ms = $r.duration.as_millis() as u64,
+            end = $r.end.as_str(),
+            "request"
+        )
+    };
+}
 
 /// Everything known about one request; filled in step by step, emitted once.
 #[derive(Debug, Default)]
@@ -17,6 +48,8 @@ pub struct AccessRecord {
     pub branch: Option<String>,
     pub host: Option<String>,
     pub port: Option<u16>,
+    /// The gateway that carried the request (branch agent only).
+    pub gateway: Option<String>,
     /// The upstream address connected to (or last tried).
     pub resolved: Option<SocketAddr>,
     pub verdict: Option<&'static str>,
@@ -33,9 +66,8 @@ pub struct AccessRecord {
     /// Name resolution time (not logged; a metric).
     pub resolve_time: Option<Duration>,
     pub duration: Duration,
-    /// How the connection ended: "closed", "idle_timeout", "client_error", "upstream_error",
-    /// or the refusal kind ("policy_denied", "bad_request", ...).
-    pub end: &'static str,
+    /// How the connection ended.
+    pub end: End,
 }
 
 impl AccessRecord {
@@ -47,7 +79,7 @@ impl AccessRecord {
         let verdict = self.verdict.unwrap_or("none");
         let labels = crate::metrics::RequestLabels {
             verdict,
-            end: self.end,
+            end: self.end.as_str(),
             category,
             branch,
         };
@@ -70,29 +102,24 @@ impl AccessRecord {
         }
     }
 
+    /// Writes the gateway's canonical line.
     pub fn emit(&self) {
-        tracing::info!(
-            target: TARGET,
-            conn_id = self.conn_id,
-            client = self.client.map(tracing::field::display),
-            branch = self.branch.as_deref(),
-            host = self.host.as_deref(),
-            port = self.port,
-            resolved = self.resolved.map(tracing::field::display),
-            verdict = self.verdict,
-            rule = self.rule.as_deref(),
-            category = self.category.as_deref(),
-            sni = self.sni.as_deref(),
-            reason = self.reason.as_str(),
-            status = self.status,
-            bytes_up = self.bytes_up,
-            bytes_down = self.bytes_down,
-            connect_ms = self.connect_time.map(|d| d.as_millis() as u64),
-            duration_ms = self.duration.as_millis() as u64,
-            end = self.end,
-            "request"
-        );
+        access_line!(TARGET, self);
     }
+
+    /// Writes the branch agent's line for one forwarded request (same fields; `gateway` says
+    /// which gateway carried it).
+    pub fn emit_agent(&self) {
+        access_line!(AGENT_TARGET, self);
+    }
+}
+
+/// How log lines are written: human-readable text, or one JSON object per line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Installs the process-wide subscriber: stdout, text or one JSON object per line, level from

@@ -7,7 +7,7 @@
 //! | `GET /readyz` | 200 when serving, 503 while draining |
 //! | `POST /reload` | from loopback only: reload the config file (200, or 422 with its problems) |
 
-use crate::server::Reloader;
+use crate::reload::Reloader;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::service::service_fn;

@@ -2,38 +2,34 @@
 //! file servers reach only the sync service's domains, resolves names itself, refuses internal
 //! destinations, and logs one canonical line per request.
 //!
-//! The data path reads top to bottom in [`connect`]: head ([`request`]) -> client check and
-//! policy ([`policy`]) -> resolve ([`resolve`]) -> destination wall ([`destination`]) -> dial ->
-//! tunnel ([`tunnel`], paced by [`throttle`] under [`schedule`]s) -> log line ([`access_log`]). Config is compiled once ([`config`]) from
-//! the operator's TOML and the built-in profiles ([`profiles`]). The branch agent's logic (the
-//! `portcullis-agent` binary: endpoint check and local forwarder) is in [`agent`].
+//! The floors, lowest first (a module imports only from its own floor or below):
+//! - [`process`], [`stream`], [`end`], [`metrics`], [`access_log`], [`accept`]: the parts both
+//!   binaries stand on (runtime, streams, how a connection ends, the log line, the accept loop).
+//! - [`policy`]: host names and patterns, the allow-list and its [`policy::Decision`], the
+//!   destination wall, the built-in profiles. Pure: no I/O, no clock.
+//! - [`bandwidth`]: schedules, bucket arithmetic, per-tunnel gates and paced IO, budgets.
+//! - [`config`]: the operator's TOML compiled once into a validated [`config::Config`].
+//! - [`tunnel`]: the byte copy (buffered and spliced) with half-close, idle check and counts.
+//! - [`gateway`]: one client connection, top to bottom in [`gateway::connect`]: head ->
+//!   identity -> plan (policy, resolve, wall) -> dial -> reply -> SNI -> tunnel -> log line.
+//! - [`server`], [`reload`], [`admin`]: listeners, live reconfiguration, the admin endpoints.
+//! - [`cli`]: operator tools off the hot path (explain, schedule table, AFS importer).
+//! - [`agent`]: the branch agent (`portcullis-agent`), built on the gateway's parts.
 #![forbid(unsafe_code)]
 
+pub mod accept;
 pub mod access_log;
 pub mod admin;
-pub mod afs_import;
 pub mod agent;
+pub mod bandwidth;
+pub mod cli;
 pub mod config;
-pub mod connect;
-pub mod destination;
-pub mod explain;
-pub mod hostname;
-pub mod identity;
-pub mod lane;
+pub mod end;
+pub mod gateway;
 pub mod metrics;
 pub mod policy;
 pub mod process;
-pub mod profiles;
-pub mod proxy_protocol;
-pub mod request;
-pub mod resolve;
-pub mod schedule;
-pub mod schedule_table;
+pub mod reload;
 pub mod server;
-pub mod sni;
-#[cfg(target_os = "linux")]
-mod splice;
 pub mod stream;
-pub mod throttle;
-pub mod tls;
 pub mod tunnel;

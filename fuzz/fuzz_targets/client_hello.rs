@@ -3,7 +3,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Some(portcullis::sni::Hello::Name(name)) = portcullis::sni::parse(data) {
-        assert!(portcullis::hostname::DnsName::parse(name.as_str()).is_ok());
+    if let Some(portcullis::gateway::sni::Hello::Name(name)) = portcullis::gateway::sni::parse(data) {
+        assert!(portcullis::policy::host::DnsName::parse(name.as_str()).is_ok());
     }
 });

@@ -4,8 +4,8 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        if let Ok(target) = portcullis::hostname::Target::parse_authority(text) {
-            let again = portcullis::hostname::Target::parse_authority(&target.to_string()).unwrap();
+        if let Ok(target) = portcullis::policy::host::Target::parse_authority(text) {
+            let again = portcullis::policy::host::Target::parse_authority(&target.to_string()).unwrap();
             assert_eq!(again, target);
         }
     }

@@ -1,10 +1,18 @@
-//! The forwarder's config file (`/etc/portcullis/agent.toml`): gateways, the branch's TLS
-//! identity, credentials (the password from a file or the environment, never from the command
-//! line), the listener and timeouts. Command-line options override the file.
+//! The agent's configuration: the forwarder's config file (`/etc/portcullis/agent.toml`:
+//! gateways, the branch's TLS identity, credentials (the password from a file or the
+//! environment, never from the command line), the listener and timeouts), the command-line
+//! options that override it, and the validated forwarder [`Settings`] with their defaults.
 
+use super::forward::Settings;
+use super::pool::Pool;
+use super::proxy_client::{Proxy, ProxyUrl, Timeouts, basic_authorization};
+use super::trust;
+pub use crate::config::parse_duration;
 use ipnet::IpNet;
 use serde::Deserialize;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Environment variable holding the proxy password (for `check` and `forward`).
@@ -72,17 +80,6 @@ impl AgentFile {
     }
 }
 
-/// A positive duration such as "500ms", "10s", "15m".
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    text.parse::<jiff::SignedDuration>()
-        .ok()
-        .filter(|d| d.is_positive())
-        .and_then(|d| Duration::try_from(d).ok())
-        .ok_or_else(|| {
-            format!("{text:?}: expected a positive duration such as \"500ms\", \"10s\" or \"15m\"")
-        })
-}
-
 /// The proxy password: from `file` (first line) if given, else the environment variable.
 /// Never from the command line, where `ps` would show it.
 pub fn password(file: Option<&Path>) -> Result<Option<String>, String> {
@@ -96,6 +93,160 @@ pub fn password(file: Option<&Path>) -> Result<Option<String>, String> {
         return Ok(Some(first.to_owned()));
     }
     Ok(std::env::var(PASSWORD_ENV).ok().filter(|p| !p.is_empty()))
+}
+
+/// Options shared by check and forward: trust, identity and credentials.
+#[derive(clap::Args, Debug, Default)]
+pub struct Identity {
+    /// Agent config file (the forwarder's); its gateways, TLS files and credentials are used
+    /// where no option is given.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// A CA certificate file (PEM) to trust (repeatable). check: in addition to the system
+    /// roots, for the gateway and the endpoints; forward: instead of them, for the gateways.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Vec<PathBuf>,
+    /// The branch's client certificate chain (PEM), presented to an https:// gateway.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Proxy user for Basic credentials; the password comes from --password-file or the
+    /// PORTCULLIS_PROXY_PASSWORD environment variable, never the command line.
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
+    /// File whose first line is the proxy password.
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+}
+
+impl Identity {
+    /// The config file named by --config, or an empty one.
+    pub fn load_file(&self) -> Result<AgentFile, String> {
+        match &self.config {
+            Some(path) => AgentFile::load(path),
+            None => Ok(AgentFile::default()),
+        }
+    }
+
+    /// The `Proxy-Authorization` value from the options and the file, if a user is configured.
+    pub fn authorization(&self, file: &AgentFile) -> Result<Option<String>, String> {
+        let Some(user) = self.user.as_ref().or(file.user.as_ref()) else {
+            return Ok(None);
+        };
+        let password_file = self
+            .password_file
+            .as_deref()
+            .or(file.password_file.as_deref());
+        match password(password_file)? {
+            Some(password) => Ok(Some(basic_authorization(user, &password))),
+            None => Err(format!(
+                "user {user:?} has no password: give --password-file or set {}",
+                PASSWORD_ENV
+            )),
+        }
+    }
+
+    /// The client certificate and key: the options', else the file's.
+    pub fn client_identity<'a>(&'a self, file: &'a AgentFile) -> Option<(&'a Path, &'a Path)> {
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            _ => match (&file.certificate, &file.key) {
+                (Some(cert), Some(key)) => Some((cert, key)),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// `forward`'s options; they override the file.
+#[derive(clap::Args, Debug, Default)]
+pub struct ForwardOptions {
+    #[command(flatten)]
+    pub identity: Identity,
+    /// Listener for local apps (default 127.0.0.1:3128).
+    #[arg(long, value_name = "IP:PORT")]
+    pub listen: Option<SocketAddr>,
+    /// A gateway URL, in order of preference (repeatable; replaces the config's list).
+    #[arg(long = "gateway", value_name = "URL", value_parser = parse_proxy_url)]
+    pub gateways: Vec<ProxyUrl>,
+    /// A client network allowed besides loopback (repeatable; adds to the config's).
+    #[arg(long = "client", value_name = "CIDR")]
+    pub clients: Vec<IpNet>,
+    /// How often down gateways are probed (default 10s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub probe_interval: Option<Duration>,
+}
+
+fn parse_proxy_url(s: &str) -> Result<ProxyUrl, String> {
+    s.parse()
+}
+
+/// The forwarder's settings: the options over the file over the defaults, validated.
+pub fn forward_settings(args: &ForwardOptions, file: AgentFile) -> Result<Settings, String> {
+    let duration = |value: &Option<String>, key: &str, default: u64| -> Result<Duration, String> {
+        match value {
+            Some(text) => parse_duration(text).map_err(|e| format!("{key}: {e}")),
+            None => Ok(Duration::from_secs(default)),
+        }
+    };
+    let timeouts = Timeouts {
+        connect: duration(&file.timeouts.connect, "timeouts.connect", 5)?,
+        tls: duration(&file.timeouts.tls, "timeouts.tls", 10)?,
+        reply: duration(&file.timeouts.reply, "timeouts.reply", 30)?,
+    };
+    let gateways: Vec<ProxyUrl> = if args.gateways.is_empty() {
+        file.gateways
+            .iter()
+            .enumerate()
+            .map(|(i, text)| text.parse().map_err(|e| format!("gateways[{i}]: {e}")))
+            .collect::<Result<_, _>>()?
+    } else {
+        args.gateways.clone()
+    };
+    if gateways.is_empty() {
+        return Err("no gateway: give --gateway URL (repeatable) or gateways in --config".into());
+    }
+    let ca_files: Vec<PathBuf> = if args.identity.ca.is_empty() {
+        file.ca.iter().cloned().collect()
+    } else {
+        args.identity.ca.clone()
+    };
+    let roots = trust::roots(ca_files.is_empty(), &ca_files)?;
+    let tls = trust::client_config(roots, args.identity.client_identity(&file), true)?;
+    let proxies = gateways
+        .into_iter()
+        .map(|url| Proxy::new(url, tls.clone(), timeouts))
+        .collect::<Result<Vec<_>, _>>()?;
+    let listen = match (args.listen, &file.listen) {
+        (Some(addr), _) => addr,
+        (None, Some(text)) => text
+            .parse()
+            .map_err(|_| format!("listen: {text:?}: expected IP:PORT"))?,
+        (None, None) => SocketAddr::from(([127, 0, 0, 1], 3128)),
+    };
+    let mut clients = file.clients.clone();
+    clients.extend(args.clients.iter().copied());
+    let probe_interval = match args.probe_interval {
+        Some(d) => d,
+        None => duration(&file.probe_interval, "probe_interval", 10)?,
+    };
+    let max_connections = file.max_connections.unwrap_or(4096);
+    if max_connections == 0 {
+        return Err("max_connections: expected at least 1".into());
+    }
+    Ok(Settings {
+        listen,
+        clients,
+        pool: Arc::new(Pool::new(proxies)),
+        authorization: args.identity.authorization(&file)?,
+        head_timeout: duration(&file.timeouts.head, "timeouts.head", 10)?,
+        idle_timeout: duration(&file.timeouts.idle, "timeouts.idle", 600)?,
+        drain: duration(&file.timeouts.drain, "timeouts.drain", 30)?,
+        probe_interval,
+        max_connections,
+    })
 }
 
 #[cfg(test)]

@@ -3,8 +3,8 @@
 //! entry cannot be dialled; it becomes a representative host built from the storage account or
 //! region, or a skipped row that says what to give.
 
-use crate::hostname::DnsName;
-use crate::profiles::Profile;
+use crate::policy::host::DnsName;
+use crate::policy::profiles::Profile;
 use serde::Serialize;
 
 /// One host and port to check.
@@ -119,7 +119,7 @@ mod tests {
 
     #[test]
     fn wildcards_become_representatives_or_skipped_rows() {
-        let profile = crate::profiles::find("azure-file-sync").unwrap();
+        let profile = crate::policy::profiles::find("azure-file-sync").unwrap();
         let none = from_profile(profile, &Representatives::default());
         let storage = none.iter().find(|e| e.category == "storage").unwrap();
         assert_eq!(storage.host, "*.core.windows.net");

@@ -51,11 +51,11 @@ impl FromStr for ProxyUrl {
         } else {
             rest.to_owned()
         };
-        let target = crate::hostname::Target::parse_authority(&authority)
+        let target = crate::policy::host::Target::parse_authority(&authority)
             .map_err(|why| format!("{s:?}: {why}"))?;
         let host = match target.host {
-            crate::hostname::Host::Name(name) => name.as_str().to_owned(),
-            crate::hostname::Host::Ip(ip) => ip.to_string(),
+            crate::policy::host::Host::Name(name) => name.as_str().to_owned(),
+            crate::policy::host::Host::Ip(ip) => ip.to_string(),
         };
         Ok(Self {
             tls,

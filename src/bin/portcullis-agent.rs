@@ -3,20 +3,16 @@
 //! 1 a check failed or a runtime failure, 2 usage or configuration errors.
 
 use clap::{Args, Parser, Subcommand};
-use ipnet::IpNet;
+use portcullis::access_log::LogFormat;
 use portcullis::agent::check::Check;
-use portcullis::agent::config::{self, AgentFile};
+use portcullis::agent::config::{self, ForwardOptions, Identity};
 use portcullis::agent::endpoints::{self, Endpoint, Representatives};
-use portcullis::agent::forward::{self, Settings};
-use portcullis::agent::pool::Pool;
-use portcullis::agent::proxy_client::{Proxy, ProxyUrl, Timeouts, basic_authorization};
+use portcullis::agent::forward;
+use portcullis::agent::proxy_client::{Proxy, ProxyUrl, Timeouts};
 use portcullis::agent::{report, trust};
-use portcullis::config::LogFormat;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 const EXIT_FAILED: u8 = 1;
@@ -50,32 +46,6 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-}
-
-/// Options shared by check and forward: trust, identity and credentials.
-#[derive(Args)]
-struct Identity {
-    /// Agent config file (the forwarder's); its gateways, TLS files and credentials are used
-    /// where no option is given.
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// A CA certificate file (PEM) to trust (repeatable). check: in addition to the system
-    /// roots, for the gateway and the endpoints; forward: instead of them, for the gateways.
-    #[arg(long, value_name = "FILE")]
-    ca: Vec<PathBuf>,
-    /// The branch's client certificate chain (PEM), presented to an https:// gateway.
-    #[arg(long, value_name = "FILE", requires = "key")]
-    cert: Option<PathBuf>,
-    /// The client certificate's private key (PEM).
-    #[arg(long, value_name = "FILE", requires = "cert")]
-    key: Option<PathBuf>,
-    /// Proxy user for Basic credentials; the password comes from --password-file or the
-    /// PORTCULLIS_PROXY_PASSWORD environment variable, never the command line.
-    #[arg(long, value_name = "NAME")]
-    user: Option<String>,
-    /// File whose first line is the proxy password.
-    #[arg(long, value_name = "FILE")]
-    password_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -126,19 +96,7 @@ enum Colour {
 #[derive(Args)]
 struct ForwardArgs {
     #[command(flatten)]
-    identity: Identity,
-    /// Listener for local apps (default 127.0.0.1:3128).
-    #[arg(long, value_name = "IP:PORT")]
-    listen: Option<SocketAddr>,
-    /// A gateway URL, in order of preference (repeatable; replaces the config's list).
-    #[arg(long = "gateway", value_name = "URL", value_parser = parse_url)]
-    gateways: Vec<ProxyUrl>,
-    /// A client network allowed besides loopback (repeatable; adds to the config's).
-    #[arg(long = "client", value_name = "CIDR")]
-    clients: Vec<IpNet>,
-    /// How often down gateways are probed (default 10s).
-    #[arg(long, value_name = "DURATION", value_parser = config::parse_duration)]
-    probe_interval: Option<Duration>,
+    options: ForwardOptions,
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormatArg,
 }
@@ -181,47 +139,8 @@ fn usage(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_USAGE)
 }
 
-/// The config file named by --config, or an empty one.
-fn load_file(identity: &Identity) -> Result<AgentFile, String> {
-    match &identity.config {
-        Some(path) => AgentFile::load(path),
-        None => Ok(AgentFile::default()),
-    }
-}
-
-/// The `Proxy-Authorization` value from the options and the file, if a user is configured.
-fn authorization(identity: &Identity, file: &AgentFile) -> Result<Option<String>, String> {
-    let Some(user) = identity.user.as_ref().or(file.user.as_ref()) else {
-        return Ok(None);
-    };
-    let password_file = identity
-        .password_file
-        .as_deref()
-        .or(file.password_file.as_deref());
-    match config::password(password_file)? {
-        Some(password) => Ok(Some(basic_authorization(user, &password))),
-        None => Err(format!(
-            "user {user:?} has no password: give --password-file or set {}",
-            config::PASSWORD_ENV
-        )),
-    }
-}
-
-fn client_identity<'a>(
-    identity: &'a Identity,
-    file: &'a AgentFile,
-) -> Option<(&'a Path, &'a Path)> {
-    match (&identity.cert, &identity.key) {
-        (Some(cert), Some(key)) => Some((cert, key)),
-        _ => match (&file.certificate, &file.key) {
-            (Some(cert), Some(key)) => Some((cert, key)),
-            _ => None,
-        },
-    }
-}
-
 fn check(args: CheckArgs) -> ExitCode {
-    let file = match load_file(&args.identity) {
+    let file = match args.identity.load_file() {
         Ok(f) => f,
         Err(e) => return usage(e),
     };
@@ -238,7 +157,7 @@ fn check(args: CheckArgs) -> ExitCode {
     let tls = (|| -> Result<_, String> {
         let roots = trust::roots(true, &ca_files)?;
         let proxy_tls =
-            trust::client_config(roots.clone(), client_identity(&args.identity, &file), true)?;
+            trust::client_config(roots.clone(), args.identity.client_identity(&file), true)?;
         let origin_tls = trust::client_config(roots, None, false)?;
         Ok((proxy_tls, origin_tls))
     })();
@@ -246,7 +165,7 @@ fn check(args: CheckArgs) -> ExitCode {
         Ok(pair) => pair,
         Err(e) => return usage(e),
     };
-    let authorization = match authorization(&args.identity, &file) {
+    let authorization = match args.identity.authorization(&file) {
         Ok(a) => a,
         Err(e) => return usage(e),
     };
@@ -260,11 +179,11 @@ fn check(args: CheckArgs) -> ExitCode {
         Err(e) => return usage(e),
     };
     let endpoints: Vec<Endpoint> = if args.hosts.is_empty() {
-        let Some(profile) = portcullis::profiles::find(&args.profile) else {
+        let Some(profile) = portcullis::policy::profiles::find(&args.profile) else {
             return usage(format!(
                 "unknown profile {:?}; built in: {}",
                 args.profile,
-                portcullis::profiles::names().join(", ")
+                portcullis::policy::profiles::names().join(", ")
             ));
         };
         let reps = Representatives {
@@ -315,11 +234,11 @@ fn check(args: CheckArgs) -> ExitCode {
 }
 
 fn forward(args: ForwardArgs) -> ExitCode {
-    let file = match load_file(&args.identity) {
+    let file = match args.options.identity.load_file() {
         Ok(f) => f,
         Err(e) => return usage(e),
     };
-    let settings = match forward_settings(&args, file) {
+    let settings = match config::forward_settings(&args.options, file) {
         Ok(s) => s,
         Err(e) => return usage(e),
     };
@@ -331,71 +250,6 @@ fn forward(args: ForwardArgs) -> ExitCode {
         forward::run(settings, portcullis::process::shutdown_signal()).await?;
         tracing::info!("exiting");
         Ok(ExitCode::SUCCESS)
-    })
-}
-
-fn forward_settings(args: &ForwardArgs, file: AgentFile) -> Result<Settings, String> {
-    let duration = |value: &Option<String>, key: &str, default: u64| -> Result<Duration, String> {
-        match value {
-            Some(text) => config::parse_duration(text).map_err(|e| format!("{key}: {e}")),
-            None => Ok(Duration::from_secs(default)),
-        }
-    };
-    let timeouts = Timeouts {
-        connect: duration(&file.timeouts.connect, "timeouts.connect", 5)?,
-        tls: duration(&file.timeouts.tls, "timeouts.tls", 10)?,
-        reply: duration(&file.timeouts.reply, "timeouts.reply", 30)?,
-    };
-    let gateways: Vec<ProxyUrl> = if args.gateways.is_empty() {
-        file.gateways
-            .iter()
-            .enumerate()
-            .map(|(i, text)| text.parse().map_err(|e| format!("gateways[{i}]: {e}")))
-            .collect::<Result<_, _>>()?
-    } else {
-        args.gateways.clone()
-    };
-    if gateways.is_empty() {
-        return Err("no gateway: give --gateway URL (repeatable) or gateways in --config".into());
-    }
-    let ca_files: Vec<PathBuf> = if args.identity.ca.is_empty() {
-        file.ca.iter().cloned().collect()
-    } else {
-        args.identity.ca.clone()
-    };
-    let roots = trust::roots(ca_files.is_empty(), &ca_files)?;
-    let tls = trust::client_config(roots, client_identity(&args.identity, &file), true)?;
-    let proxies = gateways
-        .into_iter()
-        .map(|url| Proxy::new(url, tls.clone(), timeouts))
-        .collect::<Result<Vec<_>, _>>()?;
-    let listen = match (args.listen, &file.listen) {
-        (Some(addr), _) => addr,
-        (None, Some(text)) => text
-            .parse()
-            .map_err(|_| format!("listen: {text:?}: expected IP:PORT"))?,
-        (None, None) => SocketAddr::from(([127, 0, 0, 1], 3128)),
-    };
-    let mut clients = file.clients.clone();
-    clients.extend(args.clients.iter().copied());
-    let probe_interval = match args.probe_interval {
-        Some(d) => d,
-        None => duration(&file.probe_interval, "probe_interval", 10)?,
-    };
-    let max_connections = file.max_connections.unwrap_or(4096);
-    if max_connections == 0 {
-        return Err("max_connections: expected at least 1".into());
-    }
-    Ok(Settings {
-        listen,
-        clients,
-        pool: Arc::new(Pool::new(proxies)),
-        authorization: authorization(&args.identity, &file)?,
-        head_timeout: duration(&file.timeouts.head, "timeouts.head", 10)?,
-        idle_timeout: duration(&file.timeouts.idle, "timeouts.idle", 600)?,
-        drain: duration(&file.timeouts.drain, "timeouts.drain", 30)?,
-        probe_interval,
-        max_connections,
     })
 }
 

@@ -3,8 +3,8 @@
 
 use clap::{Parser, Subcommand};
 use portcullis::config::{Config, LogFormat};
-use portcullis::connect::Gateway;
-use portcullis::hostname::Target;
+use portcullis::gateway::Gateway;
+use portcullis::policy::host::Target;
 use portcullis::server::Server;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -95,16 +95,18 @@ fn main() -> ExitCode {
             action: Some(ScheduleAction::ImportAfs { file }),
             ..
         } => match std::fs::read_to_string(&file) {
-            Ok(text) => match portcullis::afs_import::import(&text, &file.display().to_string()) {
-                Ok(toml) => {
-                    print!("{toml}");
-                    ExitCode::SUCCESS
+            Ok(text) => {
+                match portcullis::cli::afs_import::import(&text, &file.display().to_string()) {
+                    Ok(toml) => {
+                        print!("{toml}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("portcullis: {e}");
+                        ExitCode::from(EXIT_CONFIG)
+                    }
                 }
-                Err(e) => {
-                    eprintln!("portcullis: {e}");
-                    ExitCode::from(EXIT_CONFIG)
-                }
-            },
+            }
             Err(e) => {
                 eprintln!("portcullis: {}: {e}", file.display());
                 ExitCode::from(EXIT_CONFIG)
@@ -117,14 +119,15 @@ fn main() -> ExitCode {
             branch,
         } => schedule(config.as_deref(), at.as_deref(), branch.as_deref()),
         Command::Health { admin, path } => health(admin, &path),
-        Command::CheckConfig { file } => match Config::load(&file) {
+        Command::CheckConfig { file } => match Config::load(&file, jiff::Timestamp::now()) {
             Ok(config) => {
                 // The TLS files are part of a valid configuration too.
                 if let Some(settings) = &config.tls {
                     for listener in &config.listen.tls_proxy {
-                        if let Err(e) =
-                            portcullis::tls::acceptor(settings, listener.client_certificates)
-                        {
+                        if let Err(e) = portcullis::gateway::tls::acceptor(
+                            settings,
+                            listener.client_certificates,
+                        ) {
                             eprintln!(
                                 "portcullis: invalid configuration:\n{}: tls: {e}",
                                 file.display()
@@ -134,7 +137,7 @@ fn main() -> ExitCode {
                     }
                 }
                 println!("{}: ok", file.display());
-                print!("{}", portcullis::explain::effective_policy(&config));
+                print!("{}", portcullis::cli::explain::effective_policy(&config));
                 ExitCode::SUCCESS
             }
             Err(e) => config_failure(&e),
@@ -157,7 +160,8 @@ fn main() -> ExitCode {
             };
             portcullis::process::run("portcullis", || async move {
                 let gateway = Gateway::new(config).map_err(anyhow::Error::msg)?;
-                let (report, allowed) = portcullis::explain::explain(&gateway, from, &target).await;
+                let (report, allowed) =
+                    portcullis::cli::explain::explain(&gateway, from, &target).await;
                 print!("{report}");
                 Ok(if allowed {
                     ExitCode::SUCCESS
@@ -198,7 +202,7 @@ fn schedule(config: Option<&std::path::Path>, at: Option<&str>, branch: Option<&
         Err(e) => return config_failure(&e),
     };
     if let Some(b) = branch
-        && b != portcullis::identity::UNASSIGNED
+        && b != portcullis::config::UNASSIGNED
         && !config.branches.iter().any(|known| known.name == b)
     {
         eprintln!("portcullis: --branch {b:?}: no such [[branch]] in the configuration");
@@ -213,7 +217,7 @@ fn schedule(config: Option<&std::path::Path>, at: Option<&str>, branch: Option<&
         Ok((at, zone)) => {
             print!(
                 "{}",
-                portcullis::schedule_table::report(&config, at, &zone, branch)
+                portcullis::cli::schedule_table::report(&config, at, &zone, branch)
             );
             ExitCode::SUCCESS
         }
@@ -258,7 +262,7 @@ fn hash_password() -> ExitCode {
     };
     match password {
         Ok(password) if !password.is_empty() => {
-            match portcullis::identity::hash_password(&password) {
+            match portcullis::config::password::hash_password(&password) {
                 Ok(hash) => {
                     println!("{hash}");
                     ExitCode::SUCCESS
@@ -299,7 +303,7 @@ fn health(admin: std::net::SocketAddr, path: &str) -> ExitCode {
 
 fn load(path: Option<&std::path::Path>) -> Result<Config, portcullis::config::ConfigError> {
     match path {
-        Some(path) => Config::load(path),
+        Some(path) => Config::load(path, jiff::Timestamp::now()),
         None => Ok(Config::builtin()),
     }
 }
@@ -311,7 +315,7 @@ fn config_failure(e: &portcullis::config::ConfigError) -> ExitCode {
 
 /// SIGHUP (`systemctl reload`): re-read the config file and the files it names; a bad file is
 /// refused with its problems logged and the running configuration stays.
-async fn reload_on_sighup(reloader: portcullis::server::Reloader) {
+async fn reload_on_sighup(reloader: portcullis::reload::Reloader) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hangups) = signal(SignalKind::hangup()) else {
         return;

@@ -51,7 +51,7 @@ impl Files {
 /// test CA, branch london by certificate and berlin by credentials, the origin's two names
 /// allowed on its port, and all three names mapped to 127.0.0.1.
 fn gateway_config(files: &Files, origin_port: u16, tls_port: u16) -> String {
-    let hash = portcullis::identity::hash_password("s3cret").unwrap();
+    let hash = portcullis::config::password::hash_password("s3cret").unwrap();
     let dir = files.dir.path().display();
     let extra = format!(
         r#"

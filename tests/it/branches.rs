@@ -34,7 +34,7 @@ max_tunnels = 1
 
 #[tokio::test]
 async fn branches_are_told_apart_by_source_and_credentials() {
-    let hash = portcullis::identity::hash_password("s3cret").unwrap();
+    let hash = portcullis::config::password::hash_password("s3cret").unwrap();
     let mut origin = TcpOrigin::start(b"ok").await;
     let port = origin.addr.port();
     let mut gw = Gateway::start(&three_branches(port, &hash, "")).await;
@@ -127,7 +127,7 @@ async fn branches_are_told_apart_by_source_and_credentials() {
 
 #[tokio::test]
 async fn credentials_wrong_absent_or_malformed_get_407_and_are_never_downgraded() {
-    let hash = portcullis::identity::hash_password("s3cret").unwrap();
+    let hash = portcullis::config::password::hash_password("s3cret").unwrap();
     let origin = TcpOrigin::start(b"ok").await;
     let port = origin.addr.port();
     let mut gw = Gateway::start(&three_branches(port, &hash, "")).await;
@@ -234,7 +234,7 @@ async fn without_credential_branches_an_unknown_client_gets_403_unless_unassigne
 
 #[tokio::test]
 async fn max_tunnels_per_branch_and_rate_limits_answer_429() {
-    let hash = portcullis::identity::hash_password("s3cret").unwrap();
+    let hash = portcullis::config::password::hash_password("s3cret").unwrap();
     let origin = TcpOrigin::start(b"ok").await;
     let port = origin.addr.port();
     let limits = "[limits]\nauth_attempts_per_minute = 3\n";
@@ -309,14 +309,9 @@ fn hash_password_round_trips_through_the_binary() {
     let hash = String::from_utf8(out.stdout).unwrap();
     let hash = hash.trim();
     assert!(hash.starts_with("$argon2id$"), "{hash}");
-    assert!(portcullis::identity::verify_password(
-        "correct horse battery",
-        hash
-    ));
-    assert!(!portcullis::identity::verify_password(
-        "correct horse battery\n",
-        hash
-    ));
+    let stored = portcullis::config::password::StoredPassword::parse(hash).unwrap();
+    assert!(stored.verify("correct horse battery"));
+    assert!(!stored.verify("correct horse battery\n"));
 }
 
 #[tokio::test]

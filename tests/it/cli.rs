@@ -62,6 +62,32 @@ fn check_config_prints_the_effective_policy() {
 }
 
 #[test]
+fn check_config_shows_each_rules_sni_check_on_every_port() {
+    let (_dir, path) = temp_file(
+        "sni.toml",
+        "[policy]\nprofiles = []\n\n[[policy.allow]]\nname = \"custom-port\"\nhosts = [\"a.example.com\"]\nports = [8443]\nsni = \"match\"\n\n[[policy.allow]]\nname = \"mixed\"\nhosts = [\"b.example.com\"]\nports = [443, 8443]\n\n[[policy.allow]]\nname = \"crl\"\nhosts = [\"crl.example.com\"]\nports = [80]\nplain_http = true\n",
+    );
+    let out = portcullis(&["check-config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let rule = |name: &str| {
+        let start = stdout
+            .find(&format!("  {name}  ["))
+            .unwrap_or_else(|| panic!("no rule {name} in:\n{stdout}"));
+        stdout[start..]
+            .lines()
+            .nth(2)
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    };
+    // A rule's own `sni` holds on any port; the policy default only on 443.
+    assert_eq!(rule("custom-port"), "sni: match", "{stdout}");
+    assert_eq!(rule("mixed"), "sni: match on 443, off on 8443", "{stdout}");
+    assert_eq!(rule("crl"), "sni: - (plain-HTTP lane)", "{stdout}");
+}
+
+#[test]
 fn check_config_lists_every_problem_and_exits_64() {
     let (_dir, path) = temp_file(
         "bad.toml",

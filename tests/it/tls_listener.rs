@@ -21,7 +21,7 @@ async fn tls_gateway(pki: &Pki, origin_port: u16, mode: &str) -> TlsGateway {
     std::fs::write(files.path().join("gateway.pem"), cert).unwrap();
     std::fs::write(files.path().join("gateway.key"), key).unwrap();
     std::fs::write(files.path().join("branch-ca.pem"), &pki.ca_pem).unwrap();
-    let hash = portcullis::identity::hash_password("s3cret").unwrap();
+    let hash = portcullis::config::password::hash_password("s3cret").unwrap();
     let dir = files.path().display();
     let extra = format!(
         r#"

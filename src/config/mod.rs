@@ -1,0 +1,321 @@
+//! Configuration: the TOML file an operator writes ([`raw`], serde with
+//! `deny_unknown_fields`), compiled once into the validated [`Config`] the gateway runs on, one
+//! module per section (mirroring the runtime modules they configure). Every problem found is
+//! reported with file, line, column, key and what was expected ([`problems`]); all semantic
+//! problems are listed at once. Compiling reads no clock: the caller says when it is.
+
+mod branches;
+mod listen;
+pub mod password;
+pub mod problems;
+mod raw;
+mod resolver;
+mod rules;
+mod schedules;
+#[cfg(test)]
+mod tests;
+mod values;
+
+pub use crate::access_log::LogFormat;
+pub use branches::UNASSIGNED;
+pub use problems::{ConfigError, Problem};
+pub use values::parse_duration;
+
+use crate::bandwidth::schedule::Schedule;
+use crate::policy::Policy;
+use crate::policy::host::DnsName;
+use ipnet::IpNet;
+use jiff::Timestamp;
+use password::StoredPassword;
+use problems::Problems;
+use raw::RawConfig;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+use values::duration;
+
+/// A fixed "now" for tests that compile configs: Monday 2026-11-23 00:00 UTC.
+#[cfg(test)]
+pub(crate) const TEST_NOW: Timestamp = Timestamp::constant(1_795_392_000, 0);
+
+/// Where clients may connect from when the file does not say: loopback and private networks.
+pub const DEFAULT_CLIENTS: &[&str] = &[
+    "127.0.0.0/8",
+    "::1/128",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "fc00::/7",
+];
+pub const DEFAULT_PROXY_LISTEN: &str = "0.0.0.0:3128";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
+pub const DEFAULT_PROFILE: &str = "azure-file-sync";
+pub const DEFAULT_RULE_PORTS: &[u16] = &[443];
+pub const DEFAULT_CATEGORY: &str = "other";
+pub const DEFAULT_DNS_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Sync sessions sit idle for long stretches between change batches.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_AUTH_ATTEMPTS_PER_MINUTE: std::num::NonZeroU32 =
+    std::num::NonZeroU32::new(30).expect("non-zero");
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: Listen,
+    pub policy: Policy,
+    /// Built-in profiles in use, in the order given.
+    pub profiles: Vec<&'static str>,
+    pub resolver: ResolverSettings,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub log: LogSettings,
+    /// Present when `[tls]` is configured.
+    pub tls: Option<TlsSettings>,
+    /// Branches in file order; the first whose sources hold a client's address is its branch.
+    pub branches: Vec<Branch>,
+    /// Bandwidth schedules in file order; no two drive the same budget at the same time.
+    pub schedules: Vec<Schedule>,
+}
+
+/// A branch office: who it is (networks, credentials, certificate names) and what it may do.
+#[derive(Clone, Debug)]
+pub struct Branch {
+    pub name: String,
+    pub sources: Vec<IpNet>,
+    pub credentials: Vec<Credential>,
+    /// Client-certificate names (DNS SAN or CN) that identify this branch on TLS listeners.
+    pub client_certificates: Vec<DnsName>,
+    /// Rules this branch may use, by position in `policy.rules`; `None` means all of them.
+    pub allowed_rules: Option<Vec<bool>>,
+    /// Open tunnels at once; `None` is unlimited.
+    pub max_tunnels: Option<u32>,
+}
+
+/// A proxy user; the password exists only as an argon2id hash, parsed at load.
+#[derive(Clone, Debug)]
+pub struct Credential {
+    pub user: String,
+    pub password: StoredPassword,
+}
+
+#[derive(Clone, Debug)]
+pub struct Listen {
+    pub proxy: Vec<SocketAddr>,
+    /// Admin listener (/metrics, /healthz, /readyz); `None` when switched off.
+    pub admin: Option<SocketAddr>,
+    /// HTTPS proxy listeners: the same protocol inside TLS.
+    pub tls_proxy: Vec<TlsListen>,
+    /// Source networks allowed to use the proxy at all.
+    pub clients: Vec<IpNet>,
+    /// L4 load balancers whose connections start with a PROXY protocol header (v1 or v2)
+    /// naming the real client.
+    pub proxy_protocol_from: Vec<IpNet>,
+}
+
+#[derive(Clone, Debug)]
+pub struct TlsListen {
+    pub address: SocketAddr,
+    pub client_certificates: ClientCertificates,
+}
+
+/// Whether a TLS listener asks clients for a certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientCertificates {
+    Off,
+    /// Asked for and verified when sent; clients without one continue (credentials, source).
+    Optional,
+    /// No verified certificate, no connection.
+    Required,
+}
+
+/// The gateway's certificate for TLS listeners and the CA that signs branch certificates.
+#[derive(Clone, Debug)]
+pub struct TlsSettings {
+    pub certificate: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub client_ca: Option<std::path::PathBuf>,
+    pub handshake_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct ResolverSettings {
+    /// DNS servers to ask; empty means the system's resolv.conf.
+    pub servers: Vec<SocketAddr>,
+    pub timeout: Duration,
+    /// Static overrides: a name listed here never goes to DNS.
+    pub hosts: BTreeMap<DnsName, Vec<IpAddr>>,
+    /// Resolve only through `hosts`; DNS is never asked.
+    pub hosts_only: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// Time a client has to send its complete request head.
+    pub head: Duration,
+    /// Time to establish the upstream TCP connection, over all candidate addresses.
+    pub connect: Duration,
+    /// A tunnel with no bytes in either direction for this long is closed.
+    pub idle: Duration,
+    /// On SIGTERM/SIGINT, how long open connections may take to finish before they are closed.
+    pub drain: Duration,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Client connections served at once; further clients wait in the listen backlog.
+    pub max_connections: usize,
+    /// CONNECT requests per second from one client address; `None` is unlimited.
+    pub connect_rate_per_client: Option<std::num::NonZeroU32>,
+    /// Credential checks (argon2 verifications) per minute from one client address.
+    pub auth_attempts_per_minute: std::num::NonZeroU32,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct LogSettings {
+    pub format: LogFormat,
+}
+
+impl Config {
+    /// The gateway with no config file: the public-cloud Azure File Sync allow-list.
+    pub fn builtin() -> Self {
+        // No schedules, so the instant is never looked at.
+        Self::parse("", "<built-in>", Timestamp::UNIX_EPOCH).expect("the empty config compiles")
+    }
+
+    /// Reads and compiles the file at `path`; schedule overlaps are looked for from `now`.
+    pub fn load(path: &Path, now: Timestamp) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text, &file, now),
+            Err(e) => Err(ConfigError {
+                problems: vec![Problem {
+                    file,
+                    line: 0,
+                    column: 0,
+                    key: String::new(),
+                    message: format!("cannot read the file: {e}"),
+                }],
+            }),
+        }
+    }
+
+    /// Compiles config `source`; `file` names it in problems; schedule overlaps are looked
+    /// for from `now`.
+    pub fn parse(source: &str, file: &str, now: Timestamp) -> Result<Self, ConfigError> {
+        let mut problems = Problems {
+            file,
+            source,
+            list: Vec::new(),
+        };
+        let raw: RawConfig = match toml::from_str(source) {
+            Ok(raw) => raw,
+            Err(e) => {
+                let span = e.span().unwrap_or(0..0);
+                problems.add(span, "", e.message().trim_end().to_owned());
+                return Err(ConfigError {
+                    problems: problems.list,
+                });
+            }
+        };
+        let base = Path::new(file).parent().unwrap_or(Path::new(""));
+        let config = compile(raw, base, now, &mut problems);
+        if problems.list.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError {
+                problems: problems.list,
+            })
+        }
+    }
+}
+
+fn compile(raw: RawConfig, base: &Path, now: Timestamp, p: &mut Problems<'_>) -> Config {
+    let tls = raw.tls.as_ref().map(|t| listen::compile_tls(p, t, base));
+    let listen = listen::compile(p, &raw.listen, tls.as_ref());
+    let (policy, profiles_used) = rules::compile_policy(p, &raw.policy);
+    let branches = branches::compile(p, &raw.branch, &policy);
+
+    let resolver = resolver::compile(p, &raw.resolver);
+
+    let timeouts = Timeouts {
+        head: duration(
+            p,
+            raw.timeouts.head.as_ref(),
+            "timeouts.head",
+            DEFAULT_HEAD_TIMEOUT,
+        ),
+        connect: duration(
+            p,
+            raw.timeouts.connect.as_ref(),
+            "timeouts.connect",
+            DEFAULT_CONNECT_TIMEOUT,
+        ),
+        idle: duration(
+            p,
+            raw.timeouts.idle.as_ref(),
+            "timeouts.idle",
+            DEFAULT_IDLE_TIMEOUT,
+        ),
+        drain: duration(
+            p,
+            raw.timeouts.drain.as_ref(),
+            "timeouts.drain",
+            DEFAULT_DRAIN_TIMEOUT,
+        ),
+    };
+
+    let limits = Limits {
+        max_connections: match raw.limits.max_connections {
+            None => DEFAULT_MAX_CONNECTIONS,
+            Some(n) if *n.get_ref() == 0 => {
+                p.add(
+                    n.span(),
+                    "limits.max_connections",
+                    "expected a number of connections above 0",
+                );
+                DEFAULT_MAX_CONNECTIONS
+            }
+            Some(n) => *n.get_ref() as usize,
+        },
+        connect_rate_per_client: raw
+            .limits
+            .connect_rate_per_client
+            .as_ref()
+            .and_then(|n| std::num::NonZeroU32::new(*n.get_ref())),
+        auth_attempts_per_minute: match &raw.limits.auth_attempts_per_minute {
+            None => DEFAULT_AUTH_ATTEMPTS_PER_MINUTE,
+            Some(n) => std::num::NonZeroU32::new(*n.get_ref()).unwrap_or_else(|| {
+                p.add(
+                    n.span(),
+                    "limits.auth_attempts_per_minute",
+                    "expected a number above 0",
+                );
+                DEFAULT_AUTH_ATTEMPTS_PER_MINUTE
+            }),
+        },
+    };
+
+    let schedules = schedules::compile(p, &raw.schedule, &branches, &policy, now);
+    Config {
+        listen,
+        policy,
+        profiles: profiles_used,
+        resolver,
+        timeouts,
+        limits,
+        log: LogSettings {
+            format: raw.log.format.unwrap_or(LogFormat::Text),
+        },
+        schedules,
+        branches,
+        tls,
+    }
+}

@@ -1,0 +1,200 @@
+//! `[policy]`: the operator's allow rules, then the built-in profiles' rules (first match
+//! wins, so a file's rule for a name under a built-in wildcard is the one that applies).
+
+use super::problems::Problems;
+use super::raw::{RawPolicy, RawRule};
+use super::values::cidrs;
+use super::{DEFAULT_CATEGORY, DEFAULT_PROFILE, DEFAULT_RULE_PORTS};
+use crate::policy::host::HostPattern;
+use crate::policy::{Mode, OnReload, Policy, Rule, SniMode, profiles};
+use std::collections::HashSet;
+use toml::Spanned;
+
+/// The policy and the built-in profiles it uses, in the order given.
+pub(super) fn compile_policy(p: &mut Problems<'_>, raw: &RawPolicy) -> (Policy, Vec<&'static str>) {
+    let profile_names: Vec<Spanned<String>> = raw
+        .profiles
+        .clone()
+        .unwrap_or_else(|| vec![Spanned::new(0..0, DEFAULT_PROFILE.to_owned())]);
+    // The file's own rules come first (first match wins), so an operator's rule for a name
+    // under a built-in wildcard (a private endpoint, say) is the one that applies.
+    let mut profile_rules = Vec::new();
+    let mut profiles_used = Vec::new();
+    for (i, name) in profile_names.iter().enumerate() {
+        match profiles::find(name.get_ref()) {
+            Some(profile) => {
+                profiles_used.push(profile.name);
+                profile_rules.extend(
+                    profile
+                        .entries
+                        .iter()
+                        .map(|entry| profile_rule(profile.name, entry)),
+                );
+            }
+            None => p.add(
+                name.span(),
+                format!("policy.profiles[{i}]"),
+                format!(
+                    "unknown profile {:?}; expected one of {}",
+                    name.get_ref(),
+                    profiles::names().join(", ")
+                ),
+            ),
+        }
+    }
+    let mut names: HashSet<String> = profile_rules.iter().map(|r| r.name.clone()).collect();
+    let mut rules = Vec::new();
+    for (i, raw_rule) in raw.allow.iter().enumerate() {
+        if let Some(rule) = compile_rule(p, raw_rule, &format!("policy.allow[{i}]"), &mut names) {
+            rules.push(rule);
+        }
+    }
+    rules.extend(profile_rules);
+    let policy = Policy {
+        mode: raw.mode.unwrap_or(Mode::Enforce),
+        rules,
+        allow_unassigned: raw.allow_unassigned,
+        sni: raw.sni.unwrap_or(SniMode::Match),
+        on_reload: raw.on_reload.unwrap_or(OnReload::Keep),
+    };
+    (policy, profiles_used)
+}
+
+fn profile_rule(profile: &'static str, entry: &profiles::Entry) -> Rule {
+    Rule {
+        name: format!("{profile}/{}", entry.category),
+        category: entry.category.to_owned(),
+        hosts: entry
+            .hosts
+            .iter()
+            .map(|h| HostPattern::parse(h).expect("built-in patterns are checked by a unit test"))
+            .collect(),
+        ports: entry.ports.to_vec(),
+        addresses: Vec::new(),
+        private_addresses: Vec::new(),
+        origin: format!("profile {profile} ({})", profiles::VERSION),
+        reachable: Vec::new(),
+        sni: None,
+        // Revocation lists and OCSP are plain HTTP: the lane serves them, CONNECT does not.
+        plain_http: entry.category == "revocation",
+    }
+}
+
+fn compile_rule(
+    p: &mut Problems<'_>,
+    raw: &Spanned<RawRule>,
+    key: &str,
+    names: &mut HashSet<String>,
+) -> Option<Rule> {
+    let before = p.list.len();
+    let span = raw.span();
+    let raw = raw.get_ref();
+    let name = raw.name.get_ref().trim().to_owned();
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+    {
+        p.add(
+            raw.name.span(),
+            format!("{key}.name"),
+            "expected a non-empty name of letters, digits, '-', '_', '.', '/'",
+        );
+    } else if !names.insert(name.clone()) {
+        p.add(raw.name.span(), format!("{key}.name"), format!("rule name {name:?} is used twice (built-in profile rules are named profile/category)"));
+    }
+    let category = match &raw.category {
+        None => DEFAULT_CATEGORY.to_owned(),
+        Some(c)
+            if c.get_ref().is_empty()
+                || !c
+                    .get_ref()
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+        {
+            p.add(
+                c.span(),
+                format!("{key}.category"),
+                "expected a category name of letters, digits, '-' or '_'",
+            );
+            String::new()
+        }
+        Some(c) => c.get_ref().to_ascii_lowercase(),
+    };
+    let hosts: Vec<HostPattern> = raw
+        .hosts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, h)| match HostPattern::parse(h.get_ref()) {
+            Ok(pattern) => Some(pattern),
+            Err(why) => {
+                p.add(
+                    h.span(),
+                    format!("{key}.hosts[{i}]"),
+                    format!("{why}; expected a DNS name or \"*.suffix\""),
+                );
+                None
+            }
+        })
+        .collect();
+    let ports: Vec<u16> = match &raw.ports {
+        None => DEFAULT_RULE_PORTS.to_vec(),
+        Some(list) => {
+            if list.is_empty() {
+                p.add(
+                    span.clone(),
+                    format!("{key}.ports"),
+                    "expected at least one port",
+                );
+            }
+            list.iter()
+                .enumerate()
+                .filter_map(|(i, port)| {
+                    if *port.get_ref() == 0 {
+                        p.add(
+                            port.span(),
+                            format!("{key}.ports[{i}]"),
+                            "expected a port from 1 to 65535",
+                        );
+                        None
+                    } else {
+                        Some(*port.get_ref())
+                    }
+                })
+                .collect()
+        }
+    };
+    let addresses = cidrs(p, &raw.addresses, &format!("{key}.addresses"));
+    let private_addresses = cidrs(
+        p,
+        &raw.private_addresses,
+        &format!("{key}.private_addresses"),
+    );
+    if raw.hosts.is_empty() && raw.addresses.is_empty() {
+        p.add(
+            span,
+            key,
+            "a rule needs `hosts` (names) or `addresses` (CIDRs for IP-literal targets)",
+        );
+    }
+    if p.list.len() > before {
+        return None;
+    }
+    let reachable = addresses
+        .iter()
+        .chain(&private_addresses)
+        .copied()
+        .collect();
+    Some(Rule {
+        name,
+        category,
+        hosts,
+        ports,
+        addresses,
+        private_addresses,
+        origin: "config".into(),
+        reachable,
+        sni: raw.sni,
+        plain_http: raw.plain_http,
+    })
+}

@@ -1,0 +1,199 @@
+//! The config compiler as a whole: files in, `Config` or every problem with its place out.
+
+use super::*;
+use crate::policy::Mode;
+
+#[test]
+fn empty_file_is_the_builtin_gateway() {
+    let c = Config::builtin();
+    assert_eq!(
+        c.listen.proxy,
+        vec!["0.0.0.0:3128".parse::<SocketAddr>().unwrap()]
+    );
+    assert_eq!(c.listen.clients.len(), DEFAULT_CLIENTS.len());
+    assert_eq!(c.profiles, vec!["azure-file-sync"]);
+    assert_eq!(c.policy.mode, Mode::Enforce);
+    assert!(
+        c.policy
+            .rules
+            .iter()
+            .any(|r| r.name == "azure-file-sync/storage")
+    );
+    assert_eq!(c.timeouts.head, Duration::from_secs(10));
+    assert_eq!(c.timeouts.idle, Duration::from_secs(900));
+    assert_eq!(c.log.format, LogFormat::Text);
+}
+
+#[test]
+fn a_full_file_compiles() {
+    let c = Config::parse(
+        r#"
+[listen]
+proxy = ["127.0.0.1:0", "[::1]:0"]
+clients = ["10.1.0.0/16", "192.0.2.7"]
+
+[policy]
+mode = "report"
+profiles = ["azure-file-sync-usgov", "azure-file-sync-china"]
+
+[[policy.allow]]
+name = "contoso-pe"
+category = "storage"
+hosts = ["contoso.file.core.windows.net"]
+private_addresses = ["10.20.0.0/16"]
+
+[[policy.allow]]
+name = "literal"
+addresses = ["203.0.113.0/24"]
+ports = [443, 8443]
+
+[resolver]
+servers = ["10.0.0.53", "10.0.0.54:5353"]
+timeout = "2s"
+hosts = { "contoso.file.core.windows.net" = "10.20.1.5", "Dual.Example" = ["10.0.0.1", "fd00::1"] }
+
+[timeouts]
+head = "500ms"
+idle = "1h"
+
+[limits]
+max_connections = 10
+
+[log]
+format = "json"
+"#,
+        "t.toml",
+        crate::config::TEST_NOW,
+    )
+    .unwrap();
+    assert_eq!(c.policy.mode, Mode::Report);
+    let pe = c
+        .policy
+        .rules
+        .iter()
+        .find(|r| r.name == "contoso-pe")
+        .unwrap();
+    assert_eq!(
+        (pe.category.as_str(), pe.ports.as_slice()),
+        ("storage", &[443][..])
+    );
+    let literal = c.policy.rules.iter().find(|r| r.name == "literal").unwrap();
+    assert_eq!(literal.category, "other");
+    assert_eq!(
+        c.resolver.servers[1],
+        "10.0.0.54:5353".parse::<SocketAddr>().unwrap()
+    );
+    assert_eq!(
+        c.resolver.hosts[&DnsName::parse("dual.example").unwrap()].len(),
+        2
+    );
+    assert_eq!(c.timeouts.head, Duration::from_millis(500));
+    assert_eq!(c.timeouts.connect, DEFAULT_CONNECT_TIMEOUT);
+    assert_eq!(c.limits.max_connections, 10);
+    assert_eq!(c.log.format, LogFormat::Json);
+}
+
+#[test]
+fn every_semantic_problem_is_listed_with_line_and_key() {
+    let text = "[listen]\nproxy = [\"nonsense\"]\n\n[policy]\nprofiles = [\"azure\"]\n\n[[policy.allow]]\nname = \"x\"\nhosts = [\"bad_host.com\", \"*.ok.com\"]\nports = [0]\n\n[timeouts]\nidle = \"soon\"\n";
+    let err = Config::parse(text, "bad.toml", crate::config::TEST_NOW).unwrap_err();
+    let lines: Vec<String> = err.problems.iter().map(|p| p.to_string()).collect();
+    let want = [
+        ("bad.toml:2:10: listen.proxy[0]", "expected IP:PORT"),
+        (
+            "bad.toml:5:13: policy.profiles[0]",
+            "unknown profile \"azure\"",
+        ),
+        (
+            "bad.toml:9:10: policy.allow[0].hosts[0]",
+            "expected a DNS name",
+        ),
+        (
+            "bad.toml:10:10: policy.allow[0].ports[0]",
+            "expected a port from 1 to 65535",
+        ),
+        (
+            "bad.toml:13:8: timeouts.idle",
+            "expected a positive duration",
+        ),
+    ];
+    assert_eq!(lines.len(), want.len(), "{lines:#?}");
+    for (line, (prefix, text)) in lines.iter().zip(want) {
+        assert!(
+            line.starts_with(prefix) && line.contains(text),
+            "{line:?} vs {prefix} … {text}"
+        );
+    }
+}
+
+#[test]
+fn syntax_and_unknown_keys_name_their_line() {
+    let err =
+        Config::parse("[listen]\nproxi = []\n", "f.toml", crate::config::TEST_NOW).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("f.toml:2:1: ") && msg.contains("unknown field `proxi`"),
+        "{msg}"
+    );
+    let err = Config::parse(
+        "[policy]\nmode = \"enforced\"\n",
+        "f.toml",
+        crate::config::TEST_NOW,
+    )
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("f.toml:2:8: ") && msg.contains("enforce"),
+        "{msg}"
+    );
+    let err = Config::parse("[policy\n", "f.toml", crate::config::TEST_NOW).unwrap_err();
+    assert!(err.to_string().starts_with("f.toml:1:"), "{err}");
+}
+
+#[test]
+fn rules_need_a_target_and_unique_names() {
+    let text = "[[policy.allow]]\nname = \"a\"\n\n[[policy.allow]]\nname = \"a\"\nhosts = [\"x.example\"]\n\n[[policy.allow]]\nname = \"azure-file-sync/storage\"\nhosts = [\"y.example\"]\n";
+    let err = Config::parse(text, "f.toml", crate::config::TEST_NOW).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("f.toml:1:1: policy.allow[0]: a rule needs `hosts`"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("f.toml:5:8: policy.allow[1].name: rule name \"a\" is used twice"),
+        "{msg}"
+    );
+    assert!(msg.contains("f.toml:9:8: policy.allow[2].name"), "{msg}");
+}
+
+#[test]
+fn branch_problems_are_listed_with_their_keys() {
+    let text = "[[branch]]\nname = \"a\"\ncredentials = [{ user = \"u\", password_hash = \"plain\" }]\nallow = [\"nope\"]\nmax_tunnels = 0\n\n[[branch]]\nname = \"a\"\nsources = [\"10.0.0.0/8\"]\ncredentials = [{ user = \"u\", password_hash = \"plain\" }]\n\n[[branch]]\nname = \"unassigned\"\n";
+    let msg = Config::parse(text, "b.toml", crate::config::TEST_NOW)
+        .unwrap_err()
+        .to_string();
+    for want in [
+        "b.toml:3:46: branch[0].credentials[0].password_hash: expected an argon2id hash",
+        "b.toml:4:10: branch[0].allow[0]: no rule named \"nope\"",
+        "b.toml:5:15: branch[0].max_tunnels: expected a number above 0",
+        "b.toml:8:8: branch[1].name: branch name \"a\" is used twice",
+        "b.toml:10:25: branch[1].credentials[0].user: user \"u\" is defined twice",
+        "b.toml:13:8: branch[2].name",
+        "b.toml:12:1: branch[2]: a branch needs `sources`, `credentials` or `client_certificates`",
+    ] {
+        assert!(msg.contains(want), "missing {want:?} in:\n{msg}");
+    }
+}
+
+#[test]
+fn static_host_values_must_be_addresses() {
+    let err = Config::parse(
+        "[resolver]\nhosts = { \"a.example\" = \"not-an-ip\", \"b_.x\" = \"10.0.0.1\" }\n",
+        "f.toml",
+        crate::config::TEST_NOW,
+    )
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("resolver.hosts.\"a.example\""), "{msg}");
+    assert!(msg.contains("resolver.hosts.\"b_.x\""), "{msg}");
+}

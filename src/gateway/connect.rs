@@ -1,0 +1,458 @@
+//! The data path for one client connection, top to bottom: read the head, decide, resolve and
+//! vet, dial, answer 200, check the SNI, tunnel, log. Every failure becomes one [`Refusal`]
+//! carrying how the connection ends and the status to send (if a reply can still be sent).
+
+use super::lane;
+use super::plan::plan;
+use super::refusal::{End, Refusal};
+use super::request;
+use super::sni::{self, check_sni};
+use super::{Gateway, identity};
+use crate::access_log::AccessRecord;
+use crate::bandwidth::{Paced, Pacers};
+use crate::policy::host::{Host, Target};
+use crate::policy::{Decision, SniMode, Verdict};
+use crate::stream::ClientStream;
+use crate::tunnel;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+
+/// Serves one client connection and emits its canonical log line.
+pub async fn serve(gw: &Gateway, mut client: TcpStream, peer: SocketAddr, conn_id: u64) {
+    let started = Instant::now();
+    let Some(peer) = real_client(gw, &mut client, peer, conn_id, started).await else {
+        return;
+    };
+    serve_stream(
+        gw,
+        ClientStream::Plain(client),
+        peer,
+        conn_id,
+        Vec::new(),
+        started,
+    )
+    .await;
+}
+
+/// The client's address: the peer's own, or, for a trusted load balancer, the one its PROXY
+/// protocol header names. `None` (logged) when a balancer's header is missing or malformed.
+async fn real_client(
+    gw: &Gateway,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    conn_id: u64,
+    started: Instant,
+) -> Option<SocketAddr> {
+    let balancers = &gw.config.listen.proxy_protocol_from;
+    let peer_ip = peer.ip().to_canonical();
+    if !balancers.iter().any(|net| net.contains(&peer_ip)) {
+        return Some(peer);
+    }
+    match super::proxy_protocol::read_header(client, gw.config.timeouts.head).await {
+        Ok(source) => Some(source.unwrap_or(peer)),
+        Err(why) => {
+            AccessRecord {
+                conn_id,
+                client: Some(peer),
+                reason: why.to_owned(),
+                end: End::ProxyProtocolError,
+                duration: started.elapsed(),
+                ..AccessRecord::default()
+            }
+            .finish(&gw.metrics);
+            None
+        }
+    }
+}
+
+/// Serves one client on a TLS listener: handshake (bounded by `tls.handshake_timeout`), then
+/// the same data path inside TLS, with the verified certificate's names for identity.
+pub async fn serve_tls(
+    gw: &Gateway,
+    acceptor: &TlsAcceptor,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    conn_id: u64,
+) {
+    let started = Instant::now();
+    let Some(peer) = real_client(gw, &mut client, peer, conn_id, started).await else {
+        return;
+    };
+    let timeout = gw
+        .config
+        .tls
+        .as_ref()
+        .map_or(Duration::from_secs(10), |t| t.handshake_timeout);
+    let failure = match tokio::time::timeout(timeout, Box::pin(acceptor.accept(client))).await {
+        Ok(Ok(tls)) => {
+            let names = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|leaf| super::tls::certificate_names(leaf))
+                .unwrap_or_default();
+            return serve_stream(
+                gw,
+                ClientStream::Tls(Box::new(tls)),
+                peer,
+                conn_id,
+                names,
+                started,
+            )
+            .await;
+        }
+        Ok(Err(e)) => format!("TLS handshake failed: {e}"),
+        Err(_) => "TLS handshake timed out".to_owned(),
+    };
+    AccessRecord {
+        conn_id,
+        client: Some(peer),
+        reason: failure,
+        end: End::TlsHandshakeFailed,
+        duration: started.elapsed(),
+        ..AccessRecord::default()
+    }
+    .finish(&gw.metrics);
+}
+
+async fn serve_stream(
+    gw: &Gateway,
+    mut client: ClientStream,
+    peer: SocketAddr,
+    conn_id: u64,
+    certificate_names: Vec<String>,
+    started: Instant,
+) {
+    let mut record = AccessRecord {
+        conn_id,
+        client: Some(peer),
+        ..AccessRecord::default()
+    };
+    let mut replied = false;
+    if let Err(refusal) = handle(gw, &mut client, peer, &certificate_names, &mut record).await {
+        if let Some(status) = refusal.status {
+            let reply = request::write_error(&mut client, status, &refusal.reason);
+            if let Ok(Ok(())) = tokio::time::timeout(REPLY_TIMEOUT, reply).await {
+                record.status = status;
+                replied = true;
+            }
+        }
+        record.reason = refusal.reason.into_owned();
+        record.end = refusal.end;
+    }
+    record.duration = started.elapsed();
+    record.finish(&gw.metrics);
+    if replied {
+        linger_close(client).await;
+    }
+}
+
+/// Longest we wait for a client to take a ~200-byte error reply.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Closes after an error reply without losing it: send FIN, then read and discard what the
+/// client still sends (bounded in bytes and time). Closing a socket with unread input makes the
+/// kernel send RST, which can destroy the reply before the client reads it.
+async fn linger_close(mut client: ClientStream) {
+    use tokio::io::AsyncReadExt;
+    const LINGER_BYTES: usize = 64 * 1024;
+    const LINGER_TIME: Duration = Duration::from_secs(2);
+    let _ = client.shutdown().await;
+    let mut sink = vec![0u8; 4096];
+    let mut drained = 0;
+    let drain = async {
+        while drained < LINGER_BYTES {
+            match client.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+}
+
+async fn handle(
+    gw: &Gateway,
+    client: &mut ClientStream,
+    peer: SocketAddr,
+    certificate_names: &[String],
+    record: &mut AccessRecord,
+) -> Result<(), Refusal> {
+    let timeouts = gw.config.timeouts;
+    let mut req = request::read_connect(client, timeouts.head).await?;
+    record.host = Some(req.target.host.to_string());
+    record.port = Some(req.target.port);
+    if let Some(limiter) = &gw.connect_rate
+        && limiter.check_key(&peer.ip().to_canonical()).is_err()
+    {
+        return Err(Refusal::new(
+            End::RateLimited,
+            "too many requests from this client",
+        ));
+    }
+
+    let who = if gw.client_allowed(peer.ip()) {
+        let authorization = req.proxy_authorization.as_deref();
+        gw.identifier
+            .identify(&gw.config, peer.ip(), authorization, certificate_names)
+            .await
+    } else {
+        Ok(None)
+    };
+    let plan = plan(gw, peer.ip(), who, &req.target).await;
+    record.resolve_time = plan.resolve_time;
+    if let Some(identity) = plan.identity {
+        record.branch = Some(identity::name(&gw.config.branches, identity).to_owned());
+        record.verdict = Some(plan.decision.verdict.as_str());
+        record.rule = plan.decision.rule.map(|r| r.name.clone());
+        record.category = plan.decision.rule.map(|r| r.category.clone());
+    }
+    if let Some(refusal) = plan.refusal {
+        record.resolved = plan
+            .candidates
+            .first()
+            .map(|c| SocketAddr::new(c.ip, req.target.port));
+        return Err(refusal);
+    }
+
+    // Plain-HTTP rules (revocation lists, OCSP) are served by the lane only, and the lane only
+    // serves them.
+    let lane_rule = plan.decision.rule.is_some_and(|r| r.plain_http);
+    if plan.decision.verdict == Verdict::Allow && lane_rule != req.forward.is_some() {
+        let reason = if lane_rule {
+            "plain-HTTP host: only GET, HEAD or OCSP POST through the proxy"
+        } else {
+            "not allowed as plain HTTP"
+        };
+        return Err(Refusal::new(End::PolicyDenied, reason));
+    }
+    let identity = plan.identity.flatten();
+    let Some(_slot) = gw.admit_tunnel(identity) else {
+        return Err(Refusal::new(
+            End::BranchTunnelLimit,
+            "branch tunnel limit reached",
+        ));
+    };
+
+    // A fresh cached CRL answers without touching the upstream at all.
+    if let Some(forward) = &req.forward
+        && forward.method == "GET"
+        && let Some(hit) = gw
+            .crl_cache
+            .get(&lane_cache_key(&req.target, &forward.path))
+    {
+        let pacers = pacers_for(gw, identity, &plan.decision);
+        let mut paced = Paced::new(client, None, pacers.download);
+        return Box::pin(send_lane_answer(
+            &mut paced,
+            &hit,
+            true,
+            End::CacheHit,
+            record,
+        ))
+        .await;
+    }
+
+    let dial_started = Instant::now();
+    let dialled = super::dial::dial(
+        plan.dialable(),
+        req.target.port,
+        timeouts.connect,
+        &mut record.resolved,
+    )
+    .await;
+    record.connect_time = Some(dial_started.elapsed());
+    let mut upstream = dialled?;
+
+    if let Some(forward) = req.forward.take() {
+        let host_header = match (&req.target.host, req.target.port) {
+            (host, 80) => host.to_string(),
+            _ => req.target.to_string(),
+        };
+        let body = std::mem::take(&mut req.early_data);
+        // Revocation traffic obeys the schedules that list its category, like tunnels do.
+        let pacers = pacers_for(gw, identity, &plan.decision);
+        drop(plan);
+        let mut paced_request = Paced::new(&mut *client, pacers.upload, None);
+        // Boxed: only lane requests pay for the HTTP client's future.
+        let exchange = lane::fetch(
+            &mut paced_request,
+            upstream,
+            &forward,
+            &host_header,
+            body,
+            timeouts.head,
+        );
+        let fetched = Arc::new(Box::pin(exchange).await?);
+        if forward.method == "GET" {
+            gw.crl_cache
+                .put(lane_cache_key(&req.target, &forward.path), fetched.clone());
+        }
+        record.bytes_up = fetched.bytes_up;
+        let mut paced = Paced::new(client, None, pacers.download);
+        return Box::pin(send_lane_answer(
+            &mut paced,
+            &fetched,
+            forward.method != "HEAD",
+            End::Forwarded,
+            record,
+        ))
+        .await;
+    }
+
+    request::write_established(client)
+        .await
+        .map_err(|_| Refusal::after_reply(End::ClientError, "client went away before 200"))?;
+    record.status = 200;
+    record.reason = plan.decision.reason.to_owned();
+    let active = gw
+        .metrics
+        .tunnels_active
+        .get_or_create(&crate::metrics::TunnelLabels {
+            category: record.category.clone().unwrap_or_else(|| "none".into()),
+            branch: record.branch.clone().unwrap_or_else(|| "none".into()),
+        })
+        .clone();
+    active.inc();
+    // Counted down however the tunnel ends, early returns included.
+    let _active = scopeguard(move || {
+        active.dec();
+    });
+    let mut first_bytes = std::mem::take(&mut req.early_data);
+    let policy = &gw.config.policy;
+    let sni_mode = policy.sni_mode(plan.decision.rule, req.target.port);
+    if sni_mode != SniMode::Off {
+        // Boxed: tunnels without an SNI check do not carry the peek's space.
+        let (hello, bytes) = Box::pin(sni::peek_client_hello(client, first_bytes)).await;
+        first_bytes = bytes;
+        let allowed_rules = identity.and_then(|i| gw.config.branches[i].allowed_rules.as_deref());
+        if let sni::Hello::Name(name) = &hello {
+            record.sni = Some(name.to_string());
+        }
+        check_sni(&hello, sni_mode, &req.target, |name| {
+            policy
+                .decide(&Host::Name(name.clone()), req.target.port, allowed_rules)
+                .verdict
+                == Verdict::Allow
+        })?;
+    }
+    if !first_bytes.is_empty() {
+        upstream
+            .write_all(&first_bytes)
+            .await
+            .map_err(|_| Refusal::after_reply(End::UpstreamError, "upstream write failed"))?;
+        record.bytes_up = first_bytes.len() as u64;
+    }
+    // Under `on_reload = "close-denied"` a reload may close this tunnel.
+    let stop = (gw.config.policy.on_reload == crate::policy::OnReload::CloseDenied).then(|| {
+        gw.revocable
+            .register(record.conn_id, req.target.clone(), record.branch.clone())
+    });
+    let conn_id = record.conn_id;
+    let _unregister = stop
+        .is_some()
+        .then(|| scopeguard(move || gw.revocable.remove(conn_id)));
+    // Only tunnels a schedule can throttle carry pacers; the rest pay nothing.
+    let pacers = pacers_for(gw, identity, &plan.decision);
+    // Nothing of the request is needed any more: an idle tunnel holds only its sockets.
+    drop((req, plan, first_bytes));
+
+    // Plain clients splice; TLS clients go through the buffered copy (bytes must be decrypted).
+    let outcome = if let ClientStream::Plain(tcp) = client {
+        tunnel::relay_tcp(tcp, &mut upstream, timeouts.idle, stop.as_deref(), pacers).await
+    } else {
+        tunnel::relay(
+            client,
+            &mut upstream,
+            timeouts.idle,
+            stop.as_deref(),
+            pacers,
+        )
+        .await
+    };
+    record.bytes_up += outcome.bytes_up;
+    record.bytes_down = outcome.bytes_down;
+    record.end = outcome.end;
+    Ok(())
+}
+
+/// Runs `f` when dropped.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
+
+/// The bandwidth pacers for a request of `identity` allowed by `decision` (none when no
+/// schedule can throttle its branch and category).
+fn pacers_for(gw: &Gateway, identity: identity::Identity, decision: &Decision<'_>) -> Pacers {
+    match decision.rule {
+        Some(rule) => gw.throttles.pacers(
+            identity::name(&gw.config.branches, identity),
+            &rule.category,
+        ),
+        None => Pacers::default(),
+    }
+}
+
+fn lane_cache_key(target: &Target, path: &str) -> String {
+    format!("{target}{path}")
+}
+
+async fn send_lane_answer<C: tokio::io::AsyncWrite + Unpin>(
+    client: &mut C,
+    answer: &lane::Fetched,
+    with_body: bool,
+    end: End,
+    record: &mut AccessRecord,
+) -> Result<(), Refusal> {
+    record.status = answer.status;
+    record.reason = "allowed".into();
+    record.bytes_down = lane::respond(client, answer, with_body)
+        .await
+        .map_err(|_| {
+            Refusal::after_reply(End::ClientError, "client went away during the response")
+        })?;
+    record.end = end;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// Every client connection is one task whose future holds the whole data path; its size
+    /// is paid by every idle tunnel (docs/benchmarks.md: memory per idle tunnel). Large
+    /// futures (hickory's lookup, scratch buffers) must be boxed or kept out of it.
+    #[tokio::test]
+    async fn the_connection_future_stays_small() {
+        let config = Config::parse(
+            "[resolver]\nhosts_only = true\n",
+            "t",
+            crate::config::TEST_NOW,
+        )
+        .unwrap();
+        let gw = Gateway::new(config).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let size = std::mem::size_of_val(&serve(&gw, stream, addr, 1));
+        // Release builds, 2026-11-23: 1.2 KiB for the core; 1.6 KiB with branches and the TLS
+        // listener; 1.76 KiB with SNI checks and the plain-HTTP lane (debug builds run a little
+        // larger). Their own large futures (DNS lookup, SNI peek, HTTP exchange) are boxed.
+        assert!(size <= 2048, "serve() future is {size} bytes");
+    }
+}

@@ -1,0 +1,201 @@
+//! Who is connecting: the branch a client belongs to, from a verified client certificate (TLS
+//! listeners), proxy credentials, or its source network, in that order. Passwords exist only as
+//! argon2id hashes in the config (parsed once at load); a verified credential is remembered by
+//! its SHA-256 so a branch server opening many tunnels pays for argon2 once, and verifications
+//! that miss that cache are rate limited per client address.
+
+use crate::config::password::StoredPassword;
+use crate::config::{Branch, Config, UNASSIGNED};
+use base64::Engine;
+use governor::{DefaultKeyedRateLimiter, Quota};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+
+/// Remembered credentials beyond this are forgotten all at once (then re-verified).
+const VERIFIED_CACHE_ENTRIES: usize = 4096;
+
+/// Why a client has no identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// `Proxy-Authorization` present but not `Basic base64(user:password)`.
+    MalformedCredentials,
+    /// Unknown user or wrong password: never downgraded to the source-network match.
+    WrongCredentials,
+    /// Too many credential checks from this address.
+    TooManyAttempts,
+    /// No branch matches and unassigned clients are not admitted.
+    NoBranch,
+}
+
+/// The branch a request runs as, or `None` for an admitted unassigned client.
+pub type Identity = Option<usize>;
+
+pub struct Identifier {
+    /// user -> (branch index, stored password)
+    users: HashMap<String, (usize, StoredPassword)>,
+    /// SHA-256 of a verified `Proxy-Authorization` value -> branch index.
+    verified: Mutex<HashMap<[u8; 32], usize>>,
+    attempts: DefaultKeyedRateLimiter<IpAddr>,
+}
+
+impl Identifier {
+    pub fn new(config: &Config) -> Self {
+        let users = config
+            .branches
+            .iter()
+            .enumerate()
+            .flat_map(|(i, b)| {
+                b.credentials
+                    .iter()
+                    .map(move |c| (c.user.clone(), (i, c.password.clone())))
+            })
+            .collect();
+        Self {
+            users,
+            verified: Mutex::new(HashMap::new()),
+            attempts: DefaultKeyedRateLimiter::keyed(
+                Quota::per_minute(config.limits.auth_attempts_per_minute)
+                    .allow_burst(config.limits.auth_attempts_per_minute),
+            ),
+        }
+    }
+
+    /// Whether any branch accepts credentials (so a refused client is told to send some).
+    pub fn accepts_credentials(&self) -> bool {
+        !self.users.is_empty()
+    }
+
+    /// A verified client certificate first, then credentials, then source network.
+    /// `authorization` is the raw header value; `certificate_names` the DNS SANs and CN of a
+    /// certificate the TLS listener verified (empty otherwise).
+    pub async fn identify(
+        &self,
+        config: &Config,
+        client: IpAddr,
+        authorization: Option<&str>,
+        certificate_names: &[String],
+    ) -> Result<Identity, Refused> {
+        if !certificate_names.is_empty()
+            && let Some(i) = config.branches.iter().position(|b| {
+                b.client_certificates
+                    .iter()
+                    .any(|n| certificate_names.iter().any(|c| c == n.as_str()))
+            })
+        {
+            return Ok(Some(i));
+        }
+        // Credentials count only where some branch accepts them; otherwise the header is
+        // ignored (and still never forwarded).
+        if let Some(value) = authorization.filter(|_| self.accepts_credentials()) {
+            // Boxed: only clients that send credentials pay for this future's space.
+            return Box::pin(self.check_credentials(client, value))
+                .await
+                .map(Some);
+        }
+        let client = client.to_canonical();
+        if let Some(i) = config
+            .branches
+            .iter()
+            .position(|b| b.sources.iter().any(|n| n.contains(&client)))
+        {
+            return Ok(Some(i));
+        }
+        if config.branches.is_empty() || config.policy.allow_unassigned {
+            Ok(None)
+        } else {
+            Err(Refused::NoBranch)
+        }
+    }
+
+    async fn check_credentials(&self, client: IpAddr, value: &str) -> Result<usize, Refused> {
+        let key: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, value.as_bytes())
+            .as_ref()
+            .try_into()
+            .expect("SHA-256 is 32 bytes");
+        if let Some(&branch) = self
+            .verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return Ok(branch);
+        }
+        let (user, password) = parse_basic(value).ok_or(Refused::MalformedCredentials)?;
+        if self.attempts.check_key(&client.to_canonical()).is_err() {
+            return Err(Refused::TooManyAttempts);
+        }
+        let Some((branch, stored)) = self.users.get(&user).cloned() else {
+            return Err(Refused::WrongCredentials);
+        };
+        // argon2 is deliberately slow: keep it off the async workers.
+        let ok = tokio::task::spawn_blocking(move || stored.verify(&password))
+            .await
+            .unwrap_or(false);
+        if !ok {
+            return Err(Refused::WrongCredentials);
+        }
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if verified.len() >= VERIFIED_CACHE_ENTRIES {
+            verified.clear();
+        }
+        verified.insert(key, branch);
+        Ok(branch)
+    }
+
+    /// Forgets idle per-address attempt counters (call now and then).
+    pub fn forget_idle_counters(&self) {
+        self.attempts.retain_recent();
+    }
+}
+
+/// `Basic base64(user:password)` -> (user, password).
+pub fn parse_basic(value: &str) -> Option<(String, String)> {
+    let (scheme, encoded) = value.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (user, password) = text.split_once(':')?;
+    if user.is_empty() {
+        return None;
+    }
+    Some((user.to_owned(), password.to_owned()))
+}
+
+/// The branch's name for logs.
+pub fn name(branches: &[Branch], identity: Identity) -> &str {
+    identity.map_or(UNASSIGNED, |i| branches[i].name.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_credentials_table() {
+        let table: &[(&str, Option<(&str, &str)>)] = &[
+            ("Basic bG9uZG9uOnNlY3JldA==", Some(("london", "secret"))),
+            ("basic bG9uZG9uOnNlY3JldA==", Some(("london", "secret"))),
+            ("Basic bG9uZG9uOmE6Yg==", Some(("london", "a:b"))),
+            ("Basic bG9uZG9uOg==", Some(("london", ""))),
+            ("Basic OnNlY3JldA==", None),
+            ("Basic bm9jb2xvbg==", None),
+            ("Basic !!!notbase64", None),
+            ("Bearer abc", None),
+            ("Basic", None),
+            ("", None),
+        ];
+        for (value, want) in table {
+            let got = parse_basic(value);
+            assert_eq!(
+                got.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
+                *want,
+                "{value:?}"
+            );
+        }
+    }
+}

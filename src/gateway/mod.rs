@@ -1,0 +1,173 @@
+//! One client connection, from accept to log line: the request head ([`request`]), who the
+//! client is ([`identity`], [`tls`], [`proxy_protocol`]), the [`plan`] (policy, resolve, the
+//! destination wall), [`dial`], the SNI check ([`sni`]), the plain-HTTP [`lane`], and how it
+//! ends ([`refusal`]). [`connect`] is the path top to bottom; [`Gateway`] is the snapshot every
+//! connection shares (replaced whole by a reload).
+
+pub mod connect;
+pub mod dial;
+pub mod identity;
+pub mod lane;
+pub mod plan;
+pub mod proxy_protocol;
+pub mod refusal;
+pub mod request;
+pub mod resolve;
+pub mod revocable;
+pub mod sni;
+pub mod tls;
+
+pub use connect::{serve, serve_tls};
+pub use plan::{Candidate, Plan, plan};
+pub use refusal::Refusal;
+pub use revocable::Revocable;
+
+use crate::bandwidth::Throttles;
+use crate::config::{Config, UNASSIGNED};
+use crate::metrics::Metrics;
+use governor::{DefaultKeyedRateLimiter, Quota};
+use identity::{Identifier, Identity};
+use resolve::Resolver;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use tokio_rustls::TlsAcceptor;
+
+/// What every connection shares: the compiled config, the resolver, who-is-who, and the
+/// counters behind per-branch and per-client limits.
+pub struct Gateway {
+    pub config: Config,
+    pub resolver: Resolver,
+    pub identifier: Identifier,
+    /// Open tunnels per branch, by branch position (only counted where a limit is set). Shared
+    /// by name with the snapshot a reload replaces, so limits hold across reloads.
+    open_tunnels: Vec<Arc<AtomicU32>>,
+    /// One acceptor per `listen.tls_proxy` entry, built from the files at load (and reload).
+    pub tls_acceptors: Vec<Arc<TlsAcceptor>>,
+    /// Shared by every snapshot: counters survive reloads.
+    pub metrics: Arc<Metrics>,
+    /// Open tunnels a reload may close (tracked only under `on_reload = "close-denied"`);
+    /// shared by every snapshot.
+    pub revocable: Arc<Revocable>,
+    /// Fresh CRL answers of the plain-HTTP lane.
+    pub crl_cache: lane::CrlCache,
+    /// Bandwidth budgets of the schedules; buckets carry over reloads by budget.
+    pub throttles: Throttles,
+    /// CONNECT requests per client address, when `limits.connect_rate_per_client` is set.
+    connect_rate: Option<DefaultKeyedRateLimiter<IpAddr>>,
+}
+
+impl Gateway {
+    pub fn new(config: Config) -> Result<Self, String> {
+        Self::replacing(config, None)
+    }
+
+    /// A snapshot that takes over from `previous` (a reload): branch tunnel counters carry over
+    /// by branch name; everything else is built afresh from `config` and the files it names.
+    pub fn replacing(config: Config, previous: Option<&Gateway>) -> Result<Self, String> {
+        let resolver = Resolver::new(&config.resolver)?;
+        let identifier = Identifier::new(&config);
+        let open_tunnels = config
+            .branches
+            .iter()
+            .map(|b| {
+                previous
+                    .and_then(|p| {
+                        let i = p
+                            .config
+                            .branches
+                            .iter()
+                            .position(|old| old.name == b.name)?;
+                        Some(p.open_tunnels[i].clone())
+                    })
+                    .unwrap_or_default()
+            })
+            .collect();
+        let tls_acceptors = match &config.tls {
+            None => Vec::new(),
+            Some(settings) => config
+                .listen
+                .tls_proxy
+                .iter()
+                .map(|l| tls::acceptor(settings, l.client_certificates).map(Arc::new))
+                .collect::<Result<_, _>>()?,
+        };
+        let connect_rate = config
+            .limits
+            .connect_rate_per_client
+            .map(|rate| DefaultKeyedRateLimiter::keyed(Quota::per_second(rate)));
+        let metrics: Arc<Metrics> = previous.map_or_else(Default::default, |p| p.metrics.clone());
+        // Built last (nothing after can fail): taking over a bucket retunes it for everyone.
+        let branch_names: Vec<&str> = config
+            .branches
+            .iter()
+            .map(|b| b.name.as_str())
+            .chain([UNASSIGNED])
+            .collect();
+        let throttles = Throttles::new(
+            &config.schedules,
+            &branch_names,
+            previous.map(|p| &p.throttles),
+            Some(metrics.clone()),
+        );
+        throttles.retune(jiff::Timestamp::now());
+        Ok(Self {
+            config,
+            resolver,
+            identifier,
+            open_tunnels,
+            tls_acceptors,
+            crl_cache: lane::CrlCache::default(),
+            throttles,
+            metrics,
+            revocable: previous.map_or_else(Default::default, |p| p.revocable.clone()),
+            connect_rate,
+        })
+    }
+
+    /// Forgets idle per-address rate-limit state; the server calls this now and then.
+    pub fn forget_idle_counters(&self) {
+        self.identifier.forget_idle_counters();
+        if let Some(limiter) = &self.connect_rate {
+            limiter.retain_recent();
+        }
+    }
+
+    /// Counts a tunnel against its branch's `max_tunnels`; `None` when the branch is full.
+    pub(crate) fn admit_tunnel(&self, identity: Identity) -> Option<TunnelSlot<'_>> {
+        let Some(i) = identity else {
+            return Some(TunnelSlot(None));
+        };
+        let Some(max) = self.config.branches[i].max_tunnels else {
+            return Some(TunnelSlot(None));
+        };
+        let counter: &AtomicU32 = &self.open_tunnels[i];
+        let admitted = counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < max).then(|| open + 1)
+            })
+            .is_ok();
+        // Built only when counted: a slot decrements when dropped.
+        admitted.then(|| TunnelSlot(Some(counter)))
+    }
+
+    pub fn client_allowed(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.config
+            .listen
+            .clients
+            .iter()
+            .any(|net| net.contains(&ip))
+    }
+}
+
+/// A tunnel counted against its branch's limit until dropped.
+pub(crate) struct TunnelSlot<'g>(Option<&'g AtomicU32>);
+
+impl Drop for TunnelSlot<'_> {
+    fn drop(&mut self) {
+        if let Some(counter) = self.0 {
+            counter.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}

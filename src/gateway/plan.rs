@@ -1,0 +1,143 @@
+//! Steps 3 to 5 of the data path, as a value: is the client allowed, who is it, what does the
+//! policy say, and which of the target's addresses may be dialled. Shared by the data path and
+//! `portcullis explain`, so an explanation cannot drift from what the gateway does.
+
+use super::Gateway;
+use super::identity::{self, Identity};
+use super::refusal::{End, Refusal};
+use super::resolve::ResolveError;
+use crate::policy::destination;
+use crate::policy::host::{Host, Target};
+use crate::policy::{Decision, Verdict};
+use std::net::IpAddr;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// One address a name resolved to, and whether the destination wall lets it through.
+#[derive(Debug)]
+pub struct Candidate {
+    pub ip: IpAddr,
+    /// `Err(range)` when refused.
+    pub vetted: Result<(), &'static str>,
+}
+
+/// Everything decided about a request before any upstream connection: what `explain` prints and
+/// what the data path acts on.
+#[derive(Debug)]
+pub struct Plan<'g> {
+    pub client_allowed: bool,
+    /// The branch, once the client is known (`Some(None)`: admitted, no branch).
+    pub identity: Option<Identity>,
+    pub decision: Decision<'g>,
+    /// Where the addresses came from: "literal", "override" or "dns".
+    pub source: Option<&'static str>,
+    pub candidates: Vec<Candidate>,
+    /// How long name resolution took (names only; overrides included).
+    pub resolve_time: Option<Duration>,
+    /// Set when the request must be refused; otherwise dial the candidates that passed.
+    pub refusal: Option<Refusal>,
+}
+
+impl Plan<'_> {
+    pub fn dialable(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.candidates
+            .iter()
+            .filter(|c| c.vetted.is_ok())
+            .map(|c| c.ip)
+    }
+}
+
+/// Steps 3 to 5: is the client allowed, does the policy allow the target, and which of its
+/// addresses may be dialled.
+pub async fn plan<'g>(
+    gw: &'g Gateway,
+    client: IpAddr,
+    who: Result<Identity, identity::Refused>,
+    target: &Target,
+) -> Plan<'g> {
+    let allowed_rules = who
+        .ok()
+        .flatten()
+        .and_then(|i| gw.config.branches[i].allowed_rules.as_deref());
+    let decision = gw
+        .config
+        .policy
+        .decide(&target.host, target.port, allowed_rules);
+    let mut plan = Plan {
+        client_allowed: gw.client_allowed(client),
+        identity: None,
+        resolve_time: None,
+        decision,
+        source: None,
+        candidates: Vec::new(),
+        refusal: None,
+    };
+    if !plan.client_allowed {
+        plan.refusal = Some(Refusal::new(
+            End::ClientDenied,
+            "client address not allowed",
+        ));
+        return plan;
+    }
+    match who {
+        Ok(identity) => plan.identity = Some(identity),
+        Err(refused) => {
+            plan.refusal = Some(Refusal::unidentified(
+                refused,
+                gw.identifier.accepts_credentials(),
+            ));
+            return plan;
+        }
+    }
+    if decision.verdict == Verdict::Deny {
+        plan.refusal = Some(Refusal::new(End::PolicyDenied, decision.reason));
+        return plan;
+    }
+    let addrs = match &target.host {
+        Host::Ip(ip) => {
+            plan.source = Some("literal");
+            vec![*ip]
+        }
+        Host::Name(name) => match timed(&mut plan.resolve_time, gw.resolver.resolve(name)).await {
+            Ok((addrs, source)) => {
+                plan.source = Some(source.as_str());
+                addrs
+            }
+            Err(e) => {
+                let end = match e {
+                    ResolveError::Timeout => End::DnsTimeout,
+                    ResolveError::NotFound | ResolveError::Failed(_) => End::DnsFailed,
+                };
+                plan.refusal = Some(Refusal::new(end, format!("cannot resolve host: {e}")));
+                return plan;
+            }
+        },
+    };
+    plan.candidates = addrs
+        .into_iter()
+        .map(|ip| Candidate {
+            ip,
+            vetted: destination::vet(ip, decision.reachable),
+        })
+        .collect();
+    if plan.dialable().next().is_none() {
+        let range = plan
+            .candidates
+            .iter()
+            .find_map(|c| c.vetted.err())
+            .unwrap_or("none");
+        plan.refusal = Some(Refusal::new(
+            End::DestinationForbidden,
+            format!("destination address forbidden ({range})"),
+        ));
+    }
+    plan
+}
+
+/// Awaits `work`, storing how long it took.
+async fn timed<T>(took: &mut Option<Duration>, work: impl std::future::Future<Output = T>) -> T {
+    let started = Instant::now();
+    let out = work.await;
+    *took = Some(started.elapsed());
+    out
+}

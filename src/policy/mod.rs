@@ -1,0 +1,343 @@
+//! The compiled allow-list and the decision it takes for a CONNECT target, with what it stands
+//! on: host names and patterns ([`host`]), the destination wall ([`destination`]) and the
+//! built-in profiles ([`profiles`]). Pure: no I/O, no clock; the data path asks
+//! `Policy::decide` once per request and keeps the answer as a value.
+
+pub mod destination;
+pub mod host;
+pub mod profiles;
+
+use host::{Host, HostPattern};
+use ipnet::IpNet;
+
+/// Per-rule SNI policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SniMode {
+    /// The SNI must equal the CONNECT host (for an IP-literal target: be allowed by policy).
+    Match,
+    /// The SNI must be a host the policy allows on the tunnel's port.
+    Allowed,
+    /// No check: the bytes are not inspected.
+    Off,
+}
+
+impl SniMode {
+    /// The name as the config writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SniMode::Match => "match",
+            SniMode::Allowed => "allowed",
+            SniMode::Off => "off",
+        }
+    }
+}
+
+/// Whether denials are enforced or only reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Enforce,
+    /// Allow everything the allow-list would deny, and log it as `would_deny`. The destination
+    /// address wall stays in force: report mode never opens the internal network.
+    Report,
+}
+
+/// One named allow rule, from a built-in profile or the config file.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    pub name: String,
+    pub category: String,
+    pub hosts: Vec<HostPattern>,
+    pub ports: Vec<u16>,
+    /// IP literal targets this rule allows (CONNECT 10.20.1.5:443).
+    pub addresses: Vec<IpNet>,
+    /// Forbidden-range addresses (private, loopback, ...) that names under this rule may
+    /// resolve to; `addresses` count too, since listing an address is explicit consent.
+    pub private_addresses: Vec<IpNet>,
+    /// Where the rule came from: "profile azure-file-sync" or "config".
+    pub origin: String,
+    /// `addresses` and `private_addresses` together: what the destination wall lets through.
+    pub reachable: Vec<IpNet>,
+    /// SNI check for tunnels this rule allows; `None` takes `Policy::sni` on port 443 and
+    /// no check elsewhere.
+    pub sni: Option<SniMode>,
+    /// Served only by the plain-HTTP lane (absolute-form GET/HEAD, OCSP POST), never CONNECT:
+    /// certificate revocation lists and OCSP.
+    pub plain_http: bool,
+}
+
+impl Rule {
+    fn matches_host(&self, host: &Host) -> bool {
+        match host {
+            Host::Name(name) => self.hosts.iter().any(|p| p.matches(name)),
+            Host::Ip(ip) => self.addresses.iter().any(|net| net.contains(ip)),
+        }
+    }
+}
+
+/// What the allow-list says about a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    Deny,
+    /// Report mode let through what enforce would deny.
+    WouldDeny,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+            Verdict::WouldDeny => "would_deny",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Decision<'a> {
+    pub verdict: Verdict,
+    /// The rule that allowed the request, if one did.
+    pub rule: Option<&'a Rule>,
+    /// Why a request is denied (or would be); "allowed" otherwise.
+    pub reason: &'static str,
+    /// CIDRs the destination wall opens for this request: the allowing rule's, or in report
+    /// mode those of the first rule that lists the host (so a port-only miss still reaches a
+    /// private endpoint). Empty for a denial.
+    pub reachable: &'a [IpNet],
+}
+
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub mode: Mode,
+    pub rules: Vec<Rule>,
+    /// Admit clients that match no branch (only matters once branches are configured).
+    pub allow_unassigned: bool,
+    /// Default SNI check for port-443 tunnels whose rule does not say.
+    pub sni: SniMode,
+    /// What a reload does to open tunnels.
+    pub on_reload: OnReload,
+}
+
+/// What a reload does to tunnels that are already open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnReload {
+    /// Open tunnels keep the policy they started with.
+    Keep,
+    /// Tunnels the new policy denies are closed (`end = "closed_by_reload"`).
+    CloseDenied,
+}
+
+impl Policy {
+    /// The SNI check that applies to a tunnel to `port` allowed by `rule`.
+    pub fn sni_mode(&self, rule: Option<&Rule>, port: u16) -> SniMode {
+        match rule.and_then(|r| r.sni) {
+            Some(mode) => mode,
+            None if port == 443 => self.sni,
+            None => SniMode::Off,
+        }
+    }
+}
+
+impl Policy {
+    /// The first rule listing both host and port allows; everything else is denied.
+    /// `allowed` (a branch's narrowing, by rule position) skips the rules it does not hold.
+    pub fn decide(&self, host: &Host, port: u16, allowed: Option<&[bool]>) -> Decision<'_> {
+        let mut host_rule: Option<&Rule> = None;
+        let mut narrowed_out = false;
+        for (i, rule) in self.rules.iter().enumerate() {
+            if allowed.is_some_and(|a| !a[i]) {
+                narrowed_out |= rule.matches_host(host) && rule.ports.contains(&port);
+                continue;
+            }
+            if rule.matches_host(host) {
+                if rule.ports.contains(&port) {
+                    return Decision {
+                        verdict: Verdict::Allow,
+                        rule: Some(rule),
+                        reason: "allowed",
+                        reachable: &rule.reachable,
+                    };
+                }
+                host_rule = host_rule.or(Some(rule));
+            }
+        }
+        let reason = match host {
+            _ if narrowed_out => "not allowed for this branch",
+            _ if host_rule.is_some() => "port not allowed",
+            Host::Ip(_) => "ip literal not allowed",
+            Host::Name(_) => "host not allowed",
+        };
+        let (verdict, reachable) = match self.mode {
+            Mode::Enforce => (Verdict::Deny, &[][..]),
+            Mode::Report => (
+                Verdict::WouldDeny,
+                host_rule.map_or(&[][..], |r| &r.reachable[..]),
+            ),
+        };
+        Decision {
+            verdict,
+            rule: None,
+            reason,
+            reachable,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::host::Target;
+
+    fn rule(name: &str, hosts: &[&str], ports: &[u16], addresses: &[&str]) -> Rule {
+        let addresses: Vec<IpNet> = addresses.iter().map(|a| a.parse().unwrap()).collect();
+        Rule {
+            name: name.into(),
+            category: "test".into(),
+            hosts: hosts
+                .iter()
+                .map(|h| HostPattern::parse(h).unwrap())
+                .collect(),
+            ports: ports.to_vec(),
+            reachable: addresses.clone(),
+            addresses,
+            private_addresses: vec![],
+            origin: "test".into(),
+            sni: None,
+            plain_http: false,
+        }
+    }
+
+    fn policy(mode: Mode, rules: Vec<Rule>) -> Policy {
+        Policy {
+            allow_unassigned: false,
+            sni: SniMode::Match,
+            on_reload: OnReload::Keep,
+            mode,
+            rules,
+        }
+    }
+
+    #[test]
+    fn decision_table() {
+        let policy = policy(
+            Mode::Enforce,
+            vec![
+                rule("storage", &["*.core.windows.net"], &[443], &[]),
+                rule("crl", &["crl.microsoft.com"], &[80], &[]),
+                rule("pe", &[], &[443], &["10.20.0.0/16"]),
+            ],
+        );
+        let table: &[(&str, Verdict, Option<&str>, &str)] = &[
+            (
+                "a.file.core.windows.net:443",
+                Verdict::Allow,
+                Some("storage"),
+                "allowed",
+            ),
+            (
+                "A.FILE.core.windows.net.:443",
+                Verdict::Allow,
+                Some("storage"),
+                "allowed",
+            ),
+            (
+                "a.file.core.windows.net:8443",
+                Verdict::Deny,
+                None,
+                "port not allowed",
+            ),
+            (
+                "core.windows.net:443",
+                Verdict::Deny,
+                None,
+                "host not allowed",
+            ),
+            ("evil.com:443", Verdict::Deny, None, "host not allowed"),
+            (
+                "crl.microsoft.com:80",
+                Verdict::Allow,
+                Some("crl"),
+                "allowed",
+            ),
+            (
+                "crl.microsoft.com:443",
+                Verdict::Deny,
+                None,
+                "port not allowed",
+            ),
+            ("10.20.1.5:443", Verdict::Allow, Some("pe"), "allowed"),
+            (
+                "10.21.1.5:443",
+                Verdict::Deny,
+                None,
+                "ip literal not allowed",
+            ),
+            ("[::1]:443", Verdict::Deny, None, "ip literal not allowed"),
+            (
+                "20.60.1.2:443",
+                Verdict::Deny,
+                None,
+                "ip literal not allowed",
+            ),
+        ];
+        for (target, verdict, rule, reason) in table {
+            let t = Target::parse_authority(target).unwrap();
+            let d = policy.decide(&t.host, t.port, None);
+            assert_eq!(d.verdict, *verdict, "{target}");
+            assert_eq!(d.rule.map(|r| r.name.as_str()), *rule, "{target}");
+            assert_eq!(d.reason, *reason, "{target}");
+        }
+    }
+
+    #[test]
+    fn a_branch_narrowing_skips_rules_it_does_not_hold() {
+        let policy = policy(
+            Mode::Enforce,
+            vec![
+                rule("contoso", &["contoso.file.core.windows.net"], &[443], &[]),
+                rule("storage", &["*.core.windows.net"], &[443], &[]),
+            ],
+        );
+        let only_contoso = [true, false];
+        let table: &[(&str, Option<&str>, &str)] = &[
+            (
+                "contoso.file.core.windows.net:443",
+                Some("contoso"),
+                "allowed",
+            ),
+            (
+                "fabrikam.file.core.windows.net:443",
+                None,
+                "not allowed for this branch",
+            ),
+            ("evil.example:443", None, "host not allowed"),
+        ];
+        for (target, rule, reason) in table {
+            let t = Target::parse_authority(target).unwrap();
+            let d = policy.decide(&t.host, t.port, Some(&only_contoso));
+            assert_eq!(
+                (d.rule.map(|r| r.name.as_str()), d.reason),
+                (*rule, *reason),
+                "{target}"
+            );
+        }
+        let t = Target::parse_authority("fabrikam.file.core.windows.net:443").unwrap();
+        assert_eq!(policy.decide(&t.host, t.port, None).verdict, Verdict::Allow);
+    }
+
+    #[test]
+    fn report_mode_turns_denials_into_would_deny() {
+        let policy = policy(Mode::Report, vec![rule("s", &["a.example"], &[443], &[])]);
+        let t = Target::parse_authority("b.example:443").unwrap();
+        let d = policy.decide(&t.host, t.port, None);
+        assert_eq!(
+            (d.verdict, d.reason),
+            (Verdict::WouldDeny, "host not allowed")
+        );
+        let t = Target::parse_authority("a.example:443").unwrap();
+        assert_eq!(policy.decide(&t.host, t.port, None).verdict, Verdict::Allow);
+    }
+}

@@ -1,0 +1,93 @@
+//! Live reconfiguration (SIGHUP, `POST /reload`): a new snapshot is built from the file and made
+//! current; open connections keep the one they started with. A bad file never replaces a good
+//! one. Listener addresses that changed are rebound by the server, the schedule task retunes,
+//! and under `on_reload = "close-denied"` open tunnels the new policy denies are closed.
+
+use crate::config::Config;
+use crate::gateway::Gateway;
+use arc_swap::ArcSwap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Applies a new configuration to a running server.
+#[derive(Clone)]
+pub struct Reloader {
+    pub(crate) current: Arc<ArcSwap<Gateway>>,
+    /// The file the gateway runs on; `None` for the built-in configuration.
+    pub(crate) path: Option<PathBuf>,
+    /// Wakes the accept side to rebind listeners whose addresses changed.
+    pub(crate) listen_changed: Arc<tokio::sync::Notify>,
+    /// Wakes the schedule task to find the new schedules' next boundary.
+    pub(crate) schedules_changed: Arc<tokio::sync::Notify>,
+    /// One reload at a time (SIGHUP and `POST /reload` may race): each builds on the last.
+    pub(crate) applying: Arc<std::sync::Mutex<()>>,
+}
+
+impl Reloader {
+    /// Reads the config file again and applies it (SIGHUP, `POST /reload`): counted in the
+    /// metrics, logged, and announced to systemd. A bad file leaves the running config.
+    pub fn reload(&self) -> Result<(), String> {
+        let Some(path) = &self.path else {
+            tracing::warn!("reload requested, but the gateway runs on the built-in config");
+            return Err("the gateway runs on the built-in config: nothing to reload".into());
+        };
+        if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading, now]);
+        }
+        let result = Config::load(path, jiff::Timestamp::now())
+            .map_err(|e| e.to_string())
+            .and_then(|c| self.apply(c));
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        match &result {
+            Ok(()) => tracing::info!(file = %path.display(), "reload applied"),
+            Err(problems) => {
+                self.failed();
+                tracing::warn!(file = %path.display(), %problems, "reload rejected; the running configuration stays");
+            }
+        }
+        result
+    }
+
+    /// The metrics of the running configuration (shared by all snapshots).
+    pub fn metrics(&self) -> Arc<crate::metrics::Metrics> {
+        self.current.load().metrics.clone()
+    }
+
+    /// Builds a snapshot from `config` (reading TLS files again) and makes it current; listeners
+    /// whose addresses changed are rebound (the admin listener moves only at restart).
+    pub fn apply(&self, config: Config) -> Result<(), String> {
+        let _one_at_a_time = self.applying.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = self.current.load_full();
+        let old = &previous.config.listen;
+        let addresses = |l: &crate::config::Listen| {
+            let tls: Vec<_> = l.tls_proxy.iter().map(|t| t.address).collect();
+            (l.proxy.clone(), tls)
+        };
+        let listen_changed = addresses(old) != addresses(&config.listen);
+        if old.admin != config.listen.admin {
+            tracing::warn!("the admin listener moves only at restart");
+        }
+        let next = Arc::new(Gateway::replacing(config, Some(&previous))?);
+        next.metrics.reloaded(true);
+        self.current.store(next.clone());
+        // The new snapshot has put its limits in force; budgets it dropped let go.
+        previous.throttles.retire_missing(&next.throttles);
+        self.schedules_changed.notify_one();
+        if listen_changed {
+            self.listen_changed.notify_one();
+        }
+        if next.config.policy.on_reload == crate::policy::OnReload::CloseDenied {
+            let closed = next.revocable.close_denied(&next);
+            tracing::info!(
+                closed_tunnels = closed,
+                "closed open tunnels the new policy denies"
+            );
+        }
+        Ok(())
+    }
+
+    /// Counts a reload that failed before a configuration could be built (a bad file).
+    pub fn failed(&self) {
+        self.current.load().metrics.reloaded(false);
+    }
+}

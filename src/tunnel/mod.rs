@@ -1,0 +1,302 @@
+//! The tunnel: a two-way byte copy with half-close, an idle timeout and byte counts per
+//! direction. One future polls both directions, so there is no task or lock per chunk. A
+//! direction takes a buffer from a small per-thread spare list only when its source turns
+//! readable and gives it back as soon as it has drained, so the thousands of idle sync sessions
+//! a gateway holds cost no buffer memory, and a busy tunnel reuses warm buffers without
+//! allocating. The idle check reads the byte counters on a coarse tick instead of touching the
+//! clock per chunk.
+
+pub mod copy;
+pub mod spare;
+#[cfg(target_os = "linux")]
+pub mod splice;
+
+pub use crate::end::End;
+pub use copy::{BUFFER_BYTES, Endpoint};
+
+use crate::bandwidth::Pacers;
+use copy::{Buffered, Copier, Failed};
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::{Instant, Sleep, sleep_until};
+
+/// Longest interval between idle checks.
+const MAX_TICK: Duration = Duration::from_secs(30);
+
+/// Bytes carried and how it ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// Client to upstream.
+    pub bytes_up: u64,
+    /// Upstream to client.
+    pub bytes_down: u64,
+    pub end: End,
+}
+
+/// Copies both ways between `client` and `upstream` until both sides have closed, one fails, or
+/// no byte moves for `idle`, through user-space buffers.
+///
+/// Not an `async fn`: the pacers go straight into the copiers instead of also being kept in
+/// this future's state for the tunnel's whole life (every idle tunnel pays for its future).
+pub fn relay<'a, C, U>(
+    client: &'a mut C,
+    upstream: &'a mut U,
+    idle: Duration,
+    stop: Option<&'a Notify>,
+    pacers: Pacers,
+) -> impl Future<Output = Outcome> + 'a
+where
+    C: Endpoint + ?Sized,
+    U: Endpoint + ?Sized,
+{
+    drive(
+        client,
+        upstream,
+        idle,
+        stop,
+        Buffered::with_pacer(pacers.upload),
+        Buffered::with_pacer(pacers.download),
+    )
+}
+
+/// `relay` for plain TCP on both sides: on Linux the bytes never enter user space (splice).
+pub fn relay_tcp<'a>(
+    client: &'a mut TcpStream,
+    upstream: &'a mut TcpStream,
+    idle: Duration,
+    stop: Option<&'a Notify>,
+    pacers: Pacers,
+) -> impl Future<Output = Outcome> + 'a {
+    #[cfg(target_os = "linux")]
+    {
+        use splice::Spliced;
+        drive(
+            client,
+            upstream,
+            idle,
+            stop,
+            Spliced::with_pacer(pacers.upload),
+            Spliced::with_pacer(pacers.download),
+        )
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        relay(client, upstream, idle, stop, pacers)
+    }
+}
+
+/// The relay loop, whatever copies the bytes: both directions and the idle check in one future.
+async fn drive<C, U, P>(
+    client: &mut C,
+    upstream: &mut U,
+    idle: Duration,
+    stop: Option<&Notify>,
+    mut up: P,
+    mut down: P,
+) -> Outcome
+where
+    C: ?Sized,
+    U: ?Sized,
+    P: Copier<C, U> + Copier<U, C>,
+{
+    // At least four checks per idle period: a tunnel is closed between `idle` and
+    // `idle` + one tick after its last byte.
+    let tick = (idle / 4).clamp(Duration::from_millis(1), MAX_TICK);
+    let mut idle_check: Pin<Box<Sleep>> = Box::pin(sleep_until(Instant::now() + tick));
+    let mut quiet = Duration::ZERO;
+
+    // A reload that revokes this tunnel (`on_reload = "close-denied"`) wakes this.
+    let mut revoked = stop.map(|n| Box::pin(n.notified()));
+    let end = poll_fn(|cx| {
+        if let Some(revoked) = &mut revoked
+            && revoked.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(End::ClosedByReload);
+        }
+        if !Copier::<C, U>::progress(&mut up).done {
+            match Copier::<C, U>::poll_copy(&mut up, cx, client, upstream) {
+                Poll::Ready(Err(Failed::Reader)) => return Poll::Ready(End::ClientError),
+                // The upstream already closed its side and then stopped reading: it is done.
+                Poll::Ready(Err(Failed::Writer)) if Copier::<U, C>::progress(&mut down).done => {
+                    return Poll::Ready(End::Closed);
+                }
+                Poll::Ready(Err(Failed::Writer)) => return Poll::Ready(End::UpstreamError),
+                Poll::Ready(Ok(())) | Poll::Pending => {}
+            }
+        }
+        if !Copier::<U, C>::progress(&mut down).done {
+            match Copier::<U, C>::poll_copy(&mut down, cx, upstream, client) {
+                Poll::Ready(Err(Failed::Reader)) => return Poll::Ready(End::UpstreamError),
+                // The client already closed its side and left: what it did not take was its choice.
+                Poll::Ready(Err(Failed::Writer)) if Copier::<C, U>::progress(&mut up).done => {
+                    return Poll::Ready(End::Closed);
+                }
+                Poll::Ready(Err(Failed::Writer)) => return Poll::Ready(End::ClientError),
+                Poll::Ready(Ok(())) | Poll::Pending => {}
+            }
+        }
+        let (up_p, down_p) = (
+            Copier::<C, U>::progress(&mut up),
+            Copier::<U, C>::progress(&mut down),
+        );
+        if up_p.done && down_p.done {
+            return Poll::Ready(End::Closed);
+        }
+        while idle_check.as_mut().poll(cx).is_ready() {
+            let moved = up_p.bytes != up_p.bytes_at_tick
+                || down_p.bytes != down_p.bytes_at_tick
+                || up_p.throttled
+                || down_p.throttled;
+            quiet = if moved { Duration::ZERO } else { quiet + tick };
+            if quiet >= idle {
+                return Poll::Ready(End::IdleTimeout);
+            }
+            up_p.bytes_at_tick = up_p.bytes;
+            down_p.bytes_at_tick = down_p.bytes;
+            let next = idle_check.deadline() + tick;
+            idle_check.as_mut().reset(next);
+        }
+        Poll::Pending
+    })
+    .await;
+    let bytes_up = Copier::<C, U>::progress(&mut up).bytes;
+    let bytes_down = Copier::<U, C>::progress(&mut down).bytes;
+    Outcome {
+        bytes_up,
+        bytes_down,
+        end,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
+
+    /// A relay between two in-memory streams; returns the client's and the upstream's far ends.
+    fn spawn_relay(
+        idle: Duration,
+    ) -> (DuplexStream, DuplexStream, tokio::task::JoinHandle<Outcome>) {
+        let (client, mut client_side) = duplex(1024);
+        let (mut upstream_side, upstream) = duplex(1024);
+        let relay = tokio::spawn(async move {
+            relay(
+                &mut client_side,
+                &mut upstream_side,
+                idle,
+                None,
+                Pacers::default(),
+            )
+            .await
+        });
+        (client, upstream, relay)
+    }
+
+    #[tokio::test]
+    async fn copies_both_ways_and_forwards_half_close() {
+        let (mut client, mut upstream, relay) = spawn_relay(Duration::from_secs(60));
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            upstream.read_to_end(&mut got).await.unwrap();
+            (upstream, got)
+        });
+        client.write_all(&[7u8; 100_000]).await.unwrap();
+        client.shutdown().await.unwrap();
+        let (mut upstream, got) = reader.await.unwrap();
+        assert_eq!(
+            got.len(),
+            100_000,
+            "client EOF reaches upstream after all bytes"
+        );
+        upstream.write_all(b"reply after half-close").await.unwrap();
+        upstream.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, b"reply after half-close");
+        let outcome = relay.await.unwrap();
+        assert_eq!(
+            outcome,
+            Outcome {
+                bytes_up: 100_000,
+                bytes_down: 22,
+                end: End::Closed
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closes_an_idle_tunnel_after_the_timeout_and_not_before() {
+        let started = Instant::now();
+        let (mut client, mut upstream, relay) = spawn_relay(Duration::from_secs(100));
+        // Activity every 60 s keeps it open past the 100 s timeout.
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            client.write_all(b"x").await.unwrap();
+            let mut one = [0u8; 1];
+            upstream.read_exact(&mut one).await.unwrap();
+        }
+        let last_byte = Instant::now();
+        let outcome = relay.await.unwrap();
+        let quiet = Instant::now() - last_byte;
+        assert_eq!(outcome.end, End::IdleTimeout);
+        assert_eq!(outcome.bytes_up, 3);
+        assert!(
+            quiet >= Duration::from_secs(100) && quiet <= Duration::from_secs(125),
+            "closed after {quiet:?} of quiet"
+        );
+        assert!(Instant::now() - started >= Duration::from_secs(280));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_waiting_for_its_bandwidth_turn_is_not_idle() {
+        use crate::bandwidth::Pacer;
+        use crate::bandwidth::bucket::{Bucket, Timeline};
+        use crate::bandwidth::gate::Gate;
+        use std::sync::Arc;
+        let timeline = Timeline::starting_now();
+        let bucket = Arc::new(Bucket::default());
+        // 1 kB/s: each 1 KiB chunk waits about a second, longer than the idle timeout.
+        bucket.set(Some((1_000, 1)), timeline.now());
+        let (mut client, mut client_side) = duplex(64 * 1024);
+        let (mut upstream_side, mut upstream) = duplex(64 * 1024);
+        let pacers = Pacers {
+            upload: Some(Box::new(Pacer::new(Gate::new(vec![bucket], 1), timeline))),
+            download: None,
+        };
+        let relay = tokio::spawn(async move {
+            relay(
+                &mut client_side,
+                &mut upstream_side,
+                Duration::from_millis(400),
+                None,
+                pacers,
+            )
+            .await
+        });
+        client.write_all(&[1u8; 4096]).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        upstream.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), 4096);
+        drop((client, upstream));
+        let outcome = relay.await.unwrap();
+        assert_eq!(outcome.bytes_up, 4096);
+        assert_ne!(outcome.end, End::IdleTimeout);
+    }
+
+    #[tokio::test]
+    async fn an_upstream_failure_ends_the_tunnel_with_counts() {
+        let (mut client, upstream, relay) = spawn_relay(Duration::from_secs(60));
+        client.write_all(b"hello").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(upstream);
+        client.write_all(b"more").await.unwrap();
+        let outcome = relay.await.unwrap();
+        assert_eq!(outcome.end, End::UpstreamError);
+        assert!(outcome.bytes_up >= 5);
+    }
+}
