@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The connections of one process, across all its listeners.
 #[derive(Clone)]
@@ -17,6 +17,11 @@ pub struct Connections {
     permits: Arc<Semaphore>,
     max: usize,
     next_id: Arc<AtomicU64>,
+}
+
+/// One connection's place among the `max` at once; dropping it frees the place.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
 }
 
 /// How a drain ended.
@@ -45,11 +50,15 @@ impl Connections {
     }
 
     /// Accepts on `listener` for as long as the returned future is polled (drop it, or abort
-    /// its task, to stop accepting), serving each client with `serve(stream, peer, conn_id)` on
-    /// a task of its own that holds the client's permit until it is done.
+    /// its task, to stop accepting), serving each client with `serve(stream, peer, conn_id,
+    /// slot)` on a task of its own; the future must hold `slot` until the client is done.
+    ///
+    /// The slot goes into `serve` rather than into a wrapper around its future: an async block
+    /// that awaits a future it captured stores that future twice (the capture and the await),
+    /// and every idle tunnel would pay for the copy.
     pub async fn accept_loop<F, Fut>(&self, listener: TcpListener, serve: F)
     where
-        F: Fn(TcpStream, SocketAddr, u64) -> Fut,
+        F: Fn(TcpStream, SocketAddr, u64, Slot) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let mut backoff = Duration::from_millis(10);
@@ -62,11 +71,7 @@ impl Connections {
                     backoff = Duration::from_millis(10);
                     let _ = stream.set_nodelay(true);
                     let conn_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                    let serving = serve(stream, peer, conn_id);
-                    tokio::spawn(async move {
-                        serving.await;
-                        drop(permit);
-                    });
+                    tokio::spawn(serve(stream, peer, conn_id, Slot { _permit: permit }));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "accept failed");
@@ -102,11 +107,12 @@ mod tests {
             let connections = connections.clone();
             tokio::spawn(async move {
                 connections
-                    .accept_loop(listener, move |mut tcp, _, id| {
+                    .accept_loop(listener, move |mut tcp, _, id, slot| {
                         let mut released = released.clone();
                         async move {
                             let _ = tcp.write_all(&id.to_be_bytes()).await;
                             let _ = released.wait_for(|&r| r).await;
+                            drop(slot);
                         }
                     })
                     .await

@@ -2,14 +2,16 @@
 //! file servers reach only the sync service's domains, resolves names itself, refuses internal
 //! destinations, and logs one canonical line per request.
 //!
-//! The floors, lowest first (a module imports only from its own floor or below):
-//! - [`process`], [`stream`], [`end`], [`metrics`], [`access_log`], [`accept`]: the parts both
-//!   binaries stand on (runtime, streams, how a connection ends, the log line, the accept loop).
+//! The floors, lowest first (a module imports only from its own floor or below; see
+//! docs/architecture.md for the map and `tests/it/layout.rs` for the check):
+//! - [`process`], [`accept`], [`end`], [`metrics`], [`access_log`]: the parts both binaries
+//!   stand on (runtime, the accept loop, how a connection ends, metrics, the log line).
 //! - [`policy`]: host names and patterns, the allow-list and its [`policy::Decision`], the
 //!   destination wall, the built-in profiles. Pure: no I/O, no clock.
 //! - [`bandwidth`]: schedules, bucket arithmetic, per-tunnel gates and paced IO, budgets.
 //! - [`config`]: the operator's TOML compiled once into a validated [`config::Config`].
-//! - [`tunnel`]: the byte copy (buffered and spliced) with half-close, idle check and counts.
+//! - [`tunnel`], [`stream`]: the byte copy (buffered and spliced) with half-close, idle check
+//!   and counts; plain or TLS streams as the copy sees them.
 //! - [`gateway`]: one client connection, top to bottom in [`gateway::connect`]: head ->
 //!   identity -> plan (policy, resolve, wall) -> dial -> reply -> SNI -> tunnel -> log line.
 //! - [`server`], [`reload`], [`admin`]: listeners, live reconfiguration, the admin endpoints.

@@ -276,4 +276,73 @@ mod tests {
         let err = AgentFile::load(&path).unwrap_err();
         assert!(err.contains("unknown field `gateway`"), "{err}");
     }
+
+    /// A CA file and an agent file beside it; `extra` is appended to the file.
+    fn agent_file(extra: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["ca.test".into()]).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, format!("ca = \"ca.pem\"\n{extra}")).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn forward_settings_take_options_over_the_file_over_the_defaults() {
+        let (_dir, path) = agent_file(
+            "gateways = [\"http://gw1:3128\", \"http://gw2:3128\"]\nprobe_interval = \"30s\"\n[timeouts]\nidle = \"5m\"\n",
+        );
+        let defaults = ForwardOptions::default();
+        let settings = forward_settings(&defaults, AgentFile::load(&path).unwrap()).unwrap();
+        assert_eq!(settings.listen, SocketAddr::from(([127, 0, 0, 1], 3128)));
+        assert_eq!(settings.pool.len(), 2);
+        assert_eq!(settings.idle_timeout, Duration::from_secs(300));
+        assert_eq!(settings.head_timeout, Duration::from_secs(10));
+        assert_eq!(settings.drain, Duration::from_secs(30));
+        assert_eq!(settings.probe_interval, Duration::from_secs(30));
+        assert_eq!(settings.max_connections, 4096);
+        assert!(settings.authorization.is_none());
+
+        let options = ForwardOptions {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 4000))),
+            gateways: vec!["http://gw3:3128".parse().unwrap()],
+            probe_interval: Some(Duration::from_secs(1)),
+            ..ForwardOptions::default()
+        };
+        let settings = forward_settings(&options, AgentFile::load(&path).unwrap()).unwrap();
+        assert_eq!(settings.listen.port(), 4000);
+        assert_eq!(settings.pool.len(), 1, "--gateway replaces the file's list");
+        assert_eq!(settings.probe_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn bad_forward_settings_name_their_key() {
+        for (extra, want) in [
+            ("", "no gateway"),
+            (
+                "gateways = [\"http://gw:3128\"]\nmax_connections = 0\n",
+                "max_connections",
+            ),
+            (
+                "gateways = [\"http://gw:3128\"]\n[timeouts]\nhead = \"soon\"\n",
+                "timeouts.head",
+            ),
+            ("gateways = [\"ftp://gw\"]\n", "gateways[0]"),
+            (
+                "gateways = [\"http://gw:3128\"]\nlisten = \"here\"\n",
+                "listen",
+            ),
+            (
+                "gateways = [\"http://gw:3128\"]\nuser = \"london\"\npassword_file = \"missing\"\n",
+                "password file",
+            ),
+        ] {
+            let (_dir, path) = agent_file(extra);
+            let file = AgentFile::load(&path).unwrap();
+            let err = forward_settings(&ForwardOptions::default(), file)
+                .err()
+                .unwrap_or_else(|| panic!("{extra:?} was accepted"));
+            assert!(err.contains(want), "{extra:?}: {err}");
+        }
+    }
 }

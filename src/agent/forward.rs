@@ -55,9 +55,12 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> std:
     let probe = tokio::spawn(settings.pool.clone().probe_forever(settings.probe_interval));
     let settings = Arc::new(settings);
     let connections = Connections::new(settings.max_connections);
-    let accepting = connections.accept_loop(listener, |tcp, peer, id| {
+    let accepting = connections.accept_loop(listener, |tcp, peer, id, slot| {
         let settings = settings.clone();
-        async move { serve(&settings, tcp, peer, id).await }
+        async move {
+            serve(&settings, tcp, peer, id).await;
+            drop(slot);
+        }
     });
     tokio::select! {
         _ = shutdown => {}
@@ -81,8 +84,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> std:
 
 /// Loopback always; other addresses only from `clients` (IPv4-mapped IPv6 counts as IPv4).
 fn client_allowed(clients: &[IpNet], ip: IpAddr) -> bool {
-    let ip = ip.to_canonical();
-    ip.is_loopback() || clients.iter().any(|net| net.contains(&ip))
+    ip.to_canonical().is_loopback() || crate::policy::in_networks(clients, ip)
 }
 
 async fn serve(settings: &Settings, mut app: TcpStream, peer: SocketAddr, id: u64) {

@@ -48,9 +48,7 @@ async fn real_client(
     conn_id: u64,
     started: Instant,
 ) -> Option<SocketAddr> {
-    let balancers = &gw.config.listen.proxy_protocol_from;
-    let peer_ip = peer.ip().to_canonical();
-    if !balancers.iter().any(|net| net.contains(&peer_ip)) {
+    if !crate::policy::in_networks(&gw.config.listen.proxy_protocol_from, peer.ip()) {
         return Some(peer);
     }
     match super::proxy_protocol::read_header(client, gw.config.timeouts.head).await {

@@ -152,12 +152,7 @@ impl Gateway {
     }
 
     pub fn client_allowed(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        self.config
-            .listen
-            .clients
-            .iter()
-            .any(|net| net.contains(&ip))
+        crate::policy::in_networks(&self.config.listen.clients, ip)
     }
 }
 

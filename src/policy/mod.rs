@@ -9,6 +9,7 @@ pub mod profiles;
 
 use host::{Host, HostPattern};
 use ipnet::IpNet;
+use std::net::IpAddr;
 
 /// Per-rule SNI policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
@@ -31,6 +32,13 @@ impl SniMode {
             SniMode::Off => "off",
         }
     }
+}
+
+/// Whether `ip` is in one of `nets`; an IPv4-mapped IPv6 address counts as its IPv4 form (a
+/// dual-stack listener sees IPv4 clients that way).
+pub fn in_networks(nets: &[IpNet], ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    nets.iter().any(|net| net.contains(&ip))
 }
 
 /// Whether denials are enforced or only reported.

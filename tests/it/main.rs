@@ -7,6 +7,7 @@ mod branches;
 mod cli;
 mod denials;
 mod lane;
+mod layout;
 mod malformed;
 mod proxy_protocol;
 mod reload;
