@@ -6,22 +6,67 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// The connections of one process, across all its listeners.
+/// A listening socket for clients, with the longest accept queue the system allows
+/// (`net.core.somaxconn`): at the connection limit, clients wait there, not refused.
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog())
+}
+
+/// `net.core.somaxconn`, or 4096 where it cannot be read.
+fn backlog() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(4096)
+}
+
+/// Highest limit taken (a semaphore's permits are bounded, and far beyond any descriptor limit).
+const MAX_LIMIT: usize = 1 << 24;
+
+/// The connections of one process, across all its listeners. The limit can change while
+/// they run (a reload): raising it adds places at once; lowering it takes places away as
+/// connections end, so no open one is cut.
 #[derive(Clone)]
 pub struct Connections {
     permits: Arc<Semaphore>,
-    max: usize,
+    /// The limit in force.
+    max: Arc<std::sync::Mutex<usize>>,
+    /// Connections being served, counted apart from the permits (a lowered limit leaves
+    /// permits owed), so `open` and the drain are exact.
+    open: Arc<AtomicUsize>,
+    /// Permits a lowered limit still has to take back: the accept loops forget this many of
+    /// the permits they acquire before accepting again.
+    owed: Arc<AtomicUsize>,
+    /// Signalled when the last open connection ends.
+    idle: Arc<tokio::sync::Notify>,
     next_id: Arc<AtomicU64>,
 }
 
 /// One connection's place among the `max` at once; dropping it frees the place.
 pub struct Slot {
     _permit: OwnedSemaphorePermit,
+    open: Arc<AtomicUsize>,
+    idle: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
 }
 
 /// How a drain ended.
@@ -36,17 +81,58 @@ pub enum Drained {
 impl Connections {
     /// At most `max` connections at once (at least one).
     pub fn new(max: usize) -> Self {
-        let max = max.clamp(1, Semaphore::MAX_PERMITS);
+        let max = max.clamp(1, MAX_LIMIT);
         Self {
             permits: Arc::new(Semaphore::new(max)),
-            max,
+            max: Arc::new(std::sync::Mutex::new(max)),
+            open: Arc::default(),
+            owed: Arc::default(),
+            idle: Arc::default(),
             next_id: Arc::new(AtomicU64::new(1)),
         }
     }
 
     /// Connections being served now.
     pub fn open(&self) -> usize {
-        self.max - self.permits.available_permits()
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// The limit in force.
+    pub fn limit(&self) -> usize {
+        *self.max.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Puts a new limit in force. Raised: the new places are free at once. Lowered: free
+    /// places go now, the rest as open connections end (new clients wait meanwhile).
+    pub fn resize(&self, max: usize) {
+        let max = max.clamp(1, MAX_LIMIT);
+        let mut current = self.max.lock().unwrap_or_else(|e| e.into_inner());
+        if max > *current {
+            // Places still owed from an earlier lowering are forgiven first.
+            let mut add = max - *current;
+            let _ = self
+                .owed
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |owed| {
+                    let forgiven = owed.min(max - *current);
+                    add = max - *current - forgiven;
+                    Some(owed - forgiven)
+                });
+            self.permits.add_permits(add);
+        } else if max < *current {
+            let remove = *current - max;
+            let forgotten = self.permits.forget_permits(remove);
+            self.owed.fetch_add(remove - forgotten, Ordering::AcqRel);
+        }
+        *current = max;
+    }
+
+    /// Whether a permit just acquired pays a lowered limit's debt (and is forgotten).
+    fn pays_debt(&self) -> bool {
+        self.owed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |owed| {
+                owed.checked_sub(1)
+            })
+            .is_ok()
     }
 
     /// Accepts on `listener` for as long as the returned future is polled (drop it, or abort
@@ -66,12 +152,22 @@ impl Connections {
             let Ok(permit) = self.permits.clone().acquire_owned().await else {
                 return;
             };
+            if self.pays_debt() {
+                permit.forget();
+                continue;
+            }
             match listener.accept().await {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(10);
                     let _ = stream.set_nodelay(true);
                     let conn_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                    tokio::spawn(serve(stream, peer, conn_id, Slot { _permit: permit }));
+                    self.open.fetch_add(1, Ordering::AcqRel);
+                    let slot = Slot {
+                        _permit: permit,
+                        open: self.open.clone(),
+                        idle: self.idle.clone(),
+                    };
+                    tokio::spawn(serve(stream, peer, conn_id, slot));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "accept failed");
@@ -84,9 +180,17 @@ impl Connections {
 
     /// Waits up to `timeout` for every connection to finish.
     pub async fn drain(&self, timeout: Duration) -> Drained {
-        let all = u32::try_from(self.max).unwrap_or(u32::MAX);
-        match tokio::time::timeout(timeout, self.permits.acquire_many(all)).await {
-            Ok(_) => Drained::All,
+        let all_ended = async {
+            loop {
+                let idle = self.idle.notified();
+                if self.open() == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        match tokio::time::timeout(timeout, all_ended).await {
+            Ok(()) => Drained::All,
             Err(_) => Drained::Left(self.open()),
         }
     }

@@ -28,6 +28,7 @@ pub enum End {
     TlsHandshakeFailed,
     ClientClosed,
     ClientRead,
+    PendingHeadsLimit,
     HeadTimeout,
     HeadTooLarge,
     BadRequest,
@@ -73,6 +74,7 @@ impl End {
         End::TlsHandshakeFailed,
         End::ClientClosed,
         End::ClientRead,
+        End::PendingHeadsLimit,
         End::HeadTimeout,
         End::HeadTooLarge,
         End::BadRequest,
@@ -113,6 +115,7 @@ impl End {
             End::TlsHandshakeFailed => "tls_handshake_failed",
             End::ClientClosed => "client_closed",
             End::ClientRead => "client_read",
+            End::PendingHeadsLimit => "pending_heads_limit",
             End::HeadTimeout => "head_timeout",
             End::HeadTooLarge => "head_too_large",
             End::BadRequest => "bad_request",
@@ -150,7 +153,10 @@ impl End {
             End::MethodNotAllowed => 405,
             End::AuthRequired | End::AuthFailed => 407,
             End::HeadTimeout => 408,
-            End::AuthRateLimited | End::RateLimited | End::BranchTunnelLimit => 429,
+            End::AuthRateLimited
+            | End::RateLimited
+            | End::BranchTunnelLimit
+            | End::PendingHeadsLimit => 429,
             End::HeadTooLarge => 431,
             End::DnsFailed | End::ConnectFailed | End::UpstreamError | End::NoGateway => 502,
             End::DnsTimeout | End::ConnectTimeout | End::UpstreamTimeout | End::GatewayTimeout => {

@@ -21,6 +21,8 @@ pub struct Reloader {
     pub(crate) schedules_changed: Arc<tokio::sync::Notify>,
     /// One reload at a time (SIGHUP and `POST /reload` may race): each builds on the last.
     pub(crate) applying: Arc<std::sync::Mutex<()>>,
+    /// The server's connections: a new `limits.max_connections` applies to them at once.
+    pub(crate) connections: crate::accept::Connections,
 }
 
 impl Reloader {
@@ -70,6 +72,7 @@ impl Reloader {
         let next = Arc::new(Gateway::replacing(config, Some(&previous))?);
         next.metrics.reloaded(true);
         self.current.store(next.clone());
+        self.connections.resize(next.config.limits.max_connections);
         // The new snapshot has put its limits in force; budgets it dropped let go.
         previous.throttles.retire_missing(&next.throttles);
         self.schedules_changed.notify_one();

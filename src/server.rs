@@ -31,6 +31,8 @@ pub struct Server {
     /// Wakes the schedule task after a reload.
     schedules_changed: Arc<tokio::sync::Notify>,
     applying: Arc<std::sync::Mutex<()>>,
+    /// Client connections across all listeners, against `limits.max_connections`.
+    connections: Connections,
     admin: Option<TcpListener>,
     /// Set once shutdown begins: /readyz answers 503.
     draining: Arc<AtomicBool>,
@@ -44,7 +46,7 @@ impl Server {
         let mut listeners = Vec::new();
         let config = &gateway.config;
         for (addr, tls_index) in listener_keys(&config.listen) {
-            let listener = TcpListener::bind(addr).await.map_err(|e| {
+            let listener = crate::accept::listen(addr).map_err(|e| {
                 std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
             })?;
             listeners.push(((addr, tls_index), listener));
@@ -55,6 +57,7 @@ impl Server {
                 std::io::Error::new(e.kind(), format!("cannot listen on {addr} (admin): {e}"))
             })?),
         };
+        let connections = Connections::new(config.limits.max_connections);
         Ok(Self {
             current: Arc::new(ArcSwap::from_pointee(gateway)),
             listeners,
@@ -64,6 +67,7 @@ impl Server {
             listen_changed: Arc::new(tokio::sync::Notify::new()),
             schedules_changed: Arc::new(tokio::sync::Notify::new()),
             applying: Arc::default(),
+            connections,
         })
     }
 
@@ -75,6 +79,7 @@ impl Server {
             listen_changed: self.listen_changed.clone(),
             schedules_changed: self.schedules_changed.clone(),
             applying: self.applying.clone(),
+            connections: self.connections.clone(),
         }
     }
 
@@ -82,7 +87,7 @@ impl Server {
     /// `timeouts.drain` to finish; whatever is left is closed when the process exits.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let reloader = self.reloader();
-        let connections = Connections::new(self.current.load().config.limits.max_connections);
+        let connections = self.connections.clone();
         let mut background = tokio::task::JoinSet::new();
         let spawn = |(key, listener): (ListenerKey, TcpListener)| {
             if let Ok(addr) = listener.local_addr() {
@@ -145,7 +150,7 @@ impl Server {
                         if listening.contains_key(&key) {
                             continue;
                         }
-                        match TcpListener::bind(key.0).await {
+                        match crate::accept::listen(key.0) {
                             Ok(listener) => {
                                 let (key, handle) = spawn((key, listener));
                                 listening.insert(key, handle);

@@ -21,7 +21,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// tracing target of the one line per forwarded request.
@@ -48,7 +48,7 @@ pub struct Settings {
 
 /// Binds the listener, then serves until `shutdown` resolves, then drains.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
-    let listener = TcpListener::bind(settings.listen).await?;
+    let listener = crate::accept::listen(settings.listen)?;
     let local = listener.local_addr()?;
     tracing::info!(address = %local, gateways = settings.pool.len(), "listening");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);

@@ -62,6 +62,11 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Unfinished request heads one address may hold: far above what busy branch servers behind
+/// one NAT address have in flight at once, far below the connection limit.
+pub const DEFAULT_MAX_PENDING_HEADS_PER_CLIENT: u32 = 64;
+/// A host on an IPv6 network usually holds a whole /64 (SLAAC, privacy addresses).
+pub const DEFAULT_IPV6_CLIENT_PREFIX: u8 = 64;
 pub const DEFAULT_AUTH_ATTEMPTS_PER_MINUTE: std::num::NonZeroU32 =
     std::num::NonZeroU32::new(30).expect("non-zero");
 
@@ -176,6 +181,12 @@ pub struct Limits {
     pub connect_rate_per_client: Option<std::num::NonZeroU32>,
     /// Credential checks (argon2 verifications) per minute from one client address.
     pub auth_attempts_per_minute: std::num::NonZeroU32,
+    /// Connections from one client address that have not finished their request head yet
+    /// (TLS handshake, PROXY header and head included); more are refused at once.
+    pub max_pending_heads_per_client: u32,
+    /// IPv6 clients are counted per prefix of this length for the per-client limits (one host
+    /// holds a whole /64).
+    pub ipv6_client_prefix: u8,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -300,6 +311,30 @@ fn compile(raw: RawConfig, base: &Path, now: Timestamp, p: &mut Problems<'_>) ->
                 );
                 DEFAULT_AUTH_ATTEMPTS_PER_MINUTE
             }),
+        },
+        max_pending_heads_per_client: match &raw.limits.max_pending_heads_per_client {
+            None => DEFAULT_MAX_PENDING_HEADS_PER_CLIENT,
+            Some(n) if *n.get_ref() == 0 => {
+                p.add(
+                    n.span(),
+                    "limits.max_pending_heads_per_client",
+                    "expected a number of connections above 0",
+                );
+                DEFAULT_MAX_PENDING_HEADS_PER_CLIENT
+            }
+            Some(n) => *n.get_ref(),
+        },
+        ipv6_client_prefix: match &raw.limits.ipv6_client_prefix {
+            None => DEFAULT_IPV6_CLIENT_PREFIX,
+            Some(n) if !(1..=128).contains(n.get_ref()) => {
+                p.add(
+                    n.span(),
+                    "limits.ipv6_client_prefix",
+                    "expected a prefix length from 1 to 128 (64: one host per /64)",
+                );
+                DEFAULT_IPV6_CLIENT_PREFIX
+            }
+            Some(n) => *n.get_ref(),
         },
     };
 

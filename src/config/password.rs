@@ -1,17 +1,21 @@
 //! Proxy passwords as the config stores them: argon2id PHC strings, parsed once when the
 //! config is compiled (parameters, salt and expected output), so a credential check runs
-//! argon2 and a constant-time comparison and nothing else. No password is ever kept.
+//! argon2 and a constant-time comparison and nothing else. No password is ever kept. A check
+//! works in memory its caller lends (`verify_in`), so the gateway can bound what all checks
+//! together hold.
 
 use argon2::password_hash::{Output, PasswordHash, PasswordHasher, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use std::fmt;
 
 /// One user's stored password.
 #[derive(Clone)]
 pub struct StoredPassword {
     argon2: Argon2<'static>,
-    salt: SaltString,
+    /// The salt's raw bytes (decoded from the PHC string's base64 once).
+    salt: Vec<u8>,
     expected: Output,
+    blocks: usize,
 }
 
 impl StoredPassword {
@@ -27,26 +31,46 @@ impl StoredPassword {
             None => Version::default(),
             Some(v) => Version::try_from(v).map_err(|_| EXPECTED)?,
         };
+        let mut salt = [0u8; 64];
         let salt = hash
             .salt
-            .and_then(|s| SaltString::from_b64(s.as_str()).ok())
-            .ok_or(EXPECTED)?;
+            .and_then(|s| s.decode_b64(&mut salt).ok())
+            .ok_or(EXPECTED)?
+            .to_vec();
         let expected = hash.hash.ok_or(EXPECTED)?;
+        let blocks = params.block_count();
         Ok(Self {
             argon2: Argon2::new(Algorithm::Argon2id, version, params),
             salt,
             expected,
+            blocks,
         })
     }
 
-    /// Whether `password` is this one (slow by design: run it off the async workers).
-    pub fn verify(&self, password: &str) -> bool {
+    /// Bytes of memory one check takes (`m_cost` KiB).
+    pub fn memory_bytes(&self) -> usize {
+        self.blocks * std::mem::size_of::<Block>()
+    }
+
+    /// Whether `password` is this one, working in `memory` (grown to this hash's size when
+    /// smaller, then kept for the next check). Slow by design: run it off the async workers.
+    pub fn verify_in(&self, password: &str, memory: &mut Vec<Block>) -> bool {
+        if memory.len() < self.blocks {
+            memory.resize(self.blocks, Block::default());
+        }
+        let mut out = [0u8; 64];
+        let out = &mut out[..self.expected.len()];
         self.argon2
-            .hash_password(password.as_bytes(), self.salt.as_salt())
+            .hash_password_into_with_memory(password.as_bytes(), &self.salt, out, &mut memory[..])
             .ok()
-            .and_then(|h| h.hash)
+            .and_then(|()| Output::new(out).ok())
             // `Output`'s equality is constant-time.
             .is_some_and(|output| output == self.expected)
+    }
+
+    /// `verify_in` with memory of its own.
+    pub fn verify(&self, password: &str) -> bool {
+        self.verify_in(password, &mut Vec::new())
     }
 }
 
@@ -85,6 +109,11 @@ mod tests {
             "fresh salt each time"
         );
         assert_eq!(format!("{stored:?}"), "StoredPassword(argon2id)");
+        // The memory a check lends is sized once and kept.
+        let mut memory = Vec::new();
+        assert!(stored.verify_in("correct horse", &mut memory));
+        assert_eq!(memory.len() * 1024, stored.memory_bytes());
+        assert!(!stored.verify_in("wrong horse", &mut memory));
     }
 
     #[test]

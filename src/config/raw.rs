@@ -134,6 +134,8 @@ pub(super) struct RawLimits {
     pub(super) max_connections: Option<Spanned<u32>>,
     pub(super) connect_rate_per_client: Option<Spanned<u32>>,
     pub(super) auth_attempts_per_minute: Option<Spanned<u32>>,
+    pub(super) max_pending_heads_per_client: Option<Spanned<u32>>,
+    pub(super) ipv6_client_prefix: Option<Spanned<u8>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -3,6 +3,7 @@
 //! carrying how the connection ends and the status to send (if a reply can still be sent).
 
 use super::lane;
+use super::pending::Pending;
 use super::plan::plan;
 use super::refusal::{End, Refusal};
 use super::request;
@@ -28,6 +29,13 @@ pub async fn serve(gw: &Gateway, mut client: TcpStream, peer: SocketAddr, conn_i
     let Some(peer) = real_client(gw, &mut client, peer, conn_id, started).await else {
         return;
     };
+    // Held here and lent down (an argument of each async fn on the way would cost its space
+    // in every idle tunnel's future).
+    let mut pending = enter_pending(gw, peer);
+    if pending.is_none() {
+        // Boxed: only refused connections pay for the reply's future.
+        return Box::pin(refuse_before_head(gw, client, peer, conn_id, started)).await;
+    }
     serve_stream(
         gw,
         ClientStream::Plain(client),
@@ -35,8 +43,61 @@ pub async fn serve(gw: &Gateway, mut client: TcpStream, peer: SocketAddr, conn_i
         conn_id,
         Vec::new(),
         started,
+        &mut pending,
     )
     .await;
+}
+
+/// Answers 429 to a client over its unfinished-heads limit (nothing read yet) and closes
+/// without waiting for anything more.
+async fn refuse_before_head(
+    gw: &Gateway,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    conn_id: u64,
+    started: Instant,
+) {
+    let refusal = too_many_pending();
+    let reply = request::write_error(&mut client, 429, &refusal.reason);
+    let replied = matches!(tokio::time::timeout(REPLY_TIMEOUT, reply).await, Ok(Ok(())));
+    let _ = client.shutdown().await;
+    log_refused(gw, conn_id, peer, refusal, replied, started);
+}
+
+/// Counts an unfinished head for `peer`; `None` when it holds its limit already.
+fn enter_pending(gw: &Gateway, peer: SocketAddr) -> Option<Pending<'_>> {
+    let limits = &gw.config.limits;
+    let key = crate::policy::client_key(peer.ip(), limits.ipv6_client_prefix);
+    gw.pending_heads
+        .enter(key, limits.max_pending_heads_per_client)
+}
+
+fn too_many_pending() -> Refusal {
+    Refusal::new(
+        End::PendingHeadsLimit,
+        "too many unfinished requests from this address",
+    )
+}
+
+/// The access line of a connection refused before its head.
+fn log_refused(
+    gw: &Gateway,
+    conn_id: u64,
+    peer: SocketAddr,
+    refusal: Refusal,
+    replied: bool,
+    started: Instant,
+) {
+    AccessRecord {
+        conn_id,
+        client: Some(peer),
+        status: refusal.status.filter(|_| replied).unwrap_or(0),
+        reason: refusal.reason.into_owned(),
+        end: refusal.end,
+        duration: started.elapsed(),
+        ..AccessRecord::default()
+    }
+    .finish(&gw.metrics);
 }
 
 /// The client's address: the peer's own, or, for a trusted load balancer, the one its PROXY
@@ -81,6 +142,13 @@ pub async fn serve_tls(
     let Some(peer) = real_client(gw, &mut client, peer, conn_id, started).await else {
         return;
     };
+    // The handshake counts as unfinished head; no reply can be sent before it.
+    let mut pending = enter_pending(gw, peer);
+    if pending.is_none() {
+        let refusal = Refusal::after_reply(too_many_pending().end, too_many_pending().reason);
+        log_refused(gw, conn_id, peer, refusal, false, started);
+        return;
+    }
     let timeout = gw
         .config
         .tls
@@ -102,6 +170,7 @@ pub async fn serve_tls(
                 conn_id,
                 names,
                 started,
+                &mut pending,
             )
             .await;
         }
@@ -126,6 +195,7 @@ async fn serve_stream(
     conn_id: u64,
     certificate_names: Vec<String>,
     started: Instant,
+    pending: &mut Option<Pending<'_>>,
 ) {
     let mut record = AccessRecord {
         conn_id,
@@ -133,7 +203,15 @@ async fn serve_stream(
         ..AccessRecord::default()
     };
     let mut replied = false;
-    if let Err(refusal) = handle(gw, &mut client, peer, &certificate_names, &mut record).await {
+    let handled = handle(
+        gw,
+        &mut client,
+        peer,
+        &certificate_names,
+        pending,
+        &mut record,
+    );
+    if let Err(refusal) = handled.await {
         if let Some(status) = refusal.status {
             let reply = request::write_error(&mut client, status, &refusal.reason);
             if let Ok(Ok(())) = tokio::time::timeout(REPLY_TIMEOUT, reply).await {
@@ -180,14 +258,23 @@ async fn handle(
     client: &mut ClientStream,
     peer: SocketAddr,
     certificate_names: &[String],
+    pending: &mut Option<Pending<'_>>,
     record: &mut AccessRecord,
 ) -> Result<(), Refusal> {
     let timeouts = gw.config.timeouts;
-    let mut req = request::read_connect(client, timeouts.head).await?;
+    let read = request::read_connect(client, timeouts.head).await;
+    // The head is in (or failed): this connection no longer counts as unfinished.
+    drop(pending.take());
+    let mut req = read?;
     record.host = Some(req.target.host.to_string());
     record.port = Some(req.target.port);
     if let Some(limiter) = &gw.connect_rate
-        && limiter.check_key(&peer.ip().to_canonical()).is_err()
+        && limiter
+            .check_key(&crate::policy::client_key(
+                peer.ip(),
+                gw.config.limits.ipv6_client_prefix,
+            ))
+            .is_err()
     {
         return Err(Refusal::new(
             End::RateLimited,

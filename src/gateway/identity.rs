@@ -24,6 +24,8 @@ pub enum Refused {
     WrongCredentials,
     /// Too many credential checks from this address.
     TooManyAttempts,
+    /// Too many credential checks in progress, gateway-wide.
+    ChecksBusy,
     /// No branch matches and unassigned clients are not admitted.
     NoBranch,
 }
@@ -37,6 +39,70 @@ pub struct Identifier {
     /// SHA-256 of a verified `Proxy-Authorization` value -> branch index.
     verified: Mutex<HashMap<[u8; 32], usize>>,
     attempts: DefaultKeyedRateLimiter<IpAddr>,
+    ipv6_prefix: u8,
+}
+
+/// Credential checks in progress, gateway-wide: each argon2 check holds its `m_cost` of memory
+/// (19 MiB by default) for tens of milliseconds, so unbounded parallel guesses would take
+/// hundreds of MiB. At most one check per two cores runs (the other half stays with the data
+/// path, so other branches' tunnels never queue behind guesses), each in a memory block kept
+/// for the next; a bounded number wait; beyond that a guess is refused (429) unchecked.
+struct Checks {
+    running: tokio::sync::Semaphore,
+    /// Checks waiting or running now.
+    admitted: std::sync::atomic::AtomicUsize,
+    limit: usize,
+    /// Memory blocks of finished checks, one per running check at most.
+    memory: Mutex<Vec<Vec<argon2::Block>>>,
+}
+
+/// Checks that may wait for a core, per core.
+const WAITING_CHECKS_PER_CORE: usize = 16;
+
+static CHECKS: std::sync::LazyLock<Checks> = std::sync::LazyLock::new(|| {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let running = (cores / 2).max(1);
+    Checks {
+        running: tokio::sync::Semaphore::new(running),
+        admitted: std::sync::atomic::AtomicUsize::new(0),
+        limit: running + cores * WAITING_CHECKS_PER_CORE,
+        memory: Mutex::new(Vec::new()),
+    }
+});
+
+impl Checks {
+    /// Runs `stored.verify_in(password)` when a core is free; `None` when too many wait.
+    async fn verify(&self, stored: StoredPassword, password: String) -> Option<bool> {
+        use std::sync::atomic::Ordering::AcqRel;
+        if self.admitted.fetch_add(1, AcqRel) >= self.limit {
+            self.admitted.fetch_sub(1, AcqRel);
+            return None;
+        }
+        let result = async {
+            let _running = self.running.acquire().await.ok()?;
+            let mut memory = self
+                .memory
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop()
+                .unwrap_or_default();
+            // argon2 is deliberately slow: keep it off the async workers.
+            let (ok, memory) = tokio::task::spawn_blocking(move || {
+                let ok = stored.verify_in(&password, &mut memory);
+                (ok, memory)
+            })
+            .await
+            .ok()?;
+            self.memory
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(memory);
+            Some(ok)
+        }
+        .await;
+        self.admitted.fetch_sub(1, AcqRel);
+        Some(result.unwrap_or(false))
+    }
 }
 
 impl Identifier {
@@ -58,6 +124,7 @@ impl Identifier {
                 Quota::per_minute(config.limits.auth_attempts_per_minute)
                     .allow_burst(config.limits.auth_attempts_per_minute),
             ),
+            ipv6_prefix: config.limits.ipv6_client_prefix,
         }
     }
 
@@ -122,18 +189,17 @@ impl Identifier {
             return Ok(branch);
         }
         let (user, password) = parse_basic(value).ok_or(Refused::MalformedCredentials)?;
-        if self.attempts.check_key(&client.to_canonical()).is_err() {
+        let counted_as = crate::policy::client_key(client, self.ipv6_prefix);
+        if self.attempts.check_key(&counted_as).is_err() {
             return Err(Refused::TooManyAttempts);
         }
         let Some((branch, stored)) = self.users.get(&user).cloned() else {
             return Err(Refused::WrongCredentials);
         };
-        // argon2 is deliberately slow: keep it off the async workers.
-        let ok = tokio::task::spawn_blocking(move || stored.verify(&password))
-            .await
-            .unwrap_or(false);
-        if !ok {
-            return Err(Refused::WrongCredentials);
+        match CHECKS.verify(stored, password).await {
+            None => return Err(Refused::ChecksBusy),
+            Some(false) => return Err(Refused::WrongCredentials),
+            Some(true) => {}
         }
         let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
         if verified.len() >= VERIFIED_CACHE_ENTRIES {

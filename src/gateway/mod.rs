@@ -8,6 +8,7 @@ pub mod connect;
 pub mod dial;
 pub mod identity;
 pub mod lane;
+pub mod pending;
 pub mod plan;
 pub mod proxy_protocol;
 pub mod refusal;
@@ -49,6 +50,8 @@ pub struct Gateway {
     /// Open tunnels a reload may close (tracked only under `on_reload = "close-denied"`);
     /// shared by every snapshot.
     pub revocable: Arc<Revocable>,
+    /// Unfinished request heads per client address; shared by every snapshot.
+    pub pending_heads: Arc<pending::PendingHeads>,
     /// Fresh CRL answers of the plain-HTTP lane.
     pub crl_cache: lane::CrlCache,
     /// Bandwidth budgets of the schedules; buckets carry over reloads by budget.
@@ -121,6 +124,7 @@ impl Gateway {
             throttles,
             metrics,
             revocable: previous.map_or_else(Default::default, |p| p.revocable.clone()),
+            pending_heads: previous.map_or_else(Default::default, |p| p.pending_heads.clone()),
             connect_rate,
         })
     }

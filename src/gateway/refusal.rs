@@ -45,6 +45,10 @@ impl Refusal {
             Refused::TooManyAttempts => {
                 Self::new(End::AuthRateLimited, "too many authentication attempts")
             }
+            Refused::ChecksBusy => Self::new(
+                End::AuthRateLimited,
+                "too many authentication attempts in progress",
+            ),
             Refused::NoBranch if accepts_credentials => {
                 Self::new(End::AuthRequired, "proxy authentication required")
             }

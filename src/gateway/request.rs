@@ -189,6 +189,29 @@ fn parse_head(bytes: &[u8]) -> Result<Option<(Parsed, usize)>, HeadError> {
     }
 }
 
+/// The request body's length. RFC 9112 section 6.3: more than one `Content-Length`, or one that
+/// is not plain digits (`+0`, `5, 5`, `0x10`), is ambiguous framing that an origin or a cache
+/// behind us may read differently, so it is refused, never forwarded.
+fn content_length(headers: &[httparse::Header<'_>]) -> Result<usize, HeadError> {
+    let mut values = headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("content-length"));
+    let Some(first) = values.next() else {
+        return Ok(0);
+    };
+    if values.next().is_some() {
+        return Err(HeadError::Malformed("more than one Content-Length"));
+    }
+    let digits = first.value.trim_ascii();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(HeadError::Malformed("malformed Content-Length"));
+    }
+    std::str::from_utf8(digits)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .ok_or(HeadError::Malformed("malformed Content-Length"))
+}
+
 /// The one `Proxy-Authorization` value, if sent; two are a malformed request.
 fn proxy_authorization(headers: &[httparse::Header<'_>]) -> Result<Option<String>, HeadError> {
     let mut values = headers
@@ -245,13 +268,7 @@ fn parse_forward(
             .find(|h| h.name.eq_ignore_ascii_case(name))
             .map(|h| h.value)
     };
-    let content_length = match header("content-length") {
-        None => 0,
-        Some(v) => std::str::from_utf8(v)
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .ok_or(HeadError::Malformed("malformed Content-Length"))?,
-    };
+    let content_length = content_length(headers)?;
     if header("transfer-encoding").is_some() {
         return Err(HeadError::Malformed(
             "chunked request bodies are not forwarded",

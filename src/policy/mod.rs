@@ -41,6 +41,16 @@ pub fn in_networks(nets: &[IpNet], ip: IpAddr) -> bool {
     nets.iter().any(|net| net.contains(&ip))
 }
 
+/// The address a client is counted by for per-client limits: its IPv4 address, or its IPv6
+/// address cut to `ipv6_prefix` bits (a host holds a whole /64 and can pick any address in it).
+pub fn client_key(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => ipnet::Ipv6Net::new(v6, ipv6_prefix.min(128))
+            .map_or(IpAddr::V6(v6), |net| IpAddr::V6(net.network())),
+        v4 => v4,
+    }
+}
+
 /// Whether denials are enforced or only reported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -197,6 +207,18 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clients_are_counted_by_ipv4_address_or_ipv6_prefix() {
+        let key = |ip: &str, prefix| client_key(ip.parse().unwrap(), prefix).to_string();
+        assert_eq!(key("10.1.2.3", 64), "10.1.2.3");
+        assert_eq!(key("::ffff:10.1.2.3", 64), "10.1.2.3");
+        assert_eq!(key("2001:db8:1:2:aaaa::1", 64), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2:bbbb::9", 64), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:3::1", 64), "2001:db8:1:3::");
+        assert_eq!(key("2001:db8:1:2:aaaa::1", 128), "2001:db8:1:2:aaaa::1");
+        assert_eq!(key("2001:db8:1:2:aaaa::1", 48), "2001:db8:1::");
+    }
     use crate::policy::host::Target;
 
     fn rule(name: &str, hosts: &[&str], ports: &[u16], addresses: &[&str]) -> Rule {

@@ -201,6 +201,33 @@ async fn everything_else_in_plain_http_is_refused() {
             400,
             "chunked request bodies are not forwarded",
         ),
+        // Ambiguous framing (RFC 9112 section 6.3) is refused, never forwarded (issue 13).
+        (
+            format!(
+                "GET http://{CRL_HOST}:{port}/crl HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n"
+            ),
+            400,
+            "more than one Content-Length",
+        ),
+        (
+            format!("GET http://{CRL_HOST}:{port}/crl HTTP/1.1\r\nContent-Length: +0\r\n\r\n"),
+            400,
+            "malformed Content-Length",
+        ),
+        (
+            format!(
+                "POST http://{CRL_HOST}:{port}/ocsp HTTP/1.1\r\nContent-Type: application/ocsp-request\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx"
+            ),
+            400,
+            "more than one Content-Length",
+        ),
+        (
+            format!(
+                "POST http://{CRL_HOST}:{port}/ocsp HTTP/1.1\r\nContent-Type: application/ocsp-request\r\nContent-Length: 1, 1\r\n\r\nx"
+            ),
+            400,
+            "malformed Content-Length",
+        ),
     ];
     for (request, status, reason) in table {
         let reply = raw_request(gw.addr, request.as_bytes()).await;

@@ -6,6 +6,7 @@ mod agent;
 mod branches;
 mod cli;
 mod denials;
+mod hardening;
 mod lane;
 mod layout;
 mod malformed;

@@ -40,6 +40,17 @@ impl Logged {
         Self { name, child, logs }
     }
 
+    /// The process's resident memory now, in KiB (Linux `/proc`).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// The first log line matching `pred`, waiting up to 10 s for it. Async, so the test's own
     /// runtime keeps running client tasks (closing pooled connections) while it waits.
     pub async fn wait_log(&mut self, pred: impl Fn(&Value) -> bool) -> Value {

@@ -1,0 +1,79 @@
+//! Connections that have not finished their request head yet, per client address (IPv6 by
+//! prefix). A host that opens connections and sends nothing holds a connection slot each until
+//! the head timeout; capped per address, it cannot fill the gateway's connection limit and keep
+//! other branches waiting. Established tunnels do not count: a branch behind one NAT address
+//! may hold hundreds. One map update when a connection starts and one when its head is read.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+
+#[derive(Default)]
+pub struct PendingHeads {
+    counts: Mutex<HashMap<IpAddr, u32>>,
+}
+
+/// One unfinished head, counted until dropped.
+pub struct Pending<'a> {
+    heads: &'a PendingHeads,
+    key: IpAddr,
+}
+
+impl PendingHeads {
+    /// Counts a connection from `key` (see `policy::client_key`); `None` when `key` already
+    /// has `max` unfinished heads.
+    pub fn enter(&self, key: IpAddr, max: u32) -> Option<Pending<'_>> {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(key).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(Pending { heads: self, key })
+    }
+
+    /// Unfinished heads from `key` now.
+    pub fn of(&self, key: IpAddr) -> u32 {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.get(&key).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let mut counts = self.heads.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_address_holds_at_most_max_and_finished_heads_give_their_place_back() {
+        let heads = PendingHeads::default();
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let first = heads.enter(a, 2).unwrap();
+        let _second = heads.enter(a, 2).unwrap();
+        assert!(
+            heads.enter(a, 2).is_none(),
+            "a third unfinished head from a"
+        );
+        assert!(heads.enter(b, 2).is_some(), "b is not held up by a");
+        drop(first);
+        assert_eq!(heads.of(a), 1);
+        assert!(heads.enter(a, 2).is_some());
+        drop(_second);
+        assert!(
+            heads.counts.lock().unwrap().len() <= 1,
+            "empty entries are removed"
+        );
+    }
+}
