@@ -11,12 +11,11 @@ use super::sni::{self, check_sni};
 use super::{Gateway, identity};
 use crate::access_log::AccessRecord;
 use crate::bandwidth::{Paced, Pacers};
-use crate::policy::host::{Host, Target};
+use crate::policy::host::Host;
 use crate::policy::{Decision, SniMode, Verdict};
 use crate::stream::ClientStream;
 use crate::tunnel;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -326,22 +325,28 @@ async fn handle(
     };
 
     // A fresh cached CRL answers without touching the upstream at all.
-    if let Some(forward) = &req.forward
-        && forward.method == "GET"
-        && let Some(hit) = gw
-            .crl_cache
-            .get(&lane_cache_key(&req.target, &forward.path))
+    let lane = req.forward.as_ref().map(|forward| {
+        let host_header = match (&req.target.host, req.target.port) {
+            (host, 80) => host.to_string(),
+            _ => req.target.to_string(),
+        };
+        let cache_request = lane::cache_request(forward, &host_header);
+        // Boxed: the request parts are large and only lane requests carry them.
+        Box::new((
+            host_header,
+            cache_request,
+            format!("{}{}", req.target, forward.path),
+        ))
+    });
+    if let Some(lane) = &lane
+        && let Some(hit) = gw.crl_cache.lookup(&lane.2, &lane.1)
     {
         let pacers = pacers_for(gw, identity, &plan.decision);
         let mut paced = Paced::new(client, None, pacers.download);
-        return Box::pin(send_lane_answer(
-            &mut paced,
-            &hit,
-            true,
-            End::CacheHit,
-            record,
-        ))
-        .await;
+        record.status = hit.parts.status.as_u16();
+        record.reason = "allowed".into();
+        let sent = Box::pin(lane::send_stored(&mut paced, hit, timeouts.idle)).await;
+        return lane_outcome(sent, End::CacheHit, record);
     }
 
     let dial_started = Instant::now();
@@ -355,11 +360,7 @@ async fn handle(
     record.connect_time = Some(dial_started.elapsed());
     let mut upstream = dialled?;
 
-    if let Some(forward) = req.forward.take() {
-        let host_header = match (&req.target.host, req.target.port) {
-            (host, 80) => host.to_string(),
-            _ => req.target.to_string(),
-        };
+    if let (Some(forward), Some(lane)) = (req.forward.take(), lane) {
         let body = std::mem::take(&mut req.early_data);
         // Revocation traffic obeys the schedules that list its category, like tunnels do.
         let pacers = pacers_for(gw, identity, &plan.decision);
@@ -370,25 +371,26 @@ async fn handle(
             &mut paced_request,
             upstream,
             &forward,
-            &host_header,
+            &lane.0,
             body,
             timeouts.head,
         );
-        let fetched = Arc::new(Box::pin(exchange).await?);
-        if forward.method == "GET" {
-            gw.crl_cache
-                .put(lane_cache_key(&req.target, &forward.path), fetched.clone());
-        }
-        record.bytes_up = fetched.bytes_up;
+        let answer = Box::pin(exchange).await?;
+        record.bytes_up = answer.bytes_up;
+        record.status = answer.status;
+        record.reason = "allowed".into();
         let mut paced = Paced::new(client, None, pacers.download);
-        return Box::pin(send_lane_answer(
+        let store = Some((&gw.crl_cache, lane.2.as_str(), &lane.1));
+        let with_body = forward.method != "HEAD";
+        let sent = Box::pin(lane::send(
             &mut paced,
-            &fetched,
-            forward.method != "HEAD",
-            End::Forwarded,
-            record,
+            answer,
+            with_body,
+            timeouts.idle,
+            store,
         ))
         .await;
+        return lane_outcome(sent, End::Forwarded, record);
     }
 
     request::write_established(client)
@@ -492,26 +494,16 @@ fn pacers_for(gw: &Gateway, identity: identity::Identity, decision: &Decision<'_
     }
 }
 
-fn lane_cache_key(target: &Target, path: &str) -> String {
-    format!("{target}{path}")
-}
-
-async fn send_lane_answer<C: tokio::io::AsyncWrite + Unpin>(
-    client: &mut C,
-    answer: &lane::Fetched,
-    with_body: bool,
-    end: End,
-    record: &mut AccessRecord,
-) -> Result<(), Refusal> {
-    record.status = answer.status;
-    record.reason = "allowed".into();
-    record.bytes_down = lane::respond(client, answer, with_body)
-        .await
-        .map_err(|_| {
-            Refusal::after_reply(End::ClientError, "client went away during the response")
-        })?;
-    record.end = end;
-    Ok(())
+/// The access line's end for a lane answer: how sending it went.
+fn lane_outcome(sent: lane::Sent, done: End, record: &mut AccessRecord) -> Result<(), Refusal> {
+    record.bytes_down = sent.bytes;
+    match sent.failure {
+        None => {
+            record.end = done;
+            Ok(())
+        }
+        Some((end, reason)) => Err(Refusal::after_reply(end, reason)),
+    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! connection shares (replaced whole by a reload).
 
 pub mod connect;
+pub mod crl_cache;
 pub mod dial;
 pub mod identity;
 pub mod lane;
@@ -53,7 +54,7 @@ pub struct Gateway {
     /// Unfinished request heads per client address; shared by every snapshot.
     pub pending_heads: Arc<pending::PendingHeads>,
     /// Fresh CRL answers of the plain-HTTP lane.
-    pub crl_cache: lane::CrlCache,
+    pub crl_cache: crl_cache::CrlCache,
     /// Bandwidth budgets of the schedules; buckets carry over reloads by budget.
     pub throttles: Throttles,
     /// CONNECT requests per client address, when `limits.connect_rate_per_client` is set.
@@ -120,7 +121,7 @@ impl Gateway {
             identifier,
             open_tunnels,
             tls_acceptors,
-            crl_cache: lane::CrlCache::default(),
+            crl_cache: crl_cache::CrlCache::default(),
             throttles,
             metrics,
             revocable: previous.map_or_else(Default::default, |p| p.revocable.clone()),

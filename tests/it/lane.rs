@@ -33,21 +33,38 @@ async fn http_origin() -> (SocketAddr, Arc<AtomicUsize>) {
                             .collect();
                         let path = req.uri().path().to_owned();
                         let method = req.method().clone();
+                        let language = req
+                            .headers()
+                            .get("accept-language")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("none")
+                            .to_owned();
                         let body = req.into_body().collect().await?.to_bytes();
                         let answer = match (method.as_str(), path.as_str()) {
                             ("POST", _) => format!("got {}", body.len()),
                             (_, "/headers") => headers,
                             (_, "/big-crl") => "C".repeat(3_000_000),
+                            (_, "/huge-crl") => "H".repeat(12 * 1024 * 1024),
+                            (_, "/vary-crl") => format!("CRL-{language}"),
                             _ => "CRL-DATA".to_owned(),
                         };
                         let cache_control = match path.as_str() {
-                            "/cached-crl" => "public, max-age=300",
+                            "/cached-crl" | "/vary-crl" | "/huge-crl" => "public, max-age=300",
+                            "/shared-only-if-public" => "max-age=300",
+                            "/aged-crl" => "public, max-age=60",
+                            "/private-crl" => "private, max-age=300",
+                            "/no-cache-crl" => "no-cache, max-age=300",
                             _ => "no-store",
                         };
-                        let response = hyper::Response::builder()
-                            .header("cache-control", cache_control)
-                            .body(Full::new(Bytes::from(answer)))
-                            .unwrap();
+                        let mut response =
+                            hyper::Response::builder().header("cache-control", cache_control);
+                        if path == "/vary-crl" {
+                            response = response.header("vary", "accept-language");
+                        }
+                        if path == "/aged-crl" {
+                            response = response.header("age", "100");
+                        }
+                        let response = response.body(Full::new(Bytes::from(answer))).unwrap();
                         Ok::<_, hyper::Error>(response)
                     }
                 });
@@ -269,5 +286,124 @@ async fn a_fresh_crl_is_served_from_the_cache_without_reaching_the_origin() {
         hits.load(Ordering::SeqCst),
         3,
         "no-store answers are not cached"
+    );
+}
+
+#[tokio::test]
+async fn the_cache_follows_the_shared_cache_rules() {
+    let (origin, hits) = http_origin().await;
+    let port = origin.port();
+    let gw = Gateway::start(&lane_config(port)).await;
+    let get = |path: &str, headers: &str| {
+        format!("GET http://{CRL_HOST}:{port}{path} HTTP/1.1\r\n{headers}\r\n")
+    };
+    let hits_for = |before: usize| hits.load(Ordering::SeqCst) - before;
+
+    // Vary: the answer cached for one Accept-Language is not served for another.
+    let before = hits.load(Ordering::SeqCst);
+    for (language, want) in [("de", "CRL-de"), ("fr", "CRL-fr"), ("fr", "CRL-fr")] {
+        let reply = raw_request(
+            gw.addr,
+            get("/vary-crl", &format!("Accept-Language: {language}\r\n")).as_bytes(),
+        )
+        .await;
+        assert_eq!(reply.body, want, "{language}");
+    }
+    assert_eq!(
+        hits_for(before),
+        2,
+        "de fetched, fr fetched, fr from the cache"
+    );
+
+    // An answer fetched with Authorization is not served to anyone else unless it is public.
+    let before = hits.load(Ordering::SeqCst);
+    raw_request(
+        gw.addr,
+        get("/shared-only-if-public", "Authorization: Basic eDp5\r\n").as_bytes(),
+    )
+    .await;
+    raw_request(gw.addr, get("/shared-only-if-public", "").as_bytes()).await;
+    assert_eq!(
+        hits_for(before),
+        2,
+        "not stored: fetched with credentials, not public"
+    );
+
+    // Already older than its max-age (Age: 100 > 60), private, no-cache: fetched every time.
+    for path in ["/aged-crl", "/private-crl", "/no-cache-crl"] {
+        let before = hits.load(Ordering::SeqCst);
+        for _ in 0..2 {
+            let reply = raw_request(gw.addr, get(path, "").as_bytes()).await;
+            assert_eq!(reply.status, 200);
+        }
+        assert_eq!(
+            hits_for(before),
+            2,
+            "{path} must not be served from the cache"
+        );
+    }
+
+    // A stored answer is served with its age.
+    raw_request(gw.addr, get("/cached-crl", "").as_bytes()).await;
+    let reply = raw_request(gw.addr, get("/cached-crl", "").as_bytes()).await;
+    assert!(reply.header("age").is_some(), "{:?}", reply.headers);
+}
+
+#[tokio::test]
+async fn slow_lane_readers_hold_little_memory_and_a_stalled_one_is_cut() {
+    let (origin, _) = http_origin().await;
+    let port = origin.port();
+    let config = lane_config(port).replace("[resolver]", "[timeouts]\nidle = \"1s\"\n\n[resolver]");
+    let mut gw = Gateway::start(&config).await;
+    let request = format!("GET http://{CRL_HOST}:{port}/huge-crl HTTP/1.1\r\n\r\n");
+    let before = gw.rss_kib();
+    // 40 clients reading a 12 MiB list slowly: 16 KiB every 50 ms.
+    let readers: Vec<_> = (0..40)
+        .map(|_| {
+            let request = request.clone();
+            let addr = gw.addr;
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                tcp.write_all(request.as_bytes()).await.unwrap();
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut got = 0;
+                for _ in 0..40 {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got += n,
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                got
+            })
+        })
+        .collect();
+    let mut peak = 0;
+    for _ in 0..20 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        peak = peak.max(gw.rss_kib());
+    }
+    for reader in readers {
+        assert!(reader.await.unwrap() > 0, "every slow reader got bytes");
+    }
+    let growth = peak.saturating_sub(before);
+    assert!(
+        growth < 64 * 1024,
+        "RSS grew {growth} KiB for 40 slow readers of a 12 MiB answer"
+    );
+    // A client that stops reading is cut once no byte moves for timeouts.idle.
+    let mut stalled = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stalled, request.as_bytes())
+        .await
+        .unwrap();
+    let client = stalled.local_addr().unwrap().to_string();
+    let line = gw.access_line(|l| l["client"] == client.as_str()).await;
+    assert_eq!(
+        (line["end"].as_str(), line["reason"].as_str()),
+        (
+            Some("idle_timeout"),
+            Some("client stopped reading the response")
+        )
     );
 }
