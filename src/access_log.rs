@@ -54,7 +54,8 @@ pub struct AccessRecord {
     pub resolved: Option<SocketAddr>,
     pub verdict: Option<&'static str>,
     pub rule: Option<String>,
-    /// The server name in the tunnel's TLS ClientHello, when it was checked.
+    /// The server name in the tunnel's TLS ClientHello, when it was checked (the second
+    /// ClientHello's, after a HelloRetryRequest, when it names another server).
     pub sni: Option<String>,
     pub category: Option<String>,
     pub reason: String,

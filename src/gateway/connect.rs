@@ -2,6 +2,7 @@
 //! vet, dial, answer 200, check the SNI, tunnel, log. Every failure becomes one [`Refusal`]
 //! carrying how the connection ends and the status to send (if a reply can still be sent).
 
+use super::hello_retry::{self, Flight, ServerHello};
 use super::lane;
 use super::pending::Pending;
 use super::plan::plan;
@@ -411,30 +412,30 @@ async fn handle(
     let _active = scopeguard(move || {
         active.dec();
     });
-    let mut first_bytes = std::mem::take(&mut req.early_data);
+    let first_bytes = std::mem::take(&mut req.early_data);
     let policy = &gw.config.policy;
     let sni_mode = policy.sni_mode(plan.decision.rule, req.target.port);
     if sni_mode != SniMode::Off {
-        // Boxed: tunnels without an SNI check do not carry the peek's space.
-        let (hello, bytes) = Box::pin(sni::peek_client_hello(client, first_bytes)).await;
-        first_bytes = bytes;
         let allowed_rules = identity.and_then(|i| gw.config.branches[i].allowed_rules.as_deref());
-        if let sni::Hello::Name(name) = &hello {
-            record.sni = Some(name.to_string());
-        }
-        check_sni(&hello, sni_mode, &req.target, |name| {
-            policy
-                .decide(&Host::Name(name.clone()), req.target.port, allowed_rules)
-                .verdict
-                == Verdict::Allow
-        })?;
-    }
-    if !first_bytes.is_empty() {
-        upstream
-            .write_all(&first_bytes)
-            .await
-            .map_err(|_| Refusal::after_reply(End::UpstreamError, "upstream write failed"))?;
-        record.bytes_up = first_bytes.len() as u64;
+        let check = |hello: &sni::Hello| {
+            check_sni(hello, sni_mode, &req.target, |name| {
+                policy
+                    .decide(&Host::Name(name.clone()), req.target.port, allowed_rules)
+                    .verdict
+                    == Verdict::Allow
+            })
+        };
+        // Boxed: tunnels without an SNI check do not carry the peeks' space.
+        Box::pin(checked_tls_start(
+            client,
+            &mut upstream,
+            first_bytes,
+            check,
+            record,
+        ))
+        .await?;
+    } else {
+        send_up(&mut upstream, &first_bytes, &mut record.bytes_up).await?;
     }
     // Under `on_reload = "close-denied"` a reload may close this tunnel.
     let stop = (gw.config.policy.on_reload == crate::policy::OnReload::CloseDenied).then(|| {
@@ -448,7 +449,7 @@ async fn handle(
     // Only tunnels a schedule can throttle carry pacers; the rest pay nothing.
     let pacers = pacers_for(gw, identity, &plan.decision);
     // Nothing of the request is needed any more: an idle tunnel holds only its sockets.
-    drop((req, plan, first_bytes));
+    drop((req, plan));
 
     // Plain clients splice; TLS clients go through the buffered copy (bytes must be decrypted).
     let outcome = if let ClientStream::Plain(tcp) = client {
@@ -464,8 +465,96 @@ async fn handle(
         .await
     };
     record.bytes_up += outcome.bytes_up;
-    record.bytes_down = outcome.bytes_down;
+    record.bytes_down += outcome.bytes_down;
     record.end = outcome.end;
+    Ok(())
+}
+
+/// The start of a tunnel with an SNI check: peek the ClientHello and check it, forward it
+/// alone, read the upstream's answer far enough to see a HelloRetryRequest and pass it on, and
+/// after one check the client's second ClientHello the same way (it must name the same server).
+/// Every byte read goes on unchanged and is counted; a refusal closes the tunnel.
+async fn checked_tls_start(
+    client: &mut ClientStream,
+    upstream: &mut TcpStream,
+    early: Vec<u8>,
+    check: impl Fn(&sni::Hello) -> Result<(), Refusal>,
+    record: &mut AccessRecord,
+) -> Result<(), Refusal> {
+    let (hello, mut bytes) = sni::peek_client_hello(client, early).await;
+    if let sni::Hello::Name(name) = &hello {
+        record.sni = Some(name.to_string());
+    }
+    check(&hello)?;
+    let sni::Hello::Name(first) = hello else {
+        // Only a named ClientHello passes the check.
+        return Err(Refusal::after_reply(
+            End::SniMissing,
+            "ClientHello carries no server name",
+        ));
+    };
+    // What the client sent after its hello waits until the upstream's answer is known: a second
+    // hello sent early must not reach the upstream unchecked.
+    let Some(hello_len) = sni::hello_records_len(&bytes) else {
+        return Err(Refusal::after_reply(
+            End::NotTls,
+            "ClientHello record carries more than the ClientHello",
+        ));
+    };
+    let held = bytes.split_off(hello_len);
+    send_up(upstream, &bytes, &mut record.bytes_up).await?;
+
+    let (answer, bytes) = hello_retry::peek_server_hello(upstream).await;
+    if !bytes.is_empty() {
+        let write = async {
+            client.write_all(&bytes).await?;
+            client.flush().await
+        };
+        write
+            .await
+            .map_err(|_| Refusal::after_reply(End::ClientError, "client write failed"))?;
+        record.bytes_down += bytes.len() as u64;
+    }
+    let rest = match answer {
+        ServerHello::Seen(Flight::HelloRetry) => {
+            let (second, bytes) = sni::peek_second_client_hello(client, held).await;
+            if let sni::Hello::Name(name) = &second
+                && *name != first
+            {
+                record.sni = Some(name.to_string());
+            }
+            sni::check_second_sni(&first, &second, &check)?;
+            bytes
+        }
+        // No second hello can follow; the relay carries the rest.
+        ServerHello::Seen(Flight::NoRetry) | ServerHello::Closed => held,
+        ServerHello::TooLarge => {
+            let max = hello_retry::MAX_SERVER_HELLO_BYTES / 1024;
+            return Err(Refusal::after_reply(
+                End::UpstreamError,
+                format!("upstream's first TLS handshake message is over {max} KiB"),
+            ));
+        }
+        ServerHello::Silent => {
+            return Err(Refusal::after_reply(
+                End::UpstreamTimeout,
+                "upstream sent no ServerHello in time",
+            ));
+        }
+    };
+    send_up(upstream, &rest, &mut record.bytes_up).await
+}
+
+/// Writes bytes read before the relay to the upstream, counting them.
+async fn send_up(upstream: &mut TcpStream, bytes: &[u8], sent: &mut u64) -> Result<(), Refusal> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    upstream
+        .write_all(bytes)
+        .await
+        .map_err(|_| Refusal::after_reply(End::UpstreamError, "upstream write failed"))?;
+    *sent += bytes.len() as u64;
     Ok(())
 }
 

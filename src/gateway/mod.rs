@@ -1,12 +1,13 @@
 //! One client connection, from accept to log line: the request head ([`request`]), who the
 //! client is ([`identity`], [`tls`], [`proxy_protocol`]), the [`plan`] (policy, resolve, the
-//! destination wall), [`dial`], the SNI check ([`sni`]), the plain-HTTP [`lane`], and how it
-//! ends ([`refusal`]). [`connect`] is the path top to bottom; [`Gateway`] is the snapshot every
-//! connection shares (replaced whole by a reload).
+//! destination wall), [`dial`], the SNI check ([`sni`], [`hello_retry`]), the plain-HTTP
+//! [`lane`], and how it ends ([`refusal`]). [`connect`] is the path top to bottom; [`Gateway`]
+//! is the snapshot every connection shares (replaced whole by a reload).
 
 pub mod connect;
 pub mod crl_cache;
 pub mod dial;
+pub mod hello_retry;
 pub mod identity;
 pub mod lane;
 pub mod pending;

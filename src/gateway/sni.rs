@@ -1,10 +1,13 @@
 //! SNI verification (anti domain fronting): after the 200, the client's first TLS record(s) are
 //! read without terminating TLS, and the ClientHello's server name must fit the CONNECT target.
-//! The bytes read are kept and forwarded unchanged when the check passes.
+//! The bytes read are kept and forwarded unchanged when the check passes. After a
+//! HelloRetryRequest ([`super::hello_retry`]) the client's second ClientHello is read the same
+//! way and must name the same server.
 
 use super::refusal::{End, Refusal};
 use crate::policy::SniMode;
 use crate::policy::host::{DnsName, Host, Target};
+use bytes::BufMut;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -34,6 +37,24 @@ pub async fn peek_client_hello<R: AsyncRead + Unpin>(
     client: &mut R,
     already: Vec<u8>,
 ) -> (Hello, Vec<u8>) {
+    peek(client, already, parse).await
+}
+
+/// The same for the second ClientHello, after a HelloRetryRequest went to the client: `already`
+/// holds what the client sent after its first hello; ChangeCipherSpec records before the hello
+/// are passed over (and kept, like every byte read).
+pub async fn peek_second_client_hello<R: AsyncRead + Unpin>(
+    client: &mut R,
+    already: Vec<u8>,
+) -> (Hello, Vec<u8>) {
+    peek(client, already, parse_after_retry).await
+}
+
+async fn peek<R: AsyncRead + Unpin>(
+    client: &mut R,
+    already: Vec<u8>,
+    parse: fn(&[u8]) -> Option<Hello>,
+) -> (Hello, Vec<u8>) {
     let mut bytes = already;
     let read = async {
         loop {
@@ -42,14 +63,12 @@ pub async fn peek_client_hello<R: AsyncRead + Unpin>(
                 None if bytes.len() >= MAX_CLIENT_HELLO_BYTES => return Hello::NotTls,
                 None => {}
             }
-            let start = bytes.len();
-            bytes.resize(start + 4096, 0);
-            match client.read(&mut bytes[start..]).await {
-                Ok(0) | Err(_) => {
-                    bytes.truncate(start);
-                    return Hello::Closed;
-                }
-                Ok(n) => bytes.truncate(start + n),
+            // Appends only what arrives (nothing when the timeout cuts the read short).
+            bytes.reserve(4096);
+            let mut room = (&mut bytes).limit(4096);
+            match client.read_buf(&mut room).await {
+                Ok(0) | Err(_) => return Hello::Closed,
+                Ok(_) => {}
             }
         }
     };
@@ -114,6 +133,80 @@ pub fn check_sni(
                 format!("SNI {name} is not allowed on this port"),
             )),
         },
+    }
+}
+
+/// A ChangeCipherSpec record (RFC 8446 5: type 20, one byte 0x01), which a client in
+/// middlebox compatibility mode may send before its second ClientHello (RFC 8446 D.4).
+const CHANGE_CIPHER_SPEC: [u8; 6] = [20, 3, 3, 0, 1, 1];
+
+/// Like [`parse`], after any ChangeCipherSpec records; `None` while more bytes are needed.
+pub fn parse_after_retry(bytes: &[u8]) -> Option<Hello> {
+    let mut rest = bytes;
+    while rest.first() == Some(&CHANGE_CIPHER_SPEC[0]) {
+        // Any TLS 1.x record version (byte 2), but only the one valid content.
+        let fits = rest
+            .iter()
+            .zip(CHANGE_CIPHER_SPEC)
+            .enumerate()
+            .all(|(i, (&got, want))| i == 2 || got == want);
+        if !fits {
+            return Some(Hello::NotTls);
+        }
+        rest = rest.get(CHANGE_CIPHER_SPEC.len()..)?;
+    }
+    parse(rest)
+}
+
+/// How many bytes of `bytes` the ClientHello [`parse`] found takes: the handshake record(s) up
+/// to the one in which it ends. `None` when that record carries more than the hello (a second
+/// hello hidden there would reach the upstream unchecked) or the records are not handshake ones.
+pub fn hello_records_len(bytes: &[u8]) -> Option<usize> {
+    let mut header = [0u8; 4];
+    let mut seen = 0usize;
+    let mut at = 0usize;
+    loop {
+        let record = bytes.get(at..at + 5)?;
+        if record[0] != 22 {
+            return None;
+        }
+        let len = usize::from(u16::from_be_bytes([record[3], record[4]]));
+        let fragment = bytes.get(at + 5..at + 5 + len)?;
+        for (i, &b) in fragment.iter().enumerate() {
+            if let Some(slot) = header.get_mut(seen + i) {
+                *slot = b;
+            }
+        }
+        seen += len;
+        at += 5 + len;
+        if seen >= 4 {
+            let message_len = 4 + u32::from_be_bytes([0, header[1], header[2], header[3]]) as usize;
+            if seen == message_len {
+                return Some(at);
+            }
+            if seen > message_len {
+                return None;
+            }
+        }
+    }
+}
+
+/// Whether the second ClientHello (after a HelloRetryRequest) fits: it must name the server the
+/// first one named (RFC 8446 4.1.2 allows no change), then pass `check` like the first did.
+pub fn check_second_sni(
+    first: &DnsName,
+    second: &Hello,
+    check: impl FnOnce(&Hello) -> Result<(), Refusal>,
+) -> Result<(), Refusal> {
+    match second {
+        Hello::Name(name) if name != first => Err(closed(
+            End::SniMismatch,
+            format!("second ClientHello after HelloRetryRequest names {name}, not {first}"),
+        )),
+        _ => check(second).map_err(|refusal| Refusal {
+            reason: format!("after HelloRetryRequest: {}", refusal.reason).into(),
+            ..refusal
+        }),
     }
 }
 
@@ -282,7 +375,115 @@ mod tests {
             if let Some(Hello::Name(name)) = parse(&input) {
                 assert!(DnsName::parse(name.as_str()).is_ok());
             }
+            if let Some(Hello::Name(name)) = parse_after_retry(&input) {
+                assert!(DnsName::parse(name.as_str()).is_ok());
+            }
+            if let Some(len) = hello_records_len(&input) {
+                assert!(len <= input.len());
+            }
         }
+    }
+
+    /// `record`'s handshake message in records of at most `size` bytes.
+    fn reframed(record: &[u8], size: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for piece in record[5..].chunks(size) {
+            out.extend_from_slice(&[22, 3, 1]);
+            out.extend_from_slice(&(piece.len() as u16).to_be_bytes());
+            out.extend_from_slice(piece);
+        }
+        out
+    }
+
+    #[test]
+    fn a_hello_takes_its_records_and_nothing_more() {
+        for (who, hello) in real_client_hellos() {
+            assert_eq!(hello_records_len(&hello), Some(hello.len()), "{who}");
+            // Later records are not part of it.
+            let mut then_more = hello.clone();
+            then_more.extend_from_slice(&CHANGE_CIPHER_SPEC);
+            then_more.extend_from_slice(&client_hello("evil.example"));
+            assert_eq!(hello_records_len(&then_more), Some(hello.len()), "{who}");
+            // Spread over several records: all of them.
+            let pieces = reframed(&hello, 100);
+            assert_eq!(parse(&pieces), parse(&hello), "{who}");
+            assert_eq!(hello_records_len(&pieces), Some(pieces.len()), "{who}");
+            assert_eq!(hello_records_len(&pieces[..pieces.len() - 1]), None);
+        }
+        // A second hello inside the first one's record would reach the upstream unchecked.
+        let first = client_hello("a.example");
+        let second = client_hello("evil.example");
+        let mut one_record = first.clone();
+        one_record.extend_from_slice(&second[5..]);
+        let len = (one_record.len() - 5) as u16;
+        one_record[3..5].copy_from_slice(&len.to_be_bytes());
+        assert_eq!(hello_records_len(&one_record), None);
+        assert_eq!(hello_records_len(&[23, 3, 3, 0, 0]), None);
+        assert_eq!(hello_records_len(b""), None);
+    }
+
+    #[test]
+    fn the_second_hello_may_follow_change_cipher_spec_records() {
+        let hello = client_hello("a.example");
+        let want = Some(Hello::Name(DnsName::parse("a.example").unwrap()));
+        assert_eq!(parse_after_retry(&hello), want);
+        let mut after_ccs = [CHANGE_CIPHER_SPEC, CHANGE_CIPHER_SPEC].concat();
+        after_ccs[2] = 1; // any TLS 1.x record version
+        after_ccs.extend_from_slice(&hello);
+        assert_eq!(parse_after_retry(&after_ccs), want);
+        for cut in 0..after_ccs.len() {
+            assert_eq!(parse_after_retry(&after_ccs[..cut]), None, "cut at {cut}");
+        }
+        // A record of type 20 with anything else in it is not a ChangeCipherSpec.
+        assert_eq!(parse_after_retry(&[20, 3, 3, 0, 1, 2]), Some(Hello::NotTls));
+        assert_eq!(parse_after_retry(&[20, 3, 3, 0, 2]), Some(Hello::NotTls));
+        assert_eq!(parse_after_retry(&[20, 9]), Some(Hello::NotTls));
+        let mut then_garbage = CHANGE_CIPHER_SPEC.to_vec();
+        then_garbage.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(parse_after_retry(&then_garbage), Some(Hello::NotTls));
+    }
+
+    #[test]
+    fn the_second_hello_must_name_the_first_ones_server() {
+        let first = DnsName::parse("a.example").unwrap();
+        let pass = |_: &Hello| Ok(());
+        assert_eq!(
+            check_second_sni(&first, &Hello::Name(first.clone()), pass),
+            Ok(())
+        );
+        let evil = Hello::Name(DnsName::parse("evil.example").unwrap());
+        let refusal = check_second_sni(&first, &evil, pass).unwrap_err();
+        assert_eq!(
+            refusal,
+            Refusal::after_reply(
+                End::SniMismatch,
+                "second ClientHello after HelloRetryRequest names evil.example, not a.example"
+            )
+        );
+        // Everything else is checked as the first hello was.
+        let target = Target::parse_authority("a.example:443").unwrap();
+        let check = |hello: &Hello| check_sni(hello, SniMode::Match, &target, |_| false);
+        let missing = check_second_sni(&first, &Hello::NoName, check).unwrap_err();
+        assert_eq!(
+            (missing.end, missing.status, missing.reason.as_ref()),
+            (
+                End::SniMissing,
+                None,
+                "after HelloRetryRequest: ClientHello carries no server name"
+            )
+        );
+        let not_tls = check_second_sni(&first, &Hello::NotTls, check).unwrap_err();
+        assert_eq!(not_tls.end, End::NotTls);
+        let gone = check_second_sni(&first, &Hello::Closed, check).unwrap_err();
+        assert_eq!(gone.end, End::ClientClosed);
+        assert_eq!(
+            check_second_sni(&first, &Hello::Name(first.clone()), check),
+            Ok(())
+        );
+        // Mode "allowed": the same name again still needs the policy's yes.
+        let allowed = |hello: &Hello| check_sni(hello, SniMode::Allowed, &target, |_| false);
+        let denied = check_second_sni(&first, &Hello::Name(first.clone()), allowed).unwrap_err();
+        assert_eq!(denied.end, End::SniMismatch);
     }
 
     #[tokio::test(start_paused = true)]

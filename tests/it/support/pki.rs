@@ -68,11 +68,23 @@ impl Pki {
     }
 
     pub fn server_config(&self, names: &[&str]) -> Arc<rustls::ServerConfig> {
+        self.server_config_with(names, rustls::crypto::ring::default_provider())
+    }
+
+    /// A server config for `names` whose cryptography (key exchange groups, suites) is
+    /// `provider`'s.
+    pub fn server_config_with(
+        &self,
+        names: &[&str],
+        provider: rustls::crypto::CryptoProvider,
+    ) -> Arc<rustls::ServerConfig> {
         use rustls::pki_types::pem::PemObject;
         let (cert, key) = self.issue_pem(names, 2099);
         let cert = CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
         let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
-        let mut config = rustls::ServerConfig::builder()
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
             .with_no_client_auth()
             .with_single_cert(vec![cert], key)
             .unwrap();
