@@ -2,13 +2,13 @@
 //! vet, dial, answer 200, check the SNI, tunnel, log. Every failure becomes one [`Refusal`]
 //! carrying how the connection ends and the status to send (if a reply can still be sent).
 
-use super::hello_retry::{self, Flight, ServerHello};
 use super::lane;
-use super::pending::Pending;
+use super::pending::{self, Pending};
 use super::plan::plan;
 use super::refusal::{End, Refusal};
 use super::request;
-use super::sni::{self, check_sni};
+use super::sni;
+use super::sni_check::{check_sni, checked_tls_start, send_up};
 use super::{Gateway, identity};
 use crate::access_log::AccessRecord;
 use crate::bandwidth::{Paced, Pacers};
@@ -31,10 +31,10 @@ pub async fn serve(gw: &Gateway, mut client: TcpStream, peer: SocketAddr, conn_i
     };
     // Held here and lent down (an argument of each async fn on the way would cost its space
     // in every idle tunnel's future).
-    let mut pending = enter_pending(gw, peer);
+    let mut pending = pending::enter(gw, peer);
     if pending.is_none() {
         // Boxed: only refused connections pay for the reply's future.
-        return Box::pin(refuse_before_head(gw, client, peer, conn_id, started)).await;
+        return Box::pin(pending::refuse(gw, client, peer, conn_id, started)).await;
     }
     serve_stream(
         gw,
@@ -46,58 +46,6 @@ pub async fn serve(gw: &Gateway, mut client: TcpStream, peer: SocketAddr, conn_i
         &mut pending,
     )
     .await;
-}
-
-/// Answers 429 to a client over its unfinished-heads limit (nothing read yet) and closes
-/// without waiting for anything more.
-async fn refuse_before_head(
-    gw: &Gateway,
-    mut client: TcpStream,
-    peer: SocketAddr,
-    conn_id: u64,
-    started: Instant,
-) {
-    let refusal = too_many_pending();
-    let reply = request::write_error(&mut client, 429, &refusal.reason);
-    let replied = matches!(tokio::time::timeout(REPLY_TIMEOUT, reply).await, Ok(Ok(())));
-    let _ = client.shutdown().await;
-    log_refused(gw, conn_id, peer, refusal, replied, started);
-}
-
-/// Counts an unfinished head for `peer`; `None` when it holds its limit already.
-fn enter_pending(gw: &Gateway, peer: SocketAddr) -> Option<Pending<'_>> {
-    let limits = &gw.config.limits;
-    let key = crate::policy::client_key(peer.ip(), limits.ipv6_client_prefix);
-    gw.pending_heads
-        .enter(key, limits.max_pending_heads_per_client)
-}
-
-fn too_many_pending() -> Refusal {
-    Refusal::new(
-        End::PendingHeadsLimit,
-        "too many unfinished requests from this address",
-    )
-}
-
-/// The access line of a connection refused before its head.
-fn log_refused(
-    gw: &Gateway,
-    conn_id: u64,
-    peer: SocketAddr,
-    refusal: Refusal,
-    replied: bool,
-    started: Instant,
-) {
-    AccessRecord {
-        conn_id,
-        client: Some(peer),
-        status: refusal.status.filter(|_| replied).unwrap_or(0),
-        reason: refusal.reason.into_owned(),
-        end: refusal.end,
-        duration: started.elapsed(),
-        ..AccessRecord::default()
-    }
-    .finish(&gw.metrics);
 }
 
 /// The client's address: the peer's own, or, for a trusted load balancer, the one its PROXY
@@ -143,10 +91,9 @@ pub async fn serve_tls(
         return;
     };
     // The handshake counts as unfinished head; no reply can be sent before it.
-    let mut pending = enter_pending(gw, peer);
+    let mut pending = pending::enter(gw, peer);
     if pending.is_none() {
-        let refusal = Refusal::after_reply(too_many_pending().end, too_many_pending().reason);
-        log_refused(gw, conn_id, peer, refusal, false, started);
+        pending::log_refused(gw, conn_id, peer, false, started);
         return;
     }
     let timeout = gw
@@ -467,94 +414,6 @@ async fn handle(
     record.bytes_up += outcome.bytes_up;
     record.bytes_down += outcome.bytes_down;
     record.end = outcome.end;
-    Ok(())
-}
-
-/// The start of a tunnel with an SNI check: peek the ClientHello and check it, forward it
-/// alone, read the upstream's answer far enough to see a HelloRetryRequest and pass it on, and
-/// after one check the client's second ClientHello the same way (it must name the same server).
-/// Every byte read goes on unchanged and is counted; a refusal closes the tunnel.
-async fn checked_tls_start(
-    client: &mut ClientStream,
-    upstream: &mut TcpStream,
-    early: Vec<u8>,
-    check: impl Fn(&sni::Hello) -> Result<(), Refusal>,
-    record: &mut AccessRecord,
-) -> Result<(), Refusal> {
-    let (hello, mut bytes) = sni::peek_client_hello(client, early).await;
-    if let sni::Hello::Name(name) = &hello {
-        record.sni = Some(name.to_string());
-    }
-    check(&hello)?;
-    let sni::Hello::Name(first) = hello else {
-        // Only a named ClientHello passes the check.
-        return Err(Refusal::after_reply(
-            End::SniMissing,
-            "ClientHello carries no server name",
-        ));
-    };
-    // What the client sent after its hello waits until the upstream's answer is known: a second
-    // hello sent early must not reach the upstream unchecked.
-    let Some(hello_len) = sni::hello_records_len(&bytes) else {
-        return Err(Refusal::after_reply(
-            End::NotTls,
-            "ClientHello record carries more than the ClientHello",
-        ));
-    };
-    let held = bytes.split_off(hello_len);
-    send_up(upstream, &bytes, &mut record.bytes_up).await?;
-
-    let (answer, bytes) = hello_retry::peek_server_hello(upstream).await;
-    if !bytes.is_empty() {
-        let write = async {
-            client.write_all(&bytes).await?;
-            client.flush().await
-        };
-        write
-            .await
-            .map_err(|_| Refusal::after_reply(End::ClientError, "client write failed"))?;
-        record.bytes_down += bytes.len() as u64;
-    }
-    let rest = match answer {
-        ServerHello::Seen(Flight::HelloRetry) => {
-            let (second, bytes) = sni::peek_second_client_hello(client, held).await;
-            if let sni::Hello::Name(name) = &second
-                && *name != first
-            {
-                record.sni = Some(name.to_string());
-            }
-            sni::check_second_sni(&first, &second, &check)?;
-            bytes
-        }
-        // No second hello can follow; the relay carries the rest.
-        ServerHello::Seen(Flight::NoRetry) | ServerHello::Closed => held,
-        ServerHello::TooLarge => {
-            let max = hello_retry::MAX_SERVER_HELLO_BYTES / 1024;
-            return Err(Refusal::after_reply(
-                End::UpstreamError,
-                format!("upstream's first TLS handshake message is over {max} KiB"),
-            ));
-        }
-        ServerHello::Silent => {
-            return Err(Refusal::after_reply(
-                End::UpstreamTimeout,
-                "upstream sent no ServerHello in time",
-            ));
-        }
-    };
-    send_up(upstream, &rest, &mut record.bytes_up).await
-}
-
-/// Writes bytes read before the relay to the upstream, counting them.
-async fn send_up(upstream: &mut TcpStream, bytes: &[u8], sent: &mut u64) -> Result<(), Refusal> {
-    if bytes.is_empty() {
-        return Ok(());
-    }
-    upstream
-        .write_all(bytes)
-        .await
-        .map_err(|_| Refusal::after_reply(End::UpstreamError, "upstream write failed"))?;
-    *sent += bytes.len() as u64;
     Ok(())
 }
 

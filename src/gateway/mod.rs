@@ -18,6 +18,7 @@ pub mod request;
 pub mod resolve;
 pub mod revocable;
 pub mod sni;
+pub mod sni_check;
 pub mod tls;
 
 pub use connect::{serve, serve_tls};

@@ -4,9 +4,20 @@
 //! other branches waiting. Established tunnels do not count: a branch behind one NAT address
 //! may hold hundreds. One map update when a connection starts and one when its head is read.
 
+use super::Gateway;
+use super::request::write_error;
+use crate::access_log::AccessRecord;
+use crate::end::End;
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// The reason a connection over the limit gets.
+const REASON: &str = "too many unfinished requests from this address";
 
 #[derive(Default)]
 pub struct PendingHeads {
@@ -49,6 +60,53 @@ impl Drop for Pending<'_> {
             }
         }
     }
+}
+
+/// Answers 429 to a client over its unfinished-heads limit (nothing read yet) and closes
+/// without waiting for anything more.
+pub(super) async fn refuse(
+    gw: &Gateway,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    conn_id: u64,
+    started: Instant,
+) {
+    let reply = write_error(&mut client, 429, REASON);
+    let replied = matches!(
+        tokio::time::timeout(Duration::from_secs(1), reply).await,
+        Ok(Ok(()))
+    );
+    let _ = client.shutdown().await;
+    log_refused(gw, conn_id, peer, replied, started);
+}
+
+/// Counts an unfinished head for `peer`; `None` when it holds its limit already.
+pub(super) fn enter(gw: &Gateway, peer: SocketAddr) -> Option<Pending<'_>> {
+    let limits = &gw.config.limits;
+    let key = crate::policy::client_key(peer.ip(), limits.ipv6_client_prefix);
+    gw.pending_heads
+        .enter(key, limits.max_pending_heads_per_client)
+}
+
+
+/// The access line of a connection refused over the limit (`replied`: the 429 went out).
+pub(super) fn log_refused(
+    gw: &Gateway,
+    conn_id: u64,
+    peer: SocketAddr,
+    replied: bool,
+    started: Instant,
+) {
+    AccessRecord {
+        conn_id,
+        client: Some(peer),
+        status: if replied { 429 } else { 0 },
+        reason: REASON.to_owned(),
+        end: End::PendingHeadsLimit,
+        duration: started.elapsed(),
+        ..AccessRecord::default()
+    }
+    .finish(&gw.metrics);
 }
 
 #[cfg(test)]

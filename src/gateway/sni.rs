@@ -4,9 +4,7 @@
 //! HelloRetryRequest ([`super::hello_retry`]) the client's second ClientHello is read the same
 //! way and must name the same server.
 
-use super::refusal::{End, Refusal};
-use crate::policy::SniMode;
-use crate::policy::host::{DnsName, Host, Target};
+use crate::policy::host::DnsName;
 use bytes::BufMut;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -103,39 +101,6 @@ pub fn parse(bytes: &[u8]) -> Option<Hello> {
     }
 }
 
-/// Whether the ClientHello fits the tunnel; a refusal closes it (the 200 went out already).
-pub fn check_sni(
-    hello: &Hello,
-    mode: SniMode,
-    target: &Target,
-    allowed_by_policy: impl Fn(&DnsName) -> bool,
-) -> Result<(), Refusal> {
-    match hello {
-        Hello::NotTls => Err(closed(
-            End::NotTls,
-            "tunnel bytes are not a TLS ClientHello",
-        )),
-        Hello::NoName => Err(closed(
-            End::SniMissing,
-            "ClientHello carries no server name",
-        )),
-        Hello::Closed => Err(closed(End::ClientClosed, "client sent no ClientHello")),
-        Hello::Name(name) => match (&target.host, mode) {
-            (Host::Name(host), SniMode::Match) if host == name => Ok(()),
-            (Host::Name(host), SniMode::Match) => Err(closed(
-                End::SniMismatch,
-                format!("SNI {name} does not match CONNECT host {host}"),
-            )),
-            // An IP-literal target, or mode "allowed": the name must be one the policy allows.
-            _ if allowed_by_policy(name) => Ok(()),
-            _ => Err(closed(
-                End::SniMismatch,
-                format!("SNI {name} is not allowed on this port"),
-            )),
-        },
-    }
-}
-
 /// A ChangeCipherSpec record (RFC 8446 5: type 20, one byte 0x01), which a client in
 /// middlebox compatibility mode may send before its second ClientHello (RFC 8446 D.4).
 const CHANGE_CIPHER_SPEC: [u8; 6] = [20, 3, 3, 0, 1, 1];
@@ -189,29 +154,6 @@ pub fn hello_records_len(bytes: &[u8]) -> Option<usize> {
             }
         }
     }
-}
-
-/// Whether the second ClientHello (after a HelloRetryRequest) fits: it must name the server the
-/// first one named (RFC 8446 4.1.2 allows no change), then pass `check` like the first did.
-pub fn check_second_sni(
-    first: &DnsName,
-    second: &Hello,
-    check: impl FnOnce(&Hello) -> Result<(), Refusal>,
-) -> Result<(), Refusal> {
-    match second {
-        Hello::Name(name) if name != first => Err(closed(
-            End::SniMismatch,
-            format!("second ClientHello after HelloRetryRequest names {name}, not {first}"),
-        )),
-        _ => check(second).map_err(|refusal| Refusal {
-            reason: format!("after HelloRetryRequest: {}", refusal.reason).into(),
-            ..refusal
-        }),
-    }
-}
-
-fn closed(end: End, reason: impl Into<std::borrow::Cow<'static, str>>) -> Refusal {
-    Refusal::after_reply(end, reason)
 }
 
 #[cfg(test)]
@@ -441,49 +383,6 @@ mod tests {
         let mut then_garbage = CHANGE_CIPHER_SPEC.to_vec();
         then_garbage.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
         assert_eq!(parse_after_retry(&then_garbage), Some(Hello::NotTls));
-    }
-
-    #[test]
-    fn the_second_hello_must_name_the_first_ones_server() {
-        let first = DnsName::parse("a.example").unwrap();
-        let pass = |_: &Hello| Ok(());
-        assert_eq!(
-            check_second_sni(&first, &Hello::Name(first.clone()), pass),
-            Ok(())
-        );
-        let evil = Hello::Name(DnsName::parse("evil.example").unwrap());
-        let refusal = check_second_sni(&first, &evil, pass).unwrap_err();
-        assert_eq!(
-            refusal,
-            Refusal::after_reply(
-                End::SniMismatch,
-                "second ClientHello after HelloRetryRequest names evil.example, not a.example"
-            )
-        );
-        // Everything else is checked as the first hello was.
-        let target = Target::parse_authority("a.example:443").unwrap();
-        let check = |hello: &Hello| check_sni(hello, SniMode::Match, &target, |_| false);
-        let missing = check_second_sni(&first, &Hello::NoName, check).unwrap_err();
-        assert_eq!(
-            (missing.end, missing.status, missing.reason.as_ref()),
-            (
-                End::SniMissing,
-                None,
-                "after HelloRetryRequest: ClientHello carries no server name"
-            )
-        );
-        let not_tls = check_second_sni(&first, &Hello::NotTls, check).unwrap_err();
-        assert_eq!(not_tls.end, End::NotTls);
-        let gone = check_second_sni(&first, &Hello::Closed, check).unwrap_err();
-        assert_eq!(gone.end, End::ClientClosed);
-        assert_eq!(
-            check_second_sni(&first, &Hello::Name(first.clone()), check),
-            Ok(())
-        );
-        // Mode "allowed": the same name again still needs the policy's yes.
-        let allowed = |hello: &Hello| check_sni(hello, SniMode::Allowed, &target, |_| false);
-        let denied = check_second_sni(&first, &Hello::Name(first.clone()), allowed).unwrap_err();
-        assert_eq!(denied.end, End::SniMismatch);
     }
 
     #[tokio::test(start_paused = true)]
