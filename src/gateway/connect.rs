@@ -30,8 +30,8 @@ pub async fn serve(gw: &Gateway, mut client: TcpStream, peer: SocketAddr, conn_i
         return;
     };
     // Held here and lent down (an argument of each async fn on the way would cost its space
-    // in every idle tunnel's future).
-    let mut pending = pending::enter(gw, peer);
+    // in every idle tunnel's future); boxed, so the future keeps 8 bytes of it.
+    let mut pending = pending::enter(gw, peer).map(Box::new);
     if pending.is_none() {
         // Boxed: only refused connections pay for the reply's future.
         return Box::pin(pending::refuse(gw, client, peer, conn_id, started)).await;
@@ -91,7 +91,7 @@ pub async fn serve_tls(
         return;
     };
     // The handshake counts as unfinished head; no reply can be sent before it.
-    let mut pending = pending::enter(gw, peer);
+    let mut pending = pending::enter(gw, peer).map(Box::new);
     if pending.is_none() {
         pending::log_refused(gw, conn_id, peer, false, started);
         return;
@@ -142,7 +142,7 @@ async fn serve_stream(
     conn_id: u64,
     certificate_names: Vec<String>,
     started: Instant,
-    pending: &mut Option<Pending<'_>>,
+    pending: &mut Option<Box<Pending<'_>>>,
 ) {
     let mut record = AccessRecord {
         conn_id,
@@ -205,7 +205,7 @@ async fn handle(
     client: &mut ClientStream,
     peer: SocketAddr,
     certificate_names: &[String],
-    pending: &mut Option<Pending<'_>>,
+    pending: &mut Option<Box<Pending<'_>>>,
     record: &mut AccessRecord,
 ) -> Result<(), Refusal> {
     let timeouts = gw.config.timeouts;
