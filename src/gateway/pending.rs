@@ -88,7 +88,6 @@ pub(super) fn enter(gw: &Gateway, peer: SocketAddr) -> Option<Pending<'_>> {
         .enter(key, limits.max_pending_heads_per_client)
 }
 
-
 /// The access line of a connection refused over the limit (`replied`: the 429 went out).
 pub(super) fn log_refused(
     gw: &Gateway,

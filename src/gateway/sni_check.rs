@@ -70,7 +70,6 @@ fn closed(end: End, reason: impl Into<std::borrow::Cow<'static, str>>) -> Refusa
     Refusal::after_reply(end, reason)
 }
 
-
 /// The start of a tunnel with an SNI check: peek the ClientHello and check it, forward it
 /// alone, read the upstream's answer far enough to see a HelloRetryRequest and pass it on, and
 /// after one check the client's second ClientHello the same way (it must name the same server).
@@ -147,7 +146,11 @@ pub async fn checked_tls_start(
 }
 
 /// Writes bytes read before the relay to the upstream, counting them.
-pub async fn send_up(upstream: &mut TcpStream, bytes: &[u8], sent: &mut u64) -> Result<(), Refusal> {
+pub async fn send_up(
+    upstream: &mut TcpStream,
+    bytes: &[u8],
+    sent: &mut u64,
+) -> Result<(), Refusal> {
     if bytes.is_empty() {
         return Ok(());
     }
