@@ -63,14 +63,15 @@ enum Command {
         #[arg(long, value_name = "NAME")]
         branch: Option<String>,
     },
-    /// Print the decision the gateway would take for CONNECT HOST:PORT.
+    /// Print the decision the gateway would take for CONNECT HOST:PORT, or for a plain-HTTP
+    /// request to http://HOST[:PORT]/PATH (the lane for revocation lists and OCSP).
     Explain {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
-        /// Client address to check against `listen.clients` (default 127.0.0.1).
+        /// Client address to check against `listen.clients`.
         #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
         from: IpAddr,
-        #[arg(value_name = "HOST:PORT")]
+        #[arg(value_name = "HOST:PORT|http://HOST[:PORT]/PATH")]
         target: String,
     },
 }
@@ -151,7 +152,8 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return config_failure(&e),
             };
-            let target = match Target::parse_authority(&target) {
+            let (authority, lane) = explain_target(&target);
+            let target = match Target::parse_authority(&authority) {
                 Ok(t) => t,
                 Err(why) => {
                     eprintln!("portcullis: {target:?}: {why}");
@@ -161,7 +163,7 @@ fn main() -> ExitCode {
             portcullis::process::run("portcullis", || async move {
                 let gateway = Gateway::new(config).map_err(anyhow::Error::msg)?;
                 let (report, allowed) =
-                    portcullis::cli::explain::explain(&gateway, from, &target).await;
+                    portcullis::cli::explain::explain(&gateway, from, &target, lane).await;
                 print!("{report}");
                 Ok(if allowed {
                     ExitCode::SUCCESS
@@ -322,5 +324,23 @@ async fn reload_on_sighup(reloader: portcullis::reload::Reloader) {
     };
     while hangups.recv().await.is_some() {
         let _ = reloader.reload();
+    }
+}
+
+/// `host:port` as a CONNECT target; `http://host[:port]/path` as a lane request (port 80 when
+/// none is given). Returns the authority and whether it is a lane request.
+fn explain_target(text: &str) -> (String, bool) {
+    let Some(rest) = text
+        .get(..7)
+        .filter(|s| s.eq_ignore_ascii_case("http://"))
+        .map(|_| &text[7..])
+    else {
+        return (text.to_owned(), false);
+    };
+    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
+    if authority.ends_with(']') || !authority.contains(':') {
+        (format!("{authority}:80"), true)
+    } else {
+        (authority.to_owned(), true)
     }
 }

@@ -214,14 +214,16 @@ fn bandwidth(gw: &Gateway, branch: &str, category: &str) -> Option<String> {
     ))
 }
 
-/// What the gateway would do with `CONNECT target` from `from`. Returns the report and whether
-/// a tunnel would be opened (if the upstream accepts the connection).
-pub async fn explain(gw: &Gateway, from: IpAddr, target: &Target) -> (String, bool) {
+/// What the gateway would do with `CONNECT target` (or, with `lane`, a plain-HTTP request to
+/// it) from `from`, on the same path the data path takes. Returns the report and whether the
+/// request would be served (if the upstream accepts the connection).
+pub async fn explain(gw: &Gateway, from: IpAddr, target: &Target, lane: bool) -> (String, bool) {
     // explain knows only the source address: credentials and certificates are not simulated.
     let who = gw.identifier.identify(&gw.config, from, None, &[]).await;
-    let plan = plan(gw, from, who, target).await;
+    let plan = plan(gw, from, who, target, lane).await;
     let mut out = String::new();
-    let _ = writeln!(out, "target:   {target}");
+    let request = if lane { "plain HTTP (lane)" } else { "CONNECT" };
+    let _ = writeln!(out, "target:   {target} ({request})");
     let _ = writeln!(
         out,
         "client:   {from} {}",
@@ -277,11 +279,19 @@ pub async fn explain(gw: &Gateway, from: IpAddr, target: &Target) -> (String, bo
                 .next()
                 .map(|ip| ip.to_string())
                 .unwrap_or_default();
-            let _ = writeln!(
-                out,
-                "result:   tunnel to {first} port {} (200 once connected)",
-                target.port
-            );
+            let _ = if lane {
+                writeln!(
+                    out,
+                    "result:   forwarded to {first} port {} (the origin's answer, Via added)",
+                    target.port
+                )
+            } else {
+                writeln!(
+                    out,
+                    "result:   tunnel to {first} port {} (200 once connected)",
+                    target.port
+                )
+            };
             true
         }
     };

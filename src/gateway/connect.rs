@@ -237,7 +237,7 @@ async fn handle(
     } else {
         Ok(None)
     };
-    let plan = plan(gw, peer.ip(), who, &req.target).await;
+    let plan = plan(gw, peer.ip(), who, &req.target, req.forward.is_some()).await;
     record.resolve_time = plan.resolve_time;
     if let Some(identity) = plan.identity {
         record.branch = Some(identity::name(&gw.config.branches, identity).to_owned());
@@ -253,17 +253,6 @@ async fn handle(
         return Err(refusal);
     }
 
-    // Plain-HTTP rules (revocation lists, OCSP) are served by the lane only, and the lane only
-    // serves them.
-    let lane_rule = plan.decision.rule.is_some_and(|r| r.plain_http);
-    if plan.decision.verdict == Verdict::Allow && lane_rule != req.forward.is_some() {
-        let reason = if lane_rule {
-            "plain-HTTP host: only GET, HEAD or OCSP POST through the proxy"
-        } else {
-            "not allowed as plain HTTP"
-        };
-        return Err(Refusal::new(End::PolicyDenied, reason));
-    }
     let identity = plan.identity.flatten();
     let Some(_slot) = gw.admit_tunnel(identity) else {
         return Err(Refusal::new(

@@ -47,22 +47,35 @@ impl Plan<'_> {
     }
 }
 
-/// Steps 3 to 5: is the client allowed, does the policy allow the target, and which of its
+/// Steps 3 to 5 for a CONNECT (`lane` false) or a plain-HTTP lane request (`lane` true): is
+/// the client allowed, does the policy allow the target, and which of its
 /// addresses may be dialled.
 pub async fn plan<'g>(
     gw: &'g Gateway,
     client: IpAddr,
     who: Result<Identity, identity::Refused>,
     target: &Target,
+    lane: bool,
 ) -> Plan<'g> {
     let allowed_rules = who
         .ok()
         .flatten()
         .and_then(|i| gw.config.branches[i].allowed_rules.as_deref());
-    let decision = gw
+    let mut decision = gw
         .config
         .policy
         .decide(&target.host, target.port, allowed_rules);
+    // Plain-HTTP rules (revocation lists, OCSP) are served by the lane only, and the lane only
+    // serves them: decided here, before any lookup or dial, and logged as the denial it is.
+    let lane_rule = decision.rule.is_some_and(|r| r.plain_http);
+    if decision.verdict == Verdict::Allow && lane_rule != lane {
+        decision.verdict = Verdict::Deny;
+        decision.reason = if lane_rule {
+            "plain-HTTP host: only GET, HEAD or OCSP POST through the proxy"
+        } else {
+            "not allowed as plain HTTP"
+        };
+    }
     let mut plan = Plan {
         client_allowed: gw.client_allowed(client),
         identity: None,

@@ -184,3 +184,47 @@ fn explain_shows_decision_rule_addresses_and_wall() {
     assert_eq!(out.status.code(), Some(64));
     assert!(text(&out.stderr).contains("request target has no port"));
 }
+
+#[test]
+fn explain_takes_the_gateways_path_for_plain_http_hosts() {
+    let (_dir, path) = temp_file(
+        "lane.toml",
+        "[resolver]\nhosts_only = true\n[resolver.hosts]\n\"crl.microsoft.com\" = \"52.0.0.1\"\n",
+    );
+    let config = path.to_str().unwrap();
+    // CONNECT to a revocation host is refused, as the gateway refuses it (issue 14).
+    let out = portcullis(&["explain", "--config", config, "crl.microsoft.com:80"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(
+            "verdict:  deny (plain-HTTP host: only GET, HEAD or OCSP POST through the proxy)"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("addresses"),
+        "decided before any lookup: {stdout}"
+    );
+    // The same host as the lane serves it.
+    let out = portcullis(&[
+        "explain",
+        "--config",
+        config,
+        "http://crl.microsoft.com/pki/crl/products/x.crl",
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("target:   crl.microsoft.com:80 (plain HTTP (lane))"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("rule:     azure-file-sync/revocation"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("result:   forwarded to 52.0.0.1 port 80"),
+        "{stdout}"
+    );
+}

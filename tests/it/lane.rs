@@ -290,6 +290,36 @@ async fn a_fresh_crl_is_served_from_the_cache_without_reaching_the_origin() {
 }
 
 #[tokio::test]
+async fn a_connect_to_a_plain_http_host_is_refused_before_any_lookup() {
+    let (origin, _) = http_origin().await;
+    let port = origin.port();
+    // crl.other.example is under a plain_http rule but has no address: a lookup would fail.
+    let config = lane_config(port).replace(
+        &format!("hosts = [\"{CRL_HOST}\"]"),
+        &format!("hosts = [\"{CRL_HOST}\", \"crl.other.example\"]"),
+    );
+    let mut gw = Gateway::start(&config).await;
+    let reply = raw_request(
+        gw.addr,
+        format!("CONNECT crl.other.example:{port} HTTP/1.1\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(
+        (reply.status, reply.header("portcullis-error")),
+        (
+            403,
+            Some("plain-HTTP host: only GET, HEAD or OCSP POST through the proxy")
+        )
+    );
+    let line = gw.access_line(|l| l["host"] == "crl.other.example").await;
+    assert_eq!(
+        (line["verdict"].as_str(), line["end"].as_str()),
+        (Some("deny"), Some("policy_denied")),
+        "the verdict agrees with the outcome"
+    );
+}
+
+#[tokio::test]
 async fn the_cache_follows_the_shared_cache_rules() {
     let (origin, hits) = http_origin().await;
     let port = origin.port();
