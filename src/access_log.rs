@@ -19,6 +19,7 @@ macro_rules! access_line {
             conn_id = $r.conn_id,
             client = $r.client.map(tracing::field::display),
             branch = $r.branch.as_deref(),
+            user = $r.user.as_deref(),
             host = $r.host.as_deref(),
             port = $r.port,
             gateway = $r.gateway.as_deref(),
@@ -46,6 +47,8 @@ pub struct AccessRecord {
     pub client: Option<SocketAddr>,
     /// The branch the client was identified as ("unassigned" when admitted without one).
     pub branch: Option<String>,
+    /// The proxy user the client presented (identified by it, or refused for it).
+    pub user: Option<String>,
     pub host: Option<String>,
     pub port: Option<u16>,
     /// The gateway that carried the request (branch agent only).
@@ -128,6 +131,11 @@ pub enum LogFormat {
 pub fn init(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The access lines are the audit trail, not diagnostics: no level setting removes them.
+    let filter = [TARGET, AGENT_TARGET]
+        .into_iter()
+        .filter_map(|target| format!("{target}=info").parse().ok())
+        .fold(filter, |filter, directive| filter.add_directive(directive));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stdout);

@@ -231,6 +231,10 @@ async fn handle(
 
     let who = if gw.client_allowed(peer.ip()) {
         let authorization = req.proxy_authorization.as_deref();
+        // The audit trail names the proxy user (never the password), also when it failed.
+        record.user = gw
+            .identifier
+            .credential_user(&gw.config, authorization, certificate_names);
         gw.identifier
             .identify(&gw.config, peer.ip(), authorization, certificate_names)
             .await

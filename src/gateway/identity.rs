@@ -133,6 +133,29 @@ impl Identifier {
         !self.users.is_empty()
     }
 
+    /// The user name of the credentials `identify` would check (a certificate did not already
+    /// identify the client, some branch accepts credentials, the header is Basic), for the log:
+    /// printable, at most 64 characters. Never the password.
+    pub fn credential_user(
+        &self,
+        config: &Config,
+        authorization: Option<&str>,
+        certificate_names: &[String],
+    ) -> Option<String> {
+        let value = authorization.filter(|_| self.accepts_credentials())?;
+        let by_certificate = !certificate_names.is_empty()
+            && config.branches.iter().any(|b| {
+                b.client_certificates
+                    .iter()
+                    .any(|n| certificate_names.iter().any(|c| c == n.as_str()))
+            });
+        if by_certificate {
+            return None;
+        }
+        let (user, _) = parse_basic(value)?;
+        Some(user.chars().filter(|c| !c.is_control()).take(64).collect())
+    }
+
     /// A verified client certificate first, then credentials, then source network.
     /// `authorization` is the raw header value; `certificate_names` the DNS SANs and CN of a
     /// certificate the TLS listener verified (empty otherwise).

@@ -19,8 +19,10 @@ pub struct Logged {
 impl Logged {
     /// Starts `command` (logging at info) and collects its lines.
     pub fn spawn(name: &'static str, command: &mut Command) -> Self {
+        if !command.get_envs().any(|(name, _)| name == "RUST_LOG") {
+            command.env("RUST_LOG", "info");
+        }
         let mut child = command
-            .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -142,15 +144,20 @@ impl std::ops::DerefMut for Gateway {
 impl Gateway {
     /// Starts `portcullis serve` with `config` (TOML) and waits until it listens.
     pub async fn start(config: &str) -> Self {
+        Self::start_with_env(config, &[]).await
+    }
+
+    /// `start` with environment variables set for the process (e.g. `RUST_LOG`).
+    pub async fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("portcullis.toml");
         std::fs::write(&path, config).unwrap();
-        let process = Logged::spawn(
-            "gateway",
-            Command::new(env!("CARGO_BIN_EXE_portcullis"))
-                .args(["serve", "--log-format", "json", "--config"])
-                .arg(&path),
-        );
+        let mut command = Command::new(env!("CARGO_BIN_EXE_portcullis"));
+        command
+            .args(["serve", "--log-format", "json", "--config"])
+            .arg(&path)
+            .envs(env.iter().copied());
+        let process = Logged::spawn("gateway", &mut command);
         let mut gateway = Self {
             addr: "127.0.0.1:0".parse().unwrap(),
             process,
