@@ -19,6 +19,8 @@ pub enum End {
     UpstreamError,
     /// A reload's new policy denies it (`on_reload = "close-denied"`).
     ClosedByReload,
+    /// Still open when the shutdown's drain timeout ran out.
+    DrainTimeout,
     // The SNI check inside the tunnel (after the 200, so no status).
     SniMismatch,
     SniMissing,
@@ -67,6 +69,7 @@ impl End {
         End::ClientError,
         End::UpstreamError,
         End::ClosedByReload,
+        End::DrainTimeout,
         End::SniMismatch,
         End::SniMissing,
         End::NotTls,
@@ -108,6 +111,7 @@ impl End {
             End::ClientError => "client_error",
             End::UpstreamError => "upstream_error",
             End::ClosedByReload => "closed_by_reload",
+            End::DrainTimeout => "drain_timeout",
             End::SniMismatch => "sni_mismatch",
             End::SniMissing => "sni_missing",
             End::NotTls => "not_tls",
@@ -166,6 +170,7 @@ impl End {
             | End::IdleTimeout
             | End::ClientError
             | End::ClosedByReload
+            | End::DrainTimeout
             | End::SniMismatch
             | End::SniMissing
             | End::NotTls

@@ -178,16 +178,27 @@ impl Server {
         );
         match connections.drain(drain).await {
             Drained::All => tracing::info!("drained: every connection finished"),
-            Drained::Left(left) => tracing::warn!(
-                closing_connections = left,
-                "drain timeout reached; closing the rest"
-            ),
+            Drained::Left(left) => {
+                tracing::warn!(
+                    closing_connections = left,
+                    "drain timeout reached; closing the rest"
+                );
+                // Open tunnels end now with their counts and write their access lines
+                // (`end = "drain_timeout"`) before the process exits.
+                self.current.load().closing.notify_waiters();
+                if let Drained::Left(left) = connections.drain(LINES_AFTER_DRAIN).await {
+                    tracing::warn!(connections = left, "exiting with connections still open");
+                }
+            }
         }
         if let Some(task) = admin_task {
             task.abort();
         }
     }
 }
+
+/// How long tunnels cut at the drain timeout get to write their access lines.
+const LINES_AFTER_DRAIN: Duration = Duration::from_secs(2);
 
 /// Every listener `listen` configures: plain proxies, then TLS ones by position.
 fn listener_keys(listen: &crate::config::Listen) -> Vec<ListenerKey> {

@@ -246,6 +246,7 @@ pub fn forward_settings(args: &ForwardOptions, file: AgentFile) -> Result<Settin
         drain: duration(&file.timeouts.drain, "timeouts.drain", 30)?,
         probe_interval,
         max_connections,
+        closing: Default::default(),
     })
 }
 

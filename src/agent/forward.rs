@@ -44,6 +44,8 @@ pub struct Settings {
     pub drain: Duration,
     pub probe_interval: Duration,
     pub max_connections: usize,
+    /// Notified at the drain timeout: open tunnels end (`drain_timeout`) and log their line.
+    pub closing: tokio::sync::Notify,
 }
 
 /// Binds the listener, then serves until `shutdown` resolves, then drains.
@@ -77,6 +79,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> std:
         Drained::All => tracing::info!("drained"),
         Drained::Left(left) => {
             tracing::warn!(left, "drain time over; closing the remaining tunnels");
+            // They end with their counts and write their lines before the process exits.
+            settings.closing.notify_waiters();
+            let _ = connections.drain(Duration::from_secs(2)).await;
         }
     }
     Ok(())
@@ -222,7 +227,10 @@ async fn forward(
         app,
         &mut gateway,
         settings.idle_timeout,
-        None,
+        crate::tunnel::Stop {
+            revoked: None,
+            drained: Some(&settings.closing),
+        },
         Default::default(),
     )
     .await;

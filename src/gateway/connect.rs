@@ -391,18 +391,15 @@ async fn handle(
     // Nothing of the request is needed any more: an idle tunnel holds only its sockets.
     drop((req, plan));
 
+    let stops = tunnel::Stop {
+        revoked: stop.as_deref(),
+        drained: Some(&gw.closing),
+    };
     // Plain clients splice; TLS clients go through the buffered copy (bytes must be decrypted).
     let outcome = if let ClientStream::Plain(tcp) = client {
-        tunnel::relay_tcp(tcp, &mut upstream, timeouts.idle, stop.as_deref(), pacers).await
+        tunnel::relay_tcp(tcp, &mut upstream, timeouts.idle, stops, pacers).await
     } else {
-        tunnel::relay(
-            client,
-            &mut upstream,
-            timeouts.idle,
-            stop.as_deref(),
-            pacers,
-        )
-        .await
+        tunnel::relay(client, &mut upstream, timeouts.idle, stops, pacers).await
     };
     record.bytes_up += outcome.bytes_up;
     record.bytes_down += outcome.bytes_down;

@@ -53,6 +53,9 @@ pub struct Gateway {
     /// Open tunnels a reload may close (tracked only under `on_reload = "close-denied"`);
     /// shared by every snapshot.
     pub revocable: Arc<Revocable>,
+    /// Notified at the drain timeout: every open tunnel ends (`drain_timeout`) and writes its
+    /// access line before the process exits; shared by every snapshot.
+    pub closing: Arc<tokio::sync::Notify>,
     /// Unfinished request heads per client address; shared by every snapshot.
     pub pending_heads: Arc<pending::PendingHeads>,
     /// Fresh CRL answers of the plain-HTTP lane.
@@ -128,6 +131,7 @@ impl Gateway {
             metrics,
             revocable: previous.map_or_else(Default::default, |p| p.revocable.clone()),
             pending_heads: previous.map_or_else(Default::default, |p| p.pending_heads.clone()),
+            closing: previous.map_or_else(Default::default, |p| p.closing.clone()),
             connect_rate,
         })
     }

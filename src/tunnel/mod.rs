@@ -27,6 +27,15 @@ use tokio::time::{Instant, Sleep, sleep_until};
 /// Longest interval between idle checks.
 const MAX_TICK: Duration = Duration::from_secs(30);
 
+/// What may end a tunnel from outside: a reload's revocation (this tunnel), and the drain
+/// timeout at shutdown (every tunnel). Either ends it with its counts, so its access line is
+/// written.
+#[derive(Clone, Copy, Default)]
+pub struct Stop<'a> {
+    pub revoked: Option<&'a Notify>,
+    pub drained: Option<&'a Notify>,
+}
+
 /// Bytes carried and how it ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Outcome {
@@ -46,7 +55,7 @@ pub fn relay<'a, C, U>(
     client: &'a mut C,
     upstream: &'a mut U,
     idle: Duration,
-    stop: Option<&'a Notify>,
+    stop: Stop<'a>,
     pacers: Pacers,
 ) -> impl Future<Output = Outcome> + 'a
 where
@@ -68,7 +77,7 @@ pub fn relay_tcp<'a>(
     client: &'a mut TcpStream,
     upstream: &'a mut TcpStream,
     idle: Duration,
-    stop: Option<&'a Notify>,
+    stop: Stop<'a>,
     pacers: Pacers,
 ) -> impl Future<Output = Outcome> + 'a {
     #[cfg(target_os = "linux")]
@@ -94,7 +103,7 @@ async fn drive<C, U, P>(
     client: &mut C,
     upstream: &mut U,
     idle: Duration,
-    stop: Option<&Notify>,
+    stop: Stop<'_>,
     mut up: P,
     mut down: P,
 ) -> Outcome
@@ -110,12 +119,19 @@ where
     let mut quiet = Duration::ZERO;
 
     // A reload that revokes this tunnel (`on_reload = "close-denied"`) wakes this.
-    let mut revoked = stop.map(|n| Box::pin(n.notified()));
+    let mut revoked = stop.revoked.map(|n| Box::pin(n.notified()));
+    // Boxed, like the revocation's: the wait for the drain timeout lives on the heap.
+    let mut drained = stop.drained.map(|n| Box::pin(n.notified()));
     let end = poll_fn(|cx| {
         if let Some(revoked) = &mut revoked
             && revoked.as_mut().poll(cx).is_ready()
         {
             return Poll::Ready(End::ClosedByReload);
+        }
+        if let Some(drained) = &mut drained
+            && drained.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(End::DrainTimeout);
         }
         if !Copier::<C, U>::progress(&mut up).done {
             match Copier::<C, U>::poll_copy(&mut up, cx, client, upstream) {
@@ -188,7 +204,7 @@ mod tests {
                 &mut client_side,
                 &mut upstream_side,
                 idle,
-                None,
+                Stop::default(),
                 Pacers::default(),
             )
             .await
@@ -272,7 +288,7 @@ mod tests {
                 &mut client_side,
                 &mut upstream_side,
                 Duration::from_millis(400),
-                None,
+                Stop::default(),
                 pacers,
             )
             .await

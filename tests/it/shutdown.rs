@@ -59,3 +59,30 @@ async fn the_drain_timeout_bounds_the_wait() {
         .await;
     assert_eq!(line["closing_connections"], 1);
 }
+
+#[tokio::test]
+async fn a_tunnel_cut_at_the_drain_timeout_still_gets_its_access_line_and_bytes() {
+    let origin = TcpOrigin::start(b"").await;
+    let port = origin.addr.port();
+    let extra = format!("{}\n[timeouts]\ndrain = \"1s\"\n", resolver_hosts(""));
+    let mut gw = Gateway::start(&config_for(port, &extra)).await;
+    let (mut tunnel, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
+    assert_eq!(status, 200);
+    tokio::io::AsyncWriteExt::write_all(&mut tunnel, b"half a sync batch")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gw.signal("TERM");
+    let status = gw
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("exits after the drain timeout");
+    assert_eq!(status.code(), Some(0));
+    let line = gw.access_line(|l| l["port"] == port).await;
+    assert_eq!(
+        (line["end"].as_str(), line["bytes_up"].as_u64()),
+        (Some("drain_timeout"), Some(17)),
+        "{line}"
+    );
+    assert_eq!(gw.access_count(), 1, "exactly one line");
+}
