@@ -126,27 +126,120 @@ pub enum LogFormat {
     Json,
 }
 
+/// The access log's own file (`log.access_file`): access lines go there instead of stdout,
+/// and `reopen` (SIGUSR1, after logrotate moved the file) starts a new one at the same path.
+#[derive(Clone)]
+pub struct AccessFile {
+    path: std::path::PathBuf,
+    file: std::sync::Arc<std::sync::Mutex<std::fs::File>>,
+}
+
+impl AccessFile {
+    /// Opens `path` for appending (created 0640 if missing).
+    pub fn open(path: &std::path::Path) -> std::io::Result<Self> {
+        Ok(Self {
+            path: path.to_owned(),
+            file: std::sync::Arc::new(std::sync::Mutex::new(Self::append(path)?)),
+        })
+    }
+
+    fn append(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(path)
+    }
+
+    /// Starts writing to a file at the path again (the old one was moved away); on failure the
+    /// current file stays in use.
+    pub fn reopen(&self) -> std::io::Result<()> {
+        let fresh = Self::append(&self.path)?;
+        *self.file.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(())
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+/// One formatted line at a time into the access file (the formatter writes each line whole).
+struct AccessFileWriter(std::sync::Arc<std::sync::Mutex<std::fs::File>>);
+
+impl std::io::Write for AccessFileWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(bytes)
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write_all(bytes)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).flush()
+    }
+}
+
 /// Installs the process-wide subscriber: stdout, text or one JSON object per line, level from
-/// `RUST_LOG` (default info).
+/// `RUST_LOG` (default info). Access lines are written whatever the level says; with
+/// `access_file` they go to that file (same format) instead of stdout.
 pub fn init(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
+    init_with(format, None);
+}
+
+/// `init`, with the access lines in `access_file` when given.
+pub fn init_with(format: LogFormat, access_file: Option<&AccessFile>) {
+    use tracing_subscriber::filter::{EnvFilter, Targets, filter_fn};
+    use tracing_subscriber::prelude::*;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // The access lines are the audit trail, not diagnostics: no level setting removes them.
     let filter = [TARGET, AGENT_TARGET]
         .into_iter()
         .filter_map(|target| format!("{target}=info").parse().ok())
         .fold(filter, |filter, directive| filter.add_directive(directive));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stdout);
-    let result = match format {
-        LogFormat::Json => builder
+    let to_file = access_file.is_some();
+    let not_moved = filter_fn(move |meta| !(to_file && meta.target() == TARGET));
+    let stdout = layer(format, std::io::stdout)
+        .with_filter(filter)
+        .with_filter(not_moved);
+    let file = access_file.map(|file| {
+        let shared = file.file.clone();
+        layer(format, move || AccessFileWriter(shared.clone()))
+            .with_filter(Targets::new().with_target(TARGET, tracing::Level::INFO))
+    });
+    // Already installed (a second call in the same process) is fine.
+    let _ = tracing_subscriber::registry()
+        .with(stdout)
+        .with(file)
+        .try_init();
+}
+
+/// A formatting layer writing to `writer`, as `format` says.
+fn layer<S, W>(format: LogFormat, writer: W) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    use tracing_subscriber::Layer;
+    match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
             .with_current_span(false)
-            .try_init(),
-        LogFormat::Text => builder.with_ansi(false).try_init(),
-    };
-    // Already installed (a second call in the same process) is fine.
-    drop(result);
+            .with_span_list(false)
+            .with_writer(writer)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(writer)
+            .boxed(),
+    }
 }

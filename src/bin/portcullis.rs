@@ -2,6 +2,7 @@
 //! the library. Exit codes: 0 ok, 1 refused (explain) or runtime failure, 64 bad config or usage.
 
 use clap::{Parser, Subcommand};
+use portcullis::access_log::AccessFile;
 use portcullis::config::{Config, LogFormat};
 use portcullis::gateway::Gateway;
 use portcullis::policy::host::Target;
@@ -183,12 +184,25 @@ fn main() -> ExitCode {
                 Some(LogFormatArg::Text) => LogFormat::Text,
                 None => config.log.format,
             };
-            portcullis::access_log::init(format);
+            let access_file = match config.log.access_file.as_deref().map(AccessFile::open) {
+                None => None,
+                Some(Ok(file)) => Some(file),
+                Some(Err(e)) => {
+                    let path = config.log.access_file.clone().unwrap_or_default();
+                    eprintln!(
+                        "portcullis: log.access_file {}: cannot open: {e}",
+                        path.display()
+                    );
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            portcullis::access_log::init_with(format, access_file.as_ref());
             let config_path = config_path_for_reload;
             portcullis::process::run("portcullis", || async move {
                 let gateway = Gateway::new(config).map_err(anyhow::Error::msg)?;
                 let server = Server::bind(gateway, config_path).await?;
                 tokio::spawn(reload_on_sighup(server.reloader()));
+                tokio::spawn(reopen_on_sigusr1(access_file));
                 server.run(portcullis::process::shutdown_signal()).await;
                 tracing::info!("exiting");
                 Ok(ExitCode::SUCCESS)
@@ -324,6 +338,26 @@ async fn reload_on_sighup(reloader: portcullis::reload::Reloader) {
     };
     while hangups.recv().await.is_some() {
         let _ = reloader.reload();
+    }
+}
+
+/// SIGUSR1 (logrotate's `postrotate`): start a new access log file at the configured path.
+/// Never stops the gateway, with or without a file.
+async fn reopen_on_sigusr1(access_file: Option<AccessFile>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut signals) = signal(SignalKind::user_defined1()) else {
+        return;
+    };
+    while signals.recv().await.is_some() {
+        match &access_file {
+            None => tracing::info!("SIGUSR1: no log.access_file to reopen"),
+            Some(file) => match file.reopen() {
+                Ok(()) => tracing::info!(file = %file.path().display(), "access log reopened"),
+                Err(e) => {
+                    tracing::warn!(file = %file.path().display(), error = %e, "cannot reopen the access log; writing on to the old file")
+                }
+            },
+        }
     }
 }
 

@@ -189,9 +189,11 @@ pub struct Limits {
     pub ipv6_client_prefix: u8,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct LogSettings {
     pub format: LogFormat,
+    /// Access lines go to this file instead of stdout; SIGUSR1 reopens it (logrotate).
+    pub access_file: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -348,6 +350,7 @@ fn compile(raw: RawConfig, base: &Path, now: Timestamp, p: &mut Problems<'_>) ->
         limits,
         log: LogSettings {
             format: raw.log.format.unwrap_or(LogFormat::Text),
+            access_file: raw.log.access_file.as_ref().map(|f| base.join(f.get_ref())),
         },
         schedules,
         branches,

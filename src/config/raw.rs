@@ -142,6 +142,7 @@ pub(super) struct RawLimits {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawLog {
     pub(super) format: Option<LogFormat>,
+    pub(super) access_file: Option<Spanned<String>>,
 }
 
 // ---- compiling ---------------------------------------------------------------------------

@@ -57,3 +57,67 @@ async fn the_access_line_names_the_proxy_user_and_never_the_password() {
         );
     }
 }
+
+/// The access lines in `path` so far.
+fn lines_in(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_access_file_is_reopened_on_sigusr1_and_the_gateway_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let access = dir.path().join("access.log");
+    let config = format!(
+        "{}\n[log]\naccess_file = \"{}\"\n",
+        config_for(1, ""),
+        access.display()
+    );
+    let mut gw = Gateway::start(&config).await;
+    let addr = gw.addr;
+    let deny = |host: &'static str| async move {
+        let request = format!("CONNECT {host}:443 HTTP/1.1\r\n\r\n");
+        raw_request(addr, request.as_bytes()).await
+    };
+    assert_eq!(deny("first.example").await.status, 403);
+    // logrotate moves the file away, then signals.
+    let rotated = dir.path().join("access.log.1");
+    for _ in 0..100 {
+        if !lines_in(&access).is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    std::fs::rename(&access, &rotated).unwrap();
+    gw.signal("USR1");
+    gw.wait_log(|l| l["message"] == "access log reopened").await;
+    assert_eq!(deny("second.example").await.status, 403, "still serving");
+    let mut fresh = Vec::new();
+    for _ in 0..100 {
+        fresh = lines_in(&access);
+        if !fresh.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let old = lines_in(&rotated);
+    assert_eq!(old.len(), 1, "{old:?}");
+    assert_eq!(old[0]["host"], "first.example");
+    assert_eq!(fresh.len(), 1, "{fresh:?}");
+    assert_eq!(fresh[0]["host"], "second.example");
+    assert_eq!(fresh[0]["target"], "portcullis::access");
+    assert_eq!(
+        gw.access_count(),
+        0,
+        "access lines left stdout for the file"
+    );
+    assert!(
+        gw.wait_exit(std::time::Duration::from_millis(200))
+            .await
+            .is_none(),
+        "SIGUSR1 never stops it"
+    );
+}
