@@ -232,7 +232,7 @@ impl Config {
             Ok(raw) => raw,
             Err(e) => {
                 let span = e.span().unwrap_or(0..0);
-                problems.add(span, "", e.message().trim_end().to_owned());
+                problems.add(span, "", problems::with_suggestion(e.message().trim_end()));
                 return Err(ConfigError {
                     problems: problems.list,
                 });

@@ -197,3 +197,48 @@ fn static_host_values_must_be_addresses() {
     assert!(msg.contains("resolver.hosts.\"a.example\""), "{msg}");
     assert!(msg.contains("resolver.hosts.\"b_.x\""), "{msg}");
 }
+
+#[test]
+fn an_unknown_key_suggests_the_nearest_known_one() {
+    let text = "[[policy.allow]]\nname = \"x\"\nhosts = [\"a.example\"]\nport = [443]\n";
+    let err = Config::parse(text, "k.toml", crate::config::TEST_NOW).unwrap_err();
+    let shown = err.to_string();
+    assert!(
+        shown.starts_with("k.toml:4:1: unknown field `port`"),
+        "{shown}"
+    );
+    assert!(shown.ends_with("did you mean `ports`?"), "{shown}");
+    // Nothing near: no guess.
+    let err = Config::parse(
+        "[listen]\nzzzzzzzz = 1\n",
+        "k.toml",
+        crate::config::TEST_NOW,
+    )
+    .unwrap_err();
+    assert!(!err.to_string().contains("did you mean"), "{err}");
+}
+
+#[test]
+fn cidrs_with_host_bits_are_refused_with_what_they_would_mean() {
+    let err = Config::parse(
+        "[listen]\nclients = [\"10.20.0.1/8\", \"10.0.0.0/8\", \"192.0.2.7\"]\n",
+        "c.toml",
+        crate::config::TEST_NOW,
+    )
+    .unwrap_err();
+    assert_eq!(err.problems.len(), 1, "{err}");
+    assert_eq!(
+        err.to_string(),
+        "c.toml:2:12: listen.clients[0]: \"10.20.0.1/8\" has host bits set: write \"10.0.0.0/8\" for the network or \"10.20.0.1/32\" for the one address"
+    );
+}
+
+#[test]
+fn an_unreadable_file_is_named_without_a_position() {
+    let err = Config::load(Path::new("/nonexistent/p.toml"), crate::config::TEST_NOW).unwrap_err();
+    let shown = err.to_string();
+    assert!(
+        shown.starts_with("/nonexistent/p.toml: cannot read the file"),
+        "{shown}"
+    );
+}

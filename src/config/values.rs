@@ -52,6 +52,22 @@ pub(super) fn cidrs(p: &mut Problems<'_>, list: &[Spanned<String>], key: &str) -
         .enumerate()
         .filter_map(|(i, text)| {
             let t = text.get_ref();
+            if let Ok(net) = t.parse::<IpNet>()
+                && net.addr() != net.network()
+            {
+                // "10.20.0.1/8" would silently mean all of 10/8: say what it means instead.
+                p.add(
+                    text.span(),
+                    format!("{key}[{i}]"),
+                    format!(
+                        "{t:?} has host bits set: write {:?} for the network or \"{}/{}\" for the one address",
+                        net.trunc().to_string(),
+                        net.addr(),
+                        net.max_prefix_len()
+                    ),
+                );
+                return None;
+            }
             t.parse::<IpNet>()
                 .ok()
                 .or_else(|| t.parse::<IpAddr>().ok().map(IpNet::from))
