@@ -137,10 +137,18 @@ impl Pool {
             .collect()
     }
 
-    /// Every `interval`, tries each down gateway (TCP and TLS) and marks it up when it answers.
+    /// At start, tries every gateway (TCP and TLS), so `/status` never reports a dead gateway
+    /// as up just because no tunnel tried it yet; then every `interval`, each down one, marked
+    /// up when it answers. Gateways that are up are not probed again (each probe is a
+    /// connection in the gateway's access log); a failed tunnel marks one down.
     pub async fn probe_forever(self: Arc<Self>, interval: Duration) {
+        for i in 0..self.members.len() {
+            // `dial` marks the gateway up or down by the outcome.
+            drop(self.dial(i).await);
+        }
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
         loop {
             tick.tick().await;
             for i in 0..self.members.len() {

@@ -561,6 +561,25 @@ async fn agent_status(addr: SocketAddr) -> (Option<i32>, String, String) {
 }
 
 #[tokio::test]
+async fn status_never_reports_a_dead_gateway_as_up() {
+    // The only gateway: a port where nothing listens. No tunnel ever tries it.
+    let dead = free_port();
+    let mut agent = Agent::start(&[
+        "--gateway".into(),
+        format!("http://127.0.0.1:{dead}"),
+        "--probe-interval".into(),
+        "200ms".into(),
+    ])
+    .await;
+    agent.wait_log(|l| l["message"] == "gateway down").await;
+    let (code, stdout, stderr) = agent_status(agent.addr).await;
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    let status: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(status["gateways"][0]["state"], "down", "{stdout}");
+    assert!(status["gateways"][0]["last_error"].is_string(), "{stdout}");
+}
+
+#[tokio::test]
 async fn forward_fails_over_to_the_second_gateway_and_returns_to_the_first() {
     let pki = Pki::new();
     let origin = Origin::start(&pki).await;
@@ -629,7 +648,11 @@ async fn forward_fails_over_to_the_second_gateway_and_returns_to_the_first() {
         2,
         "back on the first gateway"
     );
-    assert_eq!(second.access_count(), 1);
+    // One tunnel went through the second gateway (its other line is the agent's start probe).
+    assert_eq!(
+        second.count_logs(|l| l["target"] == "portcullis::access" && l["status"] == 200),
+        1
+    );
 }
 
 #[tokio::test]
