@@ -2,7 +2,7 @@
 //!
 //! | route | answer |
 //! |---|---|
-//! | `GET /metrics` | Prometheus text exposition |
+//! | `GET /metrics` (and `HEAD`) | OpenMetrics text when the `Accept` header asks for it (Prometheus does), else the classic text format 0.0.4 |
 //! | `GET /healthz` | 200 while the process runs |
 //! | `GET /readyz` | 200 when serving, 503 while draining |
 //! | `POST /reload` | from loopback only: reload the config file (200, or 422 with its problems) |
@@ -29,12 +29,19 @@ pub async fn serve(listener: TcpListener, reloader: Reloader, draining: Arc<Atom
         let from_loopback = peer.ip().to_canonical().is_loopback();
         tokio::spawn(async move {
             let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let open_metrics = req
+                    .headers()
+                    .get_all(hyper::header::ACCEPT)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .any(|v| v.contains("application/openmetrics-text"));
                 let answer = route(
                     req.method(),
                     req.uri().path(),
                     &reloader,
                     &draining,
                     from_loopback,
+                    open_metrics,
                 );
                 async move { Ok::<_, std::convert::Infallible>(answer) }
             });
@@ -53,12 +60,19 @@ fn route(
     reloader: &Reloader,
     draining: &AtomicBool,
     from_loopback: bool,
+    open_metrics: bool,
 ) -> hyper::Response<Full<Bytes>> {
     let (status, content_type, body) = match (method.as_str(), path) {
-        ("GET", "/metrics") => (
+        // hyper leaves the body out of a HEAD answer.
+        ("GET" | "HEAD", "/metrics") if open_metrics => (
             200,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             reloader.metrics().render(),
+        ),
+        ("GET" | "HEAD", "/metrics") => (
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+            reloader.metrics().render_classic(),
         ),
         ("POST", "/reload") if !from_loopback => {
             (403, "text/plain", "reload only from loopback\n".to_owned())

@@ -163,11 +163,17 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// The Prometheus text exposition.
+    /// The OpenMetrics text exposition (what Prometheus asks for first).
     pub fn render(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// The classic Prometheus text format (0.0.4), for scrapers and tools that ask for it or
+    /// ask for nothing in particular (`promtool check metrics`, older agents).
+    pub fn render_classic(&self) -> String {
+        classic_text(&self.render())
     }
 
     pub fn reloaded(&self, ok: bool) {
@@ -186,4 +192,70 @@ fn unix_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// OpenMetrics text as the classic text format: a counter family is named by its samples'
+/// `_total` name, an info family becomes a gauge named `_info`, and `# UNIT` and `# EOF` go
+/// (the classic format has neither).
+fn classic_text(open_metrics: &str) -> String {
+    let mut types: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+    for line in open_metrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ")
+            && let Some((name, kind)) = rest.split_once(' ')
+        {
+            types.insert(name, kind);
+        }
+    }
+    let renamed = |name: &str| match types.get(name) {
+        Some(&"counter") => format!("{name}_total"),
+        Some(&"info") => format!("{name}_info"),
+        _ => name.to_owned(),
+    };
+    let mut out = String::with_capacity(open_metrics.len());
+    for line in open_metrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, text) = rest.split_once(' ').unwrap_or((rest, ""));
+            out.push_str(&format!("# HELP {} {text}\n", renamed(name)));
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+            let kind = if kind == "info" { "gauge" } else { kind };
+            out.push_str(&format!("# TYPE {} {kind}\n", renamed(name)));
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_classic_text_names_families_by_their_samples() {
+        let metrics = Metrics::default();
+        metrics.reloaded(true);
+        let classic = metrics.render_classic();
+        assert!(
+            classic.contains("# TYPE portcullis_config_reloads_total counter\n"),
+            "{classic}"
+        );
+        assert!(
+            classic.contains("# HELP portcullis_config_reloads_total "),
+            "{classic}"
+        );
+        assert!(
+            classic.contains("# TYPE portcullis_build_info gauge\n"),
+            "{classic}"
+        );
+        assert!(
+            !classic.contains("# EOF") && !classic.contains("# UNIT"),
+            "{classic}"
+        );
+        assert!(metrics.render().ends_with("# EOF\n"));
+    }
 }

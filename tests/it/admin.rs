@@ -126,3 +126,73 @@ async fn readiness_goes_503_while_draining_and_reloads_are_counted() {
         .expect("exits once drained");
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn metrics_pass_promtool_and_follow_the_accept_header() {
+    let mut origin = TcpOrigin::start(b"5byte").await;
+    let port = origin.addr.port();
+    let gw = Gateway::start(&config_for(port, &resolver_hosts(""))).await;
+    let admin = gw.admin_addr.unwrap();
+    // Samples in every kind of family: a tunnel with bytes, a denial, a reload failure.
+    let (mut tunnel, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
+    assert_eq!(status, 200);
+    send_and_finish(&mut tunnel, b"hello").await;
+    origin.received.recv().await.unwrap();
+    raw_request(gw.addr, b"CONNECT evil.example:443 HTTP/1.1\r\n\r\n").await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+
+    // No Accept: the classic text format, which promtool reads and lints.
+    let classic = get(admin, "/metrics").await;
+    assert_eq!(
+        classic.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    assert!(
+        classic.body.contains("portcullis_requests_total{"),
+        "{}",
+        classic.body
+    );
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; .ci/run installs it)");
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(classic.body.as_bytes())
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+
+    // Prometheus asks for OpenMetrics first, and gets it.
+    let open = raw_request(
+        admin,
+        b"GET /metrics HTTP/1.1\r\nHost: admin\r\nAccept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        open.header("content-type")
+            .is_some_and(|t| t.starts_with("application/openmetrics-text")),
+        "{:?}",
+        open.headers
+    );
+    assert!(open.body.ends_with("# EOF\n"));
+
+    // HEAD: the head alone.
+    let head = raw_request(
+        admin,
+        b"HEAD /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!((head.status, head.body.as_str()), (200, ""));
+}
