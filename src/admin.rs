@@ -67,12 +67,12 @@ fn route(
         ("GET" | "HEAD", "/metrics") if open_metrics => (
             200,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            reloader.metrics().render(),
+            reloader.scrape().render(),
         ),
         ("GET" | "HEAD", "/metrics") => (
             200,
             "text/plain; version=0.0.4; charset=utf-8",
-            reloader.metrics().render_classic(),
+            reloader.scrape().render_classic(),
         ),
         ("POST", "/reload") if !from_loopback => {
             (403, "text/plain", "reload only from loopback\n".to_owned())

@@ -53,6 +53,11 @@ struct BuildLabels {
 /// Every metric the gateway exports; shared by all configuration snapshots.
 pub struct Metrics {
     registry: Registry,
+    /// Client connections being served, and the limit (`limits.max_connections`); set when
+    /// scraped, so nothing on the data path touches them.
+    connections_open: Gauge,
+    connections_limit: Gauge,
+    process: ProcessMetrics,
     pub requests: Family<RequestLabels, Counter>,
     pub tunnels_active: Family<TunnelLabels, Gauge>,
     pub bytes: Family<BytesLabels, Counter>,
@@ -77,7 +82,21 @@ fn latency_buckets() -> impl Iterator<Item = f64> {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("portcullis");
+        let mut root = Registry::default();
+        let process = ProcessMetrics::register(&mut root);
+        let registry = root.sub_registry_with_prefix("portcullis");
+        let connections_open = Gauge::default();
+        registry.register(
+            "connections_open",
+            "Client connections being served now, across all listeners",
+            connections_open.clone(),
+        );
+        let connections_limit = Gauge::default();
+        registry.register(
+            "connections_limit",
+            "The limit on client connections served at once (limits.max_connections)",
+            connections_limit.clone(),
+        );
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "requests",
@@ -147,7 +166,10 @@ impl Default for Metrics {
         registry.register("build_info", "Build information", build);
         last_reload_seconds.set(unix_now());
         Self {
-            registry,
+            registry: root,
+            connections_open,
+            connections_limit,
+            process,
             requests,
             tunnels_active,
             bytes,
@@ -163,6 +185,14 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Reads what is sampled when scraped: the connections against their limit, and the
+    /// process (descriptors against their limit, memory, CPU time).
+    pub fn observe(&self, open_connections: usize, connection_limit: usize) {
+        self.connections_open.set(open_connections as i64);
+        self.connections_limit.set(connection_limit as i64);
+        self.process.observe();
+    }
+
     /// The OpenMetrics text exposition (what Prometheus asks for first).
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -185,6 +215,109 @@ impl Metrics {
         if ok {
             self.last_reload_seconds.set(unix_now());
         }
+    }
+}
+
+/// The usual `process_*` metrics, read from `/proc/self` when scraped (Linux; elsewhere they
+/// stay 0).
+struct ProcessMetrics {
+    open_fds: Gauge,
+    max_fds: Gauge,
+    resident_memory_bytes: Gauge,
+    cpu_seconds: Counter<f64, AtomicU64>,
+    /// CPU seconds already counted, so the counter only ever grows by the difference.
+    cpu_counted: std::sync::Mutex<f64>,
+}
+
+impl ProcessMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let this = Self {
+            open_fds: Gauge::default(),
+            max_fds: Gauge::default(),
+            resident_memory_bytes: Gauge::default(),
+            cpu_seconds: Counter::default(),
+            cpu_counted: std::sync::Mutex::new(0.0),
+        };
+        registry.register(
+            "process_open_fds",
+            "Open file descriptors",
+            this.open_fds.clone(),
+        );
+        registry.register(
+            "process_max_fds",
+            "The file descriptor limit (soft)",
+            this.max_fds.clone(),
+        );
+        registry.register(
+            "process_resident_memory_bytes",
+            "Resident memory",
+            this.resident_memory_bytes.clone(),
+        );
+        registry.register(
+            "process_cpu_seconds",
+            "User and system CPU time",
+            this.cpu_seconds.clone(),
+        );
+        let start = Gauge::<f64, AtomicU64>::default();
+        start.set(unix_now());
+        registry.register(
+            "process_start_time_seconds",
+            "Unix time the process started",
+            start,
+        );
+        this
+    }
+
+    fn observe(&self) {
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            self.open_fds.set(fds.count() as i64);
+        }
+        if let Some(max) = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|limits| {
+                let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+                line.split_whitespace().nth(3)?.parse::<i64>().ok()
+            })
+        {
+            self.max_fds.set(max);
+        }
+        // Pages resident (statm's second field); Linux pages are 4 KiB here, and the kernel
+        // says so in smaps, but statm is the cheap read.
+        if let Some(pages) = std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|statm| statm.split_whitespace().nth(1)?.parse::<i64>().ok())
+        {
+            self.resident_memory_bytes.set(pages * page_size());
+        }
+        // utime and stime (fields 14 and 15) in clock ticks, after the command's parentheses.
+        if let Some(ticks) = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|stat| {
+                let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+                Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+            })
+        {
+            let seconds = ticks as f64 / CLOCK_TICKS_PER_SECOND;
+            let mut counted = self.cpu_counted.lock().unwrap_or_else(|e| e.into_inner());
+            if seconds > *counted {
+                self.cpu_seconds.inc_by(seconds - *counted);
+                *counted = seconds;
+            }
+        }
+    }
+}
+
+/// `USER_HZ`, which Linux fixes at 100 for what `/proc` reports on every architecture.
+const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
+
+fn page_size() -> i64 {
+    #[cfg(target_os = "linux")]
+    {
+        rustix::param::page_size() as i64
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        4096
     }
 }
 

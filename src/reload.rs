@@ -55,6 +55,13 @@ impl Reloader {
         self.current.load().metrics.clone()
     }
 
+    /// The metrics with what is sampled at a scrape brought up to date.
+    pub fn scrape(&self) -> Arc<crate::metrics::Metrics> {
+        let metrics = self.metrics();
+        metrics.observe(self.connections.open(), self.connections.limit());
+        metrics
+    }
+
     /// Builds a snapshot from `config` (reading TLS files again) and makes it current; listeners
     /// whose addresses changed are rebound (the admin listener moves only at restart).
     pub fn apply(&self, config: Config) -> Result<(), String> {
