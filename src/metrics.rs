@@ -185,6 +185,42 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Creates, at zero, the series alerts and dashboards watch for `config`'s branches and
+    /// categories, so `increase()` sees the first denial and `tunnels_active` reads 0 rather
+    /// than nothing. Series only ever appear here (a reload keeps the old ones).
+    pub fn expect_series(&self, branches: &[&str], categories: &[&str]) {
+        for &branch in branches {
+            for &category in categories {
+                drop(self.tunnels_active.get_or_create(&TunnelLabels {
+                    category: category.to_owned(),
+                    branch: branch.to_owned(),
+                }));
+            }
+            // A denial by the allow-list: no rule, so no category.
+            drop(self.requests.get_or_create(&RequestLabels {
+                verdict: "deny",
+                end: "policy_denied",
+                category: "none".into(),
+                branch: branch.to_owned(),
+            }));
+        }
+        // Refused before a branch is known.
+        for end in [
+            "client_denied",
+            "no_branch",
+            "auth_required",
+            "auth_failed",
+            "pending_heads_limit",
+        ] {
+            drop(self.requests.get_or_create(&RequestLabels {
+                verdict: "none",
+                end,
+                category: "none".into(),
+                branch: "none".into(),
+            }));
+        }
+    }
+
     /// Reads what is sampled when scraped: the connections against their limit, and the
     /// process (descriptors against their limit, memory, CPU time).
     pub fn observe(&self, open_connections: usize, connection_limit: usize) {

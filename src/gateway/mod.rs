@@ -113,6 +113,15 @@ impl Gateway {
             .map(|b| b.name.as_str())
             .chain([UNASSIGNED])
             .collect();
+        let mut categories: Vec<&str> = config
+            .policy
+            .rules
+            .iter()
+            .map(|r| r.category.as_str())
+            .collect();
+        categories.sort_unstable();
+        categories.dedup();
+        metrics.expect_series(&branch_names, &categories);
         let throttles = Throttles::new(
             &config.schedules,
             &branch_names,
