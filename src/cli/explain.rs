@@ -50,15 +50,7 @@ pub fn effective_policy(config: &Config) -> String {
     );
     let _ = writeln!(out, "listen: {}", join(&config.listen.proxy));
     let _ = writeln!(out, "clients: {}", join(&config.listen.clients));
-    let mut categories: Vec<&str> = config
-        .policy
-        .rules
-        .iter()
-        .map(|r| r.category.as_str())
-        .collect();
-    categories.sort_unstable();
-    categories.dedup();
-    let _ = writeln!(out, "categories: {}", categories.join(", "));
+    let _ = writeln!(out, "categories: {}", config.policy.categories().join(", "));
     let _ = writeln!(
         out,
         "rules ({}, first match wins):",

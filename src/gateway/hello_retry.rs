@@ -294,40 +294,26 @@ mod tests {
             server_answer(ring::default_provider(), rustls::DEFAULT_VERSIONS),
             server_answer(ring::default_provider(), &[&rustls::version::TLS12]),
         ];
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
         let mut retries = 0;
-        for round in 0..20_000 {
-            let mut input = seeds[round % seeds.len()].clone();
-            match next() % 4 {
-                0 => {
-                    for _ in 0..1 + next() % 8 {
-                        let i = (next() as usize) % input.len();
-                        input[i] ^= 1 << (next() % 8);
-                    }
-                }
-                1 => input.truncate((next() as usize) % input.len()),
-                2 => {
-                    let i = (next() as usize) % input.len();
-                    let junk: Vec<u8> = (0..1 + next() % 64).map(|_| next() as u8).collect();
-                    input.splice(i..i, junk);
-                }
-                _ => input = (0..(next() % 2048)).map(|_| next() as u8).collect(),
-            }
-            let verdict = parse(&input);
+        crate::gateway::mutations::each_mutation(&seeds, 20_000, 0x2545_f491_4f6c_dd1d, |input| {
+            let verdict = parse(input);
             if verdict == Some(Flight::HelloRetry) {
                 retries += 1;
             }
             if verdict.is_some() {
-                input.extend((0..1 + next() % 32).map(|_| next() as u8));
-                assert_eq!(parse(&input), verdict, "a verdict does not change");
+                // More bytes after a decided prefix (any: here a pattern from the input).
+                let mut longer = input.to_vec();
+                longer.extend(
+                    input
+                        .iter()
+                        .rev()
+                        .take(32)
+                        .map(|b| b.wrapping_mul(31) ^ 0x5a),
+                );
+                longer.push(0x16);
+                assert_eq!(parse(&longer), verdict, "a verdict does not change");
             }
-        }
+        });
         assert!(retries > 500, "the mutations keep some retries: {retries}");
     }
 

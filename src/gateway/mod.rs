@@ -10,6 +10,8 @@ pub mod dial;
 pub mod hello_retry;
 pub mod identity;
 pub mod lane;
+#[cfg(test)]
+mod mutations;
 pub mod pending;
 pub mod plan;
 pub mod proxy_protocol;
@@ -113,15 +115,7 @@ impl Gateway {
             .map(|b| b.name.as_str())
             .chain([UNASSIGNED])
             .collect();
-        let mut categories: Vec<&str> = config
-            .policy
-            .rules
-            .iter()
-            .map(|r| r.category.as_str())
-            .collect();
-        categories.sort_unstable();
-        categories.dedup();
-        metrics.expect_series(&branch_names, &categories);
+        metrics.expect_series(&branch_names, &config.policy.categories());
         let throttles = Throttles::new(
             &config.schedules,
             &branch_names,

@@ -149,6 +149,14 @@ pub enum OnReload {
 }
 
 impl Policy {
+    /// Every rule category, sorted, once each.
+    pub fn categories(&self) -> Vec<&str> {
+        let mut categories: Vec<&str> = self.rules.iter().map(|r| r.category.as_str()).collect();
+        categories.sort_unstable();
+        categories.dedup();
+        categories
+    }
+
     /// The SNI check that applies to a tunnel to `port` allowed by `rule`.
     pub fn sni_mode(&self, rule: Option<&Rule>, port: u16) -> SniMode {
         match rule.and_then(|r| r.sni) {
