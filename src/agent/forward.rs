@@ -101,7 +101,7 @@ async fn serve(settings: &Settings, mut app: TcpStream, peer: SocketAddr, id: u6
     };
     if let Err(refusal) = forward(settings, &mut app, peer, &mut line).await {
         if let Some(status) = refusal.status {
-            let _ = request::write_error(&mut app, status, &refusal.reason).await;
+            let _ = crate::gateway::replies::write_error(&mut app, status, &refusal.reason).await;
             let _ = app.shutdown().await;
             line.status = status;
         }

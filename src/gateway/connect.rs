@@ -6,6 +6,7 @@ use super::lane;
 use super::pending::{self, Pending};
 use super::plan::plan;
 use super::refusal::{End, Refusal};
+use super::replies;
 use super::request;
 use super::sni;
 use super::sni_check::{check_sni, checked_tls_start, send_up};
@@ -160,7 +161,7 @@ async fn serve_stream(
     );
     if let Err(refusal) = handled.await {
         if let Some(status) = refusal.status {
-            let reply = request::write_error(&mut client, status, &refusal.reason);
+            let reply = replies::write_error(&mut client, status, &refusal.reason);
             if let Ok(Ok(())) = tokio::time::timeout(REPLY_TIMEOUT, reply).await {
                 record.status = status;
                 replied = true;
@@ -334,7 +335,7 @@ async fn handle(
         return lane_outcome(sent, End::Forwarded, record);
     }
 
-    request::write_established(client)
+    replies::write_established(client)
         .await
         .map_err(|_| Refusal::after_reply(End::ClientError, "client went away before 200"))?;
     record.status = 200;

@@ -16,6 +16,7 @@ pub mod pending;
 pub mod plan;
 pub mod proxy_protocol;
 pub mod refusal;
+pub mod replies;
 pub mod request;
 pub mod resolve;
 pub mod revocable;

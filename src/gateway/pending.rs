@@ -5,7 +5,7 @@
 //! may hold hundreds. One map update when a connection starts and one when its head is read.
 
 use super::Gateway;
-use super::request::write_error;
+use super::replies::write_error;
 use crate::access_log::AccessRecord;
 use crate::end::End;
 use std::collections::HashMap;
