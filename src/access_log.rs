@@ -75,6 +75,27 @@ pub struct AccessRecord {
 }
 
 impl AccessRecord {
+    /// The whole line of a connection that ended before any request was read (PROXY header,
+    /// TLS handshake, a limit): who, how, why, when, and the status sent (0 if none).
+    pub fn before_request(
+        conn_id: u64,
+        client: SocketAddr,
+        end: End,
+        reason: String,
+        status: u16,
+        duration: Duration,
+    ) -> Self {
+        Self {
+            conn_id,
+            client: Some(client),
+            reason,
+            end,
+            status,
+            duration,
+            ..Self::default()
+        }
+    }
+
     /// Writes the canonical line and counts the request in the metrics.
     pub fn finish(&self, metrics: &crate::metrics::Metrics) {
         self.emit();

@@ -64,15 +64,9 @@ async fn real_client(
     match super::proxy_protocol::read_header(client, gw.config.timeouts.head).await {
         Ok(source) => Some(source.unwrap_or(peer)),
         Err(why) => {
-            AccessRecord {
-                conn_id,
-                client: Some(peer),
-                reason: why.to_owned(),
-                end: End::ProxyProtocolError,
-                duration: started.elapsed(),
-                ..AccessRecord::default()
-            }
-            .finish(&gw.metrics);
+            let end = End::ProxyProtocolError;
+            AccessRecord::before_request(conn_id, peer, end, why.into(), 0, started.elapsed())
+                .finish(&gw.metrics);
             None
         }
     }
@@ -125,15 +119,9 @@ pub async fn serve_tls(
         Ok(Err(e)) => format!("TLS handshake failed: {e}"),
         Err(_) => "TLS handshake timed out".to_owned(),
     };
-    AccessRecord {
-        conn_id,
-        client: Some(peer),
-        reason: failure,
-        end: End::TlsHandshakeFailed,
-        duration: started.elapsed(),
-        ..AccessRecord::default()
-    }
-    .finish(&gw.metrics);
+    let end = End::TlsHandshakeFailed;
+    AccessRecord::before_request(conn_id, peer, end, failure, 0, started.elapsed())
+        .finish(&gw.metrics);
 }
 
 async fn serve_stream(

@@ -143,13 +143,7 @@ impl Identifier {
         certificate_names: &[String],
     ) -> Option<String> {
         let value = authorization.filter(|_| self.accepts_credentials())?;
-        let by_certificate = !certificate_names.is_empty()
-            && config.branches.iter().any(|b| {
-                b.client_certificates
-                    .iter()
-                    .any(|n| certificate_names.iter().any(|c| c == n.as_str()))
-            });
-        if by_certificate {
+        if certificate_branch(config, certificate_names).is_some() {
             return None;
         }
         let (user, _) = parse_basic(value)?;
@@ -166,13 +160,7 @@ impl Identifier {
         authorization: Option<&str>,
         certificate_names: &[String],
     ) -> Result<Identity, Refused> {
-        if !certificate_names.is_empty()
-            && let Some(i) = config.branches.iter().position(|b| {
-                b.client_certificates
-                    .iter()
-                    .any(|n| certificate_names.iter().any(|c| c == n.as_str()))
-            })
-        {
+        if let Some(i) = certificate_branch(config, certificate_names) {
             return Ok(Some(i));
         }
         // Credentials count only where some branch accepts them; otherwise the header is
@@ -183,11 +171,10 @@ impl Identifier {
                 .await
                 .map(Some);
         }
-        let client = client.to_canonical();
         if let Some(i) = config
             .branches
             .iter()
-            .position(|b| b.sources.iter().any(|n| n.contains(&client)))
+            .position(|b| crate::policy::in_networks(&b.sources, client))
         {
             return Ok(Some(i));
         }
@@ -236,6 +223,18 @@ impl Identifier {
     pub fn forget_idle_counters(&self) {
         self.attempts.retain_recent();
     }
+}
+
+/// The first branch one of a verified certificate's names (DNS SANs, CN) identifies.
+fn certificate_branch(config: &Config, certificate_names: &[String]) -> Option<usize> {
+    if certificate_names.is_empty() {
+        return None;
+    }
+    config.branches.iter().position(|b| {
+        b.client_certificates
+            .iter()
+            .any(|n| certificate_names.iter().any(|c| c == n.as_str()))
+    })
 }
 
 /// `Basic base64(user:password)` -> (user, password).

@@ -196,6 +196,17 @@ async fn write_within<C: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Runs the sending of one answer within `ANSWER_DEADLINE`; how it failed, if it did.
+async fn within_deadline(
+    sending: impl Future<Output = Result<(), (End, &'static str)>>,
+) -> Option<(End, &'static str)> {
+    match tokio::time::timeout(ANSWER_DEADLINE, sending).await {
+        Ok(Ok(())) => None,
+        Ok(Err(failure)) => Some(failure),
+        Err(_) => Some((End::ClientError, "response not sent within 5 minutes")),
+    }
+}
+
 /// Streams an upstream answer to `client` (the body left out for HEAD), storing it in `cache`
 /// under `key` when the rules and the cache's bounds allow.
 pub async fn send<C: AsyncWrite + Unpin>(
@@ -263,14 +274,11 @@ pub async fn send<C: AsyncWrite + Unpin>(
             .await
             .map_err(|_| (End::ClientError, "client went away during the response"))
     };
-    match tokio::time::timeout(ANSWER_DEADLINE, streaming).await {
-        Ok(Ok(())) => {
-            if let Some((collecting, policy, buffer)) = collecting {
-                collecting.store(policy, buffer.freeze());
-            }
-        }
-        Ok(Err(failure)) => sent.failure = Some(failure),
-        Err(_) => sent.failure = Some((End::ClientError, "response not sent within 5 minutes")),
+    sent.failure = within_deadline(streaming).await;
+    if sent.failure.is_none()
+        && let Some((collecting, policy, buffer)) = collecting
+    {
+        collecting.store(policy, buffer.freeze());
     }
     sent
 }
@@ -288,11 +296,7 @@ pub async fn send_stored<C: AsyncWrite + Unpin>(client: &mut C, hit: Hit, idle: 
             .await
             .map_err(|_| (End::ClientError, "client went away during the response"))
     };
-    let failure = match tokio::time::timeout(ANSWER_DEADLINE, sending).await {
-        Ok(Ok(())) => None,
-        Ok(Err(failure)) => Some(failure),
-        Err(_) => Some((End::ClientError, "response not sent within 5 minutes")),
-    };
+    let failure = within_deadline(sending).await;
     Sent {
         bytes: if failure.is_none() {
             hit.body.len() as u64

@@ -96,16 +96,10 @@ pub(super) fn log_refused(
     replied: bool,
     started: Instant,
 ) {
-    AccessRecord {
-        conn_id,
-        client: Some(peer),
-        status: if replied { 429 } else { 0 },
-        reason: REASON.to_owned(),
-        end: End::PendingHeadsLimit,
-        duration: started.elapsed(),
-        ..AccessRecord::default()
-    }
-    .finish(&gw.metrics);
+    let status = if replied { 429 } else { 0 };
+    let end = End::PendingHeadsLimit;
+    AccessRecord::before_request(conn_id, peer, end, REASON.into(), status, started.elapsed())
+        .finish(&gw.metrics);
 }
 
 #[cfg(test)]

@@ -202,15 +202,7 @@ async fn auth_attempts_are_counted_per_ipv6_64_not_per_address() {
 async fn set_max_connections(gw: &mut Gateway, config: &str, max: usize) {
     let text = config.replace("max_connections = 2", &format!("max_connections = {max}"));
     std::fs::write(gw.config_path(), text).unwrap();
-    let before = gw.count_logs(|l| l["message"] == "reload applied");
-    gw.signal("HUP");
-    for _ in 0..500 {
-        if gw.count_logs(|l| l["message"] == "reload applied") > before {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("no reload");
+    gw.reload("reload applied").await;
 }
 
 /// Sends CONNECT and waits up to `within` for the reply head: `Some(status)` if it came.

@@ -5,18 +5,6 @@ use crate::support::*;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn reload(gw: &mut Gateway, message: &str) -> serde_json::Value {
-    let before = gw.count_logs(|l| l["message"] == message);
-    gw.signal("HUP");
-    for _ in 0..500 {
-        if gw.count_logs(|l| l["message"] == message) > before {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    gw.wait_log(|l| l["message"] == message).await
-}
-
 #[tokio::test]
 async fn a_good_file_applies_to_new_requests_and_open_tunnels_go_on() {
     let mut origin = TcpOrigin::start(b"still here").await;
@@ -31,7 +19,7 @@ async fn a_good_file_applies_to_new_requests_and_open_tunnels_go_on() {
     let narrowed = config_for(port, &resolver_hosts(""))
         .replace(&format!("ports = [{port}]"), "ports = [443]");
     std::fs::write(gw.config_path(), narrowed).unwrap();
-    reload(&mut gw, "reload applied").await;
+    gw.reload("reload applied").await;
     let (_denied, status) = open_tunnel(gw.addr, &target, b"").await;
     assert_eq!(status, 403, "new requests get the new policy");
 
@@ -42,7 +30,9 @@ async fn a_good_file_applies_to_new_requests_and_open_tunnels_go_on() {
 
     // A bad file is refused with its problems; the running policy stays.
     std::fs::write(gw.config_path(), "[policy]\nmode = \"sometimes\"\n").unwrap();
-    let line = reload(&mut gw, "reload rejected; the running configuration stays").await;
+    let line = gw
+        .reload("reload rejected; the running configuration stays")
+        .await;
     assert!(
         line["problems"]
             .as_str()
@@ -95,7 +85,7 @@ async fn a_reload_reads_the_tls_certificate_again() {
     };
     assert!(handshake(&old_ca).await, "the first certificate is served");
     write_cert(&new_ca);
-    reload(&mut gw, "reload applied").await;
+    gw.reload("reload applied").await;
     assert!(
         handshake(&new_ca).await,
         "the new certificate is served after the reload"
@@ -153,7 +143,7 @@ async fn a_hundred_reloads_under_two_hundred_busy_tunnels_drop_nothing() {
     for i in 0..100 {
         // Alternate two equivalent files so every reload really swaps the snapshot.
         std::fs::write(gw.config_path(), format!("{config}\n# reload {i}\n")).unwrap();
-        reload(&mut gw, "reload applied").await;
+        gw.reload("reload applied").await;
     }
     for mover in movers {
         assert!(
@@ -200,7 +190,7 @@ async fn close_denied_closes_only_the_tunnels_the_new_policy_denies() {
     assert_eq!(status, 200);
 
     std::fs::write(gw.config_path(), config(&kept_port.to_string())).unwrap();
-    reload(&mut gw, "reload applied").await;
+    gw.reload("reload applied").await;
     let line = gw
         .wait_log(|l| l["message"] == "closed open tunnels the new policy denies")
         .await;
@@ -235,7 +225,7 @@ async fn a_reload_that_changes_listener_addresses_rebinds_only_those() {
         &format!("proxy = [\"127.0.0.1:0\", \"{extra}\"]"),
     );
     std::fs::write(gw.config_path(), &with_extra).unwrap();
-    reload(&mut gw, "reload applied").await;
+    gw.reload("reload applied").await;
     let _ = gw
         .wait_log(|l| l["message"] == "listening" && l["address"] == extra.as_str())
         .await;
@@ -250,7 +240,7 @@ async fn a_reload_that_changes_listener_addresses_rebinds_only_those() {
     assert_eq!(status, 200, "the unchanged listener kept serving");
 
     std::fs::write(gw.config_path(), &base).unwrap();
-    reload(&mut gw, "reload applied").await;
+    gw.reload("reload applied").await;
     let _ = gw
         .wait_log(|l| l["message"] == "stopped listening" && l["address"] == extra.as_str())
         .await;

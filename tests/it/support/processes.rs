@@ -190,6 +190,20 @@ impl Gateway {
             .await
     }
 
+    /// Sends SIGHUP and returns the next log line with `message` ("reload applied", "reload
+    /// rejected; ..."), waiting up to 10 s.
+    pub async fn reload(&mut self, message: &str) -> Value {
+        let before = self.count_logs(|l| l["message"] == message);
+        self.signal("HUP");
+        for _ in 0..500 {
+            if self.count_logs(|l| l["message"] == message) > before {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.wait_log(|l| l["message"] == message).await
+    }
+
     /// The config file the gateway was started with (rewrite it, then `signal("HUP")`).
     pub fn config_path(&self) -> std::path::PathBuf {
         self._dir.path().join("portcullis.toml")
