@@ -282,3 +282,25 @@ async fn max_connections_follows_reloads_up_and_down_and_the_drain_counts_right(
         1
     );
 }
+
+#[tokio::test]
+async fn listeners_queue_as_many_clients_as_the_system_allows() {
+    let gw = Gateway::start(&config_for(1, "")).await;
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // For a listening socket, ss shows the accept queue's limit as Send-Q.
+    let ss = std::process::Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{}", gw.addr.port())])
+        .output()
+        .expect("ss (iproute2)");
+    let table = String::from_utf8_lossy(&ss.stdout).to_string();
+    let backlog: u32 = table
+        .split_whitespace()
+        .nth(2)
+        .and_then(|q| q.parse().ok())
+        .unwrap_or_else(|| panic!("no listener in {table:?}"));
+    assert_eq!(backlog, somaxconn, "{table}");
+}
