@@ -66,6 +66,9 @@ pub struct AccessRecord {
     pub status: u16,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// Of `bytes_up` and `bytes_down`, what the tunnel already counted in the metrics.
+    pub metered_up: u64,
+    pub metered_down: u64,
     pub connect_time: Option<Duration>,
     /// Name resolution time (not logged; a metric).
     pub resolve_time: Option<Duration>,
@@ -110,20 +113,37 @@ impl AccessRecord {
         };
         metrics.requests.get_or_create(&labels).inc();
         if let Some(t) = self.connect_time {
-            metrics.dial_seconds.observe(t.as_secs_f64());
+            let outcome = match self.end {
+                End::ConnectFailed => "failed",
+                End::ConnectTimeout => "timeout",
+                _ => "ok",
+            };
+            let histogram = metrics
+                .dial_duration
+                .get_or_create(&crate::metrics::OutcomeLabels { outcome });
+            histogram.observe(t.as_secs_f64());
         }
         if let Some(t) = self.resolve_time {
-            metrics.dns_seconds.observe(t.as_secs_f64());
+            let outcome = match self.end {
+                End::DnsFailed => "failed",
+                End::DnsTimeout => "timeout",
+                _ => "ok",
+            };
+            let histogram = metrics
+                .dns_duration
+                .get_or_create(&crate::metrics::OutcomeLabels { outcome });
+            histogram.observe(t.as_secs_f64());
         }
-        if self.bytes_up + self.bytes_down > 0 {
-            for (direction, bytes) in [("up", self.bytes_up), ("down", self.bytes_down)] {
-                let labels = crate::metrics::BytesLabels {
-                    direction,
-                    category: labels.category.clone(),
-                    branch: labels.branch.clone(),
-                };
-                metrics.bytes.get_or_create(&labels).inc_by(bytes);
-            }
+        // A tunnel counted its relayed bytes as they flowed; what is left (a request's, the
+        // bytes sent before the relay) is counted now.
+        let (up, down) = (
+            self.bytes_up.saturating_sub(self.metered_up),
+            self.bytes_down.saturating_sub(self.metered_down),
+        );
+        if up + down > 0 {
+            let bytes = metrics.tunnel_bytes(&labels.category, &labels.branch);
+            bytes.up.inc_by(up);
+            bytes.down.inc_by(down);
         }
     }
 

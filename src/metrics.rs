@@ -1,13 +1,14 @@
 //! Prometheus metrics (prometheus-client). Label values come only from config-bounded sets
 //! (verdict, end kind, rule category, branch name, direction, budget): a destination host is never a
-//! label. Updated once when a tunnel opens and once when a connection ends, never per chunk.
+//! label. Updated when a tunnel opens, as its bytes flow (in steps of [`METER_STEP`] bytes or one
+//! idle tick, never per chunk), and once when a connection ends.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Registry, Unit};
 use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -22,6 +23,19 @@ pub struct RequestLabels {
 pub struct TunnelLabels {
     pub category: String,
     pub branch: String,
+}
+
+/// Tunnel bytes reach the counters after at most this many more have moved (or at the relay's
+/// next idle tick, or at its end): `rate()` follows a tunnel held for hours, at one atomic add
+/// per 256 KiB.
+pub const METER_STEP: u64 = 256 * 1024;
+
+/// One tunnel's byte counters (up, down), found once when it opens so that counting while it
+/// runs is an atomic add. The default counts into counters nobody exports (tests, the agent).
+#[derive(Clone, Default)]
+pub struct TunnelBytes {
+    pub up: Counter,
+    pub down: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -48,7 +62,20 @@ pub struct ReloadLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
+    /// The built-in allow-lists' review date (`policy::profiles::VERSION`).
+    profiles: &'static str,
 }
+
+/// How a timed step ended: `ok`, `failed` or `timeout`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+/// The outcomes a dial or a lookup has, created at zero.
+const OUTCOMES: [&str; 3] = ["ok", "failed", "timeout"];
+
+type Latency = Family<OutcomeLabels, Histogram, fn() -> Histogram>;
 
 /// Every metric the gateway exports; shared by all configuration snapshots.
 pub struct Metrics {
@@ -63,10 +90,10 @@ pub struct Metrics {
     pub bytes: Family<BytesLabels, Counter>,
     pub reloads: Family<ReloadLabels, Counter>,
     pub last_reload_seconds: Gauge<f64, AtomicU64>,
-    /// Upstream connect time, all candidate addresses together.
-    pub dial_seconds: Histogram,
-    /// Name resolution time (static overrides included).
-    pub dns_seconds: Histogram,
+    /// Upstream connect time, all candidate addresses together, by outcome.
+    pub dial_duration: Latency,
+    /// Name resolution time (static overrides included), by outcome.
+    pub dns_duration: Latency,
     /// Bytes per second a schedule puts in force on a budget; 0 when none is.
     pub throttle_limit: Family<ThrottleLabels, Gauge>,
     /// Time tunnels spent waiting for a budget, summed over tunnels.
@@ -76,12 +103,22 @@ pub struct Metrics {
 }
 
 /// 0.25 ms to about 16 s, doubling.
-fn latency_buckets() -> impl Iterator<Item = f64> {
-    exponential_buckets(0.000_25, 2.0, 17)
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 17))
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
+fn latency_family() -> Latency {
+    let family = Latency::new_with_constructor(latency_histogram);
+    for outcome in OUTCOMES {
+        drop(family.get_or_create(&OutcomeLabels { outcome }));
+    }
+    family
+}
+
+impl Metrics {
+    /// Every family registered; `profiles` is the built-in allow-lists' version for
+    /// `build_info`.
+    pub fn new(profiles: &'static str) -> Self {
         let mut root = Registry::default();
         let process = ProcessMetrics::register(&mut root);
         let registry = root.sub_registry_with_prefix("portcullis");
@@ -127,17 +164,19 @@ impl Default for Metrics {
             "Unix time of the last configuration load that succeeded",
             last_reload_seconds.clone(),
         );
-        let dial_seconds = Histogram::new(latency_buckets());
-        registry.register(
-            "dial_seconds",
-            "Time to connect upstream",
-            dial_seconds.clone(),
+        let dial_duration = latency_family();
+        registry.register_with_unit(
+            "dial_duration",
+            "Time to connect upstream (all candidate addresses) by outcome",
+            Unit::Seconds,
+            dial_duration.clone(),
         );
-        let dns_seconds = Histogram::new(latency_buckets());
-        registry.register(
-            "dns_seconds",
-            "Time to resolve the target name",
-            dns_seconds.clone(),
+        let dns_duration = latency_family();
+        registry.register_with_unit(
+            "dns_duration",
+            "Time to resolve the target name (static overrides included) by outcome",
+            Unit::Seconds,
+            dns_duration.clone(),
         );
         let throttle_limit = Family::<ThrottleLabels, Gauge>::default();
         registry.register(
@@ -161,6 +200,7 @@ impl Default for Metrics {
         build
             .get_or_create(&BuildLabels {
                 version: env!("CARGO_PKG_VERSION"),
+                profiles,
             })
             .set(1);
         registry.register("build_info", "Build information", build);
@@ -175,16 +215,31 @@ impl Default for Metrics {
             bytes,
             reloads,
             last_reload_seconds,
-            dial_seconds,
-            dns_seconds,
+            dial_duration,
+            dns_duration,
             throttle_limit,
             throttle_wait_seconds,
             throttled_bytes,
         }
     }
-}
 
-impl Metrics {
+    /// The byte counters of a tunnel of `category` for `branch`.
+    pub fn tunnel_bytes(&self, category: &str, branch: &str) -> TunnelBytes {
+        let counter = |direction| {
+            self.bytes
+                .get_or_create(&BytesLabels {
+                    direction,
+                    category: category.to_owned(),
+                    branch: branch.to_owned(),
+                })
+                .clone()
+        };
+        TunnelBytes {
+            up: counter("up"),
+            down: counter("down"),
+        }
+    }
+
     /// Creates, at zero, the series alerts and dashboards watch for `config`'s branches and
     /// categories, so `increase()` sees the first denial and `tunnels_active` reads 0 rather
     /// than nothing. Series only ever appear here (a reload keeps the old ones).
@@ -195,6 +250,7 @@ impl Metrics {
                     category: category.to_owned(),
                     branch: branch.to_owned(),
                 }));
+                drop(self.tunnel_bytes(category, branch));
             }
             // A denial by the allow-list: no rule, so no category.
             drop(self.requests.get_or_create(&RequestLabels {
@@ -406,7 +462,7 @@ mod tests {
 
     #[test]
     fn the_classic_text_names_families_by_their_samples() {
-        let metrics = Metrics::default();
+        let metrics = Metrics::new("test");
         metrics.reloaded(true);
         let classic = metrics.render_classic();
         assert!(

@@ -232,6 +232,7 @@ async fn forward(
             drained: Some(&settings.closing),
         },
         Default::default(),
+        Default::default(),
     )
     .await;
     line.bytes_up += outcome.bytes_up;

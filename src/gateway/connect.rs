@@ -384,14 +384,23 @@ async fn handle(
         revoked: stop.as_deref(),
         drained: Some(&gw.closing),
     };
+    // Found once, so the relay counts its bytes as they flow with an atomic add.
+    let meter = || {
+        gw.metrics.tunnel_bytes(
+            record.category.as_deref().unwrap_or("none"),
+            record.branch.as_deref().unwrap_or("none"),
+        )
+    };
     // Plain clients splice; TLS clients go through the buffered copy (bytes must be decrypted).
     let outcome = if let ClientStream::Plain(tcp) = client {
-        tunnel::relay_tcp(tcp, &mut upstream, timeouts.idle, stops, pacers).await
+        tunnel::relay_tcp(tcp, &mut upstream, timeouts.idle, stops, pacers, meter()).await
     } else {
-        tunnel::relay(client, &mut upstream, timeouts.idle, stops, pacers).await
+        tunnel::relay(client, &mut upstream, timeouts.idle, stops, pacers, meter()).await
     };
     record.bytes_up += outcome.bytes_up;
     record.bytes_down += outcome.bytes_down;
+    record.metered_up = outcome.bytes_up;
+    record.metered_down = outcome.bytes_down;
     record.end = outcome.end;
     Ok(())
 }

@@ -108,7 +108,10 @@ impl Gateway {
             .limits
             .connect_rate_per_client
             .map(|rate| DefaultKeyedRateLimiter::keyed(Quota::per_second(rate)));
-        let metrics: Arc<Metrics> = previous.map_or_else(Default::default, |p| p.metrics.clone());
+        let metrics: Arc<Metrics> = previous.map_or_else(
+            || Arc::new(Metrics::new(crate::policy::profiles::VERSION)),
+            |p| p.metrics.clone(),
+        );
         // Built last (nothing after can fail): taking over a bucket retunes it for everyone.
         let branch_names: Vec<&str> = config
             .branches

@@ -62,9 +62,22 @@ pub(crate) struct Progress {
     pub done: bool,
     /// Bytes read are waiting for their turn in a bandwidth budget: not idle.
     pub throttled: bool,
+    /// Bytes moved since the previous idle tick that are already counted (not idle).
+    pub moved: bool,
     pub bytes: u64,
-    /// `bytes` at the previous idle tick.
-    pub bytes_at_tick: u64,
+    /// Of `bytes`, those already added to the tunnel's byte counter.
+    pub bytes_counted: u64,
+}
+
+impl Progress {
+    /// Adds the bytes not yet counted to `counter`.
+    pub fn count(&mut self, counter: &prometheus_client::metrics::counter::Counter) {
+        if self.bytes != self.bytes_counted {
+            counter.inc_by(self.bytes - self.bytes_counted);
+            self.bytes_counted = self.bytes;
+            self.moved = true;
+        }
+    }
 }
 
 /// One direction's copy engine: user-space buffer ([`Buffered`]) or splice (`splice::Spliced`).

@@ -4,7 +4,8 @@
 //! readable and gives it back as soon as it has drained, so the thousands of idle sync sessions
 //! a gateway holds cost no buffer memory, and a busy tunnel reuses warm buffers without
 //! allocating. The idle check reads the byte counters on a coarse tick instead of touching the
-//! clock per chunk.
+//! clock per chunk. Bytes reach the metrics while the tunnel runs: after every
+//! [`METER_STEP`] bytes, at each idle tick and at the end, one atomic add per direction.
 
 pub mod copy;
 pub mod spare;
@@ -15,13 +16,14 @@ pub use crate::end::End;
 pub use copy::{BUFFER_BYTES, Endpoint};
 
 use crate::bandwidth::Pacers;
+use crate::metrics::{METER_STEP, TunnelBytes};
 use copy::{Buffered, Copier, Failed};
-use std::future::poll_fn;
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use tokio::sync::futures::Notified;
 use tokio::time::{Instant, Sleep, sleep_until};
 
 /// Longest interval between idle checks.
@@ -57,6 +59,7 @@ pub fn relay<'a, C, U>(
     idle: Duration,
     stop: Stop<'a>,
     pacers: Pacers,
+    meter: TunnelBytes,
 ) -> impl Future<Output = Outcome> + 'a
 where
     C: Endpoint + ?Sized,
@@ -67,6 +70,7 @@ where
         upstream,
         idle,
         stop,
+        meter,
         Buffered::with_pacer(pacers.upload),
         Buffered::with_pacer(pacers.download),
     )
@@ -79,6 +83,7 @@ pub fn relay_tcp<'a>(
     idle: Duration,
     stop: Stop<'a>,
     pacers: Pacers,
+    meter: TunnelBytes,
 ) -> impl Future<Output = Outcome> + 'a {
     #[cfg(target_os = "linux")]
     {
@@ -88,103 +93,167 @@ pub fn relay_tcp<'a>(
             upstream,
             idle,
             stop,
+            meter,
             Spliced::with_pacer(pacers.upload),
             Spliced::with_pacer(pacers.download),
         )
     }
     #[cfg(not(target_os = "linux"))]
     {
-        relay(client, upstream, idle, stop, pacers)
+        relay(client, upstream, idle, stop, pacers, meter)
     }
 }
 
 /// The relay loop, whatever copies the bytes: both directions and the idle check in one future.
-async fn drive<C, U, P>(
-    client: &mut C,
-    upstream: &mut U,
+/// Written by hand rather than as an `async fn` around `poll_fn`, whose closure would hold a
+/// pointer to every local besides the locals themselves: every idle tunnel pays for this state.
+fn drive<'a, C, U, P>(
+    client: &'a mut C,
+    upstream: &'a mut U,
     idle: Duration,
-    stop: Stop<'_>,
-    mut up: P,
-    mut down: P,
-) -> Outcome
+    stop: Stop<'a>,
+    meter: TunnelBytes,
+    up: P,
+    down: P,
+) -> Relay<'a, C, U, P>
 where
     C: ?Sized,
     U: ?Sized,
-    P: Copier<C, U> + Copier<U, C>,
+    P: Copier<C, U> + Copier<U, C> + Unpin,
 {
     // At least four checks per idle period: a tunnel is closed between `idle` and
     // `idle` + one tick after its last byte.
     let tick = (idle / 4).clamp(Duration::from_millis(1), MAX_TICK);
-    let mut idle_check: Pin<Box<Sleep>> = Box::pin(sleep_until(Instant::now() + tick));
-    let mut quiet = Duration::ZERO;
+    Relay {
+        client,
+        upstream,
+        idle,
+        tick,
+        quiet: Duration::ZERO,
+        idle_check: Box::pin(sleep_until(Instant::now() + tick)),
+        // A reload that revokes this tunnel (`on_reload = "close-denied"`) wakes this; the
+        // waits live on the heap, only for tunnels that have them.
+        revoked: stop.revoked.map(|n| Box::pin(n.notified())),
+        drained: stop.drained.map(|n| Box::pin(n.notified())),
+        meter,
+        up,
+        down,
+    }
+}
 
-    // A reload that revokes this tunnel (`on_reload = "close-denied"`) wakes this.
-    let mut revoked = stop.revoked.map(|n| Box::pin(n.notified()));
-    // Boxed, like the revocation's: the wait for the drain timeout lives on the heap.
-    let mut drained = stop.drained.map(|n| Box::pin(n.notified()));
-    let end = poll_fn(|cx| {
-        if let Some(revoked) = &mut revoked
+/// The state of one relay (see [`drive`]).
+pub(crate) struct Relay<'a, C: ?Sized, U: ?Sized, P> {
+    client: &'a mut C,
+    upstream: &'a mut U,
+    idle: Duration,
+    tick: Duration,
+    /// How long no byte has moved, in ticks.
+    quiet: Duration,
+    idle_check: Pin<Box<Sleep>>,
+    revoked: Option<Pin<Box<Notified<'a>>>>,
+    drained: Option<Pin<Box<Notified<'a>>>>,
+    meter: TunnelBytes,
+    up: P,
+    down: P,
+}
+
+impl<C, U, P> Future for Relay<'_, C, U, P>
+where
+    C: ?Sized,
+    U: ?Sized,
+    P: Copier<C, U> + Copier<U, C> + Unpin,
+{
+    type Output = Outcome;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let this = self.get_mut();
+        let Poll::Ready(end) = this.step(cx) else {
+            return Poll::Pending;
+        };
+        let up = Copier::<C, U>::progress(&mut this.up);
+        up.count(&this.meter.up);
+        let down = Copier::<U, C>::progress(&mut this.down);
+        down.count(&this.meter.down);
+        Poll::Ready(Outcome {
+            bytes_up: up.bytes,
+            bytes_down: down.bytes,
+            end,
+        })
+    }
+}
+
+impl<C, U, P> Relay<'_, C, U, P>
+where
+    C: ?Sized,
+    U: ?Sized,
+    P: Copier<C, U> + Copier<U, C> + Unpin,
+{
+    /// Moves what can be moved now; `Ready` with how the tunnel ended.
+    fn step(&mut self, cx: &mut Context<'_>) -> Poll<End> {
+        if let Some(revoked) = &mut self.revoked
             && revoked.as_mut().poll(cx).is_ready()
         {
             return Poll::Ready(End::ClosedByReload);
         }
-        if let Some(drained) = &mut drained
+        if let Some(drained) = &mut self.drained
             && drained.as_mut().poll(cx).is_ready()
         {
             return Poll::Ready(End::DrainTimeout);
         }
-        if !Copier::<C, U>::progress(&mut up).done {
-            match Copier::<C, U>::poll_copy(&mut up, cx, client, upstream) {
+        let (client, upstream) = (&mut *self.client, &mut *self.upstream);
+        let (up, down) = (&mut self.up, &mut self.down);
+        if !Copier::<C, U>::progress(up).done {
+            match Copier::<C, U>::poll_copy(up, cx, client, upstream) {
                 Poll::Ready(Err(Failed::Reader)) => return Poll::Ready(End::ClientError),
                 // The upstream already closed its side and then stopped reading: it is done.
-                Poll::Ready(Err(Failed::Writer)) if Copier::<U, C>::progress(&mut down).done => {
+                Poll::Ready(Err(Failed::Writer)) if Copier::<U, C>::progress(down).done => {
                     return Poll::Ready(End::Closed);
                 }
                 Poll::Ready(Err(Failed::Writer)) => return Poll::Ready(End::UpstreamError),
                 Poll::Ready(Ok(())) | Poll::Pending => {}
             }
         }
-        if !Copier::<U, C>::progress(&mut down).done {
-            match Copier::<U, C>::poll_copy(&mut down, cx, upstream, client) {
+        if !Copier::<U, C>::progress(down).done {
+            match Copier::<U, C>::poll_copy(down, cx, upstream, client) {
                 Poll::Ready(Err(Failed::Reader)) => return Poll::Ready(End::UpstreamError),
                 // The client already closed its side and left: what it did not take was its choice.
-                Poll::Ready(Err(Failed::Writer)) if Copier::<C, U>::progress(&mut up).done => {
+                Poll::Ready(Err(Failed::Writer)) if Copier::<C, U>::progress(up).done => {
                     return Poll::Ready(End::Closed);
                 }
                 Poll::Ready(Err(Failed::Writer)) => return Poll::Ready(End::ClientError),
                 Poll::Ready(Ok(())) | Poll::Pending => {}
             }
         }
-        let (up_p, down_p) = (
-            Copier::<C, U>::progress(&mut up),
-            Copier::<U, C>::progress(&mut down),
-        );
+        let (up_p, down_p) = (Copier::<C, U>::progress(up), Copier::<U, C>::progress(down));
         if up_p.done && down_p.done {
             return Poll::Ready(End::Closed);
         }
-        while idle_check.as_mut().poll(cx).is_ready() {
-            let moved = up_p.bytes != up_p.bytes_at_tick
-                || down_p.bytes != down_p.bytes_at_tick
+        if up_p.bytes - up_p.bytes_counted + down_p.bytes - down_p.bytes_counted >= METER_STEP {
+            up_p.count(&self.meter.up);
+            down_p.count(&self.meter.down);
+        }
+        while self.idle_check.as_mut().poll(cx).is_ready() {
+            let moved = up_p.moved
+                || down_p.moved
+                || up_p.bytes != up_p.bytes_counted
+                || down_p.bytes != down_p.bytes_counted
                 || up_p.throttled
                 || down_p.throttled;
-            quiet = if moved { Duration::ZERO } else { quiet + tick };
-            if quiet >= idle {
+            self.quiet = if moved {
+                Duration::ZERO
+            } else {
+                self.quiet + self.tick
+            };
+            if self.quiet >= self.idle {
                 return Poll::Ready(End::IdleTimeout);
             }
-            up_p.bytes_at_tick = up_p.bytes;
-            down_p.bytes_at_tick = down_p.bytes;
-            let next = idle_check.deadline() + tick;
-            idle_check.as_mut().reset(next);
+            up_p.count(&self.meter.up);
+            down_p.count(&self.meter.down);
+            (up_p.moved, down_p.moved) = (false, false);
+            let next = self.idle_check.deadline() + self.tick;
+            self.idle_check.as_mut().reset(next);
         }
         Poll::Pending
-    })
-    .await;
-    let bytes_up = Copier::<C, U>::progress(&mut up).bytes;
-    let bytes_down = Copier::<U, C>::progress(&mut down).bytes;
-    Outcome {
-        bytes_up,
-        bytes_down,
-        end,
     }
 }
 
@@ -197,6 +266,14 @@ mod tests {
     fn spawn_relay(
         idle: Duration,
     ) -> (DuplexStream, DuplexStream, tokio::task::JoinHandle<Outcome>) {
+        spawn_metered_relay(idle, TunnelBytes::default())
+    }
+
+    /// `spawn_relay` counting into `meter`.
+    fn spawn_metered_relay(
+        idle: Duration,
+        meter: TunnelBytes,
+    ) -> (DuplexStream, DuplexStream, tokio::task::JoinHandle<Outcome>) {
         let (client, mut client_side) = duplex(1024);
         let (mut upstream_side, upstream) = duplex(1024);
         let relay = tokio::spawn(async move {
@@ -206,6 +283,7 @@ mod tests {
                 idle,
                 Stop::default(),
                 Pacers::default(),
+                meter,
             )
             .await
         });
@@ -267,6 +345,41 @@ mod tests {
         assert!(Instant::now() - started >= Duration::from_secs(280));
     }
 
+    /// Sends `n` bytes from `from` and reads them at `to`.
+    async fn pass(from: &mut DuplexStream, to: &mut DuplexStream, n: usize) {
+        let sending = async {
+            from.write_all(&vec![3u8; n]).await.unwrap();
+        };
+        let mut got = vec![0u8; n];
+        tokio::join!(sending, async { to.read_exact(&mut got).await.unwrap() });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_reach_the_metrics_while_the_tunnel_is_open() {
+        let meter = TunnelBytes::default();
+        let (mut client, mut upstream, relay) =
+            spawn_metered_relay(Duration::from_secs(100), meter.clone());
+        // A bulk download is counted in steps of METER_STEP, without waiting for any timer.
+        pass(&mut upstream, &mut client, 3 * METER_STEP as usize).await;
+        tokio::task::yield_now().await;
+        assert!(
+            meter.down.get() >= 2 * METER_STEP,
+            "after 3 steps, {} counted",
+            meter.down.get()
+        );
+        // A trickle below one step is counted at the next idle tick (a quarter of `idle`).
+        pass(&mut client, &mut upstream, 1000).await;
+        assert_eq!(meter.up.get(), 0, "not yet: below one step, before a tick");
+        tokio::time::sleep(Duration::from_secs(26)).await;
+        assert_eq!(meter.up.get(), 1000, "counted at the idle tick");
+        // The rest is counted when it ends, and nothing twice.
+        drop((client, upstream));
+        let outcome = relay.await.unwrap();
+        assert_eq!(meter.up.get(), outcome.bytes_up);
+        assert_eq!(meter.down.get(), outcome.bytes_down);
+        assert_eq!(outcome.bytes_down, 3 * METER_STEP);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_tunnel_waiting_for_its_bandwidth_turn_is_not_idle() {
         use crate::bandwidth::Pacer;
@@ -290,6 +403,7 @@ mod tests {
                 Duration::from_millis(400),
                 Stop::default(),
                 pacers,
+                TunnelBytes::default(),
             )
             .await
         });

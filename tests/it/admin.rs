@@ -42,9 +42,14 @@ async fn metrics_count_known_traffic_exactly_and_never_name_a_destination() {
         "portcullis_bytes_total{direction=\"up\",category=\"storage\",branch=\"unassigned\"} 10",
         "portcullis_bytes_total{direction=\"down\",category=\"storage\",branch=\"unassigned\"} 5",
         "portcullis_tunnels_active{category=\"storage\",branch=\"unassigned\"} 0",
-        "portcullis_build_info{version=\"0.1.0\"} 1",
-        "portcullis_dial_seconds_count 1",
-        "portcullis_dns_seconds_count 1",
+        &format!(
+            "portcullis_build_info{{version=\"0.1.0\",profiles=\"{}\"}} 1",
+            portcullis::policy::profiles::VERSION
+        ),
+        "portcullis_dial_duration_seconds_count{outcome=\"ok\"} 1",
+        "portcullis_dial_duration_seconds_count{outcome=\"failed\"} 0",
+        "portcullis_dns_duration_seconds_count{outcome=\"ok\"} 1",
+        "portcullis_dns_duration_seconds_count{outcome=\"timeout\"} 0",
     ] {
         assert!(metrics.contains(want), "missing {want:?} in:\n{metrics}");
     }
@@ -65,6 +70,45 @@ async fn metrics_count_known_traffic_exactly_and_never_name_a_destination() {
     };
     assert_eq!(health("/healthz"), Some(0));
     assert_eq!(health("/nothing"), Some(1));
+}
+
+/// Sync tunnels stay open for hours: their bytes must reach `bytes_total` while they flow, not
+/// in one spike when they close.
+#[tokio::test]
+async fn bytes_are_counted_while_a_tunnel_is_open() {
+    use tokio::io::AsyncWriteExt;
+    let origin = TcpOrigin::start(b"").await;
+    let port = origin.addr.port();
+    let gw = Gateway::start(&config_for(port, &resolver_hosts(""))).await;
+    let admin = gw.admin_addr.unwrap();
+    let (mut tunnel, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
+    assert_eq!(status, 200);
+    tunnel.write_all(&vec![7u8; 1 << 20]).await.unwrap();
+    let counted = |metrics: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with("portcullis_bytes_total{direction=\"up\",category=\"storage\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let metrics = get(admin, "/metrics").await.body;
+        // All but less than one 256 KiB step of the MiB, with the tunnel still open.
+        if counted(&metrics) > (1 << 20) - 256 * 1024 || tokio::time::Instant::now() > deadline {
+            break metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        counted(&metrics) > (1 << 20) - 256 * 1024,
+        "bytes not counted while open:\n{metrics}"
+    );
+    assert!(
+        metrics.contains("portcullis_tunnels_active{category=\"storage\",branch=\"unassigned\"} 1"),
+        "{metrics}"
+    );
+    drop(tunnel);
 }
 
 #[tokio::test]
