@@ -52,6 +52,8 @@ pub struct Connections {
     /// Signalled when the last open connection ends.
     idle: Arc<tokio::sync::Notify>,
     next_id: Arc<AtomicU64>,
+    /// The listening sockets accepting now (their inodes), to find their accept queues.
+    listening: Arc<std::sync::Mutex<Vec<u64>>>,
 }
 
 /// One connection's place among the `max` at once; dropping it frees the place.
@@ -89,7 +91,26 @@ impl Connections {
             owed: Arc::default(),
             idle: Arc::default(),
             next_id: Arc::new(AtomicU64::new(1)),
+            listening: Arc::default(),
         }
+    }
+
+    /// Clients accepted by the kernel that wait in the listeners' accept queues for a place
+    /// (at the limit, or between two accepts); read from `/proc/net/tcp*` (Linux; else 0).
+    pub fn waiting(&self) -> usize {
+        let listening = self
+            .listening
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if listening.is_empty() {
+            return 0;
+        }
+        ["/proc/net/tcp", "/proc/net/tcp6"]
+            .iter()
+            .filter_map(|path| std::fs::read_to_string(path).ok())
+            .map(|table| queued(&table, &listening))
+            .sum()
     }
 
     /// Connections being served now.
@@ -147,6 +168,7 @@ impl Connections {
         F: Fn(TcpStream, SocketAddr, u64, Slot) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        let _listed = socket_inode(&listener).map(|inode| Listed::new(&self.listening, inode));
         let mut backoff = Duration::from_millis(10);
         loop {
             let Ok(permit) = self.permits.clone().acquire_owned().await else {
@@ -196,6 +218,65 @@ impl Connections {
     }
 }
 
+/// A listening socket's entry in [`Connections::listening`], removed when its loop ends.
+struct Listed {
+    listening: Arc<std::sync::Mutex<Vec<u64>>>,
+    inode: u64,
+}
+
+impl Listed {
+    fn new(listening: &Arc<std::sync::Mutex<Vec<u64>>>, inode: u64) -> Self {
+        listening
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(inode);
+        Self {
+            listening: listening.clone(),
+            inode,
+        }
+    }
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        let mut listening = self.listening.lock().unwrap_or_else(|e| e.into_inner());
+        listening.retain(|&inode| inode != self.inode);
+    }
+}
+
+/// The inode that names `listener`'s socket in `/proc/net/tcp*`.
+#[cfg(target_os = "linux")]
+fn socket_inode(listener: &TcpListener) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::io::AsRawFd;
+    let fd = listener.as_raw_fd();
+    std::fs::metadata(format!("/proc/self/fd/{fd}"))
+        .ok()
+        .map(|m| m.ino())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn socket_inode(_: &TcpListener) -> Option<u64> {
+    None
+}
+
+/// The accept queue lengths of the listening sockets `inodes` in one `/proc/net/tcp` table: for
+/// a socket in state `0A` (listen), `rx_queue` is the number of connections waiting for accept.
+fn queued(table: &str, inodes: &[u64]) -> usize {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (state, queues, inode) = (fields.get(3)?, fields.get(4)?, fields.get(9)?);
+            if *state != "0A" || !inodes.contains(&inode.parse().ok()?) {
+                return None;
+            }
+            usize::from_str_radix(queues.split_once(':')?.1, 16).ok()
+        })
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,11 +313,23 @@ mod tests {
         let waited = tokio::time::timeout(Duration::from_millis(200), second.read_exact(&mut id));
         assert!(waited.await.is_err(), "served beyond the limit");
         assert_eq!(connections.open(), 1);
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            connections.waiting(),
+            1,
+            "the second waits in the accept queue"
+        );
         assert_eq!(
             connections.drain(Duration::from_millis(50)).await,
             Drained::Left(1)
         );
         accepting.abort();
+        let _ = accepting.await;
+        assert_eq!(
+            connections.waiting(),
+            0,
+            "no listener accepting, none counted"
+        );
         release.send(true).unwrap();
         assert_eq!(
             connections.drain(Duration::from_secs(5)).await,

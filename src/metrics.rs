@@ -83,6 +83,8 @@ pub struct Metrics {
     /// Client connections being served, and the limit (`limits.max_connections`); set when
     /// scraped, so nothing on the data path touches them.
     connections_open: Gauge,
+    /// Clients in the listeners' accept queues, waiting for a place.
+    connections_waiting: Gauge,
     connections_limit: Gauge,
     process: ProcessMetrics,
     pub requests: Family<RequestLabels, Counter>,
@@ -127,6 +129,12 @@ impl Metrics {
             "connections_open",
             "Client connections being served now, across all listeners",
             connections_open.clone(),
+        );
+        let connections_waiting = Gauge::default();
+        registry.register(
+            "connections_waiting",
+            "Client connections the kernel accepted that wait in the listeners' accept queues (at the limit, clients wait here)",
+            connections_waiting.clone(),
         );
         let connections_limit = Gauge::default();
         registry.register(
@@ -208,6 +216,7 @@ impl Metrics {
         Self {
             registry: root,
             connections_open,
+            connections_waiting,
             connections_limit,
             process,
             requests,
@@ -279,8 +288,9 @@ impl Metrics {
 
     /// Reads what is sampled when scraped: the connections against their limit, and the
     /// process (descriptors against their limit, memory, CPU time).
-    pub fn observe(&self, open_connections: usize, connection_limit: usize) {
+    pub fn observe(&self, open_connections: usize, waiting: usize, connection_limit: usize) {
         self.connections_open.set(open_connections as i64);
+        self.connections_waiting.set(waiting as i64);
         self.connections_limit.set(connection_limit as i64);
         self.process.observe();
     }

@@ -58,7 +58,11 @@ impl Reloader {
     /// The metrics with what is sampled at a scrape brought up to date.
     pub fn scrape(&self) -> Arc<crate::metrics::Metrics> {
         let metrics = self.metrics();
-        metrics.observe(self.connections.open(), self.connections.limit());
+        metrics.observe(
+            self.connections.open(),
+            self.connections.waiting(),
+            self.connections.limit(),
+        );
         metrics
     }
 

@@ -335,6 +335,17 @@ async fn max_connections_makes_further_clients_wait_until_a_slot_frees() {
     )
     .await;
     assert!(waiting.is_err(), "served while the only slot was taken");
+    // The operator sees it: one open against a limit of one, one waiting.
+    let metrics = crate::admin::get(gw.admin_addr.unwrap(), "/metrics")
+        .await
+        .body;
+    for want in [
+        "portcullis_connections_open 1\n",
+        "portcullis_connections_limit 1\n",
+        "portcullis_connections_waiting 1\n",
+    ] {
+        assert!(metrics.contains(want), "missing {want:?} in:\n{metrics}");
+    }
     drop(first);
     let head = read_head_bytes(&mut second).await.unwrap();
     assert_eq!(status_of(&head), 200, "served once the slot is free");
