@@ -295,11 +295,14 @@ impl Metrics {
         self.process.observe();
     }
 
+    /// Every family, for the admin listener to encode.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The OpenMetrics text exposition (what Prometheus asks for first).
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        encode(&self.registry)
     }
 
     /// The classic Prometheus text format (0.0.4), for scrapers and tools that ask for it or
@@ -429,10 +432,17 @@ fn unix_now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
+/// `registry` as OpenMetrics text.
+pub fn encode(registry: &Registry) -> String {
+    let mut out = String::new();
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
+}
+
 /// OpenMetrics text as the classic text format: a counter family is named by its samples'
 /// `_total` name, an info family becomes a gauge named `_info`, and `# UNIT` and `# EOF` go
 /// (the classic format has neither).
-fn classic_text(open_metrics: &str) -> String {
+pub fn classic_text(open_metrics: &str) -> String {
     let mut types: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
     for line in open_metrics.lines() {
         if let Some(rest) = line.strip_prefix("# TYPE ")

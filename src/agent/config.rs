@@ -40,6 +40,8 @@ pub struct AgentFile {
     pub password_file: Option<PathBuf>,
     pub probe_interval: Option<String>,
     pub max_connections: Option<usize>,
+    /// The forwarder's admin listener (`/metrics`), e.g. "127.0.0.1:9465"; none by default.
+    pub admin: Option<String>,
     #[serde(default)]
     pub timeouts: FileTimeouts,
 }
@@ -177,6 +179,9 @@ pub struct ForwardOptions {
     /// How often down gateways are probed (default 10s).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub probe_interval: Option<Duration>,
+    /// Admin listener serving the forwarder's /metrics (default: none).
+    #[arg(long, value_name = "IP:PORT")]
+    pub admin: Option<SocketAddr>,
 }
 
 fn parse_proxy_url(s: &str) -> Result<ProxyUrl, String> {
@@ -236,10 +241,21 @@ pub fn forward_settings(args: &ForwardOptions, file: AgentFile) -> Result<Settin
     if max_connections == 0 {
         return Err("max_connections: expected at least 1".into());
     }
+    let admin = match (args.admin, &file.admin) {
+        (Some(addr), _) => Some(addr),
+        (None, Some(text)) => Some(
+            text.parse()
+                .map_err(|_| format!("admin: {text:?}: expected IP:PORT"))?,
+        ),
+        (None, None) => None,
+    };
+    let pool = Arc::new(Pool::new(proxies));
     Ok(Settings {
         listen,
         clients,
-        pool: Arc::new(Pool::new(proxies)),
+        metrics: super::metrics::AgentMetrics::new(&pool),
+        pool,
+        admin,
         authorization: args.identity.authorization(&file)?,
         head_timeout: duration(&file.timeouts.head, "timeouts.head", 10)?,
         idle_timeout: duration(&file.timeouts.idle, "timeouts.idle", 600)?,

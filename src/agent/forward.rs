@@ -44,6 +44,9 @@ pub struct Settings {
     pub drain: Duration,
     pub probe_interval: Duration,
     pub max_connections: usize,
+    /// The admin listener for `/metrics` (off when `None`).
+    pub admin: Option<SocketAddr>,
+    pub metrics: super::metrics::AgentMetrics,
     /// Notified at the drain timeout: open tunnels end (`drain_timeout`) and log their line.
     pub closing: tokio::sync::Notify,
 }
@@ -54,8 +57,21 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> std:
     let local = listener.local_addr()?;
     tracing::info!(address = %local, gateways = settings.pool.len(), "listening");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let admin = match settings.admin {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
+        None => None,
+    };
     let probe = tokio::spawn(settings.pool.clone().probe_forever(settings.probe_interval));
     let settings = Arc::new(settings);
+    let admin = admin.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(address = %addr, "admin listening");
+        }
+        let settings = settings.clone();
+        tokio::spawn(crate::admin_http::serve(listener, move |ask| {
+            settings.metrics.route(ask, &settings.pool)
+        }))
+    });
     let connections = Connections::new(settings.max_connections);
     let accepting = connections.accept_loop(listener, |tcp, peer, id, slot| {
         let settings = settings.clone();
@@ -69,6 +85,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> std:
         _ = accepting => {}
     }
     probe.abort();
+    if let Some(admin) = admin {
+        admin.abort();
+    }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!(
         open = connections.open(),
@@ -109,6 +128,7 @@ async fn serve(settings: &Settings, mut app: TcpStream, peer: SocketAddr, id: u6
         line.reason = refusal.reason.into_owned();
     }
     line.duration = started.elapsed();
+    settings.metrics.ended(line.end);
     line.emit_agent();
 }
 
@@ -196,6 +216,9 @@ async fn forward(
         ));
     };
     settings.pool.carried(i);
+    if last_error.is_some() {
+        settings.metrics.failovers.inc();
+    }
     line.gateway = Some(settings.pool.proxy(i).url.to_string());
     line.status = reply.status;
     // The gateway's answer, unchanged.
@@ -223,6 +246,10 @@ async fn forward(
         line.bytes_up = early.len() as u64;
     }
     drop(early);
+    let meter = &settings.metrics.bytes;
+    meter.up.inc_by(line.bytes_up);
+    meter.down.inc_by(line.bytes_down);
+    settings.metrics.tunnels_active.inc();
     let outcome = relay(
         app,
         &mut gateway,
@@ -232,9 +259,10 @@ async fn forward(
             drained: Some(&settings.closing),
         },
         Default::default(),
-        Default::default(),
+        meter.clone(),
     )
     .await;
+    settings.metrics.tunnels_active.dec();
     line.bytes_up += outcome.bytes_up;
     line.bytes_down += outcome.bytes_down;
     line.end = outcome.end;

@@ -8,6 +8,7 @@ pub mod check;
 pub mod config;
 pub mod endpoints;
 pub mod forward;
+pub mod metrics;
 pub mod pool;
 pub mod proxy_client;
 pub mod report;

@@ -171,6 +171,31 @@ async fn readiness_goes_503_while_draining_and_reloads_are_counted() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// `promtool check metrics` (lint included) accepts `text`, a classic-format exposition.
+pub fn assert_promtool_passes(text: &str) {
+    use std::io::Write;
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; .ci/run installs it)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+}
+
 #[tokio::test]
 async fn metrics_pass_promtool_and_follow_the_accept_header() {
     let mut origin = TcpOrigin::start(b"5byte").await;
@@ -196,27 +221,7 @@ async fn metrics_pass_promtool_and_follow_the_accept_header() {
         "{}",
         classic.body
     );
-    let mut promtool = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus; .ci/run installs it)");
-    use std::io::Write;
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(classic.body.as_bytes())
-        .unwrap();
-    let checked = promtool.wait_with_output().unwrap();
-    assert!(
-        checked.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
-    );
+    assert_promtool_passes(&classic.body);
 
     // Prometheus asks for OpenMetrics first, and gets it.
     let open = raw_request(

@@ -599,8 +599,15 @@ async fn forward_fails_over_to_the_second_gateway_and_returns_to_the_first() {
         second_url.clone(),
         "--probe-interval".into(),
         "1s".into(),
+        "--admin".into(),
+        "127.0.0.1:0".into(),
     ]);
     let mut agent = Agent::start(&args).await;
+    let admin: SocketAddr = agent.wait_log(|l| l["message"] == "admin listening").await["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     let ca = files.path("ca.pem");
     let in_use = |url: &str| {
         let url = url.to_owned();
@@ -653,6 +660,36 @@ async fn forward_fails_over_to_the_second_gateway_and_returns_to_the_first() {
         second.count_logs(|l| l["target"] == "portcullis::access" && l["status"] == 200),
         1
     );
+
+    // The forwarder's own metrics tell the same story.
+    let metrics = crate::admin::get(admin, "/metrics").await.body;
+    for want in [
+        "portcullis_agent_failovers_total 1\n".to_owned(),
+        "portcullis_agent_tunnels_active 0\n".to_owned(),
+        format!("portcullis_agent_gateway_up{{gateway=\"{first_url}\"}} 1\n"),
+        format!("portcullis_agent_gateway_in_use{{gateway=\"{first_url}\"}} 1\n"),
+        format!("portcullis_agent_gateway_in_use{{gateway=\"{second_url}\"}} 0\n"),
+    ] {
+        assert!(metrics.contains(&want), "missing {want:?} in:\n{metrics}");
+    }
+    // Three tunnels and one status request, however each ended (a tunnel's last write may
+    // race curl's close).
+    let requests: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("portcullis_agent_requests_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(requests, 4, "{metrics}");
+    let down: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("portcullis_agent_bytes_total{direction=\"down\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        down > 3000,
+        "three 1000-byte downloads and their TLS: {down}\n{metrics}"
+    );
+    crate::admin::assert_promtool_passes(&metrics);
 }
 
 #[tokio::test]

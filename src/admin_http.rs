@@ -1,0 +1,113 @@
+//! The HTTP server under both binaries' admin listeners: hyper on each connection, bounded in
+//! connections and time, and `/metrics` in the format the scraper asks for. Each binary gives
+//! its own routes (the gateway's admin module, the agent's metrics).
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// Admin connections served at once; more wait in the listen backlog (a scraper or an operator
+/// needs a few, a runaway script must not take the process's descriptors).
+const MAX_CONNECTIONS: usize = 64;
+/// Longest one admin connection is kept, whatever it does.
+const CONNECTION_TIME: Duration = Duration::from_secs(30);
+
+/// One admin request, as the routes see it.
+pub struct Ask<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    /// The client is on loopback (changes are taken only from there).
+    pub from_loopback: bool,
+    /// The `Accept` header asks for OpenMetrics text (Prometheus does).
+    pub open_metrics: bool,
+}
+
+/// An admin answer: status, content type and body (hyper leaves the body out for `HEAD`).
+pub struct Answer {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn text(status: u16, body: impl Into<String>) -> Self {
+        Self {
+            status,
+            content_type: "text/plain",
+            body: body.into(),
+        }
+    }
+
+    pub fn not_found() -> Self {
+        Self::text(404, "not found\n")
+    }
+
+    /// `registry` as OpenMetrics text, or as the classic text format 0.0.4 for scrapers and
+    /// tools that ask for nothing in particular (`promtool check metrics`).
+    pub fn metrics(registry: &prometheus_client::registry::Registry, open_metrics: bool) -> Self {
+        let text = crate::metrics::encode(registry);
+        if open_metrics {
+            Self {
+                status: 200,
+                content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                body: text,
+            }
+        } else {
+            Self {
+                status: 200,
+                content_type: "text/plain; version=0.0.4; charset=utf-8",
+                body: crate::metrics::classic_text(&text),
+            }
+        }
+    }
+}
+
+/// Serves admin requests on `listener` with `routes` until the future is dropped.
+pub async fn serve<R>(listener: TcpListener, routes: R)
+where
+    R: Fn(&Ask<'_>) -> Answer + Clone + Send + Sync + 'static,
+{
+    let places = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(place) = places.clone().acquire_owned().await else {
+            return;
+        };
+        let Ok((tcp, peer)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let routes = routes.clone();
+        let from_loopback = peer.ip().to_canonical().is_loopback();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let open_metrics = req
+                    .headers()
+                    .get_all(hyper::header::ACCEPT)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .any(|v| v.contains("application/openmetrics-text"));
+                let answer = routes(&Ask {
+                    method: req.method().as_str(),
+                    path: req.uri().path(),
+                    from_loopback,
+                    open_metrics,
+                });
+                let response = hyper::Response::builder()
+                    .status(answer.status)
+                    .header("content-type", answer.content_type)
+                    .body(Full::new(Bytes::from(answer.body)));
+                async move { response }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tcp), service);
+            let _ = tokio::time::timeout(CONNECTION_TIME, connection).await;
+            drop(place);
+        });
+    }
+}
