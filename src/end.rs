@@ -185,6 +185,31 @@ impl End {
     }
 }
 
+impl End {
+    /// The gateway said no for a security or policy reason (who the client is, where it wants
+    /// to go, what the tunnel carries, a limit): what the dashboard's "Denied" panel and a
+    /// security team's alerts count, whatever the policy verdict was (the destination wall
+    /// refuses what the allow-list allowed).
+    pub fn is_denial(self) -> bool {
+        matches!(
+            self,
+            End::ClientDenied
+                | End::NoBranch
+                | End::AuthRequired
+                | End::AuthFailed
+                | End::AuthRateLimited
+                | End::RateLimited
+                | End::BranchTunnelLimit
+                | End::PendingHeadsLimit
+                | End::PolicyDenied
+                | End::DestinationForbidden
+                | End::SniMismatch
+                | End::SniMissing
+                | End::NotTls
+        )
+    }
+}
+
 impl std::fmt::Display for End {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -218,6 +243,33 @@ mod tests {
                     .collect::<Vec<_>>()
             })
             .collect()
+    }
+
+    /// The Grafana dashboard's "Denied" panel selects `end=~"a|b|..."`: exactly the denials.
+    #[test]
+    fn the_dashboard_counts_every_denial_and_nothing_else() {
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../docker/grafana-dashboard.json")).unwrap();
+        let panel = dashboard["panels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["title"].as_str().is_some_and(|t| t.starts_with("Denied")))
+            .expect("a Denied panel");
+        let expr = panel["targets"][0]["expr"].as_str().unwrap();
+        let selected: BTreeSet<&str> = expr
+            .split("end=~\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .expect("an end=~ selector")
+            .split('|')
+            .collect();
+        let denials: BTreeSet<&str> = End::ALL
+            .iter()
+            .filter(|e| e.is_denial())
+            .map(|e| e.as_str())
+            .collect();
+        assert_eq!(selected, denials, "{expr}");
     }
 
     #[test]

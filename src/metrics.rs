@@ -161,6 +161,9 @@ impl Metrics {
             bytes.clone(),
         );
         let reloads = Family::<ReloadLabels, Counter>::default();
+        for result in ["success", "failure"] {
+            drop(reloads.get_or_create(&ReloadLabels { result }));
+        }
         registry.register(
             "config_reloads",
             "Configuration reloads by result",

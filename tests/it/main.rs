@@ -6,6 +6,7 @@ mod agent;
 mod audit;
 mod branches;
 mod cli;
+mod dashboard;
 mod denials;
 mod hardening;
 mod lane;
