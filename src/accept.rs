@@ -54,7 +54,13 @@ pub struct Connections {
     next_id: Arc<AtomicU64>,
     /// The listening sockets accepting now (their inodes), to find their accept queues.
     listening: Arc<std::sync::Mutex<Vec<u64>>>,
+    /// Times an accept loop found every place taken, and when that was last logged.
+    limit_reached: Arc<AtomicU64>,
+    limit_logged: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
+
+/// At most one "connection limit reached" line per this long (a flood must not flood the log).
+const LIMIT_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// One connection's place among the `max` at once; dropping it frees the place.
 pub struct Slot {
@@ -92,6 +98,28 @@ impl Connections {
             idle: Arc::default(),
             next_id: Arc::new(AtomicU64::new(1)),
             listening: Arc::default(),
+            limit_reached: Arc::default(),
+            limit_logged: Arc::default(),
+        }
+    }
+
+    /// Times an accept loop found the limit reached (clients then wait in the accept queue).
+    pub fn limit_reached(&self) -> u64 {
+        self.limit_reached.load(Ordering::Relaxed)
+    }
+
+    /// Counts that the limit was reached and says so, at most once a minute.
+    fn note_limit_reached(&self) {
+        let times = self.limit_reached.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut logged = self.limit_logged.lock().unwrap_or_else(|e| e.into_inner());
+        if logged.is_none_or(|at| at.elapsed() >= LIMIT_LOG_INTERVAL) {
+            *logged = Some(std::time::Instant::now());
+            tracing::warn!(
+                open = self.open(),
+                limit = self.limit(),
+                times,
+                "connection limit reached: new clients wait in the accept queue (raise limits.max_connections or the descriptor limit)"
+            );
         }
     }
 
@@ -171,8 +199,16 @@ impl Connections {
         let _listed = socket_inode(&listener).map(|inode| Listed::new(&self.listening, inode));
         let mut backoff = Duration::from_millis(10);
         loop {
-            let Ok(permit) = self.permits.clone().acquire_owned().await else {
-                return;
+            let permit = match self.permits.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(tokio::sync::TryAcquireError::Closed) => return,
+                Err(tokio::sync::TryAcquireError::NoPermits) => {
+                    self.note_limit_reached();
+                    let Ok(permit) = self.permits.clone().acquire_owned().await else {
+                        return;
+                    };
+                    permit
+                }
             };
             if self.pays_debt() {
                 permit.forget();

@@ -85,6 +85,9 @@ pub struct Metrics {
     connections_open: Gauge,
     /// Clients in the listeners' accept queues, waiting for a place.
     connections_waiting: Gauge,
+    /// Times the accept loops found every place taken, and how many of those are counted.
+    connections_limit_reached: Counter,
+    limit_reached_counted: std::sync::Mutex<u64>,
     connections_limit: Gauge,
     process: ProcessMetrics,
     pub requests: Family<RequestLabels, Counter>,
@@ -135,6 +138,12 @@ impl Metrics {
             "connections_waiting",
             "Client connections the kernel accepted that wait in the listeners' accept queues (at the limit, clients wait here)",
             connections_waiting.clone(),
+        );
+        let connections_limit_reached = Counter::default();
+        registry.register(
+            "connections_limit_reached",
+            "Times an accept loop found limits.max_connections reached (new clients then wait in the accept queue)",
+            connections_limit_reached.clone(),
         );
         let connections_limit = Gauge::default();
         registry.register(
@@ -220,6 +229,8 @@ impl Metrics {
             registry: root,
             connections_open,
             connections_waiting,
+            connections_limit_reached,
+            limit_reached_counted: std::sync::Mutex::new(0),
             connections_limit,
             process,
             requests,
@@ -291,9 +302,20 @@ impl Metrics {
 
     /// Reads what is sampled when scraped: the connections against their limit, and the
     /// process (descriptors against their limit, memory, CPU time).
-    pub fn observe(&self, open_connections: usize, waiting: usize, connection_limit: usize) {
-        self.connections_open.set(open_connections as i64);
-        self.connections_waiting.set(waiting as i64);
+    pub fn observe(&self, connections: &crate::accept::Connections) {
+        self.connections_open.set(connections.open() as i64);
+        self.connections_waiting.set(connections.waiting() as i64);
+        let reached = connections.limit_reached();
+        let mut counted = self
+            .limit_reached_counted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if reached > *counted {
+            self.connections_limit_reached.inc_by(reached - *counted);
+            *counted = reached;
+        }
+        drop(counted);
+        let connection_limit = connections.limit();
         self.connections_limit.set(connection_limit as i64);
         self.process.observe();
     }

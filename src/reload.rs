@@ -58,11 +58,7 @@ impl Reloader {
     /// The metrics with what is sampled at a scrape brought up to date.
     pub fn scrape(&self) -> Arc<crate::metrics::Metrics> {
         let metrics = self.metrics();
-        metrics.observe(
-            self.connections.open(),
-            self.connections.waiting(),
-            self.connections.limit(),
-        );
+        metrics.observe(&self.connections);
         metrics
     }
 
@@ -83,7 +79,8 @@ impl Reloader {
         let next = Arc::new(Gateway::replacing(config, Some(&previous))?);
         next.metrics.reloaded(true);
         self.current.store(next.clone());
-        self.connections.resize(next.config.limits.max_connections);
+        self.connections
+            .resize(next.config.limits.connection_limit());
         // The new snapshot has put its limits in force; budgets it dropped let go.
         previous.throttles.retire_missing(&next.throttles);
         self.schedules_changed.notify_one();

@@ -57,7 +57,20 @@ impl Server {
                 std::io::Error::new(e.kind(), format!("cannot listen on {addr} (admin): {e}"))
             })?),
         };
-        let connections = Connections::new(config.limits.max_connections);
+        // Before the limit is derived from it: every tunnel holds two descriptors.
+        let descriptors = crate::process::raise_descriptor_limit();
+        let connections = Connections::new(config.limits.connection_limit());
+        tracing::info!(
+            max_connections = connections.limit(),
+            from = if config.limits.max_connections.is_some() {
+                "config"
+            } else {
+                "descriptor limit"
+            },
+            descriptors_before = descriptors.map(|d| d.0),
+            descriptors = descriptors.map(|d| d.1),
+            "connection limit"
+        );
         Ok(Self {
             current: Arc::new(ArcSwap::from_pointee(gateway)),
             listeners,

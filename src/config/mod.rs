@@ -59,7 +59,6 @@ pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Sync sessions sit idle for long stretches between change batches.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
-pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Unfinished request heads one address may hold: far above what busy branch servers behind
@@ -173,10 +172,20 @@ pub struct Timeouts {
     pub drain: Duration,
 }
 
+impl Limits {
+    /// `max_connections`, or what the process's descriptor limit holds now: two descriptors
+    /// per tunnel after a reserve (see [`crate::process::connections_for_descriptors`]).
+    pub fn connection_limit(&self) -> usize {
+        self.max_connections
+            .unwrap_or_else(crate::process::connections_for_descriptors)
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
-    /// Client connections served at once; further clients wait in the listen backlog.
-    pub max_connections: usize,
+    /// Client connections served at once; further clients wait in the listen backlog. `None`:
+    /// as many as the descriptor limit holds ([`Limits::connection_limit`]).
+    pub max_connections: Option<usize>,
     /// CONNECT requests per second from one client address; `None` is unlimited.
     pub connect_rate_per_client: Option<std::num::NonZeroU32>,
     /// Credential checks (argon2 verifications) per minute from one client address.
@@ -287,16 +296,16 @@ fn compile(raw: RawConfig, base: &Path, now: Timestamp, p: &mut Problems<'_>) ->
 
     let limits = Limits {
         max_connections: match raw.limits.max_connections {
-            None => DEFAULT_MAX_CONNECTIONS,
+            None => None,
             Some(n) if *n.get_ref() == 0 => {
                 p.add(
                     n.span(),
                     "limits.max_connections",
                     "expected a number of connections above 0",
                 );
-                DEFAULT_MAX_CONNECTIONS
+                None
             }
-            Some(n) => *n.get_ref() as usize,
+            Some(n) => Some(*n.get_ref() as usize),
         },
         connect_rate_per_client: raw
             .limits

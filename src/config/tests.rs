@@ -89,7 +89,7 @@ format = "json"
     );
     assert_eq!(c.timeouts.head, Duration::from_millis(500));
     assert_eq!(c.timeouts.connect, DEFAULT_CONNECT_TIMEOUT);
-    assert_eq!(c.limits.max_connections, 10);
+    assert_eq!(c.limits.max_connections, Some(10));
     assert_eq!(c.log.format, LogFormat::Json);
 }
 

@@ -319,7 +319,7 @@ async fn max_connections_makes_further_clients_wait_until_a_slot_frees() {
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
     let extra = format!("[limits]\nmax_connections = 1\n\n{}", resolver_hosts(""));
-    let gw = Gateway::start(&config_for(port, &extra)).await;
+    let mut gw = Gateway::start(&config_for(port, &extra)).await;
     let target = format!("{ORIGIN_HOST}:{port}");
     let (first, status) = open_tunnel(gw.addr, &target, b"").await;
     assert_eq!(status, 200);
@@ -343,9 +343,22 @@ async fn max_connections_makes_further_clients_wait_until_a_slot_frees() {
         "portcullis_connections_open 1\n",
         "portcullis_connections_limit 1\n",
         "portcullis_connections_waiting 1\n",
+        "portcullis_connections_limit_reached_total 1\n",
     ] {
         assert!(metrics.contains(want), "missing {want:?} in:\n{metrics}");
     }
+    let said = gw
+        .wait_log(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("connection limit reached"))
+        })
+        .await;
+    assert_eq!(
+        (said["open"].as_u64(), said["limit"].as_u64()),
+        (Some(1), Some(1)),
+        "{said}"
+    );
     drop(first);
     let head = read_head_bytes(&mut second).await.unwrap();
     assert_eq!(status_of(&head), 200, "served once the slot is free");

@@ -304,3 +304,43 @@ async fn listeners_queue_as_many_clients_as_the_system_allows() {
         .unwrap_or_else(|| panic!("no listener in {table:?}"));
     assert_eq!(backlog, somaxconn, "{table}");
 }
+
+/// The hard descriptor limit this test process (and so the gateway) inherited.
+fn hard_descriptor_limit() -> u64 {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    line.split_whitespace().nth(4).unwrap().parse().unwrap()
+}
+
+/// Without `limits.max_connections`, the gateway raises its soft descriptor limit to the hard
+/// one and serves as many connections as that holds (two descriptors each, 512 kept back):
+/// 9,744 under the 20,000 a container's `--ulimit nofile=20000` gives, not a fixed 4,096.
+#[tokio::test]
+async fn the_connection_limit_follows_the_descriptor_limit_raised_to_the_hard_one() {
+    let hard = hard_descriptor_limit();
+    assert!(
+        hard > 2048,
+        "the test needs a hard limit above 2048, not {hard}"
+    );
+    let origin = TcpOrigin::start(b"").await;
+    let config = config_for(origin.addr.port(), &resolver_hosts(""));
+    let mut gw = Gateway::start_under(&config, &[], &["prlimit", "--nofile=1024:"]).await;
+    let line = gw.wait_log(|l| l["message"] == "connection limit").await;
+    let expected = (hard - 512) / 2;
+    assert_eq!(line["descriptors_before"], 1024, "{line}");
+    assert_eq!(line["descriptors"], hard, "{line}");
+    assert_eq!(line["max_connections"], expected, "{line}");
+    assert_eq!(line["from"], "descriptor limit", "{line}");
+    let metrics = crate::admin::get(gw.admin_addr.unwrap(), "/metrics")
+        .await
+        .body;
+    for want in [
+        format!("portcullis_connections_limit {expected}\n"),
+        format!("process_max_fds {hard}\n"),
+    ] {
+        assert!(metrics.contains(&want), "missing {want:?} in:\n{metrics}");
+    }
+}

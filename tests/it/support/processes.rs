@@ -149,10 +149,23 @@ impl Gateway {
 
     /// `start` with environment variables set for the process (e.g. `RUST_LOG`).
     pub async fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_under(config, env, &[]).await
+    }
+
+    /// `start_with_env`, run by `wrapper` (e.g. `["prlimit", "--nofile=1024:"]`) when given.
+    pub async fn start_under(config: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("portcullis.toml");
         std::fs::write(&path, config).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_portcullis"));
+        let binary = env!("CARGO_BIN_EXE_portcullis");
+        let mut command = match wrapper.split_first() {
+            None => Command::new(binary),
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary);
+                command
+            }
+        };
         command
             .args(["serve", "--log-format", "json", "--config"])
             .arg(&path)
