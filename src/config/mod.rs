@@ -6,6 +6,7 @@
 
 mod branches;
 mod listen;
+mod parse_errors;
 pub mod password;
 pub mod problems;
 mod raw;
@@ -231,8 +232,12 @@ impl Config {
         let raw: RawConfig = match toml::from_str(source) {
             Ok(raw) => raw,
             Err(e) => {
+                // One problem: the parser stops here. The key comes from the document's spans
+                // (none for a syntax error), the wording is ours.
                 let span = e.span().unwrap_or(0..0);
-                problems.add(span, "", problems::with_suggestion(e.message().trim_end()));
+                let key = parse_errors::key_at(source, span.start);
+                let (key, message) = parse_errors::reword(e.message(), &key);
+                problems.add(span, key, message);
                 return Err(ConfigError {
                     problems: problems.list,
                 });

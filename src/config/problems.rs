@@ -75,44 +75,6 @@ impl Problems<'_> {
     }
 }
 
-/// `message` of the TOML parser, with the nearest known key suggested for an unknown one
-/// ("unknown field `port`, expected one of `name`, ..., `ports`" gains "; did you mean `ports`?").
-pub(super) fn with_suggestion(message: &str) -> String {
-    let suggestion = (|| {
-        let rest = message.strip_prefix("unknown field `")?;
-        let (unknown, rest) = rest.split_once('`')?;
-        let known = rest.split_once("expected one of ")?.1;
-        known
-            .split('`')
-            .skip(1)
-            .step_by(2)
-            .map(|k| (edit_distance(unknown, k), k))
-            .filter(|&(d, k)| d <= 2.max(k.len() / 3))
-            .min()
-            .map(|(_, k)| k.to_owned())
-    })();
-    match suggestion {
-        Some(key) => format!("{message}; did you mean `{key}`?"),
-        None => message.to_owned(),
-    }
-}
-
-/// Levenshtein distance, for key suggestions (short strings only).
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut previous = row[0];
-        row[0] = i + 1;
-        for (j, &cb) in b.iter().enumerate() {
-            let substituted = previous + usize::from(ca != cb);
-            previous = row[j + 1];
-            row[j + 1] = substituted.min(row[j] + 1).min(previous + 1);
-        }
-    }
-    row[b.len()]
-}
-
 /// 1-based line and column of byte `offset` in `source`.
 fn line_column(source: &str, offset: usize) -> (usize, usize) {
     let before = &source.as_bytes()[..offset.min(source.len())];
