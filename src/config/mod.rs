@@ -88,6 +88,9 @@ pub struct Config {
     pub branches: Vec<Branch>,
     /// Bandwidth schedules in file order; no two drive the same budget at the same time.
     pub schedules: Vec<Schedule>,
+    /// Valid but surely not meant (a branch source that `listen.clients` refuses): printed by
+    /// `check-config`, logged at start.
+    pub warnings: Vec<Problem>,
 }
 
 /// A branch office: who it is (networks, credentials, certificate names) and what it may do.
@@ -228,6 +231,7 @@ impl Config {
             file,
             source,
             list: Vec::new(),
+            warnings: Vec::new(),
         };
         let raw: RawConfig = match toml::from_str(source) {
             Ok(raw) => raw,
@@ -244,8 +248,9 @@ impl Config {
             }
         };
         let base = Path::new(file).parent().unwrap_or(Path::new(""));
-        let config = compile(raw, base, now, &mut problems);
+        let mut config = compile(raw, base, now, &mut problems);
         if problems.list.is_empty() {
+            config.warnings = problems.warnings;
             Ok(config)
         } else {
             Err(ConfigError {
@@ -259,7 +264,7 @@ fn compile(raw: RawConfig, base: &Path, now: Timestamp, p: &mut Problems<'_>) ->
     let tls = raw.tls.as_ref().map(|t| listen::compile_tls(p, t, base));
     let listen = listen::compile(p, &raw.listen, tls.as_ref());
     let (policy, profiles_used) = rules::compile_policy(p, &raw.policy);
-    let branches = branches::compile(p, &raw.branch, &policy);
+    let branches = branches::compile(p, &raw.branch, &policy, &listen.clients);
 
     let resolver = resolver::compile(p, &raw.resolver);
 
@@ -360,5 +365,6 @@ fn compile(raw: RawConfig, base: &Path, now: Timestamp, p: &mut Problems<'_>) ->
         schedules,
         branches,
         tls,
+        warnings: Vec::new(),
     }
 }

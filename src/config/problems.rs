@@ -10,8 +10,9 @@ pub struct ConfigError {
     pub problems: Vec<Problem>,
 }
 
-/// One problem: where it is and what was expected.
-#[derive(Debug)]
+/// One problem (or, in [`Config::warnings`](super::Config::warnings), one warning): where it
+/// is and what was expected.
+#[derive(Clone, Debug)]
 pub struct Problem {
     pub file: String,
     pub line: usize,
@@ -50,11 +51,13 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Collects problems with their positions in one file.
+/// Collects problems (and warnings: valid, but surely not what was meant) with their
+/// positions in one file.
 pub(super) struct Problems<'a> {
     pub(super) file: &'a str,
     pub(super) source: &'a str,
     pub(super) list: Vec<Problem>,
+    pub(super) warnings: Vec<Problem>,
 }
 
 impl Problems<'_> {
@@ -64,14 +67,30 @@ impl Problems<'_> {
         key: impl Into<String>,
         message: impl Into<String>,
     ) {
+        let problem = self.at(span, key.into(), message.into());
+        self.list.push(problem);
+    }
+
+    /// A warning: the file is valid, the gateway runs, but this part can never take effect.
+    pub(super) fn warn(
+        &mut self,
+        span: Range<usize>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) {
+        let problem = self.at(span, key.into(), message.into());
+        self.warnings.push(problem);
+    }
+
+    fn at(&self, span: Range<usize>, key: String, message: String) -> Problem {
         let (line, column) = line_column(self.source, span.start);
-        self.list.push(Problem {
+        Problem {
             file: self.file.to_owned(),
             line,
             column,
-            key: key.into(),
-            message: message.into(),
-        });
+            key,
+            message,
+        }
     }
 }
 

@@ -333,3 +333,27 @@ fn type_errors_name_line_column_and_key_in_our_words() {
         assert_eq!(type_error(&text), want, "for:\n{text}");
     }
 }
+
+#[test]
+fn a_branch_source_outside_listen_clients_is_a_warning() {
+    let text = "[listen]\nclients = [\"10.1.0.0/16\", \"10.2.0.0/16\"]\n\n[[branch]]\nname = \"paris\"\nsources = [\"10.1.0.0/16\", \"192.0.2.0/24\", \"10.2.0.0/15\"]\n";
+    let config = Config::parse(text, "w.toml", crate::config::TEST_NOW).unwrap();
+    let shown: Vec<String> = config.warnings.iter().map(|w| w.to_string()).collect();
+    assert_eq!(shown.len(), 2, "{shown:#?}");
+    assert!(
+        shown[0].starts_with(
+            "w.toml:6:27: branch[0].sources[1]: \"192.0.2.0/24\" lies outside listen.clients"
+        ),
+        "{shown:#?}"
+    );
+    assert!(
+        shown[1].starts_with(
+            "w.toml:6:43: branch[0].sources[2]: \"10.2.0.0/15\" lies partly outside listen.clients"
+        ),
+        "{shown:#?}"
+    );
+    assert!(Config::builtin().warnings.is_empty());
+    let inside = "[[branch]]\nname = \"a\"\nsources = [\"10.1.0.0/16\", \"192.168.0.0/16\"]\n";
+    let config = Config::parse(inside, "w.toml", crate::config::TEST_NOW).unwrap();
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+}
