@@ -35,8 +35,13 @@ enum Command {
         #[arg(long, value_name = "json|text")]
         log_format: Option<LogFormatArg>,
     },
-    /// Validate a config file and print the effective policy; exit 64 listing every problem.
-    CheckConfig { file: PathBuf },
+    /// Validate a config file and print the whole effective configuration (defaults included);
+    /// warn about parts that can never take effect; exit 64 listing every problem.
+    CheckConfig {
+        /// The config file to check (TOML), with the TLS files it names.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
     /// Print an argon2id hash for a branch credential's `password_hash`. Reads the password
     /// from a prompt (no echo) on a terminal, else the first line of standard input.
     HashPassword,
@@ -121,29 +126,23 @@ fn main() -> ExitCode {
             branch,
         } => schedule(config.as_deref(), at.as_deref(), branch.as_deref()),
         Command::Health { admin, path } => health(admin, &path),
-        Command::CheckConfig { file } => match Config::load(&file, jiff::Timestamp::now()) {
-            Ok(config) => {
-                // The TLS files are part of a valid configuration too.
-                if let Some(settings) = &config.tls {
-                    for listener in &config.listen.tls_proxy {
-                        if let Err(e) = portcullis::gateway::tls::acceptor(
-                            settings,
-                            listener.client_certificates,
-                        ) {
-                            eprintln!(
-                                "portcullis: invalid configuration:\n{}: tls: {e}",
-                                file.display()
-                            );
-                            return ExitCode::from(EXIT_CONFIG);
-                        }
+        Command::CheckConfig { file } => {
+            use portcullis::cli::check_config;
+            match check_config::check(&file, jiff::Timestamp::now()) {
+                Ok(config) => {
+                    println!("{}: ok", file.display());
+                    print!("{}", check_config::report(&config));
+                    for warning in &config.warnings {
+                        eprintln!("portcullis: warning: {warning}");
                     }
+                    ExitCode::SUCCESS
                 }
-                println!("{}: ok", file.display());
-                print!("{}", portcullis::cli::explain::effective_policy(&config));
-                ExitCode::SUCCESS
+                Err(problems) => {
+                    eprintln!("portcullis: invalid configuration:\n{problems}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
             }
-            Err(e) => config_failure(&e),
-        },
+        }
         Command::Explain {
             config,
             from,
@@ -197,6 +196,9 @@ fn main() -> ExitCode {
                 }
             };
             portcullis::access_log::init_with(format, access_file.as_ref());
+            for warning in &config.warnings {
+                tracing::warn!("{warning}");
+            }
             let config_path = config_path_for_reload;
             portcullis::process::run("portcullis", || async move {
                 let gateway = Gateway::new(config).map_err(anyhow::Error::msg)?;
