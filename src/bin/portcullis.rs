@@ -85,7 +85,11 @@ enum Command {
 #[derive(Subcommand)]
 enum ScheduleAction {
     /// Convert `Get-StorageSyncNetworkLimit | Format-List` output to [[schedule]] TOML.
-    ImportAfs { file: PathBuf },
+    ImportAfs {
+        /// The cmdlet's output saved to a file: UTF-16 (Windows PowerShell's `>`) or UTF-8.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -101,24 +105,7 @@ fn main() -> ExitCode {
         Command::Schedule {
             action: Some(ScheduleAction::ImportAfs { file }),
             ..
-        } => match std::fs::read_to_string(&file) {
-            Ok(text) => {
-                match portcullis::cli::afs_import::import(&text, &file.display().to_string()) {
-                    Ok(toml) => {
-                        print!("{toml}");
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        eprintln!("portcullis: {e}");
-                        ExitCode::from(EXIT_CONFIG)
-                    }
-                }
-            }
-            Err(e) => {
-                eprintln!("portcullis: {}: {e}", file.display());
-                ExitCode::from(EXIT_CONFIG)
-            }
-        },
+        } => import_afs(&file),
         Command::Schedule {
             action: None,
             config,
@@ -209,6 +196,22 @@ fn main() -> ExitCode {
                 tracing::info!("exiting");
                 Ok(ExitCode::SUCCESS)
             })
+        }
+    }
+}
+
+fn import_afs(file: &std::path::Path) -> ExitCode {
+    use portcullis::cli::afs_import;
+    let name = file.display().to_string();
+    let toml = std::fs::read(file)
+        .map_err(|e| format!("{name}: cannot read: {e}"))
+        .and_then(|bytes| afs_import::decode(&bytes, &name))
+        .and_then(|text| afs_import::import(&text, &name));
+    match toml {
+        Ok(toml) => portcullis::process::print_stdout("portcullis", toml.as_bytes()),
+        Err(e) => {
+            eprintln!("portcullis: {e}");
+            ExitCode::from(EXIT_CONFIG)
         }
     }
 }
