@@ -1,7 +1,7 @@
 //! `portcullis`: the gateway binary. Thin: parses the command line, loads config, hands over to
 //! the library. Exit codes: 0 ok, 1 refused (explain) or runtime failure, 64 bad config or usage.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use portcullis::access_log::AccessFile;
 use portcullis::config::{Config, LogFormat};
 use portcullis::gateway::Gateway;
@@ -29,6 +29,8 @@ struct Cli {
 enum Command {
     /// Run the gateway (built-in azure-file-sync policy when no --config is given).
     Serve {
+        /// The config file (TOML); without it, the built-in gateway (README: Configuration
+        /// reference). SIGHUP re-reads it.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
         /// Overrides `log.format` from the config.
@@ -48,9 +50,11 @@ enum Command {
     /// Ask a running gateway's admin listener for /healthz (container HEALTHCHECK); exit 0 if
     /// it answers 200 within 5 s.
     Health {
+        /// The gateway's admin listener (`listen.admin`).
         #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:9464")]
         admin: std::net::SocketAddr,
-        #[arg(long, default_value = "/healthz")]
+        /// The path to ask for (`/readyz` answers 200 only while the gateway accepts clients).
+        #[arg(long, value_name = "PATH", default_value = "/healthz")]
         path: String,
     },
     /// Print the bandwidth limits in force at a moment and a week table of schedule windows;
@@ -59,6 +63,8 @@ enum Command {
     Schedule {
         #[command(subcommand)]
         action: Option<ScheduleAction>,
+        /// The config file whose [[schedule]] tables are shown; without it, the built-in
+        /// gateway (no schedules).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
         /// The moment to check: local time ("2026-11-23T09:30"), RFC 3339 with an offset, or
@@ -72,14 +78,21 @@ enum Command {
     /// Print the decision the gateway would take for CONNECT HOST:PORT, or for a plain-HTTP
     /// request to http://HOST[:PORT]/PATH (the lane for revocation lists and OCSP).
     Explain {
+        /// The config file to decide by; without it, the built-in gateway.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
-        /// Client address to check against `listen.clients`.
+        /// The client's address: checked against `listen.clients` and the branches' sources.
         #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
         from: IpAddr,
+        /// What the client asks for: a CONNECT target, or a plain-HTTP URL (port 80 unless
+        /// given).
         #[arg(value_name = "HOST:PORT|http://HOST[:PORT]/PATH")]
         target: String,
     },
+    /// Print a shell completion script to stdout.
+    Completions(portcullis::cli::manual::CompletionsArgs),
+    /// Print the man page (roff) to stdout: `portcullis man > /usr/local/share/man/man1/portcullis.1`.
+    Man,
 }
 
 #[derive(Subcommand)]
@@ -130,6 +143,14 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Completions(args) => portcullis::process::print_stdout(
+            "portcullis",
+            &portcullis::cli::manual::completions(Cli::command(), args.shell),
+        ),
+        Command::Man => portcullis::process::print_stdout(
+            "portcullis",
+            &portcullis::cli::manual::man_page(Cli::command()),
+        ),
         Command::Explain {
             config,
             from,

@@ -8,6 +8,7 @@ mod branches;
 mod cli;
 mod denials;
 mod hardening;
+mod help;
 mod lane;
 mod layout;
 mod malformed;
