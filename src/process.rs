@@ -1,6 +1,6 @@
 //! What both binaries (`portcullis`, `portcullis-agent`) do around their work: run it on a
 //! multi-threaded runtime with errors turned into exit codes, wait for the stop signal, and
-//! ask a local endpoint over HTTP.
+//! ask a local endpoint over HTTP, print generated output.
 
 use std::future::Future;
 use std::process::ExitCode;
@@ -124,6 +124,20 @@ pub async fn shutdown_signal() {
         }
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Writes `bytes` (a completion script, a man page, generated TOML) to stdout; a closed pipe is
+/// exit 1 with a message, not a panic.
+pub fn print_stdout(program: &str, bytes: &[u8]) -> ExitCode {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{program}: cannot write to stdout: {e}");
+            ExitCode::from(1)
         }
     }
 }

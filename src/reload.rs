@@ -38,7 +38,12 @@ impl Reloader {
         }
         let result = Config::load(path, jiff::Timestamp::now())
             .map_err(|e| e.to_string())
-            .and_then(|c| self.apply(c));
+            .and_then(|c| {
+                for warning in &c.warnings {
+                    tracing::warn!("{warning}");
+                }
+                self.apply(c)
+            });
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         match &result {
             Ok(()) => tracing::info!(file = %path.display(), "reload applied"),

@@ -2,7 +2,7 @@
 //! file, hands over to `portcullis::agent`. Exit codes: 0 ok (check: every endpoint passed),
 //! 1 a check failed or a runtime failure, 2 usage or configuration errors.
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use portcullis::access_log::LogFormat;
 use portcullis::agent::check::Check;
 use portcullis::agent::config::{self, ForwardOptions, Identity};
@@ -46,6 +46,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script to stdout.
+    Completions(portcullis::cli::manual::CompletionsArgs),
+    /// Print the man page (roff) to stdout: `portcullis-agent man >
+    /// /usr/local/share/man/man1/portcullis-agent.1`.
+    Man,
 }
 
 #[derive(Args)]
@@ -97,6 +102,7 @@ enum Colour {
 struct ForwardArgs {
     #[command(flatten)]
     options: ForwardOptions,
+    /// Format of the access and diagnostic lines on stdout.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormatArg,
 }
@@ -131,6 +137,14 @@ fn main() -> ExitCode {
         Command::Check(args) => check(args),
         Command::Forward(args) => forward(args),
         Command::Status { listen, json } => status(listen, json),
+        Command::Completions(args) => portcullis::process::print_stdout(
+            "portcullis-agent",
+            &portcullis::cli::manual::completions(Cli::command(), args.shell),
+        ),
+        Command::Man => portcullis::process::print_stdout(
+            "portcullis-agent",
+            &portcullis::cli::manual::man_page(Cli::command()),
+        ),
     }
 }
 

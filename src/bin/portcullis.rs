@@ -1,7 +1,7 @@
 //! `portcullis`: the gateway binary. Thin: parses the command line, loads config, hands over to
 //! the library. Exit codes: 0 ok, 1 refused (explain) or runtime failure, 64 bad config or usage.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use portcullis::access_log::AccessFile;
 use portcullis::config::{Config, LogFormat};
 use portcullis::gateway::Gateway;
@@ -29,23 +29,32 @@ struct Cli {
 enum Command {
     /// Run the gateway (built-in azure-file-sync policy when no --config is given).
     Serve {
+        /// The config file (TOML); without it, the built-in gateway (README: Configuration
+        /// reference). SIGHUP re-reads it.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
         /// Overrides `log.format` from the config.
         #[arg(long, value_name = "json|text")]
         log_format: Option<LogFormatArg>,
     },
-    /// Validate a config file and print the effective policy; exit 64 listing every problem.
-    CheckConfig { file: PathBuf },
+    /// Validate a config file and print the whole effective configuration (defaults included);
+    /// warn about parts that can never take effect; exit 64 listing every problem.
+    CheckConfig {
+        /// The config file to check (TOML), with the TLS files it names.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
     /// Print an argon2id hash for a branch credential's `password_hash`. Reads the password
     /// from a prompt (no echo) on a terminal, else the first line of standard input.
     HashPassword,
     /// Ask a running gateway's admin listener for /healthz (container HEALTHCHECK); exit 0 if
     /// it answers 200 within 5 s.
     Health {
+        /// The gateway's admin listener (`listen.admin`).
         #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:9464")]
         admin: std::net::SocketAddr,
-        #[arg(long, default_value = "/healthz")]
+        /// The path to ask for (`/readyz` answers 200 only while the gateway accepts clients).
+        #[arg(long, value_name = "PATH", default_value = "/healthz")]
         path: String,
     },
     /// Print the bandwidth limits in force at a moment and a week table of schedule windows;
@@ -54,6 +63,8 @@ enum Command {
     Schedule {
         #[command(subcommand)]
         action: Option<ScheduleAction>,
+        /// The config file whose [[schedule]] tables are shown; without it, the built-in
+        /// gateway (no schedules).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
         /// The moment to check: local time ("2026-11-23T09:30"), RFC 3339 with an offset, or
@@ -67,20 +78,31 @@ enum Command {
     /// Print the decision the gateway would take for CONNECT HOST:PORT, or for a plain-HTTP
     /// request to http://HOST[:PORT]/PATH (the lane for revocation lists and OCSP).
     Explain {
+        /// The config file to decide by; without it, the built-in gateway.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
-        /// Client address to check against `listen.clients`.
+        /// The client's address: checked against `listen.clients` and the branches' sources.
         #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
         from: IpAddr,
+        /// What the client asks for: a CONNECT target, or a plain-HTTP URL (port 80 unless
+        /// given).
         #[arg(value_name = "HOST:PORT|http://HOST[:PORT]/PATH")]
         target: String,
     },
+    /// Print a shell completion script to stdout.
+    Completions(portcullis::cli::manual::CompletionsArgs),
+    /// Print the man page (roff) to stdout: `portcullis man > /usr/local/share/man/man1/portcullis.1`.
+    Man,
 }
 
 #[derive(Subcommand)]
 enum ScheduleAction {
     /// Convert `Get-StorageSyncNetworkLimit | Format-List` output to [[schedule]] TOML.
-    ImportAfs { file: PathBuf },
+    ImportAfs {
+        /// The cmdlet's output saved to a file: UTF-16 (Windows PowerShell's `>`) or UTF-8.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -96,24 +118,7 @@ fn main() -> ExitCode {
         Command::Schedule {
             action: Some(ScheduleAction::ImportAfs { file }),
             ..
-        } => match std::fs::read_to_string(&file) {
-            Ok(text) => {
-                match portcullis::cli::afs_import::import(&text, &file.display().to_string()) {
-                    Ok(toml) => {
-                        print!("{toml}");
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        eprintln!("portcullis: {e}");
-                        ExitCode::from(EXIT_CONFIG)
-                    }
-                }
-            }
-            Err(e) => {
-                eprintln!("portcullis: {}: {e}", file.display());
-                ExitCode::from(EXIT_CONFIG)
-            }
-        },
+        } => import_afs(&file),
         Command::Schedule {
             action: None,
             config,
@@ -121,29 +126,31 @@ fn main() -> ExitCode {
             branch,
         } => schedule(config.as_deref(), at.as_deref(), branch.as_deref()),
         Command::Health { admin, path } => health(admin, &path),
-        Command::CheckConfig { file } => match Config::load(&file, jiff::Timestamp::now()) {
-            Ok(config) => {
-                // The TLS files are part of a valid configuration too.
-                if let Some(settings) = &config.tls {
-                    for listener in &config.listen.tls_proxy {
-                        if let Err(e) = portcullis::gateway::tls::acceptor(
-                            settings,
-                            listener.client_certificates,
-                        ) {
-                            eprintln!(
-                                "portcullis: invalid configuration:\n{}: tls: {e}",
-                                file.display()
-                            );
-                            return ExitCode::from(EXIT_CONFIG);
-                        }
+        Command::CheckConfig { file } => {
+            use portcullis::cli::check_config;
+            match check_config::check(&file, jiff::Timestamp::now()) {
+                Ok(config) => {
+                    println!("{}: ok", file.display());
+                    print!("{}", check_config::report(&config));
+                    for warning in &config.warnings {
+                        eprintln!("portcullis: warning: {warning}");
                     }
+                    ExitCode::SUCCESS
                 }
-                println!("{}: ok", file.display());
-                print!("{}", portcullis::cli::explain::effective_policy(&config));
-                ExitCode::SUCCESS
+                Err(problems) => {
+                    eprintln!("portcullis: invalid configuration:\n{problems}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
             }
-            Err(e) => config_failure(&e),
-        },
+        }
+        Command::Completions(args) => portcullis::process::print_stdout(
+            "portcullis",
+            &portcullis::cli::manual::completions(Cli::command(), args.shell),
+        ),
+        Command::Man => portcullis::process::print_stdout(
+            "portcullis",
+            &portcullis::cli::manual::man_page(Cli::command()),
+        ),
         Command::Explain {
             config,
             from,
@@ -197,6 +204,9 @@ fn main() -> ExitCode {
                 }
             };
             portcullis::access_log::init_with(format, access_file.as_ref());
+            for warning in &config.warnings {
+                tracing::warn!("{warning}");
+            }
             let config_path = config_path_for_reload;
             portcullis::process::run("portcullis", || async move {
                 let gateway = Gateway::new(config).map_err(anyhow::Error::msg)?;
@@ -207,6 +217,22 @@ fn main() -> ExitCode {
                 tracing::info!("exiting");
                 Ok(ExitCode::SUCCESS)
             })
+        }
+    }
+}
+
+fn import_afs(file: &std::path::Path) -> ExitCode {
+    use portcullis::cli::afs_import;
+    let name = file.display().to_string();
+    let toml = std::fs::read(file)
+        .map_err(|e| format!("{name}: cannot read: {e}"))
+        .and_then(|bytes| afs_import::decode(&bytes, &name))
+        .and_then(|text| afs_import::import(&text, &name));
+    match toml {
+        Ok(toml) => portcullis::process::print_stdout("portcullis", toml.as_bytes()),
+        Err(e) => {
+            eprintln!("portcullis: {e}");
+            ExitCode::from(EXIT_CONFIG)
         }
     }
 }

@@ -17,6 +17,55 @@ struct AfsLimit {
     line: usize,
 }
 
+/// The text of a file as PowerShell writes it: Windows PowerShell 5.1's `>` writes UTF-16LE with
+/// a byte-order mark, PowerShell 7 UTF-8 without one; UTF-16BE and UTF-8 with a mark are read
+/// too. Anything else is refused with the byte where it goes wrong.
+pub fn decode(bytes: &[u8], file: &str) -> Result<String, String> {
+    let utf16 = |body: &[u8], endian: &str, unit: fn([u8; 2]) -> u16| {
+        if !body.len().is_multiple_of(2) {
+            return Err(format!(
+                "{file}: UTF-16{endian} (by its byte-order mark) with an odd number of bytes: the file is cut short"
+            ));
+        }
+        let units = body.chunks_exact(2).map(|pair| unit([pair[0], pair[1]]));
+        let mut text = String::with_capacity(body.len() / 2);
+        // Code units read so far: the byte offset after the two-byte mark.
+        let mut read = 0;
+        for c in char::decode_utf16(units) {
+            match c {
+                Ok(c) => {
+                    text.push(c);
+                    read += c.len_utf16();
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "{file}: byte {}: not valid UTF-16{endian} (unpaired surrogate {:#06x})",
+                        2 + 2 * read,
+                        e.unpaired_surrogate()
+                    ));
+                }
+            }
+        }
+        Ok(text)
+    };
+    match bytes {
+        [0xFF, 0xFE, body @ ..] => utf16(body, "LE", u16::from_le_bytes),
+        [0xFE, 0xFF, body @ ..] => utf16(body, "BE", u16::from_be_bytes),
+        [0xEF, 0xBB, 0xBF, body @ ..] => std::str::from_utf8(body)
+            .map(str::to_owned)
+            .map_err(|e| not_utf8(file, 3 + e.valid_up_to())),
+        _ => std::str::from_utf8(bytes)
+            .map(str::to_owned)
+            .map_err(|e| not_utf8(file, e.valid_up_to())),
+    }
+}
+
+fn not_utf8(file: &str, at: usize) -> String {
+    format!(
+        "{file}: byte {at}: not UTF-8, and no UTF-16 byte-order mark: expected the output saved by PowerShell (`> file` or `Out-File`: UTF-16 with its mark, or UTF-8)"
+    )
+}
+
 /// The TOML for every limit in `text`, or what is wrong (with line numbers).
 pub fn import(text: &str, file: &str) -> Result<String, String> {
     let limits = parse(text, file)?;
@@ -226,6 +275,52 @@ LimitKbps      : 50000\r
         assert!(toml.contains("days = \"wed,fri\""));
         assert!(toml.contains("upload = \"8000 B/s\""));
         Config::parse(&toml, "t.toml", crate::config::TEST_NOW).unwrap();
+    }
+
+    /// `text` as Windows PowerShell 5.1's `>` writes it: UTF-16LE after a byte-order mark.
+    fn utf16le(text: &str) -> Vec<u8> {
+        let mut bytes = vec![0xFF, 0xFE];
+        bytes.extend(text.encode_utf16().flat_map(u16::to_le_bytes));
+        bytes
+    }
+
+    #[test]
+    fn utf16_and_utf8_with_or_without_a_mark_read_alike() {
+        let expected = import(CMDLET_OUTPUT, "limits.txt").unwrap();
+        let le = utf16le(CMDLET_OUTPUT);
+        assert_eq!(&le[..6], b"\xFF\xFE\r\0\n\0", "the bytes PowerShell writes");
+        let mut be = vec![0xFE, 0xFF];
+        be.extend(CMDLET_OUTPUT.encode_utf16().flat_map(u16::to_be_bytes));
+        let mut utf8_bom = b"\xEF\xBB\xBF".to_vec();
+        utf8_bom.extend_from_slice(CMDLET_OUTPUT.as_bytes());
+        for bytes in [le, be, utf8_bom, CMDLET_OUTPUT.as_bytes().to_vec()] {
+            let text = decode(&bytes, "limits.txt").unwrap();
+            assert!(!text.starts_with('\u{feff}'));
+            assert_eq!(import(&text, "limits.txt").unwrap(), expected);
+        }
+    }
+
+    #[test]
+    fn undecodable_bytes_are_named_with_their_offset() {
+        // A lone high surrogate (0xD800) as the second character.
+        let e = decode(b"\xFF\xFED\0\x00\xD8a\0", "t").unwrap_err();
+        assert_eq!(
+            e,
+            "t: byte 4: not valid UTF-16LE (unpaired surrogate 0xd800)"
+        );
+        let e = decode(b"\xFE\xFF\0D\0", "t").unwrap_err();
+        assert!(
+            e.starts_with("t: UTF-16BE (by its byte-order mark) with an odd number"),
+            "{e}"
+        );
+        // Latin-1 "Montag: é" without a mark.
+        let e = decode(b"Day : Montag\xE9\n", "t").unwrap_err();
+        assert!(
+            e.starts_with("t: byte 12: not UTF-8, and no UTF-16 byte-order mark"),
+            "{e}"
+        );
+        let e = decode(b"\xEF\xBB\xBFDay\xFF", "t").unwrap_err();
+        assert!(e.starts_with("t: byte 6: not UTF-8"), "{e}");
     }
 
     #[test]

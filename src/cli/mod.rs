@@ -1,7 +1,19 @@
-//! Operator tools, off the hot path: the effective policy and one request's explanation
-//! (`check-config`, `explain`), the schedule table (`schedule`), the Azure File Sync importer
-//! (`import-afs`). Nothing below this floor imports them.
+//! Operator tools, off the hot path: the whole effective configuration (`check-config`), one
+//! request's explanation (`explain`), the schedule table (`schedule`), the Azure File Sync
+//! importer (`import-afs`), shell completions and the man page of both binaries (`manual`).
+//! Nothing below this floor imports them.
 
 pub mod afs_import;
+pub mod check_config;
 pub mod explain;
+pub mod manual;
 pub mod schedule_table;
+
+/// `a, b, c`.
+pub(crate) fn join<T: std::fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}

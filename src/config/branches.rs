@@ -8,7 +8,9 @@ use super::values::{cidrs, is_name};
 use super::{Branch, Credential};
 use crate::policy::Policy;
 use crate::policy::host::DnsName;
+use ipnet::IpNet;
 use std::collections::HashSet;
+use std::net::IpAddr;
 use toml::Spanned;
 
 /// The name logged (and labelled) for clients that belong to no branch; no branch may take it.
@@ -18,6 +20,7 @@ pub(super) fn compile(
     p: &mut Problems<'_>,
     raw: &[Spanned<RawBranch>],
     policy: &Policy,
+    clients: &[IpNet],
 ) -> Vec<Branch> {
     let mut names = HashSet::new();
     let mut users = HashSet::new();
@@ -41,6 +44,9 @@ pub(super) fn compile(
             );
         }
         let sources = cidrs(p, &b.sources, &format!("{key}.sources"));
+        if sources.len() == b.sources.len() {
+            warn_unreachable_sources(p, &key, &name, &b.sources, &sources, clients);
+        }
         let mut credentials = Vec::new();
         for (j, c) in b.credentials.iter().enumerate() {
             let user = c.user.get_ref();
@@ -131,4 +137,112 @@ pub(super) fn compile(
         }
     }
     branches
+}
+
+/// A source network `listen.clients` does not hold (wholly or in part) can never identify the
+/// branch: those clients are refused before identification. Valid, so a warning.
+fn warn_unreachable_sources(
+    p: &mut Problems<'_>,
+    key: &str,
+    branch: &str,
+    written: &[Spanned<String>],
+    sources: &[IpNet],
+    clients: &[IpNet],
+) {
+    for (j, (text, net)) in written.iter().zip(sources).enumerate() {
+        let why = match coverage(*net, clients) {
+            Coverage::Inside => continue,
+            Coverage::Outside => format!(
+                "{:?} lies outside listen.clients: clients from it are refused before branch identification, so it never identifies branch {branch:?}; add it to listen.clients or remove it",
+                text.get_ref()
+            ),
+            Coverage::Partly => format!(
+                "{:?} lies partly outside listen.clients: clients from the part outside are refused before branch identification and never identified as branch {branch:?}; add it to listen.clients or narrow it",
+                text.get_ref()
+            ),
+        };
+        p.warn(text.span(), format!("{key}.sources[{j}]"), why);
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Coverage {
+    Inside,
+    Partly,
+    Outside,
+}
+
+/// How much of `net` the union of `clients` holds (several client networks together may hold
+/// it where none alone does).
+fn coverage(net: IpNet, clients: &[IpNet]) -> Coverage {
+    let range = |n: &IpNet| -> (bool, u128, u128) {
+        let bounds = |a: IpAddr| match a {
+            IpAddr::V4(v4) => u128::from(u32::from(v4)),
+            IpAddr::V6(v6) => u128::from(v6),
+        };
+        (
+            n.addr().is_ipv4(),
+            bounds(n.network()),
+            bounds(n.broadcast()),
+        )
+    };
+    let (v4, start, end) = range(&net);
+    let mut held: Vec<(u128, u128)> = clients
+        .iter()
+        .map(range)
+        .filter(|(family, _, _)| *family == v4)
+        .map(|(_, s, e)| (s, e))
+        .collect();
+    held.sort_unstable();
+    let mut merged: Vec<(u128, u128)> = Vec::new();
+    for (s, e) in held {
+        match merged.last_mut() {
+            Some((_, last_end)) if s <= last_end.saturating_add(1) => {
+                *last_end = (*last_end).max(e)
+            }
+            _ => merged.push((s, e)),
+        }
+    }
+    if merged.iter().any(|&(s, e)| s <= start && end <= e) {
+        Coverage::Inside
+    } else if merged.iter().any(|&(s, e)| s <= end && start <= e) {
+        Coverage::Partly
+    } else {
+        Coverage::Outside
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn coverage_is_of_the_union_of_client_networks() {
+        let clients = nets(&["10.0.0.0/9", "10.128.0.0/9", "192.168.1.0/24", "fd00::/8"]);
+        let of = |n: &str| coverage(n.parse().unwrap(), &clients);
+        assert_eq!(
+            of("10.0.0.0/8"),
+            Coverage::Inside,
+            "two halves hold the whole"
+        );
+        assert_eq!(of("10.200.0.0/16"), Coverage::Inside);
+        assert_eq!(of("192.168.0.0/23"), Coverage::Partly);
+        assert_eq!(of("192.168.2.0/24"), Coverage::Outside);
+        assert_eq!(of("fd00:1::/32"), Coverage::Inside);
+        assert_eq!(of("fe80::/10"), Coverage::Outside);
+        assert_eq!(of("0.0.0.0/0"), Coverage::Partly);
+        assert_eq!(
+            coverage("10.0.0.0/8".parse().unwrap(), &[]),
+            Coverage::Outside
+        );
+        let everything = nets(&["0.0.0.0/0"]);
+        assert_eq!(
+            coverage("0.0.0.0/0".parse().unwrap(), &everything),
+            Coverage::Inside
+        );
+    }
 }

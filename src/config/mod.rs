@@ -6,6 +6,7 @@
 
 mod branches;
 mod listen;
+mod parse_errors;
 pub mod password;
 pub mod problems;
 mod raw;
@@ -86,6 +87,9 @@ pub struct Config {
     pub branches: Vec<Branch>,
     /// Bandwidth schedules in file order; no two drive the same budget at the same time.
     pub schedules: Vec<Schedule>,
+    /// Valid but surely not meant (a branch source that `listen.clients` refuses): printed by
+    /// `check-config`, logged at start.
+    pub warnings: Vec<Problem>,
 }
 
 /// A branch office: who it is (networks, credentials, certificate names) and what it may do.
@@ -236,20 +240,26 @@ impl Config {
             file,
             source,
             list: Vec::new(),
+            warnings: Vec::new(),
         };
         let raw: RawConfig = match toml::from_str(source) {
             Ok(raw) => raw,
             Err(e) => {
+                // One problem: the parser stops here. The key comes from the document's spans
+                // (none for a syntax error), the wording is ours.
                 let span = e.span().unwrap_or(0..0);
-                problems.add(span, "", problems::with_suggestion(e.message().trim_end()));
+                let key = parse_errors::key_at(source, span.start);
+                let (key, message) = parse_errors::reword(e.message(), &key);
+                problems.add(span, key, message);
                 return Err(ConfigError {
                     problems: problems.list,
                 });
             }
         };
         let base = Path::new(file).parent().unwrap_or(Path::new(""));
-        let config = compile(raw, base, now, &mut problems);
+        let mut config = compile(raw, base, now, &mut problems);
         if problems.list.is_empty() {
+            config.warnings = problems.warnings;
             Ok(config)
         } else {
             Err(ConfigError {
@@ -263,7 +273,7 @@ fn compile(raw: RawConfig, base: &Path, now: Timestamp, p: &mut Problems<'_>) ->
     let tls = raw.tls.as_ref().map(|t| listen::compile_tls(p, t, base));
     let listen = listen::compile(p, &raw.listen, tls.as_ref());
     let (policy, profiles_used) = rules::compile_policy(p, &raw.policy);
-    let branches = branches::compile(p, &raw.branch, &policy);
+    let branches = branches::compile(p, &raw.branch, &policy, &listen.clients);
 
     let resolver = resolver::compile(p, &raw.resolver);
 
@@ -364,5 +374,6 @@ fn compile(raw: RawConfig, base: &Path, now: Timestamp, p: &mut Problems<'_>) ->
         schedules,
         branches,
         tls,
+        warnings: Vec::new(),
     }
 }

@@ -10,8 +10,9 @@ pub struct ConfigError {
     pub problems: Vec<Problem>,
 }
 
-/// One problem: where it is and what was expected.
-#[derive(Debug)]
+/// One problem (or, in [`Config::warnings`](super::Config::warnings), one warning): where it
+/// is and what was expected.
+#[derive(Clone, Debug)]
 pub struct Problem {
     pub file: String,
     pub line: usize,
@@ -50,11 +51,13 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Collects problems with their positions in one file.
+/// Collects problems (and warnings: valid, but surely not what was meant) with their
+/// positions in one file.
 pub(super) struct Problems<'a> {
     pub(super) file: &'a str,
     pub(super) source: &'a str,
     pub(super) list: Vec<Problem>,
+    pub(super) warnings: Vec<Problem>,
 }
 
 impl Problems<'_> {
@@ -64,53 +67,31 @@ impl Problems<'_> {
         key: impl Into<String>,
         message: impl Into<String>,
     ) {
+        let problem = self.at(span, key.into(), message.into());
+        self.list.push(problem);
+    }
+
+    /// A warning: the file is valid, the gateway runs, but this part can never take effect.
+    pub(super) fn warn(
+        &mut self,
+        span: Range<usize>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) {
+        let problem = self.at(span, key.into(), message.into());
+        self.warnings.push(problem);
+    }
+
+    fn at(&self, span: Range<usize>, key: String, message: String) -> Problem {
         let (line, column) = line_column(self.source, span.start);
-        self.list.push(Problem {
+        Problem {
             file: self.file.to_owned(),
             line,
             column,
-            key: key.into(),
-            message: message.into(),
-        });
-    }
-}
-
-/// `message` of the TOML parser, with the nearest known key suggested for an unknown one
-/// ("unknown field `port`, expected one of `name`, ..., `ports`" gains "; did you mean `ports`?").
-pub(super) fn with_suggestion(message: &str) -> String {
-    let suggestion = (|| {
-        let rest = message.strip_prefix("unknown field `")?;
-        let (unknown, rest) = rest.split_once('`')?;
-        let known = rest.split_once("expected one of ")?.1;
-        known
-            .split('`')
-            .skip(1)
-            .step_by(2)
-            .map(|k| (edit_distance(unknown, k), k))
-            .filter(|&(d, k)| d <= 2.max(k.len() / 3))
-            .min()
-            .map(|(_, k)| k.to_owned())
-    })();
-    match suggestion {
-        Some(key) => format!("{message}; did you mean `{key}`?"),
-        None => message.to_owned(),
-    }
-}
-
-/// Levenshtein distance, for key suggestions (short strings only).
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut previous = row[0];
-        row[0] = i + 1;
-        for (j, &cb) in b.iter().enumerate() {
-            let substituted = previous + usize::from(ca != cb);
-            previous = row[j + 1];
-            row[j + 1] = substituted.min(row[j] + 1).min(previous + 1);
+            key,
+            message,
         }
     }
-    row[b.len()]
 }
 
 /// 1-based line and column of byte `offset` in `source`.

@@ -204,7 +204,7 @@ fn an_unknown_key_suggests_the_nearest_known_one() {
     let err = Config::parse(text, "k.toml", crate::config::TEST_NOW).unwrap_err();
     let shown = err.to_string();
     assert!(
-        shown.starts_with("k.toml:4:1: unknown field `port`"),
+        shown.starts_with("k.toml:4:1: policy.allow[0].port: unknown field `port`"),
         "{shown}"
     );
     assert!(shown.ends_with("did you mean `ports`?"), "{shown}");
@@ -241,4 +241,119 @@ fn an_unreadable_file_is_named_without_a_position() {
         shown.starts_with("/nonexistent/p.toml: cannot read the file"),
         "{shown}"
     );
+}
+
+/// The one problem a file with a type error gives, as printed.
+fn type_error(text: &str) -> String {
+    let err = Config::parse(text, "t.toml", crate::config::TEST_NOW).unwrap_err();
+    assert_eq!(err.problems.len(), 1, "{err}");
+    err.to_string()
+}
+
+#[test]
+fn type_errors_name_line_column_and_key_in_our_words() {
+    let rule = "[[policy.allow]]\nname = \"x\"\nhosts = [\"a.example\"]\n";
+    for (text, want) in [
+        // An integer out of range.
+        (
+            format!("{rule}ports = [443, 70000]\n"),
+            "t.toml:4:15: policy.allow[0].ports[1]: 70000: expected a port from 1 to 65535",
+        ),
+        (
+            "[limits]\nmax_connections = -1\n".to_owned(),
+            "t.toml:2:19: limits.max_connections: -1: expected a whole number from 0 to 4294967295",
+        ),
+        (
+            "[limits]\nipv6_client_prefix = 300\n".to_owned(),
+            "t.toml:2:22: limits.ipv6_client_prefix: 300: expected a prefix length from 1 to 128",
+        ),
+        // A string for an integer.
+        (
+            format!("{rule}ports = [\"https\"]\n"),
+            "t.toml:4:10: policy.allow[0].ports[0]: \"https\": expected a port from 1 to 65535",
+        ),
+        // An integer for a string: a name, a duration.
+        (
+            "[[branch]]\nname = 7\n".to_owned(),
+            "t.toml:2:8: branch[0].name: 7: expected a string",
+        ),
+        (
+            "[timeouts]\nidle = 900\n".to_owned(),
+            "t.toml:2:8: timeouts.idle: 900: expected a duration such as \"10s\", \"15m\" or \"1h\"",
+        ),
+        // A boolean.
+        (
+            "[resolver]\nhosts_only = \"yes\"\n".to_owned(),
+            "t.toml:2:14: resolver.hosts_only: \"yes\": expected true or false",
+        ),
+        (
+            format!("{rule}plain_http = 1\n"),
+            "t.toml:4:14: policy.allow[0].plain_http: 1: expected true or false",
+        ),
+        // A list.
+        (
+            "[listen]\nclients = \"10.0.0.0/8\"\n".to_owned(),
+            "t.toml:2:11: listen.clients: \"10.0.0.0/8\": expected a list of strings",
+        ),
+        (
+            "[listen]\nproxy = [3128]\n".to_owned(),
+            "t.toml:2:10: listen.proxy[0]: 3128: expected a string",
+        ),
+        (
+            format!("{rule}ports = 443\n"),
+            "t.toml:4:9: policy.allow[0].ports: 443: expected a list of ports such as [443]",
+        ),
+        // A table, a list of tables, a name from a set.
+        (
+            "tls = \"cert.pem\"\n".to_owned(),
+            "t.toml:1:7: tls: \"cert.pem\": expected a table",
+        ),
+        (
+            "branch = 1\n".to_owned(),
+            "t.toml:1:10: branch: 1: expected [[branch]] tables",
+        ),
+        (
+            format!("{rule}sni = \"strict\"\n"),
+            "t.toml:4:7: policy.allow[0].sni: \"strict\": expected \"match\", \"allowed\" or \"off\"",
+        ),
+        (
+            "[log]\nformat = 1\n".to_owned(),
+            "t.toml:2:10: log.format: expected \"text\" or \"json\"",
+        ),
+        // The second of two array tables; a missing key.
+        (
+            format!("{rule}\n[[policy.allow]]\nname = \"y\"\nports = [1.5]\n"),
+            "t.toml:7:10: policy.allow[1].ports[0]: 1.5: expected a port from 1 to 65535",
+        ),
+        (
+            "[[branch]]\nsources = [\"10.0.0.0/8\"]\n".to_owned(),
+            "t.toml:1:1: branch[0]: `name` is required",
+        ),
+    ] {
+        assert_eq!(type_error(&text), want, "for:\n{text}");
+    }
+}
+
+#[test]
+fn a_branch_source_outside_listen_clients_is_a_warning() {
+    let text = "[listen]\nclients = [\"10.1.0.0/16\", \"10.2.0.0/16\"]\n\n[[branch]]\nname = \"paris\"\nsources = [\"10.1.0.0/16\", \"192.0.2.0/24\", \"10.2.0.0/15\"]\n";
+    let config = Config::parse(text, "w.toml", crate::config::TEST_NOW).unwrap();
+    let shown: Vec<String> = config.warnings.iter().map(|w| w.to_string()).collect();
+    assert_eq!(shown.len(), 2, "{shown:#?}");
+    assert!(
+        shown[0].starts_with(
+            "w.toml:6:27: branch[0].sources[1]: \"192.0.2.0/24\" lies outside listen.clients"
+        ),
+        "{shown:#?}"
+    );
+    assert!(
+        shown[1].starts_with(
+            "w.toml:6:43: branch[0].sources[2]: \"10.2.0.0/15\" lies partly outside listen.clients"
+        ),
+        "{shown:#?}"
+    );
+    assert!(Config::builtin().warnings.is_empty());
+    let inside = "[[branch]]\nname = \"a\"\nsources = [\"10.1.0.0/16\", \"192.168.0.0/16\"]\n";
+    let config = Config::parse(inside, "w.toml", crate::config::TEST_NOW).unwrap();
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
 }

@@ -1,6 +1,6 @@
 //! The command line: check-config, explain, and every example in config/ loading cleanly.
 
-use crate::support::{portcullis, temp_file};
+use crate::support::{Pki, portcullis, temp_file};
 use std::path::Path;
 
 fn text(bytes: &[u8]) -> String {
@@ -85,6 +85,154 @@ fn check_config_shows_each_rules_sni_check_on_every_port() {
     assert_eq!(rule("custom-port"), "sni: match", "{stdout}");
     assert_eq!(rule("mixed"), "sni: match on 443, off on 8443", "{stdout}");
     assert_eq!(rule("crl"), "sni: - (plain-HTTP lane)", "{stdout}");
+}
+
+#[test]
+fn check_config_prints_the_whole_effective_config() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue_pem(&["gateway.example"], 2099);
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in [("gw.pem", &cert), ("gw.key", &key), ("ca.pem", &pki.ca_pem)] {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    let path = dir.path().join("full.toml");
+    // Two users, one hash each: the user names are shown, the hashes never.
+    let hash = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$0hJrkBA6mR2fSRqj3DTDwvR4Yz2GXhyPGSIDfTT/0Pc";
+    std::fs::write(
+        &path,
+        format!(
+            r#"[listen]
+proxy = ["127.0.0.1:3128"]
+admin = "off"
+clients = ["10.1.0.0/16", "192.0.2.10/32"]
+proxy_protocol_from = ["192.0.2.10"]
+
+[[listen.tls_proxy]]
+address = "127.0.0.1:3129"
+
+[[listen.tls_proxy]]
+address = "127.0.0.1:3130"
+client_certificates = "optional"
+
+[tls]
+certificate = "gw.pem"
+key = "gw.key"
+client_ca = "ca.pem"
+handshake_timeout = "5s"
+
+[log]
+format = "json"
+access_file = "access.log"
+
+[limits]
+max_connections = 100
+connect_rate_per_client = 20
+
+[timeouts]
+idle = "1h"
+drain = "500ms"
+
+[resolver]
+servers = ["10.1.0.53"]
+timeout = "2s"
+hosts = {{ "contoso.file.core.windows.net" = ["10.20.1.5", "10.20.1.6"] }}
+
+[policy]
+on_reload = "close-denied"
+
+[[branch]]
+name = "paris"
+sources = ["10.1.4.0/24"]
+credentials = [{{ user = "alice", password_hash = "{hash}" }}, {{ user = "bob", password_hash = "{hash}" }}]
+client_certificates = ["paris.branch.example"]
+max_tunnels = 50
+
+[[schedule]]
+name = "office"
+days = "mon-fri"
+hours = "08:00-18:00"
+time_zone = "Europe/Paris"
+upload = "10 Mbit/s"
+"#
+        ),
+    )
+    .unwrap();
+    let out = portcullis(&["check-config", path.to_str().unwrap()]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(stderr, "", "a clean file gives no warning");
+    let folder = dir.path().display();
+    for want in [
+        "listen:\n  proxy: 127.0.0.1:3128\n".to_owned(),
+        "  tls_proxy: 127.0.0.1:3129 (client certificates: required), 127.0.0.1:3130 (client certificates: optional)\n".into(),
+        "  admin: off\n".into(),
+        "  clients: 10.1.0.0/16, 192.0.2.10/32\n".into(),
+        "  proxy_protocol_from: 192.0.2.10/32\n".into(),
+        format!("tls:\n  certificate: {folder}/gw.pem\n  key: {folder}/gw.key\n  client_ca: {folder}/ca.pem\n  handshake_timeout: 5s\n"),
+        format!("log:\n  format: json\n  access_file: {folder}/access.log"),
+        "limits:\n  max_connections: 100\n  connect_rate_per_client: 20 per second\n  auth_attempts_per_minute: 30\n  max_pending_heads_per_client: 64\n  ipv6_client_prefix: 64\n".into(),
+        "timeouts:\n  head: 10s\n  connect: 10s\n  idle: 1h\n  drain: 500ms\n".into(),
+        "resolver:\n  servers: 10.1.0.53:53\n  timeout: 2s\n  hosts_only: false\n  hosts (1):\n    contoso.file.core.windows.net = 10.20.1.5, 10.20.1.6\n".into(),
+        "mode: enforce\n".into(),
+        "sni: match".into(),
+        "on_reload: close-denied".into(),
+        "  paris  sources 10.1.4.0/24  users alice, bob  certificates paris.branch.example  rules all  max_tunnels 50\n".into(),
+        "unassigned clients: refused\n".into(),
+        "schedules (1,".into(),
+        "  office  mon-fri 08:00-18:00 Europe/Paris".into(),
+        "    sni: match\n".into(),
+    ] {
+        assert!(stdout.contains(&want), "missing {want:?} in:\n{stdout}");
+    }
+    assert!(!stdout.contains("argon2"), "no hash is printed:\n{stdout}");
+}
+
+#[test]
+fn check_config_warns_about_branch_sources_outside_listen_clients() {
+    let (_dir, path) = temp_file(
+        "w.toml",
+        "[listen]\nclients = [\"10.1.0.0/16\"]\n\n[[branch]]\nname = \"paris\"\nsources = [\"10.1.4.0/24\", \"192.0.2.0/24\"]\n\n[[branch]]\nname = \"lyon\"\nsources = [\"10.0.0.0/8\"]\n",
+    );
+    let out = portcullis(&["check-config", path.to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "a warning, not a problem: {stderr}"
+    );
+    let file = path.display();
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    assert!(
+        lines[0].starts_with(&format!(
+            "portcullis: warning: {file}:6:27: branch[0].sources[1]: \"192.0.2.0/24\" lies outside listen.clients: clients from it are refused before branch identification"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        lines[1].starts_with(&format!(
+            "portcullis: warning: {file}:10:12: branch[1].sources[0]: \"10.0.0.0/8\" lies partly outside listen.clients"
+        )),
+        "{stderr}"
+    );
+    assert!(text(&out.stdout).contains("  paris  sources 10.1.4.0/24, 192.0.2.0/24"));
+}
+
+#[test]
+fn check_config_names_the_key_of_a_type_error() {
+    let (_dir, path) = temp_file(
+        "t.toml",
+        "[[policy.allow]]\nname = \"x\"\nhosts = [\"a.example.com\"]\nports = [70000]\n",
+    );
+    let out = portcullis(&["check-config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "portcullis: invalid configuration:\n{}:4:10: policy.allow[0].ports[0]: 70000: expected a port from 1 to 65535\n",
+            path.display()
+        )
+    );
 }
 
 #[test]

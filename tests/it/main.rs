@@ -9,6 +9,7 @@ mod cli;
 mod dashboard;
 mod denials;
 mod hardening;
+mod help;
 mod lane;
 mod layout;
 mod malformed;

@@ -407,3 +407,43 @@ fn import_afs_turns_cmdlet_output_into_schedules() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("limits.txt:2: StartHour"));
 }
+
+#[test]
+fn import_afs_reads_what_windows_powershell_writes() {
+    // `Get-StorageSyncNetworkLimit | Format-List > limits.txt` in Windows PowerShell 5.1:
+    // UTF-16LE after a byte-order mark, CRLF line ends, a blank line around each record.
+    let cmdlet = "\r\n\r\nId             : 4b8a9c3e-0000-4000-8000-000000000001\r\nDay            : {Monday, Tuesday, Wednesday, Thursday, Friday}\r\nStartHour      : 9\r\nEndHour        : 17\r\nLimitKbps      : 10000\r\n\r\n\r\n";
+    let mut bytes = vec![0xFF, 0xFE];
+    bytes.extend(cmdlet.encode_utf16().flat_map(u16::to_le_bytes));
+    let dir = tempfile::tempdir().unwrap();
+    let limits = dir.path().join("limits.txt");
+    std::fs::write(&limits, &bytes).unwrap();
+    let out = portcullis(&["schedule", "import-afs", limits.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let toml = String::from_utf8(out.stdout).unwrap();
+    assert!(toml.contains("days = \"mon-fri\""), "{toml}");
+    assert!(toml.contains("upload = \"1250000 B/s\""), "{toml}");
+    // Cut short by one byte: refused, with what is wrong.
+    std::fs::write(&limits, &bytes[..bytes.len() - 1]).unwrap();
+    let out = portcullis(&["schedule", "import-afs", limits.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr
+            .contains("limits.txt: UTF-16LE (by its byte-order mark) with an odd number of bytes"),
+        "{stderr}"
+    );
+    // Neither UTF-8 nor marked UTF-16 (Latin-1).
+    std::fs::write(&limits, b"Day : Montag\xE9\n").unwrap();
+    let out = portcullis(&["schedule", "import-afs", limits.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("limits.txt: byte 12: not UTF-8, and no UTF-16 byte-order mark"),
+        "{stderr}"
+    );
+}
