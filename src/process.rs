@@ -89,9 +89,24 @@ pub fn raise_descriptor_limit() -> Option<(u64, u64)> {
 /// Client connections the descriptor limit holds: two per tunnel (client and upstream) after
 /// [`RESERVED_DESCRIPTORS`], at least 16.
 pub fn connections_for_descriptors() -> usize {
-    match descriptor_limit() {
-        Some(limit) => (limit.saturating_sub(RESERVED_DESCRIPTORS) / 2).clamp(16, 1 << 24) as usize,
-        None => FALLBACK_CONNECTIONS,
+    descriptor_limit().map_or(FALLBACK_CONNECTIONS, connections_for)
+}
+
+/// Client connections `limit` descriptors hold.
+pub fn connections_for(limit: u64) -> usize {
+    (limit.saturating_sub(RESERVED_DESCRIPTORS) / 2).clamp(16, 1 << 24) as usize
+}
+
+/// The hard descriptor limit, which `serve` raises its soft limit to; `None` where unknown or
+/// unlimited.
+pub fn hard_descriptor_limit() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
     }
 }
 

@@ -127,7 +127,23 @@ fn settings(out: &mut String, config: &Config) {
     );
     let l = &config.limits;
     let _ = writeln!(out, "limits:");
-    let _ = writeln!(out, "  max_connections: {}", l.max_connections);
+    match l.max_connections {
+        Some(n) => {
+            let _ = writeln!(out, "  max_connections: {n}");
+        }
+        None => match crate::process::hard_descriptor_limit() {
+            Some(hard) => {
+                let _ = writeln!(
+                    out,
+                    "  max_connections: from the descriptor limit ({} under this shell's hard limit of {hard})",
+                    crate::process::connections_for(hard)
+                );
+            }
+            None => {
+                let _ = writeln!(out, "  max_connections: from the descriptor limit");
+            }
+        },
+    }
     let _ = writeln!(
         out,
         "  connect_rate_per_client: {}",
@@ -344,7 +360,7 @@ mod tests {
             "tls: none\n",
             "  format: text\n",
             "  access_file: none",
-            "  max_connections: 4096\n",
+            "  max_connections: from the descriptor limit",
             "  connect_rate_per_client: unlimited\n",
             "  auth_attempts_per_minute: 30\n",
             "  max_pending_heads_per_client: 64\n",
