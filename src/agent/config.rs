@@ -58,24 +58,32 @@ pub struct FileTimeouts {
 }
 
 impl AgentFile {
-    /// Reads and parses `path`; relative file names in it are made relative to its directory.
+    /// Reads and parses `path`; `${CREDENTIALS_DIRECTORY}` in its file names is the
+    /// environment's (systemd's `LoadCredential=`), and relative names are relative to its
+    /// directory.
     pub fn load(path: &Path) -> Result<Self, String> {
+        let credentials = crate::config::paths::credentials_from_env();
+        Self::load_with_credentials(path, credentials.as_deref())
+    }
+
+    /// `load` with `${CREDENTIALS_DIRECTORY}` standing for `credentials` (`None`: not set).
+    pub fn load_with_credentials(path: &Path, credentials: Option<&Path>) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("{}: cannot read the file: {e}", path.display()))?;
         let mut file: AgentFile =
             toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [
-            &mut file.ca,
-            &mut file.certificate,
-            &mut file.key,
-            &mut file.password_file,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            if p.is_relative() {
-                *p = base.join(&*p);
+        for (key, value) in [
+            ("ca", &mut file.ca),
+            ("certificate", &mut file.certificate),
+            ("key", &mut file.key),
+            ("password_file", &mut file.password_file),
+        ] {
+            if let Some(p) = value {
+                // Deserialized from TOML text, so always UTF-8.
+                let text = p.to_string_lossy().into_owned();
+                *p = crate::config::paths::expand(&text, base, credentials)
+                    .map_err(|e| format!("{}: {key}: {e}", path.display()))?;
             }
         }
         Ok(file)
@@ -289,6 +297,21 @@ mod tests {
         .unwrap();
         let file = AgentFile::load(&path).unwrap();
         assert_eq!(file.certificate.unwrap(), dir.path().join("branch.pem"));
+        std::fs::write(
+            &path,
+            "key = \"${CREDENTIALS_DIRECTORY}/branch.key\"\npassword_file = \"pw\"\n",
+        )
+        .unwrap();
+        let creds = Path::new("/run/credentials/portcullis-agent.service");
+        let file = AgentFile::load_with_credentials(&path, Some(creds)).unwrap();
+        assert_eq!(file.key.unwrap(), creds.join("branch.key"));
+        assert_eq!(file.password_file.unwrap(), dir.path().join("pw"));
+        let err = AgentFile::load_with_credentials(&path, None).unwrap_err();
+        assert!(
+            err.contains("agent.toml: key: ")
+                && err.contains("${CREDENTIALS_DIRECTORY} is not set"),
+            "{err}"
+        );
         std::fs::write(&path, "gateway = \"https://gw:3129\"\n").unwrap();
         let err = AgentFile::load(&path).unwrap_err();
         assert!(err.contains("unknown field `gateway`"), "{err}");

@@ -1,5 +1,7 @@
 //! `portcullis`: the gateway binary. Thin: parses the command line, loads config, hands over to
-//! the library. Exit codes: 0 ok, 1 refused (explain) or runtime failure, 64 bad config or usage.
+//! the library. Exit codes: 0 ok, 1 refused (explain) or runtime failure (a port that cannot be
+//! bound), 2 usage (clap), 64 bad config: in the file, or found only when starting (a TLS
+//! certificate or key that cannot be used), so `RestartPreventExitStatus=64` ends a restart loop.
 
 use clap::{CommandFactory, Parser, Subcommand};
 use portcullis::access_log::AccessFile;
@@ -152,11 +154,11 @@ fn main() -> ExitCode {
             &portcullis::cli::manual::man_page(Cli::command()),
         ),
         Command::Explain {
-            config,
+            config: config_path,
             from,
             target,
         } => {
-            let config = match load(config.as_deref()) {
+            let config = match load(config_path.as_deref()) {
                 Ok(c) => c,
                 Err(e) => return config_failure(&e),
             };
@@ -168,8 +170,12 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            let source = config_name(config_path.as_deref());
             portcullis::process::run("portcullis", || async move {
-                let gateway = Gateway::new(config).map_err(anyhow::Error::msg)?;
+                let gateway = match Gateway::new(config) {
+                    Ok(gateway) => gateway,
+                    Err(e) => return Ok(start_failure(&source, &e)),
+                };
                 let (report, allowed) =
                     portcullis::cli::explain::explain(&gateway, from, &target, lane).await;
                 print!("{report}");
@@ -208,8 +214,12 @@ fn main() -> ExitCode {
                 tracing::warn!("{warning}");
             }
             let config_path = config_path_for_reload;
+            let source = config_name(config_path.as_deref());
             portcullis::process::run("portcullis", || async move {
-                let gateway = Gateway::new(config).map_err(anyhow::Error::msg)?;
+                let gateway = match Gateway::new(config) {
+                    Ok(gateway) => gateway,
+                    Err(e) => return Ok(start_failure(&source, &e)),
+                };
                 let server = Server::bind(gateway, config_path).await?;
                 tokio::spawn(reload_on_sighup(server.reloader()));
                 tokio::spawn(reopen_on_sigusr1(access_file));
@@ -353,6 +363,18 @@ fn load(path: Option<&std::path::Path>) -> Result<Config, portcullis::config::Co
 fn config_failure(e: &portcullis::config::ConfigError) -> ExitCode {
     eprintln!("portcullis: invalid configuration:\n{e}");
     ExitCode::from(EXIT_CONFIG)
+}
+
+/// A problem found only when the gateway is built from a valid file: a TLS certificate, key or
+/// client CA that cannot be read or used, or an unreadable system DNS configuration. Exit 64 as
+/// for a bad file: restarting will not fix it.
+fn start_failure(source: &str, e: &str) -> ExitCode {
+    eprintln!("portcullis: invalid configuration:\n{source}: {e}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn config_name(path: Option<&std::path::Path>) -> String {
+    path.map_or_else(|| "<built-in>".to_owned(), |p| p.display().to_string())
 }
 
 /// SIGHUP (`systemctl reload`): re-read the config file and the files it names; a bad file is

@@ -1,6 +1,7 @@
 //! `[listen]` and `[tls]`: where the gateway listens (plain, TLS, admin), who may connect at
 //! all, which load balancers send PROXY protocol headers, and the TLS listener's files.
 
+use super::paths::Paths;
 use super::problems::Problems;
 use super::raw::{RawListen, RawTls};
 use super::values::{cidrs, duration, parse_or};
@@ -8,7 +9,6 @@ use super::{
     ClientCertificates, DEFAULT_ADMIN_LISTEN, DEFAULT_CLIENTS, DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_PROXY_LISTEN, Listen, TlsListen, TlsSettings,
 };
-use std::path::Path;
 use toml::Spanned;
 
 /// `[listen]`: the proxy, TLS and admin listeners, who may connect, trusted balancers.
@@ -96,11 +96,14 @@ pub(super) fn compile(p: &mut Problems<'_>, raw: &RawListen, tls: Option<&TlsSet
     }
 }
 
-pub(super) fn compile_tls(p: &mut Problems<'_>, raw: &Spanned<RawTls>, base: &Path) -> TlsSettings {
+pub(super) fn compile_tls(
+    p: &mut Problems<'_>,
+    raw: &Spanned<RawTls>,
+    paths: &Paths<'_>,
+) -> TlsSettings {
     let t = raw.get_ref();
-    let path = |value: &Spanned<String>| base.join(value.get_ref());
     let mut required = |value: &Option<Spanned<String>>, key: &str| match value {
-        Some(v) => path(v),
+        Some(v) => paths.resolve(p, v, &format!("tls.{key}")),
         None => {
             p.add(
                 raw.span(),
@@ -115,7 +118,10 @@ pub(super) fn compile_tls(p: &mut Problems<'_>, raw: &Spanned<RawTls>, base: &Pa
     TlsSettings {
         certificate,
         key,
-        client_ca: t.client_ca.as_ref().map(path),
+        client_ca: t
+            .client_ca
+            .as_ref()
+            .map(|v| paths.resolve(p, v, "tls.client_ca")),
         handshake_timeout: duration(
             p,
             t.handshake_timeout.as_ref(),

@@ -8,6 +8,7 @@ mod branches;
 mod listen;
 mod parse_errors;
 pub mod password;
+pub mod paths;
 pub mod problems;
 mod raw;
 mod resolver;
@@ -234,8 +235,19 @@ impl Config {
     }
 
     /// Compiles config `source`; `file` names it in problems; schedule overlaps are looked
-    /// for from `now`.
+    /// for from `now`; `${CREDENTIALS_DIRECTORY}` in file paths is the environment's.
     pub fn parse(source: &str, file: &str, now: Timestamp) -> Result<Self, ConfigError> {
+        let credentials = paths::credentials_from_env();
+        Self::parse_with_credentials(source, file, now, credentials.as_deref())
+    }
+
+    /// `parse` with `${CREDENTIALS_DIRECTORY}` standing for `credentials` (`None`: not set).
+    pub fn parse_with_credentials(
+        source: &str,
+        file: &str,
+        now: Timestamp,
+        credentials: Option<&Path>,
+    ) -> Result<Self, ConfigError> {
         let mut problems = Problems {
             file,
             source,
@@ -256,8 +268,11 @@ impl Config {
                 });
             }
         };
-        let base = Path::new(file).parent().unwrap_or(Path::new(""));
-        let mut config = compile(raw, base, now, &mut problems);
+        let paths = paths::Paths {
+            base: Path::new(file).parent().unwrap_or(Path::new("")),
+            credentials,
+        };
+        let mut config = compile(raw, &paths, now, &mut problems);
         if problems.list.is_empty() {
             config.warnings = problems.warnings;
             Ok(config)
@@ -269,8 +284,13 @@ impl Config {
     }
 }
 
-fn compile(raw: RawConfig, base: &Path, now: Timestamp, p: &mut Problems<'_>) -> Config {
-    let tls = raw.tls.as_ref().map(|t| listen::compile_tls(p, t, base));
+fn compile(
+    raw: RawConfig,
+    paths: &paths::Paths<'_>,
+    now: Timestamp,
+    p: &mut Problems<'_>,
+) -> Config {
+    let tls = raw.tls.as_ref().map(|t| listen::compile_tls(p, t, paths));
     let listen = listen::compile(p, &raw.listen, tls.as_ref());
     let (policy, profiles_used) = rules::compile_policy(p, &raw.policy);
     let branches = branches::compile(p, &raw.branch, &policy, &listen.clients);
@@ -369,7 +389,11 @@ fn compile(raw: RawConfig, base: &Path, now: Timestamp, p: &mut Problems<'_>) ->
         limits,
         log: LogSettings {
             format: raw.log.format.unwrap_or(LogFormat::Text),
-            access_file: raw.log.access_file.as_ref().map(|f| base.join(f.get_ref())),
+            access_file: raw
+                .log
+                .access_file
+                .as_ref()
+                .map(|f| paths.resolve(p, f, "log.access_file")),
         },
         schedules,
         branches,

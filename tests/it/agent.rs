@@ -807,7 +807,11 @@ async fn forward_drains_open_tunnels_on_sigterm_and_exits_0() {
 fn the_example_agent_config_is_valid() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let path = root.join("config/agent.toml");
-    let file = portcullis::agent::config::AgentFile::load(&path).unwrap();
+    // Credentials are named after their files, so outside the unit the folder is /etc/portcullis.
+    let etc = std::path::Path::new("/etc/portcullis");
+    let file =
+        portcullis::agent::config::AgentFile::load_with_credentials(&path, Some(etc)).unwrap();
+    assert_eq!(file.key.as_deref(), Some(etc.join("branch.key").as_path()));
     assert!(!file.gateways.is_empty());
     for url in &file.gateways {
         url.parse::<portcullis::agent::proxy_client::ProxyUrl>()

@@ -18,6 +18,7 @@ mod reload;
 mod schedules;
 mod shutdown;
 mod sni;
+mod startup;
 mod support;
 mod tls_listener;
 mod tunnel;
