@@ -38,6 +38,13 @@ pub struct TunnelBytes {
     pub down: Counter,
 }
 
+/// A tunnel's series: open tunnels and bytes of its category and branch.
+#[derive(Clone)]
+pub struct TunnelSeries {
+    pub active: Gauge,
+    pub bytes: TunnelBytes,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BytesLabels {
     pub direction: &'static str,
@@ -246,6 +253,21 @@ impl Metrics {
         }
     }
 
+    /// The series of a tunnel of `category` for `branch` (created at zero if new).
+    pub fn tunnel_series(&self, category: &str, branch: &str) -> TunnelSeries {
+        let active = self
+            .tunnels_active
+            .get_or_create(&TunnelLabels {
+                category: category.to_owned(),
+                branch: branch.to_owned(),
+            })
+            .clone();
+        TunnelSeries {
+            active,
+            bytes: self.tunnel_bytes(category, branch),
+        }
+    }
+
     /// The byte counters of a tunnel of `category` for `branch`.
     pub fn tunnel_bytes(&self, category: &str, branch: &str) -> TunnelBytes {
         let counter = |direction| {
@@ -269,11 +291,7 @@ impl Metrics {
     pub fn expect_series(&self, branches: &[&str], categories: &[&str]) {
         for &branch in branches {
             for &category in categories {
-                drop(self.tunnels_active.get_or_create(&TunnelLabels {
-                    category: category.to_owned(),
-                    branch: branch.to_owned(),
-                }));
-                drop(self.tunnel_bytes(category, branch));
+                drop(self.tunnel_series(category, branch));
             }
             // A denial by the allow-list: no rule, so no category.
             drop(self.requests.get_or_create(&RequestLabels {

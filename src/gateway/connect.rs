@@ -328,14 +328,8 @@ async fn handle(
         .map_err(|_| Refusal::after_reply(End::ClientError, "client went away before 200"))?;
     record.status = 200;
     record.reason = plan.decision.reason.to_owned();
-    let active = gw
-        .metrics
-        .tunnels_active
-        .get_or_create(&crate::metrics::TunnelLabels {
-            category: record.category.clone().unwrap_or_else(|| "none".into()),
-            branch: record.branch.clone().unwrap_or_else(|| "none".into()),
-        })
-        .clone();
+    let series = gw.tunnel_series(identity, record.category.as_deref().unwrap_or("none"));
+    let active = series.active;
     active.inc();
     // Counted down however the tunnel ends, early returns included.
     let _active = scopeguard(move || {
@@ -384,18 +378,13 @@ async fn handle(
         revoked: stop.as_deref(),
         drained: Some(&gw.closing),
     };
-    // Found once, so the relay counts its bytes as they flow with an atomic add.
-    let meter = || {
-        gw.metrics.tunnel_bytes(
-            record.category.as_deref().unwrap_or("none"),
-            record.branch.as_deref().unwrap_or("none"),
-        )
-    };
+    // The relay counts its bytes as they flow, an atomic add each 256 KiB.
+    let meter = series.bytes;
     // Plain clients splice; TLS clients go through the buffered copy (bytes must be decrypted).
     let outcome = if let ClientStream::Plain(tcp) = client {
-        tunnel::relay_tcp(tcp, &mut upstream, timeouts.idle, stops, pacers, meter()).await
+        tunnel::relay_tcp(tcp, &mut upstream, timeouts.idle, stops, pacers, meter).await
     } else {
-        tunnel::relay(client, &mut upstream, timeouts.idle, stops, pacers, meter()).await
+        tunnel::relay(client, &mut upstream, timeouts.idle, stops, pacers, meter).await
     };
     record.bytes_up += outcome.bytes_up;
     record.bytes_down += outcome.bytes_down;

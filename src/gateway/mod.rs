@@ -31,7 +31,7 @@ pub use revocable::Revocable;
 
 use crate::bandwidth::Throttles;
 use crate::config::{Config, UNASSIGNED};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, TunnelSeries};
 use governor::{DefaultKeyedRateLimiter, Quota};
 use identity::{Identifier, Identity};
 use resolve::Resolver;
@@ -65,6 +65,9 @@ pub struct Gateway {
     pub crl_cache: crl_cache::CrlCache,
     /// Bandwidth budgets of the schedules; buckets carry over reloads by budget.
     pub throttles: Throttles,
+    /// Each branch's (by position; `unassigned` last) tunnel series per rule category, found
+    /// once here so opening a tunnel takes no lock and makes no label strings.
+    tunnel_series: Vec<Vec<(String, TunnelSeries)>>,
     /// CONNECT requests per client address, when `limits.connect_rate_per_client` is set.
     connect_rate: Option<DefaultKeyedRateLimiter<IpAddr>>,
 }
@@ -119,7 +122,17 @@ impl Gateway {
             .map(|b| b.name.as_str())
             .chain([UNASSIGNED])
             .collect();
-        metrics.expect_series(&branch_names, &config.policy.categories());
+        let categories = config.policy.categories();
+        metrics.expect_series(&branch_names, &categories);
+        let tunnel_series = branch_names
+            .iter()
+            .map(|branch| {
+                categories
+                    .iter()
+                    .map(|&c| (c.to_owned(), metrics.tunnel_series(c, branch)))
+                    .collect()
+            })
+            .collect();
         let throttles = Throttles::new(
             &config.schedules,
             &branch_names,
@@ -135,6 +148,7 @@ impl Gateway {
             tls_acceptors,
             crl_cache: crl_cache::CrlCache::default(),
             throttles,
+            tunnel_series,
             metrics,
             revocable: previous.map_or_else(Default::default, |p| p.revocable.clone()),
             pending_heads: previous.map_or_else(Default::default, |p| p.pending_heads.clone()),
@@ -167,6 +181,22 @@ impl Gateway {
             .is_ok();
         // Built only when counted: a slot decrements when dropped.
         admitted.then(|| TunnelSlot(Some(counter)))
+    }
+
+    /// The series a tunnel of `identity` in `category` counts in: from the table built at load,
+    /// created in the metrics only for a pair the table lacks.
+    pub fn tunnel_series(&self, identity: identity::Identity, category: &str) -> TunnelSeries {
+        let branch = identity.unwrap_or(self.config.branches.len());
+        match self
+            .tunnel_series
+            .get(branch)
+            .and_then(|by_category| by_category.iter().find(|(c, _)| c == category))
+        {
+            Some((_, series)) => series.clone(),
+            None => self
+                .metrics
+                .tunnel_series(category, identity::name(&self.config.branches, identity)),
+        }
     }
 
     pub fn client_allowed(&self, ip: IpAddr) -> bool {
