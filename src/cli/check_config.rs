@@ -235,6 +235,27 @@ fn policy(out: &mut String, config: &Config) {
     let _ = writeln!(out, "on_reload: {on_reload}");
     let _ = writeln!(out, "profiles: {}", list_or(&config.profiles, "none"));
     let _ = writeln!(out, "categories: {}", config.policy.categories().join(", "));
+    if !config.policy.denies.is_empty() {
+        let _ = writeln!(
+            out,
+            "deny rules ({}, checked before every allow rule):",
+            config.policy.denies.len()
+        );
+    }
+    for deny in &config.policy.denies {
+        let ports = deny.ports.as_ref().map_or("all".to_owned(), |p| join(p));
+        let branches = deny
+            .branches
+            .as_ref()
+            .map_or("all".to_owned(), |b| b.join(", "));
+        let _ = writeln!(out, "  {}  ports {ports}  branches {branches}", deny.name);
+        if !deny.hosts.is_empty() {
+            let _ = writeln!(out, "    hosts: {}", join(&deny.hosts));
+        }
+        if !deny.addresses.is_empty() {
+            let _ = writeln!(out, "    addresses: {}", join(&deny.addresses));
+        }
+    }
     let _ = writeln!(
         out,
         "rules ({}, first match wins):",

@@ -68,7 +68,10 @@ pub async fn explain(gw: &Gateway, from: IpAddr, target: &Target, lane: bool) ->
             crate::gateway::identity::name(&gw.config.branches, identity)
         );
         let d = &plan.decision;
-        let _ = writeln!(out, "verdict:  {} ({})", d.verdict.as_str(), d.reason);
+        let _ = writeln!(out, "verdict:  {} ({})", d.verdict.as_str(), d.why());
+        if let Some(deny) = d.deny_rule {
+            let _ = writeln!(out, "deny rule: {} (from config)", deny.name);
+        }
         match d.rule {
             Some(rule) => {
                 let _ = writeln!(out, "rule:     {} (from {})", rule.name, rule.origin);

@@ -177,6 +177,23 @@ pub struct Timeouts {
     pub drain: Duration,
 }
 
+impl Config {
+    /// Whose request a policy decision is for: branch `identity` (a position in `branches`;
+    /// `None` is unassigned) with its `allow` narrowing.
+    pub fn scope(&self, identity: Option<usize>) -> crate::policy::Scope<'_> {
+        match identity {
+            Some(i) => crate::policy::Scope {
+                branch: Some(self.branches[i].name.as_str()),
+                allowed: self.branches[i].allowed_rules.as_deref(),
+            },
+            None => crate::policy::Scope {
+                branch: Some(UNASSIGNED),
+                allowed: None,
+            },
+        }
+    }
+}
+
 impl Limits {
     /// `max_connections`, or what the process's descriptor limit holds now: two descriptors
     /// per tunnel after a reserve (see [`crate::process::connections_for_descriptors`]).
@@ -292,7 +309,12 @@ fn compile(
 ) -> Config {
     let tls = raw.tls.as_ref().map(|t| listen::compile_tls(p, t, paths));
     let listen = listen::compile(p, &raw.listen, tls.as_ref());
-    let (policy, profiles_used) = rules::compile_policy(p, &raw.policy);
+    let branch_names: Vec<&str> = raw
+        .branch
+        .iter()
+        .map(|b| b.get_ref().name.get_ref().as_str())
+        .collect();
+    let (policy, profiles_used) = rules::compile_policy(p, &raw.policy, &branch_names);
     let branches = branches::compile(p, &raw.branch, &policy, &listen.clients);
 
     let resolver = resolver::compile(p, &raw.resolver);

@@ -88,9 +88,23 @@ pub(super) struct RawPolicy {
     pub(super) mode: Option<Mode>,
     pub(super) profiles: Option<Vec<Spanned<String>>>,
     pub(super) allow: Vec<Spanned<RawRule>>,
+    pub(super) deny: Vec<Spanned<RawDeny>>,
     pub(super) allow_unassigned: bool,
     pub(super) sni: Option<SniMode>,
     pub(super) on_reload: Option<OnReload>,
+}
+
+/// `[[policy.deny]]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDeny {
+    pub(super) name: Spanned<String>,
+    #[serde(default)]
+    pub(super) hosts: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub(super) addresses: Vec<Spanned<String>>,
+    pub(super) ports: Option<Vec<Spanned<u16>>>,
+    pub(super) branches: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]

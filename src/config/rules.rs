@@ -2,16 +2,21 @@
 //! wins, so a file's rule for a name under a built-in wildcard is the one that applies).
 
 use super::problems::Problems;
-use super::raw::{RawPolicy, RawRule};
+use super::raw::{RawDeny, RawPolicy, RawRule};
 use super::values::cidrs;
 use super::{DEFAULT_CATEGORY, DEFAULT_PROFILE, DEFAULT_RULE_PORTS};
 use crate::policy::host::HostPattern;
-use crate::policy::{Mode, OnReload, Policy, Rule, SniMode, profiles};
+use crate::policy::{DenyRule, Mode, OnReload, Policy, Rule, SniMode, profiles};
 use std::collections::HashSet;
 use toml::Spanned;
 
-/// The policy and the built-in profiles it uses, in the order given.
-pub(super) fn compile_policy(p: &mut Problems<'_>, raw: &RawPolicy) -> (Policy, Vec<&'static str>) {
+/// The policy and the built-in profiles it uses, in the order given; `branches` are the
+/// names deny rules may list.
+pub(super) fn compile_policy(
+    p: &mut Problems<'_>,
+    raw: &RawPolicy,
+    branches: &[&str],
+) -> (Policy, Vec<&'static str>) {
     let profile_names: Vec<Spanned<String>> = raw
         .profiles
         .clone()
@@ -50,9 +55,16 @@ pub(super) fn compile_policy(p: &mut Problems<'_>, raw: &RawPolicy) -> (Policy, 
         }
     }
     rules.extend(profile_rules);
+    let denies = raw
+        .deny
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| compile_deny(p, d, &format!("policy.deny[{i}]"), &mut names, branches))
+        .collect();
     let policy = Policy {
         mode: raw.mode.unwrap_or(Mode::Enforce),
         rules,
+        denies,
         allow_unassigned: raw.allow_unassigned,
         sni: raw.sni.unwrap_or(SniMode::Match),
         on_reload: raw.on_reload.unwrap_or(OnReload::Keep),
@@ -121,48 +133,10 @@ fn compile_rule(
         }
         Some(c) => c.get_ref().to_ascii_lowercase(),
     };
-    let hosts: Vec<HostPattern> = raw
-        .hosts
-        .iter()
-        .enumerate()
-        .filter_map(|(i, h)| match HostPattern::parse(h.get_ref()) {
-            Ok(pattern) => Some(pattern),
-            Err(why) => {
-                p.add(
-                    h.span(),
-                    format!("{key}.hosts[{i}]"),
-                    format!("{why}; expected a DNS name or \"*.suffix\""),
-                );
-                None
-            }
-        })
-        .collect();
+    let hosts = host_patterns(p, &raw.hosts, key);
     let ports: Vec<u16> = match &raw.ports {
         None => DEFAULT_RULE_PORTS.to_vec(),
-        Some(list) => {
-            if list.is_empty() {
-                p.add(
-                    span.clone(),
-                    format!("{key}.ports"),
-                    "expected at least one port",
-                );
-            }
-            list.iter()
-                .enumerate()
-                .filter_map(|(i, port)| {
-                    if *port.get_ref() == 0 {
-                        p.add(
-                            port.span(),
-                            format!("{key}.ports[{i}]"),
-                            "expected a port from 1 to 65535",
-                        );
-                        None
-                    } else {
-                        Some(*port.get_ref())
-                    }
-                })
-                .collect()
-        }
+        Some(list) => ports(p, list, &span, key),
     };
     let addresses = cidrs(p, &raw.addresses, &format!("{key}.addresses"));
     let private_addresses = cidrs(
@@ -196,5 +170,125 @@ fn compile_rule(
         reachable,
         sni: raw.sni,
         plain_http: raw.plain_http,
+    })
+}
+
+/// A rule's `ports`: at least one, each from 1 to 65535.
+fn ports(
+    p: &mut Problems<'_>,
+    list: &[Spanned<u16>],
+    span: &std::ops::Range<usize>,
+    key: &str,
+) -> Vec<u16> {
+    if list.is_empty() {
+        p.add(
+            span.clone(),
+            format!("{key}.ports"),
+            "expected at least one port",
+        );
+    }
+    list.iter()
+        .enumerate()
+        .filter_map(|(i, port)| {
+            if *port.get_ref() == 0 {
+                p.add(
+                    port.span(),
+                    format!("{key}.ports[{i}]"),
+                    "expected a port from 1 to 65535",
+                );
+                None
+            } else {
+                Some(*port.get_ref())
+            }
+        })
+        .collect()
+}
+
+/// The hosts of a rule: DNS names or `*.suffix` patterns.
+fn host_patterns(p: &mut Problems<'_>, hosts: &[Spanned<String>], key: &str) -> Vec<HostPattern> {
+    hosts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, h)| match HostPattern::parse(h.get_ref()) {
+            Ok(pattern) => Some(pattern),
+            Err(why) => {
+                p.add(
+                    h.span(),
+                    format!("{key}.hosts[{i}]"),
+                    format!("{why}; expected a DNS name or \"*.suffix\""),
+                );
+                None
+            }
+        })
+        .collect()
+}
+
+/// One `[[policy.deny]]`: a name unique among all rules, hosts or addresses, optional ports
+/// (default every port) and branches (configured names, or `unassigned`).
+fn compile_deny(
+    p: &mut Problems<'_>,
+    raw: &Spanned<RawDeny>,
+    key: &str,
+    names: &mut HashSet<String>,
+    branches: &[&str],
+) -> Option<DenyRule> {
+    let before = p.list.len();
+    let span = raw.span();
+    let raw = raw.get_ref();
+    let name = raw.name.get_ref().trim().to_owned();
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+    {
+        p.add(
+            raw.name.span(),
+            format!("{key}.name"),
+            "expected a non-empty name of letters, digits, '-', '_', '.', '/'",
+        );
+    } else if !names.insert(name.clone()) {
+        p.add(
+            raw.name.span(),
+            format!("{key}.name"),
+            format!("rule name {name:?} is used twice (allow and deny rules share names)"),
+        );
+    }
+    let hosts = host_patterns(p, &raw.hosts, key);
+    let addresses = cidrs(p, &raw.addresses, &format!("{key}.addresses"));
+    if raw.hosts.is_empty() && raw.addresses.is_empty() {
+        p.add(
+            span.clone(),
+            key,
+            "a deny rule needs `hosts` (names) or `addresses` (CIDRs for IP-literal targets)",
+        );
+    }
+    let ports = raw.ports.as_ref().map(|list| ports(p, list, &span, key));
+    let listed = raw.branches.as_ref().map(|list| {
+        list.iter()
+            .enumerate()
+            .filter_map(|(i, b)| {
+                let known =
+                    branches.contains(&b.get_ref().as_str()) || b.get_ref() == super::UNASSIGNED;
+                if !known {
+                    p.add(
+                        b.span(),
+                        format!("{key}.branches[{i}]"),
+                        format!(
+                            "unknown branch {:?}; expected a [[branch]] name or {:?}",
+                            b.get_ref(),
+                            super::UNASSIGNED
+                        ),
+                    );
+                }
+                known.then(|| b.get_ref().clone())
+            })
+            .collect()
+    });
+    (p.list.len() == before).then_some(DenyRule {
+        name,
+        hosts,
+        addresses,
+        ports,
+        branches: listed,
     })
 }

@@ -235,7 +235,7 @@ async fn handle(
     if let Some(identity) = plan.identity {
         record.branch = Some(identity::name(&gw.config.branches, identity).to_owned());
         record.verdict = Some(plan.decision.verdict.as_str());
-        record.rule = plan.decision.rule.map(|r| r.name.clone());
+        record.rule = plan.decision.rule_name().map(str::to_owned);
         record.category = plan.decision.rule.map(|r| r.category.clone());
     }
     if let Some(refusal) = plan.refusal {
@@ -327,7 +327,7 @@ async fn handle(
         .await
         .map_err(|_| Refusal::after_reply(End::ClientError, "client went away before 200"))?;
     record.status = 200;
-    record.reason = plan.decision.reason.to_owned();
+    record.reason = plan.decision.why().into_owned();
     let series = gw.tunnel_series(identity, record.category.as_deref().unwrap_or("none"));
     let active = series.active;
     active.inc();
@@ -339,11 +339,11 @@ async fn handle(
     let policy = &gw.config.policy;
     let sni_mode = policy.sni_mode(plan.decision.rule, req.target.port);
     if sni_mode != SniMode::Off {
-        let allowed_rules = identity.and_then(|i| gw.config.branches[i].allowed_rules.as_deref());
+        let scope = gw.config.scope(identity);
         let check = |hello: &sni::Hello| {
             check_sni(hello, sni_mode, &req.target, |name| {
                 policy
-                    .decide(&Host::Name(name.clone()), req.target.port, allowed_rules)
+                    .decide(&Host::Name(name.clone()), req.target.port, scope)
                     .verdict
                     == Verdict::Allow
             })

@@ -57,14 +57,12 @@ pub async fn plan<'g>(
     target: &Target,
     lane: bool,
 ) -> Plan<'g> {
-    let allowed_rules = who
-        .ok()
-        .flatten()
-        .and_then(|i| gw.config.branches[i].allowed_rules.as_deref());
-    let mut decision = gw
-        .config
-        .policy
-        .decide(&target.host, target.port, allowed_rules);
+    // An unidentified client is refused below; its decision sees only branch-less denies.
+    let scope = match &who {
+        Ok(identity) => gw.config.scope(*identity),
+        Err(_) => crate::policy::Scope::default(),
+    };
+    let mut decision = gw.config.policy.decide(&target.host, target.port, scope);
     // Plain-HTTP rules (revocation lists, OCSP) are served by the lane only, and the lane only
     // serves them: decided here, before any lookup or dial, and logged as the denial it is.
     let lane_rule = decision.rule.is_some_and(|r| r.plain_http);
@@ -103,7 +101,7 @@ pub async fn plan<'g>(
         }
     }
     if decision.verdict == Verdict::Deny {
-        plan.refusal = Some(Refusal::new(End::PolicyDenied, decision.reason));
+        plan.refusal = Some(Refusal::new(End::PolicyDenied, decision.why()));
         return plan;
     }
     let addrs = match &target.host {

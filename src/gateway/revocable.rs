@@ -50,15 +50,15 @@ impl Revocable {
         let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let mut closed = 0;
         for tunnel in open.values() {
-            let branch = tunnel
+            let identity = tunnel
                 .branch
                 .as_ref()
-                .and_then(|name| gw.config.branches.iter().find(|b| &b.name == name));
-            let allowed = branch.and_then(|b| b.allowed_rules.as_deref());
-            let decision =
-                gw.config
-                    .policy
-                    .decide(&tunnel.target.host, tunnel.target.port, allowed);
+                .and_then(|name| gw.config.branches.iter().position(|b| &b.name == name));
+            let decision = gw.config.policy.decide(
+                &tunnel.target.host,
+                tunnel.target.port,
+                gw.config.scope(identity),
+            );
             if decision.verdict == Verdict::Deny {
                 tunnel.stop.notify_one();
                 closed += 1;

@@ -94,6 +94,46 @@ impl Rule {
     }
 }
 
+/// One `[[policy.deny]]` rule: checked before every allow rule, so an operator can carve a
+/// host (one storage account, all of `*.blob.core.windows.net`) out of a wider allow.
+#[derive(Clone, Debug)]
+pub struct DenyRule {
+    pub name: String,
+    pub hosts: Vec<HostPattern>,
+    /// IP literal targets it denies.
+    pub addresses: Vec<IpNet>,
+    /// `None`: every port.
+    pub ports: Option<Vec<u16>>,
+    /// `None`: every client; else only these branches (`unassigned` included by that name).
+    pub branches: Option<Vec<String>>,
+}
+
+impl DenyRule {
+    fn applies(&self, host: &Host, port: u16, branch: Option<&str>) -> bool {
+        let host = match host {
+            Host::Name(name) => self.hosts.iter().any(|p| p.matches(name)),
+            Host::Ip(ip) => self.addresses.iter().any(|net| net.contains(ip)),
+        };
+        host && self
+            .ports
+            .as_ref()
+            .is_none_or(|ports| ports.contains(&port))
+            && self
+                .branches
+                .as_ref()
+                .is_none_or(|names| branch.is_some_and(|b| names.iter().any(|n| n == b)))
+    }
+}
+
+/// Whose request a decision is for: the branch (deny rules may list branches) and the allow
+/// rules it may use (a branch's `allow` list, by rule position; `None` is all of them). The
+/// default is a client not identified yet: only deny rules without branches apply to it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Scope<'a> {
+    pub branch: Option<&'a str>,
+    pub allowed: Option<&'a [bool]>,
+}
+
 /// What the allow-list says about a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -118,6 +158,8 @@ pub struct Decision<'a> {
     pub verdict: Verdict,
     /// The rule that allowed the request, if one did.
     pub rule: Option<&'a Rule>,
+    /// The deny rule that refused it, if one did (`reason` is then "denied by rule").
+    pub deny_rule: Option<&'a DenyRule>,
     /// Why a request is denied (or would be); "allowed" otherwise.
     pub reason: &'static str,
     /// CIDRs the destination wall opens for this request: the allowing rule's, or in report
@@ -130,6 +172,8 @@ pub struct Decision<'a> {
 pub struct Policy {
     pub mode: Mode,
     pub rules: Vec<Rule>,
+    /// Checked before `rules`, in order.
+    pub denies: Vec<DenyRule>,
     /// Admit clients that match no branch (only matters once branches are configured).
     pub allow_unassigned: bool,
     /// Default SNI check for port-443 tunnels whose rule does not say.
@@ -168,9 +212,27 @@ impl Policy {
 }
 
 impl Policy {
-    /// The first rule listing both host and port allows; everything else is denied.
-    /// `allowed` (a branch's narrowing, by rule position) skips the rules it does not hold.
-    pub fn decide(&self, host: &Host, port: u16, allowed: Option<&[bool]>) -> Decision<'_> {
+    /// A deny rule that applies refuses; else the first rule listing both host and port
+    /// allows; everything else is denied. `scope.allowed` (a branch's narrowing, by rule
+    /// position) skips the rules it does not hold.
+    pub fn decide(&self, host: &Host, port: u16, scope: Scope<'_>) -> Decision<'_> {
+        if let Some(deny) = self
+            .denies
+            .iter()
+            .find(|d| d.applies(host, port, scope.branch))
+        {
+            return Decision {
+                verdict: match self.mode {
+                    Mode::Enforce => Verdict::Deny,
+                    Mode::Report => Verdict::WouldDeny,
+                },
+                rule: None,
+                deny_rule: Some(deny),
+                reason: "denied by rule",
+                reachable: &[],
+            };
+        }
+        let allowed = scope.allowed;
         let mut host_rule: Option<&Rule> = None;
         let mut narrowed_out = false;
         for (i, rule) in self.rules.iter().enumerate() {
@@ -183,6 +245,7 @@ impl Policy {
                     return Decision {
                         verdict: Verdict::Allow,
                         rule: Some(rule),
+                        deny_rule: None,
                         reason: "allowed",
                         reachable: &rule.reachable,
                     };
@@ -206,9 +269,27 @@ impl Policy {
         Decision {
             verdict,
             rule: None,
+            deny_rule: None,
             reason,
             reachable,
         }
+    }
+}
+
+impl Decision<'_> {
+    /// The reason as the client and the log get it: a deny rule's names it.
+    pub fn why(&self) -> std::borrow::Cow<'static, str> {
+        match self.deny_rule {
+            Some(rule) => format!("denied by rule {}", rule.name).into(),
+            None => self.reason.into(),
+        }
+    }
+
+    /// The rule the log names: the one that allowed, or the deny rule that refused.
+    pub fn rule_name(&self) -> Option<&str> {
+        self.rule
+            .map(|r| r.name.as_str())
+            .or(self.deny_rule.map(|d| d.name.as_str()))
     }
 }
 
@@ -255,6 +336,7 @@ mod tests {
             on_reload: OnReload::Keep,
             mode,
             rules,
+            denies: Vec::new(),
         }
     }
 
@@ -323,7 +405,7 @@ mod tests {
         ];
         for (target, verdict, rule, reason) in table {
             let t = Target::parse_authority(target).unwrap();
-            let d = policy.decide(&t.host, t.port, None);
+            let d = policy.decide(&t.host, t.port, Scope::default());
             assert_eq!(d.verdict, *verdict, "{target}");
             assert_eq!(d.rule.map(|r| r.name.as_str()), *rule, "{target}");
             assert_eq!(d.reason, *reason, "{target}");
@@ -355,7 +437,14 @@ mod tests {
         ];
         for (target, rule, reason) in table {
             let t = Target::parse_authority(target).unwrap();
-            let d = policy.decide(&t.host, t.port, Some(&only_contoso));
+            let d = policy.decide(
+                &t.host,
+                t.port,
+                Scope {
+                    branch: None,
+                    allowed: Some(&only_contoso),
+                },
+            );
             assert_eq!(
                 (d.rule.map(|r| r.name.as_str()), d.reason),
                 (*rule, *reason),
@@ -363,19 +452,130 @@ mod tests {
             );
         }
         let t = Target::parse_authority("fabrikam.file.core.windows.net:443").unwrap();
-        assert_eq!(policy.decide(&t.host, t.port, None).verdict, Verdict::Allow);
+        assert_eq!(
+            policy.decide(&t.host, t.port, Scope::default()).verdict,
+            Verdict::Allow
+        );
     }
 
     #[test]
     fn report_mode_turns_denials_into_would_deny() {
         let policy = policy(Mode::Report, vec![rule("s", &["a.example"], &[443], &[])]);
         let t = Target::parse_authority("b.example:443").unwrap();
-        let d = policy.decide(&t.host, t.port, None);
+        let d = policy.decide(&t.host, t.port, Scope::default());
         assert_eq!(
             (d.verdict, d.reason),
             (Verdict::WouldDeny, "host not allowed")
         );
         let t = Target::parse_authority("a.example:443").unwrap();
-        assert_eq!(policy.decide(&t.host, t.port, None).verdict, Verdict::Allow);
+        assert_eq!(
+            policy.decide(&t.host, t.port, Scope::default()).verdict,
+            Verdict::Allow
+        );
+    }
+
+    #[test]
+    fn deny_rules_come_before_every_allow_and_may_name_branches() {
+        let mut policy = policy(
+            Mode::Enforce,
+            vec![rule("storage", &["*.core.windows.net"], &[443], &[])],
+        );
+        let deny = |name: &str,
+                    hosts: &[&str],
+                    ports: Option<Vec<u16>>,
+                    branches: Option<&[&str]>| DenyRule {
+            name: name.into(),
+            hosts: hosts
+                .iter()
+                .map(|h| HostPattern::parse(h).unwrap())
+                .collect(),
+            addresses: Vec::new(),
+            ports,
+            branches: branches.map(|b| b.iter().map(|s| s.to_string()).collect()),
+        };
+        policy.denies = vec![
+            deny("no-blob", &["*.blob.core.windows.net"], None, None),
+            deny(
+                "not-8443",
+                &["x.file.core.windows.net"],
+                Some(vec![8443]),
+                None,
+            ),
+            deny(
+                "paris-not-contoso",
+                &["contoso.file.core.windows.net"],
+                None,
+                Some(&["paris"]),
+            ),
+        ];
+        let paris = Scope {
+            branch: Some("paris"),
+            allowed: None,
+        };
+        let london = Scope {
+            branch: Some("london"),
+            allowed: None,
+        };
+        let table: &[(&str, Scope<'_>, Verdict, Option<&str>, &str)] = &[
+            (
+                "acct.blob.core.windows.net:443",
+                london,
+                Verdict::Deny,
+                Some("no-blob"),
+                "denied by rule no-blob",
+            ),
+            (
+                "acct.file.core.windows.net:443",
+                london,
+                Verdict::Allow,
+                Some("storage"),
+                "allowed",
+            ),
+            // A deny rule's ports: other ports fall through to the allow rules.
+            (
+                "x.file.core.windows.net:443",
+                london,
+                Verdict::Allow,
+                Some("storage"),
+                "allowed",
+            ),
+            (
+                "contoso.file.core.windows.net:443",
+                paris,
+                Verdict::Deny,
+                Some("paris-not-contoso"),
+                "denied by rule paris-not-contoso",
+            ),
+            (
+                "contoso.file.core.windows.net:443",
+                london,
+                Verdict::Allow,
+                Some("storage"),
+                "allowed",
+            ),
+            // A client not identified yet: only deny rules without branches apply.
+            (
+                "contoso.file.core.windows.net:443",
+                Scope::default(),
+                Verdict::Allow,
+                Some("storage"),
+                "allowed",
+            ),
+        ];
+        for (target, scope, verdict, rule, why) in table {
+            let t = Target::parse_authority(target).unwrap();
+            let d = policy.decide(&t.host, t.port, *scope);
+            assert_eq!(
+                (d.verdict, d.rule_name(), d.why().as_ref()),
+                (*verdict, *rule, *why),
+                "{target}"
+            );
+        }
+        policy.mode = Mode::Report;
+        let t = Target::parse_authority("acct.blob.core.windows.net:443").unwrap();
+        assert_eq!(
+            policy.decide(&t.host, t.port, london).verdict,
+            Verdict::WouldDeny
+        );
     }
 }

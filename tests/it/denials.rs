@@ -339,3 +339,89 @@ async fn clients_outside_the_allowed_networks_get_403() {
         "no policy verdict for an unknown client: {line}"
     );
 }
+
+/// `[[policy.deny]]` comes before every allow rule (the profile's `*.core.windows.net`, the
+/// file's own rule), may be limited to branches, and is logged with its name; `explain` and
+/// `check-config` show it.
+#[tokio::test]
+async fn deny_rules_refuse_before_any_allow_and_name_themselves() {
+    let origin = TcpOrigin::start(b"").await;
+    let port = origin.addr.port();
+    let extra = format!(
+        r#"{}
+[policy]
+allow_unassigned = true
+
+[[policy.deny]]
+name = "no-blob"
+hosts = ["*.blob.core.windows.net"]
+
+[[policy.deny]]
+name = "paris-not-share1"
+hosts = ["{ORIGIN_HOST}"]
+branches = ["paris"]
+
+[[branch]]
+name = "paris"
+sources = ["127.0.0.2/32"]
+"#,
+        resolver_hosts("")
+    );
+    let config = config_for(port, &extra);
+    let mut gw = Gateway::start(&config).await;
+    let target = format!("{ORIGIN_HOST}:{port}");
+
+    let blob = connect_reply(gw.addr, "acct.blob.core.windows.net:443").await;
+    assert_refused(&blob, 403, "denied by rule no-blob");
+    // The reason is in the status line too (what urllib3 shows).
+    let mut raw = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut raw,
+        b"CONNECT x.blob.core.windows.net:443 HTTP/1.1\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = read_head_bytes(&mut raw).await.unwrap();
+    assert!(
+        head.starts_with(b"HTTP/1.1 403 denied by rule no-blob\r\n"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let line = gw
+        .access_line(|l| l["host"] == "acct.blob.core.windows.net")
+        .await;
+    assert_eq!(
+        (&line["verdict"], &line["end"], &line["rule"]),
+        (&"deny".into(), &"policy_denied".into(), &"no-blob".into()),
+        "{line}"
+    );
+
+    // The branch-scoped deny: paris is refused, an unassigned client is not.
+    let (_, paris) = connect_from(gw.addr, "127.0.0.2", &target, "").await;
+    assert_eq!(
+        (paris.status, paris.header("portcullis-error")),
+        (403, Some("denied by rule paris-not-share1")),
+        "{paris:?}"
+    );
+    let (_tunnel, other) = connect_from(gw.addr, "127.0.0.1", &target, "").await;
+    assert_eq!(other.status, 200, "{other:?}");
+
+    let (_dir, path) = temp_file("portcullis.toml", &config);
+    let path = path.to_str().unwrap();
+    let explained = portcullis(&["explain", "--config", path, "--from", "127.0.0.2", &target]);
+    let text = String::from_utf8_lossy(&explained.stdout);
+    assert_eq!(explained.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("verdict:  deny (denied by rule paris-not-share1)")
+            && text.contains("deny rule: paris-not-share1"),
+        "{text}"
+    );
+    let checked = portcullis(&["check-config", path]);
+    let text = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        text.contains("deny rules (2, checked before every allow rule):")
+            && text.contains("  paris-not-share1  ports all  branches paris\n")
+            && text.contains("    hosts: *.blob.core.windows.net\n"),
+        "{text}"
+    );
+}
