@@ -147,6 +147,13 @@ pub fn effective_policy(config: &Config) -> String {
             );
         }
     }
+    if let Some(fleet) = &config.fleet {
+        let _ = writeln!(
+            out,
+            "fleet: replica {} on {}, refresh {:?}, lease {:?}, fallback share {}: bandwidth budgets, branch max_tunnels and auth attempts are fleet-wide",
+            fleet.name, fleet.redis.shown, fleet.refresh, fleet.lease, fleet.fallback_share
+        );
+    }
     let r = &config.resolver;
     let servers = if r.hosts_only {
         "none (hosts_only)".to_owned()
@@ -199,8 +206,12 @@ fn bandwidth(gw: &Gateway, branch: &str, category: &str) -> Option<String> {
             limits.join(" and ")
         }
     };
+    let fleet = match gw.config.fleet {
+        Some(_) if !in_force.is_empty() => " (fleet-wide: shared by the replicas through Redis)",
+        _ => "",
+    };
     Some(format!(
-        "upload {}; download {}",
+        "upload {}; download {}{fleet}",
         direction(crate::bandwidth::schedule::Direction::Upload),
         direction(crate::bandwidth::schedule::Direction::Download)
     ))

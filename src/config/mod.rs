@@ -5,6 +5,7 @@
 //! problems are listed at once. Compiling reads no clock: the caller says when it is.
 
 mod branches;
+pub mod fleet;
 mod listen;
 pub mod password;
 pub mod problems;
@@ -18,6 +19,7 @@ mod values;
 
 pub use crate::access_log::LogFormat;
 pub use branches::UNASSIGNED;
+pub use fleet::FleetSettings;
 pub use problems::{ConfigError, Problem};
 pub use values::parse_duration;
 
@@ -87,6 +89,8 @@ pub struct Config {
     pub branches: Vec<Branch>,
     /// Bandwidth schedules in file order; no two drive the same budget at the same time.
     pub schedules: Vec<Schedule>,
+    /// Present with `[fleet]`: limits are shared with the other replicas through Redis.
+    pub fleet: Option<FleetSettings>,
 }
 
 /// A branch office: who it is (networks, credentials, certificate names) and what it may do.
@@ -341,6 +345,7 @@ fn compile(raw: RawConfig, base: &Path, now: Timestamp, p: &mut Problems<'_>) ->
     };
 
     let schedules = schedules::compile(p, &raw.schedule, &branches, &policy, now);
+    let fleet = raw.fleet.as_ref().and_then(|f| fleet::compile(p, f, base));
     Config {
         listen,
         policy,
@@ -355,5 +360,6 @@ fn compile(raw: RawConfig, base: &Path, now: Timestamp, p: &mut Problems<'_>) ->
         schedules,
         branches,
         tls,
+        fleet,
     }
 }

@@ -247,7 +247,7 @@ async fn handle(
     }
 
     let identity = plan.identity.flatten();
-    let Some(_slot) = gw.admit_tunnel(identity) else {
+    let Some(_slot) = gw.admit_tunnel(identity).await else {
         return Err(Refusal::new(
             End::BranchTunnelLimit,
             "branch tunnel limit reached",
