@@ -420,6 +420,10 @@ async fn a_password_from_a_file_reaches_redis_and_never_the_logs() {
     let text = String::from_utf8_lossy(&output.stdout).into_owned()
         + &String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{text}");
+    assert!(
+        text.contains("fleet: replica gw-2 on redis://:***@127.0.0.1:"),
+        "{text}"
+    );
     for logs in [gw.logs(), wrong.logs()] {
         let all = serde_json::to_string(&logs).unwrap();
         assert!(!all.contains(password), "a password in the logs");
@@ -480,4 +484,75 @@ async fn without_fleet_nothing_connects_and_a_silent_redis_holds_nothing_up() {
         "a silent Redis held a tunnel up for {:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test]
+async fn a_replica_stopping_gives_its_share_back_at_once() {
+    let redis = Redis::start(&[]);
+    let sinks = [Sink::start().await, Sink::start().await];
+    let ports: Vec<u16> = sinks.iter().map(|s| s.port).collect();
+    let schedule = upload_all_day("each-branch");
+    let stopping = start_replica(&replica("gw-1", &redis.url(), "", &ports, &schedule)).await;
+    let staying = start_replica(&replica("gw-2", &redis.url(), "", &ports, &schedule)).await;
+    let pushers = [
+        Pusher::open(stopping.addr, "127.0.0.1", ports[0]).await,
+        Pusher::open(staying.addr, "127.0.0.1", ports[1]).await,
+    ];
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rates = measure(&[&sinks[0], &sinks[1]], Duration::from_secs(1)).await;
+    assert!(
+        (rates[1] / LIMIT - 0.5).abs() < 0.06,
+        "half each: {rates:?}"
+    );
+    let key = "portcullis:{each-branch:unassigned:upload}:shares";
+    assert!(
+        redis
+            .command(&format!("HEXISTS {key} gw-1"))
+            .starts_with(":1")
+    );
+    // SIGTERM: the replica drains its open tunnel (at the floor) and its field goes at once.
+    stopping.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        redis
+            .command(&format!("HEXISTS {key} gw-1"))
+            .starts_with(":0")
+    );
+    let rates = measure(&[&sinks[0], &sinks[1]], Duration::from_secs(1)).await;
+    eprintln!("after SIGTERM: {rates:?}");
+    assert!(
+        rates[1] / LIMIT > 0.95 && rates[0] / LIMIT < 0.02,
+        "the staying replica takes the whole budget: {rates:?}"
+    );
+    for pusher in pushers {
+        pusher.close().await;
+    }
+}
+
+#[tokio::test]
+async fn authentication_attempts_count_across_the_fleet() {
+    let redis = Redis::start(&[]);
+    let origin = TcpOrigin::start(b"").await;
+    let port = origin.addr.port();
+    let hash = portcullis::config::password::hash_password("s3cret").unwrap();
+    let body = format!(
+        "[limits]\nauth_attempts_per_minute = 3\n\n[[branch]]\nname = \"office\"\ncredentials = [{{ user = \"fs1\", password_hash = \"{hash}\" }}]\n"
+    );
+    let a = start_replica(&replica("gw-1", &redis.url(), "", &[port], &body)).await;
+    let b = start_replica(&replica("gw-2", &redis.url(), "", &[port], &body)).await;
+    let target = format!("{ORIGIN_HOST}:{port}");
+    let mut statuses = Vec::new();
+    for gw in [&a, &b, &a, &b] {
+        let (_tcp, reply) =
+            connect_from(gw.addr, "127.0.0.5", &target, &basic("fs1", "guess")).await;
+        statuses.push(reply.status);
+    }
+    assert_eq!(
+        statuses,
+        [407, 407, 407, 429],
+        "three guesses a minute from one address, whichever replica takes them"
+    );
+    // Another address has its own count.
+    let (_tcp, reply) = connect_from(b.addr, "127.0.0.6", &target, &basic("fs1", "s3cret")).await;
+    assert_eq!(reply.status, 200);
 }
