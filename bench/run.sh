@@ -6,7 +6,7 @@
 #   bench/run.sh --runs 5        medians over 5 interleaved runs (default 3)
 #   bench/run.sh --no-peers      skip squid and tinyproxy
 #   bench/run.sh --release       with --quick: measure release builds (quick defaults to debug)
-#   bench/run.sh --only throttle one section: bulk, setup, scale or throttle (all by default)
+#   bench/run.sh --only throttle one section: bulk, setup, scale, throttle or fleet (all by default)
 #   bench/run.sh --baseline BIN  before/after: BIN is a `portcullis` built from an earlier commit;
 #                                bulk, setup and scale also measure it as "portcullis-before"
 #                                (same config), in ABBA order against this build: before first
@@ -341,6 +341,36 @@ for run in $(seq "$SCHED_RUNS"); do
   done
 done
 stop_target portcullis-sched
+fi
+
+# Fleet mode configured (a redis-server of our own, limits configured but not in force) against
+# plain portcullis: bulk in ABBA order. Skipped without redis-server (apt-get install redis-server).
+if section fleet && command -v redis-server >/dev/null; then
+  if [ "$QUICK" = 1 ]; then FLEET_RUNS=1; else FLEET_RUNS=$((RUNS * 3 + 1)); fi
+  REDIS_PORT=$(free_port)
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no > "$WORK/redis.log" 2>&1 &
+  PIDS+=($!); REDIS_PID=$!
+  wait_port "$REDIS_PORT"
+  EXTRA[portcullis-fleet]=$(printf '%s\n[fleet]\nredis = "redis://127.0.0.1:%s/0"\nname = "bench"\n' "${EXTRA[portcullis-sched]}" "$REDIS_PORT")
+  echo "fleet mode configured, limits not in force: bulk against plain portcullis, $FLEET_RUNS interleaved runs"
+  start_target portcullis-fleet
+  for run in $(seq "$FLEET_RUNS"); do
+    order="portcullis portcullis-fleet"; [ $((run % 2)) = 0 ] && order="portcullis-fleet portcullis"
+    for t in $order; do
+      # shellcheck disable=SC2046
+      {
+        "$LOADGEN" bulk $(args_for "$t" "$((run + 200))") --bytes "$BULK_BYTES" --direction down
+        "$LOADGEN" bulk $(args_for "$t" "$((run + 200))") --bytes "$BULK_BYTES" --streams 8
+      } | sed 's/"scenario":"bulk"/"scenario":"fleet"/' >> "$RESULTS"
+    done
+  done
+  # What the idle fleet costs Redis: commands in 5 s (one PING per refresh: no budget in force).
+  before=$(redis-cli -p "$REDIS_PORT" info stats | sed -n 's/^total_commands_processed:\([0-9]*\).*/\1/p')
+  sleep 5
+  after=$(redis-cli -p "$REDIS_PORT" info stats | sed -n 's/^total_commands_processed:\([0-9]*\).*/\1/p')
+  echo "fleet: Redis commands per second from one idle replica: $(( (after - before - 1) / 5 ))"
+  stop_target portcullis-fleet
+  kill "$REDIS_PID" 2>/dev/null || true
 fi
 
 echo
