@@ -471,6 +471,12 @@ async fn without_fleet_nothing_connects_and_a_silent_redis_holds_nothing_up() {
 
     // With [fleet] on the silent stand-in: it connects, and a tunnel of a limited branch is
     // decided alone within the timeout (one refresh), never held up.
+    let (_dir, file) = temp_file("fleet.toml", &with);
+    let table = portcullis(&["schedule", "--config", file.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&table.stdout).contains("Fleet-wide (fleet mode, replica gw-1"),
+        "portcullis schedule says the limits are the fleet's"
+    );
     let gw = Gateway::start(&with).await;
     let (_held, _) = tokio::time::timeout(Duration::from_secs(2), stand_in.accept())
         .await
