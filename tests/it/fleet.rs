@@ -562,3 +562,51 @@ async fn authentication_attempts_count_across_the_fleet() {
     let (_tcp, reply) = connect_from(b.addr, "127.0.0.6", &target, &basic("fs1", "s3cret")).await;
     assert_eq!(reply.status, 200);
 }
+
+#[tokio::test]
+async fn rediss_verifies_the_server_against_the_system_trust_store() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue_pem(&["127.0.0.1"], 2040);
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let redis = Redis::start_tls(&path("redis.pem", &cert), &path("redis.key", &key));
+    // The replica trusts the test CA as the system's (rustls-native-certs reads SSL_CERT_FILE).
+    let ca = path("ca.pem", &pki.ca_pem);
+    let origin = TcpOrigin::start(b"").await;
+    let port = origin.addr.port();
+    let body = "[[branch]]\nname = \"office\"\nsources = [\"127.0.0.0/8\"]\nmax_tunnels = 2\n";
+    let url = format!("rediss://127.0.0.1:{}/0", redis.port);
+    let config = replica("gw-1", &url, "", &[port], body);
+    let mut gw = Gateway::start_with_env(&config, &[("SSL_CERT_FILE", ca.to_str().unwrap())]).await;
+    let _ = gw
+        .wait_log(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("fleet: Redis answers"))
+        })
+        .await;
+    let target = format!("{ORIGIN_HOST}:{port}");
+    let (_tunnel, reply) = connect_from(gw.addr, "127.0.0.1", &target, "").await;
+    assert_eq!(reply.status, 200);
+    let metrics = get(gw.admin_addr.unwrap(), "/metrics").await.body;
+    assert_eq!(metric(&metrics, "portcullis_fleet_connected"), Some(1.0));
+    // Without the CA the server is not believed: Redis does not answer, tunnels go on.
+    let mut untrusted = Gateway::start_with_env(
+        &config.replace("gw-1", "gw-2"),
+        &[("SSL_CERT_FILE", "/dev/null")],
+    )
+    .await;
+    let _ = untrusted
+        .wait_log(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("fleet: Redis does not answer"))
+        })
+        .await;
+    let (_tunnel, reply) = connect_from(untrusted.addr, "127.0.0.1", &target, "").await;
+    assert_eq!(reply.status, 200);
+}

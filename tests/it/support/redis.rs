@@ -9,12 +9,32 @@ use std::time::{Duration, Instant};
 pub struct Redis {
     pub port: u16,
     extra: Vec<String>,
+    /// Listening with TLS only (`--tls-port`): readiness is a TCP connect.
+    tls: bool,
     child: Option<Child>,
 }
 
 impl Redis {
     /// Starts a server; `extra` are more arguments (`["--requirepass", "x"]`).
     pub fn start(extra: &[&str]) -> Self {
+        Self::start_with(extra, false)
+    }
+
+    /// A server speaking only TLS on its port, with this certificate and key (PEM files).
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Self {
+        let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+        let args = [
+            "--tls-cert-file",
+            cert,
+            "--tls-key-file",
+            key,
+            "--tls-auth-clients",
+            "no",
+        ];
+        Self::start_with(&args, true)
+    }
+
+    fn start_with(extra: &[&str], tls: bool) -> Self {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         // redis-server cannot take port 0: pick a free one, retry on a clash.
         for _ in 0..20 {
@@ -26,6 +46,7 @@ impl Redis {
             let mut redis = Self {
                 port,
                 extra: extra.clone(),
+                tls,
                 child: None,
             };
             if redis.run() {
@@ -37,8 +58,14 @@ impl Redis {
 
     /// Starts the server on `self.port`; false when it could not listen there.
     fn run(&mut self) -> bool {
+        let port = self.port.to_string();
+        let ports = match self.tls {
+            false => ["--port", &port, "--tls-port", "0"],
+            true => ["--port", "0", "--tls-port", &port],
+        };
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(ports)
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
             .args(&self.extra)
             .stdout(Stdio::null())
@@ -66,6 +93,9 @@ impl Redis {
         let Ok(mut tcp) = TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
         };
+        if self.tls {
+            return true;
+        }
         let _ = tcp.set_read_timeout(Some(Duration::from_millis(500)));
         if tcp.write_all(b"PING\r\n").is_err() {
             return false;
