@@ -222,8 +222,8 @@ impl Gateway {
                 (open < max).then(|| open + 1)
             })
             .is_ok();
-        // Built only when counted: a slot decrements when dropped.
-        admitted.then_some(TunnelSlot {
+        // Built only when counted (lazily: a slot decrements when dropped).
+        admitted.then(|| TunnelSlot {
             counter: Some(counter),
             fleet: None,
         })
