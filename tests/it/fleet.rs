@@ -490,6 +490,13 @@ async fn without_fleet_nothing_connects_and_a_silent_redis_holds_nothing_up() {
         "a silent Redis held a tunnel up for {:?}",
         started.elapsed()
     );
+    // Alone, the replica allows its fallback share of the cap: ceil(0.34 x 4) = 2 tunnels.
+    let (_second, reply) = connect_from(gw.addr, "127.0.0.1", &target, "").await;
+    assert_eq!(reply.status, 200);
+    let (_third, reply) = connect_from(gw.addr, "127.0.0.1", &target, "").await;
+    assert_eq!(reply.status, 429, "the fallback share of max_tunnels");
+    let metrics = get(gw.admin_addr.unwrap(), "/metrics").await.body;
+    assert_eq!(metric(&metrics, "portcullis_fleet_connected"), Some(0.0));
 }
 
 #[tokio::test]
