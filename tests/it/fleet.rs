@@ -388,7 +388,7 @@ async fn a_password_from_a_file_reaches_redis_and_never_the_logs() {
     let (_dir, file) = temp_file("redis-password", &format!("{password}\n"));
     let body = "[[branch]]\nname = \"office\"\nsources = [\"127.0.0.0/8\"]\nmax_tunnels = 2\n";
     let fleet = format!("redis_password_file = \"{}\"", file.display());
-    let gw = start_replica(&replica("gw-1", &redis.url(), &fleet, &[port], body)).await;
+    let mut gw = start_replica(&replica("gw-1", &redis.url(), &fleet, &[port], body)).await;
     let target = format!("{ORIGIN_HOST}:{port}");
     let (_tunnel, reply) = connect_from(gw.addr, "127.0.0.1", &target, "").await;
     assert_eq!(reply.status, 200);
@@ -401,6 +401,19 @@ async fn a_password_from_a_file_reaches_redis_and_never_the_logs() {
     );
     let metrics = get(gw.admin_addr.unwrap(), "/metrics").await.body;
     assert_eq!(metric(&metrics, "portcullis_fleet_connected"), Some(1.0));
+    // A reload keeps the fleet client; a changed [fleet] waits for a restart.
+    let config = std::fs::read_to_string(gw.config_path()).unwrap();
+    std::fs::write(gw.config_path(), config.replace("\"gw-1\"", "\"gw-9\"")).unwrap();
+    let _ = gw.reload("reload applied").await;
+    let _ = gw
+        .wait_log(|l| l["message"] == "reload: [fleet] changes take effect at the next restart")
+        .await;
+    let (_second, reply) = connect_from(gw.addr, "127.0.0.1", &target, "").await;
+    assert_eq!(reply.status, 200);
+    let stored = redis.command(&format!(
+        "AUTH {password}\r\nHGET portcullis:{{tunnels:office}} gw-1"
+    ));
+    assert!(stored.contains("\n2 "), "still counted as gw-1: {stored:?}");
 
     // The same with the password in the URL: shown redacted, and a wrong one is refused.
     let url = format!("redis://:wrong-{password}@127.0.0.1:{}/0", redis.port);

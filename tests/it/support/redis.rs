@@ -126,14 +126,22 @@ impl Redis {
         );
     }
 
-    /// One command over a fresh connection (inline protocol), the reply's first line.
-    pub fn command(&self, line: &str) -> String {
+    /// Commands (inline protocol, `\r\n` between them) over a fresh connection: every reply
+    /// that came until the server fell quiet for 200 ms.
+    pub fn command(&self, lines: &str) -> String {
         let mut tcp = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        tcp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        tcp.write_all(format!("{line}\r\n").as_bytes()).unwrap();
-        let mut buf = vec![0u8; 65536];
-        let n = tcp.read(&mut buf).unwrap_or(0);
-        String::from_utf8_lossy(&buf[..n]).into_owned()
+        tcp.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        tcp.write_all(format!("{lines}\r\n").as_bytes()).unwrap();
+        let (mut all, mut buf) = (Vec::new(), [0u8; 4096]);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            match tcp.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => all.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&all).into_owned()
     }
 }
 
