@@ -364,12 +364,29 @@ if section fleet && command -v redis-server >/dev/null; then
       } | sed 's/"scenario":"bulk"/"scenario":"fleet"/' >> "$RESULTS"
     done
   done
+  redis_commands() { redis-cli -p "$REDIS_PORT" info stats | sed -n 's/^total_commands_processed:\([0-9]*\).*/\1/p'; }
   # What the idle fleet costs Redis: commands in 5 s (one PING per refresh: no budget in force).
-  before=$(redis-cli -p "$REDIS_PORT" info stats | sed -n 's/^total_commands_processed:\([0-9]*\).*/\1/p')
-  sleep 5
-  after=$(redis-cli -p "$REDIS_PORT" info stats | sed -n 's/^total_commands_processed:\([0-9]*\).*/\1/p')
+  before=$(redis_commands); sleep 5; after=$(redis_commands)
   echo "fleet: Redis commands per second from one idle replica: $(( (after - before - 1) / 5 ))"
   stop_target portcullis-fleet
+  if [ "$QUICK" = 0 ]; then
+    # Redis commands per second against the budgets with traffic: 8 branches with a 1 MB/s
+    # download budget each, one tunnel in K of them (every refresh: one call per active budget).
+    branches=""
+    for i in $(seq 2 9); do branches+=$(printf '\n[[branch]]\nname = "b%s"\nsources = ["127.0.0.%s"]' "$i" "$i"); done
+    EXTRA[portcullis-fleet-budgets]=$(printf '%s\n%s\n[fleet]\nredis = "redis://127.0.0.1:%s/0"\nname = "bench"\n' "$branches" "$(one_way "1000000 B/s" down)" "$REDIS_PORT")
+    start_target portcullis-fleet-budgets
+    for k in 1 2 4 8; do
+      sources=$(seq 2 $((k + 1)) | sed 's/^/127.0.0./' | paste -sd, -)
+      before=$(redis_commands); started=$(date +%s.%N)
+      # shellcheck disable=SC2046
+      "$LOADGEN" throttle $(args_for portcullis-fleet-budgets 1) --streams "$k" --direction down \
+        --seconds 4 --limit $((k * 1000000)) --sources "$sources" --label "fleet$k-" >> "$RESULTS"
+      after=$(redis_commands)
+      echo "fleet: $k budget(s) with traffic: $(python3 -c "print(round(($after - $before - 1) / ($(date +%s.%N) - $started)))") Redis commands per second"
+    done
+    stop_target portcullis-fleet-budgets
+  fi
   kill "$REDIS_PID" 2>/dev/null || true
 fi
 
