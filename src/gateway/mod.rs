@@ -193,29 +193,21 @@ impl Gateway {
             // Redis: a refresh writing this count meanwhile may count a tunnel too many for
             // one refresh, never one too few.
             let before = counter.fetch_add(1, Ordering::AcqRel);
+            // Dropped unless admitted (a refusal, or this future dropped while Redis answers),
+            // the slot takes the count back.
+            let mut slot = TunnelSlot {
+                counter: Some(counter),
+                fleet: None,
+            };
             // Boxed: only tunnels of limited branches in fleet mode pay for this future.
-            match Box::pin(fleet.open_tunnel(&branch.name, max)).await {
+            return match Box::pin(fleet.open_tunnel(&branch.name, max)).await {
                 Some(true) => {
-                    return Some(TunnelSlot {
-                        counter: Some(counter),
-                        fleet: Some((fleet, &branch.name)),
-                    });
+                    slot.fleet = Some((fleet, &branch.name));
+                    Some(slot)
                 }
-                Some(false) => {
-                    counter.fetch_sub(1, Ordering::AcqRel);
-                    return None;
-                }
-                None if before < fleet.fallback_max(max) => {
-                    return Some(TunnelSlot {
-                        counter: Some(counter),
-                        fleet: None,
-                    });
-                }
-                None => {
-                    counter.fetch_sub(1, Ordering::AcqRel);
-                    return None;
-                }
-            }
+                Some(false) => None,
+                None => (before < fleet.fallback_max(max)).then_some(slot),
+            };
         }
         let admitted = counter
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
