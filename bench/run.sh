@@ -383,7 +383,7 @@ if section fleet && command -v redis-server >/dev/null; then
       "$LOADGEN" throttle $(args_for portcullis-fleet-budgets 1) --streams "$k" --direction down \
         --seconds 4 --limit $((k * 1000000)) --sources "$sources" --label "fleet$k-" >> "$RESULTS"
       after=$(redis_commands)
-      echo "fleet: $k budget(s) with traffic: $(python3 -c "print(round(($after - $before - 1) / ($(date +%s.%N) - $started)))") Redis commands per second"
+      echo "fleet: $k budget(s) with traffic: $(python3 -c "print(round(($after - $before - 1) / ($(date +%s.%N) - $started)))") Redis commands per second (a script call counts with the commands it runs)"
     done
     stop_target portcullis-fleet-budgets
   fi
