@@ -329,6 +329,18 @@ mod tests {
                 .fleet
                 .is_none()
         );
+        let unreadable = Config::parse(
+            "[fleet]\nredis = \"redis://h\"\nredis_password_file = \"/nonexistent/pw\"\n",
+            "f.toml",
+            TEST_NOW,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            unreadable
+                .starts_with("f.toml:3:23: fleet.redis_password_file: cannot read /nonexistent/pw"),
+            "{unreadable}"
+        );
         let missing = Config::parse("[fleet]\nname = \"a\"\n", "f.toml", TEST_NOW).unwrap_err();
         assert!(missing.to_string().contains("redis"), "{missing}");
     }
