@@ -231,7 +231,14 @@ async fn an_all_branches_budget_is_shared_by_two_branches_on_two_replicas() {
         upload_all_day("all-branches")
     );
     let a = start_replica(&replica("gw-a", &redis.url(), "", &ports, &body)).await;
-    let b = start_replica(&replica("gw-b", &redis.url(), "", &ports, &body)).await;
+    // The second replica's admin listener on a port of its own, for `explain` to find.
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let b_config = replica("gw-b", &redis.url(), "", &ports, &body)
+        .replace("admin = \"127.0.0.1:0\"", &format!("admin = \"{admin}\""));
+    let b = start_replica(&b_config).await;
     // london: one tunnel on the first replica; paris: three on the second.
     let mut pushers = vec![Pusher::open(a.addr, "127.0.0.2", ports[0]).await];
     for _ in 0..3 {
@@ -248,6 +255,23 @@ async fn an_all_branches_budget_is_shared_by_two_branches_on_two_replicas() {
     assert!(
         (rates[1] / total - 0.75).abs() <= 0.05,
         "three of four tunnels: {rates:?}"
+    );
+    // explain on the second replica's host reads its share from its admin listener.
+    let (_dir, file) = temp_file("b.toml", &b_config);
+    let target = format!("{ORIGIN_HOST}:{}", ports[1]);
+    let out = portcullis(&[
+        "explain",
+        "--config",
+        file.to_str().unwrap(),
+        "--from",
+        "127.0.0.3",
+        &target,
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("all-branches *; the running replica's share now ")
+            && text.contains("fleet-wide"),
+        "{text}"
     );
     for pusher in pushers {
         assert!(pusher.close().await);
