@@ -721,6 +721,7 @@ fn report(path: &std::path::Path) {
         ("scale", &["kib_per_idle_tunnel", "held", "passed_byte"]),
         ("throttle", &["rate_mb_s", "vs_limit", "jain"]),
         ("sched", &["gbit_s", "cpu_s_per_gib"]),
+        ("fleet", &["gbit_s", "cpu_s_per_gib"]),
     ];
     let mut targets: Vec<String> = Vec::new();
     for row in &rows {
@@ -797,6 +798,13 @@ fn report(path: &std::path::Path) {
             by_target.get("portcullis-sched").map(|v| median(v)),
         ) {
             print!("   [with schedules / without {:.3}]", sched / p);
+        }
+        if let (true, Some(p), Some(fleet)) = (
+            scenario == "fleet" && *metric == "gbit_s",
+            by_target.get("portcullis").map(|v| median(v)),
+            by_target.get("portcullis-fleet").map(|v| median(v)),
+        ) {
+            print!("   [fleet mode / without {:.3}]", fleet / p);
         }
         println!();
     }

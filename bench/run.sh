@@ -6,7 +6,7 @@
 #   bench/run.sh --runs 5        medians over 5 interleaved runs (default 3)
 #   bench/run.sh --no-peers      skip squid and tinyproxy
 #   bench/run.sh --release       with --quick: measure release builds (quick defaults to debug)
-#   bench/run.sh --only throttle one section: bulk, setup, scale or throttle (all by default)
+#   bench/run.sh --only throttle one section: bulk, setup, scale, throttle or fleet (all by default)
 #   bench/run.sh --baseline BIN  before/after: BIN is a `portcullis` built from an earlier commit;
 #                                bulk, setup and scale also measure it as "portcullis-before"
 #                                (same config), in ABBA order against this build: before first
@@ -341,6 +341,53 @@ for run in $(seq "$SCHED_RUNS"); do
   done
 done
 stop_target portcullis-sched
+fi
+
+# Fleet mode configured (a redis-server of our own, limits configured but not in force) against
+# plain portcullis: bulk in ABBA order. Skipped without redis-server (apt-get install redis-server).
+if section fleet && command -v redis-server >/dev/null; then
+  if [ "$QUICK" = 1 ]; then FLEET_RUNS=1; else FLEET_RUNS=$((RUNS * 3 + 1)); fi
+  REDIS_PORT=$(free_port)
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no > "$WORK/redis.log" 2>&1 &
+  PIDS+=($!); REDIS_PID=$!
+  wait_port "$REDIS_PORT"
+  EXTRA[portcullis-fleet]=$(printf '%s\n[fleet]\nredis = "redis://127.0.0.1:%s/0"\nname = "bench"\n' "${EXTRA[portcullis-sched]}" "$REDIS_PORT")
+  echo "fleet mode configured, limits not in force: bulk against plain portcullis, $FLEET_RUNS interleaved runs"
+  start_target portcullis-fleet
+  for run in $(seq "$FLEET_RUNS"); do
+    order="portcullis portcullis-fleet"; [ $((run % 2)) = 0 ] && order="portcullis-fleet portcullis"
+    for t in $order; do
+      # shellcheck disable=SC2046
+      {
+        "$LOADGEN" bulk $(args_for "$t" "$((run + 200))") --bytes "$BULK_BYTES" --direction down
+        "$LOADGEN" bulk $(args_for "$t" "$((run + 200))") --bytes "$BULK_BYTES" --streams 8
+      } | sed 's/"scenario":"bulk"/"scenario":"fleet"/' >> "$RESULTS"
+    done
+  done
+  redis_commands() { redis-cli -p "$REDIS_PORT" info stats | sed -n 's/^total_commands_processed:\([0-9]*\).*/\1/p'; }
+  # What the idle fleet costs Redis: commands in 5 s (one PING per refresh: no budget in force).
+  before=$(redis_commands); sleep 5; after=$(redis_commands)
+  echo "fleet: Redis commands per second from one idle replica: $(( (after - before - 1) / 5 ))"
+  stop_target portcullis-fleet
+  if [ "$QUICK" = 0 ]; then
+    # Redis commands per second against the budgets with traffic: 8 branches with a 1 MB/s
+    # download budget each, one tunnel in K of them (every refresh: one call per active budget).
+    branches=""
+    for i in $(seq 2 9); do branches+=$(printf '\n[[branch]]\nname = "b%s"\nsources = ["127.0.0.%s"]' "$i" "$i"); done
+    EXTRA[portcullis-fleet-budgets]=$(printf '%s\n%s\n[fleet]\nredis = "redis://127.0.0.1:%s/0"\nname = "bench"\n' "$branches" "$(one_way "1000000 B/s" down)" "$REDIS_PORT")
+    start_target portcullis-fleet-budgets
+    for k in 1 2 4 8; do
+      sources=$(seq 2 $((k + 1)) | sed 's/^/127.0.0./' | paste -sd, -)
+      before=$(redis_commands); started=$(date +%s.%N)
+      # shellcheck disable=SC2046
+      "$LOADGEN" throttle $(args_for portcullis-fleet-budgets 1) --streams "$k" --direction down \
+        --seconds 4 --limit $((k * 1000000)) --sources "$sources" --label "fleet$k-" >> "$RESULTS"
+      after=$(redis_commands)
+      echo "fleet: $k budget(s) with traffic: $(python3 -c "print(round(($after - $before - 1) / ($(date +%s.%N) - $started)))") Redis commands per second (a script call counts with the commands it runs)"
+    done
+    stop_target portcullis-fleet-budgets
+  fi
+  kill "$REDIS_PID" 2>/dev/null || true
 fi
 
 echo

@@ -11,6 +11,8 @@
 //!   destination wall, the built-in profiles. Pure: no I/O, no clock.
 //! - [`bandwidth`]: schedules, bucket arithmetic, per-tunnel gates and paced IO, budgets.
 //! - [`config`]: the operator's TOML compiled once into a validated [`config::Config`].
+//! - [`fleet`]: fleet mode, limits shared with the other replicas through Redis (only with
+//!   `[fleet]`).
 //! - [`tunnel`], [`stream`]: the byte copy (buffered and spliced) with half-close, idle check
 //!   and counts; plain or TLS streams as the copy sees them.
 //! - [`gateway`]: one client connection, top to bottom in [`gateway::connect`]: head ->
@@ -29,6 +31,7 @@ pub mod bandwidth;
 pub mod cli;
 pub mod config;
 pub mod end;
+pub mod fleet;
 pub mod gateway;
 pub mod metrics;
 pub mod policy;

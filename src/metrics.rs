@@ -338,6 +338,11 @@ impl Metrics {
         self.process.observe();
     }
 
+    /// Where parts switched on by config (fleet mode) register their families (`portcullis_`).
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        self.registry.sub_registry_with_prefix("portcullis")
+    }
+
     /// Every family, for the admin listener to encode.
     pub fn registry(&self) -> &Registry {
         &self.registry

@@ -1,6 +1,6 @@
 //! The running gateway: binds every configured proxy address, accepts on each (plain and TLS
-//! listeners, [`crate::accept`]), runs the admin listener and the schedule task, rebinds
-//! listeners a reload moved, and drains on shutdown.
+//! listeners, [`crate::accept`]), runs the admin listener, the schedule task and (fleet mode)
+//! the fleet's refresh task, rebinds listeners a reload moved, and drains on shutdown.
 
 use crate::accept::{Connections, Drained};
 use crate::bandwidth::retune::retune_on_schedule;
@@ -142,6 +142,21 @@ impl Server {
             self.schedules_changed.clone(),
             jiff::Timestamp::now,
         ));
+        // Fleet mode only: the refresh task (shares, tunnel counts); nothing runs without it.
+        let fleet = self.current.load().fleet.clone();
+        let fleet_task = fleet.as_ref().map(|fleet| {
+            tracing::info!(
+                redis = %fleet.settings.redis.shown,
+                replica = %fleet.settings.name,
+                refresh_ms = fleet.settings.refresh.as_millis() as u64,
+                lease_ms = fleet.settings.lease.as_millis() as u64,
+                "fleet mode: limits are shared through Redis"
+            );
+            tokio::spawn(crate::fleet::refresh::run(
+                fleet.clone(),
+                self.current.clone(),
+            ))
+        });
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
@@ -176,6 +191,12 @@ impl Server {
         }
         self.draining.store(true, Ordering::Relaxed);
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        if let (Some(fleet), Some(task)) = (&fleet, fleet_task) {
+            // Give this replica's shares and counts back before draining.
+            task.abort();
+            let _ = task.await;
+            crate::fleet::refresh::leave(fleet, &**self.current.load()).await;
+        }
         // Drain: stop accepting (the listeners close with their loops), let open connections
         // finish within the drain timeout, then leave the rest to be closed at exit.
         for (_, handle) in listening.drain() {

@@ -13,6 +13,8 @@ use tokio::time::Instant;
 
 /// How far ahead of the rate a bucket lets bytes go: the burst is this much of the rate.
 pub const BURST: Duration = Duration::from_millis(50);
+/// Shares are millionths of a limit.
+pub const PPM: u64 = 1_000_000;
 /// Smallest chunk a throttled direction reads, so very low rates still move whole packets.
 pub const MIN_CHUNK: usize = 1024;
 
@@ -48,6 +50,16 @@ impl Timeline {
     }
 }
 
+/// What a budget's tunnels did in one fleet window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Demand {
+    /// Tunnels that moved bytes or waited for their turn.
+    pub tunnels: u64,
+    pub bytes: u64,
+    /// Whether any tunnel had to wait: the budget is saturated.
+    pub waited: bool,
+}
+
 /// One budget: a token bucket shared by every tunnel in its scope and direction.
 #[derive(Default)]
 pub struct Bucket {
@@ -62,6 +74,21 @@ pub struct Bucket {
     /// Dropped by a reload: never put in force again (a late retune of the old snapshot
     /// must not throttle the tunnels still holding it).
     retired: AtomicBool,
+    /// The limit the schedule in force sets (bytes per second; 0: none). `rate` is this, or
+    /// this replica's share of it in fleet mode.
+    configured: AtomicU64,
+    /// Fleet mode: this replica's share of `configured`, in millionths; 0 is all of it.
+    share_ppm: AtomicU64,
+    /// Demand, measured only in fleet mode (0: never measured): the window tunnels count in.
+    generation: AtomicU64,
+    /// Tunnels that moved or waited, in the current and the previous window (by parity).
+    active: [AtomicU64; 2],
+    /// Bytes admitted in the current window.
+    moved: AtomicU64,
+    /// Whether a tunnel had to wait for its turn in the current window.
+    waited: AtomicBool,
+    /// One writer at a time (the schedule task and the fleet task both set rates).
+    writer: std::sync::Mutex<()>,
     pub(super) limit: Gauge,
     pub(super) waited_seconds: Counter<f64, AtomicU64>,
     pub(super) throttled_bytes: Counter,
@@ -84,9 +111,37 @@ impl Bucket {
     /// Puts `limit` (bytes per second, category bits) in force at `now`, or lifts the limit.
     /// Bytes already reserved are rescaled to the new rate, so the change takes effect at once.
     pub fn set(&self, limit: Option<(u64, u64)>, now: u64) {
-        let (rate, categories) = match limit {
+        let _one = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let (configured, categories) = match limit {
             Some(limit) if !self.retired.load(Relaxed) => limit,
             _ => (0, 0),
+        };
+        self.configured.store(configured, Relaxed);
+        self.apply(categories, now);
+        self.limit.set(configured as i64);
+    }
+
+    /// The limit the schedule in force sets, whatever this replica's share of it.
+    pub fn configured(&self) -> Option<u64> {
+        Some(self.configured.load(Relaxed)).filter(|&r| r != 0)
+    }
+
+    /// Fleet mode: this replica may use `ppm` millionths of the limit (at least 1), from `now`.
+    /// Returns the rate that puts in force (0: no limit is).
+    pub fn set_share(&self, ppm: u64, now: u64) -> u64 {
+        let _one = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        self.share_ppm.store(ppm.clamp(1, PPM), Relaxed);
+        self.apply(self.categories.load(Relaxed), now);
+        self.rate.load(Relaxed)
+    }
+
+    /// Sets the rate from the configured limit and the share (caller holds `writer`).
+    fn apply(&self, categories: u64, now: u64) {
+        let configured = self.configured.load(Relaxed);
+        let rate = match self.share_ppm.load(Relaxed) {
+            _ if configured == 0 => 0,
+            0 => configured,
+            ppm => (configured as u128 * ppm as u128 / PPM as u128).max(1) as u64,
         };
         let old = self.rate.load(Relaxed);
         if old == rate && self.categories.load(Relaxed) == categories {
@@ -105,7 +160,49 @@ impl Bucket {
         self.rate.store(rate, Relaxed);
         // Release after the stores: a tunnel that sees the new epoch sees the new rate.
         self.epoch.fetch_add(1, Release);
-        self.limit.set(rate as i64);
+    }
+
+    /// Per chunk, from a tunnel's gate: it moved `bytes` (maybe 0: it is waiting) and whether
+    /// it must wait for its turn. `seen` is the tunnel's own mark of the window it last
+    /// counted in. Without fleet mode this is one relaxed load.
+    #[inline]
+    pub fn note(&self, seen: &mut u64, bytes: u64, waits: bool) {
+        let generation = self.generation.load(Relaxed);
+        if generation == 0 {
+            return;
+        }
+        if *seen != generation {
+            *seen = generation;
+            self.active[(generation & 1) as usize].fetch_add(1, Relaxed);
+        }
+        if bytes > 0 {
+            self.moved.fetch_add(bytes, Relaxed);
+        }
+        if waits && !self.waited.load(Relaxed) {
+            self.waited.store(true, Relaxed);
+        }
+    }
+
+    /// Fleet mode, once per refresh: the demand of the window that ends now (a new one
+    /// begins). The first call starts measuring.
+    pub fn take_demand(&self) -> Demand {
+        let generation = self.generation.load(Relaxed);
+        let next = generation + 1;
+        self.active[(next & 1) as usize].store(0, Relaxed);
+        self.generation.store(next, Release);
+        Demand {
+            tunnels: match generation {
+                0 => 0,
+                g => self.active[(g & 1) as usize].load(Relaxed),
+            },
+            bytes: self.moved.swap(0, Relaxed),
+            waited: self.waited.swap(false, Relaxed),
+        }
+    }
+
+    /// Whether demand was ever measured (fleet mode has begun on this bucket).
+    pub fn measured(&self) -> bool {
+        self.generation.load(Relaxed) != 0
     }
 
     /// A reload dropped this budget: its limit is lifted for good.
@@ -218,5 +315,42 @@ mod tests {
         assert_eq!(chunk_for(1_000), MIN_CHUNK);
         assert_eq!(cost_ns(1_000, 1_000), 1_000 * MS);
         assert_eq!(rescale(1_000, 10, 20), 500);
+    }
+
+    #[test]
+    fn demand_is_counted_per_window_only_once_measured_and_shares_scale_the_rate() {
+        let bucket = Bucket::default();
+        bucket.set(Some((1_000_000, 1)), 0);
+        let (mut a, mut b) = (0, 0);
+        bucket.note(&mut a, 1_000, true);
+        assert!(!bucket.measured(), "nothing is counted without fleet mode");
+        assert_eq!(bucket.take_demand(), Demand::default());
+        bucket.note(&mut a, 1_000, false);
+        bucket.note(&mut a, 1_000, false);
+        bucket.note(&mut b, 0, true);
+        let demand = bucket.take_demand();
+        assert_eq!(
+            demand,
+            Demand {
+                tunnels: 2,
+                bytes: 2_000,
+                waited: true
+            }
+        );
+        bucket.note(&mut a, 500, false);
+        assert_eq!(
+            bucket.take_demand().tunnels,
+            1,
+            "a new window counts afresh"
+        );
+        assert_eq!(bucket.set_share(250_000, 0), 250_000);
+        assert_eq!(bucket.in_force(1), Some(250_000));
+        assert_eq!(bucket.configured(), Some(1_000_000));
+        bucket.set(Some((2_000_000, 1)), 0);
+        assert_eq!(
+            bucket.in_force(1),
+            Some(500_000),
+            "the share follows the limit"
+        );
     }
 }

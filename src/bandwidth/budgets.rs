@@ -86,6 +86,14 @@ pub struct InForce {
     pub rate: u64,
 }
 
+/// One budget as fleet mode sees it.
+pub struct BudgetRef<'a> {
+    pub scope: Scope,
+    pub name: &'a str,
+    pub direction: Direction,
+    pub bucket: &'a Arc<Bucket>,
+}
+
 /// What `retune` did: the limits now in force and when they next change.
 pub struct Retuned {
     pub in_force: Vec<InForce>,
@@ -176,8 +184,23 @@ impl Throttles {
         }
     }
 
+    /// Now on the buckets' timeline.
+    pub fn now(&self) -> u64 {
+        self.timeline.now()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.budgets.is_empty()
+    }
+
+    /// Every budget with its bucket (fleet mode measures them and sets their shares).
+    pub fn budgets(&self) -> impl Iterator<Item = BudgetRef<'_>> {
+        self.budgets.iter().map(|b| BudgetRef {
+            scope: b.key.scope,
+            name: &b.key.name,
+            direction: b.key.direction,
+            bucket: &b.bucket,
+        })
     }
 
     /// The pacer for one direction of a tunnel of `branch` and `category`; `None` when no

@@ -29,6 +29,8 @@ pub struct Gate {
     pending: Option<u64>,
     /// Their reservation in each bucket in force; reused, so no allocation per chunk.
     turns: Vec<Turn>,
+    /// The fleet window this tunnel last counted in, per bucket (see `Bucket::note`).
+    seen: Box<[u64]>,
 }
 
 /// A reservation in one bucket.
@@ -48,6 +50,7 @@ impl Gate {
     pub fn new(buckets: Vec<Arc<Bucket>>, category: u64) -> Self {
         Self {
             credit: vec![0; buckets.len()].into_boxed_slice(),
+            seen: vec![0; buckets.len()].into_boxed_slice(),
             buckets: buckets.into_boxed_slice(),
             category,
             pending: None,
@@ -101,16 +104,19 @@ impl Gate {
             if self.credit[i] >= bytes {
                 self.credit[i] -= bytes;
                 bucket.throttled_bytes.inc_by(bytes);
+                bucket.note(&mut self.seen[i], bytes, false);
                 continue;
             }
             let own_chunk = chunk_for(rate) as u64;
             let turn = if own_chunk > read_chunk { own_chunk } else { 0 };
             let buy = turn.max(bytes - self.credit[i]);
             self.credit[i] = self.credit[i] + buy - bytes;
+            let at = bucket.reserve(buy, rate, now);
+            bucket.note(&mut self.seen[i], bytes, at > now);
             self.turns.push(Turn {
                 bucket: i,
                 bytes: buy,
-                at: bucket.reserve(buy, rate, now),
+                at,
                 rate,
                 epoch,
                 since: now,
@@ -160,6 +166,8 @@ impl Gate {
                 bucket.throttled_bytes.inc_by(bytes);
                 continue;
             }
+            // Still waiting: it counts as demand in this fleet window too.
+            bucket.note(&mut self.seen[turn.bucket], 0, true);
             let at = turn.at.min(now.saturating_add(RECHECK.as_nanos() as u64));
             wake = Some(wake.map_or(at, |w| w.min(at)));
         }

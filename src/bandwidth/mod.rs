@@ -12,5 +12,6 @@ pub mod retune;
 pub mod schedule;
 pub mod units;
 
-pub use budgets::{InForce, Retuned, Throttles};
+pub use bucket::Demand;
+pub use budgets::{BudgetRef, InForce, Retuned, Throttles};
 pub use paced::{Paced, Pacer, Pacers, poll_turn};

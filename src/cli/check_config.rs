@@ -171,6 +171,17 @@ fn settings(out: &mut String, config: &Config) {
     ] {
         let _ = writeln!(out, "  {key}: {}", duration(value));
     }
+    if let Some(fleet) = &config.fleet {
+        let _ = writeln!(
+            out,
+            "fleet: replica {} on {}, refresh {}, lease {}, fallback share {}: bandwidth budgets, branch max_tunnels and auth attempts are fleet-wide",
+            fleet.name,
+            fleet.redis.shown,
+            duration(fleet.refresh),
+            duration(fleet.lease),
+            fleet.fallback_share
+        );
+    }
     let r = &config.resolver;
     let servers = if r.servers.is_empty() {
         "system resolv.conf".to_owned()

@@ -15,13 +15,30 @@ fn bandwidth(gw: &Gateway, branch: &str, category: &str) -> Option<String> {
     let in_force = gw
         .throttles
         .in_force_at(jiff::Timestamp::now(), Some(branch), Some(category));
+    let shares = running_shares(gw, !in_force.is_empty());
     let direction = |d: crate::bandwidth::schedule::Direction| {
         let limits: Vec<String> = in_force
             .iter()
             .filter(|l| l.direction == d)
             .map(|l| {
+                let labels = format!(
+                    "{{scope=\"{}\",budget=\"{}\",direction=\"{}\"}}",
+                    l.scope.as_str(),
+                    l.budget,
+                    l.direction.as_str()
+                );
+                let share = shares
+                    .lines()
+                    .find_map(|line| line.strip_prefix(SHARE_METRIC)?.strip_prefix(&labels))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .map_or(String::new(), |v| {
+                        format!(
+                            "; the running replica's share now {}",
+                            crate::bandwidth::units::format_rate(v as u64)
+                        )
+                    });
                 format!(
-                    "{} ({}, {} {})",
+                    "{} ({}, {} {}{share})",
                     crate::bandwidth::units::format_rate(l.rate),
                     l.schedule,
                     l.scope.as_str(),
@@ -35,11 +52,29 @@ fn bandwidth(gw: &Gateway, branch: &str, category: &str) -> Option<String> {
             limits.join(" and ")
         }
     };
+    let fleet = match gw.config.fleet {
+        Some(_) if !in_force.is_empty() => " (fleet-wide: shared by the replicas through Redis)",
+        _ => "",
+    };
     Some(format!(
-        "upload {}; download {}",
+        "upload {}; download {}{fleet}",
         direction(crate::bandwidth::schedule::Direction::Upload),
         direction(crate::bandwidth::schedule::Direction::Download)
     ))
+}
+
+const SHARE_METRIC: &str = "portcullis_fleet_share_bytes_per_second";
+
+/// Fleet mode with limits in force: the shares a gateway running this config on this host
+/// exports on its admin listener (empty when none answers there).
+fn running_shares(gw: &Gateway, wanted: bool) -> String {
+    match (gw.config.fleet.is_some() && wanted, gw.config.listen.admin) {
+        (true, Some(admin)) => crate::process::http_get(admin, "/metrics")
+            .ok()
+            .filter(|reply| reply.starts_with("HTTP/1.1 200"))
+            .unwrap_or_default(),
+        _ => String::new(),
+    }
 }
 
 /// What the gateway would do with `CONNECT target` (or, with `lane`, a plain-HTTP request to

@@ -65,6 +65,9 @@ pub fn report(config: &Config, at: Timestamp, zone: &TimeZone, branch: Option<&s
             );
         }
     }
+    if let Some(fleet) = &config.fleet {
+        let _ = writeln!(out, "{}", fleet_note(fleet));
+    }
     let own: Vec<Schedule> = schedules.iter().map(|(_, s)| (*s).clone()).collect();
     match next_boundary(&own, at) {
         Some(next) => {
@@ -142,6 +145,18 @@ pub fn report(config: &Config, at: Timestamp, zone: &TimeZone, branch: Option<&s
         out.push('\n');
     }
     out
+}
+
+/// Fleet mode: the limits above are the fleet's, divided among its replicas.
+pub fn fleet_note(fleet: &crate::config::FleetSettings) -> String {
+    format!(
+        "Fleet-wide (fleet mode, replica {}, Redis {}): every limit is the fleet's total, divided among the replicas by demand every {:?} (lease {:?}; without Redis each replica takes {}% of each limit)",
+        fleet.name,
+        fleet.redis.shown,
+        fleet.refresh,
+        fleet.lease,
+        (fleet.fallback_share * 100.0).round()
+    )
 }
 
 fn letter(i: usize) -> char {

@@ -5,6 +5,7 @@
 //! problems are listed at once. Compiling reads no clock: the caller says when it is.
 
 mod branches;
+pub mod fleet;
 mod listen;
 mod parse_errors;
 pub mod password;
@@ -20,6 +21,7 @@ mod values;
 
 pub use crate::access_log::LogFormat;
 pub use branches::UNASSIGNED;
+pub use fleet::FleetSettings;
 pub use problems::{ConfigError, Problem};
 pub use values::parse_duration;
 
@@ -91,6 +93,8 @@ pub struct Config {
     /// Valid but surely not meant (a branch source that `listen.clients` refuses): printed by
     /// `check-config`, logged at start.
     pub warnings: Vec<Problem>,
+    /// Present with `[fleet]`: limits are shared with the other replicas through Redis.
+    pub fleet: Option<FleetSettings>,
 }
 
 /// A branch office: who it is (networks, credentials, certificate names) and what it may do.
@@ -402,6 +406,7 @@ fn compile(
     };
 
     let schedules = schedules::compile(p, &raw.schedule, &branches, &policy, now);
+    let fleet = raw.fleet.as_ref().and_then(|f| fleet::compile(p, f, paths));
     Config {
         listen,
         policy,
@@ -421,5 +426,6 @@ fn compile(
         branches,
         tls,
         warnings: Vec::new(),
+        fleet,
     }
 }

@@ -19,6 +19,7 @@ pub(super) struct RawConfig {
     pub(super) tls: Option<Spanned<RawTls>>,
     pub(super) branch: Vec<Spanned<RawBranch>>,
     pub(super) schedule: Vec<Spanned<RawSchedule>>,
+    pub(super) fleet: Option<Spanned<super::fleet::RawFleet>>,
 }
 
 #[derive(Deserialize)]

@@ -247,7 +247,7 @@ async fn handle(
     }
 
     let identity = plan.identity.flatten();
-    let Some(_slot) = gw.admit_tunnel(identity) else {
+    let Some(_slot) = gw.admit_tunnel(identity).await else {
         return Err(Refusal::new(
             End::BranchTunnelLimit,
             "branch tunnel limit reached",
@@ -328,8 +328,8 @@ async fn handle(
         .map_err(|_| Refusal::after_reply(End::ClientError, "client went away before 200"))?;
     record.status = 200;
     record.reason = plan.decision.why().into_owned();
-    let series = gw.tunnel_series(identity, record.category.as_deref().unwrap_or("none"));
-    let active = series.active;
+    let category = record.category.as_deref().unwrap_or("none");
+    let active = gw.tunnel_series(identity, category).active;
     active.inc();
     // Counted down however the tunnel ends, early returns included.
     let _active = scopeguard(move || {
@@ -378,8 +378,10 @@ async fn handle(
         revoked: stop.as_deref(),
         drained: Some(&gw.closing),
     };
-    // The relay counts its bytes as they flow, an atomic add each 256 KiB.
-    let meter = series.bytes;
+    // The relay counts its bytes as they flow, an atomic add each 256 KiB (found only now:
+    // kept across the awaits above, it would enlarge every idle tunnel's future).
+    let category = record.category.as_deref().unwrap_or("none");
+    let meter = gw.tunnel_series(identity, category).bytes;
     // Plain clients splice; TLS clients go through the buffered copy (bytes must be decrypted).
     let outcome = if let ClientStream::Plain(tcp) = client {
         tunnel::relay_tcp(tcp, &mut upstream, timeouts.idle, stops, pacers, meter).await

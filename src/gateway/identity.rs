@@ -39,6 +39,10 @@ pub struct Identifier {
     /// SHA-256 of a verified `Proxy-Authorization` value -> branch index.
     verified: Mutex<HashMap<[u8; 32], usize>>,
     attempts: DefaultKeyedRateLimiter<IpAddr>,
+    /// `limits.auth_attempts_per_minute`; in fleet mode counted in Redis (the local limiter
+    /// decides when Redis does not answer).
+    per_minute: u32,
+    fleet: Option<std::sync::Arc<crate::fleet::Fleet>>,
     ipv6_prefix: u8,
 }
 
@@ -106,7 +110,7 @@ impl Checks {
 }
 
 impl Identifier {
-    pub fn new(config: &Config) -> Self {
+    pub fn new(config: &Config, fleet: Option<std::sync::Arc<crate::fleet::Fleet>>) -> Self {
         let users = config
             .branches
             .iter()
@@ -124,6 +128,8 @@ impl Identifier {
                 Quota::per_minute(config.limits.auth_attempts_per_minute)
                     .allow_burst(config.limits.auth_attempts_per_minute),
             ),
+            per_minute: config.limits.auth_attempts_per_minute.get(),
+            fleet,
             ipv6_prefix: config.limits.ipv6_client_prefix,
         }
     }
@@ -200,7 +206,12 @@ impl Identifier {
         }
         let (user, password) = parse_basic(value).ok_or(Refused::MalformedCredentials)?;
         let counted_as = crate::policy::client_key(client, self.ipv6_prefix);
-        if self.attempts.check_key(&counted_as).is_err() {
+        let fleet_says = match &self.fleet {
+            // Boxed: only credential checks in fleet mode pay for this future.
+            Some(fleet) => Box::pin(fleet.auth_attempt(counted_as, self.per_minute)).await,
+            None => None,
+        };
+        if !fleet_says.unwrap_or_else(|| self.attempts.check_key(&counted_as).is_ok()) {
             return Err(Refused::TooManyAttempts);
         }
         let Some((branch, stored)) = self.users.get(&user).cloned() else {

@@ -31,6 +31,7 @@ pub use revocable::Revocable;
 
 use crate::bandwidth::Throttles;
 use crate::config::{Config, UNASSIGNED};
+use crate::fleet::Fleet;
 use crate::metrics::{Metrics, TunnelSeries};
 use governor::{DefaultKeyedRateLimiter, Quota};
 use identity::{Identifier, Identity};
@@ -70,6 +71,9 @@ pub struct Gateway {
     tunnel_series: Vec<Vec<(String, TunnelSeries)>>,
     /// CONNECT requests per client address, when `limits.connect_rate_per_client` is set.
     connect_rate: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    /// With `[fleet]`: limits shared with the other replicas; one per process, made with the
+    /// first snapshot (a reload keeps it: `[fleet]` changes apply at restart).
+    pub fleet: Option<Arc<Fleet>>,
 }
 
 impl Gateway {
@@ -81,7 +85,24 @@ impl Gateway {
     /// by branch name; everything else is built afresh from `config` and the files it names.
     pub fn replacing(config: Config, previous: Option<&Gateway>) -> Result<Self, String> {
         let resolver = Resolver::new(&config.resolver)?;
-        let identifier = Identifier::new(&config);
+        let (metrics, fleet) = match previous {
+            Some(p) => {
+                fleet_changed(p, &config);
+                (p.metrics.clone(), p.fleet.clone())
+            }
+            None => {
+                let mut metrics = Metrics::new(crate::policy::profiles::VERSION);
+                let fleet = match &config.fleet {
+                    None => None,
+                    Some(settings) => Some(Arc::new(Fleet::new(
+                        settings.clone(),
+                        metrics.registry_mut(),
+                    )?)),
+                };
+                (Arc::new(metrics), fleet)
+            }
+        };
+        let identifier = Identifier::new(&config, fleet.clone());
         let open_tunnels = config
             .branches
             .iter()
@@ -111,10 +132,6 @@ impl Gateway {
             .limits
             .connect_rate_per_client
             .map(|rate| DefaultKeyedRateLimiter::keyed(Quota::per_second(rate)));
-        let metrics: Arc<Metrics> = previous.map_or_else(
-            || Arc::new(Metrics::new(crate::policy::profiles::VERSION)),
-            |p| p.metrics.clone(),
-        );
         // Built last (nothing after can fail): taking over a bucket retunes it for everyone.
         let branch_names: Vec<&str> = config
             .branches
@@ -139,6 +156,13 @@ impl Gateway {
             previous.map(|p| &p.throttles),
             Some(metrics.clone()),
         );
+        if let Some(fleet) = &fleet {
+            // New budgets start at the fallback share until the refresh task takes theirs.
+            let share = crate::fleet::shares::fraction_ppm(fleet.settings.fallback_share);
+            for budget in throttles.budgets().filter(|b| !b.bucket.measured()) {
+                budget.bucket.set_share(share, throttles.now());
+            }
+        }
         throttles.retune(jiff::Timestamp::now());
         Ok(Self {
             config,
@@ -154,6 +178,7 @@ impl Gateway {
             pending_heads: previous.map_or_else(Default::default, |p| p.pending_heads.clone()),
             closing: previous.map_or_else(Default::default, |p| p.closing.clone()),
             connect_rate,
+            fleet,
         })
     }
 
@@ -165,22 +190,49 @@ impl Gateway {
         }
     }
 
-    /// Counts a tunnel against its branch's `max_tunnels`; `None` when the branch is full.
-    pub(crate) fn admit_tunnel(&self, identity: Identity) -> Option<TunnelSlot<'_>> {
+    /// Counts a tunnel against its branch's `max_tunnels`; `None` when the branch is full. In
+    /// fleet mode Redis counts (one call, bounded by the refresh interval); when it does not
+    /// answer, this replica decides alone against its fallback share of the limit.
+    pub(crate) async fn admit_tunnel(&self, identity: Identity) -> Option<TunnelSlot<'_>> {
         let Some(i) = identity else {
-            return Some(TunnelSlot(None));
+            return Some(TunnelSlot::default());
         };
-        let Some(max) = self.config.branches[i].max_tunnels else {
-            return Some(TunnelSlot(None));
+        let branch = &self.config.branches[i];
+        let Some(max) = branch.max_tunnels else {
+            return Some(TunnelSlot::default());
         };
-        let counter: &AtomicU32 = &self.open_tunnels[i];
+        let counter = &self.open_tunnels[i];
+        if let Some(fleet) = &self.fleet {
+            // Counted here before Redis is asked, and (on close) taken off here only after
+            // Redis: a refresh writing this count meanwhile may count a tunnel too many for
+            // one refresh, never one too few.
+            let before = counter.fetch_add(1, Ordering::AcqRel);
+            // Dropped unless admitted (a refusal, or this future dropped while Redis answers),
+            // the slot takes the count back.
+            let mut slot = TunnelSlot {
+                counter: Some(counter),
+                fleet: None,
+            };
+            // Boxed: only tunnels of limited branches in fleet mode pay for this future.
+            return match Box::pin(fleet.open_tunnel(&branch.name, max)).await {
+                Some(true) => {
+                    slot.fleet = Some((fleet, &branch.name));
+                    Some(slot)
+                }
+                Some(false) => None,
+                None => (before < fleet.fallback_max(max)).then_some(slot),
+            };
+        }
         let admitted = counter
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
                 (open < max).then(|| open + 1)
             })
             .is_ok();
-        // Built only when counted: a slot decrements when dropped.
-        admitted.then(|| TunnelSlot(Some(counter)))
+        // Built only when counted (lazily: a slot decrements when dropped).
+        admitted.then(|| TunnelSlot {
+            counter: Some(counter),
+            fleet: None,
+        })
     }
 
     /// The series a tunnel of `identity` in `category` counts in: from the table built at load,
@@ -204,13 +256,59 @@ impl Gateway {
     }
 }
 
-/// A tunnel counted against its branch's limit until dropped.
-pub(crate) struct TunnelSlot<'g>(Option<&'g AtomicU32>);
+/// A tunnel counted against its branch's limit until dropped (locally, and in Redis when it
+/// was counted there).
+#[derive(Default)]
+pub(crate) struct TunnelSlot<'g> {
+    counter: Option<&'g Arc<AtomicU32>>,
+    fleet: Option<(&'g Arc<Fleet>, &'g String)>,
+}
 
 impl Drop for TunnelSlot<'_> {
     fn drop(&mut self) {
-        if let Some(counter) = self.0 {
-            counter.fetch_sub(1, Ordering::AcqRel);
+        match (self.counter, self.fleet) {
+            // Counted in Redis: taken off there first, then here.
+            (Some(counter), Some((fleet, branch))) => fleet.closed_tunnel(branch, counter.clone()),
+            (Some(counter), None) => {
+                counter.fetch_sub(1, Ordering::AcqRel);
+            }
+            _ => {}
         }
+    }
+}
+
+impl crate::fleet::refresh::Shared for Gateway {
+    fn throttles(&self) -> &Throttles {
+        &self.throttles
+    }
+
+    fn tunnel_counts(&self) -> Vec<(&str, u32)> {
+        self.config
+            .branches
+            .iter()
+            .zip(&self.open_tunnels)
+            .filter(|(b, _)| b.max_tunnels.is_some())
+            .map(|(b, n)| (b.name.as_str(), n.load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
+/// A reload cannot change `[fleet]` (one client and task per process): say so.
+fn fleet_changed(previous: &Gateway, config: &Config) {
+    let was = previous.fleet.as_ref().map(|f| &f.settings);
+    let same = match (was, &config.fleet) {
+        (None, None) => true,
+        (Some(a), Some(b)) => {
+            a.redis.url == b.redis.url
+                && a.redis.password == b.redis.password
+                && a.name == b.name
+                && a.refresh == b.refresh
+                && a.lease == b.lease
+                && a.fallback_share == b.fallback_share
+        }
+        _ => false,
+    };
+    if !same {
+        tracing::warn!("reload: [fleet] changes take effect at the next restart");
     }
 }

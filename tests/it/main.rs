@@ -8,6 +8,7 @@ mod branches;
 mod cli;
 mod dashboard;
 mod denials;
+mod fleet;
 mod hardening;
 mod help;
 mod lane;

@@ -1,0 +1,150 @@
+//! Fleet mode: replicas behind one load balancer enforce one set of limits, shared through
+//! Redis (or Valkey). Bandwidth: every `refresh`, one pipelined round trip reports each
+//! budget's demand and takes this replica's share ([`refresh`], [`shares`], [`scripts`]);
+//! local buckets only change rate. Branch `max_tunnels` and `auth_attempts_per_minute` are
+//! counted in Redis per call ([`Fleet::open_tunnel`], [`Fleet::auth_attempt`]). Redis down or
+//! slow never fails or holds up a tunnel: every call has a timeout ([`link`]), shares outlive
+//! a failed refresh for the lease, then `fallback_share` of each limit applies. Only exists
+//! with `[fleet]`: without it there is no client, no task, no metric.
+
+pub mod link;
+pub mod metrics;
+pub mod refresh;
+pub mod scripts;
+pub mod shares;
+
+use crate::bandwidth::schedule::{Direction, Scope};
+use crate::config::FleetSettings;
+use link::{Failure, Link, evalsha};
+use metrics::FleetMetrics;
+use prometheus_client::registry::Registry;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU32, Ordering::AcqRel, Ordering::Relaxed};
+
+/// This replica's part in the fleet; one per process, shared by every snapshot.
+pub struct Fleet {
+    pub settings: FleetSettings,
+    link: Link,
+    pub metrics: FleetMetrics,
+    /// What the last call found (for logging a change once): 0 not yet asked, 1 up, 2 down.
+    state: AtomicU8,
+    /// Keys holding this replica's fields (shares, tunnel counts), for giving them back.
+    pub(crate) written: std::sync::Mutex<Vec<String>>,
+}
+
+const UP: u8 = 1;
+const DOWN: u8 = 2;
+
+impl Fleet {
+    /// The client is made here but connects only at the first call (the refresh task's).
+    pub fn new(settings: FleetSettings, registry: &mut Registry) -> Result<Self, String> {
+        let metrics = FleetMetrics::register(registry);
+        let link = Link::new(&settings, metrics.redis_duration.clone())?;
+        Ok(Self {
+            settings,
+            link,
+            metrics,
+            state: AtomicU8::new(0),
+            written: Default::default(),
+        })
+    }
+
+    fn lease_ms(&self) -> u64 {
+        self.settings.lease.as_millis() as u64
+    }
+
+    /// Notes whether Redis answered; a change is logged once.
+    fn mark(&self, result: Result<(), &Failure>) {
+        let now = if result.is_ok() { UP } else { DOWN };
+        self.metrics.connected.set(i64::from(now == UP));
+        if self.state.swap(now, Relaxed) == now {
+            return;
+        }
+        match result {
+            Ok(()) => tracing::info!(
+                redis = %self.settings.redis.shown,
+                replica = %self.settings.name,
+                "fleet: Redis answers; limits are shared across the fleet"
+            ),
+            Err(error) => tracing::warn!(
+                redis = %self.settings.redis.shown,
+                replica = %self.settings.name,
+                %error,
+                lease_ms = self.lease_ms(),
+                fallback_share = self.settings.fallback_share,
+                "fleet: Redis does not answer; shares held for the lease, then the fallback share of each limit"
+            ),
+        }
+    }
+
+    /// Whether the last call to Redis answered.
+    pub fn connected(&self) -> bool {
+        self.state.load(Relaxed) == UP
+    }
+
+    /// A branch's tunnel limit when Redis cannot say: this replica's fallback share of it.
+    pub fn fallback_max(&self, max: u32) -> u32 {
+        (f64::from(max) * self.settings.fallback_share).ceil() as u32
+    }
+
+    /// Opening a tunnel of `branch` (limit `max` fleet-wide): `Some(admitted)` as Redis
+    /// counts, `None` when Redis did not answer in time (decide locally).
+    pub async fn open_tunnel(&self, branch: &str, max: u32) -> Option<bool> {
+        let mut pipe = redis::pipe();
+        let mut cmd = evalsha(&scripts::OPEN_TUNNEL, &tunnels_key(branch));
+        cmd.arg(&self.settings.name).arg(max).arg(self.lease_ms());
+        pipe.add_command(cmd);
+        let result = self.link.query::<Vec<i64>>(&pipe).await;
+        self.mark(result.as_ref().map(|_| ()));
+        result.ok().map(|answer| answer.first() == Some(&1))
+    }
+
+    /// A tunnel counted in Redis closed: one less for this replica there, then in `local`
+    /// (in the background; a lost decrement is healed by the next refresh, which writes the
+    /// true count).
+    pub fn closed_tunnel(self: &Arc<Self>, branch: &str, local: Arc<AtomicU32>) {
+        let fleet = self.clone();
+        let key = tunnels_key(branch);
+        tokio::spawn(async move {
+            let mut pipe = redis::pipe();
+            let mut cmd = evalsha(&scripts::SET_TUNNELS, &key);
+            cmd.arg(&fleet.settings.name).arg(-1).arg(fleet.lease_ms());
+            pipe.add_command(cmd);
+            let result = fleet.link.query::<Vec<i64>>(&pipe).await;
+            fleet.mark(result.as_ref().map(|_| ()));
+            local.fetch_sub(1, AcqRel);
+        });
+    }
+
+    /// One authentication attempt from `client` (its counted address): `Some(allowed)` by
+    /// the fleet-wide count in this minute, `None` when Redis did not answer (decide locally).
+    pub async fn auth_attempt(&self, client: IpAddr, per_minute: u32) -> Option<bool> {
+        let mut pipe = redis::pipe();
+        pipe.add_command(evalsha(&scripts::AUTH_ATTEMPT, &auth_key(client)));
+        let result = self.link.query::<Vec<i64>>(&pipe).await;
+        self.mark(result.as_ref().map(|_| ()));
+        result
+            .ok()
+            .map(|answer| answer.first().is_some_and(|&n| n <= i64::from(per_minute)))
+    }
+}
+
+/// A budget's shares hash; the braces are a Redis Cluster hash tag (one slot per budget).
+pub fn share_key(scope: Scope, budget: &str, direction: Direction) -> String {
+    format!(
+        "portcullis:{{{}:{budget}:{}}}:shares",
+        scope.as_str(),
+        direction.as_str()
+    )
+}
+
+/// A branch's tunnel counts, one field per replica.
+pub fn tunnels_key(branch: &str) -> String {
+    format!("portcullis:{{tunnels:{branch}}}")
+}
+
+/// A client address's authentication attempts in the current minute.
+pub fn auth_key(client: IpAddr) -> String {
+    format!("portcullis:{{auth:{client}}}")
+}

@@ -1,0 +1,238 @@
+//! The refresh task, one per process: every `refresh`, one pipelined round trip reports this
+//! replica's demand in every budget in force and takes its shares, and writes its true tunnel
+//! count of every branch with `max_tunnels` (renewing their expiry, healing lost decrements).
+//! Redis silent: the last shares hold until the lease runs out, then `fallback_share` of each
+//! limit. On shutdown, [`leave`] deletes this replica's fields so the others take its shares.
+
+use super::link::evalsha;
+use super::shares::{self, ask, fraction_ppm, ppm};
+use super::{Fleet, scripts, share_key, tunnels_key};
+use crate::bandwidth::bucket::Bucket;
+use crate::bandwidth::{Demand, Throttles};
+use crate::metrics::ThrottleLabels;
+use arc_swap::ArcSwap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// What the refresh task reads from the current snapshot.
+pub trait Shared: Send + Sync + 'static {
+    fn throttles(&self) -> &Throttles;
+    /// Open tunnels of every branch with `max_tunnels`, by name.
+    fn tunnel_counts(&self) -> Vec<(&str, u32)>;
+}
+
+/// A budget this replica takes part in.
+struct Taking {
+    labels: ThrottleLabels,
+    /// Tunnels counted in the window before the last.
+    previous: u64,
+    /// Whether Redis gave it a share yet (until then: the fallback share).
+    shared: bool,
+    /// Whether this replica has a field in the budget's hash (it is not idle there).
+    asking: bool,
+}
+
+/// Runs until aborted, on the snapshot current at each refresh.
+pub async fn run<G: Shared>(fleet: Arc<Fleet>, current: Arc<ArcSwap<G>>) {
+    let mut every = tokio::time::interval(fleet.settings.refresh);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut taking: HashMap<String, Taking> = HashMap::new();
+    let mut counted: HashMap<String, u32> = HashMap::new();
+    let mut last_ok: Option<Instant> = None;
+    let mut last = Instant::now();
+    loop {
+        every.tick().await;
+        let snapshot = current.load_full();
+        let window = last.elapsed();
+        last = Instant::now();
+        refresh(
+            &fleet,
+            &*snapshot,
+            window,
+            &mut taking,
+            &mut counted,
+            &mut last_ok,
+        )
+        .await;
+    }
+}
+
+async fn refresh<G: Shared>(
+    fleet: &Fleet,
+    shared: &G,
+    window: Duration,
+    taking: &mut HashMap<String, Taking>,
+    counted: &mut HashMap<String, u32>,
+    last_ok: &mut Option<Instant>,
+) {
+    let throttles = shared.throttles();
+    let settings = &fleet.settings;
+    let lease_ms = settings.lease.as_millis() as u64;
+    let fallback = fraction_ppm(settings.fallback_share);
+    let now = throttles.now();
+    let mut pipe = redis::pipe();
+    let mut asked: Vec<(&Arc<Bucket>, u64, String)> = Vec::new();
+    let mut kept: HashSet<String> = HashSet::new();
+    for budget in throttles.budgets() {
+        let key = share_key(budget.scope, budget.name, budget.direction);
+        let Some(limit) = budget.bucket.configured() else {
+            // Not in force: when it comes into force it starts at the fallback share, until
+            // the next refresh takes its real one.
+            budget.bucket.set_share(fallback, now);
+            if let Some(gone) = taking.remove(&key) {
+                fleet.metrics.share.remove(&gone.labels);
+            }
+            continue;
+        };
+        let demand = budget.bucket.take_demand();
+        let entry = taking.entry(key.clone()).or_insert_with(|| Taking {
+            labels: ThrottleLabels {
+                scope: budget.scope.as_str(),
+                budget: budget.name.to_owned(),
+                direction: budget.direction.as_str(),
+            },
+            previous: 0,
+            shared: false,
+            asking: false,
+        });
+        let previous = std::mem::replace(&mut entry.previous, demand.tunnels);
+        let idle = demand == Demand::default() && previous == 0;
+        if idle {
+            // Nothing moved here for two windows: no call; the floor lets a new tunnel start
+            // at once, and its demand is reported at the next refresh. A field left from
+            // before goes now, so the others take the whole budget.
+            if std::mem::take(&mut entry.asking) {
+                pipe.cmd("HDEL").arg(&key).arg(&settings.name).ignore();
+            }
+            entry.shared = false;
+            let rate = budget
+                .bucket
+                .set_share(ppm(shares::floor(limit), limit), now);
+            fleet
+                .metrics
+                .share
+                .get_or_create(&entry.labels)
+                .set(rate as i64);
+            kept.insert(key);
+            continue;
+        }
+        entry.asking = true;
+        let (wants, weight) = ask(limit, demand, previous, window);
+        let mut cmd = evalsha(&scripts::SHARE, &key);
+        cmd.arg(&settings.name)
+            .arg(wants)
+            .arg(format!("{weight}"))
+            .arg(limit)
+            .arg(lease_ms);
+        pipe.add_command(cmd);
+        kept.insert(key.clone());
+        asked.push((budget.bucket, limit, key));
+    }
+    // Budgets no longer in force, or dropped by a reload.
+    taking.retain(|key, t| {
+        let keep = kept.contains(key);
+        if !keep {
+            fleet.metrics.share.remove(&t.labels);
+        }
+        keep
+    });
+    let counts = shared.tunnel_counts();
+    let mut writing = Vec::new();
+    for (branch, count) in counts {
+        // Counts of 0 are written once (the field goes), then no more.
+        if count == 0 && counted.get(branch).is_none_or(|&c| c == 0) {
+            continue;
+        }
+        let mut cmd = evalsha(&scripts::SET_TUNNELS, &tunnels_key(branch));
+        cmd.arg(&settings.name).arg(count).arg(lease_ms);
+        pipe.add_command(cmd);
+        writing.push((branch.to_owned(), count));
+    }
+    if asked.is_empty() && writing.is_empty() {
+        // Nothing to share now: still find out whether Redis answers.
+        pipe.cmd("PING").ignore();
+    }
+    let result = fleet.link.query::<Vec<i64>>(&pipe).await;
+    fleet.mark(result.as_ref().map(|_| ()));
+    let now = throttles.now();
+    match result {
+        Ok(values) => {
+            *last_ok = Some(Instant::now());
+            for ((bucket, limit, key), share) in asked.iter().zip(values) {
+                let rate = bucket.set_share(ppm(share.max(0) as u64, *limit), now);
+                if let Some(t) = taking.get_mut(key) {
+                    t.shared = true;
+                    fleet
+                        .metrics
+                        .share
+                        .get_or_create(&t.labels)
+                        .set(rate as i64);
+                }
+            }
+            for (branch, count) in writing {
+                counted.insert(branch, count);
+            }
+            let mut written = fleet.written.lock().unwrap_or_else(|e| e.into_inner());
+            written.clear();
+            written.extend(asked.iter().map(|(_, _, key)| key.clone()));
+            written.extend(
+                counted
+                    .iter()
+                    .filter(|(_, c)| **c > 0)
+                    .map(|(branch, _)| tunnels_key(branch)),
+            );
+        }
+        Err(_) => {
+            fleet.metrics.refresh_failures.inc();
+            let expired = last_ok.is_none_or(|at| at.elapsed() >= settings.lease);
+            for (bucket, _, key) in &asked {
+                // Shares taken before hold for their lease; new budgets start at the fallback.
+                let Some(t) = taking.get(key) else { continue };
+                if expired || !t.shared {
+                    let rate = bucket.set_share(fallback, now);
+                    fleet
+                        .metrics
+                        .share
+                        .get_or_create(&t.labels)
+                        .set(rate as i64);
+                }
+            }
+        }
+    }
+}
+
+/// Shutdown: this replica's fields go at once (the others take its shares at their next
+/// refresh), and its remaining tunnels drain at the floor of each budget. Bounded by the
+/// refresh interval.
+pub async fn leave<G: Shared>(fleet: &Fleet, shared: &G) {
+    let throttles = shared.throttles();
+    let now = throttles.now();
+    for budget in throttles.budgets() {
+        if let Some(limit) = budget.bucket.configured() {
+            budget
+                .bucket
+                .set_share(ppm(shares::floor(limit), limit), now);
+        }
+    }
+    let keys = std::mem::take(&mut *fleet.written.lock().unwrap_or_else(|e| e.into_inner()));
+    if keys.is_empty() {
+        return;
+    }
+    let mut pipe = redis::pipe();
+    for key in &keys {
+        pipe.cmd("HDEL").arg(key).arg(&fleet.settings.name).ignore();
+    }
+    let result = fleet.link.query::<()>(&pipe).await;
+    match &result {
+        Ok(()) => tracing::info!(
+            keys = keys.len(),
+            "fleet: this replica's shares and counts given back"
+        ),
+        Err(error) => tracing::warn!(
+            %error,
+            "fleet: could not give shares back; they lapse with the lease"
+        ),
+    }
+}
