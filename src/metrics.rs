@@ -112,6 +112,8 @@ pub struct Metrics {
     pub throttle_wait_seconds: Family<ThrottleLabels, Counter<f64, AtomicU64>>,
     /// Bytes that went through a budget in force.
     pub throttled_bytes: Family<ThrottleLabels, Counter>,
+    /// The `changeNumber` of the service tags file in force (0 without one).
+    pub service_tags_change_number: Gauge,
 }
 
 /// 0.25 ms to about 16 s, doubling.
@@ -223,6 +225,12 @@ impl Metrics {
             "Bytes that went through a bandwidth budget while a limit was in force",
             throttled_bytes.clone(),
         );
+        let service_tags_change_number = Gauge::default();
+        registry.register(
+            "service_tags_change_number",
+            "changeNumber of the service tags file in force (policy.service_tags_file); 0 without one",
+            service_tags_change_number.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -250,6 +258,7 @@ impl Metrics {
             throttle_limit,
             throttle_wait_seconds,
             throttled_bytes,
+            service_tags_change_number,
         }
     }
 

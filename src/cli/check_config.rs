@@ -245,6 +245,16 @@ fn policy(out: &mut String, config: &Config) {
     };
     let _ = writeln!(out, "on_reload: {on_reload}");
     let _ = writeln!(out, "profiles: {}", list_or(&config.profiles, "none"));
+    if let Some(tags) = &config.policy.service_tags_file {
+        let _ = writeln!(
+            out,
+            "service_tags_file: {} (changeNumber {}, cloud {}, {} tags)",
+            tags.path.display(),
+            tags.change_number,
+            tags.cloud,
+            tags.tags
+        );
+    }
     let _ = writeln!(out, "categories: {}", config.policy.categories().join(", "));
     if !config.policy.denies.is_empty() {
         let _ = writeln!(
@@ -295,6 +305,9 @@ fn policy(out: &mut String, config: &Config) {
             );
         }
         let _ = writeln!(out, "    sni: {}", sni_modes(config, rule));
+        if !rule.service_tags.is_empty() {
+            let _ = writeln!(out, "    service_tags: {}", rule.service_tags.join(", "));
+        }
     }
 }
 

@@ -124,9 +124,18 @@ pub async fn explain(gw: &Gateway, from: IpAddr, target: &Target, lane: bool) ->
     if let Some(source) = plan.source {
         let _ = writeln!(out, "addresses ({source}):");
         for c in &plan.candidates {
-            let _ = match c.vetted {
-                Ok(()) => writeln!(out, "  {}  ok", c.ip),
-                Err(range) => writeln!(
+            let tags = plan
+                .decision
+                .rule
+                .filter(|r| r.tag_ranges.is_some())
+                .map(|r| r.service_tags.join(", "));
+            let _ = match (c.vetted, &tags) {
+                (Ok(()), Some(tags)) => writeln!(out, "  {}  ok (in service tag {tags})", c.ip),
+                (Ok(()), None) => writeln!(out, "  {}  ok", c.ip),
+                (Err(crate::policy::OUTSIDE_SERVICE_TAGS), Some(tags)) => {
+                    writeln!(out, "  {}  refused: outside service tag {tags}", c.ip)
+                }
+                (Err(range), _) => writeln!(
                     out,
                     "  {}  refused: {range} (not in a CIDR the rule lists)",
                     c.ip

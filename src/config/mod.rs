@@ -318,7 +318,7 @@ fn compile(
         .iter()
         .map(|b| b.get_ref().name.get_ref().as_str())
         .collect();
-    let (policy, profiles_used) = rules::compile_policy(p, &raw.policy, &branch_names);
+    let (policy, profiles_used) = rules::compile_policy(p, &raw.policy, &branch_names, paths);
     let branches = branches::compile(p, &raw.branch, &policy, &listen.clients);
 
     let resolver = resolver::compile(p, &raw.resolver);

@@ -259,6 +259,16 @@ pub(super) fn with_suggestion(message: &str) -> String {
     }
 }
 
+/// The name of `known` nearest to `unknown`, if near enough to be a likely typo.
+pub(super) fn nearest<'a>(unknown: &str, known: &[&'a str]) -> Option<&'a str> {
+    known
+        .iter()
+        .map(|&k| (edit_distance(unknown, k), k))
+        .filter(|&(d, k)| d <= 2.max(k.len() / 3))
+        .min()
+        .map(|(_, k)| k)
+}
+
 /// Levenshtein distance, for key suggestions (short strings only).
 fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();

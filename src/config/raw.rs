@@ -90,6 +90,7 @@ pub(super) struct RawPolicy {
     pub(super) profiles: Option<Vec<Spanned<String>>>,
     pub(super) allow: Vec<Spanned<RawRule>>,
     pub(super) deny: Vec<Spanned<RawDeny>>,
+    pub(super) service_tags_file: Option<Spanned<String>>,
     pub(super) allow_unassigned: bool,
     pub(super) sni: Option<SniMode>,
     pub(super) on_reload: Option<OnReload>,
@@ -123,6 +124,7 @@ pub(super) struct RawRule {
     pub(super) sni: Option<SniMode>,
     #[serde(default)]
     pub(super) plain_http: bool,
+    pub(super) service_tags: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize, Default)]

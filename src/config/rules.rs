@@ -6,8 +6,10 @@ use super::raw::{RawDeny, RawPolicy, RawRule};
 use super::values::cidrs;
 use super::{DEFAULT_CATEGORY, DEFAULT_PROFILE, DEFAULT_RULE_PORTS};
 use crate::policy::host::HostPattern;
-use crate::policy::{DenyRule, Mode, OnReload, Policy, Rule, SniMode, profiles};
+use crate::policy::service_tags::{AddressRanges, ServiceTags};
+use crate::policy::{DenyRule, Mode, OnReload, Policy, Rule, SniMode, TagsFile, profiles};
 use std::collections::HashSet;
+use std::sync::Arc;
 use toml::Spanned;
 
 /// The policy and the built-in profiles it uses, in the order given; `branches` are the
@@ -16,7 +18,12 @@ pub(super) fn compile_policy(
     p: &mut Problems<'_>,
     raw: &RawPolicy,
     branches: &[&str],
+    paths: &super::paths::Paths<'_>,
 ) -> (Policy, Vec<&'static str>) {
+    let tags = raw
+        .service_tags_file
+        .as_ref()
+        .and_then(|file| load_service_tags(p, file, paths));
     let profile_names: Vec<Spanned<String>> = raw
         .profiles
         .clone()
@@ -50,7 +57,9 @@ pub(super) fn compile_policy(
     let mut names: HashSet<String> = profile_rules.iter().map(|r| r.name.clone()).collect();
     let mut rules = Vec::new();
     for (i, raw_rule) in raw.allow.iter().enumerate() {
-        if let Some(rule) = compile_rule(p, raw_rule, &format!("policy.allow[{i}]"), &mut names) {
+        let key = format!("policy.allow[{i}]");
+        if let Some(rule) = compile_rule(p, raw_rule, &key, &mut names, tags.as_ref().map(|t| &t.1))
+        {
             rules.push(rule);
         }
     }
@@ -65,6 +74,7 @@ pub(super) fn compile_policy(
         mode: raw.mode.unwrap_or(Mode::Enforce),
         rules,
         denies,
+        service_tags_file: tags.map(|t| t.0),
         allow_unassigned: raw.allow_unassigned,
         sni: raw.sni.unwrap_or(SniMode::Match),
         on_reload: raw.on_reload.unwrap_or(OnReload::Keep),
@@ -89,6 +99,8 @@ fn profile_rule(profile: &'static str, entry: &profiles::Entry) -> Rule {
         sni: None,
         // Revocation lists and OCSP are plain HTTP: the lane serves them, CONNECT does not.
         plain_http: entry.category == "revocation",
+        service_tags: Vec::new(),
+        tag_ranges: None,
     }
 }
 
@@ -97,6 +109,7 @@ fn compile_rule(
     raw: &Spanned<RawRule>,
     key: &str,
     names: &mut HashSet<String>,
+    tags: Option<&ServiceTags>,
 ) -> Option<Rule> {
     let before = p.list.len();
     let span = raw.span();
@@ -151,6 +164,10 @@ fn compile_rule(
             "a rule needs `hosts` (names) or `addresses` (CIDRs for IP-literal targets)",
         );
     }
+    let (service_tags, tag_ranges) = match &raw.service_tags {
+        None => (Vec::new(), None),
+        Some(list) => rule_tags(p, list, key, tags),
+    };
     if p.list.len() > before {
         return None;
     }
@@ -170,6 +187,8 @@ fn compile_rule(
         reachable,
         sni: raw.sni,
         plain_http: raw.plain_http,
+        service_tags,
+        tag_ranges,
     })
 }
 
@@ -291,4 +310,90 @@ fn compile_deny(
         ports,
         branches: listed,
     })
+}
+
+/// `policy.service_tags_file`: read and parsed; a problem names the file and, inside it, the
+/// line and column.
+fn load_service_tags(
+    p: &mut Problems<'_>,
+    file: &Spanned<String>,
+    paths: &super::paths::Paths<'_>,
+) -> Option<(TagsFile, ServiceTags)> {
+    let key = "policy.service_tags_file";
+    let path = paths.resolve(p, file, key);
+    if path.as_os_str().is_empty() {
+        return None;
+    }
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) => {
+            p.add(
+                file.span(),
+                key,
+                format!("cannot read {}: {e}", path.display()),
+            );
+            return None;
+        }
+    };
+    match ServiceTags::parse(&text) {
+        Ok(tags) => Some((
+            TagsFile {
+                path,
+                change_number: tags.change_number,
+                cloud: tags.cloud.clone(),
+                tags: tags.len(),
+            },
+            tags,
+        )),
+        Err(e) => {
+            p.add(file.span(), key, format!("{}:{e}", path.display()));
+            None
+        }
+    }
+}
+
+/// A rule's `service_tags`: names in the file, their prefixes merged.
+fn rule_tags(
+    p: &mut Problems<'_>,
+    list: &[Spanned<String>],
+    key: &str,
+    tags: Option<&ServiceTags>,
+) -> (Vec<String>, Option<Arc<AddressRanges>>) {
+    let Some(tags) = tags else {
+        if let Some(first) = list.first() {
+            p.add(
+                first.span(),
+                format!("{key}.service_tags"),
+                "needs policy.service_tags_file (Microsoft's ServiceTags_Public.json)",
+            );
+        }
+        return (Vec::new(), None);
+    };
+    if list.is_empty() {
+        return (Vec::new(), None);
+    }
+    let mut prefixes = Vec::new();
+    let mut names = Vec::new();
+    for (i, name) in list.iter().enumerate() {
+        match tags.prefixes(name.get_ref()) {
+            Some(found) => {
+                prefixes.extend_from_slice(found);
+                names.push(name.get_ref().clone());
+            }
+            None => {
+                let all = tags.names();
+                let near = super::parse_errors::nearest(name.get_ref(), &all)
+                    .map_or(String::new(), |n| format!(" (did you mean {n:?}?)"));
+                p.add(
+                    name.span(),
+                    format!("{key}.service_tags[{i}]"),
+                    format!(
+                        "unknown service tag {:?}{near}; expected a name from the service tags file",
+                        name.get_ref()
+                    ),
+                );
+            }
+        }
+    }
+    (names, Some(Arc::new(AddressRanges::new(&prefixes))))
 }

@@ -139,6 +139,13 @@ impl Gateway {
             .map(|b| b.name.as_str())
             .chain([UNASSIGNED])
             .collect();
+        metrics.service_tags_change_number.set(
+            config
+                .policy
+                .service_tags_file
+                .as_ref()
+                .map_or(0, |t| t.change_number as i64),
+        );
         let categories = config.policy.categories();
         metrics.expect_series(&branch_names, &categories);
         let tunnel_series = branch_names

@@ -8,7 +8,7 @@ use super::refusal::{End, Refusal};
 use super::resolve::ResolveError;
 use crate::policy::destination;
 use crate::policy::host::{Host, Target};
-use crate::policy::{Decision, Verdict};
+use crate::policy::{Decision, OUTSIDE_SERVICE_TAGS, Verdict};
 use std::net::IpAddr;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -128,7 +128,10 @@ pub async fn plan<'g>(
         .into_iter()
         .map(|ip| Candidate {
             ip,
-            vetted: destination::vet(ip, decision.reachable),
+            vetted: destination::vet(ip, decision.reachable).and_then(|()| match decision.rule {
+                Some(rule) if !rule.in_service_tags(ip) => Err(OUTSIDE_SERVICE_TAGS),
+                _ => Ok(()),
+            }),
         })
         .collect();
     if plan.dialable().next().is_none() {
@@ -137,10 +140,14 @@ pub async fn plan<'g>(
             .iter()
             .find_map(|c| c.vetted.err())
             .unwrap_or("none");
-        plan.refusal = Some(Refusal::new(
-            End::DestinationForbidden,
-            format!("destination address forbidden ({range})"),
-        ));
+        let reason = match decision.rule {
+            Some(rule) if range == OUTSIDE_SERVICE_TAGS => format!(
+                "destination address outside service tag {}",
+                rule.service_tags.join(", ")
+            ),
+            _ => format!("destination address forbidden ({range})"),
+        };
+        plan.refusal = Some(Refusal::new(End::DestinationForbidden, reason));
     }
     plan
 }

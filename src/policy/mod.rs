@@ -6,6 +6,7 @@
 pub mod destination;
 pub mod host;
 pub mod profiles;
+pub mod service_tags;
 
 use host::{Host, HostPattern};
 use ipnet::IpNet;
@@ -83,6 +84,29 @@ pub struct Rule {
     /// Served only by the plain-HTTP lane (absolute-form GET/HEAD, OCSP POST), never CONNECT:
     /// certificate revocation lists and OCSP.
     pub plain_http: bool,
+    /// Service tags (`Storage.WestEurope`, ...) whose prefixes every address its names resolve
+    /// to must lie in, and those prefixes merged; empty and `None` without `service_tags`.
+    pub service_tags: Vec<String>,
+    pub tag_ranges: Option<std::sync::Arc<service_tags::AddressRanges>>,
+}
+
+/// Why a resolved address is refused when it lies outside its rule's service tags.
+pub const OUTSIDE_SERVICE_TAGS: &str = "outside service tags";
+
+impl Rule {
+    /// Whether `ip` passes this rule's service-tag check (always, without tags).
+    pub fn in_service_tags(&self, ip: IpAddr) -> bool {
+        self.tag_ranges.as_ref().is_none_or(|r| r.contains(ip))
+    }
+}
+
+/// The service tags file in force: where, and which edition.
+#[derive(Clone, Debug)]
+pub struct TagsFile {
+    pub path: std::path::PathBuf,
+    pub change_number: u64,
+    pub cloud: String,
+    pub tags: usize,
 }
 
 impl Rule {
@@ -174,6 +198,8 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     /// Checked before `rules`, in order.
     pub denies: Vec<DenyRule>,
+    /// `policy.service_tags_file`, when set.
+    pub service_tags_file: Option<TagsFile>,
     /// Admit clients that match no branch (only matters once branches are configured).
     pub allow_unassigned: bool,
     /// Default SNI check for port-443 tunnels whose rule does not say.
@@ -326,6 +352,8 @@ mod tests {
             origin: "test".into(),
             sni: None,
             plain_http: false,
+            service_tags: Vec::new(),
+            tag_ranges: None,
         }
     }
 
@@ -337,6 +365,7 @@ mod tests {
             mode,
             rules,
             denies: Vec::new(),
+            service_tags_file: None,
         }
     }
 

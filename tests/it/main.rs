@@ -17,6 +17,7 @@ mod malformed;
 mod proxy_protocol;
 mod reload;
 mod schedules;
+mod service_tags;
 mod shutdown;
 mod sni;
 mod startup;
