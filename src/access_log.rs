@@ -176,7 +176,7 @@ pub struct AccessFile {
 }
 
 impl AccessFile {
-    /// Opens `path` for appending (created 0640 if missing).
+    /// Opens `path` for appending (created 0640 if missing, on Unix).
     pub fn open(path: &std::path::Path) -> std::io::Result<Self> {
         Ok(Self {
             path: path.to_owned(),
@@ -185,12 +185,12 @@ impl AccessFile {
     }
 
     fn append(path: &std::path::Path) -> std::io::Result<std::fs::File> {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o640)
-            .open(path)
+        let mut options = std::fs::OpenOptions::new();
+        options.create(true).append(true);
+        // Elsewhere the folder's access control list decides who reads it.
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o640);
+        options.open(path)
     }
 
     /// Starts writing to a file at the path again (the old one was moved away); on failure the

@@ -142,7 +142,7 @@ impl Server {
             self.schedules_changed.clone(),
             jiff::Timestamp::now,
         ));
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        crate::process::notify(crate::process::ServiceState::Ready);
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
             tokio::select! {
@@ -175,7 +175,7 @@ impl Server {
             }
         }
         self.draining.store(true, Ordering::Relaxed);
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        crate::process::notify(crate::process::ServiceState::Stopping);
         // Drain: stop accepting (the listeners close with their loops), let open connections
         // finish within the drain timeout, then leave the rest to be closed at exit.
         for (_, handle) in listening.drain() {
