@@ -22,3 +22,4 @@ mod startup;
 mod support;
 mod tls_listener;
 mod tunnel;
+mod windows;
