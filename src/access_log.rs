@@ -236,16 +236,33 @@ pub fn init(format: LogFormat) {
     init_with(format, None);
 }
 
-/// `init`, with the access lines in `access_file` when given.
-pub fn init_with(format: LogFormat, access_file: Option<&AccessFile>) {
-    use tracing_subscriber::filter::{EnvFilter, Targets, filter_fn};
-    use tracing_subscriber::prelude::*;
+/// `RUST_LOG` (default info), with the access lines always in.
+fn level_filter() -> tracing_subscriber::filter::EnvFilter {
+    use tracing_subscriber::filter::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // The access lines are the audit trail, not diagnostics: no level setting removes them.
-    let filter = [TARGET, AGENT_TARGET]
+    [TARGET, AGENT_TARGET]
         .into_iter()
         .filter_map(|target| format!("{target}=info").parse().ok())
-        .fold(filter, |filter, directive| filter.add_directive(directive));
+        .fold(filter, |filter, directive| filter.add_directive(directive))
+}
+
+/// `init`, every line to `writer` instead of stdout (the Windows service's log file).
+pub fn init_to<W>(format: LogFormat, writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    use tracing_subscriber::prelude::*;
+    let _ = tracing_subscriber::registry()
+        .with(layer(format, writer).with_filter(level_filter()))
+        .try_init();
+}
+
+/// `init`, with the access lines in `access_file` when given.
+pub fn init_with(format: LogFormat, access_file: Option<&AccessFile>) {
+    use tracing_subscriber::filter::{Targets, filter_fn};
+    use tracing_subscriber::prelude::*;
+    let filter = level_filter();
     let to_file = access_file.is_some();
     let not_moved = filter_fn(move |meta| !(to_file && meta.target() == TARGET));
     let stdout = layer(format, std::io::stdout)

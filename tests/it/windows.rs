@@ -244,3 +244,116 @@ async fn windows_forward_carries_curl_with_every_byte_and_fails_over() {
     })
     .await;
 }
+
+#[test]
+fn the_example_windows_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/agent-windows.toml");
+    let file = portcullis::agent::config::AgentFile::load(&path).unwrap();
+    let key = file.key.unwrap().display().to_string();
+    assert!(
+        key.ends_with("C:\\ProgramData\\Portcullis\\branch.key"),
+        "{key}"
+    );
+    assert!(!file.gateways.is_empty());
+    for url in &file.gateways {
+        url.parse::<portcullis::agent::proxy_client::ProxyUrl>()
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// Removes the test's service however the test ends.
+struct Installed(PathBuf);
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = wine(&self.0).args(["service", "uninstall"]).output();
+    }
+}
+
+/// Wine's service control manager runs the real service path: install, start (returns once it
+/// listens), a tunnel through it, stop (the manager's stop event, the drain), uninstall; the
+/// lines are in the daily file under %ProgramData%\Portcullis\logs.
+#[tokio::test]
+async fn windows_service_runs_the_forwarder_and_drains_on_stop() {
+    let Some(exe) = windows_agent() else { return };
+    let pki = Pki::new();
+    let origin = Origin::start(&pki).await;
+    let port = origin.port();
+    let files = Files::new(&pki);
+    let mut gw = Gateway::start(&gateway_config(&files, port, 0)).await;
+    let listen = free_port();
+    let (ca, cert, key) = files.identity();
+    let config = files.path("agent-windows.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{listen}\"\ngateways = [\"https://{}\"]\nca = '{}'\ncertificate = '{}'\nkey = '{}'\n",
+            gw.tls_addr.unwrap(),
+            windows_path(&ca),
+            windows_path(&cert),
+            windows_path(&key)
+        ),
+    )
+    .unwrap();
+    let service = |action: &'static str| {
+        let exe = exe.clone();
+        let config = windows_path(&config);
+        async move {
+            let mut args = vec!["service".to_owned(), action.to_owned()];
+            if action == "install" {
+                args.extend(["--config".into(), config]);
+            }
+            run(&exe, &args).await
+        }
+    };
+    let _ = service("uninstall").await;
+    let (code, stdout, stderr) = service("install").await;
+    assert_eq!(code, Some(0), "install: {stdout}{stderr}");
+    let _installed = Installed(exe.clone());
+    let (code, stdout, stderr) = service("start").await;
+    assert_eq!(code, Some(0), "start: {stdout}{stderr}");
+
+    let addr: SocketAddr = ([127, 0, 0, 1], listen).into();
+    assert_eq!(
+        curl_through(addr, &files.path("ca.pem"), port, 1_000_000).await,
+        1_000_000
+    );
+    let line = gw
+        .access_line(|l| l["port"] == port && l["status"] == 200)
+        .await;
+    assert_eq!(line["branch"], "london");
+
+    let (code, stdout, stderr) = service("stop").await;
+    assert_eq!(code, Some(0), "stop: {stdout}{stderr}");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "stopped: nothing listens on {addr}"
+    );
+    let (code, stdout, stderr) = service("uninstall").await;
+    assert_eq!(code, Some(0), "uninstall: {stdout}{stderr}");
+
+    // Wine's %ProgramData% is C:\users\Public.
+    let prefix = std::env::var_os("WINEPREFIX").map_or_else(
+        || PathBuf::from(std::env::var_os("HOME").unwrap()).join(".wine"),
+        PathBuf::from,
+    );
+    let logs = prefix.join("drive_c/users/Public/Portcullis/logs");
+    let text: String = std::fs::read_dir(&logs)
+        .unwrap_or_else(|e| panic!("{}: {e}", logs.display()))
+        .map(|entry| std::fs::read_to_string(entry.unwrap().path()).unwrap())
+        .collect();
+    let ours = &text[text
+        .rfind(&format!("\"address\":\"127.0.0.1:{listen}\""))
+        .unwrap_or_else(|| panic!("no listening line for port {listen} in {text}"))..];
+    let lines: Vec<Value> = ours
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(
+        lines.iter().any(|l| l["target"] == "portcullis::agent"
+            && l["status"] == 200
+            && l["bytes_down"].as_u64() > Some(1_000_000)),
+        "{ours}"
+    );
+    assert!(lines.iter().any(|l| l["message"] == "drained"), "{ours}");
+}
