@@ -307,6 +307,25 @@ async fn windows_service_runs_the_forwarder_and_drains_on_stop() {
         }
     };
     let _ = service("uninstall").await;
+    // Not installed: a precise error, exit 1. A config that cannot be read: refused at install.
+    let (code, _, stderr) = service("start").await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("service PortcullisAgent"), "{stderr}");
+    let (code, _, stderr) = run(
+        &exe,
+        &[
+            "service".into(),
+            "install".into(),
+            "--config".into(),
+            "C:\\nowhere\\agent.toml".into(),
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("agent.toml: cannot read the file"),
+        "{stderr}"
+    );
     let (code, stdout, stderr) = service("install").await;
     assert_eq!(code, Some(0), "install: {stdout}{stderr}");
     let _installed = Installed(exe.clone());
