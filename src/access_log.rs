@@ -176,7 +176,7 @@ pub struct AccessFile {
 }
 
 impl AccessFile {
-    /// Opens `path` for appending (created 0640 if missing).
+    /// Opens `path` for appending (created 0640 if missing, on Unix).
     pub fn open(path: &std::path::Path) -> std::io::Result<Self> {
         Ok(Self {
             path: path.to_owned(),
@@ -185,12 +185,12 @@ impl AccessFile {
     }
 
     fn append(path: &std::path::Path) -> std::io::Result<std::fs::File> {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o640)
-            .open(path)
+        let mut options = std::fs::OpenOptions::new();
+        options.create(true).append(true);
+        // Elsewhere the folder's access control list decides who reads it.
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o640);
+        options.open(path)
     }
 
     /// Starts writing to a file at the path again (the old one was moved away); on failure the
@@ -236,16 +236,33 @@ pub fn init(format: LogFormat) {
     init_with(format, None);
 }
 
-/// `init`, with the access lines in `access_file` when given.
-pub fn init_with(format: LogFormat, access_file: Option<&AccessFile>) {
-    use tracing_subscriber::filter::{EnvFilter, Targets, filter_fn};
-    use tracing_subscriber::prelude::*;
+/// `RUST_LOG` (default info), with the access lines always in.
+fn level_filter() -> tracing_subscriber::filter::EnvFilter {
+    use tracing_subscriber::filter::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // The access lines are the audit trail, not diagnostics: no level setting removes them.
-    let filter = [TARGET, AGENT_TARGET]
+    [TARGET, AGENT_TARGET]
         .into_iter()
         .filter_map(|target| format!("{target}=info").parse().ok())
-        .fold(filter, |filter, directive| filter.add_directive(directive));
+        .fold(filter, |filter, directive| filter.add_directive(directive))
+}
+
+/// `init`, every line to `writer` instead of stdout (the Windows service's log file).
+pub fn init_to<W>(format: LogFormat, writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    use tracing_subscriber::prelude::*;
+    let _ = tracing_subscriber::registry()
+        .with(layer(format, writer).with_filter(level_filter()))
+        .try_init();
+}
+
+/// `init`, with the access lines in `access_file` when given.
+pub fn init_with(format: LogFormat, access_file: Option<&AccessFile>) {
+    use tracing_subscriber::filter::{Targets, filter_fn};
+    use tracing_subscriber::prelude::*;
+    let filter = level_filter();
     let to_file = access_file.is_some();
     let not_moved = filter_fn(move |meta| !(to_file && meta.target() == TARGET));
     let stdout = layer(format, std::io::stdout)

@@ -127,20 +127,93 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<Strin
     Ok(reply)
 }
 
-/// SIGTERM (systemd, container runtimes) or Ctrl-C.
+/// The stop request: SIGTERM (systemd, container runtimes) or Ctrl-C. On Windows: Ctrl-C,
+/// Ctrl-Break, the console closing or the system shutting down; a Windows service adds the
+/// service control manager's stop and shutdown (`agent::service`) to the same drain.
 pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
             }
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+    }
+    #[cfg(windows)]
+    {
+        use tokio::signal::windows;
+        let events = (
+            windows::ctrl_break(),
+            windows::ctrl_close(),
+            windows::ctrl_shutdown(),
+        );
+        match events {
+            (Ok(mut brk), Ok(mut close), Ok(mut shutdown)) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = brk.recv() => {}
+                    _ = close.recv() => {}
+                    _ = shutdown.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
+}
+
+/// What the process tells its service manager.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceState {
+    /// Listening: the service has started.
+    Ready,
+    /// Re-reading the configuration (the gateway's SIGHUP).
+    Reloading,
+    /// Draining before the exit.
+    Stopping,
+}
+
+/// The Windows service's status reporter, set once by `agent::service` before it runs.
+#[cfg(windows)]
+static SERVICE_HOOK: std::sync::OnceLock<Box<dyn Fn(ServiceState) + Send + Sync>> =
+    std::sync::OnceLock::new();
+
+/// Makes `notify` report to `hook` (the Windows service control manager); a second call is
+/// ignored.
+#[cfg(windows)]
+pub fn set_service_hook(hook: Box<dyn Fn(ServiceState) + Send + Sync>) {
+    let _ = SERVICE_HOOK.set(hook);
+}
+
+/// Tells the service manager about `state`: systemd (`Type=notify` units) on Linux, the service
+/// control manager when running as a Windows service; nothing otherwise.
+pub fn notify(state: ServiceState) {
+    #[cfg(target_os = "linux")]
+    {
+        use sd_notify::NotifyState;
+        let _ = match state {
+            ServiceState::Ready => sd_notify::notify(&[NotifyState::Ready]),
+            ServiceState::Stopping => sd_notify::notify(&[NotifyState::Stopping]),
+            ServiceState::Reloading => match NotifyState::monotonic_usec_now() {
+                Ok(now) => sd_notify::notify(&[NotifyState::Reloading, now]),
+                Err(e) => Err(e),
+            },
+        };
+    }
+    #[cfg(windows)]
+    if let Some(hook) = SERVICE_HOOK.get() {
+        hook(state);
+    }
+    #[cfg(not(any(target_os = "linux", windows)))]
+    let _ = state;
 }
 
 /// Writes `bytes` (a completion script, a man page, generated TOML) to stdout; a closed pipe is

@@ -33,9 +33,7 @@ impl Reloader {
             tracing::warn!("reload requested, but the gateway runs on the built-in config");
             return Err("the gateway runs on the built-in config: nothing to reload".into());
         };
-        if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading, now]);
-        }
+        crate::process::notify(crate::process::ServiceState::Reloading);
         let result = Config::load(path, jiff::Timestamp::now())
             .map_err(|e| e.to_string())
             .and_then(|c| {
@@ -44,7 +42,7 @@ impl Reloader {
                 }
                 self.apply(c)
             });
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        crate::process::notify(crate::process::ServiceState::Ready);
         match &result {
             Ok(()) => tracing::info!(file = %path.display(), "reload applied"),
             Err(problems) => {

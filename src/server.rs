@@ -157,7 +157,7 @@ impl Server {
                 self.current.clone(),
             ))
         });
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        crate::process::notify(crate::process::ServiceState::Ready);
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
             tokio::select! {
@@ -190,7 +190,7 @@ impl Server {
             }
         }
         self.draining.store(true, Ordering::Relaxed);
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        crate::process::notify(crate::process::ServiceState::Stopping);
         if let (Some(fleet), Some(task)) = (&fleet, fleet_task) {
             // Give this replica's shares and counts back before draining.
             task.abort();

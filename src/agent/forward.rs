@@ -56,7 +56,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> std:
     let listener = crate::accept::listen(settings.listen)?;
     let local = listener.local_addr()?;
     tracing::info!(address = %local, gateways = settings.pool.len(), "listening");
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    crate::process::notify(crate::process::ServiceState::Ready);
     let admin = match settings.admin {
         Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
         None => None,
@@ -88,7 +88,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> std:
     if let Some(admin) = admin {
         admin.abort();
     }
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    crate::process::notify(crate::process::ServiceState::Stopping);
     tracing::info!(
         open = connections.open(),
         drain_s = settings.drain.as_secs(),

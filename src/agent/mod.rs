@@ -12,4 +12,6 @@ pub mod metrics;
 pub mod pool;
 pub mod proxy_client;
 pub mod report;
+#[cfg(windows)]
+pub mod service;
 pub mod trust;

@@ -46,11 +46,43 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The forwarder as a Windows service: install, uninstall, start, stop.
+    #[cfg(windows)]
+    Service {
+        #[command(subcommand)]
+        action: ServiceAction,
+    },
     /// Print a shell completion script to stdout.
     Completions(portcullis::cli::manual::CompletionsArgs),
     /// Print the man page (roff) to stdout: `portcullis-agent man >
     /// /usr/local/share/man/man1/portcullis-agent.1`.
     Man,
+}
+
+#[cfg(windows)]
+#[derive(Subcommand)]
+enum ServiceAction {
+    /// Register the service (automatic start, LocalSystem), running `forward --config FILE`.
+    Install {
+        /// The agent config file, e.g. C:\ProgramData\Portcullis\agent.toml; checked now.
+        #[arg(long, value_name = "FILE")]
+        config: std::path::PathBuf,
+    },
+    /// Stop the service if it runs and remove it.
+    Uninstall,
+    /// Start the service; returns once it listens.
+    Start,
+    /// Stop the service; returns once it has drained.
+    Stop,
+    /// What the service control manager runs (not for use by hand).
+    #[command(hide = true)]
+    Run {
+        #[arg(long, value_name = "FILE")]
+        config: std::path::PathBuf,
+        /// Folder of the daily log files (default %ProgramData%\Portcullis\logs).
+        #[arg(long, value_name = "DIR")]
+        log_dir: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -137,6 +169,8 @@ fn main() -> ExitCode {
         Command::Check(args) => check(args),
         Command::Forward(args) => forward(args),
         Command::Status { listen, json } => status(listen, json),
+        #[cfg(windows)]
+        Command::Service { action } => service(action),
         Command::Completions(args) => portcullis::process::print_stdout(
             "portcullis-agent",
             &portcullis::cli::manual::completions(Cli::command(), args.shell),
@@ -265,6 +299,108 @@ fn forward(args: ForwardArgs) -> ExitCode {
         tracing::info!("exiting");
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// The forwarder's settings from a config file alone (the service's only input).
+#[cfg(windows)]
+fn service_settings(config: &std::path::Path) -> Result<forward::Settings, String> {
+    let options = ForwardOptions {
+        identity: config::Identity {
+            config: Some(config.to_owned()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    config::forward_settings(&options, options.identity.load_file()?)
+}
+
+#[cfg(windows)]
+fn service(action: ServiceAction) -> ExitCode {
+    use portcullis::agent::service;
+    let done = match action {
+        ServiceAction::Install { config } => match service_settings(&config) {
+            Ok(_) => service::install(&config).map(|()| {
+                println!(
+                    "installed service {}; start it with `portcullis-agent service start`",
+                    service::NAME
+                )
+            }),
+            Err(e) => return usage(e),
+        },
+        ServiceAction::Uninstall => service::uninstall(),
+        ServiceAction::Start => service::start(),
+        ServiceAction::Stop => service::stop(Duration::from_secs(30)),
+        ServiceAction::Run { config, log_dir } => return service_run(&config, log_dir),
+    };
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("portcullis-agent: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+/// The service process: JSON lines to a daily file, the forwarder until the manager stops it.
+#[cfg(windows)]
+fn service_run(config: &std::path::Path, log_dir: Option<std::path::PathBuf>) -> ExitCode {
+    let dir = log_dir.unwrap_or_else(|| {
+        std::env::var_os("ProgramData")
+            .map_or_else(|| "C:\\ProgramData".into(), std::path::PathBuf::from)
+            .join("Portcullis")
+            .join("logs")
+    });
+    let appender = std::fs::create_dir_all(&dir)
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            tracing_appender::rolling::Builder::new()
+                .rotation(tracing_appender::rolling::Rotation::DAILY)
+                .filename_prefix("agent")
+                .filename_suffix("log")
+                .max_log_files(14)
+                .build(&dir)
+                .map_err(|e| e.to_string())
+        });
+    match appender {
+        Ok(appender) => portcullis::access_log::init_to(LogFormat::Json, appender),
+        Err(e) => return usage(format!("{}: cannot write logs: {e}", dir.display())),
+    }
+    let settings = match service_settings(config) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("invalid configuration: {e}");
+            return usage(e);
+        }
+    };
+    let served = portcullis::agent::service::dispatch(move |stop| {
+        let code = portcullis::process::run("portcullis-agent", || async move {
+            let stop = async move {
+                tokio::select! {
+                    _ = stop => {}
+                    _ = portcullis::process::shutdown_signal() => {}
+                }
+            };
+            if let Err(e) = forward::run(settings, stop).await {
+                tracing::error!(error = %e, "the forwarder failed");
+                return Err(e.into());
+            }
+            tracing::info!("exiting");
+            Ok(ExitCode::SUCCESS)
+        });
+        if code == ExitCode::SUCCESS {
+            0
+        } else {
+            EXIT_FAILED
+        }
+    });
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("portcullis-agent: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
 }
 
 fn status(listen: SocketAddr, json: bool) -> ExitCode {

@@ -114,6 +114,11 @@ enum LogFormatArg {
 }
 
 fn main() -> ExitCode {
+    if cfg!(not(target_os = "linux")) {
+        // It builds elsewhere (the library is the agent's too), but only Linux is tested.
+        eprintln!("portcullis: the gateway runs on Linux; on Windows, run portcullis-agent");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::HashPassword => hash_password(),
@@ -377,8 +382,13 @@ fn config_name(path: Option<&std::path::Path>) -> String {
     path.map_or_else(|| "<built-in>".to_owned(), |p| p.display().to_string())
 }
 
+/// The gateway runs on Linux; elsewhere there is no SIGHUP (reload over `POST /reload`).
+#[cfg(not(unix))]
+async fn reload_on_sighup(_reloader: portcullis::reload::Reloader) {}
+
 /// SIGHUP (`systemctl reload`): re-read the config file and the files it names; a bad file is
 /// refused with its problems logged and the running configuration stays.
+#[cfg(unix)]
 async fn reload_on_sighup(reloader: portcullis::reload::Reloader) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hangups) = signal(SignalKind::hangup()) else {
@@ -389,8 +399,13 @@ async fn reload_on_sighup(reloader: portcullis::reload::Reloader) {
     }
 }
 
+/// No SIGUSR1 off Unix.
+#[cfg(not(unix))]
+async fn reopen_on_sigusr1(_access_file: Option<AccessFile>) {}
+
 /// SIGUSR1 (logrotate's `postrotate`): start a new access log file at the configured path.
 /// Never stops the gateway, with or without a file.
+#[cfg(unix)]
 async fn reopen_on_sigusr1(access_file: Option<AccessFile>) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut signals) = signal(SignalKind::user_defined1()) else {

@@ -10,18 +10,18 @@ use std::time::{Duration, Instant};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_portcullis-agent");
 /// A second name the test origin answers to (and the gateway allows).
-const SECOND_HOST: &str = "eastus01.afs.azure.net";
+pub(crate) const SECOND_HOST: &str = "eastus01.afs.azure.net";
 /// A name the gateway maps to the origin but no rule allows on the origin's port.
-const DENIED_HOST: &str = "denied.file.core.windows.net";
+pub(crate) const DENIED_HOST: &str = "denied.file.core.windows.net";
 const BRANCH_CERT_NAME: &str = "london-fs1.contoso.example";
 
 /// Test PKI files: CA, the gateway's certificate (for 127.0.0.1), the branch's client certificate.
-struct Files {
-    dir: tempfile::TempDir,
+pub(crate) struct Files {
+    pub(crate) dir: tempfile::TempDir,
 }
 
 impl Files {
-    fn new(pki: &Pki) -> Self {
+    pub(crate) fn new(pki: &Pki) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = pki.issue_pem(&["gateway.test", "127.0.0.1"], 2099);
         std::fs::write(dir.path().join("gateway.pem"), cert).unwrap();
@@ -34,7 +34,7 @@ impl Files {
     }
 
     /// The CA, branch certificate and key paths, as `check` and `forward` take them.
-    fn identity(&self) -> (String, String, String) {
+    pub(crate) fn identity(&self) -> (String, String, String) {
         (
             self.path("ca.pem"),
             self.path("branch.pem"),
@@ -42,7 +42,7 @@ impl Files {
         )
     }
 
-    fn path(&self, name: &str) -> String {
+    pub(crate) fn path(&self, name: &str) -> String {
         self.dir.path().join(name).display().to_string()
     }
 }
@@ -50,7 +50,7 @@ impl Files {
 /// A gateway config: TLS listener on `tls_port` (0: any) requiring client certificates from the
 /// test CA, branch london by certificate and berlin by credentials, the origin's two names
 /// allowed on its port, and all three names mapped to 127.0.0.1.
-fn gateway_config(files: &Files, origin_port: u16, tls_port: u16) -> String {
+pub(crate) fn gateway_config(files: &Files, origin_port: u16, tls_port: u16) -> String {
     let hash = portcullis::config::password::hash_password("s3cret").unwrap();
     let dir = files.dir.path().display();
     let extra = format!(
@@ -106,7 +106,7 @@ async fn agent(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, Str
     )
 }
 
-fn row<'a>(report: &'a Value, host: &str) -> &'a Value {
+pub(crate) fn row<'a>(report: &'a Value, host: &str) -> &'a Value {
     report["endpoints"]
         .as_array()
         .unwrap()
@@ -437,7 +437,12 @@ impl std::ops::DerefMut for Agent {
 
 /// curl through the agent to the origin: downloads `bytes` and checks them against the
 /// origin's hash. Returns the verified length.
-async fn curl_through(agent: SocketAddr, ca: &str, origin_port: u16, bytes: usize) -> usize {
+pub(crate) async fn curl_through(
+    agent: SocketAddr,
+    ca: &str,
+    origin_port: u16,
+    bytes: usize,
+) -> usize {
     let dir = tempfile::tempdir().unwrap();
     let body = dir.path().join("body");
     let headers = dir.path().join("headers");
@@ -473,7 +478,7 @@ async fn curl_through(agent: SocketAddr, ca: &str, origin_port: u16, bytes: usiz
 
 /// A free port below the ephemeral range (32768+): the gateway is restarted on it, and no
 /// client socket of a parallel test can take it as its local port in between.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     let seed = std::process::id() as u64 * 7919
         + std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

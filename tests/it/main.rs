@@ -24,3 +24,4 @@ mod startup;
 mod support;
 mod tls_listener;
 mod tunnel;
+mod windows;
