@@ -114,20 +114,7 @@ fn compile_rule(
     let before = p.list.len();
     let span = raw.span();
     let raw = raw.get_ref();
-    let name = raw.name.get_ref().trim().to_owned();
-    if name.is_empty()
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
-    {
-        p.add(
-            raw.name.span(),
-            format!("{key}.name"),
-            "expected a non-empty name of letters, digits, '-', '_', '.', '/'",
-        );
-    } else if !names.insert(name.clone()) {
-        p.add(raw.name.span(), format!("{key}.name"), format!("rule name {name:?} is used twice (built-in profile rules are named profile/category)"));
-    }
+    let name = rule_name(p, &raw.name, key, names);
     let category = match &raw.category {
         None => DEFAULT_CATEGORY.to_owned(),
         Some(c)
@@ -254,24 +241,7 @@ fn compile_deny(
     let before = p.list.len();
     let span = raw.span();
     let raw = raw.get_ref();
-    let name = raw.name.get_ref().trim().to_owned();
-    if name.is_empty()
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
-    {
-        p.add(
-            raw.name.span(),
-            format!("{key}.name"),
-            "expected a non-empty name of letters, digits, '-', '_', '.', '/'",
-        );
-    } else if !names.insert(name.clone()) {
-        p.add(
-            raw.name.span(),
-            format!("{key}.name"),
-            format!("rule name {name:?} is used twice (allow and deny rules share names)"),
-        );
-    }
+    let name = rule_name(p, &raw.name, key, names);
     let hosts = host_patterns(p, &raw.hosts, key);
     let addresses = cidrs(p, &raw.addresses, &format!("{key}.addresses"));
     if raw.hosts.is_empty() && raw.addresses.is_empty() {
@@ -396,4 +366,35 @@ fn rule_tags(
         }
     }
     (names, Some(Arc::new(AddressRanges::new(&prefixes))))
+}
+
+/// A rule's `name` (allow or deny: one namespace, the log line's `rule`): letters, digits and
+/// `-_./`, used once; built-in profile rules are named profile/category.
+fn rule_name(
+    p: &mut Problems<'_>,
+    raw: &Spanned<String>,
+    key: &str,
+    names: &mut HashSet<String>,
+) -> String {
+    let name = raw.get_ref().trim().to_owned();
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+    {
+        p.add(
+            raw.span(),
+            format!("{key}.name"),
+            "expected a non-empty name of letters, digits, '-', '_', '.', '/'",
+        );
+    } else if !names.insert(name.clone()) {
+        p.add(
+            raw.span(),
+            format!("{key}.name"),
+            format!(
+                "rule name {name:?} is used twice (allow and deny rules share names; built-in profile rules are named profile/category)"
+            ),
+        );
+    }
+    name
 }
