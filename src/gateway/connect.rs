@@ -382,6 +382,11 @@ async fn handle(
     // kept across the awaits above, it would enlarge every idle tunnel's future).
     let category = record.category.as_deref().unwrap_or("none");
     let meter = gw.tunnel_series(identity, category).bytes;
+    // What moved before the relay (early data, a checked ClientHello and the origin's first
+    // record) is counted here too, so the access record has nothing left to count at the end
+    // (which would look the series up again, with label strings, for every checked tunnel).
+    meter.up.inc_by(record.bytes_up);
+    meter.down.inc_by(record.bytes_down);
     // Plain clients splice; TLS clients go through the buffered copy (bytes must be decrypted).
     let outcome = if let ClientStream::Plain(tcp) = client {
         tunnel::relay_tcp(tcp, &mut upstream, timeouts.idle, stops, pacers, meter).await
@@ -390,8 +395,8 @@ async fn handle(
     };
     record.bytes_up += outcome.bytes_up;
     record.bytes_down += outcome.bytes_down;
-    record.metered_up = outcome.bytes_up;
-    record.metered_down = outcome.bytes_down;
+    record.metered_up = record.bytes_up;
+    record.metered_down = record.bytes_down;
     record.end = outcome.end;
     Ok(())
 }
