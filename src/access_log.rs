@@ -28,6 +28,7 @@ macro_rules! access_line {
             rule = $r.rule.as_deref(),
             category = $r.category.as_deref(),
             sni = $r.sni.as_deref(),
+            new_destination = $r.new_destination.then_some(true),
             reason = $r.reason.as_str(),
             status = $r.status,
             bytes_up = $r.bytes_up,
@@ -61,6 +62,8 @@ pub struct AccessRecord {
     /// ClientHello's, after a HelloRetryRequest, when it names another server).
     pub sni: Option<String>,
     pub category: Option<String>,
+    /// The branch's first tunnel to this name under a rule that learns.
+    pub new_destination: bool,
     pub reason: String,
     /// The status sent to the client; 0 when none was (the client went away first).
     pub status: u16,

@@ -6,6 +6,9 @@
 //! | `GET /healthz` | 200 while the process runs |
 //! | `GET /readyz` | 200 when serving, 503 while draining |
 //! | `POST /reload` | from loopback only: reload the config file (200, or 422 with its problems) |
+//! | `GET /learned[?branch=B]` | the learned destinations, in the state file's JSON format |
+//! | `POST /learned/approve?branch=B&host=H[:P][&rule=R]` | from loopback only: learn a destination (saved before the answer) |
+//! | `POST /learned/forget?branch=B&host=H[:P][&rule=R]` | from loopback only: forget one (every port without `:P`) |
 
 use crate::admin_http::{Answer, Ask};
 use crate::reload::Reloader;
@@ -33,9 +36,56 @@ fn route(ask: &Ask<'_>, reloader: &Reloader, draining: &AtomicBool) -> Answer {
             Ok(()) => Answer::text(200, "reloaded\n"),
             Err(problems) => Answer::text(422, format!("{problems}\n")),
         },
+        ("GET", "/learned") => {
+            let gateway = reloader.current.load();
+            let rows = gateway.learned.rows(ask.param("branch").as_deref());
+            let mut answer = Answer::text(200, "");
+            answer.content_type = "application/json";
+            answer.body =
+                String::from_utf8_lossy(&crate::learned::state_file::render(&rows)).into_owned();
+            answer
+        }
+        ("POST", "/learned/approve" | "/learned/forget") if !ask.from_loopback => {
+            Answer::text(403, "changes only from loopback\n")
+        }
+        ("POST", "/learned/approve") => learned_change(ask, reloader, true),
+        ("POST", "/learned/forget") => learned_change(ask, reloader, false),
         ("GET", "/healthz") => Answer::text(200, "ok\n"),
         ("GET", "/readyz") if draining.load(Ordering::Relaxed) => Answer::text(503, "draining\n"),
         ("GET", "/readyz") => Answer::text(200, "ready\n"),
         _ => Answer::not_found(),
+    }
+}
+
+/// `approve` (else forget) a destination on the running gateway, saved before the answer.
+fn learned_change(ask: &Ask<'_>, reloader: &Reloader, approve: bool) -> Answer {
+    use crate::learned::ops;
+    let gateway = reloader.current.load();
+    let (Some(branch), Some(host)) = (ask.param("branch"), ask.param("host")) else {
+        return Answer::text(400, "expected ?branch=B&host=HOST[:PORT][&rule=R]\n");
+    };
+    let rule = ask.param("rule");
+    let (config, learned) = (&gateway.config, &*gateway.learned);
+    let done = if approve {
+        ops::destination(&host).and_then(|(name, port)| {
+            ops::approve(config, learned, &branch, (&name, port), rule.as_deref())
+        })
+    } else {
+        ops::destination_any_port(&host).and_then(|(name, port)| {
+            ops::forget(config, learned, &branch, (&name, port), rule.as_deref())
+        })
+    };
+    match done {
+        Ok(text) => match learned.save() {
+            Ok(()) => {
+                tracing::info!(%branch, %host, change = if approve { "approve" } else { "forget" }, "learned destinations changed by the operator");
+                Answer::text(200, text)
+            }
+            Err(e) => Answer::text(
+                500,
+                format!("{text}but saving the state file failed: {e}\n"),
+            ),
+        },
+        Err((status, why)) => Answer::text(status, format!("{why}\n")),
     }
 }

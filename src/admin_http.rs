@@ -20,6 +20,8 @@ const CONNECTION_TIME: Duration = Duration::from_secs(30);
 pub struct Ask<'a> {
     pub method: &'a str,
     pub path: &'a str,
+    /// The query string (after `?`), if any.
+    pub query: Option<&'a str>,
     /// The client is on loopback (changes are taken only from there).
     pub from_loopback: bool,
     /// The `Accept` header asks for OpenMetrics text (Prometheus does).
@@ -31,6 +33,51 @@ pub struct Answer {
     pub status: u16,
     pub content_type: &'static str,
     pub body: String,
+}
+
+impl Ask<'_> {
+    /// The query parameter `name`, percent-decoded (`+` is a space).
+    pub fn param(&self, name: &str) -> Option<String> {
+        self.query?.split('&').find_map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (key == name).then(|| percent_decode(value))
+        })
+    }
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = bytes
+            .get(i + 1..i + 3)
+            .filter(|_| bytes[i] == b'%')
+            .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok());
+        match (escaped, bytes[i]) {
+            (Some(b), _) => {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+            (None, b'+') => out.push(b' '),
+            (None, b) => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `text` with everything but unreserved characters percent-encoded (a query value).
+pub fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 impl Answer {
@@ -93,6 +140,7 @@ where
                 let answer = routes(&Ask {
                     method: req.method().as_str(),
                     path: req.uri().path(),
+                    query: req.uri().query(),
                     from_loopback,
                     open_metrics,
                 });

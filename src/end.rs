@@ -46,6 +46,8 @@ pub enum End {
     // What the policy and the destination wall say.
     PolicyDenied,
     DestinationForbidden,
+    /// A `learn = "enforce"` rule: the branch never used this name under the rule.
+    NotLearned,
     // Resolving and dialling.
     DnsFailed,
     DnsTimeout,
@@ -91,6 +93,7 @@ impl End {
         End::BranchTunnelLimit,
         End::PolicyDenied,
         End::DestinationForbidden,
+        End::NotLearned,
         End::DnsFailed,
         End::DnsTimeout,
         End::ConnectFailed,
@@ -133,6 +136,7 @@ impl End {
             End::BranchTunnelLimit => "branch_tunnel_limit",
             End::PolicyDenied => "policy_denied",
             End::DestinationForbidden => "destination_forbidden",
+            End::NotLearned => "not_learned",
             End::DnsFailed => "dns_failed",
             End::DnsTimeout => "dns_timeout",
             End::ConnectFailed => "connect_failed",
@@ -151,9 +155,11 @@ impl End {
     pub fn status(self) -> Option<u16> {
         Some(match self {
             End::BadRequest => 400,
-            End::ClientDenied | End::NoBranch | End::PolicyDenied | End::DestinationForbidden => {
-                403
-            }
+            End::ClientDenied
+            | End::NoBranch
+            | End::PolicyDenied
+            | End::DestinationForbidden
+            | End::NotLearned => 403,
             End::MethodNotAllowed => 405,
             End::AuthRequired | End::AuthFailed => 407,
             End::HeadTimeout => 408,
@@ -203,6 +209,7 @@ impl End {
                 | End::PendingHeadsLimit
                 | End::PolicyDenied
                 | End::DestinationForbidden
+                | End::NotLearned
                 | End::SniMismatch
                 | End::SniMissing
                 | End::NotTls

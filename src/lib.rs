@@ -11,6 +11,8 @@
 //!   destination wall, the built-in profiles. Pure: no I/O, no clock.
 //! - [`bandwidth`]: schedules, bucket arithmetic, per-tunnel gates and paced IO, budgets.
 //! - [`config`]: the operator's TOML compiled once into a validated [`config::Config`].
+//! - [`learned`]: the destinations each branch used under rules that learn, and their state
+//!   file.
 //! - [`fleet`]: fleet mode, limits shared with the other replicas through Redis (only with
 //!   `[fleet]`).
 //! - [`tunnel`], [`stream`]: the byte copy (buffered and spliced) with half-close, idle check
@@ -33,6 +35,7 @@ pub mod config;
 pub mod end;
 pub mod fleet;
 pub mod gateway;
+pub mod learned;
 pub mod metrics;
 pub mod policy;
 pub mod process;

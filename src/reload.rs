@@ -81,6 +81,9 @@ impl Reloader {
         }
         let next = Arc::new(Gateway::replacing(config, Some(&previous))?);
         next.metrics.reloaded(true);
+        if let Err(error) = next.learned.claim() {
+            tracing::warn!(%error, "learned destinations are not saved");
+        }
         self.current.store(next.clone());
         self.connections
             .resize(next.config.limits.connection_limit());

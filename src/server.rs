@@ -43,6 +43,8 @@ impl Server {
     /// Binds every `listen.proxy` and `listen.tls_proxy` address; fails on the first that
     /// cannot be bound.
     pub async fn bind(gateway: Gateway, config_path: Option<PathBuf>) -> std::io::Result<Self> {
+        // This process owns the learned destinations' state file while it runs.
+        gateway.learned.claim().map_err(std::io::Error::other)?;
         let mut listeners = Vec::new();
         let config = &gateway.config;
         for (addr, tls_index) in listener_keys(&config.listen) {
@@ -136,6 +138,8 @@ impl Server {
                 current.load().forget_idle_counters();
             }
         });
+        let learned = self.current.load().learned.clone();
+        background.spawn(crate::learned::keep_saved(learned.clone()));
         background.spawn(retune_on_schedule(
             self.current.clone(),
             |gateway: &Gateway| &gateway.throttles,
@@ -152,6 +156,7 @@ impl Server {
                 lease_ms = fleet.settings.lease.as_millis() as u64,
                 "fleet mode: limits are shared through Redis"
             );
+            background.spawn(crate::fleet::learned::run(fleet.clone(), learned.clone()));
             tokio::spawn(crate::fleet::refresh::run(
                 fleet.clone(),
                 self.current.clone(),
@@ -225,6 +230,8 @@ impl Server {
                 }
             }
         }
+        // What the drained tunnels learned is kept.
+        crate::learned::save_logged(&learned).await;
         if let Some(task) = admin_task {
             task.abort();
         }

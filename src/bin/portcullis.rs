@@ -91,10 +91,56 @@ enum Command {
         #[arg(value_name = "HOST:PORT|http://HOST[:PORT]/PATH")]
         target: String,
     },
+    /// The destinations each branch used under rules with `learn`: list them, approve one,
+    /// forget one. On a running gateway through its admin listener (in force at once), else
+    /// on the state file in `state_dir`.
+    Learned {
+        #[command(subcommand)]
+        action: LearnedAction,
+        /// The gateway's config file: its `state_dir`, rules and admin listener. Without it,
+        /// the built-in gateway's.
+        #[arg(long, value_name = "FILE", global = true)]
+        config: Option<PathBuf>,
+        /// Ask this admin listener, whether or not the state file's lock is free.
+        #[arg(long, value_name = "IP:PORT", global = true)]
+        admin: Option<std::net::SocketAddr>,
+    },
     /// Print a shell completion script to stdout.
     Completions(portcullis::cli::manual::CompletionsArgs),
     /// Print the man page (roff) to stdout: `portcullis man > /usr/local/share/man/man1/portcullis.1`.
     Man,
+}
+
+#[derive(Subcommand)]
+enum LearnedAction {
+    /// Print the learned destinations: branch, rule, host:port, tunnels, first and last seen.
+    List {
+        /// Only this branch's.
+        #[arg(long, value_name = "NAME")]
+        branch: Option<String>,
+        /// Print the state file's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Learn HOST[:PORT] (443 by default) for a branch, as if it had used it.
+    Approve {
+        #[arg(long, value_name = "NAME")]
+        branch: String,
+        /// The rule to learn it under; default: the rule the policy picks for the branch.
+        #[arg(long, value_name = "RULE")]
+        rule: Option<String>,
+        #[arg(value_name = "HOST[:PORT]")]
+        host: String,
+    },
+    /// Forget HOST (every port) or HOST:PORT for a branch (under every rule, or --rule).
+    Forget {
+        #[arg(long, value_name = "NAME")]
+        branch: String,
+        #[arg(long, value_name = "RULE")]
+        rule: Option<String>,
+        #[arg(value_name = "HOST[:PORT]")]
+        host: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -133,6 +179,11 @@ fn main() -> ExitCode {
             branch,
         } => schedule(config.as_deref(), at.as_deref(), branch.as_deref()),
         Command::Health { admin, path } => health(admin, &path),
+        Command::Learned {
+            action,
+            config,
+            admin,
+        } => learned(config.as_deref(), admin, &action),
         Command::CheckConfig { file } => {
             use portcullis::cli::check_config;
             match check_config::check(&file, jiff::Timestamp::now()) {
@@ -353,6 +404,43 @@ fn health(admin: std::net::SocketAddr, path: &str) -> ExitCode {
         }
         Err(e) => {
             eprintln!("portcullis: {admin}: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn learned(
+    config_path: Option<&std::path::Path>,
+    admin: Option<std::net::SocketAddr>,
+    action: &LearnedAction,
+) -> ExitCode {
+    use portcullis::cli::learned::{Change, run};
+    let config = match load(config_path) {
+        Ok(config) => config,
+        Err(e) => return config_failure(&e),
+    };
+    let (change, branch, rule) = match action {
+        LearnedAction::List { branch, json } => {
+            (Change::List { json: *json }, branch.as_deref(), None)
+        }
+        LearnedAction::Approve { branch, rule, host } => (
+            Change::Approve { host },
+            Some(branch.as_str()),
+            rule.as_deref(),
+        ),
+        LearnedAction::Forget { branch, rule, host } => (
+            Change::Forget { host },
+            Some(branch.as_str()),
+            rule.as_deref(),
+        ),
+    };
+    match run(&config, admin, &change, branch, rule) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("portcullis: {e}");
             ExitCode::from(1)
         }
     }

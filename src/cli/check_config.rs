@@ -256,6 +256,18 @@ fn policy(out: &mut String, config: &Config) {
         );
     }
     let _ = writeln!(out, "categories: {}", config.policy.categories().join(", "));
+    if config
+        .policy
+        .rules
+        .iter()
+        .any(|r| r.learn != crate::policy::Learn::Off)
+    {
+        let _ = writeln!(
+            out,
+            "learned destinations: {}",
+            config.state_dir.join(crate::learned::FILE_NAME).display()
+        );
+    }
     if !config.policy.denies.is_empty() {
         let _ = writeln!(
             out,
@@ -307,6 +319,14 @@ fn policy(out: &mut String, config: &Config) {
         let _ = writeln!(out, "    sni: {}", sni_modes(config, rule));
         if !rule.service_tags.is_empty() {
             let _ = writeln!(out, "    service_tags: {}", rule.service_tags.join(", "));
+        }
+        if rule.learn != crate::policy::Learn::Off {
+            let _ = writeln!(
+                out,
+                "    learn: {} (names under its wildcards, per branch, at most {})",
+                rule.learn.as_str(),
+                config.policy.learn_limit
+            );
         }
     }
 }

@@ -115,6 +115,9 @@ pub async fn explain(gw: &Gateway, from: IpAddr, target: &Target, lane: bool) ->
                 if let Some(line) = bandwidth(gw, branch, &rule.category) {
                     let _ = writeln!(out, "bandwidth: {line}");
                 }
+                if let Some(known) = plan.learned {
+                    let _ = writeln!(out, "learned:  {}", learned(rule.learn, known));
+                }
             }
             None => {
                 let _ = writeln!(out, "rule:     none");
@@ -171,4 +174,16 @@ pub async fn explain(gw: &Gateway, from: IpAddr, target: &Target, lane: bool) ->
         }
     };
     (out, allowed)
+}
+
+/// What a learning rule does with the name for this branch.
+fn learned(mode: crate::policy::Learn, known: bool) -> &'static str {
+    use crate::policy::Learn;
+    match (mode, known) {
+        (_, true) => "yes: the branch has used (or was approved for) this destination",
+        (Learn::Enforce, false) => {
+            "no: refused (learn = \"enforce\"; `portcullis learned approve` admits it)"
+        }
+        (_, false) => "no: its first tunnel is flagged new_destination (learn = \"record\")",
+    }
 }

@@ -6,6 +6,7 @@
 pub mod afs_import;
 pub mod check_config;
 pub mod explain;
+pub mod learned;
 pub mod manual;
 pub mod schedule_table;
 

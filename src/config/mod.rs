@@ -6,6 +6,7 @@
 
 mod branches;
 pub mod fleet;
+pub mod learning;
 mod listen;
 mod parse_errors;
 pub mod password;
@@ -95,6 +96,9 @@ pub struct Config {
     pub warnings: Vec<Problem>,
     /// Present with `[fleet]`: limits are shared with the other replicas through Redis.
     pub fleet: Option<FleetSettings>,
+    /// Where learned destinations are kept (`state_dir/learned.json`); used only when a rule
+    /// learns.
+    pub state_dir: std::path::PathBuf,
 }
 
 /// A branch office: who it is (networks, credentials, certificate names) and what it may do.
@@ -427,5 +431,6 @@ fn compile(
         tls,
         warnings: Vec::new(),
         fleet,
+        state_dir: learning::state_dir(p, raw.state_dir.as_ref(), paths),
     }
 }

@@ -2,7 +2,7 @@
 //! problem found later can name its line. Nothing here is validated; `compile` does that.
 
 use super::{ClientCertificates, LogFormat};
-use crate::policy::{Mode, OnReload, SniMode};
+use crate::policy::{Learn, Mode, OnReload, SniMode};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use toml::Spanned;
@@ -20,6 +20,8 @@ pub(super) struct RawConfig {
     pub(super) branch: Vec<Spanned<RawBranch>>,
     pub(super) schedule: Vec<Spanned<RawSchedule>>,
     pub(super) fleet: Option<Spanned<super::fleet::RawFleet>>,
+    /// Where the gateway keeps what it learns (learned destinations).
+    pub(super) state_dir: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -94,6 +96,9 @@ pub(super) struct RawPolicy {
     pub(super) allow_unassigned: bool,
     pub(super) sni: Option<SniMode>,
     pub(super) on_reload: Option<OnReload>,
+    /// `"RULE" = "record" | "enforce" | "off"`: learning for rules by name (a profile's too).
+    pub(super) learn: BTreeMap<Spanned<String>, Spanned<Learn>>,
+    pub(super) learn_limit: Option<Spanned<u32>>,
 }
 
 /// `[[policy.deny]]`.
@@ -125,6 +130,7 @@ pub(super) struct RawRule {
     #[serde(default)]
     pub(super) plain_http: bool,
     pub(super) service_tags: Option<Vec<Spanned<String>>>,
+    pub(super) learn: Option<Learn>,
 }
 
 #[derive(Deserialize, Default)]

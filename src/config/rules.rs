@@ -7,7 +7,7 @@ use super::values::cidrs;
 use super::{DEFAULT_CATEGORY, DEFAULT_PROFILE, DEFAULT_RULE_PORTS};
 use crate::policy::host::HostPattern;
 use crate::policy::service_tags::{AddressRanges, ServiceTags};
-use crate::policy::{DenyRule, Mode, OnReload, Policy, Rule, SniMode, TagsFile, profiles};
+use crate::policy::{DenyRule, Learn, Mode, OnReload, Policy, Rule, SniMode, TagsFile, profiles};
 use std::collections::HashSet;
 use std::sync::Arc;
 use toml::Spanned;
@@ -64,6 +64,13 @@ pub(super) fn compile_policy(
         }
     }
     rules.extend(profile_rules);
+    let set_in_rule: HashSet<&str> = raw
+        .allow
+        .iter()
+        .filter(|r| r.get_ref().learn.is_some())
+        .map(|r| r.get_ref().name.get_ref().as_str())
+        .collect();
+    super::learning::apply_table(p, &raw.learn, &mut rules, &set_in_rule);
     let denies = raw
         .deny
         .iter()
@@ -78,6 +85,7 @@ pub(super) fn compile_policy(
         allow_unassigned: raw.allow_unassigned,
         sni: raw.sni.unwrap_or(SniMode::Match),
         on_reload: raw.on_reload.unwrap_or(OnReload::Keep),
+        learn_limit: super::learning::limit(p, raw.learn_limit.as_ref()),
     };
     (policy, profiles_used)
 }
@@ -101,6 +109,7 @@ fn profile_rule(profile: &'static str, entry: &profiles::Entry) -> Rule {
         plain_http: entry.category == "revocation",
         service_tags: Vec::new(),
         tag_ranges: None,
+        learn: Learn::Off,
     }
 }
 
@@ -146,7 +155,7 @@ fn compile_rule(
     );
     if raw.hosts.is_empty() && raw.addresses.is_empty() {
         p.add(
-            span,
+            span.clone(),
             key,
             "a rule needs `hosts` (names) or `addresses` (CIDRs for IP-literal targets)",
         );
@@ -155,6 +164,13 @@ fn compile_rule(
         None => (Vec::new(), None),
         Some(list) => rule_tags(p, list, key, tags),
     };
+    if raw.plain_http && raw.learn.is_some_and(|l| l != Learn::Off) {
+        p.add(
+            span.clone(),
+            format!("{key}.learn"),
+            "a plain-HTTP rule (revocation lists, OCSP) is not learned",
+        );
+    }
     if p.list.len() > before {
         return None;
     }
@@ -176,6 +192,7 @@ fn compile_rule(
         plain_http: raw.plain_http,
         service_tags,
         tag_ranges,
+        learn: raw.learn.unwrap_or_default(),
     })
 }
 

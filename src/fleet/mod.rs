@@ -7,6 +7,7 @@
 //! a failed refresh for the lease, then `fallback_share` of each limit applies. Only exists
 //! with `[fleet]`: without it there is no client, no task, no metric.
 
+pub mod learned;
 pub mod link;
 pub mod metrics;
 pub mod refresh;

@@ -328,6 +328,12 @@ async fn handle(
         .map_err(|_| Refusal::after_reply(End::ClientError, "client went away before 200"))?;
     record.status = 200;
     record.reason = plan.decision.why().into_owned();
+    if let Some(rule) = plan.decision.rule
+        && let Some(name) = rule.learns(&req.target.host)
+    {
+        record.new_destination =
+            gw.note_destination(identity, rule, name.as_str(), req.target.port);
+    }
     let category = record.category.as_deref().unwrap_or("none");
     let active = gw.tunnel_series(identity, category).active;
     active.inc();

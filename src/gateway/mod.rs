@@ -32,7 +32,10 @@ pub use revocable::Revocable;
 use crate::bandwidth::Throttles;
 use crate::config::{Config, UNASSIGNED};
 use crate::fleet::Fleet;
+use crate::learned::metrics::LearnedMetrics;
+use crate::learned::{Learned, Noted};
 use crate::metrics::{Metrics, TunnelSeries};
+use crate::policy::{Learn, Rule};
 use governor::{DefaultKeyedRateLimiter, Quota};
 use identity::{Identifier, Identity};
 use resolve::Resolver;
@@ -74,6 +77,8 @@ pub struct Gateway {
     /// With `[fleet]`: limits shared with the other replicas; one per process, made with the
     /// first snapshot (a reload keeps it: `[fleet]` changes apply at restart).
     pub fleet: Option<Arc<Fleet>>,
+    /// Destinations each branch used under rules that learn; shared by every snapshot.
+    pub learned: Arc<Learned>,
 }
 
 impl Gateway {
@@ -85,13 +90,14 @@ impl Gateway {
     /// by branch name; everything else is built afresh from `config` and the files it names.
     pub fn replacing(config: Config, previous: Option<&Gateway>) -> Result<Self, String> {
         let resolver = Resolver::new(&config.resolver)?;
-        let (metrics, fleet) = match previous {
+        let (metrics, fleet, learned) = match previous {
             Some(p) => {
                 fleet_changed(p, &config);
-                (p.metrics.clone(), p.fleet.clone())
+                (p.metrics.clone(), p.fleet.clone(), p.learned.clone())
             }
             None => {
                 let mut metrics = Metrics::new(crate::policy::profiles::VERSION);
+                let learned = Learned::new(LearnedMetrics::register(metrics.registry_mut()));
                 let fleet = match &config.fleet {
                     None => None,
                     Some(settings) => Some(Arc::new(Fleet::new(
@@ -99,9 +105,10 @@ impl Gateway {
                         metrics.registry_mut(),
                     )?)),
                 };
-                (Arc::new(metrics), fleet)
+                (Arc::new(metrics), fleet, Arc::new(learned))
             }
         };
+        learned.open(&config)?;
         let identifier = Identifier::new(&config, fleet.clone());
         let open_tunnels = config
             .branches
@@ -148,6 +155,20 @@ impl Gateway {
         );
         let categories = config.policy.categories();
         metrics.expect_series(&branch_names, &categories);
+        for (i, rule) in config.policy.rules.iter().enumerate() {
+            if rule.learn == Learn::Off {
+                continue;
+            }
+            for (b, branch) in branch_names.iter().enumerate() {
+                let may = config
+                    .branches
+                    .get(b)
+                    .and_then(|b| b.allowed_rules.as_ref());
+                if may.is_none_or(|allowed| allowed[i]) {
+                    learned.metrics.expect(branch, &rule.name);
+                }
+            }
+        }
         let tunnel_series = branch_names
             .iter()
             .map(|branch| {
@@ -186,7 +207,22 @@ impl Gateway {
             closing: previous.map_or_else(Default::default, |p| p.closing.clone()),
             connect_rate,
             fleet,
+            learned,
         })
+    }
+
+    /// A tunnel of `identity` to `host:port` under `rule`, which learns, has opened: counted,
+    /// learned when new (record). True when it is the branch's first to it.
+    pub fn note_destination(&self, identity: Identity, rule: &Rule, host: &str, port: u16) -> bool {
+        let branch = identity::name(&self.config.branches, identity);
+        let noted = self.learned.note(
+            (branch, &rule.name),
+            host,
+            port,
+            rule.learn,
+            self.config.policy.learn_limit,
+        );
+        matches!(noted, Noted::New | Noted::Full)
     }
 
     /// Forgets idle per-address rate-limit state; the server calls this now and then.

@@ -8,7 +8,7 @@ use super::refusal::{End, Refusal};
 use super::resolve::ResolveError;
 use crate::policy::destination;
 use crate::policy::host::{Host, Target};
-use crate::policy::{Decision, OUTSIDE_SERVICE_TAGS, Verdict};
+use crate::policy::{Decision, Learn, Mode, OUTSIDE_SERVICE_TAGS, Verdict};
 use std::net::IpAddr;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -36,6 +36,8 @@ pub struct Plan<'g> {
     pub resolve_time: Option<Duration>,
     /// Set when the request must be refused; otherwise dial the candidates that passed.
     pub refusal: Option<Refusal>,
+    /// Under a rule that learns this name: whether the client's branch learned it.
+    pub learned: Option<bool>,
 }
 
 impl Plan<'_> {
@@ -82,6 +84,7 @@ pub async fn plan<'g>(
         source: None,
         candidates: Vec::new(),
         refusal: None,
+        learned: None,
     };
     if !plan.client_allowed {
         plan.refusal = Some(Refusal::new(
@@ -91,7 +94,22 @@ pub async fn plan<'g>(
         return plan;
     }
     match who {
-        Ok(identity) => plan.identity = Some(identity),
+        Ok(identity) => {
+            plan.identity = Some(identity);
+            if let Some(rule) = decision.rule
+                && let Some(name) = rule.learns(&target.host)
+            {
+                let branch = identity::name(&gw.config.branches, identity);
+                let known = gw
+                    .learned
+                    .knows(branch, &rule.name, name.as_str(), target.port);
+                plan.learned = Some(known);
+                if !known && rule.learn == Learn::Enforce {
+                    decision = not_learned(decision, gw.config.policy.mode);
+                    plan.decision = decision;
+                }
+            }
+        }
         Err(refused) => {
             plan.refusal = Some(Refusal::unidentified(
                 refused,
@@ -101,7 +119,11 @@ pub async fn plan<'g>(
         }
     }
     if decision.verdict == Verdict::Deny {
-        plan.refusal = Some(Refusal::new(End::PolicyDenied, decision.why()));
+        let end = match decision.reason {
+            NOT_LEARNED => End::NotLearned,
+            _ => End::PolicyDenied,
+        };
+        plan.refusal = Some(Refusal::new(end, decision.why()));
         return plan;
     }
     let addrs = match &target.host {
@@ -150,6 +172,20 @@ pub async fn plan<'g>(
         plan.refusal = Some(Refusal::new(End::DestinationForbidden, reason));
     }
     plan
+}
+
+/// Why a `learn = "enforce"` rule refuses a name the branch did not learn.
+pub const NOT_LEARNED: &str = "destination not learned for this branch";
+
+/// `decision` for a name its rule does not know for the branch: denied (the rule still
+/// named), or in report mode let through as `would_deny`.
+fn not_learned(mut decision: Decision<'_>, mode: Mode) -> Decision<'_> {
+    decision.verdict = match mode {
+        Mode::Enforce => Verdict::Deny,
+        Mode::Report => Verdict::WouldDeny,
+    };
+    decision.reason = NOT_LEARNED;
+    decision
 }
 
 /// Awaits `work`, storing how long it took.

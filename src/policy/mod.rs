@@ -88,6 +88,33 @@ pub struct Rule {
     /// to must lie in, and those prefixes merged; empty and `None` without `service_tags`.
     pub service_tags: Vec<String>,
     pub tag_ranges: Option<std::sync::Arc<service_tags::AddressRanges>>,
+    /// Whether the exact names a branch uses under this rule's wildcards are learned, and
+    /// whether only learned names pass.
+    pub learn: Learn,
+}
+
+/// A rule's learning of destinations per branch (`learn` on an allow rule, or
+/// `policy.learn."RULE"` for a profile's rule).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Learn {
+    /// Nothing is kept; the rule pays nothing.
+    #[default]
+    Off,
+    /// Everything the rule allows passes; a branch's first tunnel to a name is flagged.
+    Record,
+    /// Only names learned (recorded or approved) for the branch pass.
+    Enforce,
+}
+
+impl Learn {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Learn::Off => "off",
+            Learn::Record => "record",
+            Learn::Enforce => "enforce",
+        }
+    }
 }
 
 /// Why a resolved address is refused when it lies outside its rule's service tags.
@@ -110,6 +137,24 @@ pub struct TagsFile {
 }
 
 impl Rule {
+    /// Whether a tunnel to `host` under this rule is learned: only names that one of its
+    /// wildcards admits (a name the rule lists exactly is pinned already; IP literals are
+    /// listed by CIDR).
+    pub fn learns<'h>(&self, host: &'h Host) -> Option<&'h host::DnsName> {
+        match host {
+            Host::Name(name)
+                if self.learn != Learn::Off
+                    && !self
+                        .hosts
+                        .iter()
+                        .any(|p| matches!(p, HostPattern::Exact(_)) && p.matches(name)) =>
+            {
+                Some(name)
+            }
+            _ => None,
+        }
+    }
+
     fn matches_host(&self, host: &Host) -> bool {
         match host {
             Host::Name(name) => self.hosts.iter().any(|p| p.matches(name)),
@@ -206,6 +251,8 @@ pub struct Policy {
     pub sni: SniMode,
     /// What a reload does to open tunnels.
     pub on_reload: OnReload,
+    /// Destinations learned per branch and rule, at most.
+    pub learn_limit: usize,
 }
 
 /// What a reload does to tunnels that are already open.
@@ -354,6 +401,7 @@ mod tests {
             plain_http: false,
             service_tags: Vec::new(),
             tag_ranges: None,
+            learn: Learn::Off,
         }
     }
 
@@ -366,6 +414,7 @@ mod tests {
             rules,
             denies: Vec::new(),
             service_tags_file: None,
+            learn_limit: 256,
         }
     }
 

@@ -1,0 +1,551 @@
+//! Learned destinations: per branch and rule, the exact names (and ports) a branch used under
+//! the rule's wildcards, with when they were first and last used and how often. Under
+//! `learn = "record"` a branch's first tunnel to a name is flagged (`new_destination`, a
+//! metric); under `"enforce"` only learned names pass. One store per process, shared by every
+//! snapshot: kept in `state_dir/learned.json` ([`state_file`]), saved by [`keep_saved`], and in
+//! fleet mode shared through Redis (the fleet's `learned` module). A tunnel costs one lock and three
+//! hash probes, and only under a rule that learns.
+
+pub mod metrics;
+pub mod ops;
+pub mod state_file;
+
+use crate::policy::Learn;
+use metrics::LearnedMetrics;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// One destination of a branch under a rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub port: u16,
+    /// Unix seconds.
+    pub first_seen: i64,
+    pub last_seen: i64,
+    /// Tunnels opened to it (on this replica, since it was learned).
+    pub count: u64,
+    /// Added by an operator (`learned approve`) rather than by a tunnel.
+    pub approved: bool,
+    /// Known to be in Redis (fleet mode): only such entries are dropped when Redis lacks them.
+    pub shared: bool,
+}
+
+/// A destination with its place, as listed and saved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Row {
+    pub branch: String,
+    pub rule: String,
+    pub host: String,
+    pub seen: Seen,
+}
+
+/// What noting a tunnel found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Noted {
+    /// Learned before: counted.
+    Known,
+    /// The branch's first tunnel to it: learned now (record).
+    New,
+    /// New, but the set is full: not learned (record lets it pass, logged).
+    Full,
+    /// Not learned and not learnable here (enforce; forgotten since the request was planned).
+    Unknown,
+}
+
+/// One branch's destinations under one rule: host, then its ports.
+#[derive(Default, Debug)]
+struct Set {
+    hosts: HashMap<Box<str>, Vec<Seen>>,
+    /// Destinations (host and port pairs) held.
+    len: usize,
+    /// A warning about the set being full was logged (once until it has room again).
+    full_logged: bool,
+}
+
+impl Set {
+    fn get_mut(&mut self, host: &str, port: u16) -> Option<&mut Seen> {
+        self.hosts
+            .get_mut(host)?
+            .iter_mut()
+            .find(|s| s.port == port)
+    }
+
+    fn insert(&mut self, host: &str, seen: Seen) {
+        self.hosts.entry(host.into()).or_default().push(seen);
+        self.len += 1;
+    }
+
+    fn remove(&mut self, host: &str, port: Option<u16>) -> usize {
+        let Some(ports) = self.hosts.get_mut(host) else {
+            return 0;
+        };
+        let before = ports.len();
+        ports.retain(|s| port.is_some_and(|p| p != s.port));
+        let removed = before - ports.len();
+        if ports.is_empty() {
+            self.hosts.remove(host);
+        }
+        self.len -= removed;
+        self.full_logged = false;
+        removed
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// Branch, then rule.
+    sets: HashMap<String, HashMap<String, Set>>,
+    /// `state_dir/learned.json`, once a snapshot with a learning rule opened the store.
+    file: Option<PathBuf>,
+    /// Changed since the last save.
+    dirty: bool,
+    /// Fleet mode: destinations Redis holds that were forgotten here (Redis drops them next).
+    forgotten: Vec<Row>,
+}
+
+impl State {
+    fn set_mut(&mut self, branch: &str, rule: &str) -> &mut Set {
+        if !self.sets.contains_key(branch) {
+            self.sets.insert(branch.to_owned(), HashMap::new());
+        }
+        let rules = self.sets.get_mut(branch).expect("inserted above");
+        if !rules.contains_key(rule) {
+            rules.insert(rule.to_owned(), Set::default());
+        }
+        rules.get_mut(rule).expect("inserted above")
+    }
+
+    fn set(&self, branch: &str, rule: &str) -> Option<&Set> {
+        self.sets.get(branch)?.get(rule)
+    }
+}
+
+/// The process's learned destinations.
+pub struct Learned {
+    state: Mutex<State>,
+    /// Membership changed: save soon.
+    changed: tokio::sync::Notify,
+    /// Held while this process owns `state_dir` (the gateway, not `explain` or the CLI).
+    lock: Mutex<Option<std::fs::File>>,
+    pub metrics: LearnedMetrics,
+}
+
+/// The state file's name under `state_dir`.
+pub const FILE_NAME: &str = "learned.json";
+/// Taken (`flock`) by the gateway that owns `state_dir`.
+pub const LOCK_NAME: &str = "learned.lock";
+
+/// Unix seconds now.
+pub fn now() -> i64 {
+    jiff::Timestamp::now().as_second()
+}
+
+impl Learned {
+    pub fn new(metrics: LearnedMetrics) -> Self {
+        Self {
+            state: Mutex::default(),
+            changed: tokio::sync::Notify::new(),
+            lock: Mutex::new(None),
+            metrics,
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Loads `state_dir/learned.json` the first time a configuration with a learning rule is
+    /// opened (at start, or at the reload that adds one). `state_dir` moves only at restart.
+    pub fn open(&self, config: &crate::config::Config) -> Result<(), String> {
+        if !config.policy.rules.iter().any(|r| r.learn != Learn::Off) {
+            return Ok(());
+        }
+        let path = config.state_dir.join(FILE_NAME);
+        let mut state = self.state();
+        match &state.file {
+            Some(file) if *file != path => {
+                tracing::warn!(
+                    state_dir = %config.state_dir.display(),
+                    in_use = %file.display(),
+                    "state_dir moves only at restart"
+                );
+                return Ok(());
+            }
+            Some(_) => return Ok(()),
+            None => {}
+        }
+        let rows = state_file::load(&path)?;
+        state.file = Some(path);
+        drop(state);
+        self.insert(rows);
+        Ok(())
+    }
+
+    /// Adds `rows` (a file's) to the sets; destinations held already stay as they are.
+    pub fn insert(&self, rows: Vec<Row>) {
+        let mut state = self.state();
+        for row in rows {
+            let set = state.set_mut(&row.branch, &row.rule);
+            if set.get_mut(&row.host, row.seen.port).is_none() {
+                set.insert(&row.host, row.seen);
+            }
+        }
+        self.metrics.count_all(&state.sets);
+    }
+
+    /// Takes `state_dir`'s lock for this process (the gateway's): a second gateway on the same
+    /// directory, or the CLI editing the file, would lose the other's changes.
+    pub fn claim(&self) -> Result<(), String> {
+        let Some(file) = self.state().file.clone() else {
+            return Ok(());
+        };
+        let mut lock = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if lock.is_some() {
+            return Ok(());
+        }
+        let dir = file.parent().unwrap_or(Path::new("."));
+        *lock = Some(state_file::lock(dir)?);
+        Ok(())
+    }
+
+    /// Whether a configuration with a rule that learns opened the store.
+    pub fn in_use(&self) -> bool {
+        self.state().file.is_some()
+    }
+
+    /// Whether `branch` learned `host:port` under `rule`.
+    pub fn knows(&self, branch: &str, rule: &str, host: &str, port: u16) -> bool {
+        let state = self.state();
+        state.set(branch, rule).is_some_and(|set| {
+            set.hosts
+                .get(host)
+                .is_some_and(|ports| ports.iter().any(|s| s.port == port))
+        })
+    }
+
+    /// A tunnel of `branch` to `host:port` opened under `rule` (learning in `mode`): counted,
+    /// and in `record` learned when new and the set has room (`limit`).
+    pub fn note(
+        &self,
+        (branch, rule): (&str, &str),
+        host: &str,
+        port: u16,
+        mode: Learn,
+        limit: usize,
+    ) -> Noted {
+        let now = now();
+        let mut state = self.state();
+        state.dirty = true;
+        let set = state.set_mut(branch, rule);
+        if let Some(seen) = set.get_mut(host, port) {
+            seen.last_seen = now;
+            seen.count += 1;
+            return Noted::Known;
+        }
+        if mode != Learn::Record {
+            return Noted::Unknown;
+        }
+        if set.len >= limit {
+            if !std::mem::replace(&mut set.full_logged, true) {
+                tracing::warn!(
+                    branch,
+                    rule,
+                    limit,
+                    "learned destinations full for this branch and rule: new names pass (record) but are not learned; forget some or raise policy.learn_limit"
+                );
+            }
+            drop(state);
+            self.metrics.new_destination(branch, rule);
+            return Noted::Full;
+        }
+        set.insert(host, Seen::new(port, now, false));
+        let len = set.len;
+        drop(state);
+        self.metrics.new_destination(branch, rule);
+        self.metrics.set_len(branch, rule, len);
+        self.changed.notify_one();
+        Noted::New
+    }
+
+    /// An operator's approval: `host:port` is learned for `branch` under `rule` (true when it
+    /// was not before). Refused when the set is full.
+    pub fn approve(
+        &self,
+        branch: &str,
+        rule: &str,
+        host: &str,
+        port: u16,
+        limit: usize,
+    ) -> Result<bool, String> {
+        let mut state = self.state();
+        let set = state.set_mut(branch, rule);
+        if let Some(seen) = set.get_mut(host, port) {
+            seen.approved = true;
+            state.dirty = true;
+            return Ok(false);
+        }
+        if set.len >= limit {
+            return Err(format!(
+                "branch {branch} holds {} destinations under rule {rule}, the limit (policy.learn_limit): forget one first",
+                set.len
+            ));
+        }
+        set.insert(host, Seen::new(port, now(), true));
+        let len = set.len;
+        state.dirty = true;
+        drop(state);
+        self.metrics.set_len(branch, rule, len);
+        self.changed.notify_one();
+        Ok(true)
+    }
+
+    /// Forgets `host` (one port, or all) for `branch` under every rule, or only `rule`; how
+    /// many destinations went.
+    pub fn forget(&self, branch: &str, rule: Option<&str>, host: &str, port: Option<u16>) -> usize {
+        let mut state = self.state();
+        let Some(rules) = state.sets.get_mut(branch) else {
+            return 0;
+        };
+        let mut removed = 0;
+        let mut lens = Vec::new();
+        let mut shared = Vec::new();
+        for (name, set) in rules.iter_mut() {
+            if rule.is_none_or(|r| r == name) {
+                let ports = set.hosts.get(host).into_iter().flatten();
+                shared.extend(
+                    ports
+                        .filter(|s| s.shared && port.is_none_or(|p| p == s.port))
+                        .map(|seen| Row {
+                            branch: branch.to_owned(),
+                            rule: name.clone(),
+                            host: host.to_owned(),
+                            seen: seen.clone(),
+                        }),
+                );
+                let n = set.remove(host, port);
+                if n > 0 {
+                    removed += n;
+                    lens.push((name.clone(), set.len));
+                }
+            }
+        }
+        if removed > 0 {
+            state.dirty = true;
+        }
+        state.forgotten.extend(shared);
+        drop(state);
+        for (name, len) in lens {
+            self.metrics.set_len(branch, &name, len);
+        }
+        if removed > 0 {
+            self.changed.notify_one();
+        }
+        removed
+    }
+
+    /// Every destination (of one branch), sorted by branch, rule, host and port.
+    pub fn rows(&self, branch: Option<&str>) -> Vec<Row> {
+        let state = self.state();
+        let mut rows: Vec<Row> = state
+            .sets
+            .iter()
+            .filter(|(b, _)| branch.is_none_or(|want| want == b.as_str()))
+            .flat_map(|(b, rules)| {
+                rules.iter().flat_map(move |(r, set)| {
+                    set.hosts.iter().flat_map(move |(host, ports)| {
+                        ports.iter().map(move |seen| Row {
+                            branch: b.clone(),
+                            rule: r.clone(),
+                            host: host.to_string(),
+                            seen: seen.clone(),
+                        })
+                    })
+                })
+            })
+            .collect();
+        rows.sort_by(|a, b| {
+            (&a.branch, &a.rule, &a.host, a.seen.port).cmp(&(
+                &b.branch,
+                &b.rule,
+                &b.host,
+                b.seen.port,
+            ))
+        });
+        rows
+    }
+
+    /// Writes the file now when anything changed since the last save (write, fsync, rename);
+    /// only while this process holds `state_dir`'s lock ([`Learned::claim`]).
+    pub fn save(&self) -> std::io::Result<()> {
+        if self
+            .lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+        {
+            return Ok(());
+        }
+        let (file, rows) = {
+            let mut state = self.state();
+            let Some(file) = state.file.clone() else {
+                return Ok(());
+            };
+            if !std::mem::take(&mut state.dirty) {
+                return Ok(());
+            }
+            drop(state);
+            (file, self.rows(None))
+        };
+        let saved = state_file::save(&file, &rows);
+        if saved.is_err() {
+            self.state().dirty = true;
+        }
+        saved
+    }
+
+    /// Fleet mode: what Redis does not hold yet, and what was forgotten here since it did.
+    pub fn unshared(&self) -> (Vec<Row>, Vec<Row>) {
+        let state = self.state();
+        let mut out = Vec::new();
+        for (branch, rules) in &state.sets {
+            for (rule, set) in rules {
+                for (host, ports) in &set.hosts {
+                    for seen in ports.iter().filter(|s| !s.shared) {
+                        out.push(Row {
+                            branch: branch.clone(),
+                            rule: rule.clone(),
+                            host: host.to_string(),
+                            seen: seen.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        (out, state.forgotten.clone())
+    }
+
+    /// Fleet mode: Redis now holds `written` and has dropped the first `forgotten` of the
+    /// forgotten queue.
+    pub fn shared(&self, written: &[Row], forgotten: usize) {
+        let mut state = self.state();
+        for row in written {
+            if let Some(seen) = state
+                .sets
+                .get_mut(&row.branch)
+                .and_then(|rules| rules.get_mut(&row.rule))
+                .and_then(|set| set.get_mut(&row.host, row.seen.port))
+            {
+                seen.shared = true;
+            }
+        }
+        let forgotten = forgotten.min(state.forgotten.len());
+        state.forgotten.drain(..forgotten);
+    }
+
+    /// Fleet mode: makes the sets what Redis holds (`rows`), keeping what was not shared yet.
+    /// Returns the destinations added and removed.
+    pub fn merge_shared(&self, rows: Vec<Row>) -> (usize, usize) {
+        let mut state = self.state();
+        let merged = state.merge_shared(rows);
+        if merged != (0, 0) {
+            self.metrics.count_all(&state.sets);
+        }
+        merged
+    }
+}
+
+impl State {
+    fn merge_shared(&mut self, rows: Vec<Row>) -> (usize, usize) {
+        let mut wanted: HashMap<(&str, &str), Vec<&Row>> = HashMap::new();
+        for row in &rows {
+            wanted
+                .entry((&row.branch, &row.rule))
+                .or_default()
+                .push(row);
+        }
+        let mut removed = 0;
+        for (branch, rules) in &mut self.sets {
+            for (rule, set) in rules.iter_mut() {
+                let keep = wanted.get(&(branch.as_str(), rule.as_str()));
+                let gone: Vec<(Box<str>, u16)> = set
+                    .hosts
+                    .iter()
+                    .flat_map(|(h, ports)| {
+                        ports
+                            .iter()
+                            .filter(|s| s.shared)
+                            .map(move |s| (h.clone(), s.port))
+                    })
+                    .filter(|(h, port)| {
+                        !keep.is_some_and(|rows| {
+                            rows.iter().any(|r| *r.host == **h && r.seen.port == *port)
+                        })
+                    })
+                    .collect();
+                for (host, port) in gone {
+                    removed += set.remove(&host, Some(port));
+                }
+            }
+        }
+        let mut added = 0;
+        for row in &rows {
+            let set = self.set_mut(&row.branch, &row.rule);
+            if set.get_mut(&row.host, row.seen.port).is_none() {
+                let mut seen = row.seen.clone();
+                seen.shared = true;
+                set.insert(&row.host, seen);
+                added += 1;
+            }
+        }
+        if added + removed > 0 {
+            self.dirty = true;
+        }
+        (added, removed)
+    }
+}
+
+impl Seen {
+    fn new(port: u16, now: i64, approved: bool) -> Self {
+        Self {
+            port,
+            first_seen: now,
+            last_seen: now,
+            count: u64::from(!approved),
+            approved,
+            shared: false,
+        }
+    }
+}
+
+/// Longest a learned destination waits to be saved after it was learned (changes come in
+/// bursts: a branch's first sync after a rollout).
+const SAVE_DELAY: Duration = Duration::from_secs(1);
+/// Counts and last-seen times are saved this often.
+const SAVE_EVERY: Duration = Duration::from_secs(60);
+
+/// Saves the store after membership changes (within [`SAVE_DELAY`]) and every
+/// [`SAVE_EVERY`]; the server runs it, and saves once more after the drain.
+pub async fn keep_saved(learned: std::sync::Arc<Learned>) {
+    loop {
+        tokio::select! {
+            _ = learned.changed.notified() => tokio::time::sleep(SAVE_DELAY).await,
+            _ = tokio::time::sleep(SAVE_EVERY) => {}
+        }
+        save_logged(&learned).await;
+    }
+}
+
+/// Saves on a blocking thread; a failure is logged (and retried at the next save).
+pub async fn save_logged(learned: &std::sync::Arc<Learned>) {
+    let store = learned.clone();
+    match tokio::task::spawn_blocking(move || store.save()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "cannot save learned destinations"),
+        Err(error) => tracing::warn!(%error, "saving learned destinations failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,472 @@
+//! Learned destinations end to end, on the real binary: `record` flags a branch's first tunnel
+//! to a name (log field, metric), the state file carries what was learned over a restart into
+//! `enforce`, which refuses the rest; approve and forget work on a running gateway (through its
+//! admin listener, in force at once) and on the file; a kill in the middle of a save never
+//! leaves a file the gateway cannot start from.
+
+use crate::admin::get as admin_get;
+use crate::support::*;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const LONDON: &str = "127.0.0.2";
+const PARIS: &str = "127.0.0.3";
+
+fn account(n: u32) -> String {
+    format!("acct{n}.file.core.windows.net")
+}
+
+/// Two branches by source address, one rule learning `*.file.core.windows.net` on the origin's
+/// port, `accounts` names resolving to 127.0.0.1.
+fn config(state: &Path, port: u16, learn: &str, accounts: u32, extra: &str) -> String {
+    let hosts: String = (0..accounts)
+        .map(|n| format!("\"{}\" = \"127.0.0.1\"\n", account(n)))
+        .collect();
+    format!(
+        r#"
+state_dir = "{state}"
+{extra}
+[listen]
+proxy = ["127.0.0.1:0"]
+admin = "127.0.0.1:0"
+
+[[policy.allow]]
+name = "accounts"
+category = "storage"
+hosts = ["*.file.core.windows.net"]
+ports = [{port}]
+private_addresses = ["127.0.0.1/32"]
+learn = "{learn}"
+
+[[branch]]
+name = "london"
+sources = ["{LONDON}/32"]
+
+[[branch]]
+name = "paris"
+sources = ["{PARIS}/32"]
+
+[resolver]
+hosts_only = true
+[resolver.hosts]
+{hosts}
+"#,
+        state = state.display()
+    )
+}
+
+/// A GET through the gateway from `from` to `host` on the origin: the status it got, or the
+/// status of the refused CONNECT.
+async fn fetch(pki: &Pki, gw: SocketAddr, from: &str, host: &str, port: u16) -> u16 {
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::all(format!("http://{gw}")).unwrap())
+        .tls_backend_preconfigured(pki.client_config())
+        .pool_max_idle_per_host(0)
+        .local_address(from.parse::<std::net::IpAddr>().unwrap())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let url = format!("https://{host}:{port}/download?bytes=16");
+    match client.get(url).send().await {
+        Ok(resp) => resp.status().as_u16(),
+        Err(_) => {
+            let (_, reply) = connect_from(gw, from, &format!("{host}:{port}"), "").await;
+            reply.status
+        }
+    }
+}
+
+async fn get(admin: SocketAddr, path: &str) -> String {
+    admin_get(admin, path).await.body
+}
+
+/// The access lines for `host` from `branch`, in the log's order.
+fn lines_for(gw: &Gateway, branch: &str, host: &str) -> Vec<serde_json::Value> {
+    gw.logs()
+        .into_iter()
+        .filter(|l| {
+            l["target"] == "portcullis::access" && l["branch"] == branch && l["host"] == host
+        })
+        .collect()
+}
+
+async fn stop(gw: &mut Gateway) {
+    gw.signal("TERM");
+    let status = gw.wait_exit(Duration::from_secs(20)).await.expect("stops");
+    assert!(status.success(), "{status}");
+}
+
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = portcullis(args);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn record_then_enforce_across_a_restart_with_approve_and_forget_live_and_on_file() {
+    let pki = Pki::new();
+    let names: Vec<String> = (0..4).map(account).collect();
+    let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let origin = Origin::start_named(&pki, &name_refs).await;
+    let port = origin.port();
+    let state = tempfile::tempdir().unwrap();
+
+    // Record: everything passes; each branch's first tunnel to a name is flagged.
+    let mut gw = Gateway::start(&config(state.path(), port, "record", 4, "")).await;
+    let admin = gw.admin_addr.unwrap();
+    let zero = get(admin, "/metrics").await;
+    assert!(
+        zero.contains("portcullis_new_destinations_total{branch=\"london\",rule=\"accounts\"} 0"),
+        "{zero}"
+    );
+    for (from, host) in [(LONDON, 0), (LONDON, 0), (PARIS, 0), (LONDON, 1)] {
+        assert_eq!(fetch(&pki, gw.addr, from, &account(host), port).await, 200);
+    }
+    gw.access_line(|l| l["host"] == account(1).as_str()).await;
+    let london0 = lines_for(&gw, "london", &account(0));
+    assert_eq!(london0.len(), 2, "{london0:#?}");
+    assert_eq!(london0[0]["new_destination"], true);
+    assert_eq!(london0[0]["rule"], "accounts");
+    assert!(
+        london0[1].get("new_destination").is_none(),
+        "{:?}",
+        london0[1]
+    );
+    assert_eq!(
+        lines_for(&gw, "paris", &account(0))[0]["new_destination"],
+        true
+    );
+    assert_eq!(
+        lines_for(&gw, "london", &account(1))[0]["new_destination"],
+        true
+    );
+    let metrics = get(admin, "/metrics").await;
+    for want in [
+        "portcullis_new_destinations_total{branch=\"london\",rule=\"accounts\"} 2",
+        "portcullis_new_destinations_total{branch=\"paris\",rule=\"accounts\"} 1",
+        "portcullis_learned_destinations{branch=\"london\",rule=\"accounts\"} 2",
+    ] {
+        assert!(metrics.contains(want), "missing {want:?} in:\n{metrics}");
+    }
+    let admin_text = admin.to_string();
+    let (ok, listing, err) = cli(&[
+        "learned",
+        "list",
+        "--admin",
+        &admin_text,
+        "--branch",
+        "london",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        listing.contains(&format!("{}:{port}", account(0))),
+        "{listing}"
+    );
+    assert!(
+        listing.contains(&format!("{}:{port}", account(1))),
+        "{listing}"
+    );
+    assert!(!listing.contains("paris"), "{listing}");
+    stop(&mut gw).await;
+    let file = std::fs::read_to_string(state.path().join("learned.json")).unwrap();
+    assert_eq!(file.matches("\"host\"").count(), 3, "{file}");
+
+    // Restart in enforce: only what each branch learned passes.
+    let mut gw = Gateway::start(&config(state.path(), port, "enforce", 4, "")).await;
+    let admin = gw.admin_addr.unwrap();
+    let admin_text = admin.to_string();
+    assert_eq!(fetch(&pki, gw.addr, LONDON, &account(1), port).await, 200);
+    let target = format!("{}:{port}", account(2));
+    let (_, reply) = connect_from(gw.addr, LONDON, &target, "").await;
+    assert_eq!(reply.status, 403, "{reply:?}");
+    let reason = "destination not learned for this branch";
+    assert_eq!(reply.header("portcullis-error"), Some(reason));
+    let line = gw.access_line(|l| l["host"] == account(2).as_str()).await;
+    assert_eq!(
+        (
+            &line["end"],
+            &line["verdict"],
+            &line["rule"],
+            &line["branch"]
+        ),
+        (
+            &"not_learned".into(),
+            &"deny".into(),
+            &"accounts".into(),
+            &"london".into()
+        )
+    );
+    assert_eq!(fetch(&pki, gw.addr, PARIS, &account(1), port).await, 403);
+    let config_path = gw.config_path();
+    let config_text = config_path.to_str().unwrap();
+    let (_, explained, _) = cli(&[
+        "explain",
+        "--config",
+        config_text,
+        "--from",
+        LONDON,
+        &target,
+    ]);
+    assert!(explained.contains("learned:  no: refused"), "{explained}");
+
+    // Approve and forget on the running gateway: in force at once, saved at once.
+    let (ok, said, err) = cli(&[
+        "learned",
+        "approve",
+        "--admin",
+        &admin_text,
+        "--branch",
+        "london",
+        &target,
+    ]);
+    assert!(ok && said.contains("approved"), "{said}{err}");
+    assert_eq!(fetch(&pki, gw.addr, LONDON, &account(2), port).await, 200);
+    let (ok, said, err) = cli(&[
+        "learned",
+        "forget",
+        "--admin",
+        &admin_text,
+        "--branch",
+        "london",
+        &account(0),
+    ]);
+    assert!(ok && said.contains("forgot 1 destination"), "{said}{err}");
+    assert_eq!(fetch(&pki, gw.addr, LONDON, &account(0), port).await, 403);
+    let saved = std::fs::read_to_string(state.path().join("learned.json")).unwrap();
+    assert!(
+        saved.contains(&account(2)) && saved.contains("\"approved\": true"),
+        "{saved}"
+    );
+    // Bad requests get precise answers, and the gateway's lock keeps the CLI off its file.
+    let (ok, _, err) = cli(&[
+        "learned",
+        "approve",
+        "--admin",
+        &admin_text,
+        "--branch",
+        "oslo",
+        &target,
+    ]);
+    assert!(!ok && err.contains("no branch is named \"oslo\""), "{err}");
+    let (ok, _, err) = cli(&[
+        "learned",
+        "approve",
+        "--admin",
+        &admin_text,
+        "--branch",
+        "london",
+        "evil.example:443",
+    ]);
+    assert!(
+        !ok && err.contains("no allow rule lets this branch reach"),
+        "{err}"
+    );
+    stop(&mut gw).await;
+
+    // On the file, with no gateway running: the next start goes by it.
+    let (ok, listing, err) = cli(&["learned", "list", "--config", config_text]);
+    assert!(ok, "{err}");
+    let london: Vec<&str> = listing
+        .lines()
+        .filter(|l| l.starts_with("london"))
+        .collect();
+    assert_eq!(london.len(), 2, "{listing}");
+    assert!(
+        london
+            .iter()
+            .any(|l| l.contains(&account(2)) && l.ends_with("approved")),
+        "{listing}"
+    );
+    let (ok, said, err) = cli(&[
+        "learned",
+        "approve",
+        "--config",
+        config_text,
+        "--branch",
+        "paris",
+        &format!("{}:{port}", account(3)),
+    ]);
+    assert!(ok && said.contains("no gateway was running"), "{said}{err}");
+    let (ok, _, err) = cli(&[
+        "learned",
+        "forget",
+        "--config",
+        config_text,
+        "--branch",
+        "london",
+        &account(1),
+    ]);
+    assert!(ok, "{err}");
+    let gw = Gateway::start(&config(state.path(), port, "enforce", 4, "")).await;
+    assert_eq!(fetch(&pki, gw.addr, PARIS, &account(3), port).await, 200);
+    assert_eq!(fetch(&pki, gw.addr, LONDON, &account(1), port).await, 403);
+    assert_eq!(fetch(&pki, gw.addr, LONDON, &account(2), port).await, 200);
+}
+
+/// The state file as the gateway writes it, with `n` destinations of branch london.
+fn big_state_file(n: u32, port: u16) -> String {
+    let rows: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                r#"{{"branch": "london", "rule": "accounts", "host": "old{i}.file.core.windows.net", "port": {port}, "first_seen": "2026-11-30T08:00:00Z", "last_seen": "2026-11-30T09:00:00Z", "count": 3, "approved": false}}"#
+            )
+        })
+        .collect();
+    format!(
+        "{{\"format\": \"portcullis-learned-1\", \"destinations\": [\n{}\n]}}\n",
+        rows.join(",\n")
+    )
+}
+
+#[tokio::test]
+async fn a_kill_in_the_middle_of_a_save_leaves_a_whole_file() {
+    const OLD: u32 = 40_000;
+    let origin = TcpOrigin::start(b"ok").await;
+    let port = origin.addr.port();
+    let state = tempfile::tempdir().unwrap();
+    let file = state.path().join("learned.json");
+    let temporary = state.path().join("learned.json.tmp");
+    std::fs::write(&file, big_state_file(OLD, port)).unwrap();
+    let extra = "[policy]\nlearn_limit = 100000\n";
+    let conf = config(state.path(), port, "record", 200, extra)
+        .replace("learn = \"record\"", "learn = \"record\"\nsni = \"off\"");
+    let mut next = 0;
+    let mut killed_mid_write = 0;
+    for round in 0..3 {
+        let mut gw = Gateway::start(&conf).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut caught = false;
+        // New destinations, one after another (each makes a save within a second), until a
+        // save is caught with its temporary file written but not yet renamed.
+        while Instant::now() < deadline && !caught {
+            let host = account(next % 200);
+            next += 1;
+            let target = format!("{host}:{port}");
+            let (mut tunnel, reply) = connect_from(gw.addr, LONDON, &target, "").await;
+            assert_eq!(reply.status, 200, "round {round}: {reply:?}");
+            drop(send_and_finish(&mut tunnel, b"x").await);
+            let watch_until = Instant::now() + Duration::from_millis(1500);
+            while Instant::now() < watch_until {
+                if temporary.exists() {
+                    gw.signal("KILL");
+                    caught = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        assert!(gw.wait_exit(Duration::from_secs(10)).await.is_some() || !caught);
+        if caught {
+            killed_mid_write += 1;
+        }
+        drop(gw);
+        // What is on disk is whole: the old destinations are all there.
+        let text = std::fs::read_to_string(&file).unwrap();
+        let parsed: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("round {round}: the state file is damaged: {e}"));
+        let held = parsed["destinations"].as_array().unwrap().len();
+        assert!(held >= OLD as usize, "round {round}: {held} destinations");
+    }
+    assert!(killed_mid_write >= 1, "no save was caught in the middle");
+    // And the gateway starts from it (the leftover temporary file is ignored).
+    let gw = Gateway::start(&conf).await;
+    let (_, reply) = connect_from(gw.addr, LONDON, &format!("{}:{port}", account(0)), "").await;
+    assert_eq!(reply.status, 200);
+}
+
+/// Waits up to 10 s for `from`'s fetch of `host` through `gw` to get `want`.
+async fn eventually(pki: &Pki, gw: SocketAddr, from: &str, host: &str, port: u16, want: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = fetch(pki, gw, from, host, port).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{host} from {from}: {got}, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn replicas_share_what_they_learn_approve_and_forget_through_redis() {
+    let pki = Pki::new();
+    let names: Vec<String> = (0..3).map(account).collect();
+    let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let origin = Origin::start_named(&pki, &name_refs).await;
+    let port = origin.port();
+    let redis = Redis::start(&[]);
+    let fleet = |name: &str| {
+        format!(
+            "[fleet]\nredis = \"{}\"\nname = \"{name}\"\nrefresh = \"200ms\"\n",
+            redis.url()
+        )
+    };
+    let (state_a, state_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // A records, B enforces: what a branch learns through A passes through B.
+    let a = Gateway::start(&config(state_a.path(), port, "record", 3, &fleet("a"))).await;
+    let b = Gateway::start(&config(state_b.path(), port, "enforce", 3, &fleet("b"))).await;
+    assert_eq!(fetch(&pki, b.addr, LONDON, &account(0), port).await, 403);
+    assert_eq!(fetch(&pki, a.addr, LONDON, &account(0), port).await, 200);
+    eventually(&pki, b.addr, LONDON, &account(0), port, 200).await;
+    // Per branch there too.
+    assert_eq!(fetch(&pki, b.addr, PARIS, &account(0), port).await, 403);
+    // Approved on B: in force on B at once, and shared.
+    let b_admin = b.admin_addr.unwrap().to_string();
+    let target = format!("{}:{port}", account(1));
+    let (ok, _, err) = cli(&[
+        "learned", "approve", "--admin", &b_admin, "--branch", "paris", &target,
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(fetch(&pki, b.addr, PARIS, &account(1), port).await, 200);
+    let a_admin = a.admin_addr.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !get(a_admin, "/learned?branch=paris")
+        .await
+        .contains(&account(1))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "paris's approval never reached replica a"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Forgotten on A: B refuses it again.
+    let (ok, _, err) = cli(&[
+        "learned",
+        "forget",
+        "--admin",
+        &a_admin.to_string(),
+        "--branch",
+        "london",
+        &account(0),
+    ]);
+    assert!(ok, "{err}");
+    eventually(&pki, b.addr, LONDON, &account(0), port, 403).await;
+    // Each replica keeps its own file of what the fleet learned.
+    let (mut a, mut b) = (a, b);
+    stop(&mut b).await;
+    stop(&mut a).await;
+    assert_eq!(state_file_hosts(state_b.path()), [account(1)]);
+    assert_eq!(state_file_hosts(state_a.path()), [account(1)]);
+}
+
+/// The hosts in a state file (empty when there is none yet).
+fn state_file_hosts(state: &Path) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string(state.join("learned.json")) else {
+        return Vec::new();
+    };
+    let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
+    parsed["destinations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["host"].as_str().unwrap().to_owned())
+        .collect()
+}
