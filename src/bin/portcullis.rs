@@ -124,20 +124,25 @@ enum LearnedAction {
     },
     /// Learn HOST[:PORT] (443 by default) for a branch, as if it had used it.
     Approve {
+        /// The branch (a configured name, or `unassigned`).
         #[arg(long, value_name = "NAME")]
         branch: String,
         /// The rule to learn it under; default: the rule the policy picks for the branch.
         #[arg(long, value_name = "RULE")]
         rule: Option<String>,
+        /// The destination: a host name under a learning rule's wildcard, and its port.
         #[arg(value_name = "HOST[:PORT]")]
         host: String,
     },
     /// Forget HOST (every port) or HOST:PORT for a branch (under every rule, or --rule).
     Forget {
+        /// The branch (a configured name, or `unassigned`).
         #[arg(long, value_name = "NAME")]
         branch: String,
+        /// Only under this rule.
         #[arg(long, value_name = "RULE")]
         rule: Option<String>,
+        /// The destination: a host name, with a port to forget only that one.
         #[arg(value_name = "HOST[:PORT]")]
         host: String,
     },
