@@ -124,6 +124,10 @@ struct TargetArgs {
     /// Run number, recorded with the result.
     #[arg(long, default_value_t = 0)]
     run: u32,
+    /// The host the CONNECT names (a name the proxy resolves to 127.0.0.1, to measure rules
+    /// on names); default the origin's address.
+    #[arg(long, default_value = "127.0.0.1")]
+    connect_host: String,
 }
 
 fn main() {
@@ -324,7 +328,8 @@ async fn open_from(
         }
     };
     s.set_nodelay(true)?;
-    let req = format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+    let host = &t.connect_host;
+    let req = format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n");
     s.write_all(req.as_bytes()).await?;
     // Read the reply head byte by byte: nothing after it may be consumed.
     let mut head = Vec::with_capacity(128);
@@ -722,6 +727,7 @@ fn report(path: &std::path::Path) {
         ("throttle", &["rate_mb_s", "vs_limit", "jain"]),
         ("sched", &["gbit_s", "cpu_s_per_gib"]),
         ("fleet", &["gbit_s", "cpu_s_per_gib"]),
+        ("learn", &["per_s", "p50_ms", "p99_ms"]),
     ];
     let mut targets: Vec<String> = Vec::new();
     for row in &rows {
@@ -805,6 +811,13 @@ fn report(path: &std::path::Path) {
             by_target.get("portcullis-fleet").map(|v| median(v)),
         ) {
             print!("   [fleet mode / without {:.3}]", fleet / p);
+        }
+        if let (true, Some(off), Some(on)) = (
+            scenario == "learn" && *metric == "per_s",
+            by_target.get("portcullis-names").map(|v| median(v)),
+            by_target.get("portcullis-learn").map(|v| median(v)),
+        ) {
+            print!("   [learn on / off {:.3}]", on / off);
         }
         println!();
     }

@@ -6,7 +6,7 @@
 #   bench/run.sh --runs 5        medians over 5 interleaved runs (default 3)
 #   bench/run.sh --no-peers      skip squid and tinyproxy
 #   bench/run.sh --release       with --quick: measure release builds (quick defaults to debug)
-#   bench/run.sh --only throttle one section: bulk, setup, scale, throttle or fleet (all by default)
+#   bench/run.sh --only throttle one section: bulk, setup, scale, throttle, fleet or learn (all by default)
 #   bench/run.sh --baseline BIN  before/after: BIN is a `portcullis` built from an earlier commit;
 #                                bulk, setup and scale also measure it as "portcullis-before"
 #                                (same config), in ABBA order against this build: before first
@@ -167,6 +167,17 @@ delay_pool() { printf 'delay_pools 1\ndelay_class 1 1\ndelay_parameters 1 %s/%s\
 DELAY[squid-1M]=$(delay_pool 1000000)
 DELAY[squid-50M]=$(delay_pool 50000000)
 
+# Rules on names (the learn section): the CONNECT names a.bench.example, resolved by an override;
+# portcullis-learn also learns it per branch (record: after the first tunnel every one probes the
+# learned set and counts).
+names_rule() { # LEARN
+  printf '[[policy.allow]]\nname = "bench-names"\nhosts = ["*.bench.example"]\nports = [%s]\nprivate_addresses = ["127.0.0.1/32"]\nlearn = "%s"\n[resolver]\nhosts_only = true\n[resolver.hosts]\n"a.bench.example" = "127.0.0.1"\n' "$ORIGIN_PORT" "$1"
+}
+declare -A TOP HOSTARG
+HOSTARG[portcullis-names]="--connect-host a.bench.example"
+HOSTARG[portcullis-learn]=${HOSTARG[portcullis-names]}
+TOP[portcullis-learn]="state_dir = \"$WORK/state-learn\""
+
 declare -A PORT PID
 # start_target NAME: (re)starts a fresh process with an allow-list equivalent to the others':
 # CONNECT from 127.0.0.0/8 to 127.0.0.1 on the two origin ports only.
@@ -176,6 +187,7 @@ start_target() {
   case "$name" in
     portcullis*)
       cat > "$WORK/$name.toml" <<EOF
+${TOP[$name]:-}
 [listen]
 proxy = ["127.0.0.1:$port"]
 clients = ["127.0.0.0/8"]
@@ -249,7 +261,7 @@ args_for() {
   if [ "$1" = direct ]; then
     echo --name direct --origin-port "$ORIGIN_PORT" --tls-port "$TLS_PORT" --run "$2"
   else
-    echo --name "$1" --proxy "127.0.0.1:${PORT[$1]}" --proxy-pid "${PID[$1]}" --origin-port "$ORIGIN_PORT" --tls-port "$TLS_PORT" --run "$2"
+    echo --name "$1" --proxy "127.0.0.1:${PORT[$1]}" --proxy-pid "${PID[$1]}" --origin-port "$ORIGIN_PORT" --tls-port "$TLS_PORT" --run "$2" ${HOSTARG[$1]:-}
   fi
 }
 
@@ -388,6 +400,29 @@ if section fleet && command -v redis-server >/dev/null; then
     stop_target portcullis-fleet-budgets
   fi
   kill "$REDIS_PID" 2>/dev/null || true
+fi
+
+# Learned destinations: the setup rate with a rule that learns against the same rule without,
+# both on names (CONNECT a.bench.example), ABBA over interleaved runs.
+if section learn; then
+  if [ "$QUICK" = 1 ]; then LEARN_RUNS=2; LEARN_CLIENTS="1 16"; else LEARN_RUNS=$((RUNS * 2)); LEARN_CLIENTS="1 16 64"; fi
+  EXTRA[portcullis-names]=$(names_rule off)
+  EXTRA[portcullis-learn]=$(names_rule record)
+  echo "learn: setup rate with learn = record against learn = off, clients $LEARN_CLIENTS, $LEARN_RUNS interleaved runs"
+  start_target portcullis-names
+  start_target portcullis-learn
+  for run in $(seq "$LEARN_RUNS"); do
+    order="portcullis-names portcullis-learn"; [ $((run % 2)) = 0 ] && order="portcullis-learn portcullis-names"
+    for c in $LEARN_CLIENTS; do
+      for t in $order; do
+        # shellcheck disable=SC2046
+        "$LOADGEN" setup $(args_for "$t" "$((run + 300))") --clients "$c" --seconds "$SETUP_SECS" \
+          | sed 's/"scenario":"setup"/"scenario":"learn"/' >> "$RESULTS"
+      done
+    done
+  done
+  stop_target portcullis-names
+  stop_target portcullis-learn
 fi
 
 echo
