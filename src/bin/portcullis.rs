@@ -1,7 +1,8 @@
 //! `portcullis`: the gateway binary. Thin: parses the command line, loads config, hands over to
 //! the library. Exit codes: 0 ok, 1 refused (explain) or runtime failure (a port that cannot be
 //! bound), 2 usage (clap), 64 bad config: in the file, or found only when starting (a TLS
-//! certificate or key that cannot be used), so `RestartPreventExitStatus=64` ends a restart loop.
+//! certificate or key that cannot be used), so `RestartPreventExitStatus=64` ends a restart loop;
+//! 64 too for a log file `learn` cannot read.
 
 use clap::{CommandFactory, Parser, Subcommand};
 use portcullis::access_log::AccessFile;
@@ -105,6 +106,19 @@ enum Command {
         #[arg(long, value_name = "IP:PORT", global = true)]
         admin: Option<std::net::SocketAddr>,
     },
+    /// Read the gateway's JSON access logs and print, per branch and rule, the destinations its
+    /// tunnels reached, then a TOML proposal: the names wildcards matched as pinned
+    /// [[policy.allow]] rules and an allow line per branch (sync-service wildcards stay).
+    Learn {
+        /// Access log files written with `log.format = "json"` (`log.access_file`, or saved
+        /// stdout); lines that are not access lines are skipped.
+        #[arg(long = "from-log", value_name = "FILE", required = true, num_args = 1..)]
+        from_log: Vec<PathBuf>,
+        /// The config the gateway ran with, whose rules the proposal narrows; without it, the
+        /// built-in gateway.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Print a shell completion script to stdout.
     Completions(portcullis::cli::manual::CompletionsArgs),
     /// Print the man page (roff) to stdout: `portcullis man > /usr/local/share/man/man1/portcullis.1`.
@@ -189,6 +203,7 @@ fn main() -> ExitCode {
             config,
             admin,
         } => learned(config.as_deref(), admin, &action),
+        Command::Learn { from_log, config } => learn(&from_log, config.as_deref()),
         Command::CheckConfig { file } => {
             use portcullis::cli::check_config;
             match check_config::check(&file, jiff::Timestamp::now()) {
@@ -306,6 +321,38 @@ fn import_afs(file: &std::path::Path) -> ExitCode {
             ExitCode::from(EXIT_CONFIG)
         }
     }
+}
+
+fn learn(files: &[PathBuf], config: Option<&std::path::Path>) -> ExitCode {
+    use portcullis::cli::learn_from_log::{Learned, report};
+    let config = match load(config) {
+        Ok(c) => c,
+        Err(e) => return config_failure(&e),
+    };
+    let mut learned = Learned::default();
+    for file in files {
+        match learned.read_file(file) {
+            Ok(summary) => {
+                let name = file.display();
+                if summary.skipped > 0 {
+                    eprintln!(
+                        "portcullis: {name}: skipped {} lines that are not access lines",
+                        summary.skipped
+                    );
+                }
+                if summary.access_lines == 0 {
+                    eprintln!(
+                        "portcullis: {name}: no JSON access lines (is the gateway's log.format \"json\"?)"
+                    );
+                }
+            }
+            Err(e) => {
+                eprintln!("portcullis: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
+    portcullis::process::print_stdout("portcullis", report(&learned, &config).as_bytes())
 }
 
 fn schedule(config: Option<&std::path::Path>, at: Option<&str>, branch: Option<&str>) -> ExitCode {

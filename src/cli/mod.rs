@@ -1,11 +1,13 @@
 //! Operator tools, off the hot path: the whole effective configuration (`check-config`), one
 //! request's explanation (`explain`), the schedule table (`schedule`), the Azure File Sync
-//! importer (`import-afs`), shell completions and the man page of both binaries (`manual`).
+//! importer (`import-afs`), pinned rules proposed from the access logs (`learn --from-log`),
+//! shell completions and the man page of both binaries (`manual`).
 //! Nothing below this floor imports them.
 
 pub mod afs_import;
 pub mod check_config;
 pub mod explain;
+pub mod learn_from_log;
 pub mod learned;
 pub mod manual;
 pub mod schedule_table;

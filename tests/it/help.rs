@@ -155,6 +155,7 @@ fn completions_are_printed_for_every_shell() {
         "schedule",
         "import-afs",
         "explain",
+        "learn",
         "man",
     ] {
         assert!(script.contains(name), "bash completions lack {name}");

@@ -13,6 +13,7 @@ mod hardening;
 mod help;
 mod lane;
 mod layout;
+mod learn_from_log;
 mod learned;
 mod malformed;
 mod proxy_protocol;
