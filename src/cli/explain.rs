@@ -115,7 +115,10 @@ pub async fn explain(gw: &Gateway, from: IpAddr, target: &Target, lane: bool) ->
                 if let Some(line) = bandwidth(gw, branch, &rule.category) {
                     let _ = writeln!(out, "bandwidth: {line}");
                 }
-                if let Some(known) = plan.learned {
+                if let Some(name) = rule.learns(&target.host) {
+                    let known = gw
+                        .learned
+                        .knows(branch, &rule.name, name.as_str(), target.port);
                     let _ = writeln!(out, "learned:  {}", learned(rule.learn, known));
                 }
             }

@@ -36,8 +36,6 @@ pub struct Plan<'g> {
     pub resolve_time: Option<Duration>,
     /// Set when the request must be refused; otherwise dial the candidates that passed.
     pub refusal: Option<Refusal>,
-    /// Under a rule that learns this name: whether the client's branch learned it.
-    pub learned: Option<bool>,
 }
 
 impl Plan<'_> {
@@ -84,7 +82,6 @@ pub async fn plan<'g>(
         source: None,
         candidates: Vec::new(),
         refusal: None,
-        learned: None,
     };
     if !plan.client_allowed {
         plan.refusal = Some(Refusal::new(
@@ -103,7 +100,6 @@ pub async fn plan<'g>(
                 let known = gw
                     .learned
                     .knows(branch, &rule.name, name.as_str(), target.port);
-                plan.learned = Some(known);
                 if !known && rule.learn == Learn::Enforce {
                     decision = not_learned(decision, gw.config.policy.mode);
                     plan.decision = decision;
