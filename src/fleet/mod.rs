@@ -4,8 +4,9 @@
 //! local buckets only change rate. Branch `max_tunnels` and `auth_attempts_per_minute` are
 //! counted in Redis per call ([`Fleet::open_tunnel`], [`Fleet::auth_attempt`]). Redis down or
 //! slow never fails or holds up a tunnel: every call has a timeout ([`link`]), shares outlive
-//! a failed refresh for the lease, then `fallback_share` of each limit applies. Only exists
-//! with `[fleet]`: without it there is no client, no task, no metric.
+//! a failed refresh for the lease, then `fallback_share` of each limit applies. Learned
+//! destinations are shared too, through one hash ([`learned`]). Only exists with `[fleet]`:
+//! without it there is no client, no task, no metric.
 
 pub mod learned;
 pub mod link;

@@ -470,3 +470,49 @@ fn state_file_hosts(state: &Path) -> Vec<String> {
         .map(|d| d["host"].as_str().unwrap().to_owned())
         .collect()
 }
+
+#[tokio::test]
+async fn a_reload_switches_learning_on_and_keeps_what_was_learned() {
+    let pki = Pki::new();
+    let origin = Origin::start_named(&pki, &[&account(0), &account(1)]).await;
+    let port = origin.port();
+    let state = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::start(&config(state.path(), port, "off", 2, "")).await;
+    // Off: nothing is kept, nothing is flagged, no file is made.
+    assert_eq!(fetch(&pki, gw.addr, LONDON, &account(0), port).await, 200);
+    let line = gw.access_line(|l| l["host"] == account(0).as_str()).await;
+    assert!(line.get("new_destination").is_none(), "{line}");
+    assert!(!state.path().join("learned.lock").exists());
+    std::fs::write(
+        gw.config_path(),
+        config(state.path(), port, "record", 2, ""),
+    )
+    .unwrap();
+    gw.reload("reload applied").await;
+    assert_eq!(fetch(&pki, gw.addr, LONDON, &account(1), port).await, 200);
+    let line = gw.access_line(|l| l["host"] == account(1).as_str()).await;
+    assert_eq!(line["new_destination"], true);
+    // Saved within a second of being learned, and kept by the next reload (to enforce).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !state_file_hosts(state.path()).contains(&account(1)) {
+        assert!(Instant::now() < deadline, "never saved");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    std::fs::write(
+        gw.config_path(),
+        config(state.path(), port, "enforce", 2, ""),
+    )
+    .unwrap();
+    let before = gw.count_logs(|l| l["message"] == "reload applied");
+    gw.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.count_logs(|l| l["message"] == "reload applied") == before {
+        assert!(
+            Instant::now() < deadline,
+            "the second reload was not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(fetch(&pki, gw.addr, LONDON, &account(1), port).await, 200);
+    assert_eq!(fetch(&pki, gw.addr, LONDON, &account(0), port).await, 403);
+}
