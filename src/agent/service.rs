@@ -132,11 +132,19 @@ fn wait_for(
 /// Starts the service and waits until it runs (it listens by then).
 pub fn start() -> Result<(), String> {
     let service = open(ServiceAccess::START | ServiceAccess::QUERY_STATUS)?;
-    service
-        .start::<&str>(&[])
-        .map_err(|e| error(&format!("cannot start {NAME}"), e))?;
+    match service.start::<&str>(&[]) {
+        Ok(()) => {}
+        // Already running (or reported so by a service manager that raced our own start, as
+        // wine's can under load): starting is done, like `systemctl start`.
+        Err(windows_service::Error::Winapi(e))
+            if e.raw_os_error() == Some(ERROR_ALREADY_RUNNING) => {}
+        Err(e) => return Err(error(&format!("cannot start {NAME}"), e)),
+    }
     wait_for(&service, ServiceState::Running, Duration::from_secs(30))
 }
+
+/// `ERROR_SERVICE_ALREADY_RUNNING`.
+const ERROR_ALREADY_RUNNING: i32 = 1056;
 
 /// Stops the service and waits until it has drained (up to `drain` and a margin).
 pub fn stop(drain: Duration) -> Result<(), String> {
