@@ -728,6 +728,7 @@ fn report(path: &std::path::Path) {
         ("sched", &["gbit_s", "cpu_s_per_gib"]),
         ("fleet", &["gbit_s", "cpu_s_per_gib"]),
         ("learn", &["per_s", "p50_ms", "p99_ms"]),
+        ("sni", &["gbit_s", "cpu_s_per_gib"]),
     ];
     let mut targets: Vec<String> = Vec::new();
     for row in &rows {
@@ -811,6 +812,13 @@ fn report(path: &std::path::Path) {
             by_target.get("portcullis-fleet").map(|v| median(v)),
         ) {
             print!("   [fleet mode / without {:.3}]", fleet / p);
+        }
+        if let (true, Some(off), Some(on)) = (
+            scenario == "sni" && *metric == "gbit_s",
+            by_target.get("portcullis").map(|v| median(v)),
+            by_target.get("portcullis-sni").map(|v| median(v)),
+        ) {
+            print!("   [SNI checked / not {:.3}]", on / off);
         }
         if let (true, Some(off), Some(on)) = (
             scenario == "learn" && *metric == "per_s",

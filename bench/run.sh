@@ -6,7 +6,7 @@
 #   bench/run.sh --runs 5        medians over 5 interleaved runs (default 3)
 #   bench/run.sh --no-peers      skip squid and tinyproxy
 #   bench/run.sh --release       with --quick: measure release builds (quick defaults to debug)
-#   bench/run.sh --only throttle one section: bulk, setup, scale, throttle, fleet or learn (all by default)
+#   bench/run.sh --only throttle one section: bulk, setup, scale, throttle, fleet, learn or sni (all by default)
 #   bench/run.sh --baseline BIN  before/after: BIN is a `portcullis` built from an earlier commit;
 #                                bulk, setup and scale also measure it as "portcullis-before"
 #                                (same config), in ABBA order against this build: before first
@@ -400,6 +400,26 @@ if section fleet && command -v redis-server >/dev/null; then
     stop_target portcullis-fleet-budgets
   fi
   kill "$REDIS_PID" 2>/dev/null || true
+fi
+
+# The SNI check inside TLS: one tunnel downloading inside TLS through a rule that checks the
+# ClientHello's server name (the CONNECT names origin.bench.test, the name the TLS client sends)
+# against plain portcullis (an IP-literal rule, no check), ABBA over interleaved runs.
+if section sni; then
+  if [ "$QUICK" = 1 ]; then SNI_RUNS=2; else SNI_RUNS=$((RUNS * 2)); fi
+  EXTRA[portcullis-sni]=$(printf '[[policy.allow]]\nname = "bench-sni"\nhosts = ["origin.bench.test"]\nports = [%s]\nprivate_addresses = ["127.0.0.1/32"]\nsni = "match"\n[resolver]\nhosts_only = true\n[resolver.hosts]\n"origin.bench.test" = "127.0.0.1"\n' "$TLS_PORT")
+  HOSTARG[portcullis-sni]="--connect-host origin.bench.test"
+  echo "sni: one tunnel down inside TLS, SNI checked against not, $SNI_RUNS interleaved runs"
+  start_target portcullis-sni
+  for run in $(seq "$SNI_RUNS"); do
+    order="portcullis portcullis-sni"; [ $((run % 2)) = 0 ] && order="portcullis-sni portcullis"
+    for t in $order; do
+      # shellcheck disable=SC2046
+      "$LOADGEN" bulk $(args_for "$t" "$((run + 400))") --bytes "$BULK_BYTES" --tls --ca "$WORK/ca.der" \
+        | sed 's/"scenario":"bulk"/"scenario":"sni"/' >> "$RESULTS"
+    done
+  done
+  stop_target portcullis-sni
 fi
 
 # Learned destinations: the setup rate with a rule that learns against the same rule without,
