@@ -10,6 +10,8 @@
 //!   b'S' _: the origin reads until EOF, sending back its running byte count (u64 LE) after
 //!           every read: upload rates measured where the bytes arrive, not in a sender's buffer.
 
+mod proxy_tls;
+
 use clap::{Parser, Subcommand};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use serde_json::{Value, json};
@@ -103,6 +105,9 @@ enum Command {
     },
     /// Print the table for a results file (JSON lines) and write the summary JSON next to it.
     Report { results: std::path::PathBuf },
+    /// Write a PKI for the gateway's HTTPS listener into DIR: `ca.pem`, `gateway.pem`,
+    /// `gateway.key`, `client.pem`, `client.key`.
+    Pki { dir: std::path::PathBuf },
 }
 
 #[derive(clap::Args, Clone)]
@@ -128,12 +133,20 @@ struct TargetArgs {
     /// on names); default the origin's address.
     #[arg(long, default_value = "127.0.0.1")]
     connect_host: String,
+    /// The proxy is an HTTPS listener: TLS to it first, with the client certificate of this
+    /// directory's PKI (`loadgen pki`).
+    #[arg(long)]
+    proxy_tls: Option<std::path::PathBuf>,
 }
 
 fn main() {
     let cli = Cli::parse();
     if let Command::Report { results } = &cli.command {
         report(results);
+        return;
+    }
+    if let Command::Pki { dir } = &cli.command {
+        proxy_tls::write_pki(dir);
         return;
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -177,7 +190,7 @@ fn main() {
                 )
                 .await
             }
-            Command::Report { .. } => unreachable!(),
+            Command::Report { .. } | Command::Pki { .. } => unreachable!(),
         }
     });
 }
@@ -303,9 +316,24 @@ fn test_pki() -> (Arc<rustls::ServerConfig>, CertificateDer<'static>) {
 
 /// A connection to the origin port, through the proxy's CONNECT when there is one. Returns the
 /// stream and the time from sending CONNECT to reading the 200.
-async fn open(t: &TargetArgs, port: u16) -> std::io::Result<(TcpStream, Duration)> {
-    open_from(t, port, None).await
+async fn open(t: &TargetArgs, port: u16) -> std::io::Result<(Box<dyn Conn>, Duration)> {
+    let (Some(proxy), Some(dir)) = (t.proxy, &t.proxy_tls) else {
+        let (s, took) = open_from(t, port, None).await?;
+        return Ok((Box::new(s), took));
+    };
+    let started = Instant::now();
+    let tcp = TcpStream::connect(proxy).await?;
+    tcp.set_nodelay(true)?;
+    let mut tls = proxy_tls::connector(dir)
+        .connect(proxy_tls::gateway_name(), tcp)
+        .await?;
+    connect_through(&mut tls, t, port).await?;
+    Ok((Box::new(tls), started.elapsed()))
 }
+
+/// A stream a measurement runs on: plain TCP, or TLS to an HTTPS listener.
+trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
 
 /// `open` from a chosen loopback source address (a branch, to the gateway).
 async fn open_from(
@@ -328,6 +356,16 @@ async fn open_from(
         }
     };
     s.set_nodelay(true)?;
+    connect_through(&mut s, t, port).await?;
+    Ok((s, started.elapsed()))
+}
+
+/// Sends CONNECT for the origin's `port` on `s` and reads the 200.
+async fn connect_through<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    t: &TargetArgs,
+    port: u16,
+) -> std::io::Result<()> {
     let host = &t.connect_host;
     let req = format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n");
     s.write_all(req.as_bytes()).await?;
@@ -346,7 +384,7 @@ async fn open_from(
             String::from_utf8_lossy(&head)
         )));
     }
-    Ok((s, started.elapsed()))
+    Ok(())
 }
 
 fn command(op: u8, n: u64) -> [u8; 9] {
@@ -729,6 +767,9 @@ fn report(path: &std::path::Path) {
         ("fleet", &["gbit_s", "cpu_s_per_gib"]),
         ("learn", &["per_s", "p50_ms", "p99_ms"]),
         ("sni", &["gbit_s", "cpu_s_per_gib"]),
+        ("https-bulk", &["gbit_s", "cpu_s_per_gib"]),
+        ("https-setup", &["per_s", "p50_ms", "p99_ms"]),
+        ("https-scale", &["kib_per_idle_tunnel", "held", "passed_byte"]),
     ];
     let mut targets: Vec<String> = Vec::new();
     for row in &rows {

@@ -6,7 +6,8 @@
 #   bench/run.sh --runs 5        medians over 5 interleaved runs (default 3)
 #   bench/run.sh --no-peers      skip squid and tinyproxy
 #   bench/run.sh --release       with --quick: measure release builds (quick defaults to debug)
-#   bench/run.sh --only throttle one section: bulk, setup, scale, throttle, fleet, learn or sni (all by default)
+#   bench/run.sh --only throttle one section: bulk, setup, scale, throttle, fleet, learn, sni or
+#                                https (all by default)
 #   bench/run.sh --baseline BIN  before/after: BIN is a `portcullis` built from an earlier commit;
 #                                bulk, setup and scale also measure it as "portcullis-before"
 #                                (same config), in ABBA order against this build: before first
@@ -420,6 +421,43 @@ if section sni; then
     done
   done
   stop_target portcullis-sni
+fi
+
+# The HTTPS listener with client certificates (a branch identified by its certificate): idle
+# memory per tunnel, the setup rate (each a TLS handshake with a client certificate) and one
+# tunnel's throughput, against the plain listener; fresh processes for the idle tunnels.
+if section https; then
+  "$LOADGEN" pki "$WORK/pki"
+  HTTPS_PORT=$(free_port)
+  EXTRA[portcullis-https]=$(printf '[[listen.tls_proxy]]\naddress = "127.0.0.1:%s"\nclient_certificates = "required"\n[tls]\ncertificate = "%s/pki/gateway.pem"\nkey = "%s/pki/gateway.key"\nclient_ca = "%s/pki/ca.pem"\n[[branch]]\nname = "bench"\nclient_certificates = ["branch.bench.test"]\n' "$HTTPS_PORT" "$WORK" "$WORK" "$WORK")
+  HOSTARG[portcullis-https]="--proxy-tls $WORK/pki"
+  https_start() { start_target "$1"; [ "$1" = portcullis-https ] && PORT[portcullis-https]=$HTTPS_PORT; return 0; }
+  if [ "$QUICK" = 1 ]; then HTTPS_RUNS=2; HTTPS_TUNNELS="200"; else HTTPS_RUNS=$((RUNS * 2)); HTTPS_TUNNELS="1000 5000"; fi
+  echo "https: client-certificate listener against plain, $HTTPS_RUNS interleaved runs; idle tunnels $HTTPS_TUNNELS"
+  https_start portcullis-https
+  for run in $(seq "$HTTPS_RUNS"); do
+    order="portcullis portcullis-https"; [ $((run % 2)) = 0 ] && order="portcullis-https portcullis"
+    for t in $order; do
+      # shellcheck disable=SC2046
+      {
+        "$LOADGEN" bulk $(args_for "$t" "$((run + 500))") --bytes "$BULK_BYTES" --direction down
+        "$LOADGEN" bulk $(args_for "$t" "$((run + 500))") --bytes "$BULK_BYTES" --direction up
+        "$LOADGEN" setup $(args_for "$t" "$((run + 500))") --clients 1 --seconds "$SETUP_SECS"
+        "$LOADGEN" setup $(args_for "$t" "$((run + 500))") --clients 16 --seconds "$SETUP_SECS"
+      } | sed 's/"scenario":"bulk"/"scenario":"https-bulk"/; s/"scenario":"setup"/"scenario":"https-setup"/' >> "$RESULTS"
+    done
+  done
+  step=0
+  for n in $HTTPS_TUNNELS; do
+    step=$((step + 1))
+    order="portcullis portcullis-https"; [ $((step % 2)) = 0 ] && order="portcullis-https portcullis"
+    for t in $order; do
+      stop_target "$t"; https_start "$t"
+      # shellcheck disable=SC2046
+      "$LOADGEN" scale $(args_for "$t" 1) --tunnels "$n" | sed 's/"scenario":"scale"/"scenario":"https-scale"/' >> "$RESULTS"
+    done
+  done
+  stop_target portcullis-https
 fi
 
 # Learned destinations: the setup rate with a rule that learns against the same rule without,
