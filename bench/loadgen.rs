@@ -769,7 +769,10 @@ fn report(path: &std::path::Path) {
         ("sni", &["gbit_s", "cpu_s_per_gib"]),
         ("https-bulk", &["gbit_s", "cpu_s_per_gib"]),
         ("https-setup", &["per_s", "p50_ms", "p99_ms"]),
-        ("https-scale", &["kib_per_idle_tunnel", "held", "passed_byte"]),
+        (
+            "https-scale",
+            &["kib_per_idle_tunnel", "held", "passed_byte"],
+        ),
     ];
     let mut targets: Vec<String> = Vec::new();
     for row in &rows {

@@ -36,7 +36,9 @@ pub fn write_pki(dir: &Path) {
 fn pem_der(text: &str) -> Vec<u8> {
     use base64::Engine;
     let body: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
-    base64::engine::general_purpose::STANDARD.decode(body).unwrap()
+    base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .unwrap()
 }
 
 /// A connector trusting `dir`'s CA and presenting its client certificate; made once.
@@ -46,7 +48,9 @@ pub fn connector(dir: &Path) -> tokio_rustls::TlsConnector {
         .get_or_init(|| {
             let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
             let mut roots = rustls::RootCertStore::empty();
-            roots.add(CertificateDer::from(pem_der(&read("ca.pem")))).unwrap();
+            roots
+                .add(CertificateDer::from(pem_der(&read("ca.pem"))))
+                .unwrap();
             let chain = vec![CertificateDer::from(pem_der(&read("client.pem")))];
             let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pem_der(&read("client.key"))));
             let config = rustls::ClientConfig::builder()
