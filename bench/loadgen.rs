@@ -408,11 +408,14 @@ async fn transfer<S: AsyncRead + AsyncWrite + Unpin>(
             s.write_all(&buf[..take]).await?;
             left -= take as u64;
         }
+        // A TLS stream (to an HTTPS listener) may hold the last record until flushed.
+        s.flush().await?;
         let mut count = [0u8; 8];
         s.read_exact(&mut count).await?;
         Ok(u64::from_le_bytes(count))
     } else {
         s.write_all(&command(b'D', n)).await?;
+        s.flush().await?;
         let mut got = 0u64;
         loop {
             match s.read(&mut buf).await? {
@@ -544,6 +547,7 @@ async fn setup(t: &TargetArgs, clients: usize, seconds: f64) {
                     let (mut s, latency) = open(&t, t.origin_port).await?;
                     s.write_all(&command(b'E', 0)).await?;
                     s.write_all(&payload).await?;
+                    s.flush().await?;
                     s.read_exact(&mut echo).await?;
                     s.shutdown().await?;
                     let mut rest = [0u8; 16];
@@ -604,7 +608,11 @@ async fn scale(t: &TargetArgs, tunnels: usize, silent: bool) {
         }
         match tokio::time::timeout(Duration::from_secs(10), open(t, t.origin_port)).await {
             Ok(Ok((mut s, _))) => {
-                if silent || s.write_all(&command(b'E', 0)).await.is_ok() {
+                let echo = async {
+                    s.write_all(&command(b'E', 0)).await?;
+                    s.flush().await
+                };
+                if silent || echo.await.is_ok() {
                     streams.push(s);
                 } else {
                     failed_open += 1;
@@ -624,6 +632,7 @@ async fn scale(t: &TargetArgs, tunnels: usize, silent: bool) {
                 s.write_all(&command(b'E', 0)).await?;
             }
             s.write_all(b"x").await?;
+            s.flush().await?;
             let mut b = [0u8; 1];
             s.read_exact(&mut b).await?;
             Ok::<_, std::io::Error>(())
