@@ -106,3 +106,108 @@ async fn every_dashboard_query_is_valid_and_names_what_the_gateway_exports() {
         String::from_utf8_lossy(&checked.stderr)
     );
 }
+
+/// The alert rules (docker/alerts.yml): valid for promtool, each one fires on the series it is
+/// meant for and not before (promtool's rule unit tests), and every metric they name is one a
+/// real gateway exports (with a rule that learns, so the learned families exist).
+#[tokio::test]
+async fn the_alert_rules_are_valid_fire_as_meant_and_name_what_the_gateway_exports() {
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/docker/alerts.yml");
+    let text = std::fs::read_to_string(rules).unwrap();
+    let origin = TcpOrigin::start(b"").await;
+    let state = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "{}\n[policy.learn]\n\"test-origin\" = \"record\"\n",
+        resolver_hosts("")
+    );
+    let config = format!(
+        "state_dir = \"{}\"\n{}",
+        state.path().display(),
+        config_for(origin.addr.port(), &extra)
+    );
+    let gw = Gateway::start(&config).await;
+    let metrics = crate::admin::get(gw.admin_addr.unwrap(), "/metrics")
+        .await
+        .body;
+    let named = metric_names(&text);
+    assert!(named.len() >= 4, "{named:?}");
+    for name in named {
+        assert!(
+            metrics.contains(&format!("# TYPE {name} ")),
+            "{name} is not exported:\n{metrics}"
+        );
+    }
+    let promtool = |args: &[&str]| {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .output()
+            .expect("promtool (Debian package prometheus; .ci/run installs it)");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    promtool(&["check", "rules", rules]);
+    let london =
+        r#"{severity: warning, instance: gw1, branch: london, rule: azure-file-sync/storage}"#;
+    let tests = format!(
+        r#"rule_files:
+  - {rules}
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'portcullis_new_destinations_total{{instance="gw1", branch="london", rule="azure-file-sync/storage"}}'
+        values: '0 0 1 1 1'
+      - series: 'portcullis_requests_total{{instance="gw1", branch="paris", end="not_learned", verdict="deny", category="storage"}}'
+        values: '0 0 2 2'
+      - series: 'portcullis_requests_total{{instance="gw1", branch="paris", end="closed", verdict="allow", category="storage"}}'
+        values: '0 5 10 15'
+      - series: 'portcullis_config_reloads_total{{instance="gw1", result="failure"}}'
+        values: '0 1 1'
+      - series: 'portcullis_connections_waiting{{instance="gw1"}}'
+        values: '0 3 3 3 3 3 3 3 3'
+    alert_rule_test:
+      - eval_time: 1m
+        alertname: PortcullisNewDestination
+        exp_alerts: []
+      - eval_time: 3m
+        alertname: PortcullisNewDestination
+        exp_alerts:
+          - exp_labels: {london}
+            exp_annotations:
+              summary: "Branch london reached a destination it never used (rule azure-file-sync/storage)"
+              description: "See `portcullis learned list --branch london` on gw1; approve it or deny it."
+      - eval_time: 3m
+        alertname: PortcullisDestinationNotLearned
+        exp_alerts:
+          - exp_labels: {{severity: warning, instance: gw1, branch: paris}}
+            exp_annotations:
+              summary: "Branch paris was refused destinations it has not learned"
+              description: "The access log's end = \"not_learned\" lines name them; `portcullis learned approve` admits one."
+      - eval_time: 2m
+        alertname: PortcullisConfigReloadFailed
+        exp_alerts:
+          - exp_labels: {{severity: warning, instance: gw1, result: failure}}
+            exp_annotations:
+              summary: "A configuration reload was rejected on gw1"
+              description: "The log line \"reload rejected\" lists the file's problems; the running configuration stays."
+      - eval_time: 3m
+        alertname: PortcullisConnectionsWaiting
+        exp_alerts: []
+      - eval_time: 7m
+        alertname: PortcullisConnectionsWaiting
+        exp_alerts:
+          - exp_labels: {{severity: critical, instance: gw1}}
+            exp_annotations:
+              summary: "Clients wait for a connection place on gw1"
+              description: "connections_open has reached connections_limit (limits.max_connections or the descriptor limit)."
+"#
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("alerts.test.yml");
+    std::fs::write(&path, tests).unwrap();
+    promtool(&["test", "rules", path.to_str().unwrap()]);
+}
