@@ -50,8 +50,18 @@ async fn every_dashboard_query_is_valid_and_names_what_the_gateway_exports() {
     let origin = TcpOrigin::start(b"").await;
     // A schedule in force, so the bandwidth panels' families have series.
     let schedule = "[[schedule]]\nname = \"always\"\ndays = \"daily\"\nhours = \"00:00-00:00\"\ntime_zone = \"UTC\"\nupload = \"10 Mbit/s\"\ndownload = \"10 Mbit/s\"\n";
-    let extra = format!("{}\n{schedule}", resolver_hosts(""));
-    let gw = Gateway::start(&config_for(origin.addr.port(), &extra)).await;
+    // A rule that learns, so the learned destinations' panels have series.
+    let extra = format!(
+        "{}\n{schedule}\n[policy.learn]\n\"test-origin\" = \"record\"\n",
+        resolver_hosts("")
+    );
+    let state = tempfile::tempdir().unwrap();
+    let config = format!(
+        "state_dir = \"{}\"\n{}",
+        state.path().display(),
+        config_for(origin.addr.port(), &extra)
+    );
+    let gw = Gateway::start(&config).await;
     let metrics = crate::admin::get(gw.admin_addr.unwrap(), "/metrics")
         .await
         .body;
