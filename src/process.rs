@@ -110,15 +110,14 @@ pub fn hard_descriptor_limit() -> Option<u64> {
     }
 }
 
-/// `GET path` to a local admin or status endpoint, blocking, 5 s for each step: the whole
-/// reply (at most 64 KiB) as text. For the command-line probes (`health`, `status`).
-/// One request with an empty body to a loopback admin listener: the status and the body
-/// (at most 1 MiB), within 5 s for each step.
-pub fn http_request(
+/// One request with an empty body to a local admin or status endpoint, blocking, 5 s for each
+/// step: the whole reply, at most `limit` bytes.
+fn exchange(
     addr: std::net::SocketAddr,
     method: &str,
     target: &str,
-) -> std::io::Result<(u16, String)> {
+    limit: u64,
+) -> std::io::Result<Vec<u8>> {
     use std::io::{Read, Write};
     let timeout = std::time::Duration::from_secs(5);
     let mut tcp = std::net::TcpStream::connect_timeout(&addr, timeout)?;
@@ -129,7 +128,25 @@ pub fn http_request(
         "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )?;
     let mut reply = Vec::new();
-    tcp.take(1 << 20).read_to_end(&mut reply)?;
+    tcp.take(limit).read_to_end(&mut reply)?;
+    Ok(reply)
+}
+
+/// `GET path`: the whole reply (at most 64 KiB) as text. For the command-line probes
+/// (`health`, `status`).
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
+    let reply = exchange(addr, "GET", path, 64 * 1024)?;
+    Ok(String::from_utf8_lossy(&reply).into_owned())
+}
+
+/// One request with an empty body (the `learned` commands): the status and the body (at most
+/// 1 MiB).
+pub fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    target: &str,
+) -> std::io::Result<(u16, String)> {
+    let reply = exchange(addr, method, target, 1 << 20)?;
     let reply = String::from_utf8_lossy(&reply);
     let malformed = || std::io::Error::other("malformed HTTP reply");
     let (head, body) = reply.split_once("\r\n\r\n").ok_or_else(malformed)?;
@@ -139,21 +156,6 @@ pub fn http_request(
         .and_then(|s| s.parse().ok())
         .ok_or_else(malformed)?;
     Ok((status, body.to_owned()))
-}
-
-pub fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
-    use std::io::{Read, Write};
-    let timeout = std::time::Duration::from_secs(5);
-    let mut tcp = std::net::TcpStream::connect_timeout(&addr, timeout)?;
-    tcp.set_read_timeout(Some(timeout))?;
-    tcp.set_write_timeout(Some(timeout))?;
-    write!(
-        tcp,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut reply = String::new();
-    tcp.take(64 * 1024).read_to_string(&mut reply)?;
-    Ok(reply)
 }
 
 /// The stop request: SIGTERM (systemd, container runtimes) or Ctrl-C. On Windows: Ctrl-C,

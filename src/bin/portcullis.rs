@@ -137,29 +137,24 @@ enum LearnedAction {
         json: bool,
     },
     /// Learn HOST[:PORT] (443 by default) for a branch, as if it had used it.
-    Approve {
-        /// The branch (a configured name, or `unassigned`).
-        #[arg(long, value_name = "NAME")]
-        branch: String,
-        /// The rule to learn it under; default: the rule the policy picks for the branch.
-        #[arg(long, value_name = "RULE")]
-        rule: Option<String>,
-        /// The destination: a host name under a learning rule's wildcard, and its port.
-        #[arg(value_name = "HOST[:PORT]")]
-        host: String,
-    },
+    Approve(LearnedTarget),
     /// Forget HOST (every port) or HOST:PORT for a branch (under every rule, or --rule).
-    Forget {
-        /// The branch (a configured name, or `unassigned`).
-        #[arg(long, value_name = "NAME")]
-        branch: String,
-        /// Only under this rule.
-        #[arg(long, value_name = "RULE")]
-        rule: Option<String>,
-        /// The destination: a host name, with a port to forget only that one.
-        #[arg(value_name = "HOST[:PORT]")]
-        host: String,
-    },
+    Forget(LearnedTarget),
+}
+
+/// What `learned approve` and `learned forget` act on.
+#[derive(clap::Args)]
+struct LearnedTarget {
+    /// The branch (a configured name, or `unassigned`).
+    #[arg(long, value_name = "NAME")]
+    branch: String,
+    /// Only under this rule (approve: default the rule the policy picks for the branch).
+    #[arg(long, value_name = "RULE")]
+    rule: Option<String>,
+    /// The destination: a host name under a learning rule's wildcard, and its port (forget
+    /// without a port: every port).
+    #[arg(value_name = "HOST[:PORT]")]
+    host: String,
 }
 
 #[derive(Subcommand)]
@@ -475,15 +470,15 @@ fn learned(
         LearnedAction::List { branch, json } => {
             (Change::List { json: *json }, branch.as_deref(), None)
         }
-        LearnedAction::Approve { branch, rule, host } => (
-            Change::Approve { host },
-            Some(branch.as_str()),
-            rule.as_deref(),
+        LearnedAction::Approve(t) => (
+            Change::Approve { host: &t.host },
+            Some(t.branch.as_str()),
+            t.rule.as_deref(),
         ),
-        LearnedAction::Forget { branch, rule, host } => (
-            Change::Forget { host },
-            Some(branch.as_str()),
-            rule.as_deref(),
+        LearnedAction::Forget(t) => (
+            Change::Forget { host: &t.host },
+            Some(t.branch.as_str()),
+            t.rule.as_deref(),
         ),
     };
     match run(&config, admin, &change, branch, rule) {

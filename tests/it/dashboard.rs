@@ -45,26 +45,31 @@ fn metric_names(expr: &str) -> Vec<String> {
     names
 }
 
-#[tokio::test]
-async fn every_dashboard_query_is_valid_and_names_what_the_gateway_exports() {
-    let origin = TcpOrigin::start(b"").await;
-    // A schedule in force, so the bandwidth panels' families have series.
-    let schedule = "[[schedule]]\nname = \"always\"\ndays = \"daily\"\nhours = \"00:00-00:00\"\ntime_zone = \"UTC\"\nupload = \"10 Mbit/s\"\ndownload = \"10 Mbit/s\"\n";
-    // A rule that learns, so the learned destinations' panels have series.
+/// The `/metrics` of a real gateway with `extra` config and a rule that learns (so the learned
+/// destinations' families have series).
+async fn exported_with_learning(origin_port: u16, extra: &str) -> String {
     let extra = format!(
-        "{}\n{schedule}\n[policy.learn]\n\"test-origin\" = \"record\"\n",
+        "{}\n{extra}\n[policy.learn]\n\"test-origin\" = \"record\"\n",
         resolver_hosts("")
     );
     let state = tempfile::tempdir().unwrap();
     let config = format!(
         "state_dir = \"{}\"\n{}",
         state.path().display(),
-        config_for(origin.addr.port(), &extra)
+        config_for(origin_port, &extra)
     );
     let gw = Gateway::start(&config).await;
-    let metrics = crate::admin::get(gw.admin_addr.unwrap(), "/metrics")
+    crate::admin::get(gw.admin_addr.unwrap(), "/metrics")
         .await
-        .body;
+        .body
+}
+
+#[tokio::test]
+async fn every_dashboard_query_is_valid_and_names_what_the_gateway_exports() {
+    let origin = TcpOrigin::start(b"").await;
+    // A schedule in force, so the bandwidth panels' families have series.
+    let schedule = "[[schedule]]\nname = \"always\"\ndays = \"daily\"\nhours = \"00:00-00:00\"\ntime_zone = \"UTC\"\nupload = \"10 Mbit/s\"\ndownload = \"10 Mbit/s\"\n";
+    let metrics = exported_with_learning(origin.addr.port(), schedule).await;
     let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
     for (i, (title, expr, legend)) in queries().into_iter().enumerate() {
         for name in metric_names(&expr) {
@@ -125,20 +130,7 @@ async fn the_alert_rules_are_valid_fire_as_meant_and_name_what_the_gateway_expor
     let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/docker/alerts.yml");
     let text = std::fs::read_to_string(rules).unwrap();
     let origin = TcpOrigin::start(b"").await;
-    let state = tempfile::tempdir().unwrap();
-    let extra = format!(
-        "{}\n[policy.learn]\n\"test-origin\" = \"record\"\n",
-        resolver_hosts("")
-    );
-    let config = format!(
-        "state_dir = \"{}\"\n{}",
-        state.path().display(),
-        config_for(origin.addr.port(), &extra)
-    );
-    let gw = Gateway::start(&config).await;
-    let metrics = crate::admin::get(gw.admin_addr.unwrap(), "/metrics")
-        .await
-        .body;
+    let metrics = exported_with_learning(origin.addr.port(), "").await;
     let named = metric_names(&text);
     assert!(named.len() >= 4, "{named:?}");
     for name in named {

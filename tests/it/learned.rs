@@ -56,6 +56,13 @@ hosts_only = true
     )
 }
 
+/// A TLS origin answering to the first `accounts` account names.
+async fn origin_for(pki: &Pki, accounts: u32) -> Origin {
+    let names: Vec<String> = (0..accounts).map(account).collect();
+    let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    Origin::start_named(pki, &name_refs).await
+}
+
 /// A GET through the gateway from `from` to `host` on the origin: the status it got, or the
 /// status of the refused CONNECT.
 async fn fetch(pki: &Pki, gw: SocketAddr, from: &str, host: &str, port: u16) -> u16 {
@@ -109,9 +116,7 @@ fn cli(args: &[&str]) -> (bool, String, String) {
 #[tokio::test]
 async fn record_then_enforce_across_a_restart_with_approve_and_forget_live_and_on_file() {
     let pki = Pki::new();
-    let names: Vec<String> = (0..4).map(account).collect();
-    let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let origin = Origin::start_named(&pki, &name_refs).await;
+    let origin = origin_for(&pki, 4).await;
     let port = origin.port();
     let state = tempfile::tempdir().unwrap();
 
@@ -397,9 +402,7 @@ async fn eventually(pki: &Pki, gw: SocketAddr, from: &str, host: &str, port: u16
 #[tokio::test]
 async fn replicas_share_what_they_learn_approve_and_forget_through_redis() {
     let pki = Pki::new();
-    let names: Vec<String> = (0..3).map(account).collect();
-    let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let origin = Origin::start_named(&pki, &name_refs).await;
+    let origin = origin_for(&pki, 3).await;
     let port = origin.port();
     let redis = Redis::start(&[]);
     let fleet = |name: &str| {
