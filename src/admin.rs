@@ -11,6 +11,7 @@
 //! | `POST /learned/forget?branch=B&host=H[:P][&rule=R]` | from loopback only: forget one (every port without `:P`) |
 
 use crate::admin_http::{Answer, Ask};
+use crate::learned::ops::{self, Edit};
 use crate::reload::Reloader;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,8 +49,8 @@ fn route(ask: &Ask<'_>, reloader: &Reloader, draining: &AtomicBool) -> Answer {
         ("POST", "/learned/approve" | "/learned/forget") if !ask.from_loopback => {
             Answer::text(403, "changes only from loopback\n")
         }
-        ("POST", "/learned/approve") => learned_change(ask, reloader, true),
-        ("POST", "/learned/forget") => learned_change(ask, reloader, false),
+        ("POST", "/learned/approve") => learned_change(ask, reloader, Edit::Approve),
+        ("POST", "/learned/forget") => learned_change(ask, reloader, Edit::Forget),
         ("GET", "/healthz") => Answer::text(200, "ok\n"),
         ("GET", "/readyz") if draining.load(Ordering::Relaxed) => Answer::text(503, "draining\n"),
         ("GET", "/readyz") => Answer::text(200, "ready\n"),
@@ -57,28 +58,25 @@ fn route(ask: &Ask<'_>, reloader: &Reloader, draining: &AtomicBool) -> Answer {
     }
 }
 
-/// `approve` (else forget) a destination on the running gateway, saved before the answer.
-fn learned_change(ask: &Ask<'_>, reloader: &Reloader, approve: bool) -> Answer {
-    use crate::learned::ops;
+/// An operator's `edit` of a learned set on the running gateway, saved before the answer.
+fn learned_change(ask: &Ask<'_>, reloader: &Reloader, edit: Edit) -> Answer {
     let gateway = reloader.current.load();
     let (Some(branch), Some(host)) = (ask.param("branch"), ask.param("host")) else {
         return Answer::text(400, "expected ?branch=B&host=HOST[:PORT][&rule=R]\n");
     };
-    let rule = ask.param("rule");
-    let (config, learned) = (&gateway.config, &*gateway.learned);
-    let done = if approve {
-        ops::destination(&host).and_then(|(name, port)| {
-            ops::approve(config, learned, &branch, (&name, port), rule.as_deref())
-        })
-    } else {
-        ops::destination_any_port(&host).and_then(|(name, port)| {
-            ops::forget(config, learned, &branch, (&name, port), rule.as_deref())
-        })
-    };
+    let learned = &*gateway.learned;
+    let done = ops::apply(
+        &gateway.config,
+        learned,
+        edit,
+        &branch,
+        &host,
+        ask.param("rule").as_deref(),
+    );
     match done {
         Ok(text) => match learned.save() {
             Ok(()) => {
-                tracing::info!(%branch, %host, change = if approve { "approve" } else { "forget" }, "learned destinations changed by the operator");
+                tracing::info!(%branch, %host, change = edit.as_str(), "learned destinations changed by the operator");
                 Answer::text(200, text)
             }
             Err(e) => Answer::text(

@@ -462,26 +462,28 @@ fn learned(
     action: &LearnedAction,
 ) -> ExitCode {
     use portcullis::cli::learned::{Change, run};
+    use portcullis::learned::ops::Edit;
     let config = match load(config_path) {
         Ok(config) => config,
         Err(e) => return config_failure(&e),
     };
-    let (change, branch, rule) = match action {
-        LearnedAction::List { branch, json } => {
-            (Change::List { json: *json }, branch.as_deref(), None)
+    fn edit(edit: Edit, t: &LearnedTarget) -> Change<'_> {
+        Change::Edit {
+            edit,
+            branch: &t.branch,
+            host: &t.host,
+            rule: t.rule.as_deref(),
         }
-        LearnedAction::Approve(t) => (
-            Change::Approve { host: &t.host },
-            Some(t.branch.as_str()),
-            t.rule.as_deref(),
-        ),
-        LearnedAction::Forget(t) => (
-            Change::Forget { host: &t.host },
-            Some(t.branch.as_str()),
-            t.rule.as_deref(),
-        ),
+    }
+    let change = match action {
+        LearnedAction::List { branch, json } => Change::List {
+            branch: branch.as_deref(),
+            json: *json,
+        },
+        LearnedAction::Approve(t) => edit(Edit::Approve, t),
+        LearnedAction::Forget(t) => edit(Edit::Forget, t),
     };
-    match run(&config, admin, &change, branch, rule) {
+    match run(&config, admin, &change) {
         Ok(text) => {
             print!("{text}");
             ExitCode::SUCCESS

@@ -93,14 +93,16 @@ pub async fn plan<'g>(
     match who {
         Ok(identity) => {
             plan.identity = Some(identity);
+            // Only `enforce` asks before the dial; `record` notes the tunnel once it is open.
             if let Some(rule) = decision.rule
+                && rule.learn == Learn::Enforce
                 && let Some(name) = rule.learns(&target.host)
             {
                 let branch = identity::name(&gw.config.branches, identity);
-                let known = gw
+                if !gw
                     .learned
-                    .knows(branch, &rule.name, name.as_str(), target.port);
-                if !known && rule.learn == Learn::Enforce {
+                    .knows(branch, &rule.name, name.as_str(), target.port)
+                {
                     decision = not_learned(decision, gw.config.policy.mode);
                     plan.decision = decision;
                 }

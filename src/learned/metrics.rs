@@ -71,7 +71,7 @@ impl LearnedMetrics {
     ) {
         for (branch, rules) in sets {
             for (rule, set) in rules {
-                self.set_len(branch, rule, set.len);
+                self.set_len(branch, rule, set.len());
             }
         }
     }

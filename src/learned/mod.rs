@@ -3,8 +3,9 @@
 //! `learn = "record"` a branch's first tunnel to a name is flagged (`new_destination`, a
 //! metric); under `"enforce"` only learned names pass. One store per process, shared by every
 //! snapshot: kept in `state_dir/learned.json` ([`state_file`]), saved by [`keep_saved`], and in
-//! fleet mode shared through Redis (the fleet's `learned` module). A tunnel costs one lock and three
-//! hash probes, and only under a rule that learns.
+//! fleet mode shared through Redis (the fleet's `learned` module). A tunnel costs one lock and
+//! three hash probes when it opens (`enforce` asks once more before the dial), and only under a
+//! rule that learns.
 
 pub mod metrics;
 pub mod ops;
@@ -58,13 +59,17 @@ pub enum Noted {
 #[derive(Default, Debug)]
 struct Set {
     hosts: HashMap<Box<str>, Vec<Seen>>,
-    /// Destinations (host and port pairs) held.
-    len: usize,
     /// A warning about the set being full was logged (once until it has room again).
     full_logged: bool,
 }
 
 impl Set {
+    /// Destinations (host and port pairs) held; counted only when a destination is added or
+    /// listed, never per tunnel.
+    fn len(&self) -> usize {
+        self.hosts.values().map(Vec::len).sum()
+    }
+
     fn get_mut(&mut self, host: &str, port: u16) -> Option<&mut Seen> {
         self.hosts
             .get_mut(host)?
@@ -74,21 +79,19 @@ impl Set {
 
     fn insert(&mut self, host: &str, seen: Seen) {
         self.hosts.entry(host.into()).or_default().push(seen);
-        self.len += 1;
     }
 
-    fn remove(&mut self, host: &str, port: Option<u16>) -> usize {
-        let Some(ports) = self.hosts.get_mut(host) else {
-            return 0;
-        };
-        let before = ports.len();
-        ports.retain(|s| port.is_some_and(|p| p != s.port));
-        let removed = before - ports.len();
-        if ports.is_empty() {
-            self.hosts.remove(host);
+    /// Keeps the destinations `keep` says yes to; how many went.
+    fn retain(&mut self, mut keep: impl FnMut(&str, &Seen) -> bool) -> usize {
+        let before = self.len();
+        self.hosts.retain(|host, ports| {
+            ports.retain(|seen| keep(host, seen));
+            !ports.is_empty()
+        });
+        let removed = before - self.len();
+        if removed > 0 {
+            self.full_logged = false;
         }
-        self.len -= removed;
-        self.full_logged = false;
         removed
     }
 }
@@ -119,6 +122,36 @@ impl State {
 
     fn set(&self, branch: &str, rule: &str) -> Option<&Set> {
         self.sets.get(branch)?.get(rule)
+    }
+
+    /// Adds `row` unless its destination is held already; whether it was added.
+    fn add(&mut self, row: Row) -> bool {
+        let set = self.set_mut(&row.branch, &row.rule);
+        let new = set.get_mut(&row.host, row.seen.port).is_none();
+        if new {
+            set.insert(&row.host, row.seen);
+        }
+        new
+    }
+
+    /// Every destination `pick` says yes to, as rows.
+    fn rows(&self, pick: impl Fn(&str, &Seen) -> bool) -> Vec<Row> {
+        let mut rows = Vec::new();
+        for (branch, rules) in &self.sets {
+            for (rule, set) in rules {
+                for (host, ports) in &set.hosts {
+                    for seen in ports.iter().filter(|s| pick(branch, s)) {
+                        rows.push(Row {
+                            branch: branch.clone(),
+                            rule: rule.clone(),
+                            host: host.to_string(),
+                            seen: seen.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        rows
     }
 }
 
@@ -187,10 +220,7 @@ impl Learned {
     pub fn insert(&self, rows: Vec<Row>) {
         let mut state = self.state();
         for row in rows {
-            let set = state.set_mut(&row.branch, &row.rule);
-            if set.get_mut(&row.host, row.seen.port).is_none() {
-                set.insert(&row.host, row.seen);
-            }
+            state.add(row);
         }
         self.metrics.count_all(&state.sets);
     }
@@ -247,7 +277,8 @@ impl Learned {
         if mode != Learn::Record {
             return Noted::Unknown;
         }
-        if set.len >= limit {
+        let len = set.len();
+        if len >= limit {
             if !std::mem::replace(&mut set.full_logged, true) {
                 tracing::warn!(
                     branch,
@@ -261,10 +292,9 @@ impl Learned {
             return Noted::Full;
         }
         set.insert(host, Seen::new(port, now, false));
-        let len = set.len;
         drop(state);
         self.metrics.new_destination(branch, rule);
-        self.metrics.set_len(branch, rule, len);
+        self.metrics.set_len(branch, rule, len + 1);
         self.changed.notify_one();
         Noted::New
     }
@@ -286,17 +316,16 @@ impl Learned {
             state.dirty = true;
             return Ok(false);
         }
-        if set.len >= limit {
+        let len = set.len();
+        if len >= limit {
             return Err(format!(
-                "branch {branch} holds {} destinations under rule {rule}, the limit (policy.learn_limit): forget one first",
-                set.len
+                "branch {branch} holds {len} destinations under rule {rule}, the limit (policy.learn_limit): forget one first"
             ));
         }
         set.insert(host, Seen::new(port, now(), true));
-        let len = set.len;
         state.dirty = true;
         drop(state);
-        self.metrics.set_len(branch, rule, len);
+        self.metrics.set_len(branch, rule, len + 1);
         self.changed.notify_one();
         Ok(true)
     }
@@ -312,23 +341,25 @@ impl Learned {
         let mut lens = Vec::new();
         let mut shared = Vec::new();
         for (name, set) in rules.iter_mut() {
-            if rule.is_none_or(|r| r == name) {
-                let ports = set.hosts.get(host).into_iter().flatten();
-                shared.extend(
-                    ports
-                        .filter(|s| s.shared && port.is_none_or(|p| p == s.port))
-                        .map(|seen| Row {
-                            branch: branch.to_owned(),
-                            rule: name.clone(),
-                            host: host.to_owned(),
-                            seen: seen.clone(),
-                        }),
-                );
-                let n = set.remove(host, port);
-                if n > 0 {
-                    removed += n;
-                    lens.push((name.clone(), set.len));
+            if rule.is_some_and(|r| r != name) {
+                continue;
+            }
+            let n = set.retain(|h, seen| {
+                let gone = h == host && port.is_none_or(|p| p == seen.port);
+                // Redis holds it: the fleet's next refresh drops it there too.
+                if gone && seen.shared {
+                    shared.push(Row {
+                        branch: branch.to_owned(),
+                        rule: name.clone(),
+                        host: host.to_owned(),
+                        seen: seen.clone(),
+                    });
                 }
+                !gone
+            });
+            if n > 0 {
+                removed += n;
+                lens.push((name.clone(), set.len()));
             }
         }
         if removed > 0 {
@@ -347,24 +378,9 @@ impl Learned {
 
     /// Every destination (of one branch), sorted by branch, rule, host and port.
     pub fn rows(&self, branch: Option<&str>) -> Vec<Row> {
-        let state = self.state();
-        let mut rows: Vec<Row> = state
-            .sets
-            .iter()
-            .filter(|(b, _)| branch.is_none_or(|want| want == b.as_str()))
-            .flat_map(|(b, rules)| {
-                rules.iter().flat_map(move |(r, set)| {
-                    set.hosts.iter().flat_map(move |(host, ports)| {
-                        ports.iter().map(move |seen| Row {
-                            branch: b.clone(),
-                            rule: r.clone(),
-                            host: host.to_string(),
-                            seen: seen.clone(),
-                        })
-                    })
-                })
-            })
-            .collect();
+        let mut rows = self
+            .state()
+            .rows(|b, _| branch.is_none_or(|want| want == b));
         rows.sort_by(|a, b| {
             (&a.branch, &a.rule, &a.host, a.seen.port).cmp(&(
                 &b.branch,
@@ -408,22 +424,7 @@ impl Learned {
     /// Fleet mode: what Redis does not hold yet, and what was forgotten here since it did.
     pub fn unshared(&self) -> (Vec<Row>, Vec<Row>) {
         let state = self.state();
-        let mut out = Vec::new();
-        for (branch, rules) in &state.sets {
-            for (rule, set) in rules {
-                for (host, ports) in &set.hosts {
-                    for seen in ports.iter().filter(|s| !s.shared) {
-                        out.push(Row {
-                            branch: branch.clone(),
-                            rule: rule.clone(),
-                            host: host.to_string(),
-                            seen: seen.clone(),
-                        });
-                    }
-                }
-            }
-        }
-        (out, state.forgotten.clone())
+        (state.rows(|_, seen| !seen.shared), state.forgotten.clone())
     }
 
     /// Fleet mode: Redis now holds `written` and has dropped the first `forgotten` of the
@@ -458,46 +459,23 @@ impl Learned {
 
 impl State {
     fn merge_shared(&mut self, rows: Vec<Row>) -> (usize, usize) {
-        let mut wanted: HashMap<(&str, &str), Vec<&Row>> = HashMap::new();
-        for row in &rows {
-            wanted
-                .entry((&row.branch, &row.rule))
-                .or_default()
-                .push(row);
-        }
+        let held: std::collections::HashSet<(&str, &str, &str, u16)> = rows
+            .iter()
+            .map(|r| (&*r.branch, &*r.rule, &*r.host, r.seen.port))
+            .collect();
         let mut removed = 0;
         for (branch, rules) in &mut self.sets {
             for (rule, set) in rules.iter_mut() {
-                let keep = wanted.get(&(branch.as_str(), rule.as_str()));
-                let gone: Vec<(Box<str>, u16)> = set
-                    .hosts
-                    .iter()
-                    .flat_map(|(h, ports)| {
-                        ports
-                            .iter()
-                            .filter(|s| s.shared)
-                            .map(move |s| (h.clone(), s.port))
-                    })
-                    .filter(|(h, port)| {
-                        !keep.is_some_and(|rows| {
-                            rows.iter().any(|r| *r.host == **h && r.seen.port == *port)
-                        })
-                    })
-                    .collect();
-                for (host, port) in gone {
-                    removed += set.remove(&host, Some(port));
-                }
+                // What Redis held once and holds no more was forgotten on another replica.
+                removed += set.retain(|host, seen| {
+                    !seen.shared || held.contains(&(branch, rule, host, seen.port))
+                });
             }
         }
         let mut added = 0;
-        for row in &rows {
-            let set = self.set_mut(&row.branch, &row.rule);
-            if set.get_mut(&row.host, row.seen.port).is_none() {
-                let mut seen = row.seen.clone();
-                seen.shared = true;
-                set.insert(&row.host, seen);
-                added += 1;
-            }
+        for mut row in rows {
+            row.seen.shared = true;
+            added += usize::from(self.add(row));
         }
         if added + removed > 0 {
             self.dirty = true;

@@ -5,7 +5,7 @@
 use super::Learned;
 use crate::config::{Config, UNASSIGNED};
 use crate::policy::Learn;
-use crate::policy::host::{DnsName, Host};
+use crate::policy::host::{DnsName, Host, Target};
 
 /// An answer for the operator: the status the admin listener sends, and the text.
 pub type Answer = Result<String, (u16, String)>;
@@ -21,44 +21,65 @@ fn identity(config: &Config, branch: &str) -> Result<Option<usize>, (u16, String
         .position(|b| b.name == branch)
         .map(Some)
         .ok_or_else(|| {
-            let names: Vec<&str> = config.branches.iter().map(|b| b.name.as_str()).collect();
+            let mut names: Vec<&str> = config.branches.iter().map(|b| b.name.as_str()).collect();
+            names.push(UNASSIGNED);
+            let names = names.join(", ");
             (
                 404,
-                format!(
-                    "no branch is named {branch:?}; expected one of: {}",
-                    names
-                        .iter()
-                        .chain([&UNASSIGNED])
-                        .copied()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
+                format!("no branch is named {branch:?}; expected one of: {names}"),
             )
         })
 }
 
-/// `HOST` or `HOST:PORT` (443 when no port is given; `None` from [`destination_any_port`]).
-pub fn destination(text: &str) -> Result<(DnsName, u16), (u16, String)> {
-    let (host, port) = destination_any_port(text)?;
-    Ok((host, port.unwrap_or(443)))
+/// What an operator does to a learned set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Edit {
+    /// Learn `HOST[:PORT]` (443 by default).
+    Approve,
+    /// Forget `HOST` (every port) or `HOST:PORT`.
+    Forget,
 }
 
-/// `HOST` or `HOST:PORT`, the port left open when not given.
-pub fn destination_any_port(text: &str) -> Result<(DnsName, Option<u16>), (u16, String)> {
+impl Edit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Edit::Approve => "approve",
+            Edit::Forget => "forget",
+        }
+    }
+}
+
+/// `edit` for `branch` on `destination` as the operator wrote it (`HOST` or `HOST:PORT`),
+/// under `rule` (or the one the policy picks, or every rule for a forget).
+pub fn apply(
+    config: &Config,
+    learned: &Learned,
+    edit: Edit,
+    branch: &str,
+    destination: &str,
+    rule: Option<&str>,
+) -> Answer {
+    let (host, port) = parse_destination(destination)?;
+    match edit {
+        Edit::Approve => approve(config, learned, branch, (&host, port.unwrap_or(443)), rule),
+        Edit::Forget => forget(config, learned, branch, (&host, port), rule),
+    }
+}
+
+/// `HOST` or `HOST:PORT` (parsed as a CONNECT target is), the port `None` when not given. Only
+/// names are learned.
+fn parse_destination(text: &str) -> Result<(DnsName, Option<u16>), (u16, String)> {
     let bad = |why: &str| (400, format!("{text:?}: {why}; expected HOST or HOST:PORT"));
-    let (host, port) = match text.rsplit_once(':') {
-        Some((host, port)) => (
-            host,
-            Some(
-                port.parse::<u16>()
-                    .ok()
-                    .filter(|p| *p != 0)
-                    .ok_or_else(|| bad("the port must be a number from 1 to 65535"))?,
-            ),
-        ),
-        None => (text, None),
+    let (host, port) = if text.contains(':') {
+        let target = Target::parse_authority(text).map_err(bad)?;
+        (target.host, Some(target.port))
+    } else {
+        (Host::Name(DnsName::parse(text).map_err(bad)?), None)
     };
-    Ok((DnsName::parse(host).map_err(bad)?, port))
+    match host {
+        Host::Name(name) => Ok((name, port)),
+        Host::Ip(_) => Err(bad("an IP literal is never learned (rules list addresses)")),
+    }
 }
 
 /// The rule `branch`'s tunnels to `host:port` go by, when it learns: the one named (which must
@@ -114,7 +135,7 @@ fn learning_rule<'c>(
 }
 
 /// Learns `host:port` for `branch` (under `rule`, or the rule the policy picks).
-pub fn approve(
+fn approve(
     config: &Config,
     learned: &Learned,
     branch: &str,
@@ -139,7 +160,7 @@ pub fn approve(
 }
 
 /// Forgets `host` (one port, or every port) for `branch` (under `rule`, or every rule).
-pub fn forget(
+fn forget(
     config: &Config,
     learned: &Learned,
     branch: &str,
