@@ -59,7 +59,24 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
     }
 }
 
-impl<T: AsyncRead + AsyncWrite + Unpin> Endpoint for MaybeTls<T> {
+/// A TLS stream over TCP: its socket, for socket options.
+pub trait OverTcp {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl OverTcp for tokio_rustls::server::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+impl OverTcp for tokio_rustls::client::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + OverTcp + Unpin> Endpoint for MaybeTls<T> {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             MaybeTls::Plain(s) => s.poll_read_ready(cx),
@@ -67,5 +84,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Endpoint for MaybeTls<T> {
             // (a Pending read gives the buffer straight back).
             MaybeTls::Tls(_) => Poll::Ready(Ok(())),
         }
+    }
+
+    #[cfg(target_os = "linux")]
+    fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        let tcp = match self {
+            MaybeTls::Plain(s) => s,
+            MaybeTls::Tls(s) => s.tcp(),
+        };
+        Some(std::os::fd::AsFd::as_fd(tcp))
     }
 }

@@ -14,4 +14,4 @@ pub mod units;
 
 pub use bucket::Demand;
 pub use budgets::{BudgetRef, InForce, Retuned, Throttles};
-pub use paced::{Paced, Pacer, Pacers, poll_turn};
+pub use paced::{Paced, Pacer, Pacers, QueueBound, poll_turn};

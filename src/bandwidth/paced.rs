@@ -16,6 +16,18 @@ pub struct Pacer {
     timeline: Timeline,
     /// Made on the first wait, then reset: no allocation per chunk.
     sleep: Option<Pin<Box<Sleep>>>,
+    /// What the tunnel last did to this direction's socket queues.
+    pub queue: QueueBound,
+}
+
+/// The socket settings a throttled direction applied to keep its queues short (the tunnel's
+/// queue bound reads and writes it; kept here so only throttled directions carry it).
+#[derive(Debug, Default)]
+pub struct QueueBound {
+    /// The read limit the sockets were last set for; 0 when they are at their defaults.
+    pub burst: usize,
+    /// Whether the source's receive buffer was set (and so taken out of autotuning).
+    pub receive_set: bool,
 }
 
 impl Pacer {
@@ -24,6 +36,7 @@ impl Pacer {
             gate,
             timeline,
             sleep: None,
+            queue: QueueBound::default(),
         }
     }
 

@@ -35,11 +35,22 @@ fn give_back(buf: Box<[u8]>) {
 pub trait Endpoint: AsyncRead + AsyncWrite + Unpin {
     /// Ready when a read would make progress (data, EOF or error).
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// The TCP socket underneath, for the throttle's queue bound; `None` for in-memory streams.
+    #[cfg(target_os = "linux")]
+    fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
 }
 
 impl Endpoint for TcpStream {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         TcpStream::poll_read_ready(self, cx)
+    }
+
+    #[cfg(target_os = "linux")]
+    fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(std::os::fd::AsFd::as_fd(self))
     }
 }
 
@@ -136,8 +147,18 @@ impl<R: Endpoint + ?Sized, W: Endpoint + ?Sized> Copier<R, W> for Buffered {
                         Poll::Pending => return self.poll_flush_pending(cx, writer),
                     }
                 }
-                // Under a budget in force, read about one burst at a time.
-                let limit = self.pacer.as_ref().and_then(|g| g.read_limit());
+                // Under a budget in force, read about one burst at a time, with short queues.
+                let limit = match &mut self.pacer {
+                    Some(pacer) => {
+                        let limit = pacer.read_limit();
+                        #[cfg(target_os = "linux")]
+                        if let (Some(src), Some(dst)) = (reader.socket(), writer.socket()) {
+                            super::queue::bound(&mut pacer.queue, limit, src, dst);
+                        }
+                        limit
+                    }
+                    None => None,
+                };
                 let buf = self.buf.get_or_insert_with(take_buffer);
                 let len = limit.map_or(buf.len(), |l| l.min(buf.len()));
                 let mut read_buf = ReadBuf::new(&mut buf[..len]);

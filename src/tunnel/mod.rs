@@ -8,6 +8,8 @@
 //! [`METER_STEP`] bytes, at each idle tick and at the end, one atomic add per direction.
 
 pub mod copy;
+#[cfg(target_os = "linux")]
+pub mod queue;
 pub mod spare;
 #[cfg(target_os = "linux")]
 pub mod splice;

@@ -7,7 +7,7 @@
 use super::copy::{Copier, Failed, Progress};
 use super::spare::{self, Spares};
 use crate::bandwidth::{Pacer, poll_turn};
-use rustix::fd::OwnedFd;
+use rustix::fd::{AsFd, OwnedFd};
 use rustix::net::Shutdown;
 use rustix::pipe::{PipeFlags, SpliceFlags};
 use std::io;
@@ -100,8 +100,15 @@ impl Copier<TcpStream, TcpStream> for Spliced {
                     self.pipe = Some(take_pipe().map_err(|_| Failed::Reader)?);
                 }
                 let pipe = self.pipe.as_ref().expect("taken above");
-                // Under a budget in force, move about one burst at a time.
-                let limit = self.pacer.as_ref().and_then(|g| g.read_limit());
+                // Under a budget in force, move about one burst at a time, with short queues.
+                let limit = match &mut self.pacer {
+                    Some(pacer) => {
+                        let limit = pacer.read_limit();
+                        super::queue::bound(&mut pacer.queue, limit, src.as_fd(), dst.as_fd());
+                        limit
+                    }
+                    None => None,
+                };
                 let len = limit.map_or(PIPE_BYTES, |l| l.min(PIPE_BYTES));
                 let spliced = src.try_io(Interest::READABLE, || {
                     rustix::pipe::splice(&*src, None, &pipe.write, None, len, flags)

@@ -24,6 +24,7 @@ mod shutdown;
 mod sni;
 mod startup;
 mod support;
+mod throttle_queue;
 mod tls_listener;
 mod tunnel;
 mod windows;
