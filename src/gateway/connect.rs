@@ -96,7 +96,29 @@ pub async fn serve_tls(
         .tls
         .as_ref()
         .map_or(Duration::from_secs(10), |t| t.handshake_timeout);
-    let failure = match tokio::time::timeout(timeout, Box::pin(acceptor.accept(client))).await {
+    // The handshake runs in a boxed future of its own: its state (rustls's connection by
+    // value, the timer) is freed once done, instead of staying in the task of every tunnel
+    // this listener holds (2.5 KiB each when it was inline).
+    match Box::pin(handshake(acceptor, client, timeout)).await {
+        Ok((client, names)) => {
+            serve_stream(gw, client, peer, conn_id, names, started, &mut pending).await;
+        }
+        Err(failure) => {
+            let end = End::TlsHandshakeFailed;
+            AccessRecord::before_request(conn_id, peer, end, failure, 0, started.elapsed())
+                .finish(&gw.metrics);
+        }
+    }
+}
+
+/// The TLS handshake under its timeout: the client's stream and its certificate's names, or
+/// why it failed.
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    client: TcpStream,
+    timeout: Duration,
+) -> Result<(ClientStream, Vec<String>), String> {
+    match tokio::time::timeout(timeout, acceptor.accept(client)).await {
         Ok(Ok(tls)) => {
             let names = tls
                 .get_ref()
@@ -105,23 +127,11 @@ pub async fn serve_tls(
                 .and_then(|chain| chain.first())
                 .map(|leaf| super::tls::certificate_names(leaf))
                 .unwrap_or_default();
-            return serve_stream(
-                gw,
-                ClientStream::Tls(Box::new(tls)),
-                peer,
-                conn_id,
-                names,
-                started,
-                &mut pending,
-            )
-            .await;
+            Ok((ClientStream::Tls(Box::new(tls)), names))
         }
-        Ok(Err(e)) => format!("TLS handshake failed: {e}"),
-        Err(_) => "TLS handshake timed out".to_owned(),
-    };
-    let end = End::TlsHandshakeFailed;
-    AccessRecord::before_request(conn_id, peer, end, failure, 0, started.elapsed())
-        .finish(&gw.metrics);
+        Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
+        Err(_) => Err("TLS handshake timed out".to_owned()),
+    }
 }
 
 async fn serve_stream(
@@ -469,5 +479,15 @@ mod tests {
         // listener; 1.76 KiB with SNI checks and the plain-HTTP lane (debug builds run a little
         // larger). Their own large futures (DNS lookup, SNI peek, HTTP exchange) are boxed.
         assert!(size <= 2048, "serve() future is {size} bytes");
+        // The TLS listener's task: the same data path plus the client's stream handle; the
+        // handshake's state is boxed and freed once done (4,488 bytes when it was inline).
+        let resolver = rustls::server::ResolvesServerCertUsingSni::new();
+        let tls_config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_cert_resolver(std::sync::Arc::new(resolver));
+        let acceptor = TlsAcceptor::from(std::sync::Arc::new(tls_config));
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let size = std::mem::size_of_val(&serve_tls(&gw, &acceptor, stream, addr, 1));
+        assert!(size <= 2304, "serve_tls() future is {size} bytes");
     }
 }
