@@ -20,14 +20,30 @@ pub struct Pacer {
     pub queue: QueueBound,
 }
 
+/// `limits.throttle_queue` by default: a throttled direction's receive buffer holds 100 ms of
+/// its limit, which covers branches up to about 100 ms away (README: Short queues).
+pub const DEFAULT_THROTTLE_QUEUE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The socket settings a throttled direction applied to keep its queues short (the tunnel's
 /// queue bound reads and writes it; kept here so only throttled directions carry it).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct QueueBound {
+    /// `limits.throttle_queue`: the receive buffer holds this much of the limit; 0 is off.
+    pub millis: u32,
     /// The read limit the sockets were last set for; 0 when they are at their defaults.
     pub burst: usize,
     /// Whether the source's receive buffer was set (and so taken out of autotuning).
     pub receive_set: bool,
+}
+
+impl Default for QueueBound {
+    fn default() -> Self {
+        Self {
+            millis: DEFAULT_THROTTLE_QUEUE.as_millis() as u32,
+            burst: 0,
+            receive_set: false,
+        }
+    }
 }
 
 impl Pacer {

@@ -161,6 +161,14 @@ fn settings(out: &mut String, config: &Config) {
         l.max_pending_heads_per_client
     );
     let _ = writeln!(out, "  ipv6_client_prefix: {}", l.ipv6_client_prefix);
+    match l.throttle_queue {
+        Some(queue) => {
+            let _ = writeln!(out, "  throttle_queue: {}", duration(queue));
+        }
+        None => {
+            let _ = writeln!(out, "  throttle_queue: off");
+        }
+    }
     let t = &config.timeouts;
     let _ = writeln!(out, "timeouts:");
     for (key, value) in [
@@ -430,6 +438,7 @@ mod tests {
             "  auth_attempts_per_minute: 30\n",
             "  max_pending_heads_per_client: 64\n",
             "  ipv6_client_prefix: 64\n",
+            "  throttle_queue: 100ms\n",
             "  head: 10s\n",
             "  idle: 15m\n",
             "  drain: 30s\n",

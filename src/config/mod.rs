@@ -62,6 +62,9 @@ pub const DEFAULT_CATEGORY: &str = "other";
 pub const DEFAULT_DNS_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub use crate::bandwidth::paced::DEFAULT_THROTTLE_QUEUE;
+const MIN_THROTTLE_QUEUE: Duration = Duration::from_millis(20);
+const MAX_THROTTLE_QUEUE: Duration = Duration::from_secs(10);
 /// Sync sessions sit idle for long stretches between change batches.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -226,6 +229,9 @@ pub struct Limits {
     /// IPv6 clients are counted per prefix of this length for the per-client limits (one host
     /// holds a whole /64).
     pub ipv6_client_prefix: u8,
+    /// How much of its limit a throttled direction may hold in the source's receive buffer
+    /// (doubled by the kernel for its overhead); `None` ("off"): buffers are left as they are.
+    pub throttle_queue: Option<Duration>,
 }
 
 #[derive(Clone, Debug)]
@@ -406,6 +412,25 @@ fn compile(
                 DEFAULT_IPV6_CLIENT_PREFIX
             }
             Some(n) => *n.get_ref(),
+        },
+        throttle_queue: match &raw.limits.throttle_queue {
+            Some(v) if v.get_ref() == "off" => None,
+            value => {
+                let queue = duration(
+                    p,
+                    value.as_ref(),
+                    "limits.throttle_queue",
+                    DEFAULT_THROTTLE_QUEUE,
+                );
+                if !(MIN_THROTTLE_QUEUE..=MAX_THROTTLE_QUEUE).contains(&queue) {
+                    p.add(
+                        value.as_ref().expect("the default is in range").span(),
+                        "limits.throttle_queue",
+                        "expected a duration from 20ms to 10s, or \"off\"",
+                    );
+                }
+                Some(queue.clamp(MIN_THROTTLE_QUEUE, MAX_THROTTLE_QUEUE))
+            }
         },
     };
 

@@ -159,6 +159,7 @@ pub(super) struct RawLimits {
     pub(super) auth_attempts_per_minute: Option<Spanned<u32>>,
     pub(super) max_pending_heads_per_client: Option<Spanned<u32>>,
     pub(super) ipv6_client_prefix: Option<Spanned<u8>>,
+    pub(super) throttle_queue: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -267,6 +267,10 @@ fn type_errors_name_line_column_and_key_in_our_words() {
             "[limits]\nipv6_client_prefix = 300\n".to_owned(),
             "t.toml:2:22: limits.ipv6_client_prefix: 300: expected a prefix length from 1 to 128",
         ),
+        (
+            "[limits]\nthrottle_queue = \"5ms\"\n".to_owned(),
+            "t.toml:2:18: limits.throttle_queue: expected a duration from 20ms to 10s, or \"off\"",
+        ),
         // A string for an integer.
         (
             format!("{rule}ports = [\"https\"]\n"),

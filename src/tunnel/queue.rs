@@ -2,8 +2,9 @@
 //! kernel buffers stay as they were lets the sender believe, seconds early, that its bytes are
 //! gone: they wait in the gateway's receive queue (and the upstream's send queue) instead. An
 //! SDK's read timeout then fires on an upload the origin never saw, and whole blocks are sent
-//! again. So while a limit is in force, a direction's source holds at most [`QUEUE_TURNS`]
-//! bursts of the limit (its receive buffer) and its destination at most one burst unsent
+//! again. So while a limit is in force, a direction's source holds at most
+//! `limits.throttle_queue` of the limit (100 ms by default: its receive buffer, which the
+//! kernel doubles for its overhead) and its destination at most one burst unsent
 //! (TCP_NOTSENT_LOWAT); both follow the limit when it moves and are given back when it is
 //! lifted.
 //!
@@ -15,12 +16,10 @@
 //! allows (`net.core.rmem_max`, times two) when the limit is lifted.
 
 use crate::bandwidth::QueueBound;
+use crate::bandwidth::bucket::BURST;
 use rustix::net::sockopt;
 use std::os::fd::BorrowedFd;
 
-/// A throttled source's receive buffer holds this many bursts of its limit (a burst is 50 ms):
-/// the kernel doubles the size asked for its own overhead, so about 100 to 200 ms of bytes.
-pub const QUEUE_TURNS: usize = 2;
 /// Never a receive buffer smaller than this (asked; the kernel doubles it), nor than two of the
 /// path's segments: smaller windows stall on delayed ACKs and drop segments.
 pub const MIN_QUEUE: usize = 16 * 1024;
@@ -40,7 +39,7 @@ pub fn bound(
     dst: BorrowedFd<'_>,
 ) {
     let want = burst.unwrap_or(0);
-    if !moved(state.burst, want) {
+    if state.millis == 0 || !moved(state.burst, want) {
         return;
     }
     state.burst = want;
@@ -57,7 +56,10 @@ pub fn bound(
     // Room for two of the sender's segments at least: a window smaller than one segment
     // stalls the sender (Nagle, silly-window avoidance) and the limit is not reached.
     let segment = segment_size(src);
-    let queue = (want * QUEUE_TURNS).max(MIN_QUEUE).max(2 * segment);
+    let burst_ms = BURST.as_millis() as usize;
+    let queue = (want * state.millis as usize / burst_ms)
+        .max(MIN_QUEUE)
+        .max(2 * segment);
     // The kernel reports twice what was asked: compare like with like.
     let held = sockopt::socket_recv_buffer_size(src).unwrap_or(usize::MAX);
     if state.receive_set || held > 2 * queue {
@@ -164,6 +166,29 @@ mod tests {
         assert_eq!(receive_buffer(&src), 2 * rmem_max);
         assert_eq!(unsent(&dst), 0);
         assert_eq!(state.burst, 0);
+    }
+
+    #[test]
+    fn the_configured_queue_sizes_the_buffer_and_off_leaves_both_sockets_alone() {
+        let (src, dst) = pair();
+        let before = receive_buffer(&src);
+        // 200 ms at 2 Mbit/s: four 12,500-byte bursts asked, doubled by the kernel.
+        let mut state = QueueBound {
+            millis: 200,
+            ..QueueBound::default()
+        };
+        bound(&mut state, Some(12_500), src.as_fd(), dst.as_fd());
+        assert_eq!(receive_buffer(&src), 100_000);
+
+        let (src, dst) = pair();
+        let mut state = QueueBound {
+            millis: 0,
+            ..QueueBound::default()
+        };
+        bound(&mut state, Some(12_500), src.as_fd(), dst.as_fd());
+        assert_eq!(receive_buffer(&src), before);
+        assert_eq!(unsent(&dst), 0);
+        assert!(!state.receive_set);
     }
 
     #[test]
