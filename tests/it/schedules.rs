@@ -13,15 +13,6 @@ fn all_day(name: &str, extra: &str) -> String {
     )
 }
 
-/// A window of one hour that starts two hours from now (UTC): not in force during the test.
-fn later_today() -> String {
-    let hour = jiff::Timestamp::now()
-        .to_zoned(jiff::tz::TimeZone::UTC)
-        .hour();
-    let start = (hour + 2) % 24;
-    format!("{start:02}:00-{:02}:00", (start + 1) % 24)
-}
-
 fn metric(metrics: &str, name_and_labels: &str) -> f64 {
     metrics
         .lines()

@@ -159,12 +159,3 @@ async fn a_tunnel_that_ran_free_queues_at_most_half_a_second_once_a_limit_begins
     judge("upload", up_written, up_read);
     judge("download", down_written, down_read);
 }
-
-/// A window of one hour that starts two hours from now (UTC): not in force when the test starts.
-fn later_today() -> String {
-    let hour = jiff::Timestamp::now()
-        .to_zoned(jiff::tz::TimeZone::UTC)
-        .hour();
-    let start = (hour + 2) % 24;
-    format!("{start:02}:00-{:02}:00", (start + 1) % 24)
-}

@@ -32,6 +32,16 @@ pub fn resolver_hosts(more: &str) -> String {
     )
 }
 
+/// A schedule window of one hour that starts two hours from now (UTC): not in force while a
+/// test runs.
+pub fn later_today() -> String {
+    let hour = jiff::Timestamp::now()
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .hour();
+    let start = (hour + 2) % 24;
+    format!("{start:02}:00-{:02}:00", (start + 1) % 24)
+}
+
 /// `text` in a file `name` of a fresh temporary directory (gone when the guard drops).
 pub fn temp_file(name: &str, text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
