@@ -118,11 +118,10 @@ async fn handshake(
     client: TcpStream,
     timeout: Duration,
 ) -> Result<(ClientStream, Vec<String>), String> {
-    match tokio::time::timeout(timeout, acceptor.accept(client)).await {
+    let accept = crate::stream::ServerTls::accept(client, acceptor.config().clone());
+    match tokio::time::timeout(timeout, accept).await {
         Ok(Ok(tls)) => {
             let names = tls
-                .get_ref()
-                .1
                 .peer_certificates()
                 .and_then(|chain| chain.first())
                 .map(|leaf| super::tls::certificate_names(leaf))

@@ -23,11 +23,13 @@ thread_local! {
     pub(super) static SPARE_BUFFERS: Spares<Box<[u8]>> = const { Spares::new() };
 }
 
-fn take_buffer() -> Box<[u8]> {
+/// A buffer of [`BUFFER_BYTES`] from this thread's spare list, or a new one.
+pub(crate) fn take_buffer() -> Box<[u8]> {
     spare::take(&SPARE_BUFFERS).unwrap_or_else(|| vec![0; BUFFER_BYTES].into_boxed_slice())
 }
 
-fn give_back(buf: Box<[u8]>) {
+/// Returns a buffer to this thread's spare list (freed beyond its bound).
+pub(crate) fn give_back(buf: Box<[u8]>) {
     spare::give_back(&SPARE_BUFFERS, buf, SPARE_BUFFERS_PER_THREAD);
 }
 

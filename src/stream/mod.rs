@@ -2,6 +2,10 @@
 //! TLS ones copy through the buffered path. One enum for both ends of TLS: the gateway's
 //! clients (server side) and the agent's connections to gateways (client side).
 
+pub mod server_tls;
+
+pub use server_tls::ServerTls;
+
 use crate::tunnel::Endpoint;
 use std::io;
 use std::pin::Pin;
@@ -17,7 +21,7 @@ pub enum MaybeTls<T> {
 }
 
 /// A client of the gateway.
-pub type ClientStream = MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
+pub type ClientStream = MaybeTls<ServerTls>;
 
 impl<T: AsyncRead + Unpin> AsyncRead for MaybeTls<T> {
     fn poll_read(
@@ -64,9 +68,9 @@ pub trait OverTcp {
     fn tcp(&self) -> &TcpStream;
 }
 
-impl OverTcp for tokio_rustls::server::TlsStream<TcpStream> {
+impl OverTcp for ServerTls {
     fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
+        ServerTls::tcp(self)
     }
 }
 
