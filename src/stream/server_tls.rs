@@ -499,6 +499,29 @@ mod tests {
         assert!(rest.is_empty());
     }
 
+    /// A client's key update (TLS 1.3; rustls asks for the peer's in return): the stream takes
+    /// it while reading, queues its own answer ahead of the next data, and data goes on both
+    /// ways.
+    #[tokio::test]
+    async fn a_key_update_from_the_client_is_answered_and_data_goes_on() {
+        let (mut server, mut client) = connected().await;
+        for round in 0..3u8 {
+            client.get_mut().1.refresh_traffic_keys().unwrap();
+            let up = pattern(100_000, round);
+            client.write_all(&up).await.unwrap();
+            client.flush().await.unwrap();
+            let mut got = vec![0; up.len()];
+            server.read_exact(&mut got).await.unwrap();
+            assert!(got == up, "round {round}: upload after the key update");
+            let down = pattern(100_000, round ^ 0x55);
+            server.write_all(&down).await.unwrap();
+            server.flush().await.unwrap();
+            let mut got = vec![0; down.len()];
+            client.read_exact(&mut got).await.unwrap();
+            assert!(got == down, "round {round}: download after the key update");
+        }
+    }
+
     #[tokio::test]
     async fn a_client_that_closes_its_socket_without_close_notify_ends_the_stream() {
         let (mut server, client) = connected().await;
