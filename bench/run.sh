@@ -269,6 +269,9 @@ args_for() {
 for t in $(run_order 1); do start_target "$t"; done
 
 section() { [ "$ONLY" = all ] || [ "$ONLY" = "$1" ]; }
+# abba N A B: "A B" in odd runs, "B A" in even ones, so neither variant always goes first (a
+# fixed order biased the earlier runs).
+abba() { if [ $(($1 % 2)) = 1 ]; then echo "$2 $3"; else echo "$3 $2"; fi; }
 
 section bulk && echo "bulk: $((BULK_BYTES / 1024 / 1024)) MiB per transfer, $RUNS interleaved run(s)"
 section bulk && for run in $(seq "$RUNS"); do
@@ -343,8 +346,7 @@ fi
 echo "schedules configured, none in force: bulk against plain portcullis, $SCHED_RUNS interleaved runs"
 start_target portcullis-sched
 for run in $(seq "$SCHED_RUNS"); do
-  # ABBA order: neither variant always runs first in its pair (a fixed order biased earlier runs).
-  order="portcullis portcullis-sched"; [ $((run % 2)) = 0 ] && order="portcullis-sched portcullis"
+  order=$(abba "$run" portcullis portcullis-sched)
   for t in $order; do
     # shellcheck disable=SC2046
     {
@@ -368,7 +370,7 @@ if section fleet && command -v redis-server >/dev/null; then
   echo "fleet mode configured, limits not in force: bulk against plain portcullis, $FLEET_RUNS interleaved runs"
   start_target portcullis-fleet
   for run in $(seq "$FLEET_RUNS"); do
-    order="portcullis portcullis-fleet"; [ $((run % 2)) = 0 ] && order="portcullis-fleet portcullis"
+    order=$(abba "$run" portcullis portcullis-fleet)
     for t in $order; do
       # shellcheck disable=SC2046
       {
@@ -413,7 +415,7 @@ if section sni; then
   echo "sni: one tunnel down inside TLS, SNI checked against not, $SNI_RUNS interleaved runs"
   start_target portcullis-sni
   for run in $(seq "$SNI_RUNS"); do
-    order="portcullis portcullis-sni"; [ $((run % 2)) = 0 ] && order="portcullis-sni portcullis"
+    order=$(abba "$run" portcullis portcullis-sni)
     for t in $order; do
       # shellcheck disable=SC2046
       "$LOADGEN" bulk $(args_for "$t" "$((run + 400))") --bytes "$BULK_BYTES" --tls --ca "$WORK/ca.der" \
@@ -436,7 +438,7 @@ if section https; then
   echo "https: client-certificate listener against plain, $HTTPS_RUNS interleaved runs; idle tunnels $HTTPS_TUNNELS"
   https_start portcullis-https
   for run in $(seq "$HTTPS_RUNS"); do
-    order="portcullis portcullis-https"; [ $((run % 2)) = 0 ] && order="portcullis-https portcullis"
+    order=$(abba "$run" portcullis portcullis-https)
     for t in $order; do
       # shellcheck disable=SC2046
       {
@@ -450,7 +452,7 @@ if section https; then
   step=0
   for n in $HTTPS_TUNNELS; do
     step=$((step + 1))
-    order="portcullis portcullis-https"; [ $((step % 2)) = 0 ] && order="portcullis-https portcullis"
+    order=$(abba "$step" portcullis portcullis-https)
     for t in $order; do
       stop_target "$t"; https_start "$t"
       # shellcheck disable=SC2046
@@ -470,7 +472,7 @@ if section learn; then
   start_target portcullis-names
   start_target portcullis-learn
   for run in $(seq "$LEARN_RUNS"); do
-    order="portcullis-names portcullis-learn"; [ $((run % 2)) = 0 ] && order="portcullis-learn portcullis-names"
+    order=$(abba "$run" portcullis-names portcullis-learn)
     for c in $LEARN_CLIENTS; do
       for t in $order; do
         # shellcheck disable=SC2046

@@ -62,6 +62,8 @@ pub struct Throttles {
     metrics: Option<Arc<Metrics>>,
     /// What bucket times count from; shared with the snapshots before and after a reload.
     timeline: Timeline,
+    /// `limits.throttle_queue` in ms, given to every pacer (0: off).
+    queue_millis: u32,
 }
 
 impl Default for Throttles {
@@ -72,6 +74,7 @@ impl Default for Throttles {
             categories: Vec::new(),
             metrics: None,
             timeline: Timeline::starting_now(),
+            queue_millis: super::QueueBound::default().millis,
         }
     }
 }
@@ -181,7 +184,14 @@ impl Throttles {
             categories,
             metrics,
             timeline: previous.map_or_else(Timeline::starting_now, |p| p.timeline),
+            queue_millis: super::QueueBound::default().millis,
         }
+    }
+
+    /// Pacers made from here on bound their queues to `queue` of the limit (`None`: off).
+    pub fn with_queue(mut self, queue: Option<std::time::Duration>) -> Self {
+        self.queue_millis = queue.map_or(0, |q| q.as_millis().min(u32::MAX as u128) as u32);
+        self
     }
 
     /// Now on the buckets' timeline.
@@ -225,7 +235,9 @@ impl Throttles {
         // The branch's own budget first, then shared ones.
         buckets.sort_by_key(|(scope, _)| *scope != Scope::EachBranch);
         let gate = Gate::new(buckets.into_iter().map(|(_, b)| b).collect(), bit);
-        Some(Box::new(Pacer::new(gate, self.timeline)))
+        let mut pacer = Pacer::new(gate, self.timeline);
+        pacer.queue.millis = self.queue_millis;
+        Some(Box::new(pacer))
     }
 
     /// Both pacers of a tunnel.
@@ -501,5 +513,20 @@ mod tests {
         after.retire_missing(&none);
         after.retune(at);
         assert_eq!(open.read_limit(), None);
+    }
+
+    #[test]
+    fn pacers_carry_the_configured_throttle_queue() {
+        let storage = schedule("day", "daily", "00:00-00:00", Scope::EachBranch, 1_000);
+        let schedules = std::slice::from_ref(&storage);
+        let millis = |throttles: Throttles| {
+            let pacer = throttles.pacer("london", "storage", Direction::Upload);
+            pacer.unwrap().queue.millis
+        };
+        let made = || Throttles::new(schedules, &["london"], None, None);
+        assert_eq!(millis(made()), 100, "the default");
+        let queue = Some(std::time::Duration::from_millis(300));
+        assert_eq!(millis(made().with_queue(queue)), 300);
+        assert_eq!(millis(made().with_queue(None)), 0, "off");
     }
 }

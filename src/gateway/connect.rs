@@ -432,25 +432,13 @@ fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
 /// The bandwidth pacers for a request of `identity` allowed by `decision` (none when no
 /// schedule can throttle its branch and category).
 fn pacers_for(gw: &Gateway, identity: identity::Identity, decision: &Decision<'_>) -> Pacers {
-    let Some(rule) = decision.rule else {
-        return Pacers::default();
-    };
-    let mut pacers = gw.throttles.pacers(
-        identity::name(&gw.config.branches, identity),
-        &rule.category,
-    );
-    let millis = gw
-        .config
-        .limits
-        .throttle_queue
-        .map_or(0, |q| q.as_millis() as u32);
-    for pacer in [&mut pacers.upload, &mut pacers.download]
-        .into_iter()
-        .flatten()
-    {
-        pacer.queue.millis = millis;
+    match decision.rule {
+        Some(rule) => gw.throttles.pacers(
+            identity::name(&gw.config.branches, identity),
+            &rule.category,
+        ),
+        None => Pacers::default(),
     }
-    pacers
 }
 
 /// The access line's end for a lane answer: how sending it went.

@@ -183,7 +183,8 @@ impl Gateway {
             &branch_names,
             previous.map(|p| &p.throttles),
             Some(metrics.clone()),
-        );
+        )
+        .with_queue(config.limits.throttle_queue);
         if let Some(fleet) = &fleet {
             // New budgets start at the fallback share until the refresh task takes theirs.
             let share = crate::fleet::shares::fraction_ppm(fleet.settings.fallback_share);

@@ -63,6 +63,24 @@ impl Endpoint for tokio::io::DuplexStream {
     }
 }
 
+/// The most a direction may read now (`None`: no budget in force). On Linux the direction's
+/// socket queues are brought in line with the limit first (`queue::bound`).
+pub(super) fn read_limit<R: Endpoint + ?Sized, W: Endpoint + ?Sized>(
+    pacer: &mut Option<Box<Pacer>>,
+    src: &R,
+    dst: &W,
+) -> Option<usize> {
+    let pacer = pacer.as_mut()?;
+    let limit = pacer.read_limit();
+    #[cfg(target_os = "linux")]
+    if let (Some(src), Some(dst)) = (src.socket(), dst.socket()) {
+        super::queue::bound(&mut pacer.queue, limit, src, dst);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (src, dst);
+    limit
+}
+
 /// Which side an I/O failure is on, relative to one direction's copy.
 pub(crate) enum Failed {
     Reader,
@@ -150,17 +168,7 @@ impl<R: Endpoint + ?Sized, W: Endpoint + ?Sized> Copier<R, W> for Buffered {
                     }
                 }
                 // Under a budget in force, read about one burst at a time, with short queues.
-                let limit = match &mut self.pacer {
-                    Some(pacer) => {
-                        let limit = pacer.read_limit();
-                        #[cfg(target_os = "linux")]
-                        if let (Some(src), Some(dst)) = (reader.socket(), writer.socket()) {
-                            super::queue::bound(&mut pacer.queue, limit, src, dst);
-                        }
-                        limit
-                    }
-                    None => None,
-                };
+                let limit = read_limit(&mut self.pacer, &*reader, &*writer);
                 let buf = self.buf.get_or_insert_with(take_buffer);
                 let len = limit.map_or(buf.len(), |l| l.min(buf.len()));
                 let mut read_buf = ReadBuf::new(&mut buf[..len]);

@@ -4,10 +4,10 @@
 //! readable and returns it once drained, so idle tunnels hold no pipe (and no file descriptors
 //! beyond their two sockets).
 
-use super::copy::{Copier, Failed, Progress};
+use super::copy::{Copier, Failed, Progress, read_limit};
 use super::spare::{self, Spares};
 use crate::bandwidth::{Pacer, poll_turn};
-use rustix::fd::{AsFd, OwnedFd};
+use rustix::fd::OwnedFd;
 use rustix::net::Shutdown;
 use rustix::pipe::{PipeFlags, SpliceFlags};
 use std::io;
@@ -101,14 +101,7 @@ impl Copier<TcpStream, TcpStream> for Spliced {
                 }
                 let pipe = self.pipe.as_ref().expect("taken above");
                 // Under a budget in force, move about one burst at a time, with short queues.
-                let limit = match &mut self.pacer {
-                    Some(pacer) => {
-                        let limit = pacer.read_limit();
-                        super::queue::bound(&mut pacer.queue, limit, src.as_fd(), dst.as_fd());
-                        limit
-                    }
-                    None => None,
-                };
+                let limit = read_limit(&mut self.pacer, &*src, &*dst);
                 let len = limit.map_or(PIPE_BYTES, |l| l.min(PIPE_BYTES));
                 let spliced = src.try_io(Interest::READABLE, || {
                     rustix::pipe::splice(&*src, None, &pipe.write, None, len, flags)
