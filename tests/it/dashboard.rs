@@ -109,16 +109,20 @@ async fn every_dashboard_query_is_valid_and_names_what_the_gateway_exports() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dashboard.rules.yml");
     std::fs::write(&path, &rules).unwrap();
-    let checked = std::process::Command::new("promtool")
-        .args(["check", "rules"])
-        .arg(&path)
+    promtool(&["check", "rules", path.to_str().unwrap()]);
+}
+
+/// Runs promtool with `args`; its output is the failure message.
+fn promtool(args: &[&str]) {
+    let out = std::process::Command::new("promtool")
+        .args(args)
         .output()
         .expect("promtool (Debian package prometheus; .ci/run installs it)");
     assert!(
-        checked.status.success(),
-        "promtool check rules:\n{}{}\n{rules}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
+        out.status.success(),
+        "promtool {args:?}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 
@@ -139,18 +143,6 @@ async fn the_alert_rules_are_valid_fire_as_meant_and_name_what_the_gateway_expor
             "{name} is not exported:\n{metrics}"
         );
     }
-    let promtool = |args: &[&str]| {
-        let out = std::process::Command::new("promtool")
-            .args(args)
-            .output()
-            .expect("promtool (Debian package prometheus; .ci/run installs it)");
-        assert!(
-            out.status.success(),
-            "promtool {args:?}:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
     promtool(&["check", "rules", rules]);
     let london =
         r#"{severity: warning, instance: gw1, branch: london, rule: azure-file-sync/storage}"#;
