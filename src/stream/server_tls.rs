@@ -422,9 +422,11 @@ mod tests {
             .unwrap();
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert).unwrap();
-        let client = rustls::ClientConfig::builder()
+        let mut client = rustls::ClientConfig::builder()
             .with_root_certificates(roots)
             .with_no_client_auth();
+        // Lets a test read the client's record counters at the end.
+        client.enable_secret_extraction = true;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let connecting = async {
@@ -501,7 +503,8 @@ mod tests {
 
     /// A client's key update (TLS 1.3; rustls asks for the peer's in return): the stream takes
     /// it while reading, queues its own answer ahead of the next data, and data goes on both
-    /// ways.
+    /// ways. The client's receive counter proves the server's own update reached it: a record
+    /// counter starts again at 0 with each new key.
     #[tokio::test]
     async fn a_key_update_from_the_client_is_answered_and_data_goes_on() {
         let (mut server, mut client) = connected().await;
@@ -520,6 +523,16 @@ mod tests {
             client.read_exact(&mut got).await.unwrap();
             assert!(got == down, "round {round}: download after the key update");
         }
+        // Without the server's answer the client would still read under its first key, having
+        // counted all three downloads (22 records, measured without key updates); with it,
+        // only the last download's 7 (100,000 bytes in records of 16 KiB).
+        let (_, connection) = client.into_inner();
+        let secrets = connection.dangerous_extract_secrets().unwrap();
+        let (received, _) = secrets.rx;
+        assert!(
+            (7..14).contains(&received),
+            "records under the client's current receive key: {received}"
+        );
     }
 
     #[tokio::test]
