@@ -121,6 +121,10 @@ struct TargetArgs {
     /// Proxy process id, to read its CPU time and memory from /proc.
     #[arg(long)]
     proxy_pid: Option<u32>,
+    /// Origin process id: with it, bulk and setup also report the origin's and this client's
+    /// CPU, so a result says what the shared cores allow (see `CpuUse`).
+    #[arg(long)]
+    origin_pid: Option<u32>,
     /// Origin port (plain; TLS uses --tls-port).
     #[arg(long)]
     origin_port: u16,
@@ -426,13 +430,74 @@ async fn transfer<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// CPU seconds (user + system) the process has used, from /proc/PID/stat.
-fn cpu_seconds(pid: u32) -> Option<f64> {
+/// CPU seconds (user, system) the process has used, from /proc/PID/stat (`self`: this one).
+fn cpu_parts(pid: &str) -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after_comm = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
+    let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
+    Some((ticks(11)? / 100.0, ticks(12)? / 100.0))
+}
+
+/// CPU seconds (user + system) the process has used.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    cpu_parts(&pid.to_string()).map(|(user, system)| user + system)
+}
+
+/// What the client (this process), the origin and the proxy spent during one measurement.
+/// Client, origin and proxy share this machine's cores, so a transfer is bounded by cores
+/// divided by their total CPU per unit of work: `ceiling` is that bound, and says whether a
+/// target is reachable at all with the CPU the three spend.
+struct CpuUse {
+    client: (f64, f64),
+    origin: Option<(f64, f64)>,
+    proxy: Option<(f64, f64)>,
+}
+
+impl CpuUse {
+    fn now(t: &TargetArgs) -> Self {
+        Self {
+            client: cpu_parts("self").unwrap_or_default(),
+            origin: t.origin_pid.and_then(|p| cpu_parts(&p.to_string())),
+            proxy: t.proxy_pid.and_then(|p| cpu_parts(&p.to_string())),
+        }
+    }
+
+    /// The fields for `units` of work since `before` (GiB, or transactions), scaled by `per`.
+    fn fields(&self, before: &Self, units: f64, per: &str, scale: f64) -> Value {
+        let diff = |a: Option<(f64, f64)>, b: Option<(f64, f64)>| match (a, b) {
+            (Some(a), Some(b)) => Some((a.0 - b.0, a.1 - b.1)),
+            _ => None,
+        };
+        let client = diff(Some(self.client), Some(before.client)).unwrap_or_default();
+        let origin = diff(self.origin, before.origin);
+        let proxy = diff(self.proxy, before.proxy);
+        let Some(origin) = origin else {
+            return json!({});
+        };
+        let sum = |p: (f64, f64)| p.0 + p.1;
+        let total = sum(client) + sum(origin) + proxy.map_or(0.0, sum);
+        let per_unit = |cpu: f64| cpu / units * scale;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let mut fields = serde_json::Map::new();
+        let mut put = |name: String, value: Value| {
+            fields.insert(name, value);
+        };
+        put(format!("client_cpu_{per}"), json!(per_unit(sum(client))));
+        put(format!("origin_cpu_{per}"), json!(per_unit(sum(origin))));
+        put(
+            format!("proxy_cpu_{per}"),
+            json!(proxy.map(|p| per_unit(sum(p)))),
+        );
+        put(format!("total_cpu_{per}"), json!(per_unit(total)));
+        // User-space share of the proxy's CPU: what the proxy's own code could still save.
+        let user_share = proxy.and_then(|p| (sum(p) > 0.0).then(|| p.0 / sum(p)));
+        put("proxy_user_share".into(), json!(user_share));
+        // Units per second the cores allow at this total CPU per unit.
+        let ceiling = (total > 0.0).then(|| cores * units / total);
+        put("ceiling_per_s".into(), json!(ceiling));
+        Value::Object(fields)
+    }
 }
 
 /// Resident memory of the process in KiB, from /proc/PID/status.
@@ -442,6 +507,13 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Adds `extra`'s fields to `fields` (both JSON objects).
+fn merge(fields: &mut Value, extra: Value) {
+    if let (Some(fields), Value::Object(extra)) = (fields.as_object_mut(), extra) {
+        fields.extend(extra);
+    }
 }
 
 fn emit(t: &TargetArgs, scenario: &str, variant: &str, mut fields: Value) {
@@ -474,6 +546,7 @@ async fn bulk(
     });
     let port = if tls { t.tls_port } else { t.origin_port };
     let cpu_before = t.proxy_pid.and_then(cpu_seconds);
+    let use_before = CpuUse::now(t);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..streams {
@@ -511,25 +584,30 @@ async fn bulk(
         _ => None,
     };
     let variant = format!("{}{}-{streams}", if tls { "tls-" } else { "" }, direction);
-    emit(
-        t,
-        "bulk",
-        &variant,
-        json!({
-            "bytes": moved,
-            "secs": secs,
-            "gbit_s": moved as f64 * 8.0 / secs / 1e9,
-            "failed": failed,
-            "proxy_cpu_s": cpu,
-            "cpu_s_per_gib": cpu.map(|c| c / (moved as f64 / GIB)),
-        }),
+    let gib = moved as f64 / GIB;
+    let mut fields = json!({
+        "bytes": moved,
+        "secs": secs,
+        "gbit_s": moved as f64 * 8.0 / secs / 1e9,
+        "failed": failed,
+        "proxy_cpu_s": cpu,
+        "cpu_s_per_gib": cpu.map(|c| c / gib),
+    });
+    merge(
+        &mut fields,
+        CpuUse::now(t).fields(&use_before, gib, "s_per_gib", 1.0),
     );
+    if let Some(ceiling) = fields["ceiling_per_s"].as_f64() {
+        fields["ceiling_gbit_s"] = json!(ceiling * GIB * 8.0 / 1e9);
+    }
+    emit(t, "bulk", &variant, fields);
 }
 
 async fn setup(t: &TargetArgs, clients: usize, seconds: f64) {
     const MAX_TRANSACTIONS: usize = 1_000_000;
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let use_before = CpuUse::now(t);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..clients {
@@ -580,19 +658,20 @@ async fn setup(t: &TargetArgs, clients: usize, seconds: f64) {
         let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
         latencies[i].as_secs_f64() * 1000.0
     };
-    emit(
-        t,
-        "setup",
-        &format!("clients-{clients}"),
-        json!({
-            "transactions": latencies.len(),
-            "failed": failures,
-            "per_s": latencies.len() as f64 / secs,
-            "p50_ms": pct(0.50),
-            "p99_ms": pct(0.99),
-            "p999_ms": pct(0.999),
-        }),
+    let mut fields = json!({
+        "transactions": latencies.len(),
+        "failed": failures,
+        "per_s": latencies.len() as f64 / secs,
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "p999_ms": pct(0.999),
+    });
+    let units = latencies.len().max(1) as f64;
+    merge(
+        &mut fields,
+        CpuUse::now(t).fields(&use_before, units, "us_per_tx", 1e6),
     );
+    emit(t, "setup", &format!("clients-{clients}"), fields);
 }
 
 async fn scale(t: &TargetArgs, tunnels: usize, silent: bool) {
@@ -768,8 +847,30 @@ fn report(path: &std::path::Path) {
     // (scenario, variant, metric) -> target -> values over runs
     let mut cells: BTreeMap<(String, String, &str), BTreeMap<String, Vec<f64>>> = BTreeMap::new();
     let metrics: &[(&str, &[&str])] = &[
-        ("bulk", &["gbit_s", "cpu_s_per_gib"]),
-        ("setup", &["per_s", "p50_ms", "p99_ms", "p999_ms"]),
+        (
+            "bulk",
+            &[
+                "gbit_s",
+                "cpu_s_per_gib",
+                "client_cpu_s_per_gib",
+                "total_cpu_s_per_gib",
+                "ceiling_gbit_s",
+                "proxy_user_share",
+            ],
+        ),
+        (
+            "setup",
+            &[
+                "per_s",
+                "p50_ms",
+                "p99_ms",
+                "p999_ms",
+                "proxy_cpu_us_per_tx",
+                "total_cpu_us_per_tx",
+                "ceiling_per_s",
+                "proxy_user_share",
+            ],
+        ),
         ("scale", &["kib_per_idle_tunnel", "held", "passed_byte"]),
         ("throttle", &["rate_mb_s", "vs_limit", "jain"]),
         ("sched", &["gbit_s", "cpu_s_per_gib"]),
