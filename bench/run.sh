@@ -441,7 +441,7 @@ if section https; then
   EXTRA[portcullis-https]=$(printf '[[listen.tls_proxy]]\naddress = "127.0.0.1:%s"\nclient_certificates = "required"\n[tls]\ncertificate = "%s/pki/gateway.pem"\nkey = "%s/pki/gateway.key"\nclient_ca = "%s/pki/ca.pem"\n[[branch]]\nname = "bench"\nclient_certificates = ["branch.bench.test"]\n' "$HTTPS_PORT" "$WORK" "$WORK" "$WORK")
   HOSTARG[portcullis-https]="--proxy-tls $WORK/pki"
   https_start() { start_target "$1"; [ "$1" = portcullis-https ] && PORT[portcullis-https]=$HTTPS_PORT; return 0; }
-  if [ "$QUICK" = 1 ]; then HTTPS_RUNS=2; HTTPS_TUNNELS="200"; else HTTPS_RUNS=$((RUNS * 2)); HTTPS_TUNNELS="1000 5000"; fi
+  if [ "$QUICK" = 1 ]; then HTTPS_RUNS=2; HTTPS_TUNNELS="200"; else HTTPS_RUNS=$((RUNS * 2)); HTTPS_TUNNELS="1000 5000 9500"; fi
   echo "https: client-certificate listener against plain, $HTTPS_RUNS interleaved runs; idle tunnels $HTTPS_TUNNELS"
   https_start portcullis-https
   for run in $(seq "$HTTPS_RUNS"); do
