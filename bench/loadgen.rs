@@ -93,6 +93,9 @@ enum Command {
         direction: String,
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
+        /// Seconds streamed before the measured window (slow start; a limit that begins later).
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
         /// The configured aggregate limit, bytes per second.
         #[arg(long)]
         limit: f64,
@@ -185,12 +188,14 @@ fn main() {
                 streams,
                 direction,
                 seconds,
+                warmup,
                 limit,
                 sources,
                 label,
             } => {
+                let window = Window { warmup, seconds };
                 throttle(
-                    &target, streams, &direction, seconds, limit, &sources, &label,
+                    &target, streams, &direction, window, limit, &sources, &label,
                 )
                 .await
             }
@@ -741,11 +746,17 @@ async fn scale(t: &TargetArgs, tunnels: usize, silent: bool) {
     );
 }
 
+/// A throttle measurement's timing: streams run `warmup` seconds, then `seconds` are measured.
+struct Window {
+    warmup: f64,
+    seconds: f64,
+}
+
 async fn throttle(
     t: &TargetArgs,
     streams: usize,
     direction: &str,
-    seconds: f64,
+    Window { warmup, seconds }: Window,
     limit: f64,
     sources: &[std::net::IpAddr],
     label: &str,
@@ -794,7 +805,7 @@ async fn throttle(
         });
     }
     // Warm-up: tunnels open, socket buffers fill; then the measured window.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
     let before: Vec<u64> = counters.iter().map(|c| c.load(Relaxed)).collect();
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
@@ -873,6 +884,7 @@ fn report(path: &std::path::Path) {
         ),
         ("scale", &["kib_per_idle_tunnel", "held", "passed_byte"]),
         ("throttle", &["rate_mb_s", "vs_limit", "jain"]),
+        ("rtt", &["rate_mb_s", "vs_limit"]),
         ("sched", &["gbit_s", "cpu_s_per_gib"]),
         ("fleet", &["gbit_s", "cpu_s_per_gib"]),
         ("learn", &["per_s", "p50_ms", "p99_ms"]),

@@ -6,8 +6,8 @@
 #   bench/run.sh --runs 5        medians over 5 interleaved runs (default 3)
 #   bench/run.sh --no-peers      skip squid and tinyproxy
 #   bench/run.sh --release       with --quick: measure release builds (quick defaults to debug)
-#   bench/run.sh --only throttle one section: bulk, setup, scale, throttle, fleet, learn, sni or
-#                                https (all by default)
+#   bench/run.sh --only throttle one section: bulk, setup, scale, throttle, fleet, learn, sni,
+#                                https or rtt (all by default; rtt needs root and /dev/net/tun)
 #   bench/run.sh --baseline BIN  before/after: BIN is a `portcullis` built from an earlier commit;
 #                                bulk, setup and scale also measure it as "portcullis-before"
 #                                (same config), in ABBA order against this build: before first
@@ -156,9 +156,9 @@ EXTRA[portcullis-before]=${EXTRA[portcullis]}
 EXTRA[portcullis-sched]=$(printf '[[schedule]]\nname = "later"\ndays = "daily"\nhours = "%s"\ntime_zone = "UTC"\nupload = "1 MB/s"\ndownload = "1 MB/s"\ncategories = ["other"]\n' "$LATER")
 # A limit on one direction only: the other carries the load generator's reports (uploads are
 # counted where they arrive) and must not queue them.
-one_way() { # RATE DIRECTION(up|down)
+one_way() { # RATE DIRECTION(up|down) [HOURS: all day by default]
   local key=download; [ "$2" = up ] && key=upload
-  printf '[[schedule]]\nname = "limit"\ndays = "daily"\nhours = "00:00-00:00"\ntime_zone = "UTC"\n%s = "%s"\ncategories = ["other"]\n' "$key" "$1"
+  printf '[[schedule]]\nname = "limit"\ndays = "daily"\nhours = "%s"\ntime_zone = "UTC"\n%s = "%s"\ncategories = ["other"]\n' "${3:-00:00-00:00}" "$key" "$1"
 }
 # Branch a (127.0.0.2) has its own 2 MB/s; a and b (127.0.0.3) share 5 MB/s.
 EXTRA[portcullis-branches]=$(printf '[[branch]]\nname = "a"\nsources = ["127.0.0.2"]\n[[branch]]\nname = "b"\nsources = ["127.0.0.3"]\n'; all_day branch-a "2 MB/s" each-branch 'branches = ["a"]'; all_day shared "5 MB/s" all-branches)
@@ -491,6 +491,9 @@ if section learn; then
   stop_target portcullis-names
   stop_target portcullis-learn
 fi
+
+# Throttled tunnels over a long round trip (network namespaces of the run's own).
+if section rtt; then . bench/rtt.sh; fi
 
 echo
 "$LOADGEN" report "$RESULTS"
