@@ -38,17 +38,7 @@ rtt_stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 # tunnels opened after it: the reload moves the window of one the tunnel already has).
 rtt_config() {
   cat > "$WORK/rtt.toml" <<EOF
-[listen]
-proxy = ["10.99.0.2:3128"]
-clients = ["10.99.0.1/32"]
-admin = "off"
-[policy]
-profiles = []
-[[policy.allow]]
-name = "bench-origin"
-addresses = ["127.0.0.1/32"]
-ports = [8000]
-[limits]
+$(gateway_config 10.99.0.2:3128 10.99.0.1/32 8000)
 throttle_queue = "$1"
 $(if [ "$3" = fresh ]; then one_way "$RTT_LIMIT B/s" "$2"; else one_way "$RTT_LIMIT B/s" "$2" "$LATER"; fi)
 EOF

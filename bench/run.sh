@@ -185,6 +185,12 @@ TOP[portcullis-learn]="state_dir = \"$WORK/state-learn\""
 declare -A PORT PID
 # start_target NAME: (re)starts a fresh process with an allow-list equivalent to the others':
 # CONNECT from 127.0.0.0/8 to 127.0.0.1 on the two origin ports only.
+# gateway_config LISTEN CLIENTS PORTS: a gateway's listener and the one rule every variant
+# shares (CONNECT to 127.0.0.1 on PORTS), ending in [limits] for the variant's own lines.
+gateway_config() {
+  printf '[listen]\nproxy = ["%s"]\nclients = ["%s"]\nadmin = "off"\n[policy]\nprofiles = []\n' "$1" "$2"
+  printf '[[policy.allow]]\nname = "bench-origin"\naddresses = ["127.0.0.1/32"]\nports = [%s]\n[limits]\n' "$3"
+}
 start_target() {
   local name=$1 port
   port=$(free_port)
@@ -192,17 +198,7 @@ start_target() {
     portcullis*)
       cat > "$WORK/$name.toml" <<EOF
 ${TOP[$name]:-}
-[listen]
-proxy = ["127.0.0.1:$port"]
-clients = ["127.0.0.0/8"]
-admin = "off"
-[policy]
-profiles = []
-[[policy.allow]]
-name = "bench-origin"
-addresses = ["127.0.0.1/32"]
-ports = [$ORIGIN_PORT, $TLS_PORT]
-[limits]
+$(gateway_config "127.0.0.1:$port" 127.0.0.0/8 "$ORIGIN_PORT, $TLS_PORT")
 max_connections = 20000
 [log]
 format = "json"
