@@ -444,15 +444,8 @@ fn cpu_parts(pid: &str) -> Option<(f64, f64)> {
     Some((ticks(11)? / 100.0, ticks(12)? / 100.0))
 }
 
-/// CPU seconds (user + system) the process has used.
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    cpu_parts(&pid.to_string()).map(|(user, system)| user + system)
-}
-
-/// What the client (this process), the origin and the proxy spent during one measurement.
-/// Client, origin and proxy share this machine's cores, so a transfer is bounded by cores
-/// divided by their total CPU per unit of work: `ceiling` is that bound, and says whether a
-/// target is reachable at all with the CPU the three spend.
+/// CPU seconds (user, system) of the client (this process), the origin and the proxy, read at
+/// one moment; two readings give what each spent during one measurement.
 struct CpuUse {
     client: (f64, f64),
     origin: Option<(f64, f64)>,
@@ -468,39 +461,47 @@ impl CpuUse {
         }
     }
 
-    /// The fields for `units` of work since `before` (GiB, or transactions), scaled by `per`.
-    fn fields(&self, before: &Self, units: f64, per: &str, scale: f64) -> Value {
-        let diff = |a: Option<(f64, f64)>, b: Option<(f64, f64)>| match (a, b) {
-            (Some(a), Some(b)) => Some((a.0 - b.0, a.1 - b.1)),
-            _ => None,
-        };
-        let client = diff(Some(self.client), Some(before.client)).unwrap_or_default();
-        let origin = diff(self.origin, before.origin);
-        let proxy = diff(self.proxy, before.proxy);
-        let Some(origin) = origin else {
+    /// What each spent since `before`.
+    fn since(&self, before: &Self) -> Self {
+        let diff = |a: (f64, f64), b: (f64, f64)| (a.0 - b.0, a.1 - b.1);
+        Self {
+            client: diff(self.client, before.client),
+            origin: self.origin.zip(before.origin).map(|(a, b)| diff(a, b)),
+            proxy: self.proxy.zip(before.proxy).map(|(a, b)| diff(a, b)),
+        }
+    }
+
+    /// The proxy's CPU seconds, user and system together.
+    fn proxy_seconds(&self) -> Option<f64> {
+        self.proxy.map(|(user, system)| user + system)
+    }
+
+    /// For what was spent over `units` of work (GiB, or transactions; scaled by `scale`):
+    /// the client's and the origin's CPU per unit, the total of all three, the proxy's
+    /// user-space share, and `ceiling_per_s`. Client, origin and proxy share this machine's
+    /// cores, so a measurement is bounded by the cores divided by their total CPU per unit:
+    /// the ceiling says whether a target is reachable at all with the CPU the three spend.
+    /// Empty without the origin's process id.
+    fn fields(&self, units: f64, per: &str, scale: f64) -> Value {
+        let Some(origin) = self.origin else {
             return json!({});
         };
         let sum = |p: (f64, f64)| p.0 + p.1;
-        let total = sum(client) + sum(origin) + proxy.map_or(0.0, sum);
+        let total = sum(self.client) + sum(origin) + self.proxy_seconds().unwrap_or(0.0);
         let per_unit = |cpu: f64| cpu / units * scale;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         let mut fields = serde_json::Map::new();
-        let mut put = |name: String, value: Value| {
-            fields.insert(name, value);
-        };
-        put(format!("client_cpu_{per}"), json!(per_unit(sum(client))));
-        put(format!("origin_cpu_{per}"), json!(per_unit(sum(origin))));
-        put(
-            format!("proxy_cpu_{per}"),
-            json!(proxy.map(|p| per_unit(sum(p)))),
+        fields.insert(
+            format!("client_cpu_{per}"),
+            json!(per_unit(sum(self.client))),
         );
-        put(format!("total_cpu_{per}"), json!(per_unit(total)));
-        // User-space share of the proxy's CPU: what the proxy's own code could still save.
-        let user_share = proxy.and_then(|p| (sum(p) > 0.0).then(|| p.0 / sum(p)));
-        put("proxy_user_share".into(), json!(user_share));
-        // Units per second the cores allow at this total CPU per unit.
+        fields.insert(format!("origin_cpu_{per}"), json!(per_unit(sum(origin))));
+        fields.insert(format!("total_cpu_{per}"), json!(per_unit(total)));
+        // What the proxy's own code could still save.
+        let user_share = self.proxy.filter(|&p| sum(p) > 0.0).map(|p| p.0 / sum(p));
+        fields.insert("proxy_user_share".into(), json!(user_share));
         let ceiling = (total > 0.0).then(|| cores * units / total);
-        put("ceiling_per_s".into(), json!(ceiling));
+        fields.insert("ceiling_per_s".into(), json!(ceiling));
         Value::Object(fields)
     }
 }
@@ -550,8 +551,7 @@ async fn bulk(
         ))
     });
     let port = if tls { t.tls_port } else { t.origin_port };
-    let cpu_before = t.proxy_pid.and_then(cpu_seconds);
-    let use_before = CpuUse::now(t);
+    let cpu_before = CpuUse::now(t);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..streams {
@@ -584,10 +584,8 @@ async fn bulk(
         }
     }
     let secs = started.elapsed().as_secs_f64();
-    let cpu = match (cpu_before, t.proxy_pid.and_then(cpu_seconds)) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
-    };
+    let spent = CpuUse::now(t).since(&cpu_before);
+    let cpu = spent.proxy_seconds();
     let variant = format!("{}{}-{streams}", if tls { "tls-" } else { "" }, direction);
     let gib = moved as f64 / GIB;
     let mut fields = json!({
@@ -598,10 +596,7 @@ async fn bulk(
         "proxy_cpu_s": cpu,
         "cpu_s_per_gib": cpu.map(|c| c / gib),
     });
-    merge(
-        &mut fields,
-        CpuUse::now(t).fields(&use_before, gib, "s_per_gib", 1.0),
-    );
+    merge(&mut fields, spent.fields(gib, "s_per_gib", 1.0));
     if let Some(ceiling) = fields["ceiling_per_s"].as_f64() {
         fields["ceiling_gbit_s"] = json!(ceiling * GIB * 8.0 / 1e9);
     }
@@ -612,7 +607,7 @@ async fn setup(t: &TargetArgs, clients: usize, seconds: f64) {
     const MAX_TRANSACTIONS: usize = 1_000_000;
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let use_before = CpuUse::now(t);
+    let cpu_before = CpuUse::now(t);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..clients {
@@ -663,6 +658,8 @@ async fn setup(t: &TargetArgs, clients: usize, seconds: f64) {
         let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
         latencies[i].as_secs_f64() * 1000.0
     };
+    let spent = CpuUse::now(t).since(&cpu_before);
+    let units = latencies.len().max(1) as f64;
     let mut fields = json!({
         "transactions": latencies.len(),
         "failed": failures,
@@ -670,12 +667,9 @@ async fn setup(t: &TargetArgs, clients: usize, seconds: f64) {
         "p50_ms": pct(0.50),
         "p99_ms": pct(0.99),
         "p999_ms": pct(0.999),
+        "proxy_cpu_us_per_tx": spent.proxy_seconds().map(|c| c / units * 1e6),
     });
-    let units = latencies.len().max(1) as f64;
-    merge(
-        &mut fields,
-        CpuUse::now(t).fields(&use_before, units, "us_per_tx", 1e6),
-    );
+    merge(&mut fields, spent.fields(units, "us_per_tx", 1e6));
     emit(t, "setup", &format!("clients-{clients}"), fields);
 }
 

@@ -24,15 +24,6 @@ echo "rtt: one tunnel at $((RTT_LIMIT / 1000)) kB/s, round trips $RTT_CASES ms, 
 RTT_NS="pcb$$"
 RTT_GATEWAY_NS="$RTT_NS-gateway"
 RTT_CLIENT_NS="$RTT_NS-client"
-# rtt_wait_port NS PORT: wait up to 10 s for a listener inside namespace NS.
-rtt_wait_port() {
-  for _ in $(seq 100); do
-    if [ -n "$(ip netns exec "$1" ss -Hltn "sport = :$2")" ]; then return 0; fi
-    sleep 0.1
-  done
-  echo "nothing listens on port $2 in $1" >&2; return 1
-}
-rtt_stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 # rtt_config QUEUE DIRECTION MODE: the gateway's config. The limit is in force when MODE is
 # fresh; otherwise its window is two hours away (a budget a reload adds would only apply to
 # tunnels opened after it: the reload moves the window of one the tunnel already has).
@@ -52,7 +43,7 @@ for rtt in $RTT_CASES; do
   if ! grep -q ready "$WORK/delay.out"; then
     # No namespaces here (a container without CAP_SYS_ADMIN, say): say so and go on.
     echo "rtt: skipped (the delay line did not start: $(tail -n 1 "$WORK/delay.out"))"
-    rtt_stop "$delay_pid"
+    stop_pid "$delay_pid"
     return 0
   fi
   # ip netns exec replaces itself with the command, so $! is the command's own PID.
@@ -60,7 +51,7 @@ for rtt in $RTT_CASES; do
     2>"$WORK/rtt-origin.log" &
   origin_pid=$!
   PIDS+=("$origin_pid")
-  rtt_wait_port "$RTT_GATEWAY_NS" 8000
+  wait_port 8000 "$RTT_GATEWAY_NS"
   for mode in fresh free-then; do
     queues=$RTT_QUEUES
     [ "$mode" = fresh ] && queues=100ms
@@ -70,7 +61,7 @@ for rtt in $RTT_CASES; do
         ip netns exec "$RTT_GATEWAY_NS" "$GATEWAY" serve --config "$WORK/rtt.toml" > "$WORK/rtt-gateway.log" 2>&1 &
         gateway_pid=$!
         PIDS+=("$gateway_pid")
-        rtt_wait_port "$RTT_GATEWAY_NS" 3128
+        wait_port 3128 "$RTT_GATEWAY_NS"
         warmup=4
         reload_pid=""
         if [ "$mode" = free-then ]; then
@@ -84,10 +75,10 @@ for rtt in $RTT_CASES; do
           --limit "$RTT_LIMIT" --label "rtt$rtt-$mode-" \
           | sed 's/"scenario":"throttle"/"scenario":"rtt"/' >> "$RESULTS"
         if [ -n "$reload_pid" ]; then wait "$reload_pid" || true; fi
-        rtt_stop "$gateway_pid"
+        stop_pid "$gateway_pid"
       done
     done
   done
-  rtt_stop "$origin_pid"
-  rtt_stop "$delay_pid"
+  stop_pid "$origin_pid"
+  stop_pid "$delay_pid"
 done

@@ -98,12 +98,14 @@ for _ in range(100):
     except OSError:
         pass'
 }
-wait_port() { # port: wait up to 10 s for a listener
+wait_port() { # PORT [NETNS]: wait up to 10 s for a listener (inside network namespace NETNS)
+  local in_ns=()
+  if [ -n "${2:-}" ]; then in_ns=(ip netns exec "$2"); fi
   for _ in $(seq 100); do
-    if [ -n "$(ss -Hltn "sport = :$1")" ]; then return 0; fi
+    if [ -n "$("${in_ns[@]}" ss -Hltn "sport = :$1")" ]; then return 0; fi
     sleep 0.1
   done
-  echo "nothing listens on 127.0.0.1:$1" >&2; return 1
+  echo "nothing listens on port $1${2:+ in $2}" >&2; return 1
 }
 
 ORIGIN_PORT=$(free_port); TLS_PORT=$(free_port)
@@ -254,10 +256,8 @@ EOF
   PORT[$name]=$port
   wait_port "$port" || { tail -n 20 "$WORK/$name".{log,out} >&2 2>/dev/null; return 1; }
 }
-stop_target() {
-  kill "${PID[$1]}" 2>/dev/null || true
-  wait "${PID[$1]}" 2>/dev/null || true
-}
+stop_pid() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+stop_target() { stop_pid "${PID[$1]}"; }
 
 # args_for NAME RUN: loadgen target arguments
 args_for() {

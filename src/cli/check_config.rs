@@ -161,14 +161,8 @@ fn settings(out: &mut String, config: &Config) {
         l.max_pending_heads_per_client
     );
     let _ = writeln!(out, "  ipv6_client_prefix: {}", l.ipv6_client_prefix);
-    match l.throttle_queue {
-        Some(queue) => {
-            let _ = writeln!(out, "  throttle_queue: {}", duration(queue));
-        }
-        None => {
-            let _ = writeln!(out, "  throttle_queue: off");
-        }
-    }
+    let queue = l.throttle_queue.map_or_else(|| "off".to_owned(), duration);
+    let _ = writeln!(out, "  throttle_queue: {queue}");
     let t = &config.timeouts;
     let _ = writeln!(out, "timeouts:");
     for (key, value) in [

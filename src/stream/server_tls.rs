@@ -164,25 +164,17 @@ impl ServerTls {
                 Step::Progress
             }
             ConnectionState::BlockedHandshake => Step::NeedInput,
-            ConnectionState::WriteTraffic(mut traffic) => match write {
-                Write::Nothing => Step::Traffic,
-                Write::Data(data) => {
-                    let out = self.outgoing.get_or_insert_with(take_outgoing);
-                    let n = traffic
-                        .encrypt(data, &mut out[self.filled..])
-                        .map_err(|e| io::Error::other(e.to_string()))?;
-                    self.filled += n;
-                    Step::Written
-                }
-                Write::CloseNotify => {
-                    let out = self.outgoing.get_or_insert_with(take_outgoing);
-                    let n = traffic
-                        .queue_close_notify(&mut out[self.filled..])
-                        .map_err(|e| io::Error::other(e.to_string()))?;
-                    self.filled += n;
-                    Step::Written
-                }
-            },
+            ConnectionState::WriteTraffic(_) if matches!(write, Write::Nothing) => Step::Traffic,
+            ConnectionState::WriteTraffic(mut traffic) => {
+                let out = self.outgoing.get_or_insert_with(take_outgoing);
+                let room = &mut out[self.filled..];
+                let encoded = match write {
+                    Write::Data(data) => traffic.encrypt(data, room),
+                    _ => traffic.queue_close_notify(room),
+                };
+                self.filled += encoded.map_err(|e| io::Error::other(e.to_string()))?;
+                Step::Written
+            }
             // Writing may go on after the client's close_notify; the next turn says so.
             ConnectionState::PeerClosed => {
                 self.read_closed = true;
