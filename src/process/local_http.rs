@@ -1,0 +1,50 @@
+//! A tiny blocking HTTP client for the command-line probes (`health`, `learned`, the agent's
+//! `status`): one request with an empty body to a local admin or status endpoint.
+
+/// One request with an empty body to a local admin or status endpoint, blocking, 5 s for each
+/// step: the whole reply, at most `limit` bytes.
+fn exchange(
+    addr: std::net::SocketAddr,
+    method: &str,
+    target: &str,
+    limit: u64,
+) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(5);
+    let mut tcp = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    tcp.set_read_timeout(Some(timeout))?;
+    tcp.set_write_timeout(Some(timeout))?;
+    write!(
+        tcp,
+        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut reply = Vec::new();
+    tcp.take(limit).read_to_end(&mut reply)?;
+    Ok(reply)
+}
+
+/// `GET path`: the whole reply (at most 64 KiB) as text. For the command-line probes
+/// (`health`, `status`).
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
+    let reply = exchange(addr, "GET", path, 64 * 1024)?;
+    Ok(String::from_utf8_lossy(&reply).into_owned())
+}
+
+/// One request with an empty body (the `learned` commands): the status and the body (at most
+/// 1 MiB).
+pub fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    target: &str,
+) -> std::io::Result<(u16, String)> {
+    let reply = exchange(addr, method, target, 1 << 20)?;
+    let reply = String::from_utf8_lossy(&reply);
+    let malformed = || std::io::Error::other("malformed HTTP reply");
+    let (head, body) = reply.split_once("\r\n\r\n").ok_or_else(malformed)?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(malformed)?;
+    Ok((status, body.to_owned()))
+}
