@@ -1,220 +1,107 @@
 //! How a connection ends: one enum for the log line's `end` field, the `requests_total` metric
 //! label and the status a refusal answers with, for the gateway and the branch agent alike.
-//! The names are an API (dashboards and tests read them); README.md lists every one, and a
-//! test holds the two to the same set.
+//! The names are an API (dashboards and tests read them); docs/reference/observability.md
+//! lists every one, and a test holds the two to the same set.
+//!
+//! One table below defines every end: its name, the status a refusal answers with while an
+//! answer can still be sent (`None` for ends after the answer or with nobody left to answer),
+//! and whether it is a denial. `ALL`, `as_str`, `status` and `is_denial` derive from it, so a
+//! new end is one line.
 
-/// The way one client connection ended.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum End {
+/// Builds [`End`] and its derived lists from one table of
+/// `Variant => "name", status, denial|outcome;` rows.
+macro_rules! ends {
+    ($( $(#[$attr:meta])* $variant:ident => $name:literal, $status:expr, $kind:ident; )*) => {
+        /// The way one client connection ended.
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+        pub enum End {
+            $( $(#[$attr])* $variant, )*
+        }
+
+        impl End {
+            /// Every way to end, for tests and documentation.
+            pub const ALL: &[End] = &[$(End::$variant),*];
+
+            /// The name in the log line and the metric label.
+            pub fn as_str(self) -> &'static str {
+                match self { $(End::$variant => $name,)* }
+            }
+
+            /// The status a refusal that ends this way answers with, while an answer can still
+            /// be sent; `None` for ends that come after the answer or leave nobody to answer.
+            pub fn status(self) -> Option<u16> {
+                match self { $(End::$variant => $status,)* }
+            }
+
+            /// The gateway said no for a security or policy reason (who the client is, where it
+            /// wants to go, what the tunnel carries, a limit): what the dashboard's "Denied"
+            /// panel and a security team's alerts count, whatever the policy verdict was (the
+            /// destination wall refuses what the allow-list allowed).
+            pub fn is_denial(self) -> bool {
+                match self { $(End::$variant => ends!(@denial $kind),)* }
+            }
+        }
+    };
+    (@denial denial) => { true };
+    (@denial outcome) => { false };
+}
+
+ends! {
     // A tunnel that was up (after the 200).
     /// Both sides closed their sending half.
     #[default]
-    Closed,
+    Closed => "closed", None, outcome;
     /// No bytes either way for the idle timeout.
-    IdleTimeout,
+    IdleTimeout => "idle_timeout", None, outcome;
     /// Reading from or writing to the client failed (reset, broken pipe), or it left before
     /// its answer.
-    ClientError,
+    ClientError => "client_error", None, outcome;
     /// Reading from or writing to the upstream failed (502 on the plain-HTTP lane).
-    UpstreamError,
+    UpstreamError => "upstream_error", Some(502), outcome;
     /// A reload's new policy denies it (`on_reload = "close-denied"`).
-    ClosedByReload,
+    ClosedByReload => "closed_by_reload", None, outcome;
     /// Still open when the shutdown's drain timeout ran out.
-    DrainTimeout,
+    DrainTimeout => "drain_timeout", None, outcome;
     // The SNI check inside the tunnel (after the 200, so no status).
-    SniMismatch,
-    SniMissing,
-    NotTls,
+    SniMismatch => "sni_mismatch", None, denial;
+    SniMissing => "sni_missing", None, denial;
+    NotTls => "not_tls", None, denial;
     // Before the request head, or instead of one.
-    ProxyProtocolError,
-    TlsHandshakeFailed,
-    ClientClosed,
-    ClientRead,
-    PendingHeadsLimit,
-    HeadTimeout,
-    HeadTooLarge,
-    BadRequest,
-    MethodNotAllowed,
+    ProxyProtocolError => "proxy_protocol_error", None, outcome;
+    TlsHandshakeFailed => "tls_handshake_failed", None, outcome;
+    ClientClosed => "client_closed", None, outcome;
+    ClientRead => "client_read", None, outcome;
+    PendingHeadsLimit => "pending_heads_limit", Some(429), denial;
+    HeadTimeout => "head_timeout", Some(408), outcome;
+    HeadTooLarge => "head_too_large", Some(431), outcome;
+    BadRequest => "bad_request", Some(400), outcome;
+    MethodNotAllowed => "method_not_allowed", Some(405), outcome;
     // Who the client is.
-    ClientDenied,
-    NoBranch,
-    AuthRequired,
-    AuthFailed,
-    AuthRateLimited,
-    RateLimited,
-    BranchTunnelLimit,
+    ClientDenied => "client_denied", Some(403), denial;
+    NoBranch => "no_branch", Some(403), denial;
+    AuthRequired => "auth_required", Some(407), denial;
+    AuthFailed => "auth_failed", Some(407), denial;
+    AuthRateLimited => "auth_rate_limited", Some(429), denial;
+    RateLimited => "rate_limited", Some(429), denial;
+    BranchTunnelLimit => "branch_tunnel_limit", Some(429), denial;
     // What the policy and the destination wall say.
-    PolicyDenied,
-    DestinationForbidden,
+    PolicyDenied => "policy_denied", Some(403), denial;
+    DestinationForbidden => "destination_forbidden", Some(403), denial;
     /// A `learn = "enforce"` rule: the branch never used this name under the rule.
-    NotLearned,
+    NotLearned => "not_learned", Some(403), denial;
     // Resolving and dialling.
-    DnsFailed,
-    DnsTimeout,
-    ConnectFailed,
-    ConnectTimeout,
+    DnsFailed => "dns_failed", Some(502), outcome;
+    DnsTimeout => "dns_timeout", Some(504), outcome;
+    ConnectFailed => "connect_failed", Some(502), outcome;
+    ConnectTimeout => "connect_timeout", Some(504), outcome;
     // The plain-HTTP lane.
-    Forwarded,
-    CacheHit,
-    UpstreamTimeout,
+    Forwarded => "forwarded", None, outcome;
+    CacheHit => "cache_hit", None, outcome;
+    UpstreamTimeout => "upstream_timeout", Some(504), outcome;
     // The branch agent's forwarder.
-    NoGateway,
-    GatewayTimeout,
-    RefusedByGateway,
-}
-
-impl End {
-    /// Every way to end, for tests and documentation.
-    pub const ALL: &[End] = &[
-        End::Closed,
-        End::IdleTimeout,
-        End::ClientError,
-        End::UpstreamError,
-        End::ClosedByReload,
-        End::DrainTimeout,
-        End::SniMismatch,
-        End::SniMissing,
-        End::NotTls,
-        End::ProxyProtocolError,
-        End::TlsHandshakeFailed,
-        End::ClientClosed,
-        End::ClientRead,
-        End::PendingHeadsLimit,
-        End::HeadTimeout,
-        End::HeadTooLarge,
-        End::BadRequest,
-        End::MethodNotAllowed,
-        End::ClientDenied,
-        End::NoBranch,
-        End::AuthRequired,
-        End::AuthFailed,
-        End::AuthRateLimited,
-        End::RateLimited,
-        End::BranchTunnelLimit,
-        End::PolicyDenied,
-        End::DestinationForbidden,
-        End::NotLearned,
-        End::DnsFailed,
-        End::DnsTimeout,
-        End::ConnectFailed,
-        End::ConnectTimeout,
-        End::Forwarded,
-        End::CacheHit,
-        End::UpstreamTimeout,
-        End::NoGateway,
-        End::GatewayTimeout,
-        End::RefusedByGateway,
-    ];
-
-    /// The name in the log line and the metric label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            End::Closed => "closed",
-            End::IdleTimeout => "idle_timeout",
-            End::ClientError => "client_error",
-            End::UpstreamError => "upstream_error",
-            End::ClosedByReload => "closed_by_reload",
-            End::DrainTimeout => "drain_timeout",
-            End::SniMismatch => "sni_mismatch",
-            End::SniMissing => "sni_missing",
-            End::NotTls => "not_tls",
-            End::ProxyProtocolError => "proxy_protocol_error",
-            End::TlsHandshakeFailed => "tls_handshake_failed",
-            End::ClientClosed => "client_closed",
-            End::ClientRead => "client_read",
-            End::PendingHeadsLimit => "pending_heads_limit",
-            End::HeadTimeout => "head_timeout",
-            End::HeadTooLarge => "head_too_large",
-            End::BadRequest => "bad_request",
-            End::MethodNotAllowed => "method_not_allowed",
-            End::ClientDenied => "client_denied",
-            End::NoBranch => "no_branch",
-            End::AuthRequired => "auth_required",
-            End::AuthFailed => "auth_failed",
-            End::AuthRateLimited => "auth_rate_limited",
-            End::RateLimited => "rate_limited",
-            End::BranchTunnelLimit => "branch_tunnel_limit",
-            End::PolicyDenied => "policy_denied",
-            End::DestinationForbidden => "destination_forbidden",
-            End::NotLearned => "not_learned",
-            End::DnsFailed => "dns_failed",
-            End::DnsTimeout => "dns_timeout",
-            End::ConnectFailed => "connect_failed",
-            End::ConnectTimeout => "connect_timeout",
-            End::Forwarded => "forwarded",
-            End::CacheHit => "cache_hit",
-            End::UpstreamTimeout => "upstream_timeout",
-            End::NoGateway => "no_gateway",
-            End::GatewayTimeout => "gateway_timeout",
-            End::RefusedByGateway => "refused_by_gateway",
-        }
-    }
-
-    /// The status a refusal that ends this way answers with, while an answer can still be
-    /// sent; `None` for ends that come after the answer or leave nobody to answer.
-    pub fn status(self) -> Option<u16> {
-        Some(match self {
-            End::BadRequest => 400,
-            End::ClientDenied
-            | End::NoBranch
-            | End::PolicyDenied
-            | End::DestinationForbidden
-            | End::NotLearned => 403,
-            End::MethodNotAllowed => 405,
-            End::AuthRequired | End::AuthFailed => 407,
-            End::HeadTimeout => 408,
-            End::AuthRateLimited
-            | End::RateLimited
-            | End::BranchTunnelLimit
-            | End::PendingHeadsLimit => 429,
-            End::HeadTooLarge => 431,
-            End::DnsFailed | End::ConnectFailed | End::UpstreamError | End::NoGateway => 502,
-            End::DnsTimeout | End::ConnectTimeout | End::UpstreamTimeout | End::GatewayTimeout => {
-                504
-            }
-            End::Closed
-            | End::IdleTimeout
-            | End::ClientError
-            | End::ClosedByReload
-            | End::DrainTimeout
-            | End::SniMismatch
-            | End::SniMissing
-            | End::NotTls
-            | End::ProxyProtocolError
-            | End::TlsHandshakeFailed
-            | End::ClientClosed
-            | End::ClientRead
-            | End::Forwarded
-            | End::CacheHit
-            | End::RefusedByGateway => return None,
-        })
-    }
-}
-
-impl End {
-    /// The gateway said no for a security or policy reason (who the client is, where it wants
-    /// to go, what the tunnel carries, a limit): what the dashboard's "Denied" panel and a
-    /// security team's alerts count, whatever the policy verdict was (the destination wall
-    /// refuses what the allow-list allowed).
-    pub fn is_denial(self) -> bool {
-        matches!(
-            self,
-            End::ClientDenied
-                | End::NoBranch
-                | End::AuthRequired
-                | End::AuthFailed
-                | End::AuthRateLimited
-                | End::RateLimited
-                | End::BranchTunnelLimit
-                | End::PendingHeadsLimit
-                | End::PolicyDenied
-                | End::DestinationForbidden
-                | End::NotLearned
-                | End::SniMismatch
-                | End::SniMissing
-                | End::NotTls
-        )
-    }
+    NoGateway => "no_gateway", Some(502), outcome;
+    GatewayTimeout => "gateway_timeout", Some(504), outcome;
+    RefusedByGateway => "refused_by_gateway", None, outcome;
 }
 
 impl std::fmt::Display for End {
@@ -227,65 +114,6 @@ impl std::fmt::Display for End {
 mod tests {
     use super::*;
     use std::collections::BTreeSet;
-
-    /// The backticked names in one column of the Markdown table under `heading` in README.md.
-    fn readme_column(heading: &str, column: usize) -> BTreeSet<String> {
-        let readme = include_str!("../README.md");
-        let section = readme
-            .split(heading)
-            .nth(1)
-            .unwrap_or_else(|| panic!("README.md has no {heading:?}"));
-        section
-            .lines()
-            .map(str::trim_start)
-            .skip_while(|l| !l.starts_with('|'))
-            .take_while(|l| l.starts_with('|'))
-            .skip(2)
-            .filter_map(|row| row.split('|').nth(column + 1).map(str::to_owned))
-            .flat_map(|cell| {
-                cell.split('`')
-                    .skip(1)
-                    .step_by(2)
-                    .map(str::to_owned)
-                    .collect::<Vec<_>>()
-            })
-            .collect()
-    }
-
-    /// The Grafana dashboard's "Denied" panel selects `end=~"a|b|..."`: exactly the denials.
-    #[test]
-    fn the_dashboard_counts_every_denial_and_nothing_else() {
-        let dashboard: serde_json::Value =
-            serde_json::from_str(include_str!("../docker/grafana-dashboard.json")).unwrap();
-        let panel = dashboard["panels"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["title"].as_str().is_some_and(|t| t.starts_with("Denied")))
-            .expect("a Denied panel");
-        let expr = panel["targets"][0]["expr"].as_str().unwrap();
-        let selected: BTreeSet<&str> = expr
-            .split("end=~\"")
-            .nth(1)
-            .and_then(|rest| rest.split('"').next())
-            .expect("an end=~ selector")
-            .split('|')
-            .collect();
-        let denials: BTreeSet<&str> = End::ALL
-            .iter()
-            .filter(|e| e.is_denial())
-            .map(|e| e.as_str())
-            .collect();
-        assert_eq!(selected, denials, "{expr}");
-    }
-
-    #[test]
-    fn the_readme_lists_every_end_and_no_other() {
-        let mut documented = readme_column("## Replies and log line", 2);
-        documented.extend(readme_column("How a forwarded request ends", 0));
-        let ends: BTreeSet<String> = End::ALL.iter().map(|e| e.as_str().to_owned()).collect();
-        assert_eq!(documented, ends, "README.md's `end` tables and End differ");
-    }
 
     #[test]
     fn names_are_unique_and_statuses_are_errors() {

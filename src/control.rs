@@ -1,0 +1,113 @@
+//! The running gateway as operators steer it ([`Control`]): its current snapshot, its metrics
+//! at a scrape, and live reconfiguration (SIGHUP, `POST /reload`). A reload builds a new
+//! snapshot from the file and makes it current; open connections keep the one they started
+//! with. A bad file never replaces a good one. Listener addresses that changed are rebound by
+//! the server, the schedule task retunes, and under `on_reload = "close-denied"` open tunnels
+//! the new policy denies are closed.
+
+use crate::config::Config;
+use crate::gateway::Snapshot;
+use arc_swap::ArcSwap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// A handle on the running gateway, for the admin listener and the signal tasks.
+#[derive(Clone)]
+pub struct Control {
+    pub(crate) current: Arc<ArcSwap<Snapshot>>,
+    /// The file the gateway runs on; `None` for the built-in configuration.
+    pub(crate) path: Option<PathBuf>,
+    /// Wakes the accept side to rebind listeners whose addresses changed.
+    pub(crate) listen_changed: Arc<tokio::sync::Notify>,
+    /// Wakes the schedule task to find the new schedules' next boundary.
+    pub(crate) schedules_changed: Arc<tokio::sync::Notify>,
+    /// One reload at a time (SIGHUP and `POST /reload` may race): each builds on the last.
+    pub(crate) applying: Arc<std::sync::Mutex<()>>,
+    /// The server's connections: a new `limits.max_connections` applies to them at once.
+    pub(crate) connections: crate::accept::Connections,
+}
+
+impl Control {
+    /// Reads the config file again and applies it (SIGHUP, `POST /reload`): counted in the
+    /// metrics, logged, and announced to systemd. A bad file leaves the running config.
+    pub fn reload(&self) -> Result<(), String> {
+        let Some(path) = &self.path else {
+            tracing::warn!("reload requested, but the gateway runs on the built-in config");
+            return Err("the gateway runs on the built-in config: nothing to reload".into());
+        };
+        crate::process::notify(crate::process::ServiceState::Reloading);
+        let result = Config::load(path, jiff::Timestamp::now())
+            .map_err(|e| e.to_string())
+            .and_then(|c| {
+                for warning in &c.warnings {
+                    tracing::warn!("{warning}");
+                }
+                self.apply(c)
+            });
+        crate::process::notify(crate::process::ServiceState::Ready);
+        match &result {
+            Ok(()) => tracing::info!(file = %path.display(), "reload applied"),
+            Err(problems) => {
+                self.failed();
+                tracing::warn!(file = %path.display(), %problems, "reload rejected; the running configuration stays");
+            }
+        }
+        result
+    }
+
+    /// The snapshot new connections take now.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// The metrics (shared by all snapshots) with what is sampled at a scrape brought up to
+    /// date.
+    pub fn scrape(&self) -> Arc<crate::metrics::Metrics> {
+        let metrics = self.current.load().metrics.clone();
+        metrics.observe(&self.connections);
+        metrics
+    }
+
+    /// Builds a snapshot from `config` (reading TLS files again) and makes it current; listeners
+    /// whose addresses changed are rebound (the admin listener moves only at restart).
+    pub fn apply(&self, config: Config) -> Result<(), String> {
+        let _one_at_a_time = self.applying.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = self.current.load_full();
+        let old = &previous.config.listen;
+        let addresses = |l: &crate::config::Listen| {
+            let tls: Vec<_> = l.tls_proxy.iter().map(|t| t.address).collect();
+            (l.proxy.clone(), tls)
+        };
+        let listen_changed = addresses(old) != addresses(&config.listen);
+        if old.admin != config.listen.admin {
+            tracing::warn!("the admin listener moves only at restart");
+        }
+        let next = Arc::new(Snapshot::replacing(config, Some(&previous))?);
+        next.metrics.reloaded(true);
+        if let Err(error) = next.learned.claim() {
+            tracing::warn!(%error, "learned destinations are not saved");
+        }
+        self.current.store(next.clone());
+        self.connections
+            .resize(next.config.limits.connection_limit());
+        // The new snapshot has put its limits in force; budgets it dropped let go.
+        previous.throttles.retire_missing(&next.throttles);
+        self.schedules_changed.notify_one();
+        if listen_changed {
+            self.listen_changed.notify_one();
+        }
+        if next.config.policy.on_reload == crate::policy::OnReload::CloseDenied {
+            let closed = next.revocable.close_denied(&next);
+            tracing::info!(
+                closed_tunnels = closed,
+                "closed open tunnels the new policy denies"
+            );
+        }
+        Ok(())
+    }
+
+    /// Counts a reload that failed before a configuration could be built (a bad file).
+    pub fn failed(&self) {
+        self.current.load().metrics.reloaded(false);
+    }
+}
