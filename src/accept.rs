@@ -82,7 +82,8 @@ impl Drop for Slot {
 pub enum Drained {
     /// Every connection finished.
     All,
-    /// The time ran out with this many still open (closed when the process exits).
+    /// The time ran out with this many still open (the server then cuts them, each writing
+    /// its access line with `end = "drain_timeout"`).
     Left(usize),
 }
 

@@ -11,35 +11,35 @@
 //! | `POST /learned/forget?branch=B&host=H[:P][&rule=R]` | from loopback only: forget one (every port without `:P`) |
 
 use crate::admin_http::{Answer, Ask};
+use crate::control::Control;
 use crate::learned::ops::{self, Edit};
-use crate::reload::Reloader;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::TcpListener;
 
 /// Serves admin requests until the task is dropped.
-pub async fn serve(listener: TcpListener, reloader: Reloader, draining: Arc<AtomicBool>) {
+pub async fn serve(listener: TcpListener, control: Control, draining: Arc<AtomicBool>) {
     crate::admin_http::serve(listener, move |ask: &Ask<'_>| {
-        route(ask, &reloader, &draining)
+        route(ask, &control, &draining)
     })
     .await
 }
 
-fn route(ask: &Ask<'_>, reloader: &Reloader, draining: &AtomicBool) -> Answer {
+fn route(ask: &Ask<'_>, control: &Control, draining: &AtomicBool) -> Answer {
     match (ask.method, ask.path) {
         ("GET" | "HEAD", "/metrics") => {
-            Answer::metrics(reloader.scrape().registry(), ask.open_metrics)
+            Answer::metrics(control.scrape().registry(), ask.open_metrics)
         }
         ("POST", "/reload") if !ask.from_loopback => {
             Answer::text(403, "reload only from loopback\n")
         }
-        ("POST", "/reload") => match reloader.reload() {
+        ("POST", "/reload") => match control.reload() {
             Ok(()) => Answer::text(200, "reloaded\n"),
             Err(problems) => Answer::text(422, format!("{problems}\n")),
         },
         ("GET", "/learned") => {
-            let gateway = reloader.current.load();
-            let rows = gateway.learned.rows(ask.param("branch").as_deref());
+            let snapshot = control.current();
+            let rows = snapshot.learned.rows(ask.param("branch").as_deref());
             let mut answer = Answer::text(200, "");
             answer.content_type = "application/json";
             answer.body =
@@ -49,8 +49,8 @@ fn route(ask: &Ask<'_>, reloader: &Reloader, draining: &AtomicBool) -> Answer {
         ("POST", "/learned/approve" | "/learned/forget") if !ask.from_loopback => {
             Answer::text(403, "changes only from loopback\n")
         }
-        ("POST", "/learned/approve") => learned_change(ask, reloader, Edit::Approve),
-        ("POST", "/learned/forget") => learned_change(ask, reloader, Edit::Forget),
+        ("POST", "/learned/approve") => learned_change(ask, control, Edit::Approve),
+        ("POST", "/learned/forget") => learned_change(ask, control, Edit::Forget),
         ("GET", "/healthz") => Answer::text(200, "ok\n"),
         ("GET", "/readyz") if draining.load(Ordering::Relaxed) => Answer::text(503, "draining\n"),
         ("GET", "/readyz") => Answer::text(200, "ready\n"),
@@ -59,14 +59,14 @@ fn route(ask: &Ask<'_>, reloader: &Reloader, draining: &AtomicBool) -> Answer {
 }
 
 /// An operator's `edit` of a learned set on the running gateway, saved before the answer.
-fn learned_change(ask: &Ask<'_>, reloader: &Reloader, edit: Edit) -> Answer {
-    let gateway = reloader.current.load();
+fn learned_change(ask: &Ask<'_>, control: &Control, edit: Edit) -> Answer {
+    let snapshot = control.current();
     let (Some(branch), Some(host)) = (ask.param("branch"), ask.param("host")) else {
         return Answer::text(400, "expected ?branch=B&host=HOST[:PORT][&rule=R]\n");
     };
-    let learned = &*gateway.learned;
+    let learned = &*snapshot.learned;
     let done = ops::apply(
-        &gateway.config,
+        &snapshot.config,
         learned,
         edit,
         &branch,

@@ -19,9 +19,11 @@
 //!   and counts; plain or TLS streams as the copy sees them.
 //! - [`gateway`]: one client connection, top to bottom in [`gateway::connect`]: head ->
 //!   identity -> plan (policy, resolve, wall) -> dial -> reply -> SNI -> tunnel -> log line.
-//! - [`server`], [`reload`], [`admin`]: listeners, live reconfiguration, the admin endpoints.
+//! - [`server`], [`control`], [`admin`]: listeners, the running gateway as operators steer it
+//!   (current snapshot, reload, metrics scrape), the admin endpoints.
 //! - [`cli`]: operator tools off the hot path (explain, schedule table, AFS importer).
 //! - [`agent`]: the branch agent (`portcullis-agent`), built on the gateway's parts.
+//! - [`commands`]: the `portcullis` binary's command line and what each command does.
 #![forbid(unsafe_code)]
 
 pub mod accept;
@@ -31,7 +33,9 @@ pub mod admin_http;
 pub mod agent;
 pub mod bandwidth;
 pub mod cli;
+pub mod commands;
 pub mod config;
+pub mod control;
 pub mod end;
 pub mod fleet;
 pub mod gateway;
@@ -39,7 +43,6 @@ pub mod learned;
 pub mod metrics;
 pub mod policy;
 pub mod process;
-pub mod reload;
 pub mod server;
 pub mod stream;
 pub mod tunnel;

@@ -4,8 +4,8 @@
 
 use crate::accept::{Connections, Drained};
 use crate::bandwidth::retune::retune_on_schedule;
-use crate::gateway::{self, Gateway};
-use crate::reload::Reloader;
+use crate::control::Control;
+use crate::gateway::{self, Snapshot};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::future::Future;
@@ -23,7 +23,7 @@ type ListenerKey = (SocketAddr, Option<usize>);
 pub struct Server {
     /// The current snapshot; each connection takes the one current at its accept and keeps
     /// it for its whole life, so a reload never changes an open tunnel.
-    current: Arc<ArcSwap<Gateway>>,
+    current: Arc<ArcSwap<Snapshot>>,
     /// Each listener by its configured address, with its position among `listen.tls_proxy`
     /// when it is an HTTPS listener.
     listeners: Vec<(ListenerKey, TcpListener)>,
@@ -42,11 +42,11 @@ pub struct Server {
 impl Server {
     /// Binds every `listen.proxy` and `listen.tls_proxy` address; fails on the first that
     /// cannot be bound.
-    pub async fn bind(gateway: Gateway, config_path: Option<PathBuf>) -> std::io::Result<Self> {
+    pub async fn bind(snapshot: Snapshot, config_path: Option<PathBuf>) -> std::io::Result<Self> {
         // This process owns the learned destinations' state file while it runs.
-        gateway.learned.claim().map_err(std::io::Error::other)?;
+        snapshot.learned.claim().map_err(std::io::Error::other)?;
         let mut listeners = Vec::new();
-        let config = &gateway.config;
+        let config = &snapshot.config;
         for (addr, tls_index) in listener_keys(&config.listen) {
             let listener = crate::accept::listen(addr).map_err(|e| {
                 std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
@@ -74,7 +74,7 @@ impl Server {
             "connection limit"
         );
         Ok(Self {
-            current: Arc::new(ArcSwap::from_pointee(gateway)),
+            current: Arc::new(ArcSwap::from_pointee(snapshot)),
             listeners,
             admin,
             draining: Arc::new(AtomicBool::new(false)),
@@ -87,8 +87,8 @@ impl Server {
     }
 
     /// A handle that applies new configurations (SIGHUP, `POST /reload`).
-    pub fn reloader(&self) -> Reloader {
-        Reloader {
+    pub fn control(&self) -> Control {
+        Control {
             current: self.current.clone(),
             path: self.config_path.clone(),
             listen_changed: self.listen_changed.clone(),
@@ -99,9 +99,10 @@ impl Server {
     }
 
     /// Accepts until `shutdown` completes, then drains: open connections get up to
-    /// `timeouts.drain` to finish; whatever is left is closed when the process exits.
+    /// `timeouts.drain` to finish; tunnels still open then are cut, each writing its access
+    /// line (`end = "drain_timeout"`) with its byte counts, before this returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let reloader = self.reloader();
+        let control = self.control();
         let connections = self.connections.clone();
         let mut background = tokio::task::JoinSet::new();
         let spawn = |(key, listener): (ListenerKey, TcpListener)| {
@@ -126,7 +127,7 @@ impl Server {
             }
             admin_task = Some(tokio::spawn(crate::admin::serve(
                 admin,
-                reloader,
+                control,
                 self.draining.clone(),
             )));
         }
@@ -142,7 +143,7 @@ impl Server {
         background.spawn(crate::learned::keep_saved(learned.clone()));
         background.spawn(retune_on_schedule(
             self.current.clone(),
-            |gateway: &Gateway| &gateway.throttles,
+            |snapshot: &Snapshot| &snapshot.throttles,
             self.schedules_changed.clone(),
             jiff::Timestamp::now,
         ));
@@ -256,7 +257,7 @@ fn listener_keys(listen: &crate::config::Listen) -> Vec<ListenerKey> {
 async fn accept(
     listener: TcpListener,
     tls_index: Option<usize>,
-    current: Arc<ArcSwap<Gateway>>,
+    current: Arc<ArcSwap<Snapshot>>,
     connections: Connections,
 ) {
     // Separate loops (and task types) per listener kind: a plain connection's task must not
@@ -272,11 +273,11 @@ async fn accept(
         Some(i) => {
             connections
                 .accept_loop(listener, |stream, peer, conn_id, slot| {
-                    let gateway = current.load_full();
+                    let snapshot = current.load_full();
                     async move {
                         // Reload keeps listeners and acceptors in step; the index resolves.
-                        if let Some(tls) = gateway.tls_acceptors.get(i).cloned() {
-                            gateway::serve_tls(&gateway, &tls, stream, peer, conn_id).await;
+                        if let Some(tls) = snapshot.tls_acceptors.get(i).cloned() {
+                            gateway::serve_tls(&snapshot, &tls, stream, peer, conn_id).await;
                         }
                         drop(slot);
                     }
@@ -290,13 +291,13 @@ async fn accept(
 /// connection's `slot` until it ends. Its size is paid by every idle tunnel, so it must hold
 /// the data path's future once (a test checks).
 async fn plain_task<S: Send + 'static>(
-    gateway: Arc<Gateway>,
+    snapshot: Arc<Snapshot>,
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     conn_id: u64,
     slot: S,
 ) {
-    gateway::serve(&gateway, stream, peer, conn_id).await;
+    gateway::serve(&snapshot, stream, peer, conn_id).await;
     drop(slot);
 }
 
@@ -308,13 +309,13 @@ mod tests {
     #[tokio::test]
     async fn a_clients_task_holds_the_data_path_future_once() {
         let config = Config::parse("[resolver]\nhosts_only = true\n", "t", TEST_NOW).unwrap();
-        let gateway = Arc::new(Gateway::new(config).unwrap());
+        let snapshot = Arc::new(Snapshot::new(config).unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let data_path = std::mem::size_of_val(&gateway::serve(&gateway, stream, addr, 1));
+        let data_path = std::mem::size_of_val(&gateway::serve(&snapshot, stream, addr, 1));
         let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let task = std::mem::size_of_val(&plain_task(gateway.clone(), stream, addr, 1, ()));
+        let task = std::mem::size_of_val(&plain_task(snapshot.clone(), stream, addr, 1, ()));
         // The snapshot, socket, address and number it starts from, and the data path once (a
         // wrapper awaiting a captured future would be twice the data path).
         assert!(

@@ -161,7 +161,7 @@ async fn forward(
             line.host = Some(path);
             return Ok(());
         }
-        Head::Proxy(connect) if connect.forward.is_none() => connect,
+        Head::Proxy(connect) if connect.lane.is_none() => connect,
         Head::Origin { .. } | Head::Proxy(_) => {
             return Err(Refusal::new(
                 End::MethodNotAllowed,

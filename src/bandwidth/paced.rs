@@ -21,7 +21,7 @@ pub struct Pacer {
 }
 
 /// `limits.throttle_queue` by default: a throttled direction's receive buffer holds 100 ms of
-/// its limit, which covers branches up to about 100 ms away (README: Short queues).
+/// its limit, which covers branches up to about 100 ms away (docs/guide.md: short queues).
 pub const DEFAULT_THROTTLE_QUEUE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The socket settings a throttled direction applied to keep its queues short (the tunnel's

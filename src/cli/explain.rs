@@ -1,21 +1,22 @@
 //! `portcullis explain`: the decision for one target, built from the same `plan` the data path
 //! acts on.
 
-use crate::gateway::{Gateway, plan};
+use crate::gateway::{Snapshot, plan};
 use crate::policy::host::Target;
 use std::fmt::Write;
 use std::net::IpAddr;
 
 /// The limits in force now for a tunnel of `branch` and `category`, per direction; `None`
 /// when no schedule is configured.
-fn bandwidth(gw: &Gateway, branch: &str, category: &str) -> Option<String> {
-    if gw.config.schedules.is_empty() {
+fn bandwidth(snapshot: &Snapshot, branch: &str, category: &str) -> Option<String> {
+    if snapshot.config.schedules.is_empty() {
         return None;
     }
-    let in_force = gw
-        .throttles
-        .in_force_at(jiff::Timestamp::now(), Some(branch), Some(category));
-    let shares = running_shares(gw, !in_force.is_empty());
+    let in_force =
+        snapshot
+            .throttles
+            .in_force_at(jiff::Timestamp::now(), Some(branch), Some(category));
+    let shares = running_shares(snapshot, !in_force.is_empty());
     let direction = |d: crate::bandwidth::schedule::Direction| {
         let limits: Vec<String> = in_force
             .iter()
@@ -52,7 +53,7 @@ fn bandwidth(gw: &Gateway, branch: &str, category: &str) -> Option<String> {
             limits.join(" and ")
         }
     };
-    let fleet = match gw.config.fleet {
+    let fleet = match snapshot.config.fleet {
         Some(_) if !in_force.is_empty() => " (fleet-wide: shared by the replicas through Redis)",
         _ => "",
     };
@@ -67,8 +68,11 @@ const SHARE_METRIC: &str = "portcullis_fleet_share_bytes_per_second";
 
 /// Fleet mode with limits in force: the shares a gateway running this config on this host
 /// exports on its admin listener (empty when none answers there).
-fn running_shares(gw: &Gateway, wanted: bool) -> String {
-    match (gw.config.fleet.is_some() && wanted, gw.config.listen.admin) {
+fn running_shares(snapshot: &Snapshot, wanted: bool) -> String {
+    match (
+        snapshot.config.fleet.is_some() && wanted,
+        snapshot.config.listen.admin,
+    ) {
         (true, Some(admin)) => crate::process::http_get(admin, "/metrics")
             .ok()
             .filter(|reply| reply.starts_with("HTTP/1.1 200"))
@@ -80,10 +84,18 @@ fn running_shares(gw: &Gateway, wanted: bool) -> String {
 /// What the gateway would do with `CONNECT target` (or, with `lane`, a plain-HTTP request to
 /// it) from `from`, on the same path the data path takes. Returns the report and whether the
 /// request would be served (if the upstream accepts the connection).
-pub async fn explain(gw: &Gateway, from: IpAddr, target: &Target, lane: bool) -> (String, bool) {
+pub async fn explain(
+    snapshot: &Snapshot,
+    from: IpAddr,
+    target: &Target,
+    lane: bool,
+) -> (String, bool) {
     // explain knows only the source address: credentials and certificates are not simulated.
-    let who = gw.identifier.identify(&gw.config, from, None, &[]).await;
-    let plan = plan(gw, from, who, target, lane).await;
+    let who = snapshot
+        .identifier
+        .identify(&snapshot.config, from, None, &[])
+        .await;
+    let plan = plan(snapshot, from, who, target, lane).await;
     let mut out = String::new();
     let request = if lane { "plain HTTP (lane)" } else { "CONNECT" };
     let _ = writeln!(out, "target:   {target} ({request})");
@@ -97,11 +109,7 @@ pub async fn explain(gw: &Gateway, from: IpAddr, target: &Target, lane: bool) ->
         }
     );
     if let Some(identity) = plan.identity {
-        let _ = writeln!(
-            out,
-            "branch:   {}",
-            crate::gateway::identity::name(&gw.config.branches, identity)
-        );
+        let _ = writeln!(out, "branch:   {}", snapshot.config.branch_name(identity));
         let d = &plan.decision;
         let _ = writeln!(out, "verdict:  {} ({})", d.verdict.as_str(), d.why());
         if let Some(deny) = d.deny_rule {
@@ -111,14 +119,15 @@ pub async fn explain(gw: &Gateway, from: IpAddr, target: &Target, lane: bool) ->
             Some(rule) => {
                 let _ = writeln!(out, "rule:     {} (from {})", rule.name, rule.origin);
                 let _ = writeln!(out, "category: {}", rule.category);
-                let branch = crate::gateway::identity::name(&gw.config.branches, identity);
-                if let Some(line) = bandwidth(gw, branch, &rule.category) {
+                let branch = snapshot.config.branch_name(identity);
+                if let Some(line) = bandwidth(snapshot, branch, &rule.category) {
                     let _ = writeln!(out, "bandwidth: {line}");
                 }
                 if let Some(name) = rule.learns(&target.host) {
-                    let known = gw
-                        .learned
-                        .knows(branch, &rule.name, name.as_str(), target.port);
+                    let known =
+                        snapshot
+                            .learned
+                            .knows(branch, &rule.name, name.as_str(), target.port);
                     let _ = writeln!(out, "learned:  {}", learned(rule.learn, known));
                 }
             }

@@ -16,6 +16,35 @@ use toml::Spanned;
 /// The name logged (and labelled) for clients that belong to no branch; no branch may take it.
 pub const UNASSIGNED: &str = "unassigned";
 
+/// A configured branch: its position in `Config::branches` (valid for that snapshot only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BranchId(pub(crate) usize);
+
+impl BranchId {
+    /// The position in `Config::branches`.
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
+/// Whom an admitted request runs as: a configured branch, or no branch at all (admitted as
+/// `unassigned`, when there are no branches or `policy.allow_unassigned` is set).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Identity {
+    Branch(BranchId),
+    Unassigned,
+}
+
+impl Identity {
+    /// The branch, if any.
+    pub fn branch(self) -> Option<BranchId> {
+        match self {
+            Identity::Branch(id) => Some(id),
+            Identity::Unassigned => None,
+        }
+    }
+}
+
 pub(super) fn compile(
     p: &mut Problems<'_>,
     raw: &[Spanned<RawBranch>],

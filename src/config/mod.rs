@@ -21,7 +21,7 @@ mod tests;
 mod values;
 
 pub use crate::access_log::LogFormat;
-pub use branches::UNASSIGNED;
+pub use branches::{BranchId, Identity, UNASSIGNED};
 pub use fleet::FleetSettings;
 pub use problems::{ConfigError, Problem};
 pub use values::parse_duration;
@@ -189,19 +189,35 @@ pub struct Timeouts {
 }
 
 impl Config {
-    /// Whose request a policy decision is for: branch `identity` (a position in `branches`;
-    /// `None` is unassigned) with its `allow` narrowing.
-    pub fn scope(&self, identity: Option<usize>) -> crate::policy::Scope<'_> {
+    /// Whose request a policy decision is for: the branch's name and its `allow` narrowing.
+    pub fn scope(&self, identity: Identity) -> crate::policy::Scope<'_> {
         match identity {
-            Some(i) => crate::policy::Scope {
-                branch: Some(self.branches[i].name.as_str()),
-                allowed: self.branches[i].allowed_rules.as_deref(),
+            Identity::Branch(id) => crate::policy::Scope {
+                branch: Some(self.branches[id.0].name.as_str()),
+                allowed: self.branches[id.0].allowed_rules.as_deref(),
             },
-            None => crate::policy::Scope {
+            Identity::Unassigned => crate::policy::Scope {
                 branch: Some(UNASSIGNED),
                 allowed: None,
             },
         }
+    }
+
+    /// The name logs, metrics and budgets know `identity` by.
+    pub fn branch_name(&self, identity: Identity) -> &str {
+        match identity {
+            Identity::Branch(id) => &self.branches[id.0].name,
+            Identity::Unassigned => UNASSIGNED,
+        }
+    }
+
+    /// The identity a branch name (or `unassigned`) stands for; `None` for an unknown name.
+    pub fn identity_named(&self, name: &str) -> Option<Identity> {
+        if name == UNASSIGNED {
+            return Some(Identity::Unassigned);
+        }
+        let i = self.branches.iter().position(|b| b.name == name)?;
+        Some(Identity::Branch(BranchId(i)))
     }
 }
 

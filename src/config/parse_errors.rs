@@ -152,7 +152,7 @@ fn pattern(key: &str) -> String {
     out
 }
 
-/// The names a key of an enumerated kind takes, in README's words.
+/// The names a key of an enumerated kind takes, in the config reference's words.
 fn one_of(key: &str) -> Option<&'static str> {
     Some(match pattern(key).as_str() {
         "policy.mode" => r#""enforce" or "report""#,

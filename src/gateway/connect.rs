@@ -4,17 +4,18 @@
 
 use super::lane;
 use super::pending::{self, Pending};
-use super::plan::plan;
+use super::plan::{Plan, plan};
 use super::refusal::{End, Refusal};
 use super::replies;
-use super::request;
+use super::request::{self, LaneRequest, ProxyRequest};
 use super::sni;
 use super::sni_check::{check_sni, checked_tls_start, send_up};
-use super::{Gateway, identity};
+use super::{Snapshot, TunnelSlot};
 use crate::access_log::AccessRecord;
 use crate::bandwidth::{Paced, Pacers};
+use crate::config::Identity;
 use crate::policy::host::Host;
-use crate::policy::{Decision, SniMode, Verdict};
+use crate::policy::{SniMode, Verdict};
 use crate::stream::ClientStream;
 use crate::tunnel;
 use std::net::SocketAddr;
@@ -25,20 +26,20 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 /// Serves one client connection and emits its canonical log line.
-pub async fn serve(gw: &Gateway, mut client: TcpStream, peer: SocketAddr, conn_id: u64) {
+pub async fn serve(snapshot: &Snapshot, mut client: TcpStream, peer: SocketAddr, conn_id: u64) {
     let started = Instant::now();
-    let Some(peer) = real_client(gw, &mut client, peer, conn_id, started).await else {
+    let Some(peer) = real_client(snapshot, &mut client, peer, conn_id, started).await else {
         return;
     };
     // Held here and lent down (an argument of each async fn on the way would cost its space
     // in every idle tunnel's future); boxed, so the future keeps 8 bytes of it.
-    let mut pending = pending::enter(gw, peer).map(Box::new);
+    let mut pending = pending::enter(snapshot, peer).map(Box::new);
     if pending.is_none() {
         // Boxed: only refused connections pay for the reply's future.
-        return Box::pin(pending::refuse(gw, client, peer, conn_id, started)).await;
+        return Box::pin(pending::refuse(snapshot, client, peer, conn_id, started)).await;
     }
     serve_stream(
-        gw,
+        snapshot,
         ClientStream::Plain(client),
         peer,
         conn_id,
@@ -52,21 +53,21 @@ pub async fn serve(gw: &Gateway, mut client: TcpStream, peer: SocketAddr, conn_i
 /// The client's address: the peer's own, or, for a trusted load balancer, the one its PROXY
 /// protocol header names. `None` (logged) when a balancer's header is missing or malformed.
 async fn real_client(
-    gw: &Gateway,
+    snapshot: &Snapshot,
     client: &mut TcpStream,
     peer: SocketAddr,
     conn_id: u64,
     started: Instant,
 ) -> Option<SocketAddr> {
-    if !crate::policy::in_networks(&gw.config.listen.proxy_protocol_from, peer.ip()) {
+    if !crate::policy::in_networks(&snapshot.config.listen.proxy_protocol_from, peer.ip()) {
         return Some(peer);
     }
-    match super::proxy_protocol::read_header(client, gw.config.timeouts.head).await {
+    match super::proxy_protocol::read_header(client, snapshot.config.timeouts.head).await {
         Ok(source) => Some(source.unwrap_or(peer)),
         Err(why) => {
             let end = End::ProxyProtocolError;
             AccessRecord::before_request(conn_id, peer, end, why.into(), 0, started.elapsed())
-                .finish(&gw.metrics);
+                .finish(&snapshot.metrics);
             None
         }
     }
@@ -75,23 +76,23 @@ async fn real_client(
 /// Serves one client on a TLS listener: handshake (bounded by `tls.handshake_timeout`), then
 /// the same data path inside TLS, with the verified certificate's names for identity.
 pub async fn serve_tls(
-    gw: &Gateway,
+    snapshot: &Snapshot,
     acceptor: &TlsAcceptor,
     mut client: TcpStream,
     peer: SocketAddr,
     conn_id: u64,
 ) {
     let started = Instant::now();
-    let Some(peer) = real_client(gw, &mut client, peer, conn_id, started).await else {
+    let Some(peer) = real_client(snapshot, &mut client, peer, conn_id, started).await else {
         return;
     };
     // The handshake counts as unfinished head; no reply can be sent before it.
-    let mut pending = pending::enter(gw, peer).map(Box::new);
+    let mut pending = pending::enter(snapshot, peer).map(Box::new);
     if pending.is_none() {
-        pending::log_refused(gw, conn_id, peer, false, started);
+        pending::log_refused(snapshot, conn_id, peer, false, started);
         return;
     }
-    let timeout = gw
+    let timeout = snapshot
         .config
         .tls
         .as_ref()
@@ -101,12 +102,21 @@ pub async fn serve_tls(
     // this listener holds (2.5 KiB each when it was inline).
     match Box::pin(handshake(acceptor, client, timeout)).await {
         Ok((client, names)) => {
-            serve_stream(gw, client, peer, conn_id, names, started, &mut pending).await;
+            serve_stream(
+                snapshot,
+                client,
+                peer,
+                conn_id,
+                names,
+                started,
+                &mut pending,
+            )
+            .await;
         }
         Err(failure) => {
             let end = End::TlsHandshakeFailed;
             AccessRecord::before_request(conn_id, peer, end, failure, 0, started.elapsed())
-                .finish(&gw.metrics);
+                .finish(&snapshot.metrics);
         }
     }
 }
@@ -134,7 +144,7 @@ async fn handshake(
 }
 
 async fn serve_stream(
-    gw: &Gateway,
+    snapshot: &Snapshot,
     mut client: ClientStream,
     peer: SocketAddr,
     conn_id: u64,
@@ -149,7 +159,7 @@ async fn serve_stream(
     };
     let mut replied = false;
     let handled = handle(
-        gw,
+        snapshot,
         &mut client,
         peer,
         &certificate_names,
@@ -168,7 +178,7 @@ async fn serve_stream(
         record.end = refusal.end;
     }
     record.duration = started.elapsed();
-    record.finish(&gw.metrics);
+    record.finish(&snapshot.metrics);
     if replied {
         linger_close(client).await;
     }
@@ -198,26 +208,57 @@ async fn linger_close(mut client: ClientStream) {
     let _ = tokio::time::timeout(LINGER_TIME, drain).await;
 }
 
+/// Serves one request: admission, then the plain-HTTP lane or a tunnel.
 async fn handle(
-    gw: &Gateway,
+    snapshot: &Snapshot,
     client: &mut ClientStream,
     peer: SocketAddr,
     certificate_names: &[String],
     pending: &mut Option<Box<Pending<'_>>>,
     record: &mut AccessRecord,
 ) -> Result<(), Refusal> {
-    let timeouts = gw.config.timeouts;
-    let read = request::read_connect(client, timeouts.head).await;
+    let mut admitted = admit(snapshot, client, peer, certificate_names, pending, record).await?;
+    match admitted.request.lane.take() {
+        // Boxed: only lane requests pay for the HTTP exchange's future.
+        Some(lane) => Box::pin(serve_lane(snapshot, client, admitted, *lane, record)).await,
+        None => serve_tunnel(snapshot, client, admitted, record).await,
+    }
+}
+
+/// A request the gateway will carry: from an allowed and identified client, allowed by the
+/// policy, its addresses vetted, counted against its branch's tunnel cap.
+struct Admitted<'g> {
+    request: ProxyRequest,
+    plan: Plan<'g>,
+    identity: Identity,
+    /// Counted against the branch's `max_tunnels` until dropped.
+    slot: TunnelSlot<'g>,
+    /// None where no schedule can throttle the branch and category: those pay nothing.
+    pacers: Pacers,
+}
+
+/// Admission: the head (within its timeout; the connection then stops counting as
+/// unfinished), the per-client rate, who the client is, and the plan (policy, resolve, the
+/// destination wall). Fills in the access record as it learns.
+async fn admit<'g>(
+    snapshot: &'g Snapshot,
+    client: &mut ClientStream,
+    peer: SocketAddr,
+    certificate_names: &[String],
+    pending: &mut Option<Box<Pending<'_>>>,
+    record: &mut AccessRecord,
+) -> Result<Box<Admitted<'g>>, Refusal> {
+    let read = request::read_proxy_request(client, snapshot.config.timeouts.head).await;
     // The head is in (or failed): this connection no longer counts as unfinished.
     drop(pending.take());
-    let mut req = read?;
-    record.host = Some(req.target.host.to_string());
-    record.port = Some(req.target.port);
-    if let Some(limiter) = &gw.connect_rate
+    let request = read?;
+    record.host = Some(request.target.host.to_string());
+    record.port = Some(request.target.port);
+    if let Some(limiter) = &snapshot.connect_rate
         && limiter
             .check_key(&crate::policy::client_key(
                 peer.ip(),
-                gw.config.limits.ipv6_client_prefix,
+                snapshot.config.limits.ipv6_client_prefix,
             ))
             .is_err()
     {
@@ -227,111 +268,166 @@ async fn handle(
         ));
     }
 
-    let who = if gw.client_allowed(peer.ip()) {
-        let authorization = req.proxy_authorization.as_deref();
+    let who = if snapshot.client_allowed(peer.ip()) {
+        let authorization = request.proxy_authorization.as_deref();
         // The audit trail names the proxy user (never the password), also when it failed.
-        record.user = gw
+        record.user =
+            snapshot
+                .identifier
+                .credential_user(&snapshot.config, authorization, certificate_names);
+        snapshot
             .identifier
-            .credential_user(&gw.config, authorization, certificate_names);
-        gw.identifier
-            .identify(&gw.config, peer.ip(), authorization, certificate_names)
+            .identify(
+                &snapshot.config,
+                peer.ip(),
+                authorization,
+                certificate_names,
+            )
             .await
     } else {
-        Ok(None)
+        // Refused in the plan (`client_denied`), before any branch is looked for.
+        Ok(Identity::Unassigned)
     };
-    let plan = plan(gw, peer.ip(), who, &req.target, req.forward.is_some()).await;
+    let plan = plan(
+        snapshot,
+        peer.ip(),
+        who,
+        &request.target,
+        request.lane.is_some(),
+    )
+    .await;
     record.resolve_time = plan.resolve_time;
     if let Some(identity) = plan.identity {
-        record.branch = Some(identity::name(&gw.config.branches, identity).to_owned());
+        record.branch = Some(snapshot.config.branch_name(identity).to_owned());
         record.verdict = Some(plan.decision.verdict.as_str());
         record.rule = plan.decision.rule_name().map(str::to_owned);
         record.category = plan.decision.rule.map(|r| r.category.clone());
     }
-    if let Some(refusal) = plan.refusal {
+    let (Some(identity), None) = (plan.identity, &plan.refusal) else {
         record.resolved = plan
             .candidates
             .first()
-            .map(|c| SocketAddr::new(c.ip, req.target.port));
+            .map(|c| SocketAddr::new(c.ip, request.target.port));
+        // A plan without an identity always carries its refusal; fail closed regardless.
+        let refusal = plan
+            .refusal
+            .unwrap_or_else(|| Refusal::new(End::ClientDenied, "client address not allowed"));
         return Err(refusal);
-    }
-
-    let identity = plan.identity.flatten();
-    let Some(_slot) = gw.admit_tunnel(identity).await else {
+    };
+    let Some(slot) = snapshot.admit_tunnel(identity).await else {
         return Err(Refusal::new(
             End::BranchTunnelLimit,
             "branch tunnel limit reached",
         ));
     };
+    let pacers = match plan.decision.rule {
+        Some(rule) => snapshot
+            .throttles
+            .pacers(snapshot.config.branch_name(identity), &rule.category),
+        None => Pacers::default(),
+    };
+    // Boxed for the hand-over: a local or an async fn's argument would keep its space in the
+    // connection's future for the tunnel's whole life; the fields moved out of the box are
+    // freed before the relay.
+    Ok(Box::new(Admitted {
+        request,
+        plan,
+        identity,
+        slot,
+        pacers,
+    }))
+}
 
-    // A fresh cached CRL answers without touching the upstream at all.
-    let lane = req.forward.as_ref().map(|forward| {
-        let host_header = match (&req.target.host, req.target.port) {
-            (host, 80) => host.to_string(),
-            _ => req.target.to_string(),
-        };
-        let cache_request = lane::cache_request(forward, &host_header);
-        // Boxed: the request parts are large and only lane requests carry them.
-        Box::new((
-            host_header,
-            cache_request,
-            format!("{}{}", req.target, forward.path),
-        ))
-    });
-    if let Some(lane) = &lane
-        && let Some(hit) = gw.crl_cache.lookup(&lane.2, &lane.1)
-    {
-        let pacers = pacers_for(gw, identity, &plan.decision);
-        let mut paced = Paced::new(client, None, pacers.download);
-        record.status = hit.parts.status.as_u16();
-        record.reason = "allowed".into();
-        let sent = Box::pin(lane::send_stored(&mut paced, hit, timeouts.idle)).await;
-        return lane_outcome(sent, End::CacheHit, record);
-    }
-
-    let dial_started = Instant::now();
+/// Connects to the plan's vetted addresses within `timeouts.connect`, noting the address and
+/// the time taken.
+async fn dial(
+    snapshot: &Snapshot,
+    plan: &Plan<'_>,
+    port: u16,
+    record: &mut AccessRecord,
+) -> Result<TcpStream, Refusal> {
+    let started = Instant::now();
     let dialled = super::dial::dial(
         plan.dialable(),
-        req.target.port,
-        timeouts.connect,
+        port,
+        snapshot.config.timeouts.connect,
         &mut record.resolved,
     )
     .await;
-    record.connect_time = Some(dial_started.elapsed());
-    let mut upstream = dialled?;
+    record.connect_time = Some(started.elapsed());
+    dialled
+}
 
-    if let (Some(forward), Some(lane)) = (req.forward.take(), lane) {
-        let body = std::mem::take(&mut req.early_data);
-        // Revocation traffic obeys the schedules that list its category, like tunnels do.
-        let pacers = pacers_for(gw, identity, &plan.decision);
-        drop(plan);
-        let mut paced_request = Paced::new(&mut *client, pacers.upload, None);
-        // Boxed: only lane requests pay for the HTTP client's future.
-        let exchange = lane::fetch(
-            &mut paced_request,
-            upstream,
-            &forward,
-            &lane.0,
-            body,
-            timeouts.head,
-        );
-        let answer = Box::pin(exchange).await?;
-        record.bytes_up = answer.bytes_up;
-        record.status = answer.status;
-        record.reason = "allowed".into();
+/// The plain-HTTP lane (revocation lists, OCSP): a fresh cached answer, or one fetched over
+/// the vetted connection, sent on paced by the schedules that list its category.
+async fn serve_lane(
+    snapshot: &Snapshot,
+    client: &mut ClientStream,
+    admitted: Box<Admitted<'_>>,
+    lane: LaneRequest,
+    record: &mut AccessRecord,
+) -> Result<(), Refusal> {
+    let Admitted {
+        request: mut req,
+        plan,
+        slot: _slot,
+        pacers,
+        ..
+    } = *admitted;
+    let timeouts = snapshot.config.timeouts;
+    let host_header = match (&req.target.host, req.target.port) {
+        (host, 80) => host.to_string(),
+        _ => req.target.to_string(),
+    };
+    let cache_request = lane::cache_request(&lane, &host_header);
+    let cache_key = format!("{}{}", req.target, lane.path);
+    // A fresh cached answer goes out without touching the upstream at all.
+    if let Some(hit) = snapshot.lane_cache.lookup(&cache_key, &cache_request) {
         let mut paced = Paced::new(client, None, pacers.download);
-        let store = Some((&gw.crl_cache, lane.2.as_str(), &lane.1));
-        let with_body = forward.method != "HEAD";
-        let sent = Box::pin(lane::send(
-            &mut paced,
-            answer,
-            with_body,
-            timeouts.idle,
-            store,
-        ))
-        .await;
-        return lane_outcome(sent, End::Forwarded, record);
+        record.status = hit.parts.status.as_u16();
+        record.reason = "allowed".into();
+        let sent = lane::send_stored(&mut paced, hit, timeouts.idle).await;
+        return lane_outcome(sent, End::CacheHit, record);
     }
+    let upstream = dial(snapshot, &plan, req.target.port, record).await?;
+    drop(plan);
+    let body = std::mem::take(&mut req.early_data);
+    let mut paced_request = Paced::new(&mut *client, pacers.upload, None);
+    let answer = lane::fetch(
+        &mut paced_request,
+        upstream,
+        &lane,
+        &host_header,
+        body,
+        timeouts.head,
+    )
+    .await?;
+    record.bytes_up = answer.bytes_up;
+    record.status = answer.status;
+    record.reason = "allowed".into();
+    let mut paced = Paced::new(client, None, pacers.download);
+    let store = Some((&snapshot.lane_cache, cache_key.as_str(), &cache_request));
+    let with_body = lane.method != "HEAD";
+    let sent = lane::send(&mut paced, answer, with_body, timeouts.idle, store).await;
+    lane_outcome(sent, End::Forwarded, record)
+}
 
+/// A CONNECT tunnel: dial, answer 200, note a learned destination, check the SNI, then relay
+/// until either side ends it (or a reload or the drain closes it).
+async fn serve_tunnel(
+    snapshot: &Snapshot,
+    client: &mut ClientStream,
+    admitted: Box<Admitted<'_>>,
+    record: &mut AccessRecord,
+) -> Result<(), Refusal> {
+    let Admitted {
+        request: mut req,
+        plan,
+        identity,
+        slot: _slot,
+        pacers,
+    } = *admitted;
+    let mut upstream = dial(snapshot, &plan, req.target.port, record).await?;
     replies::write_established(client)
         .await
         .map_err(|_| Refusal::after_reply(End::ClientError, "client went away before 200"))?;
@@ -341,20 +437,20 @@ async fn handle(
         && let Some(name) = rule.learns(&req.target.host)
     {
         record.new_destination =
-            gw.note_destination(identity, rule, name.as_str(), req.target.port);
+            snapshot.note_destination(identity, rule, name.as_str(), req.target.port);
     }
     let category = record.category.as_deref().unwrap_or("none");
-    let active = gw.tunnel_series(identity, category).active;
+    let active = snapshot.tunnel_series(identity, category).active;
     active.inc();
     // Counted down however the tunnel ends, early returns included.
     let _active = scopeguard(move || {
         active.dec();
     });
     let first_bytes = std::mem::take(&mut req.early_data);
-    let policy = &gw.config.policy;
+    let policy = &snapshot.config.policy;
     let sni_mode = policy.sni_mode(plan.decision.rule, req.target.port);
     if sni_mode != SniMode::Off {
-        let scope = gw.config.scope(identity);
+        let scope = snapshot.config.scope(identity);
         let check = |hello: &sni::Hello| {
             check_sni(hello, sni_mode, &req.target, |name| {
                 policy
@@ -376,27 +472,27 @@ async fn handle(
         send_up(&mut upstream, &first_bytes, &mut record.bytes_up).await?;
     }
     // Under `on_reload = "close-denied"` a reload may close this tunnel.
-    let stop = (gw.config.policy.on_reload == crate::policy::OnReload::CloseDenied).then(|| {
-        gw.revocable
-            .register(record.conn_id, req.target.clone(), record.branch.clone())
-    });
+    let stop =
+        (snapshot.config.policy.on_reload == crate::policy::OnReload::CloseDenied).then(|| {
+            snapshot
+                .revocable
+                .register(record.conn_id, req.target.clone(), record.branch.clone())
+        });
     let conn_id = record.conn_id;
     let _unregister = stop
         .is_some()
-        .then(|| scopeguard(move || gw.revocable.remove(conn_id)));
-    // Only tunnels a schedule can throttle carry pacers; the rest pay nothing.
-    let pacers = pacers_for(gw, identity, &plan.decision);
+        .then(|| scopeguard(move || snapshot.revocable.remove(conn_id)));
     // Nothing of the request is needed any more: an idle tunnel holds only its sockets.
     drop((req, plan));
 
     let stops = tunnel::Stop {
         revoked: stop.as_deref(),
-        drained: Some(&gw.closing),
+        drained: Some(&snapshot.closing),
     };
     // The relay counts its bytes as they flow, an atomic add each 256 KiB (found only now:
     // kept across the awaits above, it would enlarge every idle tunnel's future).
     let category = record.category.as_deref().unwrap_or("none");
-    let meter = gw.tunnel_series(identity, category).bytes;
+    let meter = snapshot.tunnel_series(identity, category).bytes;
     // What moved before the relay (early data, a checked ClientHello and the origin's first
     // record) is counted here too, so the access record has nothing left to count at the end
     // (which would look the series up again, with label strings, for every checked tunnel).
@@ -404,9 +500,25 @@ async fn handle(
     meter.down.inc_by(record.bytes_down);
     // Plain clients splice; TLS clients go through the buffered copy (bytes must be decrypted).
     let outcome = if let ClientStream::Plain(tcp) = client {
-        tunnel::relay_tcp(tcp, &mut upstream, timeouts.idle, stops, pacers, meter).await
+        tunnel::relay_tcp(
+            tcp,
+            &mut upstream,
+            snapshot.config.timeouts.idle,
+            stops,
+            pacers,
+            meter,
+        )
+        .await
     } else {
-        tunnel::relay(client, &mut upstream, timeouts.idle, stops, pacers, meter).await
+        tunnel::relay(
+            client,
+            &mut upstream,
+            snapshot.config.timeouts.idle,
+            stops,
+            pacers,
+            meter,
+        )
+        .await
     };
     record.bytes_up += outcome.bytes_up;
     record.bytes_down += outcome.bytes_down;
@@ -427,18 +539,6 @@ fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
         }
     }
     Guard(Some(f))
-}
-
-/// The bandwidth pacers for a request of `identity` allowed by `decision` (none when no
-/// schedule can throttle its branch and category).
-fn pacers_for(gw: &Gateway, identity: identity::Identity, decision: &Decision<'_>) -> Pacers {
-    match decision.rule {
-        Some(rule) => gw.throttles.pacers(
-            identity::name(&gw.config.branches, identity),
-            &rule.category,
-        ),
-        None => Pacers::default(),
-    }
 }
 
 /// The access line's end for a lane answer: how sending it went.
@@ -469,11 +569,11 @@ mod tests {
             crate::config::TEST_NOW,
         )
         .unwrap();
-        let gw = Gateway::new(config).unwrap();
+        let snapshot = Snapshot::new(config).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stream = TcpStream::connect(addr).await.unwrap();
-        let size = std::mem::size_of_val(&serve(&gw, stream, addr, 1));
+        let size = std::mem::size_of_val(&serve(&snapshot, stream, addr, 1));
         // Release builds, 2026-11-23: 1.2 KiB for the core; 1.6 KiB with branches and the TLS
         // listener; 1.76 KiB with SNI checks and the plain-HTTP lane (debug builds run a little
         // larger). Their own large futures (DNS lookup, SNI peek, HTTP exchange) are boxed.
@@ -486,7 +586,7 @@ mod tests {
             .with_cert_resolver(std::sync::Arc::new(resolver));
         let acceptor = TlsAcceptor::from(std::sync::Arc::new(tls_config));
         let stream = TcpStream::connect(addr).await.unwrap();
-        let size = std::mem::size_of_val(&serve_tls(&gw, &acceptor, stream, addr, 1));
+        let size = std::mem::size_of_val(&serve_tls(&snapshot, &acceptor, stream, addr, 1));
         assert!(size <= 2304, "serve_tls() future is {size} bytes");
     }
 }

@@ -1,4 +1,4 @@
-//! Step 6: connect to exactly the addresses that were vetted, in the order resolved, all within
+//! The dial: connect to exactly the addresses that were vetted, in the order resolved, all within
 //! one connect timeout. Nothing here resolves: there is no second lookup to race.
 
 use super::refusal::{End, Refusal};
@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-/// Step 6: connect to the vetted addresses in order, all within `timeout`.
+/// Connects to the vetted addresses in order, all within `timeout`.
 pub async fn dial(
     addrs: impl Iterator<Item = IpAddr>,
     port: u16,

@@ -5,7 +5,7 @@
 //! that miss that cache are rate limited per client address.
 
 use crate::config::password::StoredPassword;
-use crate::config::{Branch, Config, UNASSIGNED};
+use crate::config::{BranchId, Config, Identity};
 use base64::Engine;
 use governor::{DefaultKeyedRateLimiter, Quota};
 use std::collections::HashMap;
@@ -30,14 +30,11 @@ pub enum Refused {
     NoBranch,
 }
 
-/// The branch a request runs as, or `None` for an admitted unassigned client.
-pub type Identity = Option<usize>;
-
 pub struct Identifier {
-    /// user -> (branch index, stored password)
-    users: HashMap<String, (usize, StoredPassword)>,
-    /// SHA-256 of a verified `Proxy-Authorization` value -> branch index.
-    verified: Mutex<HashMap<[u8; 32], usize>>,
+    /// user -> (branch, stored password)
+    users: HashMap<String, (BranchId, StoredPassword)>,
+    /// SHA-256 of a verified `Proxy-Authorization` value -> branch.
+    verified: Mutex<HashMap<[u8; 32], BranchId>>,
     attempts: DefaultKeyedRateLimiter<IpAddr>,
     /// `limits.auth_attempts_per_minute`; in fleet mode counted in Redis (the local limiter
     /// decides when Redis does not answer).
@@ -118,7 +115,7 @@ impl Identifier {
             .flat_map(|(i, b)| {
                 b.credentials
                     .iter()
-                    .map(move |c| (c.user.clone(), (i, c.password.clone())))
+                    .map(move |c| (c.user.clone(), (BranchId(i), c.password.clone())))
             })
             .collect();
         Self {
@@ -166,8 +163,8 @@ impl Identifier {
         authorization: Option<&str>,
         certificate_names: &[String],
     ) -> Result<Identity, Refused> {
-        if let Some(i) = certificate_branch(config, certificate_names) {
-            return Ok(Some(i));
+        if let Some(branch) = certificate_branch(config, certificate_names) {
+            return Ok(Identity::Branch(branch));
         }
         // Credentials count only where some branch accepts them; otherwise the header is
         // ignored (and still never forwarded).
@@ -175,23 +172,23 @@ impl Identifier {
             // Boxed: only clients that send credentials pay for this future's space.
             return Box::pin(self.check_credentials(client, value))
                 .await
-                .map(Some);
+                .map(Identity::Branch);
         }
         if let Some(i) = config
             .branches
             .iter()
             .position(|b| crate::policy::in_networks(&b.sources, client))
         {
-            return Ok(Some(i));
+            return Ok(Identity::Branch(BranchId(i)));
         }
         if config.branches.is_empty() || config.policy.allow_unassigned {
-            Ok(None)
+            Ok(Identity::Unassigned)
         } else {
             Err(Refused::NoBranch)
         }
     }
 
-    async fn check_credentials(&self, client: IpAddr, value: &str) -> Result<usize, Refused> {
+    async fn check_credentials(&self, client: IpAddr, value: &str) -> Result<BranchId, Refused> {
         let key: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, value.as_bytes())
             .as_ref()
             .try_into()
@@ -237,15 +234,16 @@ impl Identifier {
 }
 
 /// The first branch one of a verified certificate's names (DNS SANs, CN) identifies.
-fn certificate_branch(config: &Config, certificate_names: &[String]) -> Option<usize> {
+fn certificate_branch(config: &Config, certificate_names: &[String]) -> Option<BranchId> {
     if certificate_names.is_empty() {
         return None;
     }
-    config.branches.iter().position(|b| {
+    let i = config.branches.iter().position(|b| {
         b.client_certificates
             .iter()
             .any(|n| certificate_names.iter().any(|c| c == n.as_str()))
-    })
+    })?;
+    Some(BranchId(i))
 }
 
 /// `Basic base64(user:password)` -> (user, password).
@@ -263,11 +261,6 @@ pub fn parse_basic(value: &str) -> Option<(String, String)> {
         return None;
     }
     Some((user.to_owned(), password.to_owned()))
-}
-
-/// The branch's name for logs.
-pub fn name(branches: &[Branch], identity: Identity) -> &str {
-    identity.map_or(UNASSIGNED, |i| branches[i].name.as_str())
 }
 
 #[cfg(test)]

@@ -4,11 +4,11 @@
 //! are dropped and `Via` is added. Answers stream to the client through hyper's bounded
 //! buffers (a slow reader slows the upstream down instead of filling our memory), every write
 //! and read must make progress within the idle timeout, and the whole answer must be sent
-//! within a deadline. The shared cache ([`super::crl_cache`]) keeps what it may.
+//! within a deadline. The shared cache ([`super::lane_cache`]) keeps what it may.
 
-use super::crl_cache::{Collecting, CrlCache, Hit, MAX_ENTRY_BYTES};
+use super::lane_cache::{Collecting, Hit, LaneCache, MAX_ENTRY_BYTES};
 use super::refusal::{End, Refusal};
-use super::request::{Forward, HOP_BY_HOP, MAX_LANE_BODY};
+use super::request::{HOP_BY_HOP, LaneRequest, MAX_LANE_BODY};
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
@@ -25,11 +25,11 @@ pub const ANSWER_DEADLINE: Duration = Duration::from_secs(300);
 const VIA: &str = "1.1 portcullis";
 
 /// The request as the cache rules see it: method, absolute URL, end-to-end headers.
-pub fn cache_request(forward: &Forward, host_header: &str) -> http::Request<()> {
+pub fn cache_request(request: &LaneRequest, host_header: &str) -> http::Request<()> {
     let mut builder = http::Request::builder()
-        .method(forward.method)
-        .uri(format!("http://{host_header}{}", forward.path));
-    for (name, value) in &forward.headers {
+        .method(request.method)
+        .uri(format!("http://{host_header}{}", request.path));
+    for (name, value) in &request.headers {
         builder = builder.header(name.as_str(), value.as_slice());
     }
     builder.body(()).unwrap_or_else(|_| http::Request::new(()))
@@ -59,7 +59,7 @@ impl Drop for Answer {
 pub async fn fetch<C: AsyncRead + Unpin>(
     client: &mut C,
     upstream: TcpStream,
-    request: &Forward,
+    request: &LaneRequest,
     host_header: &str,
     mut body: Vec<u8>,
     body_timeout: Duration,
@@ -214,7 +214,7 @@ pub async fn send<C: AsyncWrite + Unpin>(
     mut answer: Answer,
     with_body: bool,
     idle: Duration,
-    store: Option<(&CrlCache, &str, &http::Request<()>)>,
+    store: Option<(&LaneCache, &str, &http::Request<()>)>,
 ) -> Sent {
     let mut sent = Sent {
         bytes: 0,

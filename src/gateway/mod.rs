@@ -1,15 +1,15 @@
 //! One client connection, from accept to log line: the request head ([`request`]), who the
 //! client is ([`identity`], [`tls`], [`proxy_protocol`]), the [`plan`] (policy, resolve, the
 //! destination wall), [`dial`], the SNI check ([`sni`], [`hello_retry`]), the plain-HTTP
-//! [`lane`], and how it ends ([`refusal`]). [`connect`] is the path top to bottom; [`Gateway`]
+//! [`lane`], and how it ends ([`refusal`]). [`connect`] is the path top to bottom; [`Snapshot`]
 //! is the snapshot every connection shares (replaced whole by a reload).
 
 pub mod connect;
-pub mod crl_cache;
 pub mod dial;
 pub mod hello_retry;
 pub mod identity;
 pub mod lane;
+pub mod lane_cache;
 #[cfg(test)]
 mod mutations;
 pub mod pending;
@@ -30,14 +30,14 @@ pub use refusal::Refusal;
 pub use revocable::Revocable;
 
 use crate::bandwidth::Throttles;
-use crate::config::{Config, UNASSIGNED};
+use crate::config::{Config, Identity, UNASSIGNED};
 use crate::fleet::Fleet;
 use crate::learned::metrics::LearnedMetrics;
 use crate::learned::{Learned, Noted};
 use crate::metrics::{Metrics, TunnelSeries};
 use crate::policy::{Learn, Rule};
 use governor::{DefaultKeyedRateLimiter, Quota};
-use identity::{Identifier, Identity};
+use identity::Identifier;
 use resolve::Resolver;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -46,7 +46,7 @@ use tokio_rustls::TlsAcceptor;
 
 /// What every connection shares: the compiled config, the resolver, who-is-who, and the
 /// counters behind per-branch and per-client limits.
-pub struct Gateway {
+pub struct Snapshot {
     pub config: Config,
     pub resolver: Resolver,
     pub identifier: Identifier,
@@ -66,7 +66,7 @@ pub struct Gateway {
     /// Unfinished request heads per client address; shared by every snapshot.
     pub pending_heads: Arc<pending::PendingHeads>,
     /// Fresh CRL answers of the plain-HTTP lane.
-    pub crl_cache: crl_cache::CrlCache,
+    pub lane_cache: lane_cache::LaneCache,
     /// Bandwidth budgets of the schedules; buckets carry over reloads by budget.
     pub throttles: Throttles,
     /// Each branch's (by position; `unassigned` last) tunnel series per rule category, found
@@ -81,14 +81,14 @@ pub struct Gateway {
     pub learned: Arc<Learned>,
 }
 
-impl Gateway {
+impl Snapshot {
     pub fn new(config: Config) -> Result<Self, String> {
         Self::replacing(config, None)
     }
 
     /// A snapshot that takes over from `previous` (a reload): branch tunnel counters carry over
     /// by branch name; everything else is built afresh from `config` and the files it names.
-    pub fn replacing(config: Config, previous: Option<&Gateway>) -> Result<Self, String> {
+    pub fn replacing(config: Config, previous: Option<&Snapshot>) -> Result<Self, String> {
         let resolver = Resolver::new(&config.resolver)?;
         let (metrics, fleet, learned) = match previous {
             Some(p) => {
@@ -199,7 +199,7 @@ impl Gateway {
             identifier,
             open_tunnels,
             tls_acceptors,
-            crl_cache: crl_cache::CrlCache::default(),
+            lane_cache: lane_cache::LaneCache::default(),
             throttles,
             tunnel_series,
             metrics,
@@ -215,7 +215,7 @@ impl Gateway {
     /// A tunnel of `identity` to `host:port` under `rule`, which learns, has opened: counted,
     /// learned when new (record). True when it is the branch's first to it.
     pub fn note_destination(&self, identity: Identity, rule: &Rule, host: &str, port: u16) -> bool {
-        let branch = identity::name(&self.config.branches, identity);
+        let branch = self.config.branch_name(identity);
         let noted = self.learned.note(
             (branch, &rule.name),
             host,
@@ -238,9 +238,10 @@ impl Gateway {
     /// fleet mode Redis counts (one call, bounded by the refresh interval); when it does not
     /// answer, this replica decides alone against its fallback share of the limit.
     pub(crate) async fn admit_tunnel(&self, identity: Identity) -> Option<TunnelSlot<'_>> {
-        let Some(i) = identity else {
+        let Identity::Branch(id) = identity else {
             return Some(TunnelSlot::default());
         };
+        let i = id.index();
         let branch = &self.config.branches[i];
         let Some(max) = branch.max_tunnels else {
             return Some(TunnelSlot::default());
@@ -281,8 +282,10 @@ impl Gateway {
 
     /// The series a tunnel of `identity` in `category` counts in: from the table built at load,
     /// created in the metrics only for a pair the table lacks.
-    pub fn tunnel_series(&self, identity: identity::Identity, category: &str) -> TunnelSeries {
-        let branch = identity.unwrap_or(self.config.branches.len());
+    pub fn tunnel_series(&self, identity: Identity, category: &str) -> TunnelSeries {
+        let branch = identity
+            .branch()
+            .map_or(self.config.branches.len(), |id| id.index());
         match self
             .tunnel_series
             .get(branch)
@@ -291,7 +294,7 @@ impl Gateway {
             Some((_, series)) => series.clone(),
             None => self
                 .metrics
-                .tunnel_series(category, identity::name(&self.config.branches, identity)),
+                .tunnel_series(category, self.config.branch_name(identity)),
         }
     }
 
@@ -321,7 +324,7 @@ impl Drop for TunnelSlot<'_> {
     }
 }
 
-impl crate::fleet::refresh::Shared for Gateway {
+impl crate::fleet::refresh::Shared for Snapshot {
     fn throttles(&self) -> &Throttles {
         &self.throttles
     }
@@ -338,7 +341,7 @@ impl crate::fleet::refresh::Shared for Gateway {
 }
 
 /// A reload cannot change `[fleet]` (one client and task per process): say so.
-fn fleet_changed(previous: &Gateway, config: &Config) {
+fn fleet_changed(previous: &Snapshot, config: &Config) {
     let was = previous.fleet.as_ref().map(|f| &f.settings);
     let same = match (was, &config.fleet) {
         (None, None) => true,

@@ -4,7 +4,7 @@
 //! other branches waiting. Established tunnels do not count: a branch behind one NAT address
 //! may hold hundreds. One map update when a connection starts and one when its head is read.
 
-use super::Gateway;
+use super::Snapshot;
 use super::replies::write_error;
 use crate::access_log::AccessRecord;
 use crate::end::End;
@@ -65,7 +65,7 @@ impl Drop for Pending<'_> {
 /// Answers 429 to a client over its unfinished-heads limit (nothing read yet) and closes
 /// without waiting for anything more.
 pub(super) async fn refuse(
-    gw: &Gateway,
+    snapshot: &Snapshot,
     mut client: TcpStream,
     peer: SocketAddr,
     conn_id: u64,
@@ -77,20 +77,21 @@ pub(super) async fn refuse(
         Ok(Ok(()))
     );
     let _ = client.shutdown().await;
-    log_refused(gw, conn_id, peer, replied, started);
+    log_refused(snapshot, conn_id, peer, replied, started);
 }
 
 /// Counts an unfinished head for `peer`; `None` when it holds its limit already.
-pub(super) fn enter(gw: &Gateway, peer: SocketAddr) -> Option<Pending<'_>> {
-    let limits = &gw.config.limits;
+pub(super) fn enter(snapshot: &Snapshot, peer: SocketAddr) -> Option<Pending<'_>> {
+    let limits = &snapshot.config.limits;
     let key = crate::policy::client_key(peer.ip(), limits.ipv6_client_prefix);
-    gw.pending_heads
+    snapshot
+        .pending_heads
         .enter(key, limits.max_pending_heads_per_client)
 }
 
 /// The access line of a connection refused over the limit (`replied`: the 429 went out).
 pub(super) fn log_refused(
-    gw: &Gateway,
+    snapshot: &Snapshot,
     conn_id: u64,
     peer: SocketAddr,
     replied: bool,
@@ -99,7 +100,7 @@ pub(super) fn log_refused(
     let status = if replied { 429 } else { 0 };
     let end = End::PendingHeadsLimit;
     AccessRecord::before_request(conn_id, peer, end, REASON.into(), status, started.elapsed())
-        .finish(&gw.metrics);
+        .finish(&snapshot.metrics);
 }
 
 #[cfg(test)]

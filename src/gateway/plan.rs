@@ -1,11 +1,12 @@
-//! Steps 3 to 5 of the data path, as a value: is the client allowed, who is it, what does the
+//! Admission's decision, as a value: is the client allowed, who is it, what does the
 //! policy say, and which of the target's addresses may be dialled. Shared by the data path and
 //! `portcullis explain`, so an explanation cannot drift from what the gateway does.
 
-use super::Gateway;
-use super::identity::{self, Identity};
+use super::Snapshot;
+use super::identity;
 use super::refusal::{End, Refusal};
 use super::resolve::ResolveError;
+use crate::config::Identity;
 use crate::policy::destination;
 use crate::policy::host::{Host, Target};
 use crate::policy::{Decision, Learn, Mode, OUTSIDE_SERVICE_TAGS, Verdict};
@@ -26,7 +27,7 @@ pub struct Candidate {
 #[derive(Debug)]
 pub struct Plan<'g> {
     pub client_allowed: bool,
-    /// The branch, once the client is known (`Some(None)`: admitted, no branch).
+    /// Whom the request runs as, once the client is known and admitted.
     pub identity: Option<Identity>,
     pub decision: Decision<'g>,
     /// Where the addresses came from: "literal", "override" or "dns".
@@ -47,11 +48,11 @@ impl Plan<'_> {
     }
 }
 
-/// Steps 3 to 5 for a CONNECT (`lane` false) or a plain-HTTP lane request (`lane` true): is
+/// The plan for a CONNECT (`lane` false) or a plain-HTTP lane request (`lane` true): is
 /// the client allowed, does the policy allow the target, and which of its
 /// addresses may be dialled.
 pub async fn plan<'g>(
-    gw: &'g Gateway,
+    snapshot: &'g Snapshot,
     client: IpAddr,
     who: Result<Identity, identity::Refused>,
     target: &Target,
@@ -59,10 +60,13 @@ pub async fn plan<'g>(
 ) -> Plan<'g> {
     // An unidentified client is refused below; its decision sees only branch-less denies.
     let scope = match &who {
-        Ok(identity) => gw.config.scope(*identity),
+        Ok(identity) => snapshot.config.scope(*identity),
         Err(_) => crate::policy::Scope::default(),
     };
-    let mut decision = gw.config.policy.decide(&target.host, target.port, scope);
+    let mut decision = snapshot
+        .config
+        .policy
+        .decide(&target.host, target.port, scope);
     // Plain-HTTP rules (revocation lists, OCSP) are served by the lane only, and the lane only
     // serves them: decided here, before any lookup or dial, and logged as the denial it is.
     let lane_rule = decision.rule.is_some_and(|r| r.plain_http);
@@ -75,7 +79,7 @@ pub async fn plan<'g>(
         };
     }
     let mut plan = Plan {
-        client_allowed: gw.client_allowed(client),
+        client_allowed: snapshot.client_allowed(client),
         identity: None,
         resolve_time: None,
         decision,
@@ -98,12 +102,12 @@ pub async fn plan<'g>(
                 && rule.learn == Learn::Enforce
                 && let Some(name) = rule.learns(&target.host)
             {
-                let branch = identity::name(&gw.config.branches, identity);
-                if !gw
+                let branch = snapshot.config.branch_name(identity);
+                if !snapshot
                     .learned
                     .knows(branch, &rule.name, name.as_str(), target.port)
                 {
-                    decision = not_learned(decision, gw.config.policy.mode);
+                    decision = not_learned(decision, snapshot.config.policy.mode);
                     plan.decision = decision;
                 }
             }
@@ -111,7 +115,7 @@ pub async fn plan<'g>(
         Err(refused) => {
             plan.refusal = Some(Refusal::unidentified(
                 refused,
-                gw.identifier.accepts_credentials(),
+                snapshot.identifier.accepts_credentials(),
             ));
             return plan;
         }
@@ -129,20 +133,22 @@ pub async fn plan<'g>(
             plan.source = Some("literal");
             vec![*ip]
         }
-        Host::Name(name) => match timed(&mut plan.resolve_time, gw.resolver.resolve(name)).await {
-            Ok((addrs, source)) => {
-                plan.source = Some(source.as_str());
-                addrs
+        Host::Name(name) => {
+            match timed(&mut plan.resolve_time, snapshot.resolver.resolve(name)).await {
+                Ok((addrs, source)) => {
+                    plan.source = Some(source.as_str());
+                    addrs
+                }
+                Err(e) => {
+                    let end = match e {
+                        ResolveError::Timeout => End::DnsTimeout,
+                        ResolveError::NotFound | ResolveError::Failed(_) => End::DnsFailed,
+                    };
+                    plan.refusal = Some(Refusal::new(end, format!("cannot resolve host: {e}")));
+                    return plan;
+                }
             }
-            Err(e) => {
-                let end = match e {
-                    ResolveError::Timeout => End::DnsTimeout,
-                    ResolveError::NotFound | ResolveError::Failed(_) => End::DnsFailed,
-                };
-                plan.refusal = Some(Refusal::new(end, format!("cannot resolve host: {e}")));
-                return plan;
-            }
-        },
+        }
     };
     plan.candidates = addrs
         .into_iter()

@@ -18,9 +18,9 @@ pub const MAX_HEAD_BYTES: usize = 8 * 1024;
 /// Most header lines accepted; more gets 431.
 const MAX_HEADERS: usize = 64;
 
-/// A CONNECT request, parsed.
+/// A proxy request, parsed: a CONNECT, or an absolute-form request for the plain-HTTP lane.
 #[derive(Debug)]
-pub struct ConnectRequest {
+pub struct ProxyRequest {
     pub target: Target,
     /// Bytes the client sent after the head (an eager TLS ClientHello); forwarded upstream.
     pub early_data: Vec<u8>,
@@ -28,12 +28,12 @@ pub struct ConnectRequest {
     pub proxy_authorization: Option<String>,
     /// Set for an absolute-form plain-HTTP request (the revocation lane) instead of CONNECT;
     /// `early_data` then holds the start of its body.
-    pub forward: Option<Box<Forward>>,
+    pub lane: Option<Box<LaneRequest>>,
 }
 
 /// An absolute-form `GET`/`HEAD` (or OCSP `POST`) to be forwarded by the plain-HTTP lane.
 #[derive(Debug)]
-pub struct Forward {
+pub struct LaneRequest {
     pub method: &'static str,
     /// Origin-form path and query, e.g. `/pki/crl/products/x.crl`.
     pub path: String,
@@ -96,7 +96,7 @@ impl HeadError {
 /// origin-form request to the listener itself (the agent's `GET /status`; 405 at the gateway).
 #[derive(Debug)]
 pub enum Head {
-    Proxy(ConnectRequest),
+    Proxy(ProxyRequest),
     Origin {
         /// Printable, at most 32 characters.
         method: String,
@@ -106,10 +106,10 @@ pub enum Head {
 
 /// Reads one request head from `io` within `timeout`: what the gateway serves (a proxy
 /// request); anything else is 405.
-pub async fn read_connect<R: AsyncRead + Unpin>(
+pub async fn read_proxy_request<R: AsyncRead + Unpin>(
     io: &mut R,
     timeout: Duration,
-) -> Result<ConnectRequest, HeadError> {
+) -> Result<ProxyRequest, HeadError> {
     match read_request(io, timeout).await? {
         Head::Proxy(request) => Ok(request),
         Head::Origin { method, .. } => Err(HeadError::Method(method)),
@@ -138,14 +138,12 @@ async fn read_head<R: AsyncRead + Unpin>(io: &mut R) -> Result<Head, HeadError> 
         filled += n;
         if let Some((parsed, head_len)) = parse_head(&buf[..filled])? {
             return Ok(match parsed {
-                Parsed::Proxy(target, proxy_authorization, forward) => {
-                    Head::Proxy(ConnectRequest {
-                        target,
-                        early_data: buf[head_len..filled].to_vec(),
-                        proxy_authorization,
-                        forward,
-                    })
-                }
+                Parsed::Proxy(target, proxy_authorization, lane) => Head::Proxy(ProxyRequest {
+                    target,
+                    early_data: buf[head_len..filled].to_vec(),
+                    proxy_authorization,
+                    lane,
+                }),
                 Parsed::Origin(method, path) => Head::Origin { method, path },
             });
         }
@@ -154,7 +152,7 @@ async fn read_head<R: AsyncRead + Unpin>(io: &mut R) -> Result<Head, HeadError> 
 
 /// A complete head, before the bytes after it are taken.
 enum Parsed {
-    Proxy(Target, Option<String>, Option<Box<Forward>>),
+    Proxy(Target, Option<String>, Option<Box<LaneRequest>>),
     Origin(String, String),
 }
 
@@ -167,20 +165,17 @@ fn parse_head(bytes: &[u8]) -> Result<Option<(Parsed, usize)>, HeadError> {
         Ok(httparse::Status::Complete(head_len)) => {
             let method = req.method.unwrap_or_default();
             let path = req.path.unwrap_or_default();
-            let (target, forward) = if method == "CONNECT" {
+            let (target, lane) = if method == "CONNECT" {
                 let target = Target::parse_authority(path).map_err(HeadError::Malformed)?;
                 (target, None)
             } else if path.starts_with('/') {
                 let origin = Parsed::Origin(printable(method), path.to_owned());
                 return Ok(Some((origin, head_len)));
             } else {
-                parse_forward(method, path, req.headers)?
+                parse_lane_request(method, path, req.headers)?
             };
             let authorization = proxy_authorization(req.headers)?;
-            Ok(Some((
-                Parsed::Proxy(target, authorization, forward),
-                head_len,
-            )))
+            Ok(Some((Parsed::Proxy(target, authorization, lane), head_len)))
         }
         Ok(httparse::Status::Partial) if bytes.len() == MAX_HEAD_BYTES => Err(HeadError::TooLarge),
         Ok(httparse::Status::Partial) => Ok(None),
@@ -228,11 +223,11 @@ fn proxy_authorization(headers: &[httparse::Header<'_>]) -> Result<Option<String
 
 /// An absolute-form request for the plain-HTTP lane: `GET`/`HEAD http://host[:port]/path`, or
 /// `POST` of an OCSP request. Anything else that is not CONNECT is 405.
-fn parse_forward(
+fn parse_lane_request(
     method: &str,
     uri: &str,
     headers: &[httparse::Header<'_>],
-) -> Result<(Target, Option<Box<Forward>>), HeadError> {
+) -> Result<(Target, Option<Box<LaneRequest>>), HeadError> {
     let method = match method {
         "GET" => "GET",
         "HEAD" => "HEAD",
@@ -307,7 +302,7 @@ fn parse_forward(
         .collect();
     Ok((
         target,
-        Some(Box::new(Forward {
+        Some(Box::new(LaneRequest {
             method,
             path,
             headers: forwarded,
@@ -339,9 +334,9 @@ mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
 
-    async fn parse(bytes: &[u8]) -> Result<ConnectRequest, HeadError> {
+    async fn parse(bytes: &[u8]) -> Result<ProxyRequest, HeadError> {
         let mut io = bytes;
-        read_connect(&mut io, Duration::from_secs(1)).await
+        read_proxy_request(&mut io, Duration::from_secs(1)).await
     }
 
     #[tokio::test]
@@ -430,7 +425,7 @@ mod tests {
             .write_all(b"CONNECT a.example:443 HTTP/1.1\r\n")
             .await
             .unwrap();
-        let err = read_connect(&mut server, Duration::from_secs(10))
+        let err = read_proxy_request(&mut server, Duration::from_secs(10))
             .await
             .unwrap_err();
         assert_eq!(err.end().status(), Some(408));

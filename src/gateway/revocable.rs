@@ -1,7 +1,7 @@
 //! Open tunnels a reload may close: under `on_reload = "close-denied"` each tunnel registers its
 //! target and branch, and a reload asks the new policy about every one.
 
-use super::Gateway;
+use super::Snapshot;
 use crate::policy::Verdict;
 use crate::policy::host::Target;
 use std::sync::Arc;
@@ -45,19 +45,21 @@ impl Revocable {
             .remove(&conn_id);
     }
 
-    /// Closes the open tunnels `gw`'s policy denies; returns how many.
-    pub fn close_denied(&self, gw: &Gateway) -> usize {
+    /// Closes the open tunnels `snapshot`'s policy denies; returns how many.
+    pub fn close_denied(&self, snapshot: &Snapshot) -> usize {
         let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let mut closed = 0;
         for tunnel in open.values() {
+            // A branch a reload removed is judged as unassigned.
             let identity = tunnel
                 .branch
-                .as_ref()
-                .and_then(|name| gw.config.branches.iter().position(|b| &b.name == name));
-            let decision = gw.config.policy.decide(
+                .as_deref()
+                .and_then(|name| snapshot.config.identity_named(name))
+                .unwrap_or(crate::config::Identity::Unassigned);
+            let decision = snapshot.config.policy.decide(
                 &tunnel.target.host,
                 tunnel.target.port,
-                gw.config.scope(identity),
+                snapshot.config.scope(identity),
             );
             if decision.verdict == Verdict::Deny {
                 tunnel.stop.notify_one();

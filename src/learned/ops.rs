@@ -3,32 +3,24 @@
 //! `/learned/...`) and in the CLI on the state file, so both answer alike.
 
 use super::Learned;
-use crate::config::{Config, UNASSIGNED};
+use crate::config::{Config, Identity, UNASSIGNED};
 use crate::policy::Learn;
 use crate::policy::host::{DnsName, Host, Target};
 
 /// An answer for the operator: the status the admin listener sends, and the text.
 pub type Answer = Result<String, (u16, String)>;
 
-/// `branch` as a configured branch's position (`None`: `unassigned`).
-fn identity(config: &Config, branch: &str) -> Result<Option<usize>, (u16, String)> {
-    if branch == UNASSIGNED {
-        return Ok(None);
-    }
-    config
-        .branches
-        .iter()
-        .position(|b| b.name == branch)
-        .map(Some)
-        .ok_or_else(|| {
-            let mut names: Vec<&str> = config.branches.iter().map(|b| b.name.as_str()).collect();
-            names.push(UNASSIGNED);
-            let names = names.join(", ");
-            (
-                404,
-                format!("no branch is named {branch:?}; expected one of: {names}"),
-            )
-        })
+/// `branch` (a configured name, or `unassigned`) as the identity its tunnels run as.
+fn identity(config: &Config, branch: &str) -> Result<Identity, (u16, String)> {
+    config.identity_named(branch).ok_or_else(|| {
+        let mut names: Vec<&str> = config.branches.iter().map(|b| b.name.as_str()).collect();
+        names.push(UNASSIGNED);
+        let names = names.join(", ");
+        (
+            404,
+            format!("no branch is named {branch:?}; expected one of: {names}"),
+        )
+    })
 }
 
 /// What an operator does to a learned set.
@@ -86,7 +78,7 @@ fn parse_destination(text: &str) -> Result<(DnsName, Option<u16>), (u16, String)
 /// learn), else the one the policy picks for the branch.
 fn learning_rule<'c>(
     config: &'c Config,
-    branch: Option<usize>,
+    branch: Identity,
     host: &DnsName,
     port: u16,
     rule: Option<&str>,
