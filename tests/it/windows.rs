@@ -45,7 +45,7 @@ fn windows_agent() -> Option<PathBuf> {
         }
         None => {
             eprintln!(
-                "note: Windows agent tests skipped: set {VARIABLE} to the .exe (see README, Test)"
+                "note: Windows agent tests skipped: set {VARIABLE} to the .exe (see CONTRIBUTING.md)"
             );
             None
         }
