@@ -1,5 +1,6 @@
 //! The canonical log line: exactly one event per client connection, whatever the outcome, with
-//! fixed field names (an API: dashboards and tests read them; README.md documents them). The
+//! fixed field names (an API: dashboards and tests read them; docs/reference/observability.md
+//! documents them, and a test holds the two to the same set). The
 //! gateway and the branch agent write the same record, each at its own target.
 
 use crate::end::End;
@@ -159,6 +160,61 @@ impl AccessRecord {
     /// which gateway carried it).
     pub fn emit_agent(&self) {
         access_line!(AGENT_TARGET, self);
+    }
+}
+
+/// The fields of a JSON access line with every field known (`gateway` is the agent's), besides
+/// `level`, `target` and `message`: what the reference documents, read from a line this
+/// module writes.
+pub fn line_fields() -> Vec<String> {
+    use std::sync::{Arc, Mutex};
+    let buffer = Arc::new(Mutex::new(Vec::new()));
+    let shared = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_writer(move || SharedBuffer(shared.clone()))
+        .finish();
+    let full = AccessRecord {
+        client: Some(SocketAddr::from(([127, 0, 0, 1], 1))),
+        branch: Some("b".into()),
+        user: Some("u".into()),
+        host: Some("h".into()),
+        port: Some(443),
+        gateway: Some("g".into()),
+        resolved: Some(SocketAddr::from(([127, 0, 0, 1], 443))),
+        verdict: Some("allow"),
+        rule: Some("r".into()),
+        sni: Some("h".into()),
+        category: Some("c".into()),
+        new_destination: true,
+        connect_time: Some(Duration::ZERO),
+        ..AccessRecord::default()
+    };
+    tracing::subscriber::with_default(subscriber, || full.emit());
+    let line = buffer.lock().map(|b| b.clone()).unwrap_or_default();
+    let fields: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&line).unwrap_or_default();
+    fields
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| !matches!(k.as_str(), "level" | "target" | "message"))
+        .collect()
+}
+
+/// A writer into a buffer shared with its reader.
+struct SharedBuffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for SharedBuffer {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut buffer) = self.0.lock() {
+            buffer.extend_from_slice(bytes);
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

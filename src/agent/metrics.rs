@@ -107,6 +107,11 @@ impl AgentMetrics {
     }
 
     /// Counts one app request that ended with `end`.
+    /// Every family, for the reference's check.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub fn ended(&self, end: crate::end::End) {
         self.requests
             .get_or_create(&EndLabels { end: end.as_str() })

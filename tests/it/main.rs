@@ -17,6 +17,7 @@ mod learn_from_log;
 mod learned;
 mod malformed;
 mod proxy_protocol;
+mod reference;
 mod reload;
 mod schedules;
 mod service_tags;
