@@ -165,14 +165,15 @@ fn settings(out: &mut String, config: &Config) {
     let _ = writeln!(out, "  throttle_queue: {queue}");
     let t = &config.timeouts;
     let _ = writeln!(out, "timeouts:");
-    for (key, value) in [
-        ("head", t.head),
-        ("connect", t.connect),
-        ("idle", t.idle),
-        ("drain", t.drain),
-    ] {
-        let _ = writeln!(out, "  {key}: {}", duration(value));
-    }
+    let _ = writeln!(out, "  head: {}", duration(t.head));
+    let _ = writeln!(
+        out,
+        "  connect: {} (over all of a name's addresses, raced: the next starts after attempt_delay {}, or at once when one fails)",
+        duration(t.connect),
+        duration(t.attempt_delay)
+    );
+    let _ = writeln!(out, "  idle: {}", duration(t.idle));
+    let _ = writeln!(out, "  drain: {}", duration(t.drain));
     if let Some(fleet) = &config.fleet {
         let _ = writeln!(
             out,

@@ -62,6 +62,13 @@ pub const DEFAULT_CATEGORY: &str = "other";
 pub const DEFAULT_DNS_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection attempt runs alone before the next address is tried beside it
+/// (RFC 8305's "Connection Attempt Delay"; g3proxy and Squid use 250 ms too).
+pub const DEFAULT_ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+/// The range `timeouts.attempt_delay` takes (RFC 8305 recommends at least 100 ms and at most
+/// 2 s).
+pub const ATTEMPT_DELAY_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(2);
 pub use crate::bandwidth::paced::DEFAULT_THROTTLE_QUEUE;
 const MIN_THROTTLE_QUEUE: Duration = Duration::from_millis(20);
 const MAX_THROTTLE_QUEUE: Duration = Duration::from_secs(10);
@@ -182,6 +189,8 @@ pub struct Timeouts {
     pub head: Duration,
     /// Time to establish the upstream TCP connection, over all candidate addresses.
     pub connect: Duration,
+    /// How long an attempt runs alone before the next address races it (Happy Eyeballs).
+    pub attempt_delay: Duration,
     /// A tunnel with no bytes in either direction for this long is closed.
     pub idle: Duration,
     /// On SIGTERM/SIGINT, how long open connections may take to finish before they are closed.
@@ -362,6 +371,7 @@ fn compile(
             "timeouts.connect",
             DEFAULT_CONNECT_TIMEOUT,
         ),
+        attempt_delay: attempt_delay(p, raw.timeouts.attempt_delay.as_ref()),
         idle: duration(
             p,
             raw.timeouts.idle.as_ref(),
@@ -473,5 +483,21 @@ fn compile(
         warnings: Vec::new(),
         fleet,
         state_dir: learning::state_dir(p, raw.state_dir.as_ref(), paths),
+    }
+}
+
+/// `timeouts.attempt_delay`, within [`ATTEMPT_DELAY_RANGE`].
+fn attempt_delay(p: &mut Problems<'_>, value: Option<&toml::Spanned<String>>) -> Duration {
+    let delay = duration(p, value, "timeouts.attempt_delay", DEFAULT_ATTEMPT_DELAY);
+    match value {
+        Some(v) if !ATTEMPT_DELAY_RANGE.contains(&delay) => {
+            p.add(
+                v.span(),
+                "timeouts.attempt_delay",
+                "expected a duration from 100ms to 2s",
+            );
+            DEFAULT_ATTEMPT_DELAY
+        }
+        _ => delay,
     }
 }

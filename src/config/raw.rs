@@ -147,6 +147,7 @@ pub(super) struct RawResolver {
 pub(super) struct RawTimeouts {
     pub(super) head: Option<Spanned<String>>,
     pub(super) connect: Option<Spanned<String>>,
+    pub(super) attempt_delay: Option<Spanned<String>>,
     pub(super) idle: Option<Spanned<String>>,
     pub(super) drain: Option<Spanned<String>>,
 }

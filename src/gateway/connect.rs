@@ -347,10 +347,12 @@ async fn dial(
     record: &mut AccessRecord,
 ) -> Result<TcpStream, Refusal> {
     let started = Instant::now();
+    let timeouts = snapshot.config.timeouts;
     let dialled = super::dial::dial(
         plan.dialable(),
         port,
-        snapshot.config.timeouts.connect,
+        timeouts.connect,
+        timeouts.attempt_delay,
         &mut record.resolved,
     )
     .await;

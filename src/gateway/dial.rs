@@ -1,44 +1,245 @@
-//! The dial: connect to exactly the addresses that were vetted, in the order resolved, all within
-//! one connect timeout. Nothing here resolves: there is no second lookup to race.
+//! The dial: connect to exactly the addresses that were vetted, racing them as RFC 8305 (Happy
+//! Eyeballs v2) says, all within one connect timeout. Families are interleaved, starting with
+//! the first address's (the resolver puts IPv4 first); an attempt runs alone for
+//! `timeouts.attempt_delay`, then the next address starts beside it (at once when an attempt
+//! fails); the first connection wins and the others are dropped. A dead address (a front end
+//! that drops SYNs, a broken IPv6 path) so costs one attempt delay, not the whole timeout.
+//! Nothing here resolves: there is no second lookup to race.
 
 use super::refusal::{End, Refusal};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use std::future::Future;
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-/// Connects to the vetted addresses in order, all within `timeout`.
+/// Connects to one of the vetted addresses within `timeout`; `tried` is the address connected
+/// to, or the last one tried.
 pub async fn dial(
     addrs: impl Iterator<Item = IpAddr>,
     port: u16,
     timeout: Duration,
+    attempt_delay: Duration,
     tried: &mut Option<SocketAddr>,
 ) -> Result<TcpStream, Refusal> {
+    let order: Vec<SocketAddr> = interleave(addrs)
+        .into_iter()
+        .map(|ip| SocketAddr::new(ip, port))
+        .collect();
     let deadline = Instant::now() + timeout;
-    let mut last_error = None;
-    for ip in addrs {
-        let addr = SocketAddr::new(ip, port);
-        *tried = Some(addr);
-        match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => {
-                let _ = stream.set_nodelay(true);
-                return Ok(stream);
-            }
-            Ok(Err(e)) => last_error = Some(e),
-            Err(_) => {
-                return Err(Refusal::new(
-                    End::ConnectTimeout,
-                    "upstream connect timed out",
-                ));
-            }
+    let stream = race(&order, deadline, attempt_delay, TcpStream::connect, tried).await?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// RFC 8305 section 4: the addresses with their families alternating, starting with the
+/// family of the first one; within a family the resolver's order stays.
+pub fn interleave(addrs: impl Iterator<Item = IpAddr>) -> Vec<IpAddr> {
+    let addrs: Vec<IpAddr> = addrs.collect();
+    let Some(first_v4) = addrs.first().map(IpAddr::is_ipv4) else {
+        return addrs;
+    };
+    let (leading, other): (Vec<IpAddr>, Vec<IpAddr>) =
+        addrs.iter().partition(|ip| ip.is_ipv4() == first_v4);
+    let (mut leading, mut other) = (leading.into_iter(), other.into_iter());
+    let mut out = Vec::with_capacity(addrs.len());
+    loop {
+        match (leading.next(), other.next()) {
+            (None, None) => return out,
+            (a, b) => out.extend(a.into_iter().chain(b)),
         }
     }
+}
+
+/// The race over `order` (already interleaved), with `connect` making one attempt: generic so
+/// its timing is tested on tokio's paused clock without sockets.
+async fn race<S, C, F>(
+    order: &[SocketAddr],
+    deadline: Instant,
+    attempt_delay: Duration,
+    connect: C,
+    tried: &mut Option<SocketAddr>,
+) -> Result<S, Refusal>
+where
+    C: Fn(SocketAddr) -> F,
+    F: Future<Output = io::Result<S>>,
+{
+    let timed_out = || Refusal::new(End::ConnectTimeout, "upstream connect timed out");
+    let mut waiting = order.iter().copied();
+    let Some(first) = waiting.next() else {
+        return Err(failed(None));
+    };
+    *tried = Some(first);
+    if order.len() == 1 {
+        // One address, nothing to race: no attempt set, no timer.
+        return match tokio::time::timeout_at(deadline, connect(first)).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => Err(failed(Some(e))),
+            Err(_) => Err(timed_out()),
+        };
+    }
+    let attempt = |addr: SocketAddr| {
+        let connecting = connect(addr);
+        async move { (addr, connecting.await) }
+    };
+    let mut running = FuturesUnordered::new();
+    running.push(attempt(first));
+    let mut next_start = Instant::now() + attempt_delay;
+    loop {
+        let more = waiting.len() > 0;
+        tokio::select! {
+            biased;
+            Some((addr, result)) = running.next(), if !running.is_empty() => match result {
+                Ok(stream) => {
+                    *tried = Some(addr);
+                    return Ok(stream);
+                }
+                Err(e) => {
+                    if !more && running.is_empty() {
+                        return Err(failed(Some(e)));
+                    }
+                    // A failed attempt hands over at once.
+                    next_start = Instant::now();
+                }
+            },
+            () = tokio::time::sleep_until(next_start), if more => {
+                if let Some(addr) = waiting.next() {
+                    *tried = Some(addr);
+                    running.push(attempt(addr));
+                }
+                next_start = Instant::now() + attempt_delay;
+            }
+            () = tokio::time::sleep_until(deadline) => return Err(timed_out()),
+        }
+    }
+}
+
+/// The refusal when every attempt failed, from the last error.
+fn failed(last_error: Option<io::Error>) -> Refusal {
     let reason = match last_error {
-        Some(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+        Some(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
             "upstream refused the connection".into()
         }
         Some(e) => format!("upstream connect failed: {}", e.kind()),
         None => "no address to connect to".to_owned(),
     };
-    Err(Refusal::new(End::ConnectFailed, reason))
+    Refusal::new(End::ConnectFailed, reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn families_alternate_from_the_first_address() {
+        let table: &[(&[&str], &[&str])] = &[
+            (&[], &[]),
+            (&["1.1.1.1"], &["1.1.1.1"]),
+            (
+                &["1.1.1.1", "1.1.1.2", "::1", "::2", "::3"],
+                &["1.1.1.1", "::1", "1.1.1.2", "::2", "::3"],
+            ),
+            (&["::1", "::2", "1.1.1.1"], &["::1", "1.1.1.1", "::2"]),
+            (&["1.1.1.1", "1.1.1.2"], &["1.1.1.1", "1.1.1.2"]),
+        ];
+        for (input, want) in table {
+            let got = interleave(input.iter().map(|s| ip(s)));
+            let want: Vec<IpAddr> = want.iter().map(|s| ip(s)).collect();
+            assert_eq!(got, want, "{input:?}");
+        }
+    }
+
+    /// Attempts by address: how long each takes and whether it connects.
+    fn fake(
+        plan: &'static [(u8, u64, bool)],
+    ) -> impl Fn(SocketAddr) -> std::pin::Pin<Box<dyn Future<Output = io::Result<u8>>>> {
+        move |addr| {
+            let last = match addr.ip() {
+                IpAddr::V4(v4) => v4.octets()[3],
+                IpAddr::V6(_) => 0,
+            };
+            let (_, millis, ok) = *plan.iter().find(|(a, _, _)| *a == last).unwrap();
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(millis)).await;
+                if ok {
+                    Ok(last)
+                } else {
+                    Err(io::ErrorKind::ConnectionRefused.into())
+                }
+            })
+        }
+    }
+
+    fn addrs(lasts: &[u8]) -> Vec<SocketAddr> {
+        lasts
+            .iter()
+            .map(|l| SocketAddr::from((Ipv4Addr::new(127, 0, 0, *l), 443)))
+            .collect()
+    }
+
+    const DELAY: Duration = Duration::from_millis(250);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_first_address_costs_one_attempt_delay() {
+        // .1 never answers within the timeout; .2 connects in 10 ms once started.
+        let plan: &'static [(u8, u64, bool)] = &[(1, 60_000, true), (2, 10, true)];
+        let started = Instant::now();
+        let mut tried = None;
+        let deadline = started + Duration::from_secs(10);
+        let won = race(&addrs(&[1, 2]), deadline, DELAY, fake(plan), &mut tried).await;
+        assert_eq!(won.ok(), Some(2));
+        assert_eq!(started.elapsed(), Duration::from_millis(260));
+        assert_eq!(tried, Some(addrs(&[2])[0]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_attempt_hands_over_at_once_and_the_first_to_connect_wins() {
+        // .1 is refused after 30 ms: .2 starts then, not at 250 ms. .2 is slow (400 ms), so
+        // .3 starts 250 ms after .2 and wins at 30 + 250 + 20.
+        let plan: &'static [(u8, u64, bool)] = &[(1, 30, false), (2, 400, true), (3, 20, true)];
+        let started = Instant::now();
+        let mut tried = None;
+        let deadline = started + Duration::from_secs(10);
+        let won = race(&addrs(&[1, 2, 3]), deadline, DELAY, fake(plan), &mut tried).await;
+        assert_eq!(won.ok(), Some(3));
+        assert_eq!(started.elapsed(), Duration::from_millis(300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_attempt_shares_one_deadline() {
+        let plan: &'static [(u8, u64, bool)] = &[(1, 60_000, true), (2, 60_000, true)];
+        let started = Instant::now();
+        let mut tried = None;
+        let deadline = started + Duration::from_secs(2);
+        let refused = race(&addrs(&[1, 2]), deadline, DELAY, fake(plan), &mut tried)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(refused.end, End::ConnectTimeout);
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        assert_eq!(tried, Some(addrs(&[2])[0]), "the last one started");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn all_refused_is_a_connect_failure_without_waiting_for_the_timer() {
+        let plan: &'static [(u8, u64, bool)] = &[(1, 5, false), (2, 5, false)];
+        let started = Instant::now();
+        let mut tried = None;
+        let deadline = started + Duration::from_secs(10);
+        let refused = race(&addrs(&[1, 2]), deadline, DELAY, fake(plan), &mut tried)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(refused.end, End::ConnectFailed);
+        assert_eq!(refused.reason, "upstream refused the connection");
+        assert_eq!(started.elapsed(), Duration::from_millis(10));
+    }
 }

@@ -5,7 +5,7 @@
 use crate::config::ResolverSettings;
 use crate::policy::host::DnsName;
 use hickory_resolver::TokioResolver;
-use hickory_resolver::config::{ResolveHosts, ResolverConfig};
+use hickory_resolver::config::{LookupIpStrategy, ResolveHosts, ResolverConfig};
 use hickory_resolver::net::NetError;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use std::collections::BTreeMap;
@@ -77,6 +77,10 @@ impl Resolver {
             opts.timeout = settings.timeout;
             // Our overrides are the only static hosts; /etc/hosts does not describe the internet.
             opts.use_hosts_file = ResolveHosts::Never;
+            // Both families, asked in parallel, IPv4 first (hickory's default puts AAAA first):
+            // the dial races them from the first address's family, and a storage firewall that
+            // admits the site's public IPv4 addresses sees those first.
+            opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
             Some(
                 builder
                     .build()

@@ -175,7 +175,7 @@ upload = "10 Mbit/s"
         format!("tls:\n  certificate: {folder}/gw.pem\n  key: {folder}/gw.key\n  client_ca: {folder}/ca.pem\n  handshake_timeout: 5s\n"),
         format!("log:\n  format: json\n  access_file: {folder}/access.log"),
         "limits:\n  max_connections: 100\n  connect_rate_per_client: 20 per second\n  auth_attempts_per_minute: 30\n  max_pending_heads_per_client: 64\n  ipv6_client_prefix: 64\n".into(),
-        "timeouts:\n  head: 10s\n  connect: 10s\n  idle: 1h\n  drain: 500ms\n".into(),
+        "timeouts:\n  head: 10s\n  connect: 10s (over all of a name's addresses, raced: the next starts after attempt_delay 250ms, or at once when one fails)\n  idle: 1h\n  drain: 500ms\n".into(),
         "resolver:\n  servers: 10.1.0.53:53\n  timeout: 2s\n  hosts_only: false\n  hosts (1):\n    contoso.file.core.windows.net = 10.20.1.5, 10.20.1.6\n".into(),
         "mode: enforce\n".into(),
         "sni: match".into(),

@@ -8,6 +8,7 @@ mod branches;
 mod cli;
 mod dashboard;
 mod denials;
+mod dial;
 mod fleet;
 mod hardening;
 mod help;
