@@ -147,6 +147,12 @@ impl Connections {
         self.open.load(Ordering::Acquire)
     }
 
+    /// Fewer than a quarter of the places are free (two atomic loads): the gateway is short
+    /// of places, and unfinished heads count against their address at once.
+    pub fn pressed(&self) -> bool {
+        3 * self.permits.available_permits() < self.open()
+    }
+
     /// The limit in force.
     pub fn limit(&self) -> usize {
         *self.max.lock().unwrap_or_else(|e| e.into_inner())

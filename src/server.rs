@@ -266,7 +266,8 @@ async fn accept(
         None => {
             connections
                 .accept_loop(listener, |stream, peer, conn_id, slot| {
-                    plain_task(current.load_full(), stream, peer, conn_id, slot)
+                    let pressed = connections.pressed();
+                    plain_task(current.load_full(), stream, peer, conn_id, (slot, pressed))
                 })
                 .await
         }
@@ -274,10 +275,12 @@ async fn accept(
             connections
                 .accept_loop(listener, |stream, peer, conn_id, slot| {
                     let snapshot = current.load_full();
+                    let pressed = connections.pressed();
                     async move {
                         // Reload keeps listeners and acceptors in step; the index resolves.
                         if let Some(tls) = snapshot.tls_acceptors.get(i).cloned() {
-                            gateway::serve_tls(&snapshot, &tls, stream, peer, conn_id).await;
+                            gateway::serve_tls(&snapshot, &tls, stream, peer, conn_id, pressed)
+                                .await;
                         }
                         drop(slot);
                     }
@@ -295,9 +298,9 @@ async fn plain_task<S: Send + 'static>(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     conn_id: u64,
-    slot: S,
+    (slot, pressed): (S, bool),
 ) {
-    gateway::serve(&snapshot, stream, peer, conn_id).await;
+    gateway::serve(&snapshot, stream, peer, conn_id, pressed).await;
     drop(slot);
 }
 
@@ -313,9 +316,10 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let data_path = std::mem::size_of_val(&gateway::serve(&snapshot, stream, addr, 1));
+        let data_path = std::mem::size_of_val(&gateway::serve(&snapshot, stream, addr, 1, false));
         let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let task = std::mem::size_of_val(&plain_task(snapshot.clone(), stream, addr, 1, ()));
+        let task =
+            std::mem::size_of_val(&plain_task(snapshot.clone(), stream, addr, 1, ((), false)));
         // The snapshot, socket, address and number it starts from, and the data path once (a
         // wrapper awaiting a captured future would be twice the data path).
         assert!(

@@ -157,8 +157,9 @@ fn settings(out: &mut String, config: &Config) {
     );
     let _ = writeln!(
         out,
-        "  max_pending_heads_per_client: {}",
-        l.max_pending_heads_per_client
+        "  max_pending_heads_per_client: {} (late heads: not in {}s, or at once with under a quarter of the places free)",
+        l.max_pending_heads_per_client,
+        crate::gateway::pending::HEAD_GRACE.as_secs()
     );
     let _ = writeln!(out, "  ipv6_client_prefix: {}", l.ipv6_client_prefix);
     let queue = l.throttle_queue.map_or_else(|| "off".to_owned(), duration);
@@ -431,7 +432,7 @@ mod tests {
             "  max_connections: from the descriptor limit",
             "  connect_rate_per_client: unlimited\n",
             "  auth_attempts_per_minute: 30\n",
-            "  max_pending_heads_per_client: 64\n",
+            "  max_pending_heads_per_client: 64 (late heads: not in 1s, or at once with under a quarter of the places free)\n",
             "  ipv6_client_prefix: 64\n",
             "  throttle_queue: 100ms\n",
             "  head: 10s\n",

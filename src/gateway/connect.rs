@@ -3,7 +3,7 @@
 //! carrying how the connection ends and the status to send (if a reply can still be sent).
 
 use super::lane;
-use super::pending::{self, Pending};
+use super::pending::{self, Late, Unfinished};
 use super::plan::{Plan, plan};
 use super::refusal::{End, Refusal};
 use super::replies;
@@ -25,19 +25,26 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
-/// Serves one client connection and emits its canonical log line.
-pub async fn serve(snapshot: &Snapshot, mut client: TcpStream, peer: SocketAddr, conn_id: u64) {
+/// Serves one client connection and emits its canonical log line. `pressed`: the gateway had
+/// fewer than a quarter of its connection places free at accept, so an unfinished head counts
+/// against its address at once (see [`pending`]).
+pub async fn serve(
+    snapshot: &Snapshot,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    conn_id: u64,
+    pressed: bool,
+) {
     let started = Instant::now();
     let Some(peer) = real_client(snapshot, &mut client, peer, conn_id, started).await else {
         return;
     };
     // Held here and lent down (an argument of each async fn on the way would cost its space
-    // in every idle tunnel's future); boxed, so the future keeps 8 bytes of it.
-    let mut pending = pending::enter(snapshot, peer).map(Box::new);
-    if pending.is_none() {
+    // in every idle tunnel's future).
+    let Some(mut pending) = pending::start(snapshot, peer, pressed, started) else {
         // Boxed: only refused connections pay for the reply's future.
         return Box::pin(pending::refuse(snapshot, client, peer, conn_id, started)).await;
-    }
+    };
     serve_stream(
         snapshot,
         ClientStream::Plain(client),
@@ -81,17 +88,17 @@ pub async fn serve_tls(
     mut client: TcpStream,
     peer: SocketAddr,
     conn_id: u64,
+    pressed: bool,
 ) {
     let started = Instant::now();
     let Some(peer) = real_client(snapshot, &mut client, peer, conn_id, started).await else {
         return;
     };
     // The handshake counts as unfinished head; no reply can be sent before it.
-    let mut pending = pending::enter(snapshot, peer).map(Box::new);
-    if pending.is_none() {
+    let Some(mut pending) = pending::start(snapshot, peer, pressed, started) else {
         pending::log_refused(snapshot, conn_id, peer, false, started);
         return;
-    }
+    };
     let timeout = snapshot
         .config
         .tls
@@ -100,7 +107,19 @@ pub async fn serve_tls(
     // The handshake runs in a boxed future of its own: its state (rustls's connection by
     // value, the timer) is freed once done, instead of staying in the task of every tunnel
     // this listener holds (2.5 KiB each when it was inline).
-    match Box::pin(handshake(acceptor, client, timeout)).await {
+    let mut handshake = Box::pin(handshake(acceptor, client, timeout));
+    // The handshake's own timer ends it first; this deadline only bounds the count's timer.
+    let deadline = Instant::now() + timeout + Duration::from_secs(1);
+    let handshake =
+        match pending::counted(snapshot, peer, &mut pending, deadline, handshake.as_mut()).await {
+            Ok(handshake) => handshake,
+            Err(Late::TimedOut) => Err("TLS handshake timed out".to_owned()),
+            Err(Late::Refused) => {
+                pending::log_refused(snapshot, conn_id, peer, false, started);
+                return;
+            }
+        };
+    match handshake {
         Ok((client, names)) => {
             serve_stream(
                 snapshot,
@@ -143,14 +162,14 @@ async fn handshake(
     }
 }
 
-async fn serve_stream(
-    snapshot: &Snapshot,
+async fn serve_stream<'s: 'p, 'p>(
+    snapshot: &'s Snapshot,
     mut client: ClientStream,
     peer: SocketAddr,
     conn_id: u64,
     certificate_names: Vec<String>,
     started: Instant,
-    pending: &mut Option<Box<Pending<'_>>>,
+    pending: &mut Unfinished<'p>,
 ) {
     let mut record = AccessRecord {
         conn_id,
@@ -209,12 +228,12 @@ async fn linger_close(mut client: ClientStream) {
 }
 
 /// Serves one request: admission, then the plain-HTTP lane or a tunnel.
-async fn handle(
-    snapshot: &Snapshot,
+async fn handle<'s: 'p, 'p>(
+    snapshot: &'s Snapshot,
     client: &mut ClientStream,
     peer: SocketAddr,
     certificate_names: &[String],
-    pending: &mut Option<Box<Pending<'_>>>,
+    pending: &mut Unfinished<'p>,
     record: &mut AccessRecord,
 ) -> Result<(), Refusal> {
     let mut admitted = admit(snapshot, client, peer, certificate_names, pending, record).await?;
@@ -240,17 +259,23 @@ struct Admitted<'g> {
 /// Admission: the head (within its timeout; the connection then stops counting as
 /// unfinished), the per-client rate, who the client is, and the plan (policy, resolve, the
 /// destination wall). Fills in the access record as it learns.
-async fn admit<'g>(
+async fn admit<'g: 'p, 'p>(
     snapshot: &'g Snapshot,
     client: &mut ClientStream,
     peer: SocketAddr,
     certificate_names: &[String],
-    pending: &mut Option<Box<Pending<'_>>>,
+    pending: &mut Unfinished<'p>,
     record: &mut AccessRecord,
 ) -> Result<Box<Admitted<'g>>, Refusal> {
-    let read = request::read_proxy_request(client, snapshot.config.timeouts.head).await;
+    let deadline = Instant::now() + snapshot.config.timeouts.head;
+    let read = std::pin::pin!(request::read_proxy_head(client));
+    let read = match pending::counted(snapshot, peer, pending, deadline, read).await {
+        Ok(read) => read,
+        Err(Late::Refused) => return Err(Refusal::new(End::PendingHeadsLimit, pending::REASON)),
+        Err(Late::TimedOut) => Err(request::HeadError::Timeout),
+    };
     // The head is in (or failed): this connection no longer counts as unfinished.
-    drop(pending.take());
+    pending.finish();
     let request = read?;
     record.host = Some(request.target.host.to_string());
     record.port = Some(request.target.port);
@@ -575,7 +600,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stream = TcpStream::connect(addr).await.unwrap();
-        let size = std::mem::size_of_val(&serve(&snapshot, stream, addr, 1));
+        let size = std::mem::size_of_val(&serve(&snapshot, stream, addr, 1, false));
         // Release builds, 2026-11-23: 1.2 KiB for the core; 1.6 KiB with branches and the TLS
         // listener; 1.76 KiB with SNI checks and the plain-HTTP lane (debug builds run a little
         // larger). Their own large futures (DNS lookup, SNI peek, HTTP exchange) are boxed.
@@ -588,7 +613,7 @@ mod tests {
             .with_cert_resolver(std::sync::Arc::new(resolver));
         let acceptor = TlsAcceptor::from(std::sync::Arc::new(tls_config));
         let stream = TcpStream::connect(addr).await.unwrap();
-        let size = std::mem::size_of_val(&serve_tls(&snapshot, &acceptor, stream, addr, 1));
+        let size = std::mem::size_of_val(&serve_tls(&snapshot, &acceptor, stream, addr, 1, false));
         assert!(size <= 2304, "serve_tls() future is {size} bytes");
     }
 }

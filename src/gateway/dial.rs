@@ -30,9 +30,35 @@ pub async fn dial(
         .map(|ip| SocketAddr::new(ip, port))
         .collect();
     let deadline = Instant::now() + timeout;
-    let stream = race(&order, deadline, attempt_delay, TcpStream::connect, tried).await?;
+    let stream = match order[..] {
+        // One address, nothing to race: no attempt set, no second timer.
+        [only] => {
+            *tried = Some(only);
+            match tokio::time::timeout_at(deadline, TcpStream::connect(only)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return Err(failed(Some(e))),
+                Err(_) => return Err(timed_out()),
+            }
+        }
+        // Boxed: the race's state (attempts, timers) would otherwise take its space in every
+        // tunnel's future, single-address ones included.
+        _ => {
+            Box::pin(race(
+                &order,
+                deadline,
+                attempt_delay,
+                TcpStream::connect,
+                tried,
+            ))
+            .await?
+        }
+    };
     let _ = stream.set_nodelay(true);
     Ok(stream)
+}
+
+fn timed_out() -> Refusal {
+    Refusal::new(End::ConnectTimeout, "upstream connect timed out")
 }
 
 /// RFC 8305 section 4: the addresses with their families alternating, starting with the
@@ -67,20 +93,11 @@ where
     C: Fn(SocketAddr) -> F,
     F: Future<Output = io::Result<S>>,
 {
-    let timed_out = || Refusal::new(End::ConnectTimeout, "upstream connect timed out");
     let mut waiting = order.iter().copied();
     let Some(first) = waiting.next() else {
         return Err(failed(None));
     };
     *tried = Some(first);
-    if order.len() == 1 {
-        // One address, nothing to race: no attempt set, no timer.
-        return match tokio::time::timeout_at(deadline, connect(first)).await {
-            Ok(Ok(stream)) => Ok(stream),
-            Ok(Err(e)) => Err(failed(Some(e))),
-            Err(_) => Err(timed_out()),
-        };
-    }
     let attempt = |addr: SocketAddr| {
         let connecting = connect(addr);
         async move { (addr, connecting.await) }

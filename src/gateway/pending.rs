@@ -2,7 +2,14 @@
 //! prefix). A host that opens connections and sends nothing holds a connection slot each until
 //! the head timeout; capped per address, it cannot fill the gateway's connection limit and keep
 //! other branches waiting. Established tunnels do not count: a branch behind one NAT address
-//! may hold hundreds. One map update when a connection starts and one when its head is read.
+//! may hold hundreds.
+//!
+//! Only heads that are late count, so a burst of prompt clients from one address (a branch
+//! behind NAT, a load balancer without PROXY protocol, a busy gateway that has not read their
+//! heads yet) is never refused while the gateway has room: a connection counts once
+//! [`HEAD_GRACE`] passes without its head (TLS handshake included), or at once when fewer than
+//! a quarter of the gateway's connection places are free. A flood then holds at most those
+//! places for the grace, and `limits.max_pending_heads_per_client` after it.
 
 use super::Snapshot;
 use super::replies::write_error;
@@ -17,7 +24,70 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// The reason a connection over the limit gets.
-const REASON: &str = "too many unfinished requests from this address";
+pub(super) const REASON: &str = "too many unfinished requests from this address";
+
+/// How long a connection may take to send its head (and finish its TLS handshake) before it
+/// counts against its address's unfinished heads, while the gateway has room.
+pub const HEAD_GRACE: Duration = Duration::from_secs(1);
+
+/// Where a connection stands with its address's count of unfinished heads.
+pub enum Unfinished<'a> {
+    /// Not counted: counts once `until` passes without a complete head.
+    Graced { until: Instant },
+    /// Counted until the head is in (boxed: the connection's future keeps 8 bytes of it).
+    Counted(Box<Pending<'a>>),
+    /// The head is in.
+    Finished,
+}
+
+impl Unfinished<'_> {
+    /// The head is in: the connection no longer counts.
+    pub fn finish(&mut self) {
+        *self = Unfinished::Finished;
+    }
+}
+
+/// Why [`counted`] gave up on its work.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Late {
+    /// Its grace ended with its address holding its limit of unfinished heads.
+    Refused,
+    /// The deadline passed.
+    TimedOut,
+}
+
+/// Awaits `work` (a TLS handshake, a request head) until `deadline`, for a connection in
+/// `unfinished`: past its grace, the connection counts, or is refused when its address holds
+/// its limit already (`work` is dropped). One timer serves the grace and the deadline.
+pub(super) async fn counted<'s: 'u, 'u, T>(
+    snapshot: &'s Snapshot,
+    peer: SocketAddr,
+    unfinished: &mut Unfinished<'u>,
+    deadline: Instant,
+    // Pinned by the caller: an async fn's argument moved into a local would take its space
+    // twice in the connection's future.
+    mut work: std::pin::Pin<&mut impl std::future::Future<Output = T>>,
+) -> Result<T, Late> {
+    let first = match *unfinished {
+        Unfinished::Graced { until } => until.min(deadline),
+        _ => deadline,
+    };
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(first));
+    loop {
+        tokio::select! {
+            biased;
+            done = &mut work => return Ok(done),
+            () = &mut timer => {
+                if !matches!(unfinished, Unfinished::Graced { .. }) || Instant::now() >= deadline {
+                    return Err(Late::TimedOut);
+                }
+                let pending = enter(snapshot, peer).ok_or(Late::Refused)?;
+                *unfinished = Unfinished::Counted(Box::new(pending));
+                timer.as_mut().reset(deadline);
+            }
+        }
+    }
+}
 
 #[derive(Default)]
 pub struct PendingHeads {
@@ -80,8 +150,25 @@ pub(super) async fn refuse(
     log_refused(snapshot, conn_id, peer, replied, started);
 }
 
+/// A new connection from `peer`: counted at once when the gateway is `pressed` for places
+/// (`None` when its address holds its limit already), else graced.
+pub(super) fn start(
+    snapshot: &Snapshot,
+    peer: SocketAddr,
+    pressed: bool,
+    started: Instant,
+) -> Option<Unfinished<'_>> {
+    if pressed {
+        Some(Unfinished::Counted(Box::new(enter(snapshot, peer)?)))
+    } else {
+        Some(Unfinished::Graced {
+            until: started + HEAD_GRACE,
+        })
+    }
+}
+
 /// Counts an unfinished head for `peer`; `None` when it holds its limit already.
-pub(super) fn enter(snapshot: &Snapshot, peer: SocketAddr) -> Option<Pending<'_>> {
+fn enter(snapshot: &Snapshot, peer: SocketAddr) -> Option<Pending<'_>> {
     let limits = &snapshot.config.limits;
     let key = crate::policy::client_key(peer.ip(), limits.ipv6_client_prefix);
     snapshot

@@ -110,7 +110,16 @@ pub async fn read_proxy_request<R: AsyncRead + Unpin>(
     io: &mut R,
     timeout: Duration,
 ) -> Result<ProxyRequest, HeadError> {
-    match read_request(io, timeout).await? {
+    match tokio::time::timeout(timeout, read_proxy_head(io)).await {
+        Ok(result) => result,
+        Err(_) => Err(HeadError::Timeout),
+    }
+}
+
+/// [`read_proxy_request`] without a timer of its own: the caller bounds it (the gateway's
+/// data path, whose one timer also ends the unfinished-head grace).
+pub async fn read_proxy_head<R: AsyncRead + Unpin>(io: &mut R) -> Result<ProxyRequest, HeadError> {
+    match read_head(io).await? {
         Head::Proxy(request) => Ok(request),
         Head::Origin { method, .. } => Err(HeadError::Method(method)),
     }

@@ -50,6 +50,53 @@ async fn a_host_holding_unfinished_heads_cannot_keep_another_branch_waiting() {
     drop(flood);
 }
 
+/// A burst from one address (a branch behind NAT, a load balancer without PROXY protocol)
+/// whose heads all come promptly is never refused while the gateway has room, however many
+/// are unfinished at once: only late heads count against the address.
+#[tokio::test]
+async fn a_burst_of_prompt_heads_from_one_address_is_never_refused() {
+    let origin = TcpOrigin::start(b"").await;
+    let port = origin.addr.port();
+    let extra = format!(
+        "[limits]\nmax_pending_heads_per_client = 4\n{}",
+        resolver_hosts("")
+    );
+    let mut gw = Gateway::start(&config_for(port, &extra)).await;
+    // 200 connections from one address, all open before any sends its head.
+    let mut burst = Vec::new();
+    for _ in 0..200 {
+        burst.push(connect_bound(gw.addr, "127.0.0.1").await);
+    }
+    let request = format!("CONNECT {ORIGIN_HOST}:{port} HTTP/1.1\r\n\r\n");
+    let mut answers = tokio::task::JoinSet::new();
+    for mut tcp in burst {
+        let request = request.clone();
+        answers.spawn(async move {
+            tcp.write_all(request.as_bytes()).await.unwrap();
+            let head = read_head_bytes(&mut tcp).await.expect("a reply head");
+            (status_of(&head), tcp)
+        });
+    }
+    let mut tunnels = Vec::new();
+    while let Some(answer) = answers.join_next().await {
+        let (status, tcp) = answer.unwrap();
+        assert_eq!(status, 200);
+        tunnels.push(tcp);
+    }
+    assert_eq!(tunnels.len(), 200);
+    assert_eq!(gw.count_logs(|l| l["end"] == "pending_heads_limit"), 0);
+    // A head that is late counts: with four late ones held, a fifth late one is refused.
+    let mut late = Vec::new();
+    for _ in 0..5 {
+        late.push(connect_bound(gw.addr, "127.0.0.1").await);
+    }
+    let refused = gw.access_line(|l| l["end"] == "pending_heads_limit").await;
+    assert_eq!(refused["status"], 429);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(gw.count_logs(|l| l["end"] == "pending_heads_limit"), 1);
+    drop(late);
+}
+
 #[tokio::test]
 async fn a_thousand_established_tunnels_from_one_address_still_open_more() {
     let origin = TcpOrigin::start(b"").await;
