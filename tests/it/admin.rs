@@ -122,12 +122,9 @@ async fn readiness_goes_503_while_draining_and_reloads_are_counted() {
 
     // One good reload, one bad.
     let good = std::fs::read_to_string(gw.config_path()).unwrap();
-    gw.signal("HUP");
-    let _ = gw.wait_log(|l| l["message"] == "reload applied").await;
+    gw.reload("reload applied").await;
     std::fs::write(gw.config_path(), "nonsense = [").unwrap();
-    gw.signal("HUP");
-    let _ = gw
-        .wait_log(|l| l["message"] == "reload rejected; the running configuration stays")
+    gw.reload("reload rejected; the running configuration stays")
         .await;
     // POST /reload from loopback: the bad file is refused with its problems, the good one applied.
     let post =
