@@ -4,14 +4,6 @@
 use crate::support::*;
 use std::time::Duration;
 
-pub async fn get(admin: std::net::SocketAddr, path: &str) -> Reply {
-    raw_request(
-        admin,
-        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-}
-
 #[tokio::test]
 async fn metrics_count_known_traffic_exactly_and_never_name_a_destination() {
     let mut origin = TcpOrigin::start(b"5byte").await;
@@ -21,7 +13,7 @@ async fn metrics_count_known_traffic_exactly_and_never_name_a_destination() {
 
     let (mut tunnel, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
     assert_eq!(status, 200);
-    let metrics = get(admin, "/metrics").await.body;
+    let metrics = admin_get(admin, "/metrics").await.body;
     assert!(
         metrics.contains("portcullis_tunnels_active{category=\"storage\",branch=\"unassigned\"} 1"),
         "{metrics}"
@@ -33,7 +25,7 @@ async fn metrics_count_known_traffic_exactly_and_never_name_a_destination() {
     assert_eq!(denied.status, 403);
     let _ = gw.access_line(|l| l["end"] == "policy_denied").await;
 
-    let reply = get(admin, "/metrics").await;
+    let reply = admin_get(admin, "/metrics").await;
     assert_eq!(reply.status, 200);
     let metrics = reply.body;
     for want in [
@@ -57,8 +49,8 @@ async fn metrics_count_known_traffic_exactly_and_never_name_a_destination() {
         !metrics.contains("share1") && !metrics.contains("evil"),
         "no destination host in metrics"
     );
-    assert_eq!(get(admin, "/healthz").await.status, 200);
-    assert_eq!(get(admin, "/nothing").await.status, 404);
+    assert_eq!(admin_get(admin, "/healthz").await.status, 200);
+    assert_eq!(admin_get(admin, "/nothing").await.status, 404);
     // The container HEALTHCHECK command.
     let health = |path: &str| {
         std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
@@ -93,7 +85,7 @@ async fn bytes_are_counted_while_a_tunnel_is_open() {
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let metrics = loop {
-        let metrics = get(admin, "/metrics").await.body;
+        let metrics = admin_get(admin, "/metrics").await.body;
         // All but less than one 256 KiB step of the MiB, with the tunnel still open.
         if counted(&metrics) > (1 << 20) - 256 * 1024 || tokio::time::Instant::now() > deadline {
             break metrics;
@@ -118,7 +110,7 @@ async fn readiness_goes_503_while_draining_and_reloads_are_counted() {
     let extra = format!("{}\n[timeouts]\ndrain = \"20s\"\n", resolver_hosts(""));
     let mut gw = Gateway::start(&config_for(port, &extra)).await;
     let admin = gw.admin_addr.unwrap();
-    assert_eq!(get(admin, "/readyz").await.status, 200);
+    assert_eq!(admin_get(admin, "/readyz").await.status, 200);
 
     // One good reload, one bad.
     let good = std::fs::read_to_string(gw.config_path()).unwrap();
@@ -139,7 +131,7 @@ async fn readiness_goes_503_while_draining_and_reloads_are_counted() {
     std::fs::write(gw.config_path(), good).unwrap();
     let applied = raw_request(admin, post).await;
     assert_eq!((applied.status, applied.body.as_str()), (200, "reloaded\n"));
-    let metrics = get(admin, "/metrics").await.body;
+    let metrics = admin_get(admin, "/metrics").await.body;
     for want in [
         "portcullis_config_reloads_total{result=\"success\"} 2",
         "portcullis_config_reloads_total{result=\"failure\"} 2",
@@ -153,10 +145,10 @@ async fn readiness_goes_503_while_draining_and_reloads_are_counted() {
     let _ = gw
         .wait_log(|l| l["message"] == "stopped accepting; draining")
         .await;
-    let ready = get(admin, "/readyz").await;
+    let ready = admin_get(admin, "/readyz").await;
     assert_eq!((ready.status, ready.body.as_str()), (503, "draining\n"));
     assert_eq!(
-        get(admin, "/healthz").await.status,
+        admin_get(admin, "/healthz").await.status,
         200,
         "alive while draining"
     );
@@ -166,31 +158,6 @@ async fn readiness_goes_503_while_draining_and_reloads_are_counted() {
         .await
         .expect("exits once drained");
     assert_eq!(status.code(), Some(0));
-}
-
-/// `promtool check metrics` (lint included) accepts `text`, a classic-format exposition.
-pub fn assert_promtool_passes(text: &str) {
-    use std::io::Write;
-    let mut promtool = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus; .ci/run installs it)");
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let checked = promtool.wait_with_output().unwrap();
-    assert!(
-        checked.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
-    );
 }
 
 #[tokio::test]
@@ -208,7 +175,7 @@ async fn metrics_pass_promtool_and_follow_the_accept_header() {
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
 
     // No Accept: the classic text format, which promtool reads and lints.
-    let classic = get(admin, "/metrics").await;
+    let classic = admin_get(admin, "/metrics").await;
     assert_eq!(
         classic.header("content-type"),
         Some("text/plain; version=0.0.4; charset=utf-8")

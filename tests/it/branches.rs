@@ -336,9 +336,7 @@ async fn max_connections_makes_further_clients_wait_until_a_slot_frees() {
     .await;
     assert!(waiting.is_err(), "served while the only slot was taken");
     // The operator sees it: one open against a limit of one, one waiting.
-    let metrics = crate::admin::get(gw.admin_addr.unwrap(), "/metrics")
-        .await
-        .body;
+    let metrics = admin_get(gw.admin_addr.unwrap(), "/metrics").await.body;
     for want in [
         "portcullis_connections_open 1\n",
         "portcullis_connections_limit 1\n",

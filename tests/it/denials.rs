@@ -271,10 +271,7 @@ async fn connect_refused_is_502_and_connect_timeout_is_504() {
     let origin = Origin::start(&pki).await;
 
     // A port nothing listens on.
-    let closed_port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
+    let closed_port = free_port();
     // A listener whose accept queue is full: further SYNs are dropped, so connects hang.
     let full = TcpSocket::new_v4().unwrap();
     full.bind("127.0.0.1:0".parse().unwrap()).unwrap();

@@ -3,7 +3,6 @@
 //! tunnels at 8 Mbit/s (1 MB/s) budgets, counted where it arrives: one sink per replica, so
 //! each replica's part is measured apart. Every test is bounded in time and bytes.
 
-use crate::admin::get;
 use crate::support::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -189,7 +188,7 @@ async fn an_each_branch_budget_is_split_across_replicas_by_their_tunnels() {
         (part - 0.8).abs() <= 0.05,
         "the replica with 4 of 5 tunnels moves {part:.3} of the budget"
     );
-    let metrics = get(gws[1].admin_addr.unwrap(), "/metrics").await.body;
+    let metrics = admin_get(gws[1].admin_addr.unwrap(), "/metrics").await.body;
     let share = metric(
         &metrics,
         "portcullis_fleet_share_bytes_per_second{scope=\"each-branch\",budget=\"unassigned\",direction=\"upload\"}",
@@ -232,10 +231,7 @@ async fn an_all_branches_budget_is_shared_by_two_branches_on_two_replicas() {
     );
     let a = start_replica(&replica("gw-a", &redis.url(), "", &ports, &body)).await;
     // The second replica's admin listener on a port of its own, for `explain` to find.
-    let admin = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let admin = format!("127.0.0.1:{}", free_port());
     let b_config = replica("gw-b", &redis.url(), "", &ports, &body)
         .replace("admin = \"127.0.0.1:0\"", &format!("admin = \"{admin}\""));
     let b = start_replica(&b_config).await;
@@ -373,7 +369,7 @@ async fn with_redis_gone_tunnels_go_on_at_the_fallback_share_and_shares_resume()
         "each replica takes its fallback share: {total:.0} B/s"
     );
     for gw in &gws {
-        let metrics = get(gw.admin_addr.unwrap(), "/metrics").await.body;
+        let metrics = admin_get(gw.admin_addr.unwrap(), "/metrics").await.body;
         assert_eq!(metric(&metrics, "portcullis_fleet_connected"), Some(0.0));
         assert!(metric(&metrics, "portcullis_fleet_refresh_failures_total").unwrap() >= 1.0);
     }
@@ -423,7 +419,7 @@ async fn a_password_from_a_file_reaches_redis_and_never_the_logs() {
         stored.contains("+OK") && stored.contains("\n1 "),
         "{stored:?}"
     );
-    let metrics = get(gw.admin_addr.unwrap(), "/metrics").await.body;
+    let metrics = admin_get(gw.admin_addr.unwrap(), "/metrics").await.body;
     assert_eq!(metric(&metrics, "portcullis_fleet_connected"), Some(1.0));
     // A reload keeps the fleet client; a changed [fleet] waits for a restart.
     let config = std::fs::read_to_string(gw.config_path()).unwrap();
@@ -494,7 +490,7 @@ async fn without_fleet_nothing_connects_and_a_silent_redis_holds_nothing_up() {
     let gw = Gateway::start(&without).await;
     let (_tunnel, reply) = connect_from(gw.addr, "127.0.0.1", &target, "").await;
     assert_eq!(reply.status, 200);
-    let metrics = get(gw.admin_addr.unwrap(), "/metrics").await.body;
+    let metrics = admin_get(gw.admin_addr.unwrap(), "/metrics").await.body;
     assert!(
         !metrics.contains("portcullis_fleet"),
         "fleet metrics without [fleet]"
@@ -532,7 +528,7 @@ async fn without_fleet_nothing_connects_and_a_silent_redis_holds_nothing_up() {
     assert_eq!(reply.status, 200);
     let (_third, reply) = connect_from(gw.addr, "127.0.0.1", &target, "").await;
     assert_eq!(reply.status, 429, "the fallback share of max_tunnels");
-    let metrics = get(gw.admin_addr.unwrap(), "/metrics").await.body;
+    let metrics = admin_get(gw.admin_addr.unwrap(), "/metrics").await.body;
     assert_eq!(metric(&metrics, "portcullis_fleet_connected"), Some(0.0));
 }
 
@@ -636,7 +632,7 @@ async fn rediss_verifies_the_server_against_the_system_trust_store() {
     let target = format!("{ORIGIN_HOST}:{port}");
     let (_tunnel, reply) = connect_from(gw.addr, "127.0.0.1", &target, "").await;
     assert_eq!(reply.status, 200);
-    let metrics = get(gw.admin_addr.unwrap(), "/metrics").await.body;
+    let metrics = admin_get(gw.admin_addr.unwrap(), "/metrics").await.body;
     assert_eq!(metric(&metrics, "portcullis_fleet_connected"), Some(1.0));
     // Without the CA the server is not believed: Redis does not answer, tunnels go on.
     let mut untrusted = Gateway::start_with_env(

@@ -334,9 +334,7 @@ async fn the_connection_limit_follows_the_descriptor_limit_raised_to_the_hard_on
     assert_eq!(line["descriptors"], hard, "{line}");
     assert_eq!(line["max_connections"], expected, "{line}");
     assert_eq!(line["from"], "descriptor limit", "{line}");
-    let metrics = crate::admin::get(gw.admin_addr.unwrap(), "/metrics")
-        .await
-        .body;
+    let metrics = admin_get(gw.admin_addr.unwrap(), "/metrics").await.body;
     for want in [
         format!("portcullis_connections_limit {expected}\n"),
         format!("process_max_fds {hard}\n"),

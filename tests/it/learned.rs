@@ -4,7 +4,6 @@
 //! admin listener, in force at once) and on the file; a kill in the middle of a save never
 //! leaves a file the gateway cannot start from.
 
-use crate::admin::get as admin_get;
 use crate::support::*;
 use std::net::SocketAddr;
 use std::path::Path;

@@ -213,12 +213,7 @@ async fn a_reload_that_changes_listener_addresses_rebinds_only_those() {
     let port = origin.addr.port();
     let base = config_for(port, &resolver_hosts(""));
     let mut gw = Gateway::start(&base).await;
-    let extra_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let extra = format!("127.0.0.1:{extra_port}");
+    let extra = format!("127.0.0.1:{}", free_port());
 
     let with_extra = base.replace(
         "proxy = [\"127.0.0.1:0\"]",

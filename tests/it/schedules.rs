@@ -2,7 +2,6 @@
 //! bounds only: the figures are benchmarks, not tests), the metrics of the budgets, a reload
 //! that puts a limit on an open tunnel, and the `schedule` commands.
 
-use crate::admin::get;
 use crate::support::*;
 use std::time::{Duration, Instant};
 
@@ -74,7 +73,7 @@ async fn transfers_in_both_directions_keep_to_the_limit_in_force() {
         "download took {down:?}"
     );
 
-    let metrics = get(gw.admin_addr.unwrap(), "/metrics").await.body;
+    let metrics = admin_get(gw.admin_addr.unwrap(), "/metrics").await.body;
     for direction in ["upload", "download"] {
         let labels =
             format!("{{scope=\"each-branch\",budget=\"unassigned\",direction=\"{direction}\"}}");
@@ -127,7 +126,7 @@ async fn schedules_out_of_hours_or_for_other_categories_leave_traffic_alone() {
         .await
         .unwrap();
     assert_eq!(resp.bytes().await.unwrap().len(), 8_000_000);
-    let metrics = get(gw.admin_addr.unwrap(), "/metrics").await.body;
+    let metrics = admin_get(gw.admin_addr.unwrap(), "/metrics").await.body;
     // The storage tunnel passed no budget in force: none counted a byte or a wait.
     let each = "{scope=\"each-branch\",budget=\"unassigned\",direction=\"download\"}";
     let shared = "{scope=\"all-branches\",budget=\"*\",direction=\"download\"}";
