@@ -13,10 +13,9 @@ async fn metrics_count_known_traffic_exactly_and_never_name_a_destination() {
 
     let (mut tunnel, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
     assert_eq!(status, 200);
-    let metrics = admin_get(admin, "/metrics").await.body;
-    assert!(
-        metrics.contains("portcullis_tunnels_active{category=\"storage\",branch=\"unassigned\"} 1"),
-        "{metrics}"
+    gw.metrics().await.assert_value(
+        r#"portcullis_tunnels_active{category="storage",branch="unassigned"}"#,
+        1.0,
     );
     assert_eq!(send_and_finish(&mut tunnel, b"ten bytes!").await, b"5byte");
     assert_eq!(origin.received.recv().await.unwrap(), b"ten bytes!");
@@ -27,26 +26,56 @@ async fn metrics_count_known_traffic_exactly_and_never_name_a_destination() {
 
     let reply = admin_get(admin, "/metrics").await;
     assert_eq!(reply.status, 200);
-    let metrics = reply.body;
-    for want in [
-        "portcullis_requests_total{verdict=\"allow\",end=\"closed\",category=\"storage\",branch=\"unassigned\"} 1",
-        "portcullis_requests_total{verdict=\"deny\",end=\"policy_denied\",category=\"none\",branch=\"unassigned\"} 1",
-        "portcullis_bytes_total{direction=\"up\",category=\"storage\",branch=\"unassigned\"} 10",
-        "portcullis_bytes_total{direction=\"down\",category=\"storage\",branch=\"unassigned\"} 5",
-        "portcullis_tunnels_active{category=\"storage\",branch=\"unassigned\"} 0",
-        &format!(
-            "portcullis_build_info{{version=\"0.1.0\",profiles=\"{}\"}} 1",
-            portcullis::policy::profiles::VERSION
+    let metrics = Metrics::parse(&reply.body);
+    for (series, want) in [
+        (
+            r#"portcullis_requests_total{verdict="allow",end="closed",category="storage",branch="unassigned"}"#,
+            1.0,
         ),
-        "portcullis_dial_duration_seconds_count{outcome=\"ok\"} 1",
-        "portcullis_dial_duration_seconds_count{outcome=\"failed\"} 0",
-        "portcullis_dns_duration_seconds_count{outcome=\"ok\"} 1",
-        "portcullis_dns_duration_seconds_count{outcome=\"timeout\"} 0",
+        (
+            r#"portcullis_requests_total{verdict="deny",end="policy_denied",category="none",branch="unassigned"}"#,
+            1.0,
+        ),
+        (
+            r#"portcullis_bytes_total{direction="up",category="storage",branch="unassigned"}"#,
+            10.0,
+        ),
+        (
+            r#"portcullis_bytes_total{direction="down",category="storage",branch="unassigned"}"#,
+            5.0,
+        ),
+        (
+            r#"portcullis_tunnels_active{category="storage",branch="unassigned"}"#,
+            0.0,
+        ),
+        (
+            &format!(
+                r#"portcullis_build_info{{version="0.1.0",profiles="{}"}}"#,
+                portcullis::policy::profiles::VERSION
+            ),
+            1.0,
+        ),
+        (
+            r#"portcullis_dial_duration_seconds_count{outcome="ok"}"#,
+            1.0,
+        ),
+        (
+            r#"portcullis_dial_duration_seconds_count{outcome="failed"}"#,
+            0.0,
+        ),
+        (
+            r#"portcullis_dns_duration_seconds_count{outcome="ok"}"#,
+            1.0,
+        ),
+        (
+            r#"portcullis_dns_duration_seconds_count{outcome="timeout"}"#,
+            0.0,
+        ),
     ] {
-        assert!(metrics.contains(want), "missing {want:?} in:\n{metrics}");
+        metrics.assert_value(series, want);
     }
     assert!(
-        !metrics.contains("share1") && !metrics.contains("evil"),
+        !metrics.text().contains("share1") && !metrics.text().contains("evil"),
         "no destination host in metrics"
     );
     assert_eq!(admin_get(admin, "/healthz").await.status, 200);
@@ -72,33 +101,29 @@ async fn bytes_are_counted_while_a_tunnel_is_open() {
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
     let gw = Gateway::start(&config_for(port, &resolver_hosts(""))).await;
-    let admin = gw.admin_addr.unwrap();
     let (mut tunnel, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
     assert_eq!(status, 200);
     tunnel.write_all(&vec![7u8; 1 << 20]).await.unwrap();
-    let counted = |metrics: &str| -> u64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with("portcullis_bytes_total{direction=\"up\",category=\"storage\""))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0)
+    let counted = |metrics: &Metrics| {
+        metrics.sum(r#"portcullis_bytes_total{direction="up",category="storage"}"#)
     };
+    // All but less than one 256 KiB step of the MiB, with the tunnel still open.
+    let enough = f64::from((1 << 20) - 256 * 1024);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let metrics = loop {
-        let metrics = admin_get(admin, "/metrics").await.body;
-        // All but less than one 256 KiB step of the MiB, with the tunnel still open.
-        if counted(&metrics) > (1 << 20) - 256 * 1024 || tokio::time::Instant::now() > deadline {
+        let metrics = gw.metrics().await;
+        if counted(&metrics) > enough || tokio::time::Instant::now() > deadline {
             break metrics;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(
-        counted(&metrics) > (1 << 20) - 256 * 1024,
+        counted(&metrics) > enough,
         "bytes not counted while open:\n{metrics}"
     );
-    assert!(
-        metrics.contains("portcullis_tunnels_active{category=\"storage\",branch=\"unassigned\"} 1"),
-        "{metrics}"
+    metrics.assert_value(
+        r#"portcullis_tunnels_active{category="storage",branch="unassigned"}"#,
+        1.0,
     );
     drop(tunnel);
 }
@@ -131,13 +156,9 @@ async fn readiness_goes_503_while_draining_and_reloads_are_counted() {
     std::fs::write(gw.config_path(), good).unwrap();
     let applied = raw_request(admin, post).await;
     assert_eq!((applied.status, applied.body.as_str()), (200, "reloaded\n"));
-    let metrics = admin_get(admin, "/metrics").await.body;
-    for want in [
-        "portcullis_config_reloads_total{result=\"success\"} 2",
-        "portcullis_config_reloads_total{result=\"failure\"} 2",
-    ] {
-        assert!(metrics.contains(want), "missing {want:?} in:\n{metrics}");
-    }
+    let metrics = gw.metrics().await;
+    metrics.assert_value(r#"portcullis_config_reloads_total{result="success"}"#, 2.0);
+    metrics.assert_value(r#"portcullis_config_reloads_total{result="failure"}"#, 2.0);
 
     let (tunnel, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
     assert_eq!(status, 200);
@@ -181,7 +202,9 @@ async fn metrics_pass_promtool_and_follow_the_accept_header() {
         Some("text/plain; version=0.0.4; charset=utf-8")
     );
     assert!(
-        classic.body.contains("portcullis_requests_total{"),
+        !Metrics::parse(&classic.body)
+            .matching("portcullis_requests_total")
+            .is_empty(),
         "{}",
         classic.body
     );

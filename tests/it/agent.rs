@@ -524,34 +524,35 @@ async fn forward_fails_over_to_the_second_gateway_and_returns_to_the_first() {
     );
 
     // The forwarder's own metrics tell the same story.
-    let metrics = admin_get(admin, "/metrics").await.body;
-    for want in [
-        "portcullis_agent_failovers_total 1\n".to_owned(),
-        "portcullis_agent_tunnels_active 0\n".to_owned(),
-        format!("portcullis_agent_gateway_up{{gateway=\"{first_url}\"}} 1\n"),
-        format!("portcullis_agent_gateway_in_use{{gateway=\"{first_url}\"}} 1\n"),
-        format!("portcullis_agent_gateway_in_use{{gateway=\"{second_url}\"}} 0\n"),
+    let metrics = Metrics::fetch(admin).await;
+    for (series, want) in [
+        ("portcullis_agent_failovers_total".to_owned(), 1.0),
+        ("portcullis_agent_tunnels_active".to_owned(), 0.0),
+        (
+            format!(r#"portcullis_agent_gateway_up{{gateway="{first_url}"}}"#),
+            1.0,
+        ),
+        (
+            format!(r#"portcullis_agent_gateway_in_use{{gateway="{first_url}"}}"#),
+            1.0,
+        ),
+        (
+            format!(r#"portcullis_agent_gateway_in_use{{gateway="{second_url}"}}"#),
+            0.0,
+        ),
     ] {
-        assert!(metrics.contains(&want), "missing {want:?} in:\n{metrics}");
+        metrics.assert_value(&series, want);
     }
     // Three tunnels and one status request, however each ended (a tunnel's last write may
     // race curl's close).
-    let requests: u64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("portcullis_agent_requests_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum();
-    assert_eq!(requests, 4, "{metrics}");
-    let down: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("portcullis_agent_bytes_total{direction=\"down\"} "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let requests = metrics.sum("portcullis_agent_requests_total");
+    assert_eq!(requests, 4.0, "{metrics}");
+    let down = metrics.value(r#"portcullis_agent_bytes_total{direction="down"}"#);
     assert!(
-        down > 3000,
+        down > 3000.0,
         "three 1000-byte downloads and their TLS: {down}\n{metrics}"
     );
-    assert_promtool_passes(&metrics);
+    assert_promtool_passes(metrics.text());
 }
 
 #[tokio::test]

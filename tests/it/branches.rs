@@ -336,14 +336,14 @@ async fn max_connections_makes_further_clients_wait_until_a_slot_frees() {
     .await;
     assert!(waiting.is_err(), "served while the only slot was taken");
     // The operator sees it: one open against a limit of one, one waiting.
-    let metrics = admin_get(gw.admin_addr.unwrap(), "/metrics").await.body;
-    for want in [
-        "portcullis_connections_open 1\n",
-        "portcullis_connections_limit 1\n",
-        "portcullis_connections_waiting 1\n",
-        "portcullis_connections_limit_reached_total 1\n",
+    let metrics = gw.metrics().await;
+    for series in [
+        "portcullis_connections_open",
+        "portcullis_connections_limit",
+        "portcullis_connections_waiting",
+        "portcullis_connections_limit_reached_total",
     ] {
-        assert!(metrics.contains(want), "missing {want:?} in:\n{metrics}");
+        metrics.assert_value(series, 1.0);
     }
     let said = gw
         .wait_log(|l| {

@@ -47,7 +47,7 @@ fn metric_names(expr: &str) -> Vec<String> {
 
 /// The `/metrics` of a real gateway with `extra` config and a rule that learns (so the learned
 /// destinations' families have series).
-async fn exported_with_learning(origin_port: u16, extra: &str) -> String {
+async fn exported_with_learning(origin_port: u16, extra: &str) -> Metrics {
     let extra = format!(
         "{}\n{extra}\n[policy.learn]\n\"test-origin\" = \"record\"\n",
         resolver_hosts("")
@@ -59,7 +59,7 @@ async fn exported_with_learning(origin_port: u16, extra: &str) -> String {
         config_for(origin_port, &extra)
     );
     let gw = Gateway::start(&config).await;
-    admin_get(gw.admin_addr.unwrap(), "/metrics").await.body
+    gw.metrics().await
 }
 
 #[tokio::test]
@@ -74,7 +74,7 @@ async fn every_dashboard_query_is_valid_and_names_what_the_gateway_exports() {
             // A histogram's series are `<name>_bucket`; the family is named without it.
             let family = name.trim_end_matches("_bucket");
             assert!(
-                metrics.contains(&format!("# TYPE {family} ")),
+                metrics.has_family(family),
                 "{title}: {name} is not exported:\n{metrics}"
             );
             assert!(
@@ -123,7 +123,7 @@ async fn the_alert_rules_are_valid_fire_as_meant_and_name_what_the_gateway_expor
     assert!(named.len() >= 4, "{named:?}");
     for name in named {
         assert!(
-            metrics.contains(&format!("# TYPE {name} ")),
+            metrics.has_family(&name),
             "{name} is not exported:\n{metrics}"
         );
     }

@@ -147,12 +147,6 @@ async fn measure(sinks: &[&Sink], over: Duration) -> Vec<f64> {
         .collect()
 }
 
-fn metric(metrics: &str, prefix: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(prefix)?.trim().parse().ok())
-}
-
 #[tokio::test]
 async fn an_each_branch_budget_is_split_across_replicas_by_their_tunnels() {
     let started = std::time::Instant::now();
@@ -188,14 +182,12 @@ async fn an_each_branch_budget_is_split_across_replicas_by_their_tunnels() {
         (part - 0.8).abs() <= 0.05,
         "the replica with 4 of 5 tunnels moves {part:.3} of the budget"
     );
-    let metrics = admin_get(gws[1].admin_addr.unwrap(), "/metrics").await.body;
-    let share = metric(
-        &metrics,
-        "portcullis_fleet_share_bytes_per_second{scope=\"each-branch\",budget=\"unassigned\",direction=\"upload\"}",
-    )
-    .expect("the share metric");
+    let metrics = gws[1].metrics().await;
+    let share = metrics.value(
+        r#"portcullis_fleet_share_bytes_per_second{scope="each-branch",budget="unassigned",direction="upload"}"#,
+    );
     assert!((share / LIMIT - 0.8).abs() < 0.06, "share {share}");
-    assert_eq!(metric(&metrics, "portcullis_fleet_connected"), Some(1.0));
+    assert_eq!(metrics.get("portcullis_fleet_connected"), Some(1.0));
 
     eprintln!("measured after {:?}", started.elapsed());
     // Move three tunnels from the second replica to the third: 1 / 1 / 3.
@@ -369,9 +361,9 @@ async fn with_redis_gone_tunnels_go_on_at_the_fallback_share_and_shares_resume()
         "each replica takes its fallback share: {total:.0} B/s"
     );
     for gw in &gws {
-        let metrics = admin_get(gw.admin_addr.unwrap(), "/metrics").await.body;
-        assert_eq!(metric(&metrics, "portcullis_fleet_connected"), Some(0.0));
-        assert!(metric(&metrics, "portcullis_fleet_refresh_failures_total").unwrap() >= 1.0);
+        let metrics = gw.metrics().await;
+        assert_eq!(metrics.get("portcullis_fleet_connected"), Some(0.0));
+        assert!(metrics.value("portcullis_fleet_refresh_failures_total") >= 1.0);
     }
 
     redis.restart();
@@ -419,8 +411,8 @@ async fn a_password_from_a_file_reaches_redis_and_never_the_logs() {
         stored.contains("+OK") && stored.contains("\n1 "),
         "{stored:?}"
     );
-    let metrics = admin_get(gw.admin_addr.unwrap(), "/metrics").await.body;
-    assert_eq!(metric(&metrics, "portcullis_fleet_connected"), Some(1.0));
+    let metrics = gw.metrics().await;
+    assert_eq!(metrics.get("portcullis_fleet_connected"), Some(1.0));
     // A reload keeps the fleet client; a changed [fleet] waits for a restart.
     let config = std::fs::read_to_string(gw.config_path()).unwrap();
     std::fs::write(gw.config_path(), config.replace("\"gw-1\"", "\"gw-9\"")).unwrap();
@@ -490,10 +482,13 @@ async fn without_fleet_nothing_connects_and_a_silent_redis_holds_nothing_up() {
     let gw = Gateway::start(&without).await;
     let (_tunnel, reply) = connect_from(gw.addr, "127.0.0.1", &target, "").await;
     assert_eq!(reply.status, 200);
-    let metrics = admin_get(gw.admin_addr.unwrap(), "/metrics").await.body;
+    let metrics = gw.metrics().await;
     assert!(
-        !metrics.contains("portcullis_fleet"),
-        "fleet metrics without [fleet]"
+        !metrics
+            .names()
+            .iter()
+            .any(|name| name.starts_with("portcullis_fleet")),
+        "fleet metrics without [fleet]:\n{metrics}"
     );
     let accepted = tokio::time::timeout(Duration::from_millis(700), stand_in.accept()).await;
     assert!(
@@ -528,8 +523,8 @@ async fn without_fleet_nothing_connects_and_a_silent_redis_holds_nothing_up() {
     assert_eq!(reply.status, 200);
     let (_third, reply) = connect_from(gw.addr, "127.0.0.1", &target, "").await;
     assert_eq!(reply.status, 429, "the fallback share of max_tunnels");
-    let metrics = admin_get(gw.admin_addr.unwrap(), "/metrics").await.body;
-    assert_eq!(metric(&metrics, "portcullis_fleet_connected"), Some(0.0));
+    let metrics = gw.metrics().await;
+    assert_eq!(metrics.get("portcullis_fleet_connected"), Some(0.0));
 }
 
 #[tokio::test]
@@ -632,8 +627,8 @@ async fn rediss_verifies_the_server_against_the_system_trust_store() {
     let target = format!("{ORIGIN_HOST}:{port}");
     let (_tunnel, reply) = connect_from(gw.addr, "127.0.0.1", &target, "").await;
     assert_eq!(reply.status, 200);
-    let metrics = admin_get(gw.admin_addr.unwrap(), "/metrics").await.body;
-    assert_eq!(metric(&metrics, "portcullis_fleet_connected"), Some(1.0));
+    let metrics = gw.metrics().await;
+    assert_eq!(metrics.get("portcullis_fleet_connected"), Some(1.0));
     // Without the CA the server is not believed: Redis does not answer, tunnels go on.
     let mut untrusted = Gateway::start_with_env(
         &config.replace("gw-1", "gw-2"),

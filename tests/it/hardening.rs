@@ -334,11 +334,7 @@ async fn the_connection_limit_follows_the_descriptor_limit_raised_to_the_hard_on
     assert_eq!(line["descriptors"], hard, "{line}");
     assert_eq!(line["max_connections"], expected, "{line}");
     assert_eq!(line["from"], "descriptor limit", "{line}");
-    let metrics = admin_get(gw.admin_addr.unwrap(), "/metrics").await.body;
-    for want in [
-        format!("portcullis_connections_limit {expected}\n"),
-        format!("process_max_fds {hard}\n"),
-    ] {
-        assert!(metrics.contains(&want), "missing {want:?} in:\n{metrics}");
-    }
+    let metrics = gw.metrics().await;
+    metrics.assert_value("portcullis_connections_limit", expected as f64);
+    metrics.assert_value("process_max_fds", hard as f64);
 }

@@ -122,10 +122,9 @@ async fn record_then_enforce_across_a_restart_with_approve_and_forget_live_and_o
     // Record: everything passes; each branch's first tunnel to a name is flagged.
     let mut gw = Gateway::start(&config(state.path(), port, "record", 4, "")).await;
     let admin = gw.admin_addr.unwrap();
-    let zero = get(admin, "/metrics").await;
-    assert!(
-        zero.contains("portcullis_new_destinations_total{branch=\"london\",rule=\"accounts\"} 0"),
-        "{zero}"
+    gw.metrics().await.assert_value(
+        r#"portcullis_new_destinations_total{branch="london",rule="accounts"}"#,
+        0.0,
     );
     for (from, host) in [(LONDON, 0), (LONDON, 0), (PARIS, 0), (LONDON, 1)] {
         assert_eq!(fetch(&pki, gw.addr, from, &account(host), port).await, 200);
@@ -148,13 +147,22 @@ async fn record_then_enforce_across_a_restart_with_approve_and_forget_live_and_o
         lines_for(&gw, "london", &account(1))[0]["new_destination"],
         true
     );
-    let metrics = get(admin, "/metrics").await;
-    for want in [
-        "portcullis_new_destinations_total{branch=\"london\",rule=\"accounts\"} 2",
-        "portcullis_new_destinations_total{branch=\"paris\",rule=\"accounts\"} 1",
-        "portcullis_learned_destinations{branch=\"london\",rule=\"accounts\"} 2",
+    let metrics = gw.metrics().await;
+    for (series, want) in [
+        (
+            r#"portcullis_new_destinations_total{branch="london",rule="accounts"}"#,
+            2.0,
+        ),
+        (
+            r#"portcullis_new_destinations_total{branch="paris",rule="accounts"}"#,
+            1.0,
+        ),
+        (
+            r#"portcullis_learned_destinations{branch="london",rule="accounts"}"#,
+            2.0,
+        ),
     ] {
-        assert!(metrics.contains(want), "missing {want:?} in:\n{metrics}");
+        metrics.assert_value(series, want);
     }
     let admin_text = admin.to_string();
     let (ok, listing, err) = cli(&[

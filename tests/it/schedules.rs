@@ -12,13 +12,6 @@ fn all_day(name: &str, extra: &str) -> String {
     )
 }
 
-fn metric(metrics: &str, name_and_labels: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name_and_labels} in:\n{metrics}"))
-}
-
 #[tokio::test]
 async fn transfers_in_both_directions_keep_to_the_limit_in_force() {
     let pki = Pki::new();
@@ -73,29 +66,18 @@ async fn transfers_in_both_directions_keep_to_the_limit_in_force() {
         "download took {down:?}"
     );
 
-    let metrics = admin_get(gw.admin_addr.unwrap(), "/metrics").await.body;
+    let metrics = gw.metrics().await;
     for direction in ["upload", "download"] {
         let labels =
             format!("{{scope=\"each-branch\",budget=\"unassigned\",direction=\"{direction}\"}}");
         assert_eq!(
-            metric(
-                &metrics,
-                &format!("portcullis_throttle_limit_bytes_per_second{labels}")
-            ),
+            metrics.value(&format!(
+                "portcullis_throttle_limit_bytes_per_second{labels}"
+            )),
             2_000_000.0
         );
-        assert!(
-            metric(
-                &metrics,
-                &format!("portcullis_throttled_bytes_total{labels}")
-            ) >= 4_000_000.0
-        );
-        assert!(
-            metric(
-                &metrics,
-                &format!("portcullis_throttle_wait_seconds_total{labels}")
-            ) > 1.0
-        );
+        assert!(metrics.value(&format!("portcullis_throttled_bytes_total{labels}")) >= 4_000_000.0);
+        assert!(metrics.value(&format!("portcullis_throttle_wait_seconds_total{labels}")) > 1.0);
     }
 }
 
@@ -126,30 +108,23 @@ async fn schedules_out_of_hours_or_for_other_categories_leave_traffic_alone() {
         .await
         .unwrap();
     assert_eq!(resp.bytes().await.unwrap().len(), 8_000_000);
-    let metrics = admin_get(gw.admin_addr.unwrap(), "/metrics").await.body;
+    let metrics = gw.metrics().await;
     // The storage tunnel passed no budget in force: none counted a byte or a wait.
     let each = "{scope=\"each-branch\",budget=\"unassigned\",direction=\"download\"}";
     let shared = "{scope=\"all-branches\",budget=\"*\",direction=\"download\"}";
     assert_eq!(
-        metric(
-            &metrics,
-            &format!("portcullis_throttle_limit_bytes_per_second{each}")
-        ),
+        metrics.value(&format!("portcullis_throttle_limit_bytes_per_second{each}")),
         0.0
     );
     assert_eq!(
-        metric(
-            &metrics,
-            &format!("portcullis_throttle_limit_bytes_per_second{shared}")
-        ),
+        metrics.value(&format!(
+            "portcullis_throttle_limit_bytes_per_second{shared}"
+        )),
         1_000_000.0
     );
     for labels in [each, shared] {
         assert_eq!(
-            metric(
-                &metrics,
-                &format!("portcullis_throttled_bytes_total{labels}")
-            ),
+            metrics.value(&format!("portcullis_throttled_bytes_total{labels}")),
             0.0
         );
     }

@@ -71,11 +71,9 @@ async fn addresses_outside_a_rules_service_tags_are_refused_and_a_reload_takes_a
         let line = gw.access_line(|l| l["host"] == host).await;
         assert_eq!(line["end"], "destination_forbidden", "{line}");
     }
-    let metrics = admin_get(gw.admin_addr.unwrap(), "/metrics").await.body;
-    assert!(
-        metrics.contains("portcullis_service_tags_change_number 312\n"),
-        "{metrics}"
-    );
+    gw.metrics()
+        .await
+        .assert_value("portcullis_service_tags_change_number", 312.0);
 
     // explain shows the check per address; check-config the file's edition.
     let (_cdir, path) = temp_file("portcullis.toml", &text);
@@ -126,11 +124,9 @@ async fn addresses_outside_a_rules_service_tags_are_refused_and_a_reload_takes_a
     )
     .await;
     assert_eq!(now_ok.status, 200, "{now_ok:?}");
-    let metrics = admin_get(gw.admin_addr.unwrap(), "/metrics").await.body;
-    assert!(
-        metrics.contains("portcullis_service_tags_change_number 313\n"),
-        "{metrics}"
-    );
+    gw.metrics()
+        .await
+        .assert_value("portcullis_service_tags_change_number", 313.0);
 }
 
 #[test]

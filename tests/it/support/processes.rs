@@ -238,6 +238,14 @@ impl Gateway {
             .await
     }
 
+    /// The admin listener's `/metrics`, parsed.
+    pub async fn metrics(&self) -> super::Metrics {
+        let admin = self
+            .admin_addr
+            .expect("an admin listener on 127.0.0.1:0 in the config");
+        super::Metrics::fetch(admin).await
+    }
+
     /// The config file the gateway was started with (rewrite it, then `signal("HUP")`).
     pub fn config_path(&self) -> std::path::PathBuf {
         self._dir.path().join("portcullis.toml")
