@@ -8,7 +8,7 @@ use std::time::Duration;
 async fn metrics_count_known_traffic_exactly_and_never_name_a_destination() {
     let mut origin = TcpOrigin::start(b"5byte").await;
     let port = origin.addr.port();
-    let mut gw = Gateway::start(&config_for(port, &resolver_hosts(""))).await;
+    let mut gw = Gateway::start(GatewayConfig::for_origin(port)).await;
     let admin = gw.admin_addr.unwrap();
 
     let (mut tunnel, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
@@ -100,7 +100,7 @@ async fn bytes_are_counted_while_a_tunnel_is_open() {
     use tokio::io::AsyncWriteExt;
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
-    let gw = Gateway::start(&config_for(port, &resolver_hosts(""))).await;
+    let gw = Gateway::start(GatewayConfig::for_origin(port)).await;
     let (mut tunnel, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
     assert_eq!(status, 200);
     tunnel.write_all(&vec![7u8; 1 << 20]).await.unwrap();
@@ -132,8 +132,7 @@ async fn bytes_are_counted_while_a_tunnel_is_open() {
 async fn readiness_goes_503_while_draining_and_reloads_are_counted() {
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
-    let extra = format!("{}\n[timeouts]\ndrain = \"20s\"\n", resolver_hosts(""));
-    let mut gw = Gateway::start(&config_for(port, &extra)).await;
+    let mut gw = Gateway::start(GatewayConfig::for_origin(port).timeout("drain", "20s")).await;
     let admin = gw.admin_addr.unwrap();
     assert_eq!(admin_get(admin, "/readyz").await.status, 200);
 
@@ -185,7 +184,7 @@ async fn readiness_goes_503_while_draining_and_reloads_are_counted() {
 async fn metrics_pass_promtool_and_follow_the_accept_header() {
     let mut origin = TcpOrigin::start(b"5byte").await;
     let port = origin.addr.port();
-    let gw = Gateway::start(&config_for(port, &resolver_hosts(""))).await;
+    let gw = Gateway::start(GatewayConfig::for_origin(port)).await;
     let admin = gw.admin_addr.unwrap();
     // Samples in every kind of family: a tunnel with bytes, a denial, a reload failure.
     let (mut tunnel, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;

@@ -48,17 +48,12 @@ fn metric_names(expr: &str) -> Vec<String> {
 /// The `/metrics` of a real gateway with `extra` config and a rule that learns (so the learned
 /// destinations' families have series).
 async fn exported_with_learning(origin_port: u16, extra: &str) -> Metrics {
-    let extra = format!(
-        "{}\n{extra}\n[policy.learn]\n\"test-origin\" = \"record\"\n",
-        resolver_hosts("")
-    );
     let state = tempfile::tempdir().unwrap();
-    let config = format!(
-        "state_dir = \"{}\"\n{}",
-        state.path().display(),
-        config_for(origin_port, &extra)
-    );
-    let gw = Gateway::start(&config).await;
+    let config = GatewayConfig::for_origin(origin_port)
+        .state_dir(state.path())
+        .extra(extra)
+        .extra("[policy.learn]\n\"test-origin\" = \"record\"\n");
+    let gw = Gateway::start(config).await;
     gw.metrics().await
 }
 

@@ -20,11 +20,7 @@ async fn transfers_in_both_directions_keep_to_the_limit_in_force() {
         "office",
         "upload = \"2 MB/s\"\ndownload = \"2 MB/s\"\napplies_to = \"each-branch\"",
     );
-    let mut gw = Gateway::start(&config_for(
-        origin.port(),
-        &format!("{schedule}\n{}", resolver_hosts("")),
-    ))
-    .await;
+    let mut gw = Gateway::start(GatewayConfig::for_origin(origin.port()).extra(&schedule)).await;
     let _ = gw
         .wait_log(|l| {
             l["message"] == "bandwidth limit in force"
@@ -93,11 +89,7 @@ async fn schedules_out_of_hours_or_for_other_categories_leave_traffic_alone() {
             "download = \"1 MB/s\"\napplies_to = \"all-branches\"\ncategories = [\"sync\"]"
         )
     );
-    let gw = Gateway::start(&config_for(
-        origin.port(),
-        &format!("{schedules}\n{}", resolver_hosts("")),
-    ))
-    .await;
+    let gw = Gateway::start(GatewayConfig::for_origin(origin.port()).extra(&schedules)).await;
     let client = client(&pki, gw.addr);
     let resp = client
         .get(format!(
@@ -139,13 +131,8 @@ async fn a_reload_that_starts_a_window_slows_an_open_tunnel() {
             "[[schedule]]\nname = \"office\"\ndays = \"daily\"\nhours = \"{hours}\"\ntime_zone = \"UTC\"\ndownload = \"4 MB/s\"\n"
         )
     };
-    let config = |hours: &str| {
-        config_for(
-            origin.port(),
-            &format!("{}\n{}", schedule(hours), resolver_hosts("")),
-        )
-    };
-    let mut gw = Gateway::start(&config(&later_today())).await;
+    let config = |hours: &str| GatewayConfig::for_origin(origin.port()).extra(&schedule(hours));
+    let mut gw = Gateway::start(config(&later_today())).await;
     let client = client(&pki, gw.addr);
     let mut resp = client
         .get(format!(
@@ -160,7 +147,7 @@ async fn a_reload_that_starts_a_window_slows_an_open_tunnel() {
     while read < 1_000_000 {
         read += resp.chunk().await.unwrap().unwrap().len();
     }
-    std::fs::write(gw.config_path(), config("00:00-00:00")).unwrap();
+    std::fs::write(gw.config_path(), config("00:00-00:00").to_string()).unwrap();
     gw.signal("HUP");
     let _ = gw
         .wait_log(|l| l["message"] == "bandwidth limit in force" && l["direction"] == "download")

@@ -49,42 +49,25 @@ impl AgentFiles {
 /// A gateway config: TLS listener on `tls_port` (0: any) requiring client certificates from the
 /// test CA, branch london by certificate and berlin by credentials, the origin's two names
 /// allowed on its port, and all three names mapped to 127.0.0.1.
-pub fn agent_gateway_config(files: &AgentFiles, origin_port: u16, tls_port: u16) -> String {
+pub fn agent_gateway_config(files: &AgentFiles, origin_port: u16, tls_port: u16) -> GatewayConfig {
     let hash = portcullis::config::password::hash_password("s3cret").unwrap();
-    let dir = files.dir.path().display();
-    let extra = format!(
-        r#"
-[[policy.allow]]
-name = "second"
-category = "sync"
-hosts = ["{SECOND_HOST}"]
-ports = [{origin_port}]
-private_addresses = ["127.0.0.1/32"]
-
-[tls]
-certificate = "{dir}/gateway.pem"
-key = "{dir}/gateway.key"
-client_ca = "{dir}/ca.pem"
-
-[[branch]]
-name = "london"
-client_certificates = ["{BRANCH_CERT_NAME}"]
-
-[[branch]]
-name = "berlin"
-credentials = [{{ user = "berlin-fs1", password_hash = "{hash}" }}]
-
-{}"#,
-        resolver_hosts(&format!(
-            "\"{SECOND_HOST}\" = \"127.0.0.1\"\n\"{DENIED_HOST}\" = \"127.0.0.1\""
-        ))
-    );
-    config_for(origin_port, &extra).replace(
-        "admin = \"127.0.0.1:0\"",
-        &format!(
-            "admin = \"127.0.0.1:0\"\n\n[[listen.tls_proxy]]\naddress = \"127.0.0.1:{tls_port}\"\nclient_certificates = \"required\""
-        ),
-    )
+    let dir = files.dir.path();
+    GatewayConfig::for_origin(origin_port)
+        .tls_listener(&format!("127.0.0.1:{tls_port}"), Some("required"))
+        .rule(
+            Rule::new("second")
+                .category("sync")
+                .hosts(&[SECOND_HOST])
+                .ports(&[origin_port])
+                .private_addresses(&["127.0.0.1/32"]),
+        )
+        .tls("certificate", dir.join("gateway.pem"))
+        .tls("key", dir.join("gateway.key"))
+        .tls("client_ca", dir.join("ca.pem"))
+        .branch(Branch::new("london").client_certificates(&[BRANCH_CERT_NAME]))
+        .branch(Branch::new("berlin").credentials("berlin-fs1", &hash))
+        .resolve(SECOND_HOST, "127.0.0.1")
+        .resolve(DENIED_HOST, "127.0.0.1")
 }
 
 /// The row for `host` in a `check --json` report.

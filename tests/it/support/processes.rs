@@ -167,21 +167,27 @@ impl std::ops::DerefMut for Gateway {
 }
 
 impl Gateway {
-    /// Starts `portcullis serve` with `config` (TOML) and waits until it listens.
-    pub async fn start(config: &str) -> Self {
+    /// Starts `portcullis serve` with `config` (TOML text or a `GatewayConfig`) and waits until
+    /// it listens.
+    pub async fn start(config: impl std::fmt::Display) -> Self {
         Self::start_with_env(config, &[]).await
     }
 
     /// `start` with environment variables set for the process (e.g. `RUST_LOG`).
-    pub async fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
+    pub async fn start_with_env(config: impl std::fmt::Display, env: &[(&str, &str)]) -> Self {
         Self::start_under(config, env, &[]).await
     }
 
     /// `start_with_env`, run by `wrapper` (e.g. `["prlimit", "--nofile=1024:"]`) when given.
-    pub async fn start_under(config: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Self {
+    pub async fn start_under(
+        config: impl std::fmt::Display,
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> Self {
+        let config = config.to_string();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("portcullis.toml");
-        std::fs::write(&path, config).unwrap();
+        std::fs::write(&path, &config).unwrap();
         let binary = env!("CARGO_BIN_EXE_portcullis");
         let mut command = match wrapper.split_first() {
             None => Command::new(binary),
