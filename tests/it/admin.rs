@@ -4,27 +4,18 @@
 use crate::support::*;
 use std::time::Duration;
 
-pub async fn get(admin: std::net::SocketAddr, path: &str) -> Reply {
-    raw_request(
-        admin,
-        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-}
-
 #[tokio::test]
 async fn metrics_count_known_traffic_exactly_and_never_name_a_destination() {
     let mut origin = TcpOrigin::start(b"5byte").await;
     let port = origin.addr.port();
-    let mut gw = Gateway::start(&config_for(port, &resolver_hosts(""))).await;
+    let mut gw = Gateway::start(GatewayConfig::for_origin(port)).await;
     let admin = gw.admin_addr.unwrap();
 
     let (mut tunnel, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
     assert_eq!(status, 200);
-    let metrics = get(admin, "/metrics").await.body;
-    assert!(
-        metrics.contains("portcullis_tunnels_active{category=\"storage\",branch=\"unassigned\"} 1"),
-        "{metrics}"
+    gw.metrics().await.assert_value(
+        r#"portcullis_tunnels_active{category="storage",branch="unassigned"}"#,
+        1.0,
     );
     assert_eq!(send_and_finish(&mut tunnel, b"ten bytes!").await, b"5byte");
     assert_eq!(origin.received.recv().await.unwrap(), b"ten bytes!");
@@ -33,32 +24,62 @@ async fn metrics_count_known_traffic_exactly_and_never_name_a_destination() {
     assert_eq!(denied.status, 403);
     let _ = gw.access_line(|l| l["end"] == "policy_denied").await;
 
-    let reply = get(admin, "/metrics").await;
+    let reply = admin_get(admin, "/metrics").await;
     assert_eq!(reply.status, 200);
-    let metrics = reply.body;
-    for want in [
-        "portcullis_requests_total{verdict=\"allow\",end=\"closed\",category=\"storage\",branch=\"unassigned\"} 1",
-        "portcullis_requests_total{verdict=\"deny\",end=\"policy_denied\",category=\"none\",branch=\"unassigned\"} 1",
-        "portcullis_bytes_total{direction=\"up\",category=\"storage\",branch=\"unassigned\"} 10",
-        "portcullis_bytes_total{direction=\"down\",category=\"storage\",branch=\"unassigned\"} 5",
-        "portcullis_tunnels_active{category=\"storage\",branch=\"unassigned\"} 0",
-        &format!(
-            "portcullis_build_info{{version=\"0.1.0\",profiles=\"{}\"}} 1",
-            portcullis::policy::profiles::VERSION
+    let metrics = Metrics::parse(&reply.body);
+    for (series, want) in [
+        (
+            r#"portcullis_requests_total{verdict="allow",end="closed",category="storage",branch="unassigned"}"#,
+            1.0,
         ),
-        "portcullis_dial_duration_seconds_count{outcome=\"ok\"} 1",
-        "portcullis_dial_duration_seconds_count{outcome=\"failed\"} 0",
-        "portcullis_dns_duration_seconds_count{outcome=\"ok\"} 1",
-        "portcullis_dns_duration_seconds_count{outcome=\"timeout\"} 0",
+        (
+            r#"portcullis_requests_total{verdict="deny",end="policy_denied",category="none",branch="unassigned"}"#,
+            1.0,
+        ),
+        (
+            r#"portcullis_bytes_total{direction="up",category="storage",branch="unassigned"}"#,
+            10.0,
+        ),
+        (
+            r#"portcullis_bytes_total{direction="down",category="storage",branch="unassigned"}"#,
+            5.0,
+        ),
+        (
+            r#"portcullis_tunnels_active{category="storage",branch="unassigned"}"#,
+            0.0,
+        ),
+        (
+            &format!(
+                r#"portcullis_build_info{{version="0.1.0",profiles="{}"}}"#,
+                portcullis::policy::profiles::VERSION
+            ),
+            1.0,
+        ),
+        (
+            r#"portcullis_dial_duration_seconds_count{outcome="ok"}"#,
+            1.0,
+        ),
+        (
+            r#"portcullis_dial_duration_seconds_count{outcome="failed"}"#,
+            0.0,
+        ),
+        (
+            r#"portcullis_dns_duration_seconds_count{outcome="ok"}"#,
+            1.0,
+        ),
+        (
+            r#"portcullis_dns_duration_seconds_count{outcome="timeout"}"#,
+            0.0,
+        ),
     ] {
-        assert!(metrics.contains(want), "missing {want:?} in:\n{metrics}");
+        metrics.assert_value(series, want);
     }
     assert!(
-        !metrics.contains("share1") && !metrics.contains("evil"),
+        !metrics.text().contains("share1") && !metrics.text().contains("evil"),
         "no destination host in metrics"
     );
-    assert_eq!(get(admin, "/healthz").await.status, 200);
-    assert_eq!(get(admin, "/nothing").await.status, 404);
+    assert_eq!(admin_get(admin, "/healthz").await.status, 200);
+    assert_eq!(admin_get(admin, "/nothing").await.status, 404);
     // The container HEALTHCHECK command.
     let health = |path: &str| {
         std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
@@ -79,34 +100,30 @@ async fn bytes_are_counted_while_a_tunnel_is_open() {
     use tokio::io::AsyncWriteExt;
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
-    let gw = Gateway::start(&config_for(port, &resolver_hosts(""))).await;
-    let admin = gw.admin_addr.unwrap();
+    let gw = Gateway::start(GatewayConfig::for_origin(port)).await;
     let (mut tunnel, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
     assert_eq!(status, 200);
     tunnel.write_all(&vec![7u8; 1 << 20]).await.unwrap();
-    let counted = |metrics: &str| -> u64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with("portcullis_bytes_total{direction=\"up\",category=\"storage\""))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0)
+    let counted = |metrics: &Metrics| {
+        metrics.sum(r#"portcullis_bytes_total{direction="up",category="storage"}"#)
     };
+    // All but less than one 256 KiB step of the MiB, with the tunnel still open.
+    let enough = f64::from((1 << 20) - 256 * 1024);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let metrics = loop {
-        let metrics = get(admin, "/metrics").await.body;
-        // All but less than one 256 KiB step of the MiB, with the tunnel still open.
-        if counted(&metrics) > (1 << 20) - 256 * 1024 || tokio::time::Instant::now() > deadline {
+        let metrics = gw.metrics().await;
+        if counted(&metrics) > enough || tokio::time::Instant::now() > deadline {
             break metrics;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(
-        counted(&metrics) > (1 << 20) - 256 * 1024,
+        counted(&metrics) > enough,
         "bytes not counted while open:\n{metrics}"
     );
-    assert!(
-        metrics.contains("portcullis_tunnels_active{category=\"storage\",branch=\"unassigned\"} 1"),
-        "{metrics}"
+    metrics.assert_value(
+        r#"portcullis_tunnels_active{category="storage",branch="unassigned"}"#,
+        1.0,
     );
     drop(tunnel);
 }
@@ -115,19 +132,15 @@ async fn bytes_are_counted_while_a_tunnel_is_open() {
 async fn readiness_goes_503_while_draining_and_reloads_are_counted() {
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
-    let extra = format!("{}\n[timeouts]\ndrain = \"20s\"\n", resolver_hosts(""));
-    let mut gw = Gateway::start(&config_for(port, &extra)).await;
+    let mut gw = Gateway::start(GatewayConfig::for_origin(port).timeout("drain", "20s")).await;
     let admin = gw.admin_addr.unwrap();
-    assert_eq!(get(admin, "/readyz").await.status, 200);
+    assert_eq!(admin_get(admin, "/readyz").await.status, 200);
 
     // One good reload, one bad.
     let good = std::fs::read_to_string(gw.config_path()).unwrap();
-    gw.signal("HUP");
-    let _ = gw.wait_log(|l| l["message"] == "reload applied").await;
+    gw.reload("reload applied").await;
     std::fs::write(gw.config_path(), "nonsense = [").unwrap();
-    gw.signal("HUP");
-    let _ = gw
-        .wait_log(|l| l["message"] == "reload rejected; the running configuration stays")
+    gw.reload("reload rejected; the running configuration stays")
         .await;
     // POST /reload from loopback: the bad file is refused with its problems, the good one applied.
     let post =
@@ -142,13 +155,9 @@ async fn readiness_goes_503_while_draining_and_reloads_are_counted() {
     std::fs::write(gw.config_path(), good).unwrap();
     let applied = raw_request(admin, post).await;
     assert_eq!((applied.status, applied.body.as_str()), (200, "reloaded\n"));
-    let metrics = get(admin, "/metrics").await.body;
-    for want in [
-        "portcullis_config_reloads_total{result=\"success\"} 2",
-        "portcullis_config_reloads_total{result=\"failure\"} 2",
-    ] {
-        assert!(metrics.contains(want), "missing {want:?} in:\n{metrics}");
-    }
+    let metrics = gw.metrics().await;
+    metrics.assert_value(r#"portcullis_config_reloads_total{result="success"}"#, 2.0);
+    metrics.assert_value(r#"portcullis_config_reloads_total{result="failure"}"#, 2.0);
 
     let (tunnel, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
     assert_eq!(status, 200);
@@ -156,10 +165,10 @@ async fn readiness_goes_503_while_draining_and_reloads_are_counted() {
     let _ = gw
         .wait_log(|l| l["message"] == "stopped accepting; draining")
         .await;
-    let ready = get(admin, "/readyz").await;
+    let ready = admin_get(admin, "/readyz").await;
     assert_eq!((ready.status, ready.body.as_str()), (503, "draining\n"));
     assert_eq!(
-        get(admin, "/healthz").await.status,
+        admin_get(admin, "/healthz").await.status,
         200,
         "alive while draining"
     );
@@ -171,36 +180,11 @@ async fn readiness_goes_503_while_draining_and_reloads_are_counted() {
     assert_eq!(status.code(), Some(0));
 }
 
-/// `promtool check metrics` (lint included) accepts `text`, a classic-format exposition.
-pub fn assert_promtool_passes(text: &str) {
-    use std::io::Write;
-    let mut promtool = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus; .ci/run installs it)");
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let checked = promtool.wait_with_output().unwrap();
-    assert!(
-        checked.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
-    );
-}
-
 #[tokio::test]
 async fn metrics_pass_promtool_and_follow_the_accept_header() {
     let mut origin = TcpOrigin::start(b"5byte").await;
     let port = origin.addr.port();
-    let gw = Gateway::start(&config_for(port, &resolver_hosts(""))).await;
+    let gw = Gateway::start(GatewayConfig::for_origin(port)).await;
     let admin = gw.admin_addr.unwrap();
     // Samples in every kind of family: a tunnel with bytes, a denial, a reload failure.
     let (mut tunnel, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
@@ -211,13 +195,15 @@ async fn metrics_pass_promtool_and_follow_the_accept_header() {
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
 
     // No Accept: the classic text format, which promtool reads and lints.
-    let classic = get(admin, "/metrics").await;
+    let classic = admin_get(admin, "/metrics").await;
     assert_eq!(
         classic.header("content-type"),
         Some("text/plain; version=0.0.4; charset=utf-8")
     );
     assert!(
-        classic.body.contains("portcullis_requests_total{"),
+        !Metrics::parse(&classic.body)
+            .matching("portcullis_requests_total")
+            .is_empty(),
         "{}",
         classic.body
     );

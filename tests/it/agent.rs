@@ -9,85 +9,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_portcullis-agent");
-/// A second name the test origin answers to (and the gateway allows).
-pub(crate) const SECOND_HOST: &str = "eastus01.afs.azure.net";
-/// A name the gateway maps to the origin but no rule allows on the origin's port.
-pub(crate) const DENIED_HOST: &str = "denied.file.core.windows.net";
-const BRANCH_CERT_NAME: &str = "london-fs1.contoso.example";
-
-/// Test PKI files: CA, the gateway's certificate (for 127.0.0.1), the branch's client certificate.
-pub(crate) struct Files {
-    pub(crate) dir: tempfile::TempDir,
-}
-
-impl Files {
-    pub(crate) fn new(pki: &Pki) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let (cert, key) = pki.issue_pem(&["gateway.test", "127.0.0.1"], 2099);
-        std::fs::write(dir.path().join("gateway.pem"), cert).unwrap();
-        std::fs::write(dir.path().join("gateway.key"), key).unwrap();
-        std::fs::write(dir.path().join("ca.pem"), &pki.ca_pem).unwrap();
-        let (cert, key) = pki.issue_pem(&[BRANCH_CERT_NAME], 2099);
-        std::fs::write(dir.path().join("branch.pem"), cert).unwrap();
-        std::fs::write(dir.path().join("branch.key"), key).unwrap();
-        Self { dir }
-    }
-
-    /// The CA, branch certificate and key paths, as `check` and `forward` take them.
-    pub(crate) fn identity(&self) -> (String, String, String) {
-        (
-            self.path("ca.pem"),
-            self.path("branch.pem"),
-            self.path("branch.key"),
-        )
-    }
-
-    pub(crate) fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).display().to_string()
-    }
-}
-
-/// A gateway config: TLS listener on `tls_port` (0: any) requiring client certificates from the
-/// test CA, branch london by certificate and berlin by credentials, the origin's two names
-/// allowed on its port, and all three names mapped to 127.0.0.1.
-pub(crate) fn gateway_config(files: &Files, origin_port: u16, tls_port: u16) -> String {
-    let hash = portcullis::config::password::hash_password("s3cret").unwrap();
-    let dir = files.dir.path().display();
-    let extra = format!(
-        r#"
-[[policy.allow]]
-name = "second"
-category = "sync"
-hosts = ["{SECOND_HOST}"]
-ports = [{origin_port}]
-private_addresses = ["127.0.0.1/32"]
-
-[tls]
-certificate = "{dir}/gateway.pem"
-key = "{dir}/gateway.key"
-client_ca = "{dir}/ca.pem"
-
-[[branch]]
-name = "london"
-client_certificates = ["{BRANCH_CERT_NAME}"]
-
-[[branch]]
-name = "berlin"
-credentials = [{{ user = "berlin-fs1", password_hash = "{hash}" }}]
-
-{}"#,
-        resolver_hosts(&format!(
-            "\"{SECOND_HOST}\" = \"127.0.0.1\"\n\"{DENIED_HOST}\" = \"127.0.0.1\""
-        ))
-    );
-    config_for(origin_port, &extra).replace(
-        "admin = \"127.0.0.1:0\"",
-        &format!(
-            "admin = \"127.0.0.1:0\"\n\n[[listen.tls_proxy]]\naddress = \"127.0.0.1:{tls_port}\"\nclient_certificates = \"required\""
-        ),
-    )
-}
-
 /// Runs `portcullis-agent args` to completion (30 s at most): exit code, stdout, stderr.
 async fn agent(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
     let mut command = tokio::process::Command::new(AGENT);
@@ -106,22 +27,13 @@ async fn agent(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, Str
     )
 }
 
-pub(crate) fn row<'a>(report: &'a Value, host: &str) -> &'a Value {
-    report["endpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["host"] == host)
-        .unwrap_or_else(|| panic!("no row for {host} in {report:#}"))
-}
-
 #[tokio::test]
 async fn check_passes_every_stage_through_a_tls_gateway_and_reports_denials() {
     let pki = Pki::new();
     let origin = Origin::start_named(&pki, &[ORIGIN_HOST, SECOND_HOST, DENIED_HOST]).await;
     let port = origin.port();
-    let files = Files::new(&pki);
-    let gw = Gateway::start(&gateway_config(&files, port, 0)).await;
+    let files = AgentFiles::new(&pki);
+    let gw = Gateway::start(&agent_gateway_config(&files, port, 0)).await;
     let proxy = format!("https://{}", gw.tls_addr.unwrap());
     let (ca, cert, key) = files.identity();
     let first = format!("{ORIGIN_HOST}:{port}");
@@ -140,7 +52,7 @@ async fn check_passes_every_stage_through_a_tls_gateway_and_reports_denials() {
         (Some(2), Some(0))
     );
     for host in [ORIGIN_HOST, SECOND_HOST] {
-        let r = row(&report, host);
+        let r = report_row(&report, host);
         assert_eq!(r["result"], "pass", "{r:#}");
         for stage in ["proxy", "auth", "connect", "tls"] {
             assert_eq!(r[stage]["outcome"], "pass", "{stage}: {r:#}");
@@ -171,7 +83,7 @@ async fn check_passes_every_stage_through_a_tls_gateway_and_reports_denials() {
     args.push("--json");
     let (_, stdout, _) = agent(&args, &[]).await;
     let report: Value = serde_json::from_str(&stdout).unwrap();
-    let r = row(&report, DENIED_HOST);
+    let r = report_row(&report, DENIED_HOST);
     let reason = r["verdict"]["reason"]
         .as_str()
         .expect("the gateway's reason");
@@ -225,7 +137,7 @@ async fn check_passes_every_stage_through_a_tls_gateway_and_reports_denials() {
     let (code, stdout, _) = agent(&args, &[("PORTCULLIS_PROXY_PASSWORD", "wrong")]).await;
     assert_eq!(code, Some(1));
     let report: Value = serde_json::from_str(&stdout).unwrap();
-    let r = row(&report, ORIGIN_HOST);
+    let r = report_row(&report, ORIGIN_HOST);
     assert_eq!(r["auth"]["outcome"], "fail", "{r:#}");
     assert_eq!(r["verdict"]["status"], 407);
     assert!(!stdout.contains("wrong"), "the password is never printed");
@@ -236,8 +148,8 @@ async fn check_direct_flags_an_endpoint_reachable_without_the_gateway() {
     let pki = Pki::new();
     let origin = Origin::start_named(&pki, &[ORIGIN_HOST, SECOND_HOST]).await;
     let port = origin.port();
-    let files = Files::new(&pki);
-    let gw = Gateway::start(&gateway_config(&files, port, 0)).await;
+    let files = AgentFiles::new(&pki);
+    let gw = Gateway::start(&agent_gateway_config(&files, port, 0)).await;
     let proxy = format!("https://{}", gw.tls_addr.unwrap());
     let (ca, cert, key) = files.identity();
     let (first, second) = (
@@ -275,7 +187,7 @@ async fn check_direct_flags_an_endpoint_reachable_without_the_gateway() {
         "a direct path is a finding: {stdout}{stderr}"
     );
     let report: Value = serde_json::from_str(&stdout).unwrap();
-    let leaky = row(&report, ORIGIN_HOST);
+    let leaky = report_row(&report, ORIGIN_HOST);
     assert_eq!(
         (leaky["result"].as_str(), leaky["direct"]["open"].as_bool()),
         (Some("fail"), Some(true)),
@@ -286,7 +198,7 @@ async fn check_direct_flags_an_endpoint_reachable_without_the_gateway() {
         "the gateway path itself works"
     );
     assert!(leaky["note"].as_str().unwrap().contains("DIRECT OPEN"));
-    let closed = row(&report, SECOND_HOST);
+    let closed = report_row(&report, SECOND_HOST);
     assert_eq!(
         (
             closed["result"].as_str(),
@@ -373,7 +285,7 @@ async fn check_skips_wildcards_without_a_representative() {
     .await;
     assert_eq!(code, Some(1), "{stderr}");
     let report: Value = serde_json::from_str(&stdout).unwrap();
-    let storage = row(&report, "*.core.windows.net");
+    let storage = report_row(&report, "*.core.windows.net");
     assert_eq!(storage["result"], "skip");
     assert!(
         storage["note"]
@@ -381,7 +293,7 @@ async fn check_skips_wildcards_without_a_representative() {
             .unwrap()
             .contains("--storage-account")
     );
-    let management = row(&report, "management.azure.com");
+    let management = report_row(&report, "management.azure.com");
     assert_eq!(
         (
             management["result"].as_str(),
@@ -435,62 +347,7 @@ impl std::ops::DerefMut for Agent {
     }
 }
 
-/// curl through the agent to the origin: downloads `bytes` and checks them against the
-/// origin's hash. Returns the verified length.
-pub(crate) async fn curl_through(
-    agent: SocketAddr,
-    ca: &str,
-    origin_port: u16,
-    bytes: usize,
-) -> usize {
-    let dir = tempfile::tempdir().unwrap();
-    let body = dir.path().join("body");
-    let headers = dir.path().join("headers");
-    let url = format!("https://{ORIGIN_HOST}:{origin_port}/download?bytes={bytes}");
-    let status = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::process::Command::new("curl")
-            .args(["-sS", "--max-time", "20", "-x", &format!("http://{agent}")])
-            .args(["--cacert", ca, "-o"])
-            .arg(&body)
-            .arg("-D")
-            .arg(&headers)
-            .arg(&url)
-            .status(),
-    )
-    .await
-    .expect("curl finishes")
-    .expect("run curl");
-    assert!(status.success(), "curl through the agent: {status}");
-    let got = std::fs::read(&body).unwrap();
-    let head = std::fs::read_to_string(&headers)
-        .unwrap()
-        .to_ascii_lowercase();
-    let want = head
-        .lines()
-        .find_map(|l| l.strip_prefix("x-sha256: "))
-        .expect("the origin's hash header")
-        .trim()
-        .to_owned();
-    assert_eq!(sha256_hex(&got), want);
-    got.len()
-}
-
-/// A free port below the ephemeral range (32768+): the gateway is restarted on it, and no
-/// client socket of a parallel test can take it as its local port in between.
-pub(crate) fn free_port() -> u16 {
-    let seed = std::process::id() as u64 * 7919
-        + std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos() as u64;
-    (0..200)
-        .map(|i| 20_000 + ((seed + i * 104_729) % 12_000) as u16)
-        .find(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
-        .expect("a free port between 20000 and 32000")
-}
-
-fn identity_args(files: &Files) -> Vec<String> {
+fn identity_args(files: &AgentFiles) -> Vec<String> {
     let (ca, cert, key) = files.identity();
     vec![
         "--ca".into(),
@@ -507,8 +364,8 @@ async fn forward_carries_curl_through_a_tls_gateway_with_the_branch_certificate(
     let pki = Pki::new();
     let origin = Origin::start(&pki).await;
     let port = origin.port();
-    let files = Files::new(&pki);
-    let mut gw = Gateway::start(&gateway_config(&files, port, 0)).await;
+    let files = AgentFiles::new(&pki);
+    let mut gw = Gateway::start(&agent_gateway_config(&files, port, 0)).await;
     let mut args = identity_args(&files);
     args.extend([
         "--gateway".into(),
@@ -589,11 +446,11 @@ async fn forward_fails_over_to_the_second_gateway_and_returns_to_the_first() {
     let pki = Pki::new();
     let origin = Origin::start(&pki).await;
     let port = origin.port();
-    let files = Files::new(&pki);
+    let files = AgentFiles::new(&pki);
     let first_port = free_port();
-    let first_config = gateway_config(&files, port, first_port);
+    let first_config = agent_gateway_config(&files, port, first_port);
     let mut first = Gateway::start(&first_config).await;
-    let mut second = Gateway::start(&gateway_config(&files, port, 0)).await;
+    let mut second = Gateway::start(&agent_gateway_config(&files, port, 0)).await;
     let first_url = format!("https://127.0.0.1:{first_port}");
     let second_url = format!("https://{}", second.tls_addr.unwrap());
     let mut args = identity_args(&files);
@@ -667,34 +524,35 @@ async fn forward_fails_over_to_the_second_gateway_and_returns_to_the_first() {
     );
 
     // The forwarder's own metrics tell the same story.
-    let metrics = crate::admin::get(admin, "/metrics").await.body;
-    for want in [
-        "portcullis_agent_failovers_total 1\n".to_owned(),
-        "portcullis_agent_tunnels_active 0\n".to_owned(),
-        format!("portcullis_agent_gateway_up{{gateway=\"{first_url}\"}} 1\n"),
-        format!("portcullis_agent_gateway_in_use{{gateway=\"{first_url}\"}} 1\n"),
-        format!("portcullis_agent_gateway_in_use{{gateway=\"{second_url}\"}} 0\n"),
+    let metrics = Metrics::fetch(admin).await;
+    for (series, want) in [
+        ("portcullis_agent_failovers_total".to_owned(), 1.0),
+        ("portcullis_agent_tunnels_active".to_owned(), 0.0),
+        (
+            format!(r#"portcullis_agent_gateway_up{{gateway="{first_url}"}}"#),
+            1.0,
+        ),
+        (
+            format!(r#"portcullis_agent_gateway_in_use{{gateway="{first_url}"}}"#),
+            1.0,
+        ),
+        (
+            format!(r#"portcullis_agent_gateway_in_use{{gateway="{second_url}"}}"#),
+            0.0,
+        ),
     ] {
-        assert!(metrics.contains(&want), "missing {want:?} in:\n{metrics}");
+        metrics.assert_value(&series, want);
     }
     // Three tunnels and one status request, however each ended (a tunnel's last write may
     // race curl's close).
-    let requests: u64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("portcullis_agent_requests_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum();
-    assert_eq!(requests, 4, "{metrics}");
-    let down: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("portcullis_agent_bytes_total{direction=\"down\"} "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let requests = metrics.sum("portcullis_agent_requests_total");
+    assert_eq!(requests, 4.0, "{metrics}");
+    let down = metrics.value(r#"portcullis_agent_bytes_total{direction="down"}"#);
     assert!(
-        down > 3000,
+        down > 3000.0,
         "three 1000-byte downloads and their TLS: {down}\n{metrics}"
     );
-    crate::admin::assert_promtool_passes(&metrics);
+    assert_promtool_passes(metrics.text());
 }
 
 #[tokio::test]
@@ -702,8 +560,8 @@ async fn forward_replaces_the_apps_credentials_with_the_configured_ones() {
     let pki = Pki::new();
     let origin = TcpOrigin::start(b"ok").await;
     let port = origin.addr.port();
-    let files = Files::new(&pki);
-    let mut gw = Gateway::start(&gateway_config(&files, port, 0)).await;
+    let files = AgentFiles::new(&pki);
+    let mut gw = Gateway::start(&agent_gateway_config(&files, port, 0)).await;
     // A config file names the gateway (plain listener) and the user; the password comes from
     // the environment.
     let config = files.dir.path().join("agent.toml");
@@ -780,8 +638,8 @@ async fn forward_drains_open_tunnels_on_sigterm_and_exits_0() {
     let pki = Pki::new();
     let origin = TcpOrigin::start(b"after drain").await;
     let port = origin.addr.port();
-    let files = Files::new(&pki);
-    let gw = Gateway::start(&gateway_config(&files, port, 0)).await;
+    let files = AgentFiles::new(&pki);
+    let gw = Gateway::start(&agent_gateway_config(&files, port, 0)).await;
     let mut args = identity_args(&files);
     args.extend([
         "--gateway".into(),

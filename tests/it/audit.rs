@@ -7,7 +7,7 @@ use crate::support::*;
 async fn access_lines_are_written_whatever_the_log_level() {
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
-    let config = config_for(port, &resolver_hosts(""));
+    let config = GatewayConfig::for_origin(port);
     // Warnings only, but for the listener lines the test needs to find the gateway.
     let mut gw =
         Gateway::start_with_env(&config, &[("RUST_LOG", "warn,portcullis::server=info")]).await;
@@ -22,11 +22,9 @@ async fn the_access_line_names_the_proxy_user_and_never_the_password() {
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
     let hash = portcullis::config::password::hash_password("s3cret").unwrap();
-    let extra = format!(
-        "[[branch]]\nname = \"london\"\ncredentials = [{{ user = \"london-fs1\", password_hash = \"{hash}\" }}]\n\n{}",
-        resolver_hosts("")
-    );
-    let mut gw = Gateway::start(&config_for(port, &extra)).await;
+    let config = GatewayConfig::for_origin(port)
+        .branch(Branch::new("london").credentials("london-fs1", &hash));
+    let mut gw = Gateway::start(config).await;
     let target = format!("{ORIGIN_HOST}:{port}");
     let (mut tunnel, reply) = connect_from(
         gw.addr,
@@ -71,12 +69,8 @@ fn lines_in(path: &std::path::Path) -> Vec<serde_json::Value> {
 async fn the_access_file_is_reopened_on_sigusr1_and_the_gateway_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let access = dir.path().join("access.log");
-    let config = format!(
-        "{}\n[log]\naccess_file = \"{}\"\n",
-        config_for(1, ""),
-        access.display()
-    );
-    let mut gw = Gateway::start(&config).await;
+    let config = GatewayConfig::no_origin().set("log", "access_file", &access);
+    let mut gw = Gateway::start(config).await;
     let addr = gw.addr;
     let deny = |host: &'static str| async move {
         let request = format!("CONNECT {host}:443 HTTP/1.1\r\n\r\n");

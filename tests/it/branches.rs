@@ -5,31 +5,20 @@ use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A config with three branches: london and paris by source address (127.0.0.2, 127.0.0.3),
-/// berlin by credentials; `extra` is appended.
-fn three_branches(origin_port: u16, password_hash: &str, extra: &str) -> String {
-    config_for(
-        origin_port,
-        &format!(
-            r#"
-[[branch]]
-name = "london"
-sources = ["127.0.0.2/32"]
-
-[[branch]]
-name = "paris"
-sources = ["127.0.0.3/32"]
-allow = ["azure-file-sync/login"]
-
-[[branch]]
-name = "berlin"
-credentials = [{{ user = "berlin-fs1", password_hash = "{password_hash}" }}]
-max_tunnels = 1
-
-{extra}
-{}"#,
-            resolver_hosts("")
-        ),
-    )
+/// berlin by credentials.
+fn three_branches(origin_port: u16, password_hash: &str) -> GatewayConfig {
+    GatewayConfig::for_origin(origin_port)
+        .branch(Branch::new("london").sources(&["127.0.0.2/32"]))
+        .branch(
+            Branch::new("paris")
+                .sources(&["127.0.0.3/32"])
+                .set("allow", ["azure-file-sync/login"]),
+        )
+        .branch(
+            Branch::new("berlin")
+                .credentials("berlin-fs1", password_hash)
+                .set("max_tunnels", 1),
+        )
 }
 
 #[tokio::test]
@@ -37,7 +26,7 @@ async fn branches_are_told_apart_by_source_and_credentials() {
     let hash = portcullis::config::password::hash_password("s3cret").unwrap();
     let mut origin = TcpOrigin::start(b"ok").await;
     let port = origin.addr.port();
-    let mut gw = Gateway::start(&three_branches(port, &hash, "")).await;
+    let mut gw = Gateway::start(three_branches(port, &hash)).await;
     let target = format!("{ORIGIN_HOST}:{port}");
 
     let (london, reply) = connect_from(gw.addr, "127.0.0.2", &target, "").await;
@@ -88,11 +77,13 @@ async fn branches_are_told_apart_by_source_and_credentials() {
     // A real client with proxy credentials (reqwest) gets through as berlin too.
     let pki = Pki::new();
     let tls_origin = Origin::start(&pki).await;
-    let extra = format!(
-        "[[policy.allow]]\nname = \"tls-origin\"\nhosts = [\"{ORIGIN_HOST}\"]\nports = [{}]\nprivate_addresses = [\"127.0.0.1/32\"]\n",
-        tls_origin.port()
+    let config = three_branches(port, &hash).rule(
+        Rule::new("tls-origin")
+            .hosts(&[ORIGIN_HOST])
+            .ports(&[tls_origin.port()])
+            .private_addresses(&["127.0.0.1/32"]),
     );
-    let mut gw = Gateway::start(&three_branches(port, &hash, &extra)).await;
+    let mut gw = Gateway::start(config).await;
     let proxy = reqwest::Proxy::all(format!("http://{}", gw.addr))
         .unwrap()
         .basic_auth("berlin-fs1", "s3cret");
@@ -130,7 +121,7 @@ async fn credentials_wrong_absent_or_malformed_get_407_and_are_never_downgraded(
     let hash = portcullis::config::password::hash_password("s3cret").unwrap();
     let origin = TcpOrigin::start(b"ok").await;
     let port = origin.addr.port();
-    let mut gw = Gateway::start(&three_branches(port, &hash, "")).await;
+    let mut gw = Gateway::start(three_branches(port, &hash)).await;
     let target = format!("{ORIGIN_HOST}:{port}");
     let table = [
         // (from, header, status, reason)
@@ -205,11 +196,9 @@ async fn credentials_wrong_absent_or_malformed_get_407_and_are_never_downgraded(
 async fn without_credential_branches_an_unknown_client_gets_403_unless_unassigned_are_allowed() {
     let origin = TcpOrigin::start(b"ok").await;
     let port = origin.addr.port();
-    let branches = format!(
-        "[[branch]]\nname = \"london\"\nsources = [\"127.0.0.2/32\"]\n\n{}",
-        resolver_hosts("")
-    );
-    let mut gw = Gateway::start(&config_for(port, &branches)).await;
+    let config =
+        GatewayConfig::for_origin(port).branch(Branch::new("london").sources(&["127.0.0.2/32"]));
+    let mut gw = Gateway::start(&config).await;
     let target = format!("{ORIGIN_HOST}:{port}");
     let (_tcp, reply) = connect_from(gw.addr, "127.0.0.1", &target, "").await;
     assert_eq!(
@@ -218,9 +207,7 @@ async fn without_credential_branches_an_unknown_client_gets_403_unless_unassigne
     );
     assert_eq!(reply.header("proxy-authenticate"), None);
 
-    let config = config_for(port, &branches)
-        .replace("[listen]", "[policy]\nallow_unassigned = true\n\n[listen]");
-    let mut gw2 = Gateway::start(&config).await;
+    let mut gw2 = Gateway::start(config.policy("allow_unassigned", true)).await;
     let (tcp, reply) = connect_from(gw2.addr, "127.0.0.1", &target, "").await;
     assert_eq!(reply.status, 200);
     drop(tcp);
@@ -237,8 +224,8 @@ async fn max_tunnels_per_branch_and_rate_limits_answer_429() {
     let hash = portcullis::config::password::hash_password("s3cret").unwrap();
     let origin = TcpOrigin::start(b"ok").await;
     let port = origin.addr.port();
-    let limits = "[limits]\nauth_attempts_per_minute = 3\n";
-    let mut gw = Gateway::start(&three_branches(port, &hash, limits)).await;
+    let config = three_branches(port, &hash).limit("auth_attempts_per_minute", 3);
+    let mut gw = Gateway::start(config).await;
     let target = format!("{ORIGIN_HOST}:{port}");
     let berlin = basic("berlin-fs1", "s3cret");
 
@@ -275,11 +262,8 @@ async fn max_tunnels_per_branch_and_rate_limits_answer_429() {
     assert_eq!(reply.status, 407, "other addresses are not affected");
 
     // CONNECT requests per second per client address.
-    let extra = format!(
-        "[limits]\nconnect_rate_per_client = 2\n\n{}",
-        resolver_hosts("")
-    );
-    let gw = Gateway::start(&config_for(port, &extra)).await;
+    let gw =
+        Gateway::start(GatewayConfig::for_origin(port).limit("connect_rate_per_client", 2)).await;
     let mut statuses = Vec::new();
     for _ in 0..3 {
         let (_tcp, reply) = connect_from(gw.addr, "127.0.0.6", &target, "").await;
@@ -318,8 +302,7 @@ fn hash_password_round_trips_through_the_binary() {
 async fn max_connections_makes_further_clients_wait_until_a_slot_frees() {
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
-    let extra = format!("[limits]\nmax_connections = 1\n\n{}", resolver_hosts(""));
-    let mut gw = Gateway::start(&config_for(port, &extra)).await;
+    let mut gw = Gateway::start(GatewayConfig::for_origin(port).limit("max_connections", 1)).await;
     let target = format!("{ORIGIN_HOST}:{port}");
     let (first, status) = open_tunnel(gw.addr, &target, b"").await;
     assert_eq!(status, 200);
@@ -336,16 +319,14 @@ async fn max_connections_makes_further_clients_wait_until_a_slot_frees() {
     .await;
     assert!(waiting.is_err(), "served while the only slot was taken");
     // The operator sees it: one open against a limit of one, one waiting.
-    let metrics = crate::admin::get(gw.admin_addr.unwrap(), "/metrics")
-        .await
-        .body;
-    for want in [
-        "portcullis_connections_open 1\n",
-        "portcullis_connections_limit 1\n",
-        "portcullis_connections_waiting 1\n",
-        "portcullis_connections_limit_reached_total 1\n",
+    let metrics = gw.metrics().await;
+    for series in [
+        "portcullis_connections_open",
+        "portcullis_connections_limit",
+        "portcullis_connections_waiting",
+        "portcullis_connections_limit_reached_total",
     ] {
-        assert!(metrics.contains(want), "missing {want:?} in:\n{metrics}");
+        metrics.assert_value(series, 1.0);
     }
     let said = gw
         .wait_log(|l| {

@@ -47,21 +47,14 @@ fn metric_names(expr: &str) -> Vec<String> {
 
 /// The `/metrics` of a real gateway with `extra` config and a rule that learns (so the learned
 /// destinations' families have series).
-async fn exported_with_learning(origin_port: u16, extra: &str) -> String {
-    let extra = format!(
-        "{}\n{extra}\n[policy.learn]\n\"test-origin\" = \"record\"\n",
-        resolver_hosts("")
-    );
+async fn exported_with_learning(origin_port: u16, extra: &str) -> Metrics {
     let state = tempfile::tempdir().unwrap();
-    let config = format!(
-        "state_dir = \"{}\"\n{}",
-        state.path().display(),
-        config_for(origin_port, &extra)
-    );
-    let gw = Gateway::start(&config).await;
-    crate::admin::get(gw.admin_addr.unwrap(), "/metrics")
-        .await
-        .body
+    let config = GatewayConfig::for_origin(origin_port)
+        .state_dir(state.path())
+        .extra(extra)
+        .extra("[policy.learn]\n\"test-origin\" = \"record\"\n");
+    let gw = Gateway::start(config).await;
+    gw.metrics().await
 }
 
 #[tokio::test]
@@ -76,7 +69,7 @@ async fn every_dashboard_query_is_valid_and_names_what_the_gateway_exports() {
             // A histogram's series are `<name>_bucket`; the family is named without it.
             let family = name.trim_end_matches("_bucket");
             assert!(
-                metrics.contains(&format!("# TYPE {family} ")),
+                metrics.has_family(family),
                 "{title}: {name} is not exported:\n{metrics}"
             );
             assert!(
@@ -109,21 +102,7 @@ async fn every_dashboard_query_is_valid_and_names_what_the_gateway_exports() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dashboard.rules.yml");
     std::fs::write(&path, &rules).unwrap();
-    promtool(&["check", "rules", path.to_str().unwrap()]);
-}
-
-/// Runs promtool with `args`; its output is the failure message.
-fn promtool(args: &[&str]) {
-    let out = std::process::Command::new("promtool")
-        .args(args)
-        .output()
-        .expect("promtool (Debian package prometheus; .ci/run installs it)");
-    assert!(
-        out.status.success(),
-        "promtool {args:?}:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    promtool(&["check", "rules", path.to_str().unwrap()], "");
 }
 
 /// The alert rules (docker/alerts.yml): valid for promtool, each one fires on the series it is
@@ -139,11 +118,11 @@ async fn the_alert_rules_are_valid_fire_as_meant_and_name_what_the_gateway_expor
     assert!(named.len() >= 4, "{named:?}");
     for name in named {
         assert!(
-            metrics.contains(&format!("# TYPE {name} ")),
+            metrics.has_family(&name),
             "{name} is not exported:\n{metrics}"
         );
     }
-    promtool(&["check", "rules", rules]);
+    promtool(&["check", "rules", rules], "");
     let london =
         r#"{severity: warning, instance: gw1, branch: london, rule: azure-file-sync/storage}"#;
     let tests = format!(
@@ -203,5 +182,5 @@ tests:
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("alerts.test.yml");
     std::fs::write(&path, tests).unwrap();
-    promtool(&["test", "rules", path.to_str().unwrap()]);
+    promtool(&["test", "rules", path.to_str().unwrap()], "");
 }

@@ -25,7 +25,7 @@ fn assert_refused(reply: &Reply, status: u16, reason: &str) {
 async fn unlisted_hosts_ports_and_ip_literals_get_403() {
     let pki = Pki::new();
     let origin = Origin::start(&pki).await;
-    let mut gw = Gateway::start(&config_for(origin.port(), &resolver_hosts(""))).await;
+    let mut gw = Gateway::start(GatewayConfig::for_origin(origin.port())).await;
     let table = [
         ("evil.example:443", "host not allowed"),
         ("core.windows.net:443", "host not allowed"),
@@ -86,15 +86,15 @@ async fn names_resolving_into_forbidden_ranges_are_refused() {
         ("sixtofour", "2002:7f00:1::1", "6to4"),
         ("teredo", "2001:0:4136:e378::1", "teredo"),
     ];
-    let hosts: String = table
-        .iter()
-        .map(|(name, ip, _)| format!("\"{name}.wall.example\" = \"{ip}\"\n"))
-        .collect();
-    let extra = format!(
-        "[[policy.allow]]\nname = \"wall\"\nhosts = [\"*.wall.example\"]\nports = [443, {port}]\n\n{}",
-        resolver_hosts(&hosts)
+    let config = GatewayConfig::for_origin(port).rule(
+        Rule::new("wall")
+            .hosts(&["*.wall.example"])
+            .ports(&[443, port]),
     );
-    let mut gw = Gateway::start(&config_for(port, &extra)).await;
+    let config = table.iter().fold(config, |config, (name, ip, _)| {
+        config.resolve(&format!("{name}.wall.example"), ip)
+    });
+    let mut gw = Gateway::start(config).await;
     for (name, _, range) in table {
         // The origin listens on 127.0.0.1:port: were the wall missing, loopback names would get 200.
         let reply = connect_reply(gw.addr, &format!("{name}.wall.example:{port}")).await;
@@ -118,13 +118,11 @@ async fn report_mode_lets_denials_through_but_keeps_the_wall() {
     let origin = Origin::start(&pki).await;
     let port = origin.port();
     // The test rule lists only 443: the origin's port is a policy miss, reported, not enforced.
-    let config = config_for(
-        port,
-        &resolver_hosts("\"unlisted.example\" = \"127.0.0.1\"\n"),
-    )
-    .replace(&format!("ports = [{port}]"), "ports = [443]")
-    .replace("[listen]", "[policy]\nmode = \"report\"\n\n[listen]");
-    let mut gw = Gateway::start(&config).await;
+    let config = GatewayConfig::for_origin(port)
+        .origin_rule(|rule| rule.ports(&[443]))
+        .resolve("unlisted.example", "127.0.0.1")
+        .policy("mode", "report");
+    let mut gw = Gateway::start(config).await;
     assert_serves(&pki, gw.addr, &origin).await;
     let line = gw.access_line(|l| l["host"] == ORIGIN_HOST).await;
     assert_eq!(line["verdict"], "would_deny");
@@ -186,15 +184,14 @@ async fn names_go_through_the_gateways_own_dns_and_answers_are_vetted() {
     let loopback_dns = fake_dns(Ipv4Addr::LOCALHOST).await;
     let metadata_dns = fake_dns(Ipv4Addr::new(169, 254, 169, 254)).await;
     let config = |dns: SocketAddr| {
-        config_for(
-            port,
-            &format!("[resolver]\nservers = [\"{dns}\"]\ntimeout = \"2s\"\n[resolver.hosts]\n\"pinned.file.core.windows.net\" = \"127.0.0.1\"\n"),
-        )
-        .replace(&format!("hosts = [\"{ORIGIN_HOST}\"]"), "hosts = [\"*.file.core.windows.net\"]")
+        GatewayConfig::for_origin(port)
+            .origin_rule(|rule| rule.hosts(&["*.file.core.windows.net"]))
+            .dns(&[dns], "2s")
+            .resolve("pinned.file.core.windows.net", "127.0.0.1")
     };
 
     // DNS says 127.0.0.1 and the rule allows 127.0.0.1/32: the tunnel opens via a real lookup.
-    let mut gw = Gateway::start(&config(loopback_dns)).await;
+    let mut gw = Gateway::start(config(loopback_dns)).await;
     assert_serves(&pki, gw.addr, &origin).await;
     let reply = connect_reply(gw.addr, &format!("nx.file.core.windows.net:{port}")).await;
     assert_refused(&reply, 502, "cannot resolve host: no address for the name");
@@ -206,7 +203,7 @@ async fn names_go_through_the_gateways_own_dns_and_answers_are_vetted() {
     drop(gw);
 
     // DNS says 169.254.169.254: the wall refuses it; a name with an override never asks DNS.
-    let mut gw = Gateway::start(&config(metadata_dns)).await;
+    let mut gw = Gateway::start(config(metadata_dns)).await;
     let reply = connect_reply(gw.addr, &format!("{ORIGIN_HOST}:{port}")).await;
     assert_refused(&reply, 403, "destination address forbidden (link-local)");
     let line = gw.access_line(|l| l["host"] == ORIGIN_HOST).await;
@@ -225,11 +222,10 @@ async fn dns_failure_is_502_and_dns_timeout_is_504() {
     let pki = Pki::new();
     let origin = Origin::start(&pki).await;
     // hosts_only with no entry for the name: nothing to connect to.
-    let extra = resolver_hosts("").replace(
-        &format!("\"{ORIGIN_HOST}\" = \"127.0.0.1\"\n"),
-        "\"other.example\" = \"127.0.0.1\"\n",
-    );
-    let mut gw = Gateway::start(&config_for(origin.port(), &extra)).await;
+    let config = GatewayConfig::for_origin(origin.port())
+        .no_resolver()
+        .resolve("other.example", "127.0.0.1");
+    let mut gw = Gateway::start(config).await;
     let reply = connect_reply(gw.addr, &format!("{ORIGIN_HOST}:{}", origin.port())).await;
     assert_refused(&reply, 502, "cannot resolve host: no address for the name");
     assert_eq!(
@@ -250,8 +246,8 @@ async fn dns_failure_is_502_and_dns_timeout_is_504() {
     }
     let (silent_udp, silent_tcp) = silent.expect("a port free for both UDP and TCP");
     let dns = silent_udp.local_addr().unwrap();
-    let extra = format!("[resolver]\nservers = [\"{dns}\"]\ntimeout = \"300ms\"\n");
-    let mut gw = Gateway::start(&config_for(origin.port(), &extra)).await;
+    let mut gw =
+        Gateway::start(GatewayConfig::for_origin(origin.port()).dns(&[dns], "300ms")).await;
     let reply = connect_reply(gw.addr, &format!("{ORIGIN_HOST}:{}", origin.port())).await;
     assert_refused(
         &reply,
@@ -271,10 +267,7 @@ async fn connect_refused_is_502_and_connect_timeout_is_504() {
     let origin = Origin::start(&pki).await;
 
     // A port nothing listens on.
-    let closed_port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
+    let closed_port = free_port();
     // A listener whose accept queue is full: further SYNs are dropped, so connects hang.
     let full = TcpSocket::new_v4().unwrap();
     full.bind("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -292,13 +285,17 @@ async fn connect_refused_is_502_and_connect_timeout_is_504() {
         }
     }
 
-    let extra = format!(
-        "[[policy.allow]]\nname = \"dead-ends\"\nhosts = [\"*.dead.example\"]\nports = [{closed_port}, {full_port}]\nprivate_addresses = [\"127.0.0.1/32\"]\n\n{}\n[timeouts]\nconnect = \"500ms\"\n",
-        resolver_hosts(
-            "\"refused.dead.example\" = \"127.0.0.1\"\n\"slow.dead.example\" = \"127.0.0.1\"\n"
+    let config = GatewayConfig::for_origin(origin.port())
+        .rule(
+            Rule::new("dead-ends")
+                .hosts(&["*.dead.example"])
+                .ports(&[closed_port, full_port])
+                .private_addresses(&["127.0.0.1/32"]),
         )
-    );
-    let mut gw = Gateway::start(&config_for(origin.port(), &extra)).await;
+        .resolve("refused.dead.example", "127.0.0.1")
+        .resolve("slow.dead.example", "127.0.0.1")
+        .timeout("connect", "500ms");
+    let mut gw = Gateway::start(config).await;
 
     let reply = connect_reply(gw.addr, &format!("refused.dead.example:{closed_port}")).await;
     assert_refused(&reply, 502, "upstream refused the connection");
@@ -327,9 +324,8 @@ async fn connect_refused_is_502_and_connect_timeout_is_504() {
 async fn clients_outside_the_allowed_networks_get_403() {
     let pki = Pki::new();
     let origin = Origin::start(&pki).await;
-    let config = config_for(origin.port(), &resolver_hosts(""))
-        .replace("[listen]", "[listen]\nclients = [\"10.0.0.0/8\"]");
-    let mut gw = Gateway::start(&config).await;
+    let config = GatewayConfig::for_origin(origin.port()).listen("clients", ["10.0.0.0/8"]);
+    let mut gw = Gateway::start(config).await;
     let reply = connect_reply(gw.addr, &format!("{ORIGIN_HOST}:{}", origin.port())).await;
     assert_refused(&reply, 403, "client address not allowed");
     let line = gw.access_line(|l| l["host"] == ORIGIN_HOST).await;
@@ -347,12 +343,10 @@ async fn clients_outside_the_allowed_networks_get_403() {
 async fn deny_rules_refuse_before_any_allow_and_name_themselves() {
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
-    let extra = format!(
-        r#"{}
-[policy]
-allow_unassigned = true
-
-[[policy.deny]]
+    let config = GatewayConfig::for_origin(port)
+        .policy("allow_unassigned", true)
+        .extra(&format!(
+            r#"[[policy.deny]]
 name = "no-blob"
 hosts = ["*.blob.core.windows.net"]
 
@@ -360,14 +354,9 @@ hosts = ["*.blob.core.windows.net"]
 name = "paris-not-share1"
 hosts = ["{ORIGIN_HOST}"]
 branches = ["paris"]
-
-[[branch]]
-name = "paris"
-sources = ["127.0.0.2/32"]
-"#,
-        resolver_hosts("")
-    );
-    let config = config_for(port, &extra);
+"#
+        ))
+        .branch(Branch::new("paris").sources(&["127.0.0.2/32"]));
     let mut gw = Gateway::start(&config).await;
     let target = format!("{ORIGIN_HOST}:{port}");
 
@@ -406,7 +395,7 @@ sources = ["127.0.0.2/32"]
     let (_tunnel, other) = connect_from(gw.addr, "127.0.0.1", &target, "").await;
     assert_eq!(other.status, 200, "{other:?}");
 
-    let (_dir, path) = temp_file("portcullis.toml", &config);
+    let (_dir, path) = temp_file("portcullis.toml", &config.to_string());
     let path = path.to_str().unwrap();
     let explained = portcullis(&["explain", "--config", path, "--from", "127.0.0.2", &target]);
     let text = String::from_utf8_lossy(&explained.stdout);

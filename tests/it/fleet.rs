@@ -3,7 +3,6 @@
 //! tunnels at 8 Mbit/s (1 MB/s) budgets, counted where it arrives: one sink per replica, so
 //! each replica's part is measured apart. Every test is bounded in time and bytes.
 
-use crate::admin::get;
 use crate::support::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -88,34 +87,24 @@ impl Pusher {
     }
 }
 
-/// The config every replica runs: one `[fleet]` on `redis`, `body` (schedules, branches),
-/// a rule for the sinks' ports. `name` is the only difference between replicas.
-fn replica(name: &str, redis: &str, fleet_extra: &str, ports: &[u16], body: &str) -> String {
-    let ports: Vec<String> = ports.iter().map(|p| p.to_string()).collect();
-    format!(
-        r#"
-[listen]
-proxy = ["127.0.0.1:0"]
-admin = "127.0.0.1:0"
+/// What every replica runs but `[fleet]`: a rule for the sinks' ports, the origin's name.
+fn gateway_for(ports: &[u16]) -> GatewayConfig {
+    GatewayConfig::new()
+        .rule(Rule::origin("sinks", ports))
+        .resolve(ORIGIN_HOST, "127.0.0.1")
+}
 
-[[policy.allow]]
-name = "sinks"
-category = "storage"
-hosts = ["{ORIGIN_HOST}"]
-ports = [{ports}]
-private_addresses = ["127.0.0.1/32"]
+/// `config` as the replica `name` of the fleet on `redis`: one config for every replica but
+/// for the name.
+fn replica(config: &GatewayConfig, redis: &str, name: &str) -> GatewayConfig {
+    config.clone().fleet("redis", redis).fleet("name", name)
+}
 
-[fleet]
-redis = "{redis}"
-name = "{name}"
-{fleet_extra}
-
-{body}
-{resolver}
-"#,
-        ports = ports.join(", "),
-        resolver = resolver_hosts(""),
-    )
+/// The branch office: every loopback address, at most `max_tunnels` tunnels.
+fn office(max_tunnels: u32) -> Branch {
+    Branch::new("office")
+        .sources(&["127.0.0.0/8"])
+        .set("max_tunnels", max_tunnels)
 }
 
 fn upload_all_day(scope: &str) -> String {
@@ -125,7 +114,7 @@ fn upload_all_day(scope: &str) -> String {
 }
 
 /// Starts a replica and waits until it has taken its first shares.
-async fn start_replica(config: &str) -> Gateway {
+async fn start_replica(config: &GatewayConfig) -> Gateway {
     let mut gw = Gateway::start(config).await;
     let _ = gw
         .wait_log(|l| {
@@ -148,12 +137,6 @@ async fn measure(sinks: &[&Sink], over: Duration) -> Vec<f64> {
         .collect()
 }
 
-fn metric(metrics: &str, prefix: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(prefix)?.trim().parse().ok())
-}
-
 #[tokio::test]
 async fn an_each_branch_budget_is_split_across_replicas_by_their_tunnels() {
     let started = std::time::Instant::now();
@@ -164,10 +147,10 @@ async fn an_each_branch_budget_is_split_across_replicas_by_their_tunnels() {
         Sink::start().await,
     ];
     let ports: Vec<u16> = sinks.iter().map(|s| s.port).collect();
-    let schedule = upload_all_day("each-branch");
+    let config = gateway_for(&ports).extra(&upload_all_day("each-branch"));
     let mut gws = Vec::new();
     for name in ["gw-1", "gw-2", "gw-3"] {
-        gws.push(start_replica(&replica(name, &redis.url(), "", &ports, &schedule)).await);
+        gws.push(start_replica(&replica(&config, &redis.url(), name)).await);
     }
     eprintln!("replicas up after {:?}", started.elapsed());
     // Tunnels of the one branch (unassigned) spread 1 / 4 / 0.
@@ -189,14 +172,12 @@ async fn an_each_branch_budget_is_split_across_replicas_by_their_tunnels() {
         (part - 0.8).abs() <= 0.05,
         "the replica with 4 of 5 tunnels moves {part:.3} of the budget"
     );
-    let metrics = get(gws[1].admin_addr.unwrap(), "/metrics").await.body;
-    let share = metric(
-        &metrics,
-        "portcullis_fleet_share_bytes_per_second{scope=\"each-branch\",budget=\"unassigned\",direction=\"upload\"}",
-    )
-    .expect("the share metric");
+    let metrics = gws[1].metrics().await;
+    let share = metrics.value(
+        r#"portcullis_fleet_share_bytes_per_second{scope="each-branch",budget="unassigned",direction="upload"}"#,
+    );
     assert!((share / LIMIT - 0.8).abs() < 0.06, "share {share}");
-    assert_eq!(metric(&metrics, "portcullis_fleet_connected"), Some(1.0));
+    assert_eq!(metrics.get("portcullis_fleet_connected"), Some(1.0));
 
     eprintln!("measured after {:?}", started.elapsed());
     // Move three tunnels from the second replica to the third: 1 / 1 / 3.
@@ -226,18 +207,14 @@ async fn an_all_branches_budget_is_shared_by_two_branches_on_two_replicas() {
     let redis = Redis::start(&[]);
     let sinks = [Sink::start().await, Sink::start().await];
     let ports: Vec<u16> = sinks.iter().map(|s| s.port).collect();
-    let body = format!(
-        "{}\n[[branch]]\nname = \"london\"\nsources = [\"127.0.0.2\"]\n\n[[branch]]\nname = \"paris\"\nsources = [\"127.0.0.3\"]\n",
-        upload_all_day("all-branches")
-    );
-    let a = start_replica(&replica("gw-a", &redis.url(), "", &ports, &body)).await;
+    let config = gateway_for(&ports)
+        .extra(&upload_all_day("all-branches"))
+        .branch(Branch::new("london").sources(&["127.0.0.2"]))
+        .branch(Branch::new("paris").sources(&["127.0.0.3"]));
+    let a = start_replica(&replica(&config, &redis.url(), "gw-a")).await;
     // The second replica's admin listener on a port of its own, for `explain` to find.
-    let admin = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let b_config = replica("gw-b", &redis.url(), "", &ports, &body)
-        .replace("admin = \"127.0.0.1:0\"", &format!("admin = \"{admin}\""));
+    let admin = format!("127.0.0.1:{}", free_port());
+    let b_config = replica(&config, &redis.url(), "gw-b").listen("admin", &admin);
     let b = start_replica(&b_config).await;
     // london: one tunnel on the first replica; paris: three on the second.
     let mut pushers = vec![Pusher::open(a.addr, "127.0.0.2", ports[0]).await];
@@ -257,7 +234,7 @@ async fn an_all_branches_budget_is_shared_by_two_branches_on_two_replicas() {
         "three of four tunnels: {rates:?}"
     );
     // explain on the second replica's host reads its share from its admin listener.
-    let (_dir, file) = temp_file("b.toml", &b_config);
+    let (_dir, file) = temp_file("b.toml", &b_config.to_string());
     let target = format!("{ORIGIN_HOST}:{}", ports[1]);
     let out = portcullis(&[
         "explain",
@@ -283,11 +260,10 @@ async fn max_tunnels_counts_across_the_fleet_and_a_killed_replica_stops_counting
     let redis = Redis::start(&[]);
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
-    let body = "[[branch]]\nname = \"office\"\nsources = [\"127.0.0.0/8\"]\nmax_tunnels = 5\n";
-    let fleet = "lease = \"1s\"";
+    let config = gateway_for(&[port]).branch(office(5)).fleet("lease", "1s");
     let mut gws = Vec::new();
     for name in ["gw-1", "gw-2", "gw-3"] {
-        gws.push(start_replica(&replica(name, &redis.url(), fleet, &[port], body)).await);
+        gws.push(start_replica(&replica(&config, &redis.url(), name)).await);
     }
     let target = format!("{ORIGIN_HOST}:{port}");
     let mut open = Vec::new();
@@ -348,11 +324,13 @@ async fn with_redis_gone_tunnels_go_on_at_the_fallback_share_and_shares_resume()
         Sink::start().await,
     ];
     let ports: Vec<u16> = sinks.iter().map(|s| s.port).collect();
-    let schedule = upload_all_day("each-branch");
-    let fleet = "lease = \"1s\"\nfallback_share = 0.5";
+    let config = gateway_for(&ports)
+        .extra(&upload_all_day("each-branch"))
+        .fleet("lease", "1s")
+        .fleet("fallback_share", 0.5);
     let mut gws = Vec::new();
     for name in ["gw-1", "gw-2", "gw-3"] {
-        gws.push(start_replica(&replica(name, &redis.url(), fleet, &ports, &schedule)).await);
+        gws.push(start_replica(&replica(&config, &redis.url(), name)).await);
     }
     let mut pushers = Vec::new();
     for (gw, port) in gws.iter().zip(&ports) {
@@ -373,9 +351,9 @@ async fn with_redis_gone_tunnels_go_on_at_the_fallback_share_and_shares_resume()
         "each replica takes its fallback share: {total:.0} B/s"
     );
     for gw in &gws {
-        let metrics = get(gw.admin_addr.unwrap(), "/metrics").await.body;
-        assert_eq!(metric(&metrics, "portcullis_fleet_connected"), Some(0.0));
-        assert!(metric(&metrics, "portcullis_fleet_refresh_failures_total").unwrap() >= 1.0);
+        let metrics = gw.metrics().await;
+        assert_eq!(metrics.get("portcullis_fleet_connected"), Some(0.0));
+        assert!(metrics.value("portcullis_fleet_refresh_failures_total") >= 1.0);
     }
 
     redis.restart();
@@ -410,9 +388,9 @@ async fn a_password_from_a_file_reaches_redis_and_never_the_logs() {
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
     let (_dir, file) = temp_file("redis-password", &format!("{password}\n"));
-    let body = "[[branch]]\nname = \"office\"\nsources = [\"127.0.0.0/8\"]\nmax_tunnels = 2\n";
-    let fleet = format!("redis_password_file = \"{}\"", file.display());
-    let mut gw = start_replica(&replica("gw-1", &redis.url(), &fleet, &[port], body)).await;
+    let config = gateway_for(&[port]).branch(office(2));
+    let with_file = config.clone().fleet("redis_password_file", &file);
+    let mut gw = start_replica(&replica(&with_file, &redis.url(), "gw-1")).await;
     let target = format!("{ORIGIN_HOST}:{port}");
     let (_tunnel, reply) = connect_from(gw.addr, "127.0.0.1", &target, "").await;
     assert_eq!(reply.status, 200);
@@ -423,11 +401,11 @@ async fn a_password_from_a_file_reaches_redis_and_never_the_logs() {
         stored.contains("+OK") && stored.contains("\n1 "),
         "{stored:?}"
     );
-    let metrics = get(gw.admin_addr.unwrap(), "/metrics").await.body;
-    assert_eq!(metric(&metrics, "portcullis_fleet_connected"), Some(1.0));
+    let metrics = gw.metrics().await;
+    assert_eq!(metrics.get("portcullis_fleet_connected"), Some(1.0));
     // A reload keeps the fleet client; a changed [fleet] waits for a restart.
-    let config = std::fs::read_to_string(gw.config_path()).unwrap();
-    std::fs::write(gw.config_path(), config.replace("\"gw-1\"", "\"gw-9\"")).unwrap();
+    let renamed = replica(&with_file, &redis.url(), "gw-9");
+    std::fs::write(gw.config_path(), renamed.to_string()).unwrap();
     let _ = gw.reload("reload applied").await;
     let _ = gw
         .wait_log(|l| l["message"] == "reload: [fleet] changes take effect at the next restart")
@@ -441,7 +419,7 @@ async fn a_password_from_a_file_reaches_redis_and_never_the_logs() {
 
     // The same with the password in the URL: shown redacted, and a wrong one is refused.
     let url = format!("redis://:wrong-{password}@127.0.0.1:{}/0", redis.port);
-    let mut wrong = Gateway::start(&replica("gw-2", &url, "", &[port], body)).await;
+    let mut wrong = Gateway::start(replica(&config, &url, "gw-2")).await;
     let line = wrong
         .wait_log(|l| {
             l["message"]
@@ -479,25 +457,23 @@ async fn without_fleet_nothing_connects_and_a_silent_redis_holds_nothing_up() {
     let url = format!("redis://{}/0", stand_in.local_addr().unwrap());
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
-    let body = format!(
-        "{}\n[[branch]]\nname = \"office\"\nsources = [\"127.0.0.0/8\"]\nmax_tunnels = 4\n",
-        upload_all_day("each-branch")
-    );
+    let without = gateway_for(&[port])
+        .extra(&upload_all_day("each-branch"))
+        .branch(office(4));
     let target = format!("{ORIGIN_HOST}:{port}");
     // No [fleet]: the same limits, no client, no task, no metric.
-    let with = replica("gw-1", &url, "", &[port], &body);
-    let without = with.replace(
-        &format!("[fleet]\nredis = \"{url}\"\nname = \"gw-1\"\n"),
-        "",
-    );
-    assert!(!without.contains("[fleet]"));
+    let with = replica(&without, &url, "gw-1");
+    assert!(!without.to_string().contains("[fleet]"));
     let gw = Gateway::start(&without).await;
     let (_tunnel, reply) = connect_from(gw.addr, "127.0.0.1", &target, "").await;
     assert_eq!(reply.status, 200);
-    let metrics = get(gw.admin_addr.unwrap(), "/metrics").await.body;
+    let metrics = gw.metrics().await;
     assert!(
-        !metrics.contains("portcullis_fleet"),
-        "fleet metrics without [fleet]"
+        !metrics
+            .names()
+            .iter()
+            .any(|name| name.starts_with("portcullis_fleet")),
+        "fleet metrics without [fleet]:\n{metrics}"
     );
     let accepted = tokio::time::timeout(Duration::from_millis(700), stand_in.accept()).await;
     assert!(
@@ -508,7 +484,7 @@ async fn without_fleet_nothing_connects_and_a_silent_redis_holds_nothing_up() {
 
     // With [fleet] on the silent stand-in: it connects, and a tunnel of a limited branch is
     // decided alone within the timeout (one refresh), never held up.
-    let (_dir, file) = temp_file("fleet.toml", &with);
+    let (_dir, file) = temp_file("fleet.toml", &with.to_string());
     let table = portcullis(&["schedule", "--config", file.to_str().unwrap()]);
     assert!(
         String::from_utf8_lossy(&table.stdout).contains("Fleet-wide (fleet mode, replica gw-1"),
@@ -532,8 +508,8 @@ async fn without_fleet_nothing_connects_and_a_silent_redis_holds_nothing_up() {
     assert_eq!(reply.status, 200);
     let (_third, reply) = connect_from(gw.addr, "127.0.0.1", &target, "").await;
     assert_eq!(reply.status, 429, "the fallback share of max_tunnels");
-    let metrics = get(gw.admin_addr.unwrap(), "/metrics").await.body;
-    assert_eq!(metric(&metrics, "portcullis_fleet_connected"), Some(0.0));
+    let metrics = gw.metrics().await;
+    assert_eq!(metrics.get("portcullis_fleet_connected"), Some(0.0));
 }
 
 #[tokio::test]
@@ -541,9 +517,9 @@ async fn a_replica_stopping_gives_its_share_back_at_once() {
     let redis = Redis::start(&[]);
     let sinks = [Sink::start().await, Sink::start().await];
     let ports: Vec<u16> = sinks.iter().map(|s| s.port).collect();
-    let schedule = upload_all_day("each-branch");
-    let stopping = start_replica(&replica("gw-1", &redis.url(), "", &ports, &schedule)).await;
-    let staying = start_replica(&replica("gw-2", &redis.url(), "", &ports, &schedule)).await;
+    let config = gateway_for(&ports).extra(&upload_all_day("each-branch"));
+    let stopping = start_replica(&replica(&config, &redis.url(), "gw-1")).await;
+    let staying = start_replica(&replica(&config, &redis.url(), "gw-2")).await;
     let pushers = [
         Pusher::open(stopping.addr, "127.0.0.1", ports[0]).await,
         Pusher::open(staying.addr, "127.0.0.1", ports[1]).await,
@@ -585,11 +561,11 @@ async fn authentication_attempts_count_across_the_fleet() {
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
     let hash = portcullis::config::password::hash_password("s3cret").unwrap();
-    let body = format!(
-        "[limits]\nauth_attempts_per_minute = 3\n\n[[branch]]\nname = \"office\"\ncredentials = [{{ user = \"fs1\", password_hash = \"{hash}\" }}]\n"
-    );
-    let a = start_replica(&replica("gw-1", &redis.url(), "", &[port], &body)).await;
-    let b = start_replica(&replica("gw-2", &redis.url(), "", &[port], &body)).await;
+    let config = gateway_for(&[port])
+        .limit("auth_attempts_per_minute", 3)
+        .branch(Branch::new("office").credentials("fs1", &hash));
+    let a = start_replica(&replica(&config, &redis.url(), "gw-1")).await;
+    let b = start_replica(&replica(&config, &redis.url(), "gw-2")).await;
     let target = format!("{ORIGIN_HOST}:{port}");
     let mut statuses = Vec::new();
     for gw in [&a, &b, &a, &b] {
@@ -622,10 +598,13 @@ async fn rediss_verifies_the_server_against_the_system_trust_store() {
     let ca = path("ca.pem", &pki.ca_pem);
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
-    let body = "[[branch]]\nname = \"office\"\nsources = [\"127.0.0.0/8\"]\nmax_tunnels = 2\n";
     let url = format!("rediss://127.0.0.1:{}/0", redis.port);
-    let config = replica("gw-1", &url, "", &[port], body);
-    let mut gw = Gateway::start_with_env(&config, &[("SSL_CERT_FILE", ca.to_str().unwrap())]).await;
+    let config = gateway_for(&[port]).branch(office(2));
+    let mut gw = Gateway::start_with_env(
+        replica(&config, &url, "gw-1"),
+        &[("SSL_CERT_FILE", ca.to_str().unwrap())],
+    )
+    .await;
     let _ = gw
         .wait_log(|l| {
             l["message"]
@@ -636,11 +615,11 @@ async fn rediss_verifies_the_server_against_the_system_trust_store() {
     let target = format!("{ORIGIN_HOST}:{port}");
     let (_tunnel, reply) = connect_from(gw.addr, "127.0.0.1", &target, "").await;
     assert_eq!(reply.status, 200);
-    let metrics = get(gw.admin_addr.unwrap(), "/metrics").await.body;
-    assert_eq!(metric(&metrics, "portcullis_fleet_connected"), Some(1.0));
+    let metrics = gw.metrics().await;
+    assert_eq!(metrics.get("portcullis_fleet_connected"), Some(1.0));
     // Without the CA the server is not believed: Redis does not answer, tunnels go on.
     let mut untrusted = Gateway::start_with_env(
-        &config.replace("gw-1", "gw-2"),
+        replica(&config, &url, "gw-2"),
         &[("SSL_CERT_FILE", "/dev/null")],
     )
     .await;

@@ -11,11 +11,11 @@ use tokio::net::TcpStream;
 async fn a_host_holding_unfinished_heads_cannot_keep_another_branch_waiting() {
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
-    let extra = format!(
-        "[limits]\nmax_connections = 100\nmax_pending_heads_per_client = 10\n[timeouts]\nhead = \"20s\"\n{}",
-        resolver_hosts("")
-    );
-    let mut gw = Gateway::start(&config_for(port, &extra)).await;
+    let config = GatewayConfig::for_origin(port)
+        .limit("max_connections", 100)
+        .limit("max_pending_heads_per_client", 10)
+        .timeout("head", "20s");
+    let mut gw = Gateway::start(config).await;
     // 150 connections from one address that never send a head: more than the whole limit.
     let mut flood = Vec::new();
     for _ in 0..150 {
@@ -57,11 +57,8 @@ async fn a_host_holding_unfinished_heads_cannot_keep_another_branch_waiting() {
 async fn a_burst_of_prompt_heads_from_one_address_is_never_refused() {
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
-    let extra = format!(
-        "[limits]\nmax_pending_heads_per_client = 4\n{}",
-        resolver_hosts("")
-    );
-    let mut gw = Gateway::start(&config_for(port, &extra)).await;
+    let config = GatewayConfig::for_origin(port).limit("max_pending_heads_per_client", 4);
+    let mut gw = Gateway::start(config).await;
     // 200 connections from one address, all open before any sends its head.
     let mut burst = Vec::new();
     for _ in 0..200 {
@@ -101,11 +98,8 @@ async fn a_burst_of_prompt_heads_from_one_address_is_never_refused() {
 async fn a_thousand_established_tunnels_from_one_address_still_open_more() {
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
-    let extra = format!(
-        "[limits]\nmax_pending_heads_per_client = 4\n{}",
-        resolver_hosts("")
-    );
-    let gw = Gateway::start(&config_for(port, &extra)).await;
+    let config = GatewayConfig::for_origin(port).limit("max_pending_heads_per_client", 4);
+    let gw = Gateway::start(config).await;
     let target = format!("{ORIGIN_HOST}:{port}");
     let mut tunnels = Vec::new();
     for i in 0..1_001 {
@@ -120,11 +114,11 @@ async fn parallel_password_guesses_are_bounded_in_memory_and_never_slow_other_br
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
     let hash = portcullis::config::password::hash_password("s3cret").unwrap();
-    let extra = format!(
-        "[limits]\nauth_attempts_per_minute = 1000\n\n[[branch]]\nname = \"london\"\ncredentials = [{{ user = \"london-fs1\", password_hash = \"{hash}\" }}]\n\n[[branch]]\nname = \"paris\"\nsources = [\"127.0.0.3/32\"]\n\n{}",
-        resolver_hosts("")
-    );
-    let mut gw = Gateway::start(&config_for(port, &extra)).await;
+    let config = GatewayConfig::for_origin(port)
+        .limit("auth_attempts_per_minute", 1000)
+        .branch(Branch::new("london").credentials("london-fs1", &hash))
+        .branch(Branch::new("paris").sources(&["127.0.0.3/32"]));
+    let mut gw = Gateway::start(config).await;
     let target = format!("{ORIGIN_HOST}:{port}");
     // Warm up: one wrong guess, so the first check's memory is in the baseline.
     let (_, reply) = connect_from(gw.addr, "127.0.0.2", &target, &basic("london-fs1", "no")).await;
@@ -202,19 +196,12 @@ async fn auth_attempts_are_counted_per_ipv6_64_not_per_address() {
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
     let hash = portcullis::config::password::hash_password("s3cret").unwrap();
-    let config = config_for(
-        port,
-        &format!(
-            "[limits]\nauth_attempts_per_minute = 3\n\n[[branch]]\nname = \"london\"\ncredentials = [{{ user = \"london-fs1\", password_hash = \"{hash}\" }}]\n\n{}",
-            resolver_hosts("")
-        ),
-    )
-    .replacen(
-        "admin = \"127.0.0.1:0\"",
-        "admin = \"127.0.0.1:0\"\nproxy_protocol_from = [\"127.0.0.1/32\"]\nclients = [\"2001:db8::/32\"]",
-        1,
-    );
-    let mut gw = Gateway::start(&config).await;
+    let config = GatewayConfig::for_origin(port)
+        .listen("proxy_protocol_from", ["127.0.0.1/32"])
+        .listen("clients", ["2001:db8::/32"])
+        .limit("auth_attempts_per_minute", 3)
+        .branch(Branch::new("london").credentials("london-fs1", &hash));
+    let mut gw = Gateway::start(config).await;
     let target = format!("{ORIGIN_HOST}:{port}");
     let mut statuses = Vec::new();
     for i in 1..=10 {
@@ -245,10 +232,9 @@ async fn auth_attempts_are_counted_per_ipv6_64_not_per_address() {
     );
 }
 
-/// Rewrites the gateway's `max_connections` and reloads.
-async fn set_max_connections(gw: &mut Gateway, config: &str, max: usize) {
-    let text = config.replace("max_connections = 2", &format!("max_connections = {max}"));
-    std::fs::write(gw.config_path(), text).unwrap();
+/// Rewrites the gateway's config file and reloads.
+async fn reload_with(gw: &mut Gateway, config: GatewayConfig) {
+    std::fs::write(gw.config_path(), config.to_string()).unwrap();
     gw.reload("reload applied").await;
 }
 
@@ -270,14 +256,12 @@ async fn connect_within(
 async fn max_connections_follows_reloads_up_and_down_and_the_drain_counts_right() {
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
-    let config = config_for(
-        port,
-        &format!(
-            "[limits]\nmax_connections = 2\n[timeouts]\ndrain = \"20s\"\n{}",
-            resolver_hosts("")
-        ),
-    );
-    let mut gw = Gateway::start(&config).await;
+    let config = |max_connections: usize| {
+        GatewayConfig::for_origin(port)
+            .limit("max_connections", max_connections)
+            .timeout("drain", "20s")
+    };
+    let mut gw = Gateway::start(config(2)).await;
     let target = format!("{ORIGIN_HOST}:{port}");
     let short = Duration::from_millis(400);
     let (a, status) = connect_within(gw.addr, &target, short).await;
@@ -288,7 +272,7 @@ async fn max_connections_follows_reloads_up_and_down_and_the_drain_counts_right(
     assert_eq!(status, None, "a third client waits at 2");
 
     // Raised: the waiting client and a new one are served at once.
-    set_max_connections(&mut gw, &config, 4).await;
+    reload_with(&mut gw, config(4)).await;
     let (c, status) = connect_within(gw.addr, &target, Duration::from_secs(2)).await;
     assert_eq!(status, Some(200), "served after the raise");
     // (The client that waited is served too: 3 of 4 are open now, plus `c` makes 4.)
@@ -296,7 +280,7 @@ async fn max_connections_follows_reloads_up_and_down_and_the_drain_counts_right(
     assert_eq!(status, None, "the fifth waits at 4");
 
     // Lowered to 1 with 4 open: nobody is cut; new clients wait until only 0 are open.
-    set_max_connections(&mut gw, &config, 1).await;
+    reload_with(&mut gw, config(1)).await;
     drop((a, b));
     let (_e, status) = connect_within(gw.addr, &target, short).await;
     assert_eq!(status, None, "still over the lowered limit");
@@ -332,7 +316,7 @@ async fn max_connections_follows_reloads_up_and_down_and_the_drain_counts_right(
 
 #[tokio::test]
 async fn listeners_queue_as_many_clients_as_the_system_allows() {
-    let gw = Gateway::start(&config_for(1, "")).await;
+    let gw = Gateway::start(GatewayConfig::no_origin()).await;
     let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
         .unwrap()
         .trim()
@@ -373,21 +357,15 @@ async fn the_connection_limit_follows_the_descriptor_limit_raised_to_the_hard_on
         "the test needs a hard limit above 2048, not {hard}"
     );
     let origin = TcpOrigin::start(b"").await;
-    let config = config_for(origin.addr.port(), &resolver_hosts(""));
-    let mut gw = Gateway::start_under(&config, &[], &["prlimit", "--nofile=1024:"]).await;
+    let config = GatewayConfig::for_origin(origin.addr.port());
+    let mut gw = Gateway::start_under(config, &[], &["prlimit", "--nofile=1024:"]).await;
     let line = gw.wait_log(|l| l["message"] == "connection limit").await;
     let expected = (hard - 512) / 2;
     assert_eq!(line["descriptors_before"], 1024, "{line}");
     assert_eq!(line["descriptors"], hard, "{line}");
     assert_eq!(line["max_connections"], expected, "{line}");
     assert_eq!(line["from"], "descriptor limit", "{line}");
-    let metrics = crate::admin::get(gw.admin_addr.unwrap(), "/metrics")
-        .await
-        .body;
-    for want in [
-        format!("portcullis_connections_limit {expected}\n"),
-        format!("process_max_fds {hard}\n"),
-    ] {
-        assert!(metrics.contains(&want), "missing {want:?} in:\n{metrics}");
-    }
+    let metrics = gw.metrics().await;
+    metrics.assert_value("portcullis_connections_limit", expected as f64);
+    metrics.assert_value("process_max_fds", hard as f64);
 }

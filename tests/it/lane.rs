@@ -77,17 +77,19 @@ async fn http_origin() -> (SocketAddr, Arc<AtomicUsize>) {
     (addr, hits)
 }
 
-fn lane_config(http_port: u16) -> String {
-    let crl_rule = format!(
-        "[[policy.allow]]\nname = \"test-crl\"\ncategory = \"revocation\"\nhosts = [\"{CRL_HOST}\"]\nports = [{http_port}]\nplain_http = true\nprivate_addresses = [\"127.0.0.1/32\"]\n\n"
-    );
-    config_for(
-        http_port,
-        &format!(
-            "{crl_rule}{}",
-            resolver_hosts(&format!("\"{CRL_HOST}\" = \"127.0.0.1\"\n"))
-        ),
-    )
+/// The usual config on the HTTP origin's port, and the plain-HTTP rule `test-crl` for
+/// `CRL_HOST` there.
+fn lane_config(http_port: u16) -> GatewayConfig {
+    GatewayConfig::for_origin(http_port)
+        .rule(
+            Rule::new("test-crl")
+                .category("revocation")
+                .hosts(&[CRL_HOST])
+                .ports(&[http_port])
+                .set("plain_http", true)
+                .private_addresses(&["127.0.0.1/32"]),
+        )
+        .resolve(CRL_HOST, "127.0.0.1")
 }
 
 #[tokio::test]
@@ -95,7 +97,7 @@ async fn a_schedule_that_lists_revocation_paces_the_lane() {
     let (origin, _) = http_origin().await;
     let port = origin.port();
     let schedule = "[[schedule]]\nname = \"crl\"\ndays = \"daily\"\nhours = \"00:00-00:00\"\ntime_zone = \"UTC\"\ndownload = \"1 MB/s\"\ncategories = [\"revocation\"]\n";
-    let gw = Gateway::start(&format!("{}\n{schedule}", lane_config(port))).await;
+    let gw = Gateway::start(lane_config(port).extra(schedule)).await;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::Client::builder()
         .proxy(reqwest::Proxy::http(format!("http://{}", gw.addr)).unwrap())
@@ -121,7 +123,7 @@ async fn a_schedule_that_lists_revocation_paces_the_lane() {
 async fn revocation_requests_are_forwarded_with_clean_headers() {
     let (origin, hits) = http_origin().await;
     let port = origin.port();
-    let mut gw = Gateway::start(&lane_config(port)).await;
+    let mut gw = Gateway::start(lane_config(port)).await;
     let url = format!("http://{CRL_HOST}:{port}");
 
     let reply = raw_request(
@@ -179,7 +181,7 @@ async fn revocation_requests_are_forwarded_with_clean_headers() {
 async fn everything_else_in_plain_http_is_refused() {
     let (origin, hits) = http_origin().await;
     let port = origin.port();
-    let gw = Gateway::start(&lane_config(port)).await;
+    let gw = Gateway::start(lane_config(port)).await;
     let table = [
         (
             format!("POST http://{CRL_HOST}:{port}/x HTTP/1.1\r\nContent-Length: 1\r\n\r\nx"),
@@ -261,7 +263,7 @@ async fn everything_else_in_plain_http_is_refused() {
 async fn a_fresh_crl_is_served_from_the_cache_without_reaching_the_origin() {
     let (origin, hits) = http_origin().await;
     let port = origin.port();
-    let mut gw = Gateway::start(&lane_config(port)).await;
+    let mut gw = Gateway::start(lane_config(port)).await;
     let fetch = |path: &str| format!("GET http://{CRL_HOST}:{port}{path} HTTP/1.1\r\n\r\n");
 
     for _ in 0..3 {
@@ -294,11 +296,10 @@ async fn a_connect_to_a_plain_http_host_is_refused_before_any_lookup() {
     let (origin, _) = http_origin().await;
     let port = origin.port();
     // crl.other.example is under a plain_http rule but has no address: a lookup would fail.
-    let config = lane_config(port).replace(
-        &format!("hosts = [\"{CRL_HOST}\"]"),
-        &format!("hosts = [\"{CRL_HOST}\", \"crl.other.example\"]"),
-    );
-    let mut gw = Gateway::start(&config).await;
+    let config = lane_config(port).change_rule("test-crl", |rule| {
+        rule.hosts(&[CRL_HOST, "crl.other.example"])
+    });
+    let mut gw = Gateway::start(config).await;
     let reply = raw_request(
         gw.addr,
         format!("CONNECT crl.other.example:{port} HTTP/1.1\r\n\r\n").as_bytes(),
@@ -323,7 +324,7 @@ async fn a_connect_to_a_plain_http_host_is_refused_before_any_lookup() {
 async fn the_cache_follows_the_shared_cache_rules() {
     let (origin, hits) = http_origin().await;
     let port = origin.port();
-    let gw = Gateway::start(&lane_config(port)).await;
+    let gw = Gateway::start(lane_config(port)).await;
     let get = |path: &str, headers: &str| {
         format!("GET http://{CRL_HOST}:{port}{path} HTTP/1.1\r\n{headers}\r\n")
     };
@@ -383,8 +384,7 @@ async fn the_cache_follows_the_shared_cache_rules() {
 async fn slow_lane_readers_hold_little_memory_and_a_stalled_one_is_cut() {
     let (origin, _) = http_origin().await;
     let port = origin.port();
-    let config = lane_config(port).replace("[resolver]", "[timeouts]\nidle = \"1s\"\n\n[resolver]");
-    let mut gw = Gateway::start(&config).await;
+    let mut gw = Gateway::start(lane_config(port).timeout("idle", "1s")).await;
     let request = format!("GET http://{CRL_HOST}:{port}/huge-crl HTTP/1.1\r\n\r\n");
     let before = gw.rss_kib();
     // 40 clients reading a 12 MiB list slowly: 16 KiB every 50 ms.

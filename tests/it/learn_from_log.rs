@@ -18,48 +18,30 @@ const NAMES: [&str; 6] = [
 
 /// Wildcard storage and sync rules and an exact management rule, all on the origin's port;
 /// access lines in JSON to `access`. No branches: `branches` adds them.
-fn gateway_config(port: u16, access: &Path) -> String {
-    let hosts: String = NAMES
+fn gateway_config(port: u16, access: &Path) -> GatewayConfig {
+    let on_port = |rule: Rule| rule.ports(&[port]).private_addresses(&["127.0.0.1/32"]);
+    let config = GatewayConfig::new()
+        .listen("admin", "off")
+        .set("log", "format", "json")
+        .set("log", "access_file", access)
+        .rule(on_port(
+            Rule::new("storage")
+                .category("storage")
+                .hosts(&["*.file.core.windows.net"]),
+        ))
+        .rule(on_port(
+            Rule::new("sync")
+                .category("sync")
+                .hosts(&["*.afs.azure.net"]),
+        ))
+        .rule(on_port(
+            Rule::new("management")
+                .category("management")
+                .hosts(&["management.azure.com"]),
+        ));
+    NAMES
         .iter()
-        .map(|n| format!("\"{n}\" = \"127.0.0.1\"\n"))
-        .collect();
-    format!(
-        r#"
-[listen]
-proxy = ["127.0.0.1:0"]
-admin = "off"
-
-[log]
-format = "json"
-access_file = "{}"
-
-[resolver]
-hosts_only = true
-[resolver.hosts]
-{hosts}
-[[policy.allow]]
-name = "storage"
-category = "storage"
-hosts = ["*.file.core.windows.net"]
-ports = [{port}]
-private_addresses = ["127.0.0.1/32"]
-
-[[policy.allow]]
-name = "sync"
-category = "sync"
-hosts = ["*.afs.azure.net"]
-ports = [{port}]
-private_addresses = ["127.0.0.1/32"]
-
-[[policy.allow]]
-name = "management"
-category = "management"
-hosts = ["management.azure.com"]
-ports = [{port}]
-private_addresses = ["127.0.0.1/32"]
-"#,
-        access.display()
-    )
+        .fold(config, |config, name| config.resolve(name, "127.0.0.1"))
 }
 
 /// london from 127.0.0.2, paris from 127.0.0.3, each with its `allow` line when given.
@@ -109,7 +91,7 @@ async fn learn_lists_each_branch_s_destinations_and_proposes_pinned_rules_that_h
     let port = origin.addr.port();
     let dir = tempfile::tempdir().unwrap();
     let access = dir.path().join("access.log");
-    let gw = Gateway::start(&(gateway_config(port, &access) + &branches("", ""))).await;
+    let gw = Gateway::start(gateway_config(port, &access).extra(&branches("", ""))).await;
     let used = [
         ("127.0.0.2", "acct1.file.core.windows.net"),
         ("127.0.0.2", "acct1.file.core.windows.net"),
@@ -138,7 +120,9 @@ async fn learn_lists_each_branch_s_destinations_and_proposes_pinned_rules_that_h
     let config_path = dir.path().join("ran.toml");
     std::fs::write(
         &config_path,
-        gateway_config(port, &access) + &branches("", ""),
+        gateway_config(port, &access)
+            .extra(&branches("", ""))
+            .to_string(),
     )
     .unwrap();
     let (access_arg, junk_arg, config_arg) = (
@@ -229,8 +213,10 @@ async fn learn_lists_each_branch_s_destinations_and_proposes_pinned_rules_that_h
 
     // The whole output appended to the config, the allow lines in the branch tables: valid.
     let pinned_access = dir.path().join("pinned-access.log");
-    let pinned =
-        gateway_config(port, &pinned_access) + &stdout + &branches(&london_allow, &paris_allow);
+    let pinned = gateway_config(port, &pinned_access)
+        .extra(&stdout)
+        .extra(&branches(&london_allow, &paris_allow))
+        .to_string();
     let (_keep, pinned_path) = temp_file("pinned.toml", &pinned);
     let check = portcullis(&["check-config", pinned_path.to_str().unwrap()]);
     assert_eq!(

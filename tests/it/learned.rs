@@ -4,7 +4,6 @@
 //! admin listener, in force at once) and on the file; a kill in the middle of a save never
 //! leaves a file the gateway cannot start from.
 
-use crate::admin::get as admin_get;
 use crate::support::*;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -19,41 +18,20 @@ fn account(n: u32) -> String {
 
 /// Two branches by source address, one rule learning `*.file.core.windows.net` on the origin's
 /// port, `accounts` names resolving to 127.0.0.1.
-fn config(state: &Path, port: u16, learn: &str, accounts: u32, extra: &str) -> String {
-    let hosts: String = (0..accounts)
-        .map(|n| format!("\"{}\" = \"127.0.0.1\"\n", account(n)))
-        .collect();
-    format!(
-        r#"
-state_dir = "{state}"
-{extra}
-[listen]
-proxy = ["127.0.0.1:0"]
-admin = "127.0.0.1:0"
-
-[[policy.allow]]
-name = "accounts"
-category = "storage"
-hosts = ["*.file.core.windows.net"]
-ports = [{port}]
-private_addresses = ["127.0.0.1/32"]
-learn = "{learn}"
-
-[[branch]]
-name = "london"
-sources = ["{LONDON}/32"]
-
-[[branch]]
-name = "paris"
-sources = ["{PARIS}/32"]
-
-[resolver]
-hosts_only = true
-[resolver.hosts]
-{hosts}
-"#,
-        state = state.display()
-    )
+fn config(state: &Path, port: u16, learn: &str, accounts: u32) -> GatewayConfig {
+    let config = GatewayConfig::new()
+        .state_dir(state)
+        .rule(
+            Rule::new("accounts")
+                .category("storage")
+                .hosts(&["*.file.core.windows.net"])
+                .ports(&[port])
+                .private_addresses(&["127.0.0.1/32"])
+                .set("learn", learn),
+        )
+        .branch(Branch::new("london").sources(&[format!("{LONDON}/32")]))
+        .branch(Branch::new("paris").sources(&[format!("{PARIS}/32")]));
+    (0..accounts).fold(config, |config, n| config.resolve(&account(n), "127.0.0.1"))
 }
 
 /// A TLS origin answering to the first `accounts` account names.
@@ -121,12 +99,11 @@ async fn record_then_enforce_across_a_restart_with_approve_and_forget_live_and_o
     let state = tempfile::tempdir().unwrap();
 
     // Record: everything passes; each branch's first tunnel to a name is flagged.
-    let mut gw = Gateway::start(&config(state.path(), port, "record", 4, "")).await;
+    let mut gw = Gateway::start(config(state.path(), port, "record", 4)).await;
     let admin = gw.admin_addr.unwrap();
-    let zero = get(admin, "/metrics").await;
-    assert!(
-        zero.contains("portcullis_new_destinations_total{branch=\"london\",rule=\"accounts\"} 0"),
-        "{zero}"
+    gw.metrics().await.assert_value(
+        r#"portcullis_new_destinations_total{branch="london",rule="accounts"}"#,
+        0.0,
     );
     for (from, host) in [(LONDON, 0), (LONDON, 0), (PARIS, 0), (LONDON, 1)] {
         assert_eq!(fetch(&pki, gw.addr, from, &account(host), port).await, 200);
@@ -149,13 +126,22 @@ async fn record_then_enforce_across_a_restart_with_approve_and_forget_live_and_o
         lines_for(&gw, "london", &account(1))[0]["new_destination"],
         true
     );
-    let metrics = get(admin, "/metrics").await;
-    for want in [
-        "portcullis_new_destinations_total{branch=\"london\",rule=\"accounts\"} 2",
-        "portcullis_new_destinations_total{branch=\"paris\",rule=\"accounts\"} 1",
-        "portcullis_learned_destinations{branch=\"london\",rule=\"accounts\"} 2",
+    let metrics = gw.metrics().await;
+    for (series, want) in [
+        (
+            r#"portcullis_new_destinations_total{branch="london",rule="accounts"}"#,
+            2.0,
+        ),
+        (
+            r#"portcullis_new_destinations_total{branch="paris",rule="accounts"}"#,
+            1.0,
+        ),
+        (
+            r#"portcullis_learned_destinations{branch="london",rule="accounts"}"#,
+            2.0,
+        ),
     ] {
-        assert!(metrics.contains(want), "missing {want:?} in:\n{metrics}");
+        metrics.assert_value(series, want);
     }
     let admin_text = admin.to_string();
     let (ok, listing, err) = cli(&[
@@ -181,7 +167,7 @@ async fn record_then_enforce_across_a_restart_with_approve_and_forget_live_and_o
     assert_eq!(file.matches("\"host\"").count(), 3, "{file}");
 
     // Restart in enforce: only what each branch learned passes.
-    let mut gw = Gateway::start(&config(state.path(), port, "enforce", 4, "")).await;
+    let mut gw = Gateway::start(config(state.path(), port, "enforce", 4)).await;
     let admin = gw.admin_addr.unwrap();
     let admin_text = admin.to_string();
     assert_eq!(fetch(&pki, gw.addr, LONDON, &account(1), port).await, 200);
@@ -306,7 +292,7 @@ async fn record_then_enforce_across_a_restart_with_approve_and_forget_live_and_o
         &account(1),
     ]);
     assert!(ok, "{err}");
-    let gw = Gateway::start(&config(state.path(), port, "enforce", 4, "")).await;
+    let gw = Gateway::start(config(state.path(), port, "enforce", 4)).await;
     assert_eq!(fetch(&pki, gw.addr, PARIS, &account(3), port).await, 200);
     assert_eq!(fetch(&pki, gw.addr, LONDON, &account(1), port).await, 403);
     assert_eq!(fetch(&pki, gw.addr, LONDON, &account(2), port).await, 200);
@@ -336,9 +322,9 @@ async fn a_kill_in_the_middle_of_a_save_leaves_a_whole_file() {
     let file = state.path().join("learned.json");
     let temporary = state.path().join("learned.json.tmp");
     std::fs::write(&file, big_state_file(OLD, port)).unwrap();
-    let extra = "[policy]\nlearn_limit = 100000\n";
-    let conf = config(state.path(), port, "record", 200, extra)
-        .replace("learn = \"record\"", "learn = \"record\"\nsni = \"off\"");
+    let conf = config(state.path(), port, "record", 200)
+        .policy("learn_limit", 100000)
+        .change_rule("accounts", |rule| rule.set("sni", "off"));
     let mut next = 0;
     let mut killed_mid_write = 0;
     for round in 0..3 {
@@ -405,16 +391,16 @@ async fn replicas_share_what_they_learn_approve_and_forget_through_redis() {
     let origin = origin_for(&pki, 3).await;
     let port = origin.port();
     let redis = Redis::start(&[]);
-    let fleet = |name: &str| {
-        format!(
-            "[fleet]\nredis = \"{}\"\nname = \"{name}\"\nrefresh = \"200ms\"\n",
-            redis.url()
-        )
+    let replica = |config: GatewayConfig, name: &str| {
+        config
+            .fleet("redis", redis.url())
+            .fleet("name", name)
+            .fleet("refresh", "200ms")
     };
     let (state_a, state_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     // A records, B enforces: what a branch learns through A passes through B.
-    let a = Gateway::start(&config(state_a.path(), port, "record", 3, &fleet("a"))).await;
-    let b = Gateway::start(&config(state_b.path(), port, "enforce", 3, &fleet("b"))).await;
+    let a = Gateway::start(replica(config(state_a.path(), port, "record", 3), "a")).await;
+    let b = Gateway::start(replica(config(state_b.path(), port, "enforce", 3), "b")).await;
     assert_eq!(fetch(&pki, b.addr, LONDON, &account(0), port).await, 403);
     assert_eq!(fetch(&pki, a.addr, LONDON, &account(0), port).await, 200);
     eventually(&pki, b.addr, LONDON, &account(0), port, 200).await;
@@ -480,7 +466,7 @@ async fn a_reload_switches_learning_on_and_keeps_what_was_learned() {
     let origin = Origin::start_named(&pki, &[&account(0), &account(1)]).await;
     let port = origin.port();
     let state = tempfile::tempdir().unwrap();
-    let mut gw = Gateway::start(&config(state.path(), port, "off", 2, "")).await;
+    let mut gw = Gateway::start(config(state.path(), port, "off", 2)).await;
     // Off: nothing is kept, nothing is flagged, no file is made.
     assert_eq!(fetch(&pki, gw.addr, LONDON, &account(0), port).await, 200);
     let line = gw.access_line(|l| l["host"] == account(0).as_str()).await;
@@ -488,7 +474,7 @@ async fn a_reload_switches_learning_on_and_keeps_what_was_learned() {
     assert!(!state.path().join("learned.lock").exists());
     std::fs::write(
         gw.config_path(),
-        config(state.path(), port, "record", 2, ""),
+        config(state.path(), port, "record", 2).to_string(),
     )
     .unwrap();
     gw.reload("reload applied").await;
@@ -503,19 +489,10 @@ async fn a_reload_switches_learning_on_and_keeps_what_was_learned() {
     }
     std::fs::write(
         gw.config_path(),
-        config(state.path(), port, "enforce", 2, ""),
+        config(state.path(), port, "enforce", 2).to_string(),
     )
     .unwrap();
-    let before = gw.count_logs(|l| l["message"] == "reload applied");
-    gw.signal("HUP");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while gw.count_logs(|l| l["message"] == "reload applied") == before {
-        assert!(
-            Instant::now() < deadline,
-            "the second reload was not applied"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    gw.reload("reload applied").await;
     assert_eq!(fetch(&pki, gw.addr, LONDON, &account(1), port).await, 200);
     assert_eq!(fetch(&pki, gw.addr, LONDON, &account(0), port).await, 403);
 }

@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 async fn each_malformed_request_gets_its_status_and_the_gateway_keeps_serving() {
     let pki = Pki::new();
     let origin = Origin::start(&pki).await;
-    let mut gw = Gateway::start(&config_for(origin.port(), &resolver_hosts(""))).await;
+    let mut gw = Gateway::start(GatewayConfig::for_origin(origin.port())).await;
     let huge = format!(
         "CONNECT {ORIGIN_HOST}:443 HTTP/1.1\r\nX-Pad: {}\r\n\r\n",
         "a".repeat(9000)
@@ -124,8 +124,8 @@ async fn each_malformed_request_gets_its_status_and_the_gateway_keeps_serving() 
 async fn a_slow_head_gets_408_while_others_are_served() {
     let pki = Pki::new();
     let origin = Origin::start(&pki).await;
-    let extra = format!("{}\n[timeouts]\nhead = \"1s\"\n", resolver_hosts(""));
-    let mut gw = Gateway::start(&config_for(origin.port(), &extra)).await;
+    let mut gw =
+        Gateway::start(GatewayConfig::for_origin(origin.port()).timeout("head", "1s")).await;
 
     let mut slow = TcpStream::connect(gw.addr).await.unwrap();
     let started = Instant::now();
@@ -151,7 +151,7 @@ async fn a_slow_head_gets_408_while_others_are_served() {
 async fn a_client_that_leaves_mid_head_is_logged_and_costs_nothing_else() {
     let pki = Pki::new();
     let origin = Origin::start(&pki).await;
-    let mut gw = Gateway::start(&config_for(origin.port(), &resolver_hosts(""))).await;
+    let mut gw = Gateway::start(GatewayConfig::for_origin(origin.port())).await;
     let mut tcp = TcpStream::connect(gw.addr).await.unwrap();
     tcp.write_all(b"CONNECT share1.file.core.windows.net:4")
         .await

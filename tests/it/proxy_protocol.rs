@@ -31,15 +31,12 @@ async fn via(gw: std::net::SocketAddr, from: &str, prefix: &[u8], target: &str) 
 async fn a_trusted_balancer_names_the_client_with_v1_or_v2_and_others_cannot() {
     let origin = TcpOrigin::start(b"ok").await;
     let port = origin.addr.port();
-    let extra = format!(
-        "[[branch]]\nname = \"london\"\nsources = [\"10.1.0.0/16\"]\n\n[[branch]]\nname = \"paris\"\nsources = [\"10.2.0.0/16\"]\n\n{}",
-        resolver_hosts("")
-    );
-    let config = config_for(port, &extra).replace(
-        "[listen]\nproxy = [\"127.0.0.1:0\"]",
-        "[listen]\nproxy = [\"127.0.0.1:0\"]\nclients = [\"127.0.0.0/8\", \"10.0.0.0/8\"]\nproxy_protocol_from = [\"127.0.0.7/32\"]",
-    );
-    let mut gw = Gateway::start(&config).await;
+    let config = GatewayConfig::for_origin(port)
+        .listen("clients", ["127.0.0.0/8", "10.0.0.0/8"])
+        .listen("proxy_protocol_from", ["127.0.0.7/32"])
+        .branch(Branch::new("london").sources(&["10.1.0.0/16"]))
+        .branch(Branch::new("paris").sources(&["10.2.0.0/16"]));
+    let mut gw = Gateway::start(config).await;
     let target = format!("{ORIGIN_HOST}:{port}");
 
     // v1 from the balancer: the client is 10.1.2.3, branch london.

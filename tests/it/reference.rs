@@ -160,24 +160,18 @@ async fn observability_reference_lists_every_metric() {
     let state = tempfile::tempdir().unwrap();
     let mut origin = TcpOrigin::start(b"5byte").await;
     let port = origin.addr.port();
-    let config = format!(
-        "state_dir = \"{state}\"\n{}",
-        config_for(
-            port,
-            &format!(
-                "{resolver}\n[policy.learn]\n\"test-origin\" = \"record\"\n\
-                 [[branch]]\nname = \"london\"\nsources = [\"127.0.0.0/8\"]\n\
-                 [[schedule]]\nname = \"always\"\ndays = \"daily\"\nhours = \"00:00-00:00\"\n\
-                 time_zone = \"UTC\"\nupload = \"100 Mbit/s\"\ndownload = \"100 Mbit/s\"\n\
-                 categories = [\"storage\"]\n\
-                 [fleet]\nredis = \"{redis}\"\nname = \"reference\"\n",
-                resolver = resolver_hosts(""),
-                redis = redis.url(),
-            )
-        ),
-        state = state.path().display(),
-    );
-    let mut gw = Gateway::start(&config).await;
+    let config = GatewayConfig::for_origin(port)
+        .state_dir(state.path())
+        .branch(Branch::new("london").sources(&["127.0.0.0/8"]))
+        .fleet("redis", redis.url())
+        .fleet("name", "reference")
+        .extra(
+            "[policy.learn]\n\"test-origin\" = \"record\"\n\
+             [[schedule]]\nname = \"always\"\ndays = \"daily\"\nhours = \"00:00-00:00\"\n\
+             time_zone = \"UTC\"\nupload = \"100 Mbit/s\"\ndownload = \"100 Mbit/s\"\n\
+             categories = [\"storage\"]\n",
+        );
+    let mut gw = Gateway::start(config).await;
     let (mut tunnel, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
     assert_eq!(status, 200);
     assert_eq!(send_and_finish(&mut tunnel, b"ten bytes!").await, b"5byte");
@@ -185,7 +179,7 @@ async fn observability_reference_lists_every_metric() {
     let _ = gw.access_line(|l| l["end"] == "closed").await;
     let _ = gw.reload("reload applied").await;
     let admin = gw.admin_addr.unwrap();
-    let scraped = crate::admin::get(admin, "/metrics").await;
+    let scraped = admin_get(admin, "/metrics").await;
     let gateway = family_names(&scraped.body, "portcullis_");
     assert!(
         gateway.contains("fleet_share_bytes_per_second"),

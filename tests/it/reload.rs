@@ -9,16 +9,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 async fn a_good_file_applies_to_new_requests_and_open_tunnels_go_on() {
     let mut origin = TcpOrigin::start(b"still here").await;
     let port = origin.addr.port();
-    let mut gw = Gateway::start(&config_for(port, &resolver_hosts(""))).await;
+    let mut gw = Gateway::start(GatewayConfig::for_origin(port)).await;
     let target = format!("{ORIGIN_HOST}:{port}");
 
     let (mut open, status) = open_tunnel(gw.addr, &target, b"").await;
     assert_eq!(status, 200);
 
     // The new file no longer lists the origin's port.
-    let narrowed = config_for(port, &resolver_hosts(""))
-        .replace(&format!("ports = [{port}]"), "ports = [443]");
-    std::fs::write(gw.config_path(), narrowed).unwrap();
+    let narrowed = GatewayConfig::for_origin(port).origin_rule(|rule| rule.ports(&[443]));
+    std::fs::write(gw.config_path(), narrowed.to_string()).unwrap();
     gw.reload("reload applied").await;
     let (_denied, status) = open_tunnel(gw.addr, &target, b"").await;
     assert_eq!(status, 403, "new requests get the new policy");
@@ -59,19 +58,11 @@ async fn a_reload_reads_the_tls_certificate_again() {
         std::fs::write(files.path().join("gateway.key"), key).unwrap();
     };
     write_cert(&old_ca);
-    let dir = files.path().display();
-    let config = config_for(
-        port,
-        &format!(
-            "[tls]\ncertificate = \"{dir}/gateway.pem\"\nkey = \"{dir}/gateway.key\"\n\n{}",
-            resolver_hosts("")
-        ),
-    )
-    .replace(
-        "admin = \"127.0.0.1:0\"",
-        "admin = \"127.0.0.1:0\"\n\n[[listen.tls_proxy]]\naddress = \"127.0.0.1:0\"",
-    );
-    let mut gw = Gateway::start(&config).await;
+    let config = GatewayConfig::for_origin(port)
+        .tls_listener("127.0.0.1:0", None)
+        .tls("certificate", files.path().join("gateway.pem"))
+        .tls("key", files.path().join("gateway.key"));
+    let mut gw = Gateway::start(config).await;
     let tls_addr = gw.tls_addr.unwrap();
 
     let handshake = |pki: &Pki| {
@@ -111,8 +102,8 @@ async fn a_hundred_reloads_under_two_hundred_busy_tunnels_drop_nothing() {
             });
         }
     });
-    let extra = format!("{}\n[limits]\nmax_connections = 1000\n", resolver_hosts(""));
-    let mut gw = Gateway::start(&config_for(port, &extra)).await;
+    let mut gw =
+        Gateway::start(GatewayConfig::for_origin(port).limit("max_connections", 1000)).await;
     let target = format!("{ORIGIN_HOST}:{port}");
     let mut tunnels = Vec::new();
     for _ in 0..TUNNELS {
@@ -171,25 +162,19 @@ async fn close_denied_closes_only_the_tunnels_the_new_policy_denies() {
     let mut kept_origin = TcpOrigin::start(b"kept").await;
     let revoked_origin = TcpOrigin::start(b"").await;
     let (kept_port, revoked_port) = (kept_origin.addr.port(), revoked_origin.addr.port());
-    let config = |ports: &str| {
-        config_for(kept_port, &resolver_hosts(""))
-            .replace(
-                &format!("ports = [{kept_port}]"),
-                &format!("ports = [{ports}]"),
-            )
-            .replace(
-                "[listen]",
-                "[policy]\non_reload = \"close-denied\"\n\n[listen]",
-            )
+    let config = |ports: &[u16]| {
+        GatewayConfig::for_origin(kept_port)
+            .origin_rule(|rule| rule.ports(ports))
+            .policy("on_reload", "close-denied")
     };
-    let mut gw = Gateway::start(&config(&format!("{kept_port}, {revoked_port}"))).await;
+    let mut gw = Gateway::start(config(&[kept_port, revoked_port])).await;
     let (mut kept, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{kept_port}"), b"").await;
     assert_eq!(status, 200);
     let (mut revoked, status) =
         open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{revoked_port}"), b"").await;
     assert_eq!(status, 200);
 
-    std::fs::write(gw.config_path(), config(&kept_port.to_string())).unwrap();
+    std::fs::write(gw.config_path(), config(&[kept_port]).to_string()).unwrap();
     gw.reload("reload applied").await;
     let line = gw
         .wait_log(|l| l["message"] == "closed open tunnels the new policy denies")
@@ -211,20 +196,12 @@ async fn close_denied_closes_only_the_tunnels_the_new_policy_denies() {
 async fn a_reload_that_changes_listener_addresses_rebinds_only_those() {
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
-    let base = config_for(port, &resolver_hosts(""));
+    let base = GatewayConfig::for_origin(port);
     let mut gw = Gateway::start(&base).await;
-    let extra_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let extra = format!("127.0.0.1:{extra_port}");
+    let extra = format!("127.0.0.1:{}", free_port());
 
-    let with_extra = base.replace(
-        "proxy = [\"127.0.0.1:0\"]",
-        &format!("proxy = [\"127.0.0.1:0\", \"{extra}\"]"),
-    );
-    std::fs::write(gw.config_path(), &with_extra).unwrap();
+    let with_extra = base.clone().also_listen(&extra);
+    std::fs::write(gw.config_path(), with_extra.to_string()).unwrap();
     gw.reload("reload applied").await;
     let _ = gw
         .wait_log(|l| l["message"] == "listening" && l["address"] == extra.as_str())
@@ -239,7 +216,7 @@ async fn a_reload_that_changes_listener_addresses_rebinds_only_those() {
     let (_tunnel, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
     assert_eq!(status, 200, "the unchanged listener kept serving");
 
-    std::fs::write(gw.config_path(), &base).unwrap();
+    std::fs::write(gw.config_path(), base.to_string()).unwrap();
     gw.reload("reload applied").await;
     let _ = gw
         .wait_log(|l| l["message"] == "stopped listening" && l["address"] == extra.as_str())

@@ -2,7 +2,6 @@
 //! bounds only: the figures are benchmarks, not tests), the metrics of the budgets, a reload
 //! that puts a limit on an open tunnel, and the `schedule` commands.
 
-use crate::admin::get;
 use crate::support::*;
 use std::time::{Duration, Instant};
 
@@ -13,13 +12,6 @@ fn all_day(name: &str, extra: &str) -> String {
     )
 }
 
-fn metric(metrics: &str, name_and_labels: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name_and_labels} in:\n{metrics}"))
-}
-
 #[tokio::test]
 async fn transfers_in_both_directions_keep_to_the_limit_in_force() {
     let pki = Pki::new();
@@ -28,11 +20,7 @@ async fn transfers_in_both_directions_keep_to_the_limit_in_force() {
         "office",
         "upload = \"2 MB/s\"\ndownload = \"2 MB/s\"\napplies_to = \"each-branch\"",
     );
-    let mut gw = Gateway::start(&config_for(
-        origin.port(),
-        &format!("{schedule}\n{}", resolver_hosts("")),
-    ))
-    .await;
+    let mut gw = Gateway::start(GatewayConfig::for_origin(origin.port()).extra(&schedule)).await;
     let _ = gw
         .wait_log(|l| {
             l["message"] == "bandwidth limit in force"
@@ -74,29 +62,18 @@ async fn transfers_in_both_directions_keep_to_the_limit_in_force() {
         "download took {down:?}"
     );
 
-    let metrics = get(gw.admin_addr.unwrap(), "/metrics").await.body;
+    let metrics = gw.metrics().await;
     for direction in ["upload", "download"] {
         let labels =
             format!("{{scope=\"each-branch\",budget=\"unassigned\",direction=\"{direction}\"}}");
         assert_eq!(
-            metric(
-                &metrics,
-                &format!("portcullis_throttle_limit_bytes_per_second{labels}")
-            ),
+            metrics.value(&format!(
+                "portcullis_throttle_limit_bytes_per_second{labels}"
+            )),
             2_000_000.0
         );
-        assert!(
-            metric(
-                &metrics,
-                &format!("portcullis_throttled_bytes_total{labels}")
-            ) >= 4_000_000.0
-        );
-        assert!(
-            metric(
-                &metrics,
-                &format!("portcullis_throttle_wait_seconds_total{labels}")
-            ) > 1.0
-        );
+        assert!(metrics.value(&format!("portcullis_throttled_bytes_total{labels}")) >= 4_000_000.0);
+        assert!(metrics.value(&format!("portcullis_throttle_wait_seconds_total{labels}")) > 1.0);
     }
 }
 
@@ -112,11 +89,7 @@ async fn schedules_out_of_hours_or_for_other_categories_leave_traffic_alone() {
             "download = \"1 MB/s\"\napplies_to = \"all-branches\"\ncategories = [\"sync\"]"
         )
     );
-    let gw = Gateway::start(&config_for(
-        origin.port(),
-        &format!("{schedules}\n{}", resolver_hosts("")),
-    ))
-    .await;
+    let gw = Gateway::start(GatewayConfig::for_origin(origin.port()).extra(&schedules)).await;
     let client = client(&pki, gw.addr);
     let resp = client
         .get(format!(
@@ -127,30 +100,23 @@ async fn schedules_out_of_hours_or_for_other_categories_leave_traffic_alone() {
         .await
         .unwrap();
     assert_eq!(resp.bytes().await.unwrap().len(), 8_000_000);
-    let metrics = get(gw.admin_addr.unwrap(), "/metrics").await.body;
+    let metrics = gw.metrics().await;
     // The storage tunnel passed no budget in force: none counted a byte or a wait.
     let each = "{scope=\"each-branch\",budget=\"unassigned\",direction=\"download\"}";
     let shared = "{scope=\"all-branches\",budget=\"*\",direction=\"download\"}";
     assert_eq!(
-        metric(
-            &metrics,
-            &format!("portcullis_throttle_limit_bytes_per_second{each}")
-        ),
+        metrics.value(&format!("portcullis_throttle_limit_bytes_per_second{each}")),
         0.0
     );
     assert_eq!(
-        metric(
-            &metrics,
-            &format!("portcullis_throttle_limit_bytes_per_second{shared}")
-        ),
+        metrics.value(&format!(
+            "portcullis_throttle_limit_bytes_per_second{shared}"
+        )),
         1_000_000.0
     );
     for labels in [each, shared] {
         assert_eq!(
-            metric(
-                &metrics,
-                &format!("portcullis_throttled_bytes_total{labels}")
-            ),
+            metrics.value(&format!("portcullis_throttled_bytes_total{labels}")),
             0.0
         );
     }
@@ -165,13 +131,8 @@ async fn a_reload_that_starts_a_window_slows_an_open_tunnel() {
             "[[schedule]]\nname = \"office\"\ndays = \"daily\"\nhours = \"{hours}\"\ntime_zone = \"UTC\"\ndownload = \"4 MB/s\"\n"
         )
     };
-    let config = |hours: &str| {
-        config_for(
-            origin.port(),
-            &format!("{}\n{}", schedule(hours), resolver_hosts("")),
-        )
-    };
-    let mut gw = Gateway::start(&config(&later_today())).await;
+    let config = |hours: &str| GatewayConfig::for_origin(origin.port()).extra(&schedule(hours));
+    let mut gw = Gateway::start(config(&later_today())).await;
     let client = client(&pki, gw.addr);
     let mut resp = client
         .get(format!(
@@ -186,7 +147,7 @@ async fn a_reload_that_starts_a_window_slows_an_open_tunnel() {
     while read < 1_000_000 {
         read += resp.chunk().await.unwrap().unwrap().len();
     }
-    std::fs::write(gw.config_path(), config("00:00-00:00")).unwrap();
+    std::fs::write(gw.config_path(), config("00:00-00:00").to_string()).unwrap();
     gw.signal("HUP");
     let _ = gw
         .wait_log(|l| l["message"] == "bandwidth limit in force" && l["direction"] == "download")

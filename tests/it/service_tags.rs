@@ -17,28 +17,25 @@ fn tags_file(change: u64, elsewhere_v4: &str) -> String {
     )
 }
 
-fn config(port: u16, tags_path: &str) -> String {
-    let extra = format!(
-        r#"{}
-[policy]
-service_tags_file = "{tags_path}"
-
-[[policy.allow]]
-name = "elsewhere"
-category = "storage"
-hosts = ["share2.file.core.windows.net", "share6.file.core.windows.net"]
-ports = [{port}]
-private_addresses = ["127.0.0.1/32", "::1/128"]
-service_tags = ["Storage.Elsewhere"]
-"#,
-        resolver_hosts(
-            "\"share2.file.core.windows.net\" = \"127.0.0.1\"\n\"share6.file.core.windows.net\" = \"::1\""
+/// The test origin's rule limited to `Storage.Test`, and the rule `elsewhere` (IPv4 and IPv6
+/// names) to `Storage.Elsewhere`, with the tags file at `tags_path`.
+fn config(port: u16, tags_path: &str) -> GatewayConfig {
+    GatewayConfig::for_origin(port)
+        .origin_rule(|rule| rule.set("service_tags", ["Storage.Test"]))
+        .policy("service_tags_file", tags_path)
+        .rule(
+            Rule::new("elsewhere")
+                .category("storage")
+                .hosts(&[
+                    "share2.file.core.windows.net",
+                    "share6.file.core.windows.net",
+                ])
+                .ports(&[port])
+                .private_addresses(&["127.0.0.1/32", "::1/128"])
+                .set("service_tags", ["Storage.Elsewhere"]),
         )
-    );
-    config_for(port, &extra).replace(
-        "private_addresses = [\"127.0.0.1/32\"]\n",
-        "private_addresses = [\"127.0.0.1/32\"]\nservice_tags = [\"Storage.Test\"]\n",
-    )
+        .resolve("share2.file.core.windows.net", "127.0.0.1")
+        .resolve("share6.file.core.windows.net", "::1")
 }
 
 #[tokio::test]
@@ -47,7 +44,7 @@ async fn addresses_outside_a_rules_service_tags_are_refused_and_a_reload_takes_a
     let port = origin.addr.port();
     let (dir, tags) = temp_file("ServiceTags_Public.json", &tags_file(312, "203.0.113.0/24"));
     let tags = tags.to_str().unwrap().to_owned();
-    let text = config(port, &tags);
+    let text = config(port, &tags).to_string();
     let mut gw = Gateway::start(&text).await;
 
     // In its rule's tag: served.
@@ -71,13 +68,9 @@ async fn addresses_outside_a_rules_service_tags_are_refused_and_a_reload_takes_a
         let line = gw.access_line(|l| l["host"] == host).await;
         assert_eq!(line["end"], "destination_forbidden", "{line}");
     }
-    let metrics = crate::admin::get(gw.admin_addr.unwrap(), "/metrics")
+    gw.metrics()
         .await
-        .body;
-    assert!(
-        metrics.contains("portcullis_service_tags_change_number 312\n"),
-        "{metrics}"
-    );
+        .assert_value("portcullis_service_tags_change_number", 312.0);
 
     // explain shows the check per address; check-config the file's edition.
     let (_cdir, path) = temp_file("portcullis.toml", &text);
@@ -128,20 +121,16 @@ async fn addresses_outside_a_rules_service_tags_are_refused_and_a_reload_takes_a
     )
     .await;
     assert_eq!(now_ok.status, 200, "{now_ok:?}");
-    let metrics = crate::admin::get(gw.admin_addr.unwrap(), "/metrics")
+    gw.metrics()
         .await
-        .body;
-    assert!(
-        metrics.contains("portcullis_service_tags_change_number 313\n"),
-        "{metrics}"
-    );
+        .assert_value("portcullis_service_tags_change_number", 313.0);
 }
 
 #[test]
 fn a_bad_service_tags_file_or_tag_is_a_config_error_with_its_place() {
     let (_dir, tags) = temp_file("tags.json", "{\"changeNumber\": 1,\n  \"cloud\": 5 }");
     let tags = tags.to_str().unwrap().to_owned();
-    let (_cdir, path) = temp_file("portcullis.toml", &config(443, &tags));
+    let (_cdir, path) = temp_file("portcullis.toml", &config(443, &tags).to_string());
     let out = portcullis(&["check-config", path.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{err}");
@@ -151,9 +140,10 @@ fn a_bad_service_tags_file_or_tag_is_a_config_error_with_its_place() {
     );
 
     let (_dir2, tags) = temp_file("tags.json", &tags_file(1, "203.0.113.0/24"));
-    let text = config(443, tags.to_str().unwrap())
-        .replace("\"Storage.Elsewhere\"]", "\"Storage.Elsewher\"]");
-    let (_cdir2, path) = temp_file("portcullis.toml", &text);
+    let text = config(443, tags.to_str().unwrap()).change_rule("elsewhere", |rule| {
+        rule.set("service_tags", ["Storage.Elsewher"])
+    });
+    let (_cdir2, path) = temp_file("portcullis.toml", &text.to_string());
     let out = portcullis(&["check-config", path.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{err}");

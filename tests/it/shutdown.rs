@@ -7,8 +7,7 @@ use std::time::Duration;
 async fn sigterm_drains_open_tunnels_then_exits_0() {
     let mut origin = TcpOrigin::start(b"served during drain").await;
     let port = origin.addr.port();
-    let extra = format!("{}\n[timeouts]\ndrain = \"20s\"\n", resolver_hosts(""));
-    let mut gw = Gateway::start(&config_for(port, &extra)).await;
+    let mut gw = Gateway::start(GatewayConfig::for_origin(port).timeout("drain", "20s")).await;
     let (mut tunnel, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
     assert_eq!(status, 200);
 
@@ -42,8 +41,7 @@ async fn sigterm_drains_open_tunnels_then_exits_0() {
 async fn the_drain_timeout_bounds_the_wait() {
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
-    let extra = format!("{}\n[timeouts]\ndrain = \"1s\"\n", resolver_hosts(""));
-    let mut gw = Gateway::start(&config_for(port, &extra)).await;
+    let mut gw = Gateway::start(GatewayConfig::for_origin(port).timeout("drain", "1s")).await;
     let (_tunnel, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
     assert_eq!(status, 200);
     let started = std::time::Instant::now();
@@ -64,8 +62,7 @@ async fn the_drain_timeout_bounds_the_wait() {
 async fn a_tunnel_cut_at_the_drain_timeout_still_gets_its_access_line_and_bytes() {
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
-    let extra = format!("{}\n[timeouts]\ndrain = \"1s\"\n", resolver_hosts(""));
-    let mut gw = Gateway::start(&config_for(port, &extra)).await;
+    let mut gw = Gateway::start(GatewayConfig::for_origin(port).timeout("drain", "1s")).await;
     let (mut tunnel, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
     assert_eq!(status, 200);
     tokio::io::AsyncWriteExt::write_all(&mut tunnel, b"half a sync batch")

@@ -4,13 +4,9 @@
 use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// The usual config, with the test-origin rule checking SNI in `mode`, plus `extra`.
-fn with_sni(origin_port: u16, mode: &str, extra: &str) -> String {
-    config_for(origin_port, &format!("{extra}\n{}", resolver_hosts(""))).replacen(
-        "private_addresses = [\"127.0.0.1/32\"]",
-        &format!("private_addresses = [\"127.0.0.1/32\"]\nsni = \"{mode}\""),
-        1,
-    )
+/// The usual config, with the test-origin rule checking SNI in `mode`.
+fn with_sni(origin_port: u16, mode: &str) -> GatewayConfig {
+    GatewayConfig::for_origin(origin_port).origin_rule(|rule| rule.set("sni", mode))
 }
 
 /// A TLS handshake with `sni` through an open tunnel; true when it completes.
@@ -25,7 +21,7 @@ async fn a_matching_sni_passes_and_any_other_name_is_cut() {
     let pki = Pki::new();
     let origin = Origin::start(&pki).await;
     let port = origin.port();
-    let mut gw = Gateway::start(&with_sni(port, "match", "")).await;
+    let mut gw = Gateway::start(with_sni(port, "match")).await;
 
     assert_serves(&pki, gw.addr, &origin).await;
     let line = gw
@@ -80,7 +76,7 @@ async fn a_matching_sni_passes_and_any_other_name_is_cut() {
 async fn sni_off_lets_any_bytes_through() {
     let mut origin = TcpOrigin::start(b"plain reply").await;
     let port = origin.addr.port();
-    let gw = Gateway::start(&with_sni(port, "off", "")).await;
+    let gw = Gateway::start(with_sni(port, "off")).await;
     let (mut tunnel, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
     assert_eq!(status, 200);
     let reply = send_and_finish(&mut tunnel, b"not tls").await;
@@ -93,10 +89,11 @@ async fn an_ip_literal_target_needs_an_sni_the_policy_allows() {
     let pki = Pki::new();
     let origin = Origin::start(&pki).await;
     let port = origin.port();
-    let literal = format!(
-        "[[policy.allow]]\nname = \"literal\"\naddresses = [\"127.0.0.1/32\"]\nports = [{port}]\nsni = \"match\"\n"
-    );
-    let mut gw = Gateway::start(&with_sni(port, "match", &literal)).await;
+    let literal = Rule::new("literal")
+        .addresses(&["127.0.0.1/32"])
+        .ports(&[port])
+        .set("sni", "match");
+    let mut gw = Gateway::start(with_sni(port, "match").rule(literal)).await;
 
     let (tunnel, status) = open_tunnel(gw.addr, &format!("127.0.0.1:{port}"), b"").await;
     assert_eq!(status, 200);
@@ -118,7 +115,7 @@ async fn curl_through_the_proxy_passes_the_sni_check() {
     let pki = Pki::new();
     let origin = Origin::start(&pki).await;
     let port = origin.port();
-    let mut gw = Gateway::start(&with_sni(port, "match", "")).await;
+    let mut gw = Gateway::start(with_sni(port, "match")).await;
     let ca = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(ca.path(), &pki.ca_pem).unwrap();
     let out = tokio::process::Command::new("curl")
@@ -233,7 +230,7 @@ async fn a_second_client_hello_after_a_hello_retry_must_name_the_same_server() {
     let pki = Pki::new();
     let mut origin = RetryOrigin::start(&pki).await;
     let port = origin.port();
-    let mut gw = Gateway::start(&with_sni(port, "match", "")).await;
+    let mut gw = Gateway::start(with_sni(port, "match")).await;
 
     // The first hello names the CONNECT host; after the origin's HelloRetryRequest, a second
     // one names another server.
@@ -304,7 +301,7 @@ async fn a_second_client_hello_sent_with_the_first_waits_for_the_answer_and_is_c
     let pki = Pki::new();
     let mut origin = RetryOrigin::start(&pki).await;
     let port = origin.port();
-    let mut gw = Gateway::start(&with_sni(port, "match", "")).await;
+    let mut gw = Gateway::start(with_sni(port, "match")).await;
 
     // Both hellos in one write: the second must not reach the origin before it is checked.
     let first = hello_for_a_retry(&pki);
@@ -329,7 +326,7 @@ async fn a_client_asked_to_retry_completes_its_handshake_through_the_check() {
     let pki = Pki::new();
     let mut origin = RetryOrigin::start(&pki).await;
     let port = origin.port();
-    let mut gw = Gateway::start(&with_sni(port, "match", "")).await;
+    let mut gw = Gateway::start(with_sni(port, "match")).await;
 
     // rustls offers x25519 first: the origin asks for secp256r1, the client says hello again
     // (after a ChangeCipherSpec, in middlebox compatibility mode) with the same name.

@@ -13,19 +13,21 @@ const GATEWAY_NAME: &str = "gateway.test";
 
 /// A gateway config with a plain and a TLS listener on 127.0.0.1:0 and the `[tls]` files given.
 fn tls_config(certificate: &str, key: &str) -> String {
-    format!(
-        r#"[listen]
-proxy = ["127.0.0.1:0"]
-admin = "off"
+    GatewayConfig::new()
+        .listen("admin", "off")
+        .tls_listener("127.0.0.1:0", None)
+        .tls("certificate", certificate)
+        .tls("key", key)
+        .to_string()
+}
 
-[[listen.tls_proxy]]
-address = "127.0.0.1:0"
-
-[tls]
-certificate = "{certificate}"
-key = "{key}"
-"#
-    )
+/// The line of `config` that starts with `start`, counted from 1 as the gateway names it.
+fn line_of(config: &str, start: &str) -> usize {
+    config
+        .lines()
+        .position(|l| l.starts_with(start))
+        .unwrap_or_else(|| panic!("no {start:?} in {config}"))
+        + 1
 }
 
 /// Runs `portcullis serve --config FILE` (FILE holding `config`) with `env`, expecting it to
@@ -110,7 +112,10 @@ fn an_unusable_tls_file_found_at_start_exits_64_naming_it() {
 fn a_port_that_cannot_be_bound_exits_1() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
-    let config = format!("[listen]\nproxy = [\"{addr}\"]\nadmin = \"off\"\n");
+    let config = GatewayConfig::new()
+        .listen("proxy", [addr.to_string()])
+        .listen("admin", "off")
+        .to_string();
     let out = serve_until_exit(&config, &[]);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -148,13 +153,19 @@ async fn tls_files_come_from_the_credentials_folder() {
         "${CREDENTIALS_DIRECTORY}/gateway.key",
     );
 
-    // Not set: a config error at the key's place, exit 64, before anything listens.
+    // Not set: a config error at the key's place (line, and the column of its value), exit
+    // 64, before anything listens.
     let out = serve_until_exit(&config, &[]);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(64), "{err}");
+    let (certificate, key) = (
+        line_of(&config, "certificate = "),
+        line_of(&config, "key = "),
+    );
     assert!(
-        err.contains("portcullis.toml:9:15: tls.certificate: ")
-            && err.contains("portcullis.toml:10:7: tls.key: ")
+        err.contains(&format!(
+            "portcullis.toml:{certificate}:15: tls.certificate: "
+        )) && err.contains(&format!("portcullis.toml:{key}:7: tls.key: "))
             && err.contains("${CREDENTIALS_DIRECTORY} is not set"),
         "{err}"
     );

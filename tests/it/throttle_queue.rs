@@ -103,17 +103,16 @@ async fn a_tunnel_that_ran_free_queues_at_most_half_a_second_once_a_limit_begins
     let origin = origin.listen(4).unwrap();
     let port = origin.local_addr().unwrap().port();
     let config = |hours: &str| {
-        let rule = format!(
-            "[[policy.allow]]\nname = \"lan\"\naddresses = [\"127.0.0.1/32\"]\nports = [{port}]\n"
-        );
         let schedule = format!(
             "[[schedule]]\nname = \"office\"\ndays = \"daily\"\nhours = \"{hours}\"\n\
              time_zone = \"UTC\"\nupload = \"2 Mbit/s\"\ndownload = \"2 Mbit/s\"\n\
              categories = [\"other\"]\n"
         );
-        config_for(1, &format!("{rule}{schedule}"))
+        GatewayConfig::no_origin()
+            .rule(Rule::new("lan").addresses(&["127.0.0.1/32"]).ports(&[port]))
+            .extra(&schedule)
     };
-    let mut gw = Gateway::start(&config(&later_today())).await;
+    let mut gw = Gateway::start(config(&later_today())).await;
 
     let mut client: TcpStream = lan_socket().connect(gw.addr).await.unwrap();
     small_send_queue(&client);
@@ -143,7 +142,7 @@ async fn a_tunnel_that_ran_free_queues_at_most_half_a_second_once_a_limit_begins
     // Both free parts are through (the buffers grew and are empty again): the window begins.
     up_free_rx.wait_for(|&done| done).await.unwrap();
     down_free_rx.wait_for(|&done| done).await.unwrap();
-    std::fs::write(gw.config_path(), config("00:00-00:00")).unwrap();
+    std::fs::write(gw.config_path(), config("00:00-00:00").to_string()).unwrap();
     gw.signal("HUP");
     for direction in ["upload", "download"] {
         let _ = gw

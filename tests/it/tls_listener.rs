@@ -22,31 +22,16 @@ async fn tls_gateway(pki: &Pki, origin_port: u16, mode: &str) -> TlsGateway {
     std::fs::write(files.path().join("gateway.key"), key).unwrap();
     std::fs::write(files.path().join("branch-ca.pem"), &pki.ca_pem).unwrap();
     let hash = portcullis::config::password::hash_password("s3cret").unwrap();
-    let dir = files.path().display();
-    let extra = format!(
-        r#"
-[tls]
-certificate = "{dir}/gateway.pem"
-key = "{dir}/gateway.key"
-client_ca = "{dir}/branch-ca.pem"
-handshake_timeout = "2s"
-
-[[branch]]
-name = "london"
-client_certificates = ["london-fs1.contoso.example"]
-
-[[branch]]
-name = "berlin"
-credentials = [{{ user = "berlin-fs1", password_hash = "{hash}" }}]
-
-{}"#,
-        resolver_hosts("")
-    );
-    let config = config_for(origin_port, &extra).replace(
-        "admin = \"127.0.0.1:0\"",
-        &format!("admin = \"127.0.0.1:0\"\n\n[[listen.tls_proxy]]\naddress = \"127.0.0.1:0\"\nclient_certificates = \"{mode}\""),
-    );
-    let gw = Gateway::start(&config).await;
+    let dir = files.path();
+    let config = GatewayConfig::for_origin(origin_port)
+        .tls_listener("127.0.0.1:0", Some(mode))
+        .tls("certificate", dir.join("gateway.pem"))
+        .tls("key", dir.join("gateway.key"))
+        .tls("client_ca", dir.join("branch-ca.pem"))
+        .tls("handshake_timeout", "2s")
+        .branch(Branch::new("london").client_certificates(&["london-fs1.contoso.example"]))
+        .branch(Branch::new("berlin").credentials("berlin-fs1", &hash));
+    let gw = Gateway::start(config).await;
     let tls_addr = gw.tls_addr.unwrap();
     TlsGateway {
         gw,

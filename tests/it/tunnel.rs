@@ -11,7 +11,7 @@ const MIB: usize = 1024 * 1024;
 async fn one_and_sixty_four_mib_cross_the_tunnel_intact_both_ways() {
     let pki = Pki::new();
     let origin = Origin::start(&pki).await;
-    let mut gw = Gateway::start(&config_for(origin.port(), &resolver_hosts(""))).await;
+    let mut gw = Gateway::start(GatewayConfig::for_origin(origin.port())).await;
     let base = format!("https://{ORIGIN_HOST}:{}", origin.port());
 
     for size in [MIB, 64 * MIB] {
@@ -77,7 +77,7 @@ async fn one_and_sixty_four_mib_cross_the_tunnel_intact_both_ways() {
 async fn bytes_sent_after_the_head_are_forwarded_and_half_close_is_carried() {
     let mut origin = TcpOrigin::start(b"reply after your EOF").await;
     let port = origin.addr.port();
-    let mut gw = Gateway::start(&config_for(port, &resolver_hosts(""))).await;
+    let mut gw = Gateway::start(GatewayConfig::for_origin(port)).await;
 
     let target = format!("{ORIGIN_HOST}:{port}");
     let (mut tcp, status) = open_tunnel(gw.addr, &target, b"early bytes|").await;
@@ -107,8 +107,7 @@ async fn bytes_sent_after_the_head_are_forwarded_and_half_close_is_carried() {
 async fn an_idle_tunnel_is_closed_after_the_idle_timeout() {
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
-    let extra = format!("{}\n[timeouts]\nidle = \"1s\"\n", resolver_hosts(""));
-    let mut gw = Gateway::start(&config_for(port, &extra)).await;
+    let mut gw = Gateway::start(GatewayConfig::for_origin(port).timeout("idle", "1s")).await;
 
     let (mut tcp, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
     assert_eq!(status, 200);
@@ -132,10 +131,12 @@ async fn an_idle_tunnel_is_closed_after_the_idle_timeout() {
 async fn an_ip_literal_listed_by_a_rule_is_tunnelled() {
     let mut origin = TcpOrigin::start(b"ok").await;
     let port = origin.addr.port();
-    let extra = format!(
-        "[[policy.allow]]\nname = \"literal\"\naddresses = [\"127.0.0.1/32\"]\nports = [{port}]\n"
+    let config = GatewayConfig::no_origin().rule(
+        Rule::new("literal")
+            .addresses(&["127.0.0.1/32"])
+            .ports(&[port]),
     );
-    let mut gw = Gateway::start(&config_for(1, &extra)).await;
+    let mut gw = Gateway::start(config).await;
     let (mut tcp, status) = open_tunnel(gw.addr, &format!("127.0.0.1:{port}"), b"hi").await;
     assert_eq!(status, 200);
     assert_eq!(send_and_finish(&mut tcp, b"").await, b"ok");

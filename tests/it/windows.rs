@@ -8,7 +8,6 @@
 //! `WINEPREFIX`. Without it the tests print a note and pass, so `cargo test` works where there
 //! is no wine; with `CI` set they fail instead, so CI cannot skip them silently.
 
-use crate::agent::{DENIED_HOST, Files, SECOND_HOST, curl_through, free_port, gateway_config, row};
 use crate::support::*;
 use serde_json::Value;
 use std::net::SocketAddr;
@@ -68,7 +67,7 @@ fn windows_path(path: &str) -> String {
 }
 
 /// The CA, branch certificate and key as Windows paths.
-fn windows_identity(files: &Files) -> Vec<String> {
+fn windows_identity(files: &AgentFiles) -> Vec<String> {
     let (ca, cert, key) = files.identity();
     vec![
         "--ca".into(),
@@ -101,8 +100,8 @@ async fn windows_check_prints_the_table_and_json_through_a_tls_gateway() {
     let pki = Pki::new();
     let origin = Origin::start_named(&pki, &[ORIGIN_HOST, SECOND_HOST, DENIED_HOST]).await;
     let port = origin.port();
-    let files = Files::new(&pki);
-    let gw = Gateway::start(&gateway_config(&files, port, 0)).await;
+    let files = AgentFiles::new(&pki);
+    let gw = Gateway::start(&agent_gateway_config(&files, port, 0)).await;
     let mut args: Vec<String> = vec![
         "check".into(),
         "--proxy".into(),
@@ -124,7 +123,7 @@ async fn windows_check_prints_the_table_and_json_through_a_tls_gateway() {
         "{report:#}"
     );
     for host in [ORIGIN_HOST, SECOND_HOST] {
-        let r = row(&report, host);
+        let r = report_row(&report, host);
         for stage in ["proxy", "auth", "connect", "tls"] {
             assert_eq!(r[stage]["outcome"], "pass", "{stage}: {r:#}");
         }
@@ -189,10 +188,10 @@ async fn windows_forward_carries_curl_with_every_byte_and_fails_over() {
     let pki = Pki::new();
     let origin = Origin::start(&pki).await;
     let port = origin.port();
-    let files = Files::new(&pki);
+    let files = AgentFiles::new(&pki);
     let first_port = free_port();
-    let mut first = Gateway::start(&gateway_config(&files, port, first_port)).await;
-    let mut second = Gateway::start(&gateway_config(&files, port, 0)).await;
+    let mut first = Gateway::start(&agent_gateway_config(&files, port, first_port)).await;
+    let mut second = Gateway::start(&agent_gateway_config(&files, port, 0)).await;
     let first_url = format!("https://127.0.0.1:{first_port}");
     let second_url = format!("https://{}", second.tls_addr.unwrap());
     let mut command = wine(&exe);
@@ -279,8 +278,8 @@ async fn windows_service_runs_the_forwarder_and_drains_on_stop() {
     let pki = Pki::new();
     let origin = Origin::start(&pki).await;
     let port = origin.port();
-    let files = Files::new(&pki);
-    let mut gw = Gateway::start(&gateway_config(&files, port, 0)).await;
+    let files = AgentFiles::new(&pki);
+    let mut gw = Gateway::start(&agent_gateway_config(&files, port, 0)).await;
     let listen = free_port();
     let (ca, cert, key) = files.identity();
     let config = files.path("agent-windows.toml");

@@ -1,5 +1,5 @@
-//! Clients of the gateway: a reqwest client through the proxy, raw requests and their `Reply`,
-//! CONNECT tunnels (optionally from a bound loopback address), and reply head parsing.
+//! Clients of the gateway: a reqwest client through the proxy, raw requests and their `Reply`
+//! (`admin_get` for the admin listener), CONNECT tunnels (optionally from a bound loopback address), and reply head parsing.
 
 use super::{ORIGIN_HOST, Origin, Pki};
 use std::net::SocketAddr;
@@ -48,6 +48,15 @@ impl Reply {
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_str())
     }
+}
+
+/// `GET path` from the admin listener at `admin`.
+pub async fn admin_get(admin: SocketAddr, path: &str) -> Reply {
+    raw_request(
+        admin,
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
 }
 
 /// Sends raw `request` bytes and reads the reply until the gateway closes the connection

@@ -1,19 +1,25 @@
 //! Test fixtures, one module per responsibility: the rcgen PKI, TLS and TCP origins, the real
-//! binaries with JSON logs captured, clients and raw requests, config builders, a
-//! redis-server of the test's own. Everything is
+//! binaries with JSON logs captured, clients and raw requests, config builders, promtool, free
+//! ports, a redis-server of the test's own, the branch agent's files. Everything is
 //! re-exported here, so tests keep `use crate::support::*`.
 
+mod agent;
 mod clients;
 mod config;
+mod metrics;
 mod origins;
 mod pki;
+mod ports;
 mod processes;
 mod redis;
 
+pub use agent::*;
 pub use clients::*;
 pub use config::*;
+pub use metrics::*;
 pub use origins::*;
 pub use pki::*;
+pub use ports::*;
 pub use processes::*;
 pub use redis::*;
 

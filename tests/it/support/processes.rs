@@ -42,23 +42,43 @@ impl Logged {
         Self { name, child, logs }
     }
 
-    /// The process's resident memory now, in KiB (Linux `/proc`).
+    /// The process's resident memory now, in KiB (Linux `/proc`); fails the test when it cannot
+    /// be read.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
+        let path = format!("/proc/{}/status", self.child.id());
+        let status = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}'s resident memory: cannot read {path}: {e}", self.name));
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{}'s resident memory: no VmRSS in {path} (has it exited?):\n{status}",
+                    self.name
+                )
+            })
     }
 
     /// The first log line matching `pred`, waiting up to 10 s for it. Async, so the test's own
     /// runtime keeps running client tasks (closing pooled connections) while it waits.
     pub async fn wait_log(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
+        self.wait_log_after(0, pred).await
+    }
+
+    /// `wait_log` among the lines after the first `skip` (a `log_count()` taken earlier): a
+    /// line logged since then, not one from before.
+    pub async fn wait_log_after(&mut self, skip: usize, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Some(line) = self.logs.lock().unwrap().iter().find(|l| pred(l)) {
+            if let Some(line) = self
+                .logs
+                .lock()
+                .unwrap()
+                .iter()
+                .skip(skip)
+                .find(|l| pred(l))
+            {
                 return line.clone();
             }
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -70,12 +90,17 @@ impl Logged {
             }
             assert!(
                 Instant::now() < deadline,
-                "no matching {} log line; logs: {:#?}",
+                "no matching {} log line after the first {skip}; logs: {:#?}",
                 self.name,
                 self.logs.lock().unwrap()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Number of log lines so far.
+    pub fn log_count(&self) -> usize {
+        self.logs.lock().unwrap().len()
     }
 
     /// Number of log lines matching `pred` so far.
@@ -142,21 +167,27 @@ impl std::ops::DerefMut for Gateway {
 }
 
 impl Gateway {
-    /// Starts `portcullis serve` with `config` (TOML) and waits until it listens.
-    pub async fn start(config: &str) -> Self {
+    /// Starts `portcullis serve` with `config` (TOML text or a `GatewayConfig`) and waits until
+    /// it listens.
+    pub async fn start(config: impl std::fmt::Display) -> Self {
         Self::start_with_env(config, &[]).await
     }
 
     /// `start` with environment variables set for the process (e.g. `RUST_LOG`).
-    pub async fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
+    pub async fn start_with_env(config: impl std::fmt::Display, env: &[(&str, &str)]) -> Self {
         Self::start_under(config, env, &[]).await
     }
 
     /// `start_with_env`, run by `wrapper` (e.g. `["prlimit", "--nofile=1024:"]`) when given.
-    pub async fn start_under(config: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Self {
+    pub async fn start_under(
+        config: impl std::fmt::Display,
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> Self {
+        let config = config.to_string();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("portcullis.toml");
-        std::fs::write(&path, config).unwrap();
+        std::fs::write(&path, &config).unwrap();
         let binary = env!("CARGO_BIN_EXE_portcullis");
         let mut command = match wrapper.split_first() {
             None => Command::new(binary),
@@ -203,18 +234,22 @@ impl Gateway {
             .await
     }
 
-    /// Sends SIGHUP and returns the next log line with `message` ("reload applied", "reload
-    /// rejected; ..."), waiting up to 10 s.
+    /// Sends SIGHUP and returns the first log line with `message` ("reload applied", "reload
+    /// rejected; ...") logged after the signal, waiting up to 10 s: this reload's line, never
+    /// an earlier one's.
     pub async fn reload(&mut self, message: &str) -> Value {
-        let before = self.count_logs(|l| l["message"] == message);
+        let before = self.log_count();
         self.signal("HUP");
-        for _ in 0..500 {
-            if self.count_logs(|l| l["message"] == message) > before {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        self.wait_log(|l| l["message"] == message).await
+        self.wait_log_after(before, |l| l["message"] == message)
+            .await
+    }
+
+    /// The admin listener's `/metrics`, parsed.
+    pub async fn metrics(&self) -> super::Metrics {
+        let admin = self
+            .admin_addr
+            .expect("an admin listener on 127.0.0.1:0 in the config");
+        super::Metrics::fetch(admin).await
     }
 
     /// The config file the gateway was started with (rewrite it, then `signal("HUP")`).

@@ -1,5 +1,5 @@
 //! A real `redis-server` of the test's own (Debian's package, installed by `.ci/run`): on a
-//! free loopback port, no persistence, stopped (only the PID it started) when dropped.
+//! `free_port()` of loopback, no persistence, stopped (only the PID it started) when dropped.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -38,11 +38,7 @@ impl Redis {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         // redis-server cannot take port 0: pick a free one, retry on a clash.
         for _ in 0..20 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            let port = super::free_port();
             let mut redis = Self {
                 port,
                 extra: extra.clone(),
