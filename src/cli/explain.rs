@@ -150,6 +150,20 @@ pub async fn explain(
                 (Err(crate::policy::OUTSIDE_SERVICE_TAGS), Some(tags)) => {
                     writeln!(out, "  {}  refused: outside service tag {tags}", c.ip)
                 }
+                (Err(crate::policy::DENIED_ADDRESS), _) => {
+                    let scope = plan.identity.map(|i| snapshot.config.scope(i));
+                    let deny = snapshot.config.policy.denied_address(
+                        c.ip,
+                        target.port,
+                        scope.unwrap_or_default(),
+                    );
+                    let name = deny.map_or("?", |d| d.name.as_str());
+                    writeln!(
+                        out,
+                        "  {}  refused: denied by rule {name} (its addresses)",
+                        c.ip
+                    )
+                }
                 (Err(range), _) => writeln!(
                     out,
                     "  {}  refused: {range} (not in a CIDR the rule lists)",

@@ -71,6 +71,8 @@ pub(super) fn cidrs(p: &mut Problems<'_>, list: &[Spanned<String>], key: &str) -
             t.parse::<IpNet>()
                 .ok()
                 .or_else(|| t.parse::<IpAddr>().ok().map(IpNet::from))
+                // Mapped forms (`::ffff:10.0.0.0/104`) are the IPv4 networks they reach.
+                .map(crate::policy::canonical_net)
                 .or_else(|| {
                     p.add(
                         text.span(),

@@ -9,7 +9,7 @@ use super::resolve::ResolveError;
 use crate::config::Identity;
 use crate::policy::destination;
 use crate::policy::host::{Host, Target};
-use crate::policy::{Decision, Learn, Mode, OUTSIDE_SERVICE_TAGS, Verdict};
+use crate::policy::{DENIED_ADDRESS, Decision, Learn, Mode, OUTSIDE_SERVICE_TAGS, Verdict};
 use std::net::IpAddr;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -150,16 +150,44 @@ pub async fn plan<'g>(
             }
         }
     };
+    // Deny rules' addresses hold for every address the gateway would dial, beside the wall.
+    let policy = &snapshot.config.policy;
+    let mut denied_by = None;
     plan.candidates = addrs
         .into_iter()
-        .map(|ip| Candidate {
-            ip,
-            vetted: destination::vet(ip, decision.reachable).and_then(|()| match decision.rule {
-                Some(rule) if !rule.in_service_tags(ip) => Err(OUTSIDE_SERVICE_TAGS),
-                _ => Ok(()),
-            }),
+        .map(|ip| {
+            let vetted =
+                destination::vet(ip, decision.reachable).and_then(|()| match decision.rule {
+                    Some(rule) if !rule.in_service_tags(ip) => Err(OUTSIDE_SERVICE_TAGS),
+                    _ => Ok(()),
+                });
+            let denied = policy.denied_address(ip, target.port, scope);
+            denied_by = denied_by.or(denied);
+            let vetted = match denied {
+                Some(_) if policy.mode == Mode::Enforce => vetted.and(Err(DENIED_ADDRESS)),
+                _ => vetted,
+            };
+            Candidate { ip, vetted }
         })
         .collect();
+    if let Some(deny) = denied_by {
+        // Report mode lets it through as `would_deny`, as it does a deny rule's host.
+        if policy.mode == Mode::Report {
+            plan.decision.verdict = Verdict::WouldDeny;
+            plan.decision.deny_rule = Some(deny);
+        } else if plan.dialable().next().is_none()
+            && plan
+                .candidates
+                .iter()
+                .any(|c| c.vetted == Err(DENIED_ADDRESS))
+        {
+            plan.decision.verdict = Verdict::Deny;
+            plan.decision.rule = None;
+            plan.decision.deny_rule = Some(deny);
+            plan.refusal = Some(Refusal::new(End::PolicyDenied, plan.decision.why()));
+            return plan;
+        }
+    }
     if plan.dialable().next().is_none() {
         let range = plan
             .candidates

@@ -64,7 +64,7 @@ pub fn forbidden_range(ip: IpAddr) -> Option<&'static str> {
 pub fn vet(ip: IpAddr, allowed: &[IpNet]) -> Result<(), &'static str> {
     match forbidden_range(ip) {
         None => Ok(()),
-        Some(_) if allowed.iter().any(|net| net.contains(&ip)) => Ok(()),
+        Some(_) if allowed.iter().any(|net| super::net_contains(net, ip)) => Ok(()),
         Some(range) => Err(range),
     }
 }

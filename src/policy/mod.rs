@@ -38,8 +38,46 @@ impl SniMode {
 /// Whether `ip` is in one of `nets`; an IPv4-mapped IPv6 address counts as its IPv4 form (a
 /// dual-stack listener sees IPv4 clients that way).
 pub fn in_networks(nets: &[IpNet], ip: IpAddr) -> bool {
-    let ip = ip.to_canonical();
-    nets.iter().any(|net| net.contains(&ip))
+    nets.iter().any(|net| net_contains(net, ip))
+}
+
+/// Whether `net` holds `ip`. Every CIDR comparison goes through here: an IPv4-mapped address
+/// (`::ffff:a.b.c.d`, which a dual-stack socket connects to as `a.b.c.d`) is compared as the
+/// IPv4 address it reaches, and CIDRs written in mapped form are compiled to IPv4
+/// ([`canonical_net`]), so `[::ffff:127.0.0.3]` meets the rules written for `127.0.0.3`.
+pub fn net_contains(net: &IpNet, ip: IpAddr) -> bool {
+    net.contains(&ip.to_canonical())
+}
+
+/// `net` as the comparisons see it: a CIDR inside `::ffff:0:0/96` becomes the IPv4 CIDR it
+/// maps (`::ffff:127.0.0.0/104` is `127.0.0.0/8`); any other stays as written.
+pub fn canonical_net(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net, IpNet::V4),
+            None => net,
+        },
+        _ => net,
+    }
+}
+
+/// The IPv4 address an IPv6 address carries inside it, by the standard embeddings the
+/// destination wall also knows: IPv4-mapped and IPv4-compatible (`::a.b.c.d`), NAT64's
+/// well-known prefix (`64:ff9b::/96`), 6to4 (`2002:AABB:CCDD::/48`) and Teredo's client
+/// (`2001::/32`, the last 32 bits inverted). Deny rules compare it too: an address denied as
+/// IPv4 stays denied in any of these forms.
+pub fn embedded_ipv4(ip: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
+    use std::net::Ipv4Addr;
+    let s = ip.segments();
+    let last = |a: u16, b: u16| Ipv4Addr::from((u32::from(a) << 16) | u32::from(b));
+    match s {
+        [0, 0, 0, 0, 0, 0xffff, a, b] => Some(last(a, b)),
+        [0, 0, 0, 0, 0, 0, a, b] if u32::from(a) << 16 | u32::from(b) > 1 => Some(last(a, b)),
+        [0x64, 0xff9b, 0, 0, 0, 0, a, b] => Some(last(a, b)),
+        [0x2002, a, b, ..] => Some(last(a, b)),
+        [0x2001, 0, _, _, _, _, a, b] => Some(last(!a, !b)),
+        _ => None,
+    }
 }
 
 /// The address a client is counted by for per-client limits: its IPv4 address, or its IPv6
@@ -119,6 +157,8 @@ impl Learn {
 
 /// Why a resolved address is refused when it lies outside its rule's service tags.
 pub const OUTSIDE_SERVICE_TAGS: &str = "outside service tags";
+/// A candidate address's refusal when a deny rule's `addresses` hold it.
+pub const DENIED_ADDRESS: &str = "denied by rule";
 
 impl Rule {
     /// Whether `ip` passes this rule's service-tag check (always, without tags).
@@ -158,7 +198,7 @@ impl Rule {
     fn matches_host(&self, host: &Host) -> bool {
         match host {
             Host::Name(name) => self.hosts.iter().any(|p| p.matches(name)),
-            Host::Ip(ip) => self.addresses.iter().any(|net| net.contains(ip)),
+            Host::Ip(ip) => self.addresses.iter().any(|net| net_contains(net, *ip)),
         }
     }
 }
@@ -169,7 +209,8 @@ impl Rule {
 pub struct DenyRule {
     pub name: String,
     pub hosts: Vec<HostPattern>,
-    /// IP literal targets it denies.
+    /// Addresses it denies: IP literal targets, and every address a name resolves to (checked
+    /// with the destination wall, before any dial), in any IPv4-embedding form too.
     pub addresses: Vec<IpNet>,
     /// `None`: every port.
     pub ports: Option<Vec<u16>>,
@@ -181,10 +222,25 @@ impl DenyRule {
     fn applies(&self, host: &Host, port: u16, branch: Option<&str>) -> bool {
         let host = match host {
             Host::Name(name) => self.hosts.iter().any(|p| p.matches(name)),
-            Host::Ip(ip) => self.addresses.iter().any(|net| net.contains(ip)),
+            Host::Ip(ip) => self.holds(*ip),
         };
-        host && self
-            .ports
+        host && self.reaches(port, branch)
+    }
+
+    /// Whether `ip`, or the IPv4 address it embeds, is among `addresses`.
+    fn holds(&self, ip: IpAddr) -> bool {
+        let embedded = match ip {
+            IpAddr::V6(v6) => embedded_ipv4(v6).map(IpAddr::V4),
+            IpAddr::V4(_) => None,
+        };
+        self.addresses
+            .iter()
+            .any(|net| net_contains(net, ip) || embedded.is_some_and(|v4| net.contains(&v4)))
+    }
+
+    /// Whether it covers `port` for a client of `branch`.
+    fn reaches(&self, port: u16, branch: Option<&str>) -> bool {
+        self.ports
             .as_ref()
             .is_none_or(|ports| ports.contains(&port))
             && self
@@ -285,6 +341,14 @@ impl Policy {
 }
 
 impl Policy {
+    /// The deny rule whose `addresses` refuse dialling `ip` on `port` for `scope`, if one does:
+    /// the check every resolved address meets beside the destination wall.
+    pub fn denied_address(&self, ip: IpAddr, port: u16, scope: Scope<'_>) -> Option<&DenyRule> {
+        self.denies
+            .iter()
+            .find(|d| !d.addresses.is_empty() && d.holds(ip) && d.reaches(port, scope.branch))
+    }
+
     /// A deny rule that applies refuses; else the first rule listing both host and port
     /// allows; everything else is denied. `scope.allowed` (a branch's narrowing, by rule
     /// position) skips the rules it does not hold.
@@ -550,6 +614,33 @@ mod tests {
             policy.decide(&t.host, t.port, Scope::default()).verdict,
             Verdict::Allow
         );
+    }
+
+    #[test]
+    fn ipv4_forms_compare_as_their_ipv4_address() {
+        let net = |s: &str| canonical_net(s.parse().unwrap());
+        assert_eq!(net("::ffff:127.0.0.0/104"), net("127.0.0.0/8"));
+        assert_eq!(net("::ffff:0:0/96"), net("0.0.0.0/0"));
+        assert_eq!(net("2001:db8::/32").to_string(), "2001:db8::/32");
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(net_contains(&net("127.0.0.3/32"), ip("::ffff:127.0.0.3")));
+        assert!(!net_contains(&net("127.0.0.3/32"), ip("64:ff9b::7f00:3")));
+        let v6 = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap();
+        let table: &[(&str, Option<&str>)] = &[
+            ("::ffff:127.0.0.3", Some("127.0.0.3")),
+            ("::127.0.0.3", Some("127.0.0.3")),
+            ("::1", None),
+            ("::", None),
+            ("64:ff9b::7f00:3", Some("127.0.0.3")),
+            ("2002:7f00:3::1", Some("127.0.0.3")),
+            ("2001:0:4136:e378:8000:63bf:80ff:fffc", Some("127.0.0.3")),
+            ("2001:db8::1", None),
+            ("fd00::1", None),
+        ];
+        for (addr, want) in table {
+            let got = embedded_ipv4(v6(addr)).map(|v4| v4.to_string());
+            assert_eq!(got.as_deref(), *want, "{addr}");
+        }
     }
 
     #[test]

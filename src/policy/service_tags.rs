@@ -98,6 +98,7 @@ pub struct AddressRanges {
 
 impl AddressRanges {
     pub fn new<'a>(prefixes: impl IntoIterator<Item = &'a IpNet>) -> Self {
+        let prefixes = prefixes.into_iter().map(|net| super::canonical_net(*net));
         let (mut v4, mut v6) = (Vec::new(), Vec::new());
         for net in prefixes {
             match net {

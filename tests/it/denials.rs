@@ -414,3 +414,83 @@ branches = ["paris"]
         "{text}"
     );
 }
+
+/// A deny rule's `addresses` hold for every address the gateway would dial: a name resolving
+/// into them is refused (or dialled only at its other addresses), and an IP literal in an
+/// IPv4-embedding IPv6 form meets the rules written for its IPv4 address.
+#[tokio::test]
+async fn deny_addresses_hold_for_resolved_names_and_every_ipv4_form() {
+    let origin = TcpOrigin::start(b"").await;
+    let port = origin.addr.port();
+    let config = format!(
+        r#"[listen]
+proxy = ["127.0.0.1:0"]
+admin = "off"
+
+[[policy.deny]]
+name = "forbidden-range"
+addresses = ["127.0.0.3/32"]
+
+[[policy.allow]]
+name = "loopback-names"
+hosts = ["*.loop.example"]
+ports = [{port}]
+private_addresses = ["127.0.0.0/8"]
+
+[[policy.allow]]
+name = "mapped-literals"
+addresses = ["::ffff:127.0.0.0/104", "64:ff9b::/96"]
+ports = [{port}]
+
+[resolver]
+hosts_only = true
+hosts = {{ "denied.loop.example" = "127.0.0.3", "mixed.loop.example" = ["127.0.0.3", "127.0.0.1"] }}
+"#
+    );
+    let mut gw = Gateway::start(config.as_str()).await;
+
+    let denied = connect_reply(gw.addr, &format!("denied.loop.example:{port}")).await;
+    assert_refused(&denied, 403, "denied by rule forbidden-range");
+    let line = gw.access_line(|l| l["host"] == "denied.loop.example").await;
+    assert_eq!(
+        (&line["verdict"], &line["end"], &line["rule"]),
+        (
+            &"deny".into(),
+            &"policy_denied".into(),
+            &"forbidden-range".into()
+        ),
+        "{line}"
+    );
+
+    // Only the address the rule does not deny is dialled.
+    let (mut tunnel, status) =
+        open_tunnel(gw.addr, &format!("mixed.loop.example:{port}"), b"").await;
+    assert_eq!(status, 200);
+    send_and_finish(&mut tunnel, b"x").await;
+    let line = gw.access_line(|l| l["host"] == "mixed.loop.example").await;
+    assert_eq!(line["resolved"], format!("127.0.0.1:{port}"));
+
+    // Mapped and NAT64 literals of the denied address are denied; the mapped CIDR still
+    // allows the rest of 127/8 as the IPv4 addresses those literals reach.
+    for literal in ["[::ffff:127.0.0.3]", "[64:ff9b::7f00:3]"] {
+        let reply = connect_reply(gw.addr, &format!("{literal}:{port}")).await;
+        assert_refused(&reply, 403, "denied by rule forbidden-range");
+    }
+    let (_tunnel, status) = open_tunnel(gw.addr, &format!("[::ffff:127.0.0.1]:{port}"), b"").await;
+    assert_eq!(status, 200);
+
+    let (_dir, path) = temp_file("portcullis.toml", &config);
+    let path = path.to_str().unwrap();
+    let explained = portcullis(&[
+        "explain",
+        "--config",
+        path,
+        &format!("mixed.loop.example:{port}"),
+    ]);
+    let text = String::from_utf8_lossy(&explained.stdout);
+    assert!(
+        text.contains("127.0.0.3  refused: denied by rule forbidden-range (its addresses)")
+            && text.contains("127.0.0.1  ok"),
+        "{text}"
+    );
+}
