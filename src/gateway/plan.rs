@@ -150,6 +150,20 @@ pub async fn plan<'g>(
             }
         }
     };
+    vet(snapshot, &mut plan, addrs, target.port, scope);
+    plan
+}
+
+/// Vets each of `addrs`: the destination wall (the rule's CIDRs open it), the rule's service
+/// tags, and deny rules' addresses; sets the refusal when none may be dialled.
+fn vet<'g>(
+    snapshot: &'g Snapshot,
+    plan: &mut Plan<'g>,
+    addrs: Vec<IpAddr>,
+    port: u16,
+    scope: crate::policy::Scope<'_>,
+) {
+    let decision = plan.decision;
     // Deny rules' addresses hold for every address the gateway would dial, beside the wall.
     let policy = &snapshot.config.policy;
     let mut denied_by = None;
@@ -161,7 +175,7 @@ pub async fn plan<'g>(
                     Some(rule) if !rule.in_service_tags(ip) => Err(OUTSIDE_SERVICE_TAGS),
                     _ => Ok(()),
                 });
-            let denied = policy.denied_address(ip, target.port, scope);
+            let denied = policy.denied_address(ip, port, scope);
             denied_by = denied_by.or(denied);
             let vetted = match denied {
                 Some(_) if policy.mode == Mode::Enforce => vetted.and(Err(DENIED_ADDRESS)),
@@ -185,7 +199,7 @@ pub async fn plan<'g>(
             plan.decision.rule = None;
             plan.decision.deny_rule = Some(deny);
             plan.refusal = Some(Refusal::new(End::PolicyDenied, plan.decision.why()));
-            return plan;
+            return;
         }
     }
     if plan.dialable().next().is_none() {
@@ -203,7 +217,6 @@ pub async fn plan<'g>(
         };
         plan.refusal = Some(Refusal::new(End::DestinationForbidden, reason));
     }
-    plan
 }
 
 /// Why a `learn = "enforce"` rule refuses a name the branch did not learn.
