@@ -218,6 +218,42 @@ impl std::io::Write for SharedBuffer {
     }
 }
 
+/// What the gateway does while its access file cannot be written (a full or failing disk):
+/// the audit trail's promise, like auditd's `disk_full_action`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnWriteFailure {
+    /// Serve on; lost lines are counted and reported.
+    #[default]
+    KeepServing,
+    /// Refuse new connections (`503`) until a line can be written again.
+    FailClosed,
+}
+
+impl OnWriteFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnWriteFailure::KeepServing => "keep-serving",
+            OnWriteFailure::FailClosed => "fail-closed",
+        }
+    }
+}
+
+/// Access lines the access file could not take, since start (`access_log_lines_dropped_total`).
+pub static LINES_DROPPED: std::sync::LazyLock<prometheus_client::metrics::counter::Counter> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Set while the last access line could not be written; cleared by the next that is.
+static FAILING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the access file is failing now (its last line was lost).
+pub fn failing() -> bool {
+    FAILING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// How often, at most, a failing access file is reported on stderr (the journal).
+const FAILURE_REPORT_INTERVAL: Duration = Duration::from_secs(60);
+
 /// How log lines are written: human-readable text, or one JSON object per line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -231,7 +267,90 @@ pub enum LogFormat {
 #[derive(Clone)]
 pub struct AccessFile {
     path: std::path::PathBuf,
-    file: std::sync::Arc<std::sync::Mutex<std::fs::File>>,
+    file: std::sync::Arc<std::sync::Mutex<Sink>>,
+}
+
+/// The open file, and what its failures so far were.
+struct Sink {
+    file: std::fs::File,
+    path: std::path::PathBuf,
+    /// Lines lost since the last one written, and when that was last reported.
+    lost: u64,
+    reported: Option<std::time::Instant>,
+}
+
+impl Sink {
+    fn new(file: std::fs::File, path: &std::path::Path) -> Self {
+        Self {
+            file,
+            path: path.to_owned(),
+            lost: 0,
+            reported: None,
+        }
+    }
+
+    /// Writes `line` whole or not at all: a write the disk cut short is taken back, so the
+    /// next line never glues onto half a record. Failures are counted and reported.
+    fn write_line(&mut self, line: &[u8]) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let path = &self.path;
+        match write_whole(&mut self.file, line) {
+            Ok(()) => {
+                if self.lost > 0 {
+                    eprintln!(
+                        "portcullis: access log {}: writable again; {} lines were lost",
+                        path.display(),
+                        self.lost
+                    );
+                    self.lost = 0;
+                    self.reported = None;
+                }
+                FAILING.store(false, Relaxed);
+            }
+            Err(e) => {
+                FAILING.store(true, Relaxed);
+                LINES_DROPPED.inc();
+                self.lost += 1;
+                let due = self
+                    .reported
+                    .is_none_or(|at| at.elapsed() >= FAILURE_REPORT_INTERVAL);
+                if due {
+                    eprintln!(
+                        "portcullis: access log {}: cannot write ({e}); {} lines lost so far",
+                        path.display(),
+                        self.lost
+                    );
+                    self.reported = Some(std::time::Instant::now());
+                }
+            }
+        }
+    }
+}
+
+/// `line` appended whole, or an error with the file as it was: what a short write left is cut
+/// off again (the file is opened for appending, so it is the file's tail).
+fn write_whole(file: &mut std::fs::File, line: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut done = 0;
+    while done < line.len() {
+        match file.write(&line[done..]) {
+            Ok(0) => return Err(take_back(file, done, std::io::ErrorKind::WriteZero.into())),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(take_back(file, done, e)),
+        }
+    }
+    Ok(())
+}
+
+/// Cuts the `written` bytes of a torn line off the file's end; returns `error`.
+fn take_back(file: &mut std::fs::File, written: usize, error: std::io::Error) -> std::io::Error {
+    if written > 0
+        && let Ok(meta) = file.metadata()
+    {
+        let _ = file.set_len(meta.len().saturating_sub(written as u64));
+    }
+    error
 }
 
 impl AccessFile {
@@ -239,7 +358,7 @@ impl AccessFile {
     pub fn open(path: &std::path::Path) -> std::io::Result<Self> {
         Ok(Self {
             path: path.to_owned(),
-            file: std::sync::Arc::new(std::sync::Mutex::new(Self::append(path)?)),
+            file: std::sync::Arc::new(std::sync::Mutex::new(Sink::new(Self::append(path)?, path))),
         })
     }
 
@@ -256,7 +375,7 @@ impl AccessFile {
     /// current file stays in use.
     pub fn reopen(&self) -> std::io::Result<()> {
         let fresh = Self::append(&self.path)?;
-        *self.file.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+        self.file.lock().unwrap_or_else(|e| e.into_inner()).file = fresh;
         Ok(())
     }
 
@@ -265,26 +384,26 @@ impl AccessFile {
     }
 }
 
-/// One formatted line at a time into the access file (the formatter writes each line whole).
-struct AccessFileWriter(std::sync::Arc<std::sync::Mutex<std::fs::File>>);
+/// One formatted line at a time into the access file: the formatter hands each line over
+/// whole, and it is written whole or counted as lost (never an error back to the formatter).
+struct AccessFileWriter(std::sync::Arc<std::sync::Mutex<Sink>>);
 
 impl std::io::Write for AccessFileWriter {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .write(bytes)
+        self.write_all(bytes)?;
+        Ok(bytes.len())
     }
 
     fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .write_all(bytes)
+            .write_line(bytes);
+        Ok(())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).flush()
+        Ok(())
     }
 }
 

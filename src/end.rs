@@ -71,6 +71,8 @@ ends! {
     TlsHandshakeFailed => "tls_handshake_failed", None, outcome;
     ClientClosed => "client_closed", None, outcome;
     ClientRead => "client_read", None, outcome;
+    /// `log.on_write_failure = "fail-closed"` and the access file cannot be written.
+    AccessLogUnavailable => "access_log_unavailable", Some(503), outcome;
     PendingHeadsLimit => "pending_heads_limit", Some(429), denial;
     HeadTimeout => "head_timeout", Some(408), outcome;
     HeadTooLarge => "head_too_large", Some(431), outcome;

@@ -187,6 +187,11 @@ impl Metrics {
             "Configuration reloads by result",
             reloads.clone(),
         );
+        registry.register(
+            "access_log_lines_dropped",
+            "Access lines the access file could not take (a full or failing disk)",
+            crate::access_log::LINES_DROPPED.clone(),
+        );
         let last_reload_seconds = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "config_last_reload_success_timestamp_seconds",

@@ -125,6 +125,20 @@ fn settings(out: &mut String, config: &Config) {
             |f| format!("{} (SIGUSR1 reopens it)", f.display())
         )
     );
+    if config.log.access_file.is_some() {
+        let failure = config.log.on_write_failure;
+        let _ = writeln!(
+            out,
+            "  on_write_failure: {} ({})",
+            failure.as_str(),
+            match failure {
+                crate::access_log::OnWriteFailure::KeepServing =>
+                    "lost lines are counted; serving goes on",
+                crate::access_log::OnWriteFailure::FailClosed =>
+                    "new connections get 503 until a line can be written",
+            }
+        );
+    }
     let l = &config.limits;
     let _ = writeln!(out, "limits:");
     match l.max_connections {

@@ -264,6 +264,8 @@ pub struct LogSettings {
     pub format: LogFormat,
     /// Access lines go to this file instead of stdout; SIGUSR1 reopens it (logrotate).
     pub access_file: Option<std::path::PathBuf>,
+    /// What the gateway does while the access file cannot be written.
+    pub on_write_failure: crate::access_log::OnWriteFailure,
 }
 
 impl Config {
@@ -476,6 +478,7 @@ fn compile(
                 .access_file
                 .as_ref()
                 .map(|f| paths.resolve(p, f, "log.access_file")),
+            on_write_failure: on_write_failure(p, &raw.log),
         },
         schedules,
         branches,
@@ -500,4 +503,20 @@ fn attempt_delay(p: &mut Problems<'_>, value: Option<&toml::Spanned<String>>) ->
         }
         _ => delay,
     }
+}
+
+/// `log.on_write_failure`: `fail-closed` guards the access file, so it needs one.
+fn on_write_failure(p: &mut Problems<'_>, raw: &raw::RawLog) -> crate::access_log::OnWriteFailure {
+    use crate::access_log::OnWriteFailure;
+    let Some(value) = &raw.on_write_failure else {
+        return OnWriteFailure::default();
+    };
+    if *value.get_ref() == OnWriteFailure::FailClosed && raw.access_file.is_none() {
+        p.add(
+            value.span(),
+            "log.on_write_failure",
+            "\"fail-closed\" needs log.access_file (the gateway cannot tell when stdout loses lines)",
+        );
+    }
+    *value.get_ref()
 }

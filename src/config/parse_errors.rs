@@ -159,6 +159,7 @@ fn one_of(key: &str) -> Option<&'static str> {
         "policy.sni" | "policy.allow[].sni" => r#""match", "allowed" or "off""#,
         "policy.on_reload" => r#""keep" or "close-denied""#,
         "log.format" => r#""text" or "json""#,
+        "log.on_write_failure" => r#""keep-serving" or "fail-closed""#,
         "listen.tls_proxy[].client_certificates" => r#""required", "optional" or "off""#,
         _ => return None,
     })

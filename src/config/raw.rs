@@ -168,6 +168,7 @@ pub(super) struct RawLimits {
 pub(super) struct RawLog {
     pub(super) format: Option<LogFormat>,
     pub(super) access_file: Option<Spanned<String>>,
+    pub(super) on_write_failure: Option<Spanned<crate::access_log::OnWriteFailure>>,
 }
 
 // ---- compiling ---------------------------------------------------------------------------

@@ -5,13 +5,13 @@
 use super::lane;
 use super::pending::{self, Late, Unfinished};
 use super::plan::{Plan, plan};
-use super::refusal::{End, Refusal};
+use super::refusal::{self, End, Refusal};
 use super::replies;
 use super::request::{self, LaneRequest, ProxyRequest};
 use super::sni;
 use super::sni_check::{check_sni, checked_tls_start, send_up};
 use super::{Snapshot, TunnelSlot};
-use crate::access_log::AccessRecord;
+use crate::access_log::{AccessRecord, OnWriteFailure};
 use crate::bandwidth::{Paced, Pacers};
 use crate::config::Identity;
 use crate::policy::host::Host;
@@ -39,6 +39,11 @@ pub async fn serve(
     let Some(peer) = real_client(snapshot, &mut client, peer, conn_id, started).await else {
         return;
     };
+    if let Some(refusal) = audit_closed(snapshot) {
+        // Boxed: only refused connections pay for the reply's future.
+        let refuse = refusal::refuse_unread(snapshot, client, peer, conn_id, started, refusal);
+        return Box::pin(refuse).await;
+    }
     // Held here and lent down (an argument of each async fn on the way would cost its space
     // in every idle tunnel's future).
     let Some(mut pending) = pending::start(snapshot, peer, pressed, started) else {
@@ -55,6 +60,18 @@ pub async fn serve(
         &mut pending,
     )
     .await;
+}
+
+/// With `log.on_write_failure = "fail-closed"`, a new connection is refused while the access
+/// file cannot be written: no connection goes unaudited.
+fn audit_closed(snapshot: &Snapshot) -> Option<Refusal> {
+    let fail_closed = snapshot.config.log.on_write_failure == OnWriteFailure::FailClosed;
+    (fail_closed && crate::access_log::failing()).then(|| {
+        Refusal::new(
+            End::AccessLogUnavailable,
+            "the access log cannot be written: refusing until it can",
+        )
+    })
 }
 
 /// The client's address: the peer's own, or, for a trusted load balancer, the one its PROXY
@@ -94,9 +111,12 @@ pub async fn serve_tls(
     let Some(peer) = real_client(snapshot, &mut client, peer, conn_id, started).await else {
         return;
     };
+    if let Some(refusal) = audit_closed(snapshot) {
+        return refusal::log_unread(snapshot, conn_id, peer, refusal, 0, started);
+    }
     // The handshake counts as unfinished head; no reply can be sent before it.
     let Some(mut pending) = pending::start(snapshot, peer, pressed, started) else {
-        pending::log_refused(snapshot, conn_id, peer, false, started);
+        pending::log_refused(snapshot, conn_id, peer, started);
         return;
     };
     let timeout = snapshot
@@ -115,7 +135,7 @@ pub async fn serve_tls(
             Ok(handshake) => handshake,
             Err(Late::TimedOut) => Err("TLS handshake timed out".to_owned()),
             Err(Late::Refused) => {
-                pending::log_refused(snapshot, conn_id, peer, false, started);
+                pending::log_refused(snapshot, conn_id, peer, started);
                 return;
             }
         };

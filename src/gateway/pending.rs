@@ -12,14 +12,12 @@
 //! places for the grace, and `limits.max_pending_heads_per_client` after it.
 
 use super::Snapshot;
-use super::replies::write_error;
-use crate::access_log::AccessRecord;
+use super::refusal::{Refusal, log_unread, refuse_unread};
 use crate::end::End;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -136,18 +134,13 @@ impl Drop for Pending<'_> {
 /// without waiting for anything more.
 pub(super) async fn refuse(
     snapshot: &Snapshot,
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
     conn_id: u64,
     started: Instant,
 ) {
-    let reply = write_error(&mut client, 429, REASON);
-    let replied = matches!(
-        tokio::time::timeout(Duration::from_secs(1), reply).await,
-        Ok(Ok(()))
-    );
-    let _ = client.shutdown().await;
-    log_refused(snapshot, conn_id, peer, replied, started);
+    let refusal = Refusal::new(End::PendingHeadsLimit, REASON);
+    refuse_unread(snapshot, client, peer, conn_id, started, refusal).await;
 }
 
 /// A new connection from `peer`: counted at once when the gateway is `pressed` for places
@@ -176,18 +169,11 @@ fn enter(snapshot: &Snapshot, peer: SocketAddr) -> Option<Pending<'_>> {
         .enter(key, limits.max_pending_heads_per_client)
 }
 
-/// The access line of a connection refused over the limit (`replied`: the 429 went out).
-pub(super) fn log_refused(
-    snapshot: &Snapshot,
-    conn_id: u64,
-    peer: SocketAddr,
-    replied: bool,
-    started: Instant,
-) {
-    let status = if replied { 429 } else { 0 };
-    let end = End::PendingHeadsLimit;
-    AccessRecord::before_request(conn_id, peer, end, REASON.into(), status, started.elapsed())
-        .finish(&snapshot.metrics);
+/// The access line of a connection refused over the limit without a reply (a TLS listener's,
+/// before its handshake).
+pub(super) fn log_refused(snapshot: &Snapshot, conn_id: u64, peer: SocketAddr, started: Instant) {
+    let refusal = Refusal::new(End::PendingHeadsLimit, REASON);
+    log_unread(snapshot, conn_id, peer, refusal, 0, started);
 }
 
 #[cfg(test)]

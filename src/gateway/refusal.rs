@@ -7,6 +7,51 @@ use super::request::HeadError;
 pub use crate::end::End;
 use std::borrow::Cow;
 
+/// Refuses a connection nothing was read from yet: its status (if its end has one) within a
+/// second, then close; one access line.
+pub(super) async fn refuse_unread(
+    snapshot: &super::Snapshot,
+    mut client: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    conn_id: u64,
+    started: tokio::time::Instant,
+    refusal: Refusal,
+) {
+    use tokio::io::AsyncWriteExt;
+    let mut sent = 0;
+    if let Some(status) = refusal.status {
+        let reply = super::replies::write_error(&mut client, status, &refusal.reason);
+        let wait = std::time::Duration::from_secs(1);
+        if let Ok(Ok(())) = tokio::time::timeout(wait, reply).await {
+            sent = status;
+        }
+    }
+    let _ = client.shutdown().await;
+    log_unread(snapshot, conn_id, peer, refusal, sent, started);
+}
+
+/// The access line of a connection refused before its request was read (`status`: what was
+/// sent, 0 for nothing).
+pub(super) fn log_unread(
+    snapshot: &super::Snapshot,
+    conn_id: u64,
+    peer: std::net::SocketAddr,
+    refusal: Refusal,
+    status: u16,
+    started: tokio::time::Instant,
+) {
+    let reason = refusal.reason.into_owned();
+    crate::access_log::AccessRecord::before_request(
+        conn_id,
+        peer,
+        refusal.end,
+        reason,
+        status,
+        started.elapsed(),
+    )
+    .finish(&snapshot.metrics);
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     pub end: End,

@@ -115,3 +115,143 @@ async fn the_access_file_is_reopened_on_sigusr1_and_the_gateway_goes_on() {
         "SIGUSR1 never stops it"
     );
 }
+
+/// A gateway whose access file lives on a 16 KiB tmpfs of its own (a mount namespace made by
+/// `unshare`, seen from here through `/proc/PID/root`), its stderr in a file.
+struct FullDisk {
+    gw: Gateway,
+    /// The access file and the tmpfs, as this process sees them.
+    log: std::path::PathBuf,
+    filler: std::path::PathBuf,
+    stderr: std::path::PathBuf,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+impl FullDisk {
+    async fn start(on_write_failure: &str) -> Self {
+        let mount = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let stderr = elsewhere.path().join("stderr.log");
+        let config = GatewayConfig::no_origin()
+            .set("log", "format", "json")
+            .set("log", "access_file", mount.path().join("access.log"))
+            .set("log", "on_write_failure", on_write_failure);
+        let script = format!(
+            "mount -t tmpfs -o size=16k portcullis-test {} && exec \"$@\" 2>>{}",
+            mount.path().display(),
+            stderr.display()
+        );
+        let wrapper = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+            "sh",
+        ];
+        let gw = Gateway::start_under(&config, &[], &wrapper).await;
+        let root = format!("/proc/{}/root{}", gw.pid(), mount.path().display());
+        let log = std::path::PathBuf::from(&root).join("access.log");
+        let filler = std::path::PathBuf::from(&root).join("filler");
+        // Three of the four pages: the access file gets one page (about ten lines), then the
+        // disk is full.
+        std::fs::write(&filler, vec![0u8; 12 * 1024]).unwrap();
+        Self {
+            gw,
+            log,
+            filler,
+            stderr,
+            _dirs: (mount, elsewhere),
+        }
+    }
+
+    /// One refused CONNECT: its status (an access line each).
+    async fn request(&self) -> u16 {
+        raw_request(self.gw.addr, b"CONNECT evil.example:443 HTTP/1.1\r\n\r\n")
+            .await
+            .status
+    }
+
+    fn lines(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(&self.log).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("torn line {l:?}: {e}")))
+            .collect()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+/// Access lines the disk cannot take are counted, reported on stderr (once, not per line),
+/// and never written in part; serving goes on; when space returns, whole lines follow.
+#[tokio::test]
+async fn a_full_disk_loses_whole_lines_counted_and_reported_and_serving_goes_on() {
+    let disk = FullDisk::start("keep-serving").await;
+    for _ in 0..30 {
+        assert_eq!(disk.request().await, 403, "serving goes on");
+    }
+    let written = disk.lines().len();
+    assert!((1..30).contains(&written), "{written} of 30 lines fit");
+    let metrics = disk.gw.metrics().await;
+    let dropped = metrics.value("portcullis_access_log_lines_dropped_total");
+    assert_eq!(
+        dropped as usize + written,
+        30,
+        "every line is written or counted"
+    );
+    let stderr = disk.stderr();
+    assert_eq!(
+        stderr.matches("cannot write").count(),
+        1,
+        "reported once, not per line:\n{stderr}"
+    );
+    std::fs::remove_file(&disk.filler).unwrap();
+    for _ in 0..3 {
+        assert_eq!(disk.request().await, 403);
+    }
+    let lines = disk.lines();
+    assert_eq!(
+        lines.len(),
+        written + 3,
+        "whole lines only, the torn one taken back"
+    );
+    assert!(
+        disk.stderr()
+            .contains(&format!("writable again; {dropped} lines were lost")),
+        "{}",
+        disk.stderr()
+    );
+}
+
+/// `fail-closed`: while the access file cannot be written, new connections get 503; once it
+/// can, the gateway serves again.
+#[tokio::test]
+async fn fail_closed_refuses_while_the_audit_trail_cannot_be_written() {
+    let disk = FullDisk::start("fail-closed").await;
+    let mut statuses = Vec::new();
+    for _ in 0..30 {
+        statuses.push(disk.request().await);
+    }
+    let first_503 = statuses.iter().position(|&s| s == 503).expect("a 503");
+    assert!(
+        statuses[..first_503].iter().all(|&s| s == 403)
+            && statuses[first_503..].iter().all(|&s| s == 503),
+        "{statuses:?}"
+    );
+    std::fs::remove_file(&disk.filler).unwrap();
+    // The first connection after may still be refused: its line, written, reopens the gateway.
+    let mut after = Vec::new();
+    for _ in 0..3 {
+        after.push(disk.request().await);
+    }
+    assert_eq!(after.last(), Some(&403), "{after:?}");
+    let lines = disk.lines();
+    assert!(
+        lines.iter().any(|l| l["end"] == "access_log_unavailable"),
+        "{lines:?}"
+    );
+}

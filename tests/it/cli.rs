@@ -173,7 +173,7 @@ upload = "10 Mbit/s"
         "  clients: 10.1.0.0/16, 192.0.2.10/32\n".into(),
         "  proxy_protocol_from: 192.0.2.10/32\n".into(),
         format!("tls:\n  certificate: {folder}/gw.pem\n  key: {folder}/gw.key\n  client_ca: {folder}/ca.pem\n  handshake_timeout: 5s\n"),
-        format!("log:\n  format: json\n  access_file: {folder}/access.log"),
+        format!("log:\n  format: json\n  access_file: {folder}/access.log (SIGUSR1 reopens it)\n  on_write_failure: keep-serving (lost lines are counted; serving goes on)\n"),
         "limits:\n  max_connections: 100\n  connect_rate_per_client: 20 per second\n  auth_attempts_per_minute: 30\n  max_pending_heads_per_client: 64 (late heads: not in 1s, or at once with under a quarter of the places free)\n  ipv6_client_prefix: 64\n".into(),
         "timeouts:\n  head: 10s\n  connect: 10s (over all of a name's addresses, raced: the next starts after attempt_delay 250ms, or at once when one fails)\n  idle: 1h\n  drain: 500ms\n".into(),
         "resolver:\n  servers: 10.1.0.53:53\n  timeout: 2s\n  hosts_only: false\n  hosts (1):\n    contoso.file.core.windows.net = 10.20.1.5, 10.20.1.6\n".into(),

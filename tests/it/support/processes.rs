@@ -42,6 +42,11 @@ impl Logged {
         Self { name, child, logs }
     }
 
+    /// The process's id (for `/proc/PID/...`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The process's resident memory now, in KiB (Linux `/proc`); fails the test when it cannot
     /// be read.
     pub fn rss_kib(&self) -> u64 {
