@@ -144,6 +144,11 @@ async fn report_mode_lets_denials_through_but_keeps_the_wall() {
 /// A minimal DNS server on 127.0.0.1 (UDP): A queries get `answer`, names starting with "nx"
 /// get NXDOMAIN, other types an empty NOERROR.
 async fn fake_dns(answer: Ipv4Addr) -> SocketAddr {
+    fake_dns_with(answer, None).await
+}
+
+/// `fake_dns`, AAAA queries answered with `v6` when given.
+async fn fake_dns_with(answer: Ipv4Addr, v6: Option<std::net::Ipv6Addr>) -> SocketAddr {
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let addr = socket.local_addr().unwrap();
     tokio::spawn(async move {
@@ -160,13 +165,17 @@ async fn fake_dns(answer: Ipv4Addr) -> SocketAddr {
             }
             let qtype = u16::from_be_bytes([query[end + 1], query[end + 2]]);
             let nx = query[13..15] == *b"nx";
-            let answers = u16::from(qtype == 1 && !nx);
+            let aaaa = v6.filter(|_| qtype == 28 && !nx);
+            let answers = u16::from((qtype == 1 || aaaa.is_some()) && !nx);
             let mut reply = query[..2].to_vec();
             reply.extend_from_slice(&[0x81, if nx { 0x83 } else { 0x80 }, 0, 1]);
             reply.extend_from_slice(&answers.to_be_bytes());
             reply.extend_from_slice(&[0, 0, 0, 0]);
             reply.extend_from_slice(&query[12..question_end]);
-            if answers == 1 {
+            if let Some(v6) = aaaa {
+                reply.extend_from_slice(&[0xc0, 0x0c, 0, 28, 0, 1, 0, 0, 0, 60, 0, 16]);
+                reply.extend_from_slice(&v6.octets());
+            } else if answers == 1 {
                 reply.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
                 reply.extend_from_slice(&answer.octets());
             }
@@ -493,4 +502,39 @@ hosts = {{ "denied.loop.example" = "127.0.0.3", "mixed.loop.example" = ["127.0.0
             && text.contains("127.0.0.1  ok"),
         "{text}"
     );
+}
+
+/// The gateway asks DNS for both families and lists IPv4 first (hickory's own default puts
+/// AAAA first), so the dial's race starts with IPv4 and the tunnel leaves over IPv4.
+#[tokio::test]
+async fn names_resolve_to_both_families_ipv4_first() {
+    let origin = TcpOrigin::start(b"").await;
+    let port = origin.addr.port();
+    let dns = fake_dns_with(Ipv4Addr::LOCALHOST, Some(std::net::Ipv6Addr::LOCALHOST)).await;
+    let config = GatewayConfig::new()
+        .rule(
+            Rule::new("both")
+                .hosts(&["*.both.example"])
+                .ports(&[port])
+                .private_addresses(&["127.0.0.1/32", "::1/128"]),
+        )
+        .dns(&[dns], "2s");
+    let (_dir, path) = temp_file("portcullis.toml", &config.to_string());
+    let target = format!("share.both.example:{port}");
+    // Off the runtime's thread: the DNS server answers from this runtime meanwhile.
+    let args = ["explain", "--config", path.to_str().unwrap(), &target].map(str::to_owned);
+    let out = tokio::task::spawn_blocking(move || portcullis(&args.each_ref().map(String::as_str)))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("addresses (dns):\n  127.0.0.1  ok\n  ::1  ok\n"),
+        "{text}"
+    );
+    let mut gw = Gateway::start(config).await;
+    let (mut tunnel, status) = open_tunnel(gw.addr, &target, b"").await;
+    assert_eq!(status, 200);
+    send_and_finish(&mut tunnel, b"x").await;
+    let line = gw.access_line(|l| l["host"] == "share.both.example").await;
+    assert_eq!(line["resolved"], format!("127.0.0.1:{port}"));
 }
