@@ -546,26 +546,11 @@ async fn serve_tunnel(
     meter.up.inc_by(record.bytes_up);
     meter.down.inc_by(record.bytes_down);
     // Plain clients splice; TLS clients go through the buffered copy (bytes must be decrypted).
+    let idle = snapshot.config.timeouts.idle;
     let outcome = if let ClientStream::Plain(tcp) = client {
-        tunnel::relay_tcp(
-            tcp,
-            &mut upstream,
-            snapshot.config.timeouts.idle,
-            stops,
-            pacers,
-            meter,
-        )
-        .await
+        tunnel::relay_tcp(tcp, &mut upstream, idle, stops, pacers, meter).await
     } else {
-        tunnel::relay(
-            client,
-            &mut upstream,
-            snapshot.config.timeouts.idle,
-            stops,
-            pacers,
-            meter,
-        )
-        .await
+        tunnel::relay(client, &mut upstream, idle, stops, pacers, meter).await
     };
     record.bytes_up += outcome.bytes_up;
     record.bytes_down += outcome.bytes_down;

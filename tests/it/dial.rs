@@ -37,20 +37,24 @@ impl BlackHole {
     }
 }
 
-#[tokio::test]
-async fn a_dead_first_address_costs_one_attempt_delay_not_the_connect_timeout() {
-    let mut origin = TcpOrigin::start(b"ok").await;
-    let port = origin.addr.port();
-    let _dead = BlackHole::at(SocketAddr::from(([127, 0, 0, 2], port))).await;
-    let config = format!(
+/// A gateway whose rule lets `ORIGIN_HOST`, resolving to `first` then `second`, reach `port`
+/// on loopback, with `timeouts.connect = connect` and `timeouts_extra` in `[timeouts]`.
+fn racing_config(
+    port: u16,
+    connect: &str,
+    timeouts_extra: &str,
+    first: &str,
+    second: &str,
+) -> String {
+    format!(
         r#"
 [listen]
 proxy = ["127.0.0.1:0"]
 admin = "off"
 
 [timeouts]
-connect = "8s"
-attempt_delay = "300ms"
+connect = "{connect}"
+{timeouts_extra}
 
 [[policy.allow]]
 name = "test-origin"
@@ -61,8 +65,22 @@ private_addresses = ["127.0.0.0/8"]
 
 [resolver]
 hosts_only = true
-hosts = {{ "{ORIGIN_HOST}" = ["127.0.0.2", "127.0.0.1"] }}
+hosts = {{ "{ORIGIN_HOST}" = ["{first}", "{second}"] }}
 "#
+    )
+}
+
+#[tokio::test]
+async fn a_dead_first_address_costs_one_attempt_delay_not_the_connect_timeout() {
+    let mut origin = TcpOrigin::start(b"ok").await;
+    let port = origin.addr.port();
+    let _dead = BlackHole::at(SocketAddr::from(([127, 0, 0, 2], port))).await;
+    let config = racing_config(
+        port,
+        "8s",
+        "attempt_delay = \"300ms\"",
+        "127.0.0.2",
+        "127.0.0.1",
     );
     let mut gw = Gateway::start(&config).await;
     let started = Instant::now();
@@ -90,26 +108,7 @@ async fn a_name_whose_every_address_is_dead_times_out_once_for_all() {
     let port = origin.addr.port();
     let _dead2 = BlackHole::at(SocketAddr::from(([127, 0, 0, 2], port))).await;
     let _dead3 = BlackHole::at(SocketAddr::from(([127, 0, 0, 3], port))).await;
-    let config = format!(
-        r#"
-[listen]
-proxy = ["127.0.0.1:0"]
-admin = "off"
-
-[timeouts]
-connect = "1s"
-
-[[policy.allow]]
-name = "test-origin"
-hosts = ["{ORIGIN_HOST}"]
-ports = [{port}]
-private_addresses = ["127.0.0.0/8"]
-
-[resolver]
-hosts_only = true
-hosts = {{ "{ORIGIN_HOST}" = ["127.0.0.2", "127.0.0.3"] }}
-"#
-    );
+    let config = racing_config(port, "1s", "", "127.0.0.2", "127.0.0.3");
     let mut gw = Gateway::start(&config).await;
     let started = Instant::now();
     let reply = raw_request(
