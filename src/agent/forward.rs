@@ -1,14 +1,15 @@
 //! `portcullis-agent forward`: a plain HTTP CONNECT proxy for local apps that carries each
 //! CONNECT to the first healthy gateway (TLS with the branch's certificate, or credentials) and
-//! passes the gateway's answer back unchanged. A gateway that fails before answering is marked
-//! down and the same request goes to the next one, so the app does not notice.
+//! passes the gateway's answer back unchanged. A gateway that fails before answering (down,
+//! refusing, or hung: see `pool`) costs the app nothing: the same request goes to the next one,
+//! or to the same one again after a pause when it only refused the connection.
 //!
 //! Routes on the listener: `CONNECT host:port` (the proxy) and `GET /status` (JSON of the
 //! gateways and their state, loopback clients only). Anything else gets 405. Built on the
 //! gateway's parts: its accept loop and drain, request-head reader, replies, relay and log line.
 
 use super::pool::Pool;
-use super::proxy_client::{self, ProxyError};
+use super::proxy_client::{self, Blame, ProxyError, ProxyStream, ReplyHead};
 use crate::accept::{Connections, Drained};
 use crate::access_log::AccessRecord;
 use crate::end::End;
@@ -26,6 +27,11 @@ use tokio::time::Instant;
 
 /// tracing target of the one line per forwarded request.
 pub const TARGET: &str = crate::access_log::AGENT_TARGET;
+
+/// When only refusing gateways are left, how many more rounds a request gets, and the pause
+/// before the first (doubling each round: 50, 100, 200 and 400 ms, give or take half).
+const REFUSED_ROUNDS: u32 = 4;
+const REFUSED_PAUSE: Duration = Duration::from_millis(50);
 
 /// Longest a refused request's body from the gateway is passed on.
 const ERROR_BODY_TIME: Duration = Duration::from_secs(10);
@@ -132,6 +138,97 @@ async fn serve(settings: &Settings, mut app: TcpStream, peer: SocketAddr, id: u6
     line.emit_agent();
 }
 
+/// A gateway's answer to the app's CONNECT.
+struct Opened {
+    gateway: usize,
+    stream: ProxyStream,
+    reply: ReplyHead,
+    /// Another gateway failed the request first.
+    failed_over: bool,
+}
+
+/// Carries the CONNECT `head` to the first gateway that answers, in the pool's order. A gateway
+/// that fails before answering costs the app nothing: the request goes to the next one (no
+/// payload byte has been sent; the app's early bytes wait for a 200). When the only gateways
+/// left refused the connection (alive but busy: they closed it before answering), the round is
+/// tried again after a short, growing pause, [`REFUSED_ROUNDS`] times at most. A gateway that
+/// stays silent past the reply timeout while answering its probe is dialling a slow
+/// destination: the app gets 504, as another gateway would wait as long.
+async fn open(
+    settings: &Settings,
+    head: &[u8],
+    line: &mut AccessRecord,
+) -> Result<Opened, Refusal> {
+    let pool = &settings.pool;
+    let mut first_tried = None;
+    let mut last_error: Option<ProxyError> = None;
+    for round in 0..=REFUSED_ROUNDS {
+        if round > 0 {
+            tokio::time::sleep(jitter(REFUSED_PAUSE * (1 << (round - 1)))).await;
+        }
+        let mut refused = false;
+        for i in pool.candidates() {
+            first_tried.get_or_insert(i);
+            let error = match attempt(pool, i, head).await {
+                Ok((stream, reply)) => {
+                    pool.answered(i);
+                    return Ok(Opened {
+                        gateway: i,
+                        stream,
+                        reply,
+                        failed_over: first_tried != Some(i),
+                    });
+                }
+                Err(e) => e,
+            };
+            match pool.failed(i, &error) {
+                Blame::Down => {}
+                Blame::Refused => refused = true,
+                Blame::Silent => {
+                    line.gateway = Some(pool.proxy(i).url.to_string());
+                    return Err(Refusal::new(
+                        End::GatewayTimeout,
+                        format!("gateway: {error}"),
+                    ));
+                }
+            }
+            last_error = Some(error);
+        }
+        if !refused {
+            break;
+        }
+    }
+    let why = last_error.map_or_else(|| "no gateway configured".to_owned(), |e| e.to_string());
+    Err(Refusal::new(
+        End::NoGateway,
+        format!("no gateway reachable: {why}"),
+    ))
+}
+
+/// One try at gateway `i`: connect (and TLS), send the head, await the reply head (probing a
+/// gateway that is slow to answer).
+async fn attempt(
+    pool: &Pool,
+    i: usize,
+    head: &[u8],
+) -> Result<(ProxyStream, ReplyHead), ProxyError> {
+    let proxy = pool.proxy(i);
+    let mut stream = proxy.dial().await?;
+    let exchange = proxy_client::exchange(&mut stream, head, proxy.timeouts.reply);
+    let reply = pool.await_reply(i, exchange).await?;
+    Ok((stream, reply))
+}
+
+/// `pause` give or take half, so that requests refused together do not come back together.
+fn jitter(pause: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    // A fresh RandomState is seeded differently each time: randomness without a dependency.
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    pause / 2 + pause.mul_f64((random % 1000) as f64 / 1000.0)
+}
+
 /// One app request: checked, read, carried to a gateway and relayed; `line` is filled in.
 async fn forward(
     settings: &Settings,
@@ -180,43 +277,15 @@ async fn forward(
     let head = proxy_client::connect_head(&target, authorization);
     let early = connect.early_data;
 
-    let mut last_error: Option<ProxyError> = None;
-    let mut opened = None;
-    for i in settings.pool.candidates() {
-        let mut stream = match settings.pool.dial(i).await {
-            Ok(stream) => stream,
-            Err(e) => {
-                last_error = Some(e);
-                continue;
-            }
-        };
-        let reply_timeout = settings.pool.proxy(i).timeouts.reply;
-        match proxy_client::exchange(&mut stream, &head, reply_timeout).await {
-            Ok(reply) => {
-                opened = Some((i, stream, reply));
-                break;
-            }
-            Err(e) if e.safe_to_retry() => {
-                // Closed before answering (stopped, overloaded): the request never happened.
-                settings.pool.mark_down(i, &e);
-                last_error = Some(e);
-            }
-            Err(e) => {
-                line.gateway = Some(settings.pool.proxy(i).url.to_string());
-                return Err(Refusal::new(End::GatewayTimeout, format!("gateway: {e}")));
-            }
-        }
-    }
+    let Opened {
+        gateway: i,
+        stream: mut gateway,
+        reply,
+        failed_over,
+    } = open(settings, &head, line).await?;
     drop(head);
-    let Some((i, mut gateway, reply)) = opened else {
-        let why = last_error.map_or_else(|| "no gateway configured".to_owned(), |e| e.to_string());
-        return Err(Refusal::new(
-            End::NoGateway,
-            format!("no gateway reachable: {why}"),
-        ));
-    };
     settings.pool.carried(i);
-    if last_error.is_some() {
+    if failed_over {
         settings.metrics.failovers.inc();
     }
     line.gateway = Some(settings.pool.proxy(i).url.to_string());
