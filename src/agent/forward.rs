@@ -10,6 +10,7 @@
 
 use super::pool::Pool;
 use super::proxy_client::{self, Blame, ProxyError, ProxyStream, ReplyHead};
+use super::trust::{self, ClientCertificate};
 use crate::accept::{Connections, Drained};
 use crate::access_log::AccessRecord;
 use crate::end::End;
@@ -53,6 +54,8 @@ pub struct Settings {
     /// The admin listener for `/metrics` (off when `None`).
     pub admin: Option<SocketAddr>,
     pub metrics: super::metrics::AgentMetrics,
+    /// The client certificate presented to `https://` gateways, when one is configured.
+    pub certificate: Option<ClientCertificate>,
     /// Notified at the drain timeout: open tunnels end (`drain_timeout`) and log their line.
     pub closing: tokio::sync::Notify,
 }
@@ -68,6 +71,10 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> std:
         None => None,
     };
     let probe = tokio::spawn(settings.pool.clone().probe_forever(settings.probe_interval));
+    let certificate = settings
+        .certificate
+        .clone()
+        .map(|c| tokio::spawn(watch_certificate(c)));
     let settings = Arc::new(settings);
     let admin = admin.map(|listener| {
         if let Ok(addr) = listener.local_addr() {
@@ -91,6 +98,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> std:
         _ = accepting => {}
     }
     probe.abort();
+    if let Some(certificate) = certificate {
+        certificate.abort();
+    }
     if let Some(admin) = admin {
         admin.abort();
     }
@@ -110,6 +120,41 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> std:
         }
     }
     Ok(())
+}
+
+/// Logs the client certificate's validity at start (a warning within 30 days of its end, or
+/// before its start), then an error at the moment it expires: from then on every `https://`
+/// gateway refuses it, and the log says why before anyone wonders about the 502s.
+async fn watch_certificate(certificate: ClientCertificate) {
+    const SOON_DAYS: i64 = 30;
+    let path = certificate.path.display().to_string();
+    let subject = certificate.subject.as_str();
+    let not_after = trust::date(certificate.not_after);
+    let now = trust::now();
+    match certificate.validity(now) {
+        trust::Validity::Valid { days_left } if days_left < SOON_DAYS => {
+            tracing::warn!(certificate = %path, subject, not_after, days_left, "client certificate expires soon");
+        }
+        trust::Validity::Valid { days_left } => {
+            tracing::info!(certificate = %path, subject, not_after, days_left, "client certificate");
+        }
+        // Expired ones never get here: the forwarder does not start with one.
+        _ => {
+            let not_before = trust::date(certificate.not_before);
+            let clock = trust::date(now);
+            tracing::warn!(certificate = %path, subject, not_before, clock, "client certificate not valid yet");
+        }
+    }
+    // In steps of at most a day: a timer years ahead is beyond tokio's timer wheel.
+    loop {
+        let left = certificate.not_after - trust::now();
+        if left < 0 {
+            break;
+        }
+        let step = u64::try_from(left).unwrap_or(0).clamp(1, 86_400);
+        tokio::time::sleep(Duration::from_secs(step)).await;
+    }
+    tracing::error!(certificate = %path, subject, not_after, "client certificate expired");
 }
 
 /// Loopback always; other addresses only from `clients` (IPv4-mapped IPv6 counts as IPv4).
@@ -198,7 +243,15 @@ async fn open(
             break;
         }
     }
-    let why = last_error.map_or_else(|| "no gateway configured".to_owned(), |e| e.to_string());
+    let mut why = last_error.map_or_else(|| "no gateway configured".to_owned(), |e| e.to_string());
+    // The likeliest cause, said by the agent itself: a gateway only names it with an alert.
+    if let Some(problem) = settings
+        .certificate
+        .as_ref()
+        .and_then(|c| c.problem(trust::now()))
+    {
+        why = format!("{why}; {problem}");
+    }
     Err(Refusal::new(
         End::NoGateway,
         format!("no gateway reachable: {why}"),

@@ -1058,3 +1058,92 @@ async fn forward_keeps_a_gateway_that_refuses_some_connections_and_gives_up_on_o
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn an_expired_client_certificate_is_named_by_check_and_stops_forward() {
+    let pki = Pki::new();
+    let origin = Origin::start(&pki).await;
+    let port = origin.port();
+    let files = Files::new(&pki);
+    let (cert, key) = pki.issue_pem(&[BRANCH_CERT_NAME], 2020);
+    std::fs::write(files.dir.path().join("expired.pem"), cert).unwrap();
+    std::fs::write(files.dir.path().join("expired.key"), key).unwrap();
+    let (expired, expired_key) = (files.path("expired.pem"), files.path("expired.key"));
+    let gw = Gateway::start(&gateway_config(&files, port, 0)).await;
+    let proxy = format!("https://{}", gw.tls_addr.unwrap());
+    let (ca, cert, key) = files.identity();
+    let host = format!("{ORIGIN_HOST}:{port}");
+
+    // check: the certificate's own line fails with its date; the row quotes the gateway's
+    // alert instead of an end of file.
+    let args = [
+        "check",
+        "--proxy",
+        &proxy,
+        "--ca",
+        &ca,
+        "--cert",
+        &expired,
+        "--key",
+        &expired_key,
+        "--host",
+        &host,
+        "--color",
+        "never",
+    ];
+    let (code, table, stderr) = agent(&args, &[]).await;
+    assert_eq!(code, Some(1), "{table}{stderr}");
+    let line = table
+        .lines()
+        .find(|l| l.starts_with("certificate:"))
+        .unwrap_or_else(|| panic!("a certificate line: {table}"));
+    assert!(
+        line.starts_with("certificate: FAIL")
+            && line.contains("expired.pem")
+            && line.contains(BRANCH_CERT_NAME)
+            && line.contains("expired on 2020-01-01T00:00:00Z"),
+        "{table}"
+    );
+    let endpoint = table.lines().find(|l| l.contains(ORIGIN_HOST)).unwrap();
+    assert!(endpoint.contains("certificate_expired"), "{table}");
+    let mut json = args.to_vec();
+    json.push("--json");
+    let (_, stdout, _) = agent(&json, &[]).await;
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["certificate"]["outcome"], "fail", "{report:#}");
+    assert_eq!(report["certificate"]["not_after"], "2020-01-01T00:00:00Z");
+    let r = row(&report, ORIGIN_HOST);
+    assert_eq!(r["proxy"]["outcome"], "fail", "{r:#}");
+
+    // A valid certificate passes its line, with its end date.
+    let args = [
+        "check", "--proxy", &proxy, "--ca", &ca, "--cert", &cert, "--key", &key, "--host", &host,
+        "--color", "never",
+    ];
+    let (code, table, stderr) = agent(&args, &[]).await;
+    assert_eq!(code, Some(0), "{table}{stderr}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("certificate: ok")
+                && l.contains("valid until 2099-01-01T00:00:00Z")),
+        "{table}"
+    );
+
+    // forward refuses to start with it, saying why (exit 2: a configuration error).
+    let started = tokio::process::Command::new(AGENT)
+        .args(["forward", "--listen", "127.0.0.1:0", "--gateway", &proxy])
+        .args(["--ca", &ca, "--cert", &expired, "--key", &expired_key])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(10), started)
+        .await
+        .expect("forward exits at once")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("expired.pem") && stderr.contains("expired on 2020-01-01T00:00:00Z"),
+        "{stderr}"
+    );
+}
