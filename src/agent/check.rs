@@ -1,10 +1,12 @@
-//! `portcullis-agent check`: for each endpoint, one fresh connection through the gateway with
-//! every stage reported on its own (proxy reachable, proxy auth, CONNECT verdict with the
-//! gateway's reason, TLS with the endpoint's name verified), and optionally a direct attempt that
-//! must fail: an open direct path means the edge firewall leaks.
+//! `portcullis-agent check`: the branch's client certificate's validity, then for each endpoint
+//! one fresh connection through the gateway with every stage reported on its own (proxy
+//! reachable, proxy auth, CONNECT verdict with the gateway's reason, TLS with the endpoint's
+//! name verified), and optionally a direct attempt that must fail: an open direct path means
+//! the edge firewall leaks.
 
 use super::endpoints::Endpoint;
 use super::proxy_client::{self, Proxy, ProxyError};
+use super::trust::{self, ClientCertificate};
 use rustls::pki_types::ServerName;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -25,6 +27,38 @@ pub struct Check {
     pub direct: bool,
     /// `--resolve HOST:PORT:ADDR` overrides for the direct attempts.
     pub resolve: HashMap<(String, u16), SocketAddr>,
+    /// The client certificate presented to the gateway, when one is configured.
+    pub certificate: Option<ClientCertificate>,
+}
+
+/// The client certificate's check: valid now, or why not.
+#[derive(Clone, Debug, Serialize)]
+pub struct CertificateCheck {
+    pub path: String,
+    pub subject: String,
+    /// RFC 3339, UTC.
+    pub not_before: String,
+    pub not_after: String,
+    pub outcome: Outcome,
+    /// `expired on DATE`, `not valid before DATE (...)` or `valid until DATE (N days left)`.
+    pub detail: String,
+}
+
+impl CertificateCheck {
+    fn of(certificate: &ClientCertificate, now: i64) -> Self {
+        let outcome = match certificate.validity(now) {
+            trust::Validity::Valid { .. } => Outcome::Pass,
+            _ => Outcome::Fail,
+        };
+        Self {
+            path: certificate.path.display().to_string(),
+            subject: certificate.subject.clone(),
+            not_before: trust::date(certificate.not_before),
+            not_after: trust::date(certificate.not_after),
+            outcome,
+            detail: certificate.describe(now),
+        }
+    }
 }
 
 /// How one stage went.
@@ -124,6 +158,9 @@ pub struct Row {
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub proxy: String,
+    /// The client certificate, when one is configured: an invalid one fails the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertificateCheck>,
     pub passed: usize,
     pub failed: usize,
     pub skipped: usize,
@@ -134,6 +171,10 @@ impl Report {
     /// Exit 0 only when nothing failed (skipped rows do not fail the run).
     pub fn all_passed(&self) -> bool {
         self.failed == 0
+            && self
+                .certificate
+                .as_ref()
+                .is_none_or(|c| c.outcome == Outcome::Pass)
     }
 }
 
@@ -167,6 +208,10 @@ impl Check {
         let count = |r: RowResult| rows.iter().filter(|row| row.result == r).count();
         Report {
             proxy: check.proxy.url.to_string(),
+            certificate: check
+                .certificate
+                .as_ref()
+                .map(|c| CertificateCheck::of(c, trust::now())),
             passed: count(RowResult::Pass),
             failed: count(RowResult::Fail) + lost,
             skipped: count(RowResult::Skip),
@@ -223,6 +268,10 @@ impl Check {
                 row.proxy = Stage::pass(ms(started), None);
                 stream
             }
+            Err(e @ ProxyError::Tls(..)) => {
+                row.proxy = Stage::fail(Some(ms(started)), e.to_string());
+                return fail(row, format!("TLS with the proxy failed: {e}"));
+            }
             Err(e) => {
                 row.proxy = Stage::fail(Some(ms(started)), e.to_string());
                 return fail(row, format!("proxy unreachable: {e}"));
@@ -249,6 +298,13 @@ impl Check {
         let reply =
             match proxy_client::exchange(&mut stream, &head, self.proxy.timeouts.reply).await {
                 Ok(reply) => reply,
+                // TLS 1.3: a gateway refuses the client's certificate after the client's side
+                // of the handshake is done, so the refusal arrives here, but it is the proxy
+                // stage's.
+                Err(e) if e.alert().is_some() => {
+                    row.proxy = Stage::fail(Some(ms(started)), e.to_string());
+                    return fail(row, format!("the gateway refused the TLS session: {e}"));
+                }
                 Err(e) => {
                     row.connect = Stage::fail(Some(ms(started)), e.to_string());
                     return fail(row, format!("no answer to the request: {e}"));

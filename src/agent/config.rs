@@ -227,7 +227,20 @@ pub fn forward_settings(args: &ForwardOptions, file: AgentFile) -> Result<Settin
         args.identity.ca.clone()
     };
     let roots = trust::roots(ca_files.is_empty(), &ca_files)?;
-    let tls = trust::client_config(roots, args.identity.client_identity(&file), true)?;
+    let identity = args.identity.client_identity(&file);
+    let tls = trust::client_config(roots, identity, true)?;
+    let certificate = identity
+        .map(|(cert, _)| trust::ClientCertificate::load(cert))
+        .transpose()?;
+    // An expired certificate cannot work anywhere: refuse to start with its date rather than
+    // serve 502s. One not valid yet may be this machine's clock, not the certificate: the
+    // forwarder warns when it starts.
+    if let Some(certificate) = &certificate {
+        let now = trust::now();
+        if certificate.validity(now) == trust::Validity::Expired {
+            return Err(certificate.problem(now).unwrap_or_default());
+        }
+    }
     let proxies = gateways
         .into_iter()
         .map(|url| Proxy::new(url, tls.clone(), timeouts))
@@ -270,6 +283,7 @@ pub fn forward_settings(args: &ForwardOptions, file: AgentFile) -> Result<Settin
         drain: duration(&file.timeouts.drain, "timeouts.drain", 30)?,
         probe_interval,
         max_connections,
+        certificate,
         closing: Default::default(),
     })
 }

@@ -1,14 +1,16 @@
 //! `portcullis-agent forward`: a plain HTTP CONNECT proxy for local apps that carries each
 //! CONNECT to the first healthy gateway (TLS with the branch's certificate, or credentials) and
-//! passes the gateway's answer back unchanged. A gateway that fails before answering is marked
-//! down and the same request goes to the next one, so the app does not notice.
+//! passes the gateway's answer back unchanged. A gateway that fails before answering (down,
+//! refusing, or hung: see `pool`) costs the app nothing: the same request goes to the next one,
+//! or to the same one again after a pause when it only refused the connection.
 //!
 //! Routes on the listener: `CONNECT host:port` (the proxy) and `GET /status` (JSON of the
 //! gateways and their state, loopback clients only). Anything else gets 405. Built on the
 //! gateway's parts: its accept loop and drain, request-head reader, replies, relay and log line.
 
 use super::pool::Pool;
-use super::proxy_client::{self, ProxyError};
+use super::proxy_client::{self, Blame, ProxyError, ProxyStream, ReplyHead};
+use super::trust::{self, ClientCertificate};
 use crate::accept::{Connections, Drained};
 use crate::access_log::AccessRecord;
 use crate::end::End;
@@ -26,6 +28,11 @@ use tokio::time::Instant;
 
 /// tracing target of the one line per forwarded request.
 pub const TARGET: &str = crate::access_log::AGENT_TARGET;
+
+/// When only refusing gateways are left, how many more rounds a request gets, and the pause
+/// before the first (doubling each round: 50, 100, 200 and 400 ms, give or take half).
+const REFUSED_ROUNDS: u32 = 4;
+const REFUSED_PAUSE: Duration = Duration::from_millis(50);
 
 /// Longest a refused request's body from the gateway is passed on.
 const ERROR_BODY_TIME: Duration = Duration::from_secs(10);
@@ -47,6 +54,8 @@ pub struct Settings {
     /// The admin listener for `/metrics` (off when `None`).
     pub admin: Option<SocketAddr>,
     pub metrics: super::metrics::AgentMetrics,
+    /// The client certificate presented to `https://` gateways, when one is configured.
+    pub certificate: Option<ClientCertificate>,
     /// Notified at the drain timeout: open tunnels end (`drain_timeout`) and log their line.
     pub closing: tokio::sync::Notify,
 }
@@ -62,6 +71,10 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> std:
         None => None,
     };
     let probe = tokio::spawn(settings.pool.clone().probe_forever(settings.probe_interval));
+    let certificate = settings
+        .certificate
+        .clone()
+        .map(|c| tokio::spawn(watch_certificate(c)));
     let settings = Arc::new(settings);
     let admin = admin.map(|listener| {
         if let Ok(addr) = listener.local_addr() {
@@ -85,6 +98,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> std:
         _ = accepting => {}
     }
     probe.abort();
+    if let Some(certificate) = certificate {
+        certificate.abort();
+    }
     if let Some(admin) = admin {
         admin.abort();
     }
@@ -104,6 +120,41 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> std:
         }
     }
     Ok(())
+}
+
+/// Logs the client certificate's validity at start (a warning within 30 days of its end, or
+/// before its start), then an error at the moment it expires: from then on every `https://`
+/// gateway refuses it, and the log says why before anyone wonders about the 502s.
+async fn watch_certificate(certificate: ClientCertificate) {
+    const SOON_DAYS: i64 = 30;
+    let path = certificate.path.display().to_string();
+    let subject = certificate.subject.as_str();
+    let not_after = trust::date(certificate.not_after);
+    let now = trust::now();
+    match certificate.validity(now) {
+        trust::Validity::Valid { days_left } if days_left < SOON_DAYS => {
+            tracing::warn!(certificate = %path, subject, not_after, days_left, "client certificate expires soon");
+        }
+        trust::Validity::Valid { days_left } => {
+            tracing::info!(certificate = %path, subject, not_after, days_left, "client certificate");
+        }
+        // Expired ones never get here: the forwarder does not start with one.
+        _ => {
+            let not_before = trust::date(certificate.not_before);
+            let clock = trust::date(now);
+            tracing::warn!(certificate = %path, subject, not_before, clock, "client certificate not valid yet");
+        }
+    }
+    // In steps of at most a day: a timer years ahead is beyond tokio's timer wheel.
+    loop {
+        let left = certificate.not_after - trust::now();
+        if left < 0 {
+            break;
+        }
+        let step = u64::try_from(left).unwrap_or(0).clamp(1, 86_400);
+        tokio::time::sleep(Duration::from_secs(step)).await;
+    }
+    tracing::error!(certificate = %path, subject, not_after, "client certificate expired");
 }
 
 /// Loopback always; other addresses only from `clients` (IPv4-mapped IPv6 counts as IPv4).
@@ -130,6 +181,105 @@ async fn serve(settings: &Settings, mut app: TcpStream, peer: SocketAddr, id: u6
     line.duration = started.elapsed();
     settings.metrics.ended(line.end);
     line.emit_agent();
+}
+
+/// A gateway's answer to the app's CONNECT.
+struct Opened {
+    gateway: usize,
+    stream: ProxyStream,
+    reply: ReplyHead,
+    /// Another gateway failed the request first.
+    failed_over: bool,
+}
+
+/// Carries the CONNECT `head` to the first gateway that answers, in the pool's order. A gateway
+/// that fails before answering costs the app nothing: the request goes to the next one (no
+/// payload byte has been sent; the app's early bytes wait for a 200). When the only gateways
+/// left refused the connection (alive but busy: they closed it before answering), the round is
+/// tried again after a short, growing pause, [`REFUSED_ROUNDS`] times at most. A gateway that
+/// stays silent past the reply timeout while answering its probe is dialling a slow
+/// destination: the app gets 504, as another gateway would wait as long.
+async fn open(
+    settings: &Settings,
+    head: &[u8],
+    line: &mut AccessRecord,
+) -> Result<Opened, Refusal> {
+    let pool = &settings.pool;
+    let mut first_tried = None;
+    let mut last_error: Option<ProxyError> = None;
+    for round in 0..=REFUSED_ROUNDS {
+        if round > 0 {
+            tokio::time::sleep(jitter(REFUSED_PAUSE * (1 << (round - 1)))).await;
+        }
+        let mut refused = false;
+        for i in pool.candidates() {
+            first_tried.get_or_insert(i);
+            let error = match attempt(pool, i, head).await {
+                Ok((stream, reply)) => {
+                    pool.answered(i);
+                    return Ok(Opened {
+                        gateway: i,
+                        stream,
+                        reply,
+                        failed_over: first_tried != Some(i),
+                    });
+                }
+                Err(e) => e,
+            };
+            match pool.failed(i, &error) {
+                Blame::Down => {}
+                Blame::Refused => refused = true,
+                Blame::Silent => {
+                    line.gateway = Some(pool.proxy(i).url.to_string());
+                    return Err(Refusal::new(
+                        End::GatewayTimeout,
+                        format!("gateway: {error}"),
+                    ));
+                }
+            }
+            last_error = Some(error);
+        }
+        if !refused {
+            break;
+        }
+    }
+    let mut why = last_error.map_or_else(|| "no gateway configured".to_owned(), |e| e.to_string());
+    // The likeliest cause, said by the agent itself: a gateway only names it with an alert.
+    if let Some(problem) = settings
+        .certificate
+        .as_ref()
+        .and_then(|c| c.problem(trust::now()))
+    {
+        why = format!("{why}; {problem}");
+    }
+    Err(Refusal::new(
+        End::NoGateway,
+        format!("no gateway reachable: {why}"),
+    ))
+}
+
+/// One try at gateway `i`: connect (and TLS), send the head, await the reply head (probing a
+/// gateway that is slow to answer).
+async fn attempt(
+    pool: &Pool,
+    i: usize,
+    head: &[u8],
+) -> Result<(ProxyStream, ReplyHead), ProxyError> {
+    let proxy = pool.proxy(i);
+    let mut stream = proxy.dial().await?;
+    let exchange = proxy_client::exchange(&mut stream, head, proxy.timeouts.reply);
+    let reply = pool.await_reply(i, exchange).await?;
+    Ok((stream, reply))
+}
+
+/// `pause` give or take half, so that requests refused together do not come back together.
+fn jitter(pause: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    // A fresh RandomState is seeded differently each time: randomness without a dependency.
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    pause / 2 + pause.mul_f64((random % 1000) as f64 / 1000.0)
 }
 
 /// One app request: checked, read, carried to a gateway and relayed; `line` is filled in.
@@ -180,43 +330,15 @@ async fn forward(
     let head = proxy_client::connect_head(&target, authorization);
     let early = connect.early_data;
 
-    let mut last_error: Option<ProxyError> = None;
-    let mut opened = None;
-    for i in settings.pool.candidates() {
-        let mut stream = match settings.pool.dial(i).await {
-            Ok(stream) => stream,
-            Err(e) => {
-                last_error = Some(e);
-                continue;
-            }
-        };
-        let reply_timeout = settings.pool.proxy(i).timeouts.reply;
-        match proxy_client::exchange(&mut stream, &head, reply_timeout).await {
-            Ok(reply) => {
-                opened = Some((i, stream, reply));
-                break;
-            }
-            Err(e) if e.safe_to_retry() => {
-                // Closed before answering (stopped, overloaded): the request never happened.
-                settings.pool.mark_down(i, &e);
-                last_error = Some(e);
-            }
-            Err(e) => {
-                line.gateway = Some(settings.pool.proxy(i).url.to_string());
-                return Err(Refusal::new(End::GatewayTimeout, format!("gateway: {e}")));
-            }
-        }
-    }
+    let Opened {
+        gateway: i,
+        stream: mut gateway,
+        reply,
+        failed_over,
+    } = open(settings, &head, line).await?;
     drop(head);
-    let Some((i, mut gateway, reply)) = opened else {
-        let why = last_error.map_or_else(|| "no gateway configured".to_owned(), |e| e.to_string());
-        return Err(Refusal::new(
-            End::NoGateway,
-            format!("no gateway reachable: {why}"),
-        ));
-    };
     settings.pool.carried(i);
-    if last_error.is_some() {
+    if failed_over {
         settings.metrics.failovers.inc();
     }
     line.gateway = Some(settings.pool.proxy(i).url.to_string());

@@ -84,7 +84,7 @@ impl AgentMetrics {
         let gateway_up = Family::<GatewayLabels, Gauge>::default();
         registry.register(
             "gateway_up",
-            "1 while a gateway is up (it answered its last connection or probe), else 0",
+            "1 while a gateway is up (it answered its last request or probe), else 0",
             gateway_up.clone(),
         );
         let gateway_in_use = Family::<GatewayLabels, Gauge>::default();
@@ -106,12 +106,12 @@ impl AgentMetrics {
         this
     }
 
-    /// Counts one app request that ended with `end`.
     /// Every family, for the reference's check.
     pub fn registry(&self) -> &Registry {
         &self.registry
     }
 
+    /// Counts one app request that ended with `end`.
     pub fn ended(&self, end: crate::end::End) {
         self.requests
             .get_or_create(&EndLabels { end: end.as_str() })

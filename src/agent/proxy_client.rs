@@ -1,6 +1,7 @@
 //! A client of an HTTP CONNECT proxy, shared by `check` and `forward`: reach the proxy (plain
 //! TCP, or TLS presenting the branch's certificate), send one request head, read the reply head
-//! within a time and size budget. Every network wait has its own timeout.
+//! within a time and size budget, and probe whether a gateway answers at all. Every network
+//! wait has its own timeout, and every failure says what it means for the gateway ([`Blame`]).
 
 use rustls::pki_types::ServerName;
 use std::fmt;
@@ -114,11 +115,13 @@ pub enum ProxyError {
     ConnectTimeout(String),
     #[error("TLS handshake with {0} failed: {1}")]
     Tls(String, String),
+    #[error("{0} closed the connection during the TLS handshake: {1}")]
+    TlsClosed(String, String),
     #[error("TLS handshake with {0} timed out")]
     TlsTimeout(String),
-    #[error("sending the request failed: {0}")]
+    #[error("sending the request failed: {}", tls_error_text(.0))]
     Write(io::Error),
-    #[error("reading the reply failed: {0}")]
+    #[error("reading the reply failed: {}", tls_error_text(.0))]
     Read(io::Error),
     #[error("the proxy closed the connection before a complete reply head")]
     Closed,
@@ -128,6 +131,26 @@ pub enum ProxyError {
     ReplyTooLarge,
     #[error("malformed reply head: {0}")]
     Malformed(String),
+    #[error("no answer to a probe within {0:?}")]
+    ProbeTimeout(Duration),
+    #[error("no answer to the request, nor to a probe: {0}")]
+    Unresponsive(String),
+}
+
+/// What a failure says about the gateway, for failover and health.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Blame {
+    /// Nothing answers there (no address, connect refused or timed out, a TLS handshake or a
+    /// probe without an answer), or it turns us away for good (its certificate fails
+    /// verification, or it refuses ours with a TLS alert): the gateway is down for us.
+    Down,
+    /// It accepted the connection, then closed or reset it before answering: a process is
+    /// there, turning connections away for now (a limit on unfinished requests, overload, a
+    /// restart under way). Not a sign of death while other connections to it get answers.
+    Refused,
+    /// It took the request and has not answered in time: hung, or dialling a slow destination;
+    /// a probe tells which.
+    Silent,
 }
 
 impl ProxyError {
@@ -138,6 +161,7 @@ impl ProxyError {
             ProxyError::Connect(..) => "connect",
             ProxyError::ConnectTimeout(_) => "connect_timeout",
             ProxyError::Tls(..) => "tls",
+            ProxyError::TlsClosed(..) => "tls_closed",
             ProxyError::TlsTimeout(_) => "tls_timeout",
             ProxyError::Write(_) => "write",
             ProxyError::Read(_) => "read",
@@ -145,15 +169,97 @@ impl ProxyError {
             ProxyError::ReplyTimeout => "reply_timeout",
             ProxyError::ReplyTooLarge => "reply_too_large",
             ProxyError::Malformed(_) => "malformed_reply",
+            ProxyError::ProbeTimeout(_) => "probe_timeout",
+            ProxyError::Unresponsive(_) => "unresponsive",
         }
     }
 
-    /// True when the proxy certainly did not act on the request, so trying another gateway
-    /// cannot duplicate anything. A reply timeout is not: the gateway may be dialling.
-    pub fn safe_to_retry(&self) -> bool {
-        !matches!(self, ProxyError::ReplyTimeout)
+    /// What this failure says about the gateway. A write or read that fails with a TLS error
+    /// is the gateway refusing our session (TLS 1.3 sends a refusal of the client's certificate
+    /// after the client's side of the handshake is done); any other write or read failure is a
+    /// close or reset.
+    pub fn blame(&self) -> Blame {
+        match self {
+            ProxyError::Resolve(..)
+            | ProxyError::Connect(..)
+            | ProxyError::ConnectTimeout(_)
+            | ProxyError::Tls(..)
+            | ProxyError::TlsTimeout(_)
+            | ProxyError::ReplyTooLarge
+            | ProxyError::Malformed(_)
+            | ProxyError::ProbeTimeout(_)
+            | ProxyError::Unresponsive(_) => Blame::Down,
+            ProxyError::Write(e) | ProxyError::Read(e) if tls_failure(e).is_some() => Blame::Down,
+            ProxyError::TlsClosed(..)
+            | ProxyError::Write(_)
+            | ProxyError::Read(_)
+            | ProxyError::Closed => Blame::Refused,
+            ProxyError::ReplyTimeout => Blame::Silent,
+        }
+    }
+
+    /// The TLS alert the peer sent, when that is what ended the exchange.
+    pub fn alert(&self) -> Option<rustls::AlertDescription> {
+        match self {
+            ProxyError::Write(e) | ProxyError::Read(e) => match tls_failure(e) {
+                Some(rustls::Error::AlertReceived(alert)) => Some(*alert),
+                _ => None,
+            },
+            _ => None,
+        }
     }
 }
+
+/// The rustls error inside an I/O error from a TLS stream, if that is what it is.
+fn tls_failure(e: &io::Error) -> Option<&rustls::Error> {
+    e.get_ref()?.downcast_ref::<rustls::Error>()
+}
+
+/// A TLS alert by its name in the RFCs (`certificate_expired`, `unknown_ca`), as the gateway's
+/// log and the TLS literature spell it, not rustls's type name.
+pub fn alert_name(alert: rustls::AlertDescription) -> String {
+    let Some(camel) = alert.as_str() else {
+        return format!("alert {}", u8::from(alert));
+    };
+    let mut name = String::with_capacity(camel.len() + 4);
+    let mut previous_lower = false;
+    for c in camel.chars() {
+        if c.is_ascii_uppercase() && previous_lower {
+            name.push('_');
+        }
+        previous_lower = c.is_ascii_lowercase() || c.is_ascii_digit();
+        name.push(c.to_ascii_lowercase());
+    }
+    name
+}
+
+/// An I/O error from a TLS stream, said so an operator can act on it: a received alert by
+/// its RFC name, anything else as rustls or the socket says it.
+pub fn tls_error_text(e: &io::Error) -> String {
+    match tls_failure(e) {
+        Some(rustls::Error::AlertReceived(alert)) => {
+            format!("received the TLS alert {}", alert_name(*alert))
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// A closed or reset connection, as opposed to a TLS protocol failure.
+fn is_close(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    )
+}
+
+/// What a probe sends: a request every gateway answers itself (`405`: it serves only proxy
+/// requests) without dialling anything, so any reply head proves the gateway's process is
+/// serving; no policy decision, no denial in its metrics.
+const PROBE_HEAD: &[u8] =
+    b"GET / HTTP/1.1\r\nHost: portcullis-agent-probe\r\nConnection: close\r\n\r\n";
 
 /// A connection to a proxy: plain or TLS.
 pub type ProxyStream = crate::stream::MaybeTls<TlsStream<TcpStream>>;
@@ -183,6 +289,19 @@ impl Proxy {
         Ok(Self { url, tls, timeouts })
     }
 
+    /// Whether the gateway serves: a connection (and TLS handshake) and a request it answers
+    /// itself, the answer within `timeouts.connect`. A TCP connection alone proves nothing: the
+    /// kernel completes it for a stopped or hung process.
+    pub async fn probe(&self) -> Result<(), ProxyError> {
+        let mut stream = self.dial().await?;
+        match exchange(&mut stream, PROBE_HEAD, self.timeouts.connect).await {
+            Ok(_) => Ok(()),
+            // Nothing to dial behind a probe: silence is a hung gateway, not a slow destination.
+            Err(ProxyError::ReplyTimeout) => Err(ProxyError::ProbeTimeout(self.timeouts.connect)),
+            Err(e) => Err(e),
+        }
+    }
+
     /// TCP connect (and the TLS handshake for `https://`), each within its timeout.
     pub async fn dial(&self) -> Result<ProxyStream, ProxyError> {
         let tcp = connect_tcp(&self.url.host, self.url.port, self.timeouts.connect).await?;
@@ -193,6 +312,7 @@ impl Proxy {
             .await
             .map_err(|e| match e {
                 ProxyError::Tls(_, why) => ProxyError::Tls(self.url.to_string(), why),
+                ProxyError::TlsClosed(_, why) => ProxyError::TlsClosed(self.url.to_string(), why),
                 ProxyError::TlsTimeout(_) => ProxyError::TlsTimeout(self.url.to_string()),
                 other => other,
             })?;
@@ -246,7 +366,8 @@ where
     let label = name.to_str().into_owned();
     match tokio::time::timeout(timeout, connector.connect(name, io)).await {
         Ok(Ok(tls)) => Ok(tls),
-        Ok(Err(e)) => Err(ProxyError::Tls(label, e.to_string())),
+        Ok(Err(e)) if is_close(&e) => Err(ProxyError::TlsClosed(label, e.to_string())),
+        Ok(Err(e)) => Err(ProxyError::Tls(label, tls_error_text(&e))),
         Err(_) => Err(ProxyError::TlsTimeout(label)),
     }
 }
@@ -377,6 +498,70 @@ mod tests {
         ] {
             assert!(bad.parse::<ProxyUrl>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn alerts_go_by_their_rfc_names() {
+        use rustls::AlertDescription as A;
+        for (alert, name) in [
+            (A::CertificateExpired, "certificate_expired"),
+            (A::UnknownCA, "unknown_ca"),
+            (A::BadCertificate, "bad_certificate"),
+            (A::CertificateRequired, "certificate_required"),
+            (A::Unknown(200), "alert 200"),
+        ] {
+            assert_eq!(alert_name(alert), name);
+        }
+    }
+
+    #[test]
+    fn failures_blame_the_gateway_by_what_they_prove() {
+        let tls = |e: rustls::Error| io::Error::new(io::ErrorKind::InvalidData, e);
+        let reset = || io::Error::from(io::ErrorKind::ConnectionReset);
+        for (error, blame) in [
+            (
+                ProxyError::Connect("gw".into(), "refused".into()),
+                Blame::Down,
+            ),
+            (ProxyError::ConnectTimeout("gw".into()), Blame::Down),
+            (ProxyError::TlsTimeout("gw".into()), Blame::Down),
+            (
+                ProxyError::Tls("gw".into(), "unknown issuer".into()),
+                Blame::Down,
+            ),
+            (
+                ProxyError::TlsClosed("gw".into(), "eof".into()),
+                Blame::Refused,
+            ),
+            (ProxyError::Closed, Blame::Refused),
+            (ProxyError::Read(reset()), Blame::Refused),
+            (ProxyError::Write(reset()), Blame::Refused),
+            (
+                ProxyError::Read(tls(rustls::Error::AlertReceived(
+                    rustls::AlertDescription::CertificateExpired,
+                ))),
+                Blame::Down,
+            ),
+            (ProxyError::ReplyTimeout, Blame::Silent),
+            (
+                ProxyError::ProbeTimeout(Duration::from_secs(5)),
+                Blame::Down,
+            ),
+            (ProxyError::Unresponsive("probe".into()), Blame::Down),
+        ] {
+            assert_eq!(error.blame(), blame, "{error}");
+        }
+        let expired = ProxyError::Read(tls(rustls::Error::AlertReceived(
+            rustls::AlertDescription::CertificateExpired,
+        )));
+        assert_eq!(
+            expired.to_string(),
+            "reading the reply failed: received the TLS alert certificate_expired"
+        );
+        assert_eq!(
+            expired.alert(),
+            Some(rustls::AlertDescription::CertificateExpired)
+        );
     }
 
     #[tokio::test]

@@ -1,5 +1,6 @@
-//! The check report for people: one row per endpoint, a cell per stage with its time, the
-//! failure reason at the end of the row; colour only when asked or writing to a terminal.
+//! The check report for people: the client certificate's line, then one row per endpoint, a
+//! cell per stage with its time, the failure reason at the end of the row; colour only when
+//! asked or writing to a terminal.
 
 use super::check::{Outcome, Report, Row, RowResult, Stage};
 use std::fmt::Write;
@@ -40,6 +41,17 @@ pub fn table(report: &Report, colour: bool) -> String {
         }
     }
     let mut out = format!("proxy: {}\n", report.proxy);
+    if let Some(certificate) = &report.certificate {
+        let line = match certificate.outcome {
+            Outcome::Pass => format!("certificate: ok {}", certificate.path),
+            _ => paint(format!("certificate: FAIL {}", certificate.path), RED),
+        };
+        let _ = writeln!(
+            out,
+            "{line} ({}): {}",
+            certificate.subject, certificate.detail
+        );
+    }
     for (i, row) in rows.iter().enumerate() {
         let mut line = String::new();
         for (col, (cell, width)) in row.iter().zip(widths).enumerate() {

@@ -213,6 +213,14 @@ fn check(args: CheckArgs) -> ExitCode {
         Ok(pair) => pair,
         Err(e) => return usage(e),
     };
+    // Checked with the endpoints: an invalid certificate is a finding, not a usage error.
+    let certificate = match args.identity.client_identity(&file) {
+        Some((cert, _)) => match trust::ClientCertificate::load(cert) {
+            Ok(certificate) => Some(certificate),
+            Err(e) => return usage(e),
+        },
+        None => None,
+    };
     let authorization = match args.identity.authorization(&file) {
         Ok(a) => a,
         Err(e) => return usage(e),
@@ -256,6 +264,7 @@ fn check(args: CheckArgs) -> ExitCode {
         origin_tls,
         direct: args.direct,
         resolve: args.resolve.into_iter().collect::<HashMap<_, _>>(),
+        certificate,
     };
     let json = args.json;
     let colour = match args.color {

@@ -14,7 +14,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 /// The most plaintext encrypted into one record.
@@ -25,6 +25,10 @@ const RECORD_OVERHEAD: usize = 256;
 const OUTGOING_BYTES: usize = 4 * (RECORD_PLAINTEXT + RECORD_OVERHEAD);
 /// Drained outgoing buffers kept per worker thread.
 const SPARE_OUTGOING_PER_THREAD: usize = 8;
+/// After a failed handshake's alert, how long and how much of the client's input is read
+/// before closing (a client that takes the alert closes at once).
+const ALERT_LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(1);
+const ALERT_LINGER_BYTES: usize = 64 * 1024;
 
 thread_local! {
     static SPARE_OUTGOING: Spares<Box<[u8]>> = const { Spares::new() };
@@ -78,8 +82,45 @@ impl ServerTls {
             read_closed: false,
             write_closed: false,
         };
-        std::future::poll_fn(|cx| tls.poll_handshake(cx)).await?;
+        if let Err(e) = std::future::poll_fn(|cx| tls.poll_handshake(cx)).await {
+            tls.send_alert().await;
+            return Err(e);
+        }
         Ok(tls)
+    }
+
+    /// After a failed handshake: sends the alert rustls queued for the failure, so the client
+    /// can name it (`certificate_expired`, `unknown_ca`) instead of seeing a bare end of file.
+    /// Then half-closes and reads what the client still sends until it closes too, briefly:
+    /// closing with unread input resets the connection, and a reset can destroy the alert
+    /// before the client reads it (Windows discards received data on a reset).
+    async fn send_alert(&mut self) {
+        // rustls keeps a failed connection's pending records: an alert is one record, so a few
+        // turns encode it; with nothing pending (the client left) nothing is sent.
+        let before = self.filled;
+        for _ in 0..4 {
+            if !matches!(self.step(None, Write::Nothing), Ok(Step::Progress)) {
+                break;
+            }
+        }
+        let queued = self.filled > before;
+        if !queued {
+            return;
+        }
+        let farewell = async {
+            std::future::poll_fn(|cx| self.poll_send(cx)).await?;
+            self.tcp.shutdown().await?;
+            let mut sink = [0u8; 1024];
+            let mut drained = 0;
+            while drained < ALERT_LINGER_BYTES {
+                match self.tcp.read(&mut sink).await? {
+                    0 => break,
+                    n => drained += n,
+                }
+            }
+            io::Result::Ok(())
+        };
+        let _ = tokio::time::timeout(ALERT_LINGER_TIME, farewell).await;
     }
 
     /// The client's verified certificate chain, leaf first.
@@ -124,7 +165,16 @@ impl ServerTls {
         };
         let status = self.conn.process_tls_records(incoming);
         let discard = status.discard;
-        let step = match status.state.map_err(tls_error)? {
+        let state = match status.state {
+            Ok(state) => state,
+            Err(e) => {
+                // Discarded before rustls is asked again: after a failed handshake, for its
+                // alert (`send_alert`).
+                self.discard(discard);
+                return Err(tls_error(e));
+            }
+        };
+        let step = match state {
             ConnectionState::ReadTraffic(mut records) => {
                 while let Some(record) = records.next_record() {
                     let mut payload = record.map_err(tls_error)?.payload;

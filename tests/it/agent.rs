@@ -681,3 +681,327 @@ fn the_example_agent_config_is_valid() {
             .unwrap_or_else(|e| panic!("{e}"));
     }
 }
+
+/// An agent config file in `files`' folder: `gateways`, berlin's credentials (the password
+/// from the environment) and `extra` lines (timeouts).
+fn agent_config(files: &Files, name: &str, gateways: &[&str], extra: &str) -> String {
+    let list = gateways
+        .iter()
+        .map(|g| format!("\"{g}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let path = files.dir.path().join(name);
+    std::fs::write(
+        &path,
+        format!("gateways = [{list}]\nuser = \"berlin-fs1\"\n{extra}"),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+/// One tunnel through the agent to the TCP origin: the status, and the time it took.
+async fn tunnel_through(agent: SocketAddr, target: &str) -> (u16, Duration) {
+    let started = Instant::now();
+    let (mut tunnel, reply) = connect_from(agent, "127.0.0.1", target, "").await;
+    let took = started.elapsed();
+    if reply.status == 200 {
+        assert_eq!(send_and_finish(&mut tunnel, b"x").await, b"ok");
+    }
+    (reply.status, took)
+}
+
+#[tokio::test]
+async fn forward_leaves_a_hung_gateway_for_the_next_one_and_returns_when_it_answers() {
+    let pki = Pki::new();
+    let origin = TcpOrigin::start(b"ok").await;
+    let port = origin.addr.port();
+    let target = format!("{ORIGIN_HOST}:{port}");
+    let files = Files::new(&pki);
+    let mut first = Gateway::start(&gateway_config(&files, port, 0)).await;
+    let mut second = Gateway::start(&gateway_config(&files, port, 0)).await;
+    // Plain listeners: a stopped gateway's kernel still completes the TCP handshake.
+    let (first_url, second_url) = (
+        format!("http://{}", first.addr),
+        format!("http://{}", second.addr),
+    );
+    let config = agent_config(
+        &files,
+        "agent.toml",
+        &[&first_url, &second_url],
+        "probe_interval = \"500ms\"\n[timeouts]\nconnect = \"1s\"\nreply = \"10s\"\n",
+    );
+    let password = [("PORTCULLIS_PROXY_PASSWORD", "s3cret")];
+    let args = vec!["--config".to_owned(), config.clone()];
+    let mut agent = Agent::start_with_env(&args, &password).await;
+    let ok = |l: &Value| l["target"] == "portcullis::access" && l["status"] == 200;
+
+    assert_eq!(tunnel_through(agent.addr, &target).await.0, 200);
+    first.access_line(|l| l["status"] == 200).await;
+
+    // The first gateway hangs (SIGSTOP: it accepts TCP, answers nothing). The request waiting
+    // on it is probed out of the wait and carried by the second, well before the reply timeout
+    // (10 s), which used to end in 504.
+    first.signal("STOP");
+    let (status, took) = tunnel_through(agent.addr, &target).await;
+    assert_eq!(status, 200, "carried by the second gateway");
+    assert!(
+        took < Duration::from_secs(8),
+        "left the hung gateway: {took:?}"
+    );
+    second.access_line(|l| l["status"] == 200).await;
+    let down = agent
+        .wait_log(|l| l["message"] == "gateway down" && l["gateway"] == first_url.as_str())
+        .await;
+    assert!(
+        down["kind"] == "unresponsive" || down["kind"] == "probe_timeout",
+        "{down}"
+    );
+    // Later requests go straight to the second.
+    let (status, took) = tunnel_through(agent.addr, &target).await;
+    assert_eq!(status, 200);
+    assert!(
+        took < Duration::from_secs(1),
+        "no wait on the hung gateway: {took:?}"
+    );
+    assert_eq!(count_within(&second, ok, 2).await, 2);
+
+    // An agent started while the gateway hangs finds out by its start probe, before any
+    // request (a TCP connection alone would have said "up").
+    let mut late = Agent::start_with_env(&args, &password).await;
+    late.wait_log(|l| l["message"] == "gateway down" && l["gateway"] == first_url.as_str())
+        .await;
+    let (status, took) = tunnel_through(late.addr, &target).await;
+    assert_eq!(status, 200);
+    assert!(took < Duration::from_secs(1), "{took:?}");
+
+    // It wakes up: the probe of down gateways marks it up, and new tunnels return to it.
+    first.signal("CONT");
+    agent
+        .wait_log(|l| l["message"] == "gateway up" && l["gateway"] == first_url.as_str())
+        .await;
+    let before = first.count_logs(ok);
+    assert_eq!(tunnel_through(agent.addr, &target).await.0, 200);
+    assert_eq!(
+        count_within(&first, ok, before + 1).await,
+        before + 1,
+        "back on the first gateway"
+    );
+}
+
+/// `process`'s lines that `pred` picks, once there are `want` of them or after 10 s.
+async fn count_within(process: &Logged, pred: impl Fn(&Value) -> bool, want: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while process.count_logs(&pred) < want && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    process.count_logs(&pred)
+}
+
+/// A TCP front for a gateway's listener, as an L4 load balancer would be: connections are
+/// spliced through, except every `nth` (counted from 0; 0: none, 1: all), which is closed at
+/// once, as a gateway turning connections away (its limit on unfinished requests) does.
+struct Front {
+    addr: SocketAddr,
+    nth: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Front {
+    async fn start(to: SocketAddr, nth: u32) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let nth = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(nth));
+        let every = nth.clone();
+        let task = tokio::spawn(async move {
+            let mut count = 0u32;
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let (n, this) = (every.load(Ordering::Relaxed), count);
+                count += 1;
+                if n != 0 && this.is_multiple_of(n) {
+                    drop(tcp);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    if let Ok(mut gateway) = tokio::net::TcpStream::connect(to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut tcp, &mut gateway).await;
+                    }
+                });
+            }
+        });
+        Self { addr, nth, task }
+    }
+
+    fn refuse_every(&self, nth: u32) {
+        self.nth.store(nth, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Front {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn forward_keeps_a_gateway_that_refuses_some_connections_and_gives_up_on_one_that_refuses_all()
+ {
+    let pki = Pki::new();
+    let origin = TcpOrigin::start(b"ok").await;
+    let port = origin.addr.port();
+    let target = format!("{ORIGIN_HOST}:{port}");
+    let files = Files::new(&pki);
+    let gw = Gateway::start(&gateway_config(&files, port, 0)).await;
+    // Every third connection closed during the TLS handshake, the agent's start probe first.
+    let front = Front::start(gw.tls_addr.unwrap(), 3).await;
+    let front_url = format!("https://{}", front.addr);
+    let mut args = identity_args(&files);
+    args.extend(["--gateway".into(), front_url.clone()]);
+    let agent = Agent::start(&args).await;
+    for i in 0..30 {
+        let (mut tunnel, status) = open_tunnel(agent.addr, &target, b"").await;
+        assert_eq!(
+            status, 200,
+            "request {i}: a refused connection is tried again"
+        );
+        assert_eq!(send_and_finish(&mut tunnel, b"x").await, b"ok");
+    }
+    let through = |l: &Value| l["target"] == "portcullis::access" && l["status"] == 200;
+    assert_eq!(count_within(&gw, through, 30).await, 30);
+    assert_eq!(
+        agent.count_logs(|l| l["message"] == "gateway down"),
+        0,
+        "a gateway that serves other connections is not down: {:#?}",
+        agent.logs()
+    );
+    let (_, stdout, _) = agent_status(agent.addr).await;
+    let status: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(status["gateways"][0]["state"], "up", "{status:#}");
+
+    // A gateway that refuses every connection serves nobody: with a second gateway, requests
+    // go there at once, and the first is marked down once it has refused everything for a
+    // while (2 s).
+    let second = Gateway::start(&gateway_config(&files, port, 0)).await;
+    let second_url = format!("https://{}", second.tls_addr.unwrap());
+    let mut args = identity_args(&files);
+    args.extend([
+        "--gateway".into(),
+        front_url.clone(),
+        "--gateway".into(),
+        second_url.clone(),
+    ]);
+    let mut agent = Agent::start(&args).await;
+    front.refuse_every(1);
+    let started = Instant::now();
+    let down = |l: &Value| l["message"] == "gateway down" && l["gateway"] == front_url.as_str();
+    while agent.count_logs(down) == 0 && started.elapsed() < Duration::from_secs(10) {
+        let (status, took) = {
+            let started = Instant::now();
+            let (mut tunnel, status) = open_tunnel(agent.addr, &target, b"").await;
+            assert_eq!(send_and_finish(&mut tunnel, b"x").await, b"ok");
+            (status, started.elapsed())
+        };
+        assert_eq!(status, 200);
+        assert!(
+            took < Duration::from_secs(1),
+            "failed over at once: {took:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let line = agent.wait_log(down).await;
+    assert_eq!(line["kind"], "tls_closed", "{line}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "not before 2 s of refusals: {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn an_expired_client_certificate_is_named_by_check_and_stops_forward() {
+    let pki = Pki::new();
+    let origin = Origin::start(&pki).await;
+    let port = origin.port();
+    let files = Files::new(&pki);
+    let (cert, key) = pki.issue_pem(&[BRANCH_CERT_NAME], 2020);
+    std::fs::write(files.dir.path().join("expired.pem"), cert).unwrap();
+    std::fs::write(files.dir.path().join("expired.key"), key).unwrap();
+    let (expired, expired_key) = (files.path("expired.pem"), files.path("expired.key"));
+    let gw = Gateway::start(&gateway_config(&files, port, 0)).await;
+    let proxy = format!("https://{}", gw.tls_addr.unwrap());
+    let (ca, cert, key) = files.identity();
+    let host = format!("{ORIGIN_HOST}:{port}");
+
+    // check: the certificate's own line fails with its date; the row quotes the gateway's
+    // alert instead of an end of file.
+    let args = [
+        "check",
+        "--proxy",
+        &proxy,
+        "--ca",
+        &ca,
+        "--cert",
+        &expired,
+        "--key",
+        &expired_key,
+        "--host",
+        &host,
+        "--color",
+        "never",
+    ];
+    let (code, table, stderr) = agent(&args, &[]).await;
+    assert_eq!(code, Some(1), "{table}{stderr}");
+    let line = table
+        .lines()
+        .find(|l| l.starts_with("certificate:"))
+        .unwrap_or_else(|| panic!("a certificate line: {table}"));
+    assert!(
+        line.starts_with("certificate: FAIL")
+            && line.contains("expired.pem")
+            && line.contains(BRANCH_CERT_NAME)
+            && line.contains("expired on 2020-01-01T00:00:00Z"),
+        "{table}"
+    );
+    let endpoint = table.lines().find(|l| l.contains(ORIGIN_HOST)).unwrap();
+    assert!(endpoint.contains("certificate_expired"), "{table}");
+    let mut json = args.to_vec();
+    json.push("--json");
+    let (_, stdout, _) = agent(&json, &[]).await;
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["certificate"]["outcome"], "fail", "{report:#}");
+    assert_eq!(report["certificate"]["not_after"], "2020-01-01T00:00:00Z");
+    let r = row(&report, ORIGIN_HOST);
+    assert_eq!(r["proxy"]["outcome"], "fail", "{r:#}");
+
+    // A valid certificate passes its line, with its end date.
+    let args = [
+        "check", "--proxy", &proxy, "--ca", &ca, "--cert", &cert, "--key", &key, "--host", &host,
+        "--color", "never",
+    ];
+    let (code, table, stderr) = agent(&args, &[]).await;
+    assert_eq!(code, Some(0), "{table}{stderr}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("certificate: ok")
+                && l.contains("valid until 2099-01-01T00:00:00Z")),
+        "{table}"
+    );
+
+    // forward refuses to start with it, saying why (exit 2: a configuration error).
+    let started = tokio::process::Command::new(AGENT)
+        .args(["forward", "--listen", "127.0.0.1:0", "--gateway", &proxy])
+        .args(["--ca", &ca, "--cert", &expired, "--key", &expired_key])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(10), started)
+        .await
+        .expect("forward exits at once")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("expired.pem") && stderr.contains("expired on 2020-01-01T00:00:00Z"),
+        "{stderr}"
+    );
+}

@@ -191,3 +191,66 @@ async fn a_client_that_never_finishes_the_handshake_is_cut_at_the_timeout() {
             .await;
     assert_eq!(line["end"], "tls_handshake_failed");
 }
+
+/// A refused client certificate is named to the client by a TLS alert (here
+/// `certificate_expired`, as rustls's verifier reports an expired certificate), in TLS 1.3 (the
+/// alert follows the client's finished handshake, so it arrives at the first read) and TLS 1.2
+/// (the handshake itself fails with it); not a bare end of file.
+#[tokio::test]
+async fn an_expired_client_certificate_gets_the_certificate_expired_alert() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let pki = Pki::new();
+    let origin = TcpOrigin::start(b"ok").await;
+    let port = origin.addr.port();
+    let mut t = tls_gateway(&pki, port, "required").await;
+    let target = format!("{ORIGIN_HOST}:{port}");
+    let (cert, key) = pki.issue_pem(&["london-fs1.contoso.example"], 2020);
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.ca_der.clone()).unwrap();
+        let config = rustls::ClientConfig::builder_with_protocol_versions(&[version])
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap();
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(t.tls_addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from(GATEWAY_NAME).unwrap();
+        let failure = match connector.connect(name, tcp).await {
+            Err(e) => e,
+            Ok(mut tls) => {
+                let request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+                tls.write_all(request.as_bytes()).await.unwrap();
+                let mut buf = [0u8; 512];
+                let read =
+                    tokio::time::timeout(std::time::Duration::from_secs(10), tls.read(&mut buf))
+                        .await
+                        .expect("the gateway answers or closes within 10 s");
+                read.expect_err("the session is refused")
+            }
+        };
+        let alert = failure
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+        assert!(
+            matches!(
+                alert,
+                Some(rustls::Error::AlertReceived(
+                    rustls::AlertDescription::CertificateExpired
+                ))
+            ),
+            "{version:?}: expected the certificate_expired alert, got {failure}"
+        );
+    }
+    // The gateway's line still says why.
+    t.gw.access_line(|l| {
+        l["end"] == "tls_handshake_failed"
+            && l["reason"]
+                .as_str()
+                .is_some_and(|r| r.to_ascii_lowercase().contains("expired"))
+    })
+    .await;
+}
