@@ -43,6 +43,10 @@ pub fn serve(config_path: Option<PathBuf>, log_format: Option<LogFormatArg>) -> 
             Ok(snapshot) => snapshot,
             Err(e) => return Ok(start_failure(&source, &e)),
         };
+        // Fleet mode: the fleet's learned destinations before any listener opens.
+        if let Some(fleet) = &snapshot.fleet {
+            fleet.join(&snapshot.learned).await;
+        }
         let server = Server::bind(snapshot, config_path).await?;
         tokio::spawn(reload_on_sighup(server.control()));
         tokio::spawn(reopen_on_sigusr1(access_file));

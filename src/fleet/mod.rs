@@ -17,6 +17,7 @@ pub mod shares;
 
 use crate::bandwidth::schedule::{Direction, Scope};
 use crate::config::FleetSettings;
+use crate::learned::Learned;
 use link::{Failure, Link, evalsha};
 use metrics::FleetMetrics;
 use prometheus_client::registry::Registry;
@@ -50,6 +51,21 @@ impl Fleet {
             state: AtomicU8::new(0),
             written: Default::default(),
         })
+    }
+
+    /// Before the listeners open: takes the fleet's learned destinations, so a replica
+    /// coming back never serves, even for a refresh, what was forgotten while it was away.
+    /// Redis not answering delays the start by at most a refresh and stops nothing: the state
+    /// file serves until Redis answers.
+    pub async fn join(&self, learned: &Learned) {
+        if learned.in_use()
+            && let Err(error) = learned::sync(self, learned, &mut learned::Sharing::default()).await
+        {
+            tracing::warn!(
+                %error,
+                "fleet: learned destinations not read from Redis at start; the state file serves until it answers"
+            );
+        }
     }
 
     fn lease_ms(&self) -> u64 {
