@@ -9,6 +9,7 @@ mod cli;
 mod dashboard;
 mod denials;
 mod fleet;
+mod fleet_learned;
 mod hardening;
 mod help;
 mod lane;
