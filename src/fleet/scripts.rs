@@ -4,7 +4,7 @@
 //! past its expiry is dropped by the next script that reads the hash, and every key expires as
 //! a whole when no replica touches it for two leases. Learned destinations: one field per
 //! destination, "stamp state" where the stamp is Redis's clock when the change arrived (the
-//! fleet's `learned` module says why).
+//! fleet's `learned` module says why). A replica's name: one key holding its instance id.
 
 use redis::Script;
 use std::sync::LazyLock;
@@ -223,8 +223,33 @@ return gone
     )
 });
 
+/// A replica's hold on its name. KEYS[1] the name's key; ARGV: this process's instance id,
+/// lease_ms. Free or held by this process: (re)taken for the lease, 1; held by another live
+/// process under the same `fleet.name`: 0, left alone.
+pub static CLAIM_NAME: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
+return 1
+"#,
+    )
+});
+
+/// Gives the name back at stop (only this process's hold). KEYS[1] the name's key; ARGV[1]
+/// the instance id.
+pub static RELEASE_NAME: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]); return 1 end
+return 0
+"#,
+    )
+});
+
 /// Every script, for loading them again after Redis lost its script cache (a restart).
-pub fn all() -> [&'static Script; 7] {
+pub fn all() -> [&'static Script; 9] {
     [
         &SHARE,
         &OPEN_TUNNEL,
@@ -233,5 +258,7 @@ pub fn all() -> [&'static Script; 7] {
         &LEARNED_CHANGE,
         &LEARNED_REFILL,
         &LEARNED_SWEEP,
+        &CLAIM_NAME,
+        &RELEASE_NAME,
     ]
 }
