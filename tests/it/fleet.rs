@@ -740,7 +740,8 @@ async fn a_name_clash_found_while_running_is_logged_as_an_error_and_shown_by_a_m
     let mut redis = Redis::start(&[]);
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
-    let config = replica("gw-1", &redis.url(), "lease = \"1s\"", &[port], "");
+    // A long lease: the winner's hold must not lapse under a loaded machine mid-test.
+    let config = replica("gw-1", &redis.url(), "lease = \"3s\"", &[port], "");
     let first = start_replica(&config).await;
     // With Redis away the second cannot check the name: it starts, never held up.
     redis.stop();
