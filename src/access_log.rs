@@ -239,10 +239,6 @@ impl OnWriteFailure {
     }
 }
 
-/// Access lines the access file could not take, since start (`access_log_lines_dropped_total`).
-pub static LINES_DROPPED: std::sync::LazyLock<prometheus_client::metrics::counter::Counter> =
-    std::sync::LazyLock::new(Default::default);
-
 /// Set while the last access line could not be written; cleared by the next that is.
 static FAILING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -309,7 +305,7 @@ impl Sink {
             }
             Err(e) => {
                 FAILING.store(true, Relaxed);
-                LINES_DROPPED.inc();
+                crate::metrics::ACCESS_LOG_LINES_DROPPED.inc();
                 self.lost += 1;
                 let due = self
                     .reported

@@ -80,6 +80,11 @@ pub struct OutcomeLabels {
 }
 
 /// The outcomes a dial or a lookup has, created at zero.
+/// Access lines the access file could not take, since start (`access_log_lines_dropped_total`):
+/// process-wide, as the access file is, and counted before any snapshot's metrics exist.
+pub static ACCESS_LOG_LINES_DROPPED: std::sync::LazyLock<Counter> =
+    std::sync::LazyLock::new(Default::default);
+
 const OUTCOMES: [&str; 3] = ["ok", "failed", "timeout"];
 
 type Latency = Family<OutcomeLabels, Histogram, fn() -> Histogram>;
@@ -190,7 +195,7 @@ impl Metrics {
         registry.register(
             "access_log_lines_dropped",
             "Access lines the access file could not take (a full or failing disk)",
-            crate::access_log::LINES_DROPPED.clone(),
+            ACCESS_LOG_LINES_DROPPED.clone(),
         );
         let last_reload_seconds = Gauge::<f64, AtomicU64>::default();
         registry.register(

@@ -45,6 +45,8 @@ pub fn run(
 fn on_file(config: &Config, change: &Change<'_>) -> Result<String, String> {
     let path = config.state_dir.join(FILE_NAME);
     let learned = Learned::new(LearnedMetrics::default());
+    // In fleet mode a forget here is kept in the file for Redis, where the next start takes it.
+    learned.fleet_mode(config.fleet.is_some());
     learned.insert(state_file::load(&path)?);
     let text = match *change {
         Change::List { branch, json } => return Ok(listing(&learned.rows(branch), json)),
@@ -55,7 +57,7 @@ fn on_file(config: &Config, change: &Change<'_>) -> Result<String, String> {
             rule,
         } => ops::apply(config, &learned, edit, branch, host, rule).map_err(|(_, why)| why)?,
     };
-    state_file::save(&path, &learned.rows(None))
+    state_file::save(&path, &learned.stored())
         .map_err(|e| format!("{}: cannot save: {e}", path.display()))?;
     Ok(format!(
         "{text}(state file {}; no gateway was running on it)\n",

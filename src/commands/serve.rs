@@ -43,6 +43,13 @@ pub fn serve(config_path: Option<PathBuf>, log_format: Option<LogFormatArg>) -> 
             Ok(snapshot) => snapshot,
             Err(e) => return Ok(start_failure(&source, &e)),
         };
+        // Fleet mode: no listener opens under a name a live replica holds.
+        if let Some(fleet) = &snapshot.fleet
+            && let Err(e) = fleet.join(&snapshot.learned).await
+        {
+            eprintln!("portcullis: {e}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
         let server = Server::bind(snapshot, config_path).await?;
         tokio::spawn(reload_on_sighup(server.control()));
         tokio::spawn(reopen_on_sigusr1(access_file));

@@ -263,7 +263,7 @@ pub fn redact(url: &str) -> String {
 }
 
 /// This host's name (Linux: the kernel's; elsewhere the environment's), or "portcullis".
-fn host_name() -> String {
+pub(crate) fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())

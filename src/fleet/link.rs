@@ -102,7 +102,15 @@ impl Link {
 /// `EVALSHA` of `script` on `key`; the caller adds the arguments, then the command to a
 /// pipeline.
 pub fn evalsha(script: &redis::Script, key: &str) -> redis::Cmd {
+    evalsha_keys(script, &[key])
+}
+
+/// `EVALSHA` of `script` on `keys` (one hash slot: the same hash tag).
+pub fn evalsha_keys(script: &redis::Script, keys: &[&str]) -> redis::Cmd {
     let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(script.get_hash()).arg(1).arg(key);
+    cmd.arg(script.get_hash()).arg(keys.len());
+    for key in keys {
+        cmd.arg(*key);
+    }
     cmd
 }

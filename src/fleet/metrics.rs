@@ -16,6 +16,8 @@ pub struct FleetMetrics {
     pub redis_duration: Histogram,
     /// Refreshes Redis did not answer in time.
     pub refresh_failures: Counter,
+    /// 1 while another live process holds this replica's `fleet.name`.
+    pub name_conflict: Gauge,
 }
 
 impl FleetMetrics {
@@ -48,11 +50,18 @@ impl FleetMetrics {
             "Refreshes Redis did not answer within the refresh interval",
             refresh_failures.clone(),
         );
+        let name_conflict = Gauge::default();
+        fleet.register(
+            "name_conflict",
+            "Whether another live replica runs under this replica's fleet.name (1), doubling every fleet-wide limit, or not (0)",
+            name_conflict.clone(),
+        );
         Self {
             connected,
             share,
             redis_duration,
             refresh_failures,
+            name_conflict,
         }
     }
 }

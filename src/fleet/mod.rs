@@ -7,6 +7,15 @@
 //! a failed refresh for the lease, then `fallback_share` of each limit applies. Learned
 //! destinations are shared too, through one hash ([`learned`]). Only exists with `[fleet]`:
 //! without it there is no client, no task, no metric.
+//!
+//! A replica's `fleet.name` is its identity in every shared count, so two live replicas with
+//! one name would each take the whole of every limit. Each process holds its name in Redis
+//! with a random instance id for the lease, renewed at every refresh ([`Fleet::join`]): a
+//! replica starting under a name another live process holds refuses to start (exit 64, the
+//! name and the fix in the message) once the holder renewed it past a lease (a replica killed
+//! without giving it back lapses by then). A clash found later (Redis was unreachable at
+//! start, or lost its keys) is logged as an error and shown by `fleet_name_conflict`; the
+//! running replica keeps its name rather than flap.
 
 pub mod learned;
 pub mod link;
@@ -17,12 +26,14 @@ pub mod shares;
 
 use crate::bandwidth::schedule::{Direction, Scope};
 use crate::config::FleetSettings;
+use crate::learned::Learned;
 use link::{Failure, Link, evalsha};
 use metrics::FleetMetrics;
 use prometheus_client::registry::Registry;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU32, Ordering::AcqRel, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering::AcqRel, Ordering::Relaxed};
+use std::time::Instant;
 
 /// This replica's part in the fleet; one per process, shared by every snapshot.
 pub struct Fleet {
@@ -33,6 +44,10 @@ pub struct Fleet {
     state: AtomicU8,
     /// Keys holding this replica's fields (shares, tunnel counts), for giving them back.
     pub(crate) written: std::sync::Mutex<Vec<String>>,
+    /// This process, held in Redis beside its name: host, process id and a random part.
+    pub(crate) instance: String,
+    /// Whether another live process held this replica's name at the last refresh.
+    conflict: AtomicBool,
 }
 
 const UP: u8 = 1;
@@ -49,7 +64,120 @@ impl Fleet {
             metrics,
             state: AtomicU8::new(0),
             written: Default::default(),
+            instance: instance_id(),
+            conflict: AtomicBool::new(false),
         })
+    }
+
+    /// Before the listeners open: takes this replica's name (refusing one a live replica
+    /// holds), then the fleet's learned destinations, so a replica coming back never serves,
+    /// even for a refresh, what was forgotten while it was away. Redis not answering delays
+    /// the start by at most a few refreshes and stops nothing: the name is checked again at
+    /// every refresh, and the state file serves until Redis answers.
+    pub async fn join(&self, learned: &Learned) -> Result<(), String> {
+        self.take_name().await?;
+        if learned.in_use()
+            && let Err(error) = learned::sync(self, learned, &mut learned::Sharing::default()).await
+        {
+            tracing::warn!(
+                %error,
+                "fleet: learned destinations not read from Redis at start; the state file serves until it answers"
+            );
+        }
+        Ok(())
+    }
+
+    /// Takes the name, waiting up to a lease for a holder that stopped without giving it
+    /// back; an error names a holder that renewed it meanwhile (it lives).
+    async fn take_name(&self) -> Result<(), String> {
+        let settings = &self.settings;
+        let lapse = settings.lease + 2 * settings.refresh;
+        let started = Instant::now();
+        let mut said = false;
+        loop {
+            match self.claim().await {
+                Ok(true) => return Ok(()),
+                Err(error) => {
+                    tracing::warn!(
+                        %error,
+                        replica = %settings.name,
+                        "fleet: cannot check that no other live replica runs under this fleet.name; checked again at every refresh"
+                    );
+                    return Ok(());
+                }
+                Ok(false) if started.elapsed() >= lapse => {
+                    let holder = self.holder().await.unwrap_or_else(|| "unknown".into());
+                    return Err(format!(
+                        "fleet.name {:?} is in use by another live replica (instance {holder}) on {}: two replicas with one name would each take the whole of every fleet-wide limit. Give each replica its own fleet.name (the default is the host name: set it when two replicas share a host or a hostname), then start this one again",
+                        settings.name, settings.redis.shown
+                    ));
+                }
+                Ok(false) => {
+                    if !std::mem::replace(&mut said, true) {
+                        tracing::info!(
+                            replica = %settings.name,
+                            lease_ms = self.lease_ms(),
+                            "fleet: another process holds this fleet.name; waiting for it to lapse (a replica stopped without giving it back) or to be renewed (a live one)"
+                        );
+                    }
+                    tokio::time::sleep(settings.refresh).await;
+                }
+            }
+        }
+    }
+
+    /// Claims the name for the lease: true when this process holds it now.
+    async fn claim(&self) -> Result<bool, Failure> {
+        let mut pipe = redis::pipe();
+        pipe.add_command(self.claim_command());
+        let result = self.link.query::<Vec<i64>>(&pipe).await;
+        self.mark(result.as_ref().map(|_| ()));
+        // Not noted as a clash here: at start a holder may be a replica that was killed.
+        Ok(result?.first() == Some(&1))
+    }
+
+    /// The script call that takes or renews this process's hold on its name (1: held).
+    pub(crate) fn claim_command(&self) -> redis::Cmd {
+        let mut cmd = evalsha(&scripts::CLAIM_NAME, &name_key(&self.settings.name));
+        cmd.arg(&self.instance).arg(self.lease_ms());
+        cmd
+    }
+
+    /// The script call that gives the name back (only this process's hold).
+    pub(crate) fn release_command(&self) -> redis::Cmd {
+        let mut cmd = evalsha(&scripts::RELEASE_NAME, &name_key(&self.settings.name));
+        cmd.arg(&self.instance);
+        cmd
+    }
+
+    /// Who holds the name, as Redis says.
+    async fn holder(&self) -> Option<String> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(name_key(&self.settings.name));
+        let (holder,) = self.link.query::<(Option<String>,)>(&pipe).await.ok()?;
+        holder
+    }
+
+    /// Notes whether this process holds its name; a change is logged once, a clash as an
+    /// error (it doubles every fleet-wide limit until one replica is renamed).
+    pub(crate) fn claimed(&self, ours: bool) {
+        let clash = !ours;
+        self.metrics.name_conflict.set(i64::from(clash));
+        if self.conflict.swap(clash, Relaxed) == clash {
+            return;
+        }
+        if ours {
+            tracing::info!(
+                replica = %self.settings.name,
+                "fleet: this replica holds its fleet.name again"
+            );
+        } else {
+            tracing::error!(
+                replica = %self.settings.name,
+                instance = %self.instance,
+                "fleet: another live replica runs under this fleet.name: both count as one in every fleet-wide limit, which doubles them; give each its own fleet.name and restart one"
+            );
+        }
     }
 
     fn lease_ms(&self) -> u64 {
@@ -138,6 +266,29 @@ pub fn share_key(scope: Scope, budget: &str, direction: Direction) -> String {
         "portcullis:{{{}:{budget}:{}}}:shares",
         scope.as_str(),
         direction.as_str()
+    )
+}
+
+/// The holder of a replica name: the instance id of the process running under it.
+pub fn name_key(name: &str) -> String {
+    format!("portcullis:{{replica:{name}}}")
+}
+
+/// `host/pid/random`: unique per process, and telling an operator where the other one runs.
+fn instance_id() -> String {
+    let mut random = [0u8; 8];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random).is_err() {
+        // No system randomness: the clock's nanoseconds still differ between processes.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        random = nanos.to_le_bytes();
+    }
+    let random: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}/{}/{random}",
+        crate::config::fleet::host_name(),
+        std::process::id()
     )
 }
 

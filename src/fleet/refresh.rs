@@ -1,8 +1,10 @@
 //! The refresh task, one per process: every `refresh`, one pipelined round trip reports this
 //! replica's demand in every budget in force and takes its shares, and writes its true tunnel
-//! count of every branch with `max_tunnels` (renewing their expiry, healing lost decrements).
-//! Redis silent: the last shares hold until the lease runs out, then `fallback_share` of each
-//! limit. On shutdown, [`leave`] deletes this replica's fields so the others take its shares.
+//! count of every branch with `max_tunnels` (renewing their expiry, healing lost decrements),
+//! and renews this process's hold on its `fleet.name` (finding a live replica under the same
+//! name). Redis silent: the last shares hold until the lease runs out, then `fallback_share`
+//! of each limit. On shutdown, [`leave`] deletes this replica's fields so the others take its
+//! shares, and gives its name back.
 
 use super::link::evalsha;
 use super::shares::{self, ask, fraction_ppm, ppm};
@@ -150,15 +152,15 @@ async fn refresh<G: Shared>(
         pipe.add_command(cmd);
         writing.push((branch.to_owned(), count));
     }
-    if asked.is_empty() && writing.is_empty() {
-        // Nothing to share now: still find out whether Redis answers.
-        pipe.cmd("PING").ignore();
-    }
+    // Last, so the answers before it line up with `asked`; it also tells whether Redis
+    // answers when there is nothing to share.
+    pipe.add_command(fleet.claim_command());
     let result = fleet.link.query::<Vec<i64>>(&pipe).await;
     fleet.mark(result.as_ref().map(|_| ()));
     let now = throttles.now();
     match result {
         Ok(values) => {
+            fleet.claimed(values.last() == Some(&1));
             *last_ok = Some(Instant::now());
             for ((bucket, limit, key), share) in asked.iter().zip(values) {
                 let rate = bucket.set_share(ppm(share.max(0) as u64, *limit), now);
@@ -203,9 +205,9 @@ async fn refresh<G: Shared>(
     }
 }
 
-/// Shutdown: this replica's fields go at once (the others take its shares at their next
-/// refresh), and its remaining tunnels drain at the floor of each budget. Bounded by the
-/// refresh interval.
+/// Shutdown: this replica's fields and its hold on its name go at once (the others take its
+/// shares at their next refresh; a replacement may start under the name), and its remaining
+/// tunnels drain at the floor of each budget. Bounded by the refresh interval.
 pub async fn leave<G: Shared>(fleet: &Fleet, shared: &G) {
     let throttles = shared.throttles();
     let now = throttles.now();
@@ -217,13 +219,11 @@ pub async fn leave<G: Shared>(fleet: &Fleet, shared: &G) {
         }
     }
     let keys = std::mem::take(&mut *fleet.written.lock().unwrap_or_else(|e| e.into_inner()));
-    if keys.is_empty() {
-        return;
-    }
     let mut pipe = redis::pipe();
     for key in &keys {
         pipe.cmd("HDEL").arg(key).arg(&fleet.settings.name).ignore();
     }
+    pipe.add_command(fleet.release_command()).ignore();
     let result = fleet.link.query::<()>(&pipe).await;
     match &result {
         Ok(()) => tracing::info!(

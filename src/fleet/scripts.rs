@@ -1,8 +1,10 @@
 //! The Lua scripts Redis runs for the fleet, each atomic. Times come only from Redis's `TIME`
 //! and lease lengths, never from a replica's clock, so clock skew between replicas does not
-//! matter. Every entry is "values... expires_ms" in one hash field per replica; a field past
-//! its expiry is dropped by the next script that reads the hash, and every key expires as a
-//! whole when no replica touches it for two leases.
+//! matter. Limits: every entry is "values... expires_ms" in one hash field per replica; a field
+//! past its expiry is dropped by the next script that reads the hash, and every key expires as
+//! a whole when no replica touches it for two leases. Learned destinations: one field per
+//! destination, "stamp state" where the stamp is Redis's clock when the change arrived (the
+//! fleet's `learned` module says why). A replica's name: one key holding its instance id.
 
 use redis::Script;
 use std::sync::LazyLock;
@@ -129,7 +131,134 @@ return n
     )
 });
 
+/// Learned destinations: the order of two states of one field, `(stamp, gone)`, a tombstone
+/// after a live entry of the same stamp (a tie never revives what was forgotten).
+const LEARNED_ORDER: &str = r#"
+local function parse(v)
+  if not v then return nil, false end
+  local s, rest = string.match(v, '^(%d+) (.*)$')
+  return tonumber(s), rest == '-'
+end
+local function newer(s1, g1, s2, g2)
+  if s2 == nil then return true end
+  return s1 > s2 or (s1 == s2 and g1 and not g2)
+end
+local function touched(key)
+  local last = tonumber(redis.call('GET', key)) or 0
+  redis.call('SET', key, string.format('%.0f', math.max(now, last + 1)))
+end
+"#;
+
+/// Changes made on a replica (learned, approved, forgotten), stamped with Redis's clock as they
+/// arrive. KEYS[1] the learned hash, KEYS[2] its version key; ARGV: (kind, field, value)
+/// triples, kind `learn`, `approve` or `forget`, value `first_seen approved` (ignored for a
+/// forget). A change gets a stamp above the field's own (so it wins over every state the field
+/// had), except a learn of a name held already and a forget of one forgotten already, which
+/// keep theirs. Returns each change's stamp, in order.
+pub static LEARNED_CHANGE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{NOW}{LEARNED_ORDER}{}",
+        r#"
+local key, version = KEYS[1], KEYS[2]
+local out, wrote = {}, false
+for i = 1, #ARGV, 3 do
+  local kind, field, value = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local stamp, gone = parse(redis.call('HGET', key, field))
+  if stamp ~= nil and ((kind == 'learn' and not gone) or (kind == 'forget' and gone)) then
+    out[#out + 1] = stamp
+  else
+    local new = math.max(now, (stamp or 0) + 1)
+    if kind == 'forget' then value = '-' end
+    redis.call('HSET', key, field, string.format('%.0f', new) .. ' ' .. value)
+    out[#out + 1] = new
+    wrote = true
+  end
+end
+if wrote then touched(version) end
+return out
+"#
+    ))
+});
+
+/// A replica's stamped state written back where Redis holds an older one or none (Redis was
+/// emptied, or restored from an old copy). KEYS as [`LEARNED_CHANGE`]; ARGV: (field, value)
+/// pairs, value `stamp first_seen approved` or `stamp -`. Returns how many were written.
+pub static LEARNED_REFILL: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{NOW}{LEARNED_ORDER}{}",
+        r#"
+local key, version = KEYS[1], KEYS[2]
+local wrote = 0
+for i = 1, #ARGV, 2 do
+  local field, value = ARGV[i], ARGV[i + 1]
+  local stamp, gone = parse(value)
+  if stamp ~= nil then
+    local held, held_gone = parse(redis.call('HGET', key, field))
+    if newer(stamp, gone, held, held_gone) then
+      redis.call('HSET', key, field, value)
+      wrote = wrote + 1
+    end
+  end
+end
+if wrote > 0 then touched(version) end
+return wrote
+"#
+    ))
+});
+
+/// Drops tombstones past their time. KEYS[1] the learned hash; ARGV: (field, value) pairs as
+/// read; a field changed since is left alone. Returns how many went.
+pub static LEARNED_SWEEP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local gone = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    gone = gone + 1
+  end
+end
+return gone
+"#,
+    )
+});
+
+/// A replica's hold on its name. KEYS[1] the name's key; ARGV: this process's instance id,
+/// lease_ms. Free or held by this process: (re)taken for the lease, 1; held by another live
+/// process under the same `fleet.name`: 0, left alone.
+pub static CLAIM_NAME: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
+return 1
+"#,
+    )
+});
+
+/// Gives the name back at stop (only this process's hold). KEYS[1] the name's key; ARGV[1]
+/// the instance id.
+pub static RELEASE_NAME: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]); return 1 end
+return 0
+"#,
+    )
+});
+
 /// Every script, for loading them again after Redis lost its script cache (a restart).
-pub fn all() -> [&'static Script; 4] {
-    [&SHARE, &OPEN_TUNNEL, &SET_TUNNELS, &AUTH_ATTEMPT]
+pub fn all() -> [&'static Script; 9] {
+    [
+        &SHARE,
+        &OPEN_TUNNEL,
+        &SET_TUNNELS,
+        &AUTH_ATTEMPT,
+        &LEARNED_CHANGE,
+        &LEARNED_REFILL,
+        &LEARNED_SWEEP,
+        &CLAIM_NAME,
+        &RELEASE_NAME,
+    ]
 }

@@ -3,16 +3,19 @@
 //! `learn = "record"` a branch's first tunnel to a name is flagged (`new_destination`, a
 //! metric); under `"enforce"` only learned names pass. One store per process, shared by every
 //! snapshot: kept in `state_dir/learned.json` ([`state_file`]), saved by [`keep_saved`], and in
-//! fleet mode shared through Redis (the fleet's `learned` module). A tunnel costs one lock and
-//! three hash probes when it opens (`enforce` asks once more before the dial), and only under a
-//! rule that learns.
+//! fleet mode shared through Redis (the fleet's `learned` module, with [`shared`] its local
+//! side: stamps, tombstones, what is not in Redis yet). A tunnel costs one lock and three hash
+//! probes when it opens (`enforce` asks once more before the dial), and only under a rule that
+//! learns.
 
 pub mod metrics;
 pub mod ops;
+pub mod shared;
 pub mod state_file;
 
 use crate::policy::Learn;
 use metrics::LearnedMetrics;
+use shared::{Place, Tomb};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -29,8 +32,12 @@ pub struct Seen {
     pub count: u64,
     /// Added by an operator (`learned approve`) rather than by a tunnel.
     pub approved: bool,
-    /// Known to be in Redis (fleet mode): only such entries are dropped when Redis lacks them.
-    pub shared: bool,
+    /// Fleet mode: Redis's time (ms) of the change this state comes from; 0 when Redis never
+    /// stamped it (learned without the fleet), which any stamped change outranks.
+    pub stamp: i64,
+    /// Fleet mode: learned or approved here and not stamped by Redis yet; the change's number,
+    /// so Redis's answer to an older change never clears a newer one.
+    pub pending: Option<u64>,
 }
 
 /// A destination with its place, as listed and saved.
@@ -104,8 +111,18 @@ struct State {
     file: Option<PathBuf>,
     /// Changed since the last save.
     dirty: bool,
-    /// Fleet mode: destinations Redis holds that were forgotten here (Redis drops them next).
-    forgotten: Vec<Row>,
+    /// Fleet mode (`[fleet]` when the store was opened): changes are kept for Redis.
+    fleet: bool,
+    /// Fleet mode: forgotten destinations, kept (and saved) as long as Redis keeps their
+    /// tombstones, so a replica can put them back into an emptied Redis.
+    tombstones: HashMap<Place, Tomb>,
+    /// Fleet mode: Redis's time (ms) of this replica's last full read of the fleet's sets.
+    synced: Option<i64>,
+    /// The last local change's number (see [`Seen::pending`]).
+    changes: u64,
+    /// A change may be pending: set by every change, cleared when a look finds none (so a
+    /// refresh with nothing to send does not walk the sets under the data path's lock).
+    maybe_pending: bool,
 }
 
 impl State {
@@ -124,8 +141,23 @@ impl State {
         self.sets.get(branch)?.get(rule)
     }
 
-    /// Adds `row` unless its destination is held already; whether it was added.
-    fn add(&mut self, row: Row) -> bool {
+    /// A number for a change made here, in fleet mode (none without: nothing to share).
+    fn change(&mut self) -> Option<u64> {
+        self.fleet.then(|| self.next_change())
+    }
+
+    fn next_change(&mut self) -> u64 {
+        self.changes += 1;
+        self.maybe_pending = true;
+        self.changes
+    }
+
+    /// Adds `row` unless its destination is held already; whether it was added. A pending
+    /// change (from a file) gets a number of this process.
+    fn add(&mut self, mut row: Row) -> bool {
+        if row.seen.pending.is_some() {
+            row.seen.pending = Some(self.next_change());
+        }
         let set = self.set_mut(&row.branch, &row.rule);
         let new = set.get_mut(&row.host, row.seen.port).is_none();
         if new {
@@ -209,19 +241,33 @@ impl Learned {
             Some(_) => return Ok(()),
             None => {}
         }
-        let rows = state_file::load(&path)?;
+        let stored = state_file::load(&path)?;
         state.file = Some(path);
+        state.fleet = config.fleet.is_some();
         drop(state);
-        self.insert(rows);
+        self.insert(stored);
         Ok(())
     }
 
-    /// Adds `rows` (a file's) to the sets; destinations held already stay as they are.
-    pub fn insert(&self, rows: Vec<Row>) {
+    /// Fleet mode or not, for a store not opened from a configuration (the command line's
+    /// edits of the file): in fleet mode a forget is kept for Redis.
+    pub fn fleet_mode(&self, on: bool) {
+        self.state().fleet = on;
+    }
+
+    /// Adds what a file holds to the sets; destinations held already stay as they are.
+    pub fn insert(&self, stored: state_file::Stored) {
         let mut state = self.state();
-        for row in rows {
+        for row in stored.rows {
             state.add(row);
         }
+        for (place, mut tomb) in stored.forgotten {
+            if tomb.pending.is_some() {
+                tomb.pending = Some(state.next_change());
+            }
+            state.tombstones.entry(place).or_insert(tomb);
+        }
+        state.synced = state.synced.max(stored.synced);
         self.metrics.count_all(&state.sets);
     }
 
@@ -278,6 +324,8 @@ impl Learned {
             return Noted::Unknown;
         }
         let len = set.len();
+        let change = if len < limit { state.change() } else { None };
+        let set = state.set_mut(branch, rule);
         if len >= limit {
             if !std::mem::replace(&mut set.full_logged, true) {
                 tracing::warn!(
@@ -291,7 +339,7 @@ impl Learned {
             self.metrics.new_destination(branch, rule);
             return Noted::Full;
         }
-        set.insert(host, Seen::new(port, now, false));
+        set.insert(host, Seen::new(port, now, false, change));
         drop(state);
         self.metrics.new_destination(branch, rule);
         self.metrics.set_len(branch, rule, len + 1);
@@ -310,9 +358,12 @@ impl Learned {
         limit: usize,
     ) -> Result<bool, String> {
         let mut state = self.state();
+        let change = state.change();
         let set = state.set_mut(branch, rule);
         if let Some(seen) = set.get_mut(host, port) {
+            // Approved again: a change of its own, which outranks whatever the fleet did before.
             seen.approved = true;
+            seen.pending = change.or(seen.pending);
             state.dirty = true;
             return Ok(false);
         }
@@ -322,7 +373,7 @@ impl Learned {
                 "branch {branch} holds {len} destinations under rule {rule}, the limit (policy.learn_limit): forget one first"
             ));
         }
-        set.insert(host, Seen::new(port, now(), true));
+        set.insert(host, Seen::new(port, now(), true, change));
         state.dirty = true;
         drop(state);
         self.metrics.set_len(branch, rule, len + 1);
@@ -334,26 +385,23 @@ impl Learned {
     /// many destinations went.
     pub fn forget(&self, branch: &str, rule: Option<&str>, host: &str, port: Option<u16>) -> usize {
         let mut state = self.state();
+        let fleet = state.fleet;
         let Some(rules) = state.sets.get_mut(branch) else {
             return 0;
         };
         let mut removed = 0;
         let mut lens = Vec::new();
-        let mut shared = Vec::new();
+        let mut gone_places = Vec::new();
         for (name, set) in rules.iter_mut() {
             if rule.is_some_and(|r| r != name) {
                 continue;
             }
             let n = set.retain(|h, seen| {
                 let gone = h == host && port.is_none_or(|p| p == seen.port);
-                // Redis holds it: the fleet's next refresh drops it there too.
-                if gone && seen.shared {
-                    shared.push(Row {
-                        branch: branch.to_owned(),
-                        rule: name.clone(),
-                        host: host.to_owned(),
-                        seen: seen.clone(),
-                    });
+                // Fleet mode: a tombstone carries the forget to Redis, where it outranks every
+                // older state of the destination, on whichever replica that state lives.
+                if gone && fleet {
+                    gone_places.push(Place::new(branch, name, host, seen.port));
                 }
                 !gone
             });
@@ -365,7 +413,10 @@ impl Learned {
         if removed > 0 {
             state.dirty = true;
         }
-        state.forgotten.extend(shared);
+        for place in gone_places {
+            let pending = state.change();
+            state.tombstones.insert(place, Tomb { stamp: 0, pending });
+        }
         drop(state);
         for (name, len) in lens {
             self.metrics.set_len(branch, &name, len);
@@ -381,15 +432,28 @@ impl Learned {
         let mut rows = self
             .state()
             .rows(|b, _| branch.is_none_or(|want| want == b));
-        rows.sort_by(|a, b| {
-            (&a.branch, &a.rule, &a.host, a.seen.port).cmp(&(
-                &b.branch,
-                &b.rule,
-                &b.host,
-                b.seen.port,
-            ))
-        });
+        sort_rows(&mut rows);
         rows
+    }
+
+    /// What the state file holds: every destination, and in fleet mode the tombstones and when
+    /// the fleet was last read.
+    pub fn stored(&self) -> state_file::Stored {
+        // One lock for both: a forget between them would save the destination and its tombstone.
+        let state = self.state();
+        let mut rows = state.rows(|_, _| true);
+        sort_rows(&mut rows);
+        let mut forgotten: Vec<(Place, Tomb)> = state
+            .tombstones
+            .iter()
+            .map(|(place, tomb)| (place.clone(), *tomb))
+            .collect();
+        forgotten.sort_by(|a, b| a.0.cmp(&b.0));
+        state_file::Stored {
+            rows,
+            forgotten,
+            synced: state.synced,
+        }
     }
 
     /// Writes the file now when anything changed since the last save (write, fsync, rename);
@@ -403,7 +467,7 @@ impl Learned {
         {
             return Ok(());
         }
-        let (file, rows) = {
+        let (file, stored) = {
             let mut state = self.state();
             let Some(file) = state.file.clone() else {
                 return Ok(());
@@ -412,87 +476,33 @@ impl Learned {
                 return Ok(());
             }
             drop(state);
-            (file, self.rows(None))
+            (file, self.stored())
         };
-        let saved = state_file::save(&file, &rows);
+        let saved = state_file::save(&file, &stored);
         if saved.is_err() {
             self.state().dirty = true;
         }
         saved
     }
-
-    /// Fleet mode: what Redis does not hold yet, and what was forgotten here since it did.
-    pub fn unshared(&self) -> (Vec<Row>, Vec<Row>) {
-        let state = self.state();
-        (state.rows(|_, seen| !seen.shared), state.forgotten.clone())
-    }
-
-    /// Fleet mode: Redis now holds `written` and has dropped the first `forgotten` of the
-    /// forgotten queue.
-    pub fn shared(&self, written: &[Row], forgotten: usize) {
-        let mut state = self.state();
-        for row in written {
-            if let Some(seen) = state
-                .sets
-                .get_mut(&row.branch)
-                .and_then(|rules| rules.get_mut(&row.rule))
-                .and_then(|set| set.get_mut(&row.host, row.seen.port))
-            {
-                seen.shared = true;
-            }
-        }
-        let forgotten = forgotten.min(state.forgotten.len());
-        state.forgotten.drain(..forgotten);
-    }
-
-    /// Fleet mode: makes the sets what Redis holds (`rows`), keeping what was not shared yet.
-    /// Returns the destinations added and removed.
-    pub fn merge_shared(&self, rows: Vec<Row>) -> (usize, usize) {
-        let mut state = self.state();
-        let merged = state.merge_shared(rows);
-        if merged != (0, 0) {
-            self.metrics.count_all(&state.sets);
-        }
-        merged
-    }
 }
 
-impl State {
-    fn merge_shared(&mut self, rows: Vec<Row>) -> (usize, usize) {
-        let held: std::collections::HashSet<(&str, &str, &str, u16)> = rows
-            .iter()
-            .map(|r| (&*r.branch, &*r.rule, &*r.host, r.seen.port))
-            .collect();
-        let mut removed = 0;
-        for (branch, rules) in &mut self.sets {
-            for (rule, set) in rules.iter_mut() {
-                // What Redis held once and holds no more was forgotten on another replica.
-                removed += set.retain(|host, seen| {
-                    !seen.shared || held.contains(&(branch, rule, host, seen.port))
-                });
-            }
-        }
-        let mut added = 0;
-        for mut row in rows {
-            row.seen.shared = true;
-            added += usize::from(self.add(row));
-        }
-        if added + removed > 0 {
-            self.dirty = true;
-        }
-        (added, removed)
-    }
+/// By branch, rule, host and port (a diff of the file shows what a branch learned).
+fn sort_rows(rows: &mut [Row]) {
+    rows.sort_by(|a, b| {
+        (&a.branch, &a.rule, &a.host, a.seen.port).cmp(&(&b.branch, &b.rule, &b.host, b.seen.port))
+    });
 }
 
 impl Seen {
-    fn new(port: u16, now: i64, approved: bool) -> Self {
+    fn new(port: u16, now: i64, approved: bool, pending: Option<u64>) -> Self {
         Self {
             port,
             first_seen: now,
             last_seen: now,
             count: u64::from(!approved),
             approved,
-            shared: false,
+            stamp: 0,
+            pending,
         }
     }
 }

@@ -684,7 +684,7 @@ fn the_example_agent_config_is_valid() {
 
 /// An agent config file in `files`' folder: `gateways`, berlin's credentials (the password
 /// from the environment) and `extra` lines (timeouts).
-fn agent_config(files: &Files, name: &str, gateways: &[&str], extra: &str) -> String {
+fn agent_config(files: &AgentFiles, name: &str, gateways: &[&str], extra: &str) -> String {
     let list = gateways
         .iter()
         .map(|g| format!("\"{g}\""))
@@ -716,9 +716,9 @@ async fn forward_leaves_a_hung_gateway_for_the_next_one_and_returns_when_it_answ
     let origin = TcpOrigin::start(b"ok").await;
     let port = origin.addr.port();
     let target = format!("{ORIGIN_HOST}:{port}");
-    let files = Files::new(&pki);
-    let mut first = Gateway::start(&gateway_config(&files, port, 0)).await;
-    let mut second = Gateway::start(&gateway_config(&files, port, 0)).await;
+    let files = AgentFiles::new(&pki);
+    let mut first = Gateway::start(&agent_gateway_config(&files, port, 0)).await;
+    let mut second = Gateway::start(&agent_gateway_config(&files, port, 0)).await;
     // Plain listeners: a stopped gateway's kernel still completes the TCP handshake.
     let (first_url, second_url) = (
         format!("http://{}", first.addr),
@@ -850,8 +850,8 @@ async fn forward_keeps_a_gateway_that_refuses_some_connections_and_gives_up_on_o
     let origin = TcpOrigin::start(b"ok").await;
     let port = origin.addr.port();
     let target = format!("{ORIGIN_HOST}:{port}");
-    let files = Files::new(&pki);
-    let gw = Gateway::start(&gateway_config(&files, port, 0)).await;
+    let files = AgentFiles::new(&pki);
+    let gw = Gateway::start(&agent_gateway_config(&files, port, 0)).await;
     // Every third connection closed during the TLS handshake, the agent's start probe first.
     let front = Front::start(gw.tls_addr.unwrap(), 3).await;
     let front_url = format!("https://{}", front.addr);
@@ -881,7 +881,7 @@ async fn forward_keeps_a_gateway_that_refuses_some_connections_and_gives_up_on_o
     // A gateway that refuses every connection serves nobody: with a second gateway, requests
     // go there at once, and the first is marked down once it has refused everything for a
     // while (2 s).
-    let second = Gateway::start(&gateway_config(&files, port, 0)).await;
+    let second = Gateway::start(&agent_gateway_config(&files, port, 0)).await;
     let second_url = format!("https://{}", second.tls_addr.unwrap());
     let mut args = identity_args(&files);
     args.extend([
@@ -922,12 +922,12 @@ async fn an_expired_client_certificate_is_named_by_check_and_stops_forward() {
     let pki = Pki::new();
     let origin = Origin::start(&pki).await;
     let port = origin.port();
-    let files = Files::new(&pki);
+    let files = AgentFiles::new(&pki);
     let (cert, key) = pki.issue_pem(&[BRANCH_CERT_NAME], 2020);
     std::fs::write(files.dir.path().join("expired.pem"), cert).unwrap();
     std::fs::write(files.dir.path().join("expired.key"), key).unwrap();
     let (expired, expired_key) = (files.path("expired.pem"), files.path("expired.key"));
-    let gw = Gateway::start(&gateway_config(&files, port, 0)).await;
+    let gw = Gateway::start(&agent_gateway_config(&files, port, 0)).await;
     let proxy = format!("https://{}", gw.tls_addr.unwrap());
     let (ca, cert, key) = files.identity();
     let host = format!("{ORIGIN_HOST}:{port}");
@@ -970,7 +970,7 @@ async fn an_expired_client_certificate_is_named_by_check_and_stops_forward() {
     let report: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(report["certificate"]["outcome"], "fail", "{report:#}");
     assert_eq!(report["certificate"]["not_after"], "2020-01-01T00:00:00Z");
-    let r = row(&report, ORIGIN_HOST);
+    let r = report_row(&report, ORIGIN_HOST);
     assert_eq!(r["proxy"]["outcome"], "fail", "{r:#}");
 
     // A valid certificate passes its line, with its end date.

@@ -633,3 +633,125 @@ async fn rediss_verifies_the_server_against_the_system_trust_store() {
     let (_tunnel, reply) = connect_from(untrusted.addr, "127.0.0.1", &target, "").await;
     assert_eq!(reply.status, 200);
 }
+
+/// `portcullis serve --config FILE` run to its end, killed if it still runs after `within`:
+/// the exit code (`None` when killed or ended by a signal) and what it wrote to stderr.
+fn serve_until_exit(file: &std::path::Path, within: Duration) -> (Option<i32>, String) {
+    use std::io::Read;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["serve", "--log-format", "json", "--config"])
+        .arg(file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + within;
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+    (code, stderr)
+}
+
+const WAITING: &str = "fleet: another process holds this fleet.name; waiting for it to lapse (a replica stopped without giving it back) or to be renewed (a live one)";
+const CLASH: &str = "fleet: another live replica runs under this fleet.name: both count as one in every fleet-wide limit, which doubles them; give each its own fleet.name and restart one";
+
+#[tokio::test]
+async fn a_replica_under_a_live_replicas_name_refuses_to_start_and_a_stopped_ones_name_is_free() {
+    let redis = Redis::start(&[]);
+    let origin = TcpOrigin::start(b"").await;
+    let port = origin.addr.port();
+    let config = replica(&gateway_for(&[port]), &redis.url(), "gw-1").fleet("lease", "2s");
+    let mut first = start_replica(&config).await;
+    // The same name while the first runs: refused once the first renewed it past a lease.
+    let (_dir, file) = temp_file("duplicate.toml", &config.to_string());
+    let started = std::time::Instant::now();
+    let (code, stderr) = serve_until_exit(&file, Duration::from_secs(15));
+    assert_eq!(
+        code,
+        Some(64),
+        "a second live gw-1 was not refused: {stderr}"
+    );
+    assert!(
+        stderr.contains("fleet.name \"gw-1\" is in use by another live replica (instance ")
+            && stderr.contains("Give each replica its own fleet.name"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    first
+        .metrics()
+        .await
+        .assert_value("portcullis_fleet_name_conflict", 0.0);
+    assert_eq!(first.count_logs(|l| l["message"] == CLASH), 0);
+
+    // Stopped: the name is given back, and the next replica under it starts without waiting.
+    first.signal("TERM");
+    assert!(first.wait_exit(Duration::from_secs(20)).await.is_some());
+    let mut second = start_replica(&config).await;
+    assert_eq!(second.count_logs(|l| l["message"] == WAITING), 0);
+    // Killed: the next one waits for the dead replica's hold to lapse, then starts.
+    second.signal("KILL");
+    assert!(second.wait_exit(Duration::from_secs(5)).await.is_some());
+    let mut third = start_replica(&config).await;
+    let _ = third.wait_log(|l| l["message"] == WAITING).await;
+    let target = format!("{ORIGIN_HOST}:{port}");
+    let (_tunnel, reply) = connect_from(third.addr, "127.0.0.1", &target, "").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(third.count_logs(|l| l["message"] == CLASH), 0);
+}
+
+#[tokio::test]
+async fn a_name_clash_found_while_running_is_logged_as_an_error_and_shown_by_a_metric() {
+    let mut redis = Redis::start(&[]);
+    let origin = TcpOrigin::start(b"").await;
+    let port = origin.addr.port();
+    // A long lease: the winner's hold must not lapse under a loaded machine mid-test.
+    let config = replica(&gateway_for(&[port]), &redis.url(), "gw-1").fleet("lease", "3s");
+    let first = start_replica(&config).await;
+    // With Redis away the second cannot check the name: it starts, never held up.
+    redis.stop();
+    let started = std::time::Instant::now();
+    let second = Gateway::start(&config).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let target = format!("{ORIGIN_HOST}:{port}");
+    let (_tunnel, reply) = connect_from(second.addr, "127.0.0.1", &target, "").await;
+    assert_eq!(reply.status, 200);
+    // Redis back: one of the two holds the name, the other says so, once and loudly.
+    redis.restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let clashes = |gw: &Gateway| gw.count_logs(|l| l["message"] == CLASH && l["level"] == "ERROR");
+    while clashes(&first) + clashes(&second) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no clash was reported"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (a, b) = (clashes(&first), clashes(&second));
+    assert_eq!(a + b, 1, "reported once, by one of the two: {a} {b}");
+    let loser = if a == 1 { &first } else { &second };
+    let winner = if a == 1 { &second } else { &first };
+    for (gw, want) in [(loser, 1.0), (winner, 0.0)] {
+        gw.metrics()
+            .await
+            .assert_value("portcullis_fleet_name_conflict", want);
+    }
+}

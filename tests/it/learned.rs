@@ -9,16 +9,16 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-const LONDON: &str = "127.0.0.2";
-const PARIS: &str = "127.0.0.3";
+pub(crate) const LONDON: &str = "127.0.0.2";
+pub(crate) const PARIS: &str = "127.0.0.3";
 
-fn account(n: u32) -> String {
+pub(crate) fn account(n: u32) -> String {
     format!("acct{n}.file.core.windows.net")
 }
 
 /// Two branches by source address, one rule learning `*.file.core.windows.net` on the origin's
 /// port, `accounts` names resolving to 127.0.0.1.
-fn config(state: &Path, port: u16, learn: &str, accounts: u32) -> GatewayConfig {
+pub(crate) fn config(state: &Path, port: u16, learn: &str, accounts: u32) -> GatewayConfig {
     let config = GatewayConfig::new()
         .state_dir(state)
         .rule(
@@ -35,7 +35,7 @@ fn config(state: &Path, port: u16, learn: &str, accounts: u32) -> GatewayConfig 
 }
 
 /// A TLS origin answering to the first `accounts` account names.
-async fn origin_for(pki: &Pki, accounts: u32) -> Origin {
+pub(crate) async fn origin_for(pki: &Pki, accounts: u32) -> Origin {
     let names: Vec<String> = (0..accounts).map(account).collect();
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
     Origin::start_named(pki, &name_refs).await
@@ -43,7 +43,7 @@ async fn origin_for(pki: &Pki, accounts: u32) -> Origin {
 
 /// A GET through the gateway from `from` to `host` on the origin: the status it got, or the
 /// status of the refused CONNECT.
-async fn fetch(pki: &Pki, gw: SocketAddr, from: &str, host: &str, port: u16) -> u16 {
+pub(crate) async fn fetch(pki: &Pki, gw: SocketAddr, from: &str, host: &str, port: u16) -> u16 {
     let client = reqwest::Client::builder()
         .proxy(reqwest::Proxy::all(format!("http://{gw}")).unwrap())
         .tls_backend_preconfigured(pki.client_config())
@@ -62,7 +62,7 @@ async fn fetch(pki: &Pki, gw: SocketAddr, from: &str, host: &str, port: u16) -> 
     }
 }
 
-async fn get(admin: SocketAddr, path: &str) -> String {
+pub(crate) async fn get(admin: SocketAddr, path: &str) -> String {
     admin_get(admin, path).await.body
 }
 
@@ -76,13 +76,13 @@ fn lines_for(gw: &Gateway, branch: &str, host: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-async fn stop(gw: &mut Gateway) {
+pub(crate) async fn stop(gw: &mut Gateway) {
     gw.signal("TERM");
     let status = gw.wait_exit(Duration::from_secs(20)).await.expect("stops");
     assert!(status.success(), "{status}");
 }
 
-fn cli(args: &[&str]) -> (bool, String, String) {
+pub(crate) fn cli(args: &[&str]) -> (bool, String, String) {
     let out = portcullis(args);
     (
         out.status.success(),
@@ -370,7 +370,14 @@ async fn a_kill_in_the_middle_of_a_save_leaves_a_whole_file() {
 }
 
 /// Waits up to 10 s for `from`'s fetch of `host` through `gw` to get `want`.
-async fn eventually(pki: &Pki, gw: SocketAddr, from: &str, host: &str, port: u16, want: u16) {
+pub(crate) async fn eventually(
+    pki: &Pki,
+    gw: SocketAddr,
+    from: &str,
+    host: &str,
+    port: u16,
+    want: u16,
+) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let got = fetch(pki, gw, from, host, port).await;
@@ -447,7 +454,7 @@ async fn replicas_share_what_they_learn_approve_and_forget_through_redis() {
 }
 
 /// The hosts in a state file (empty when there is none yet).
-fn state_file_hosts(state: &Path) -> Vec<String> {
+pub(crate) fn state_file_hosts(state: &Path) -> Vec<String> {
     let Ok(text) = std::fs::read_to_string(state.join("learned.json")) else {
         return Vec::new();
     };

@@ -10,6 +10,7 @@ mod dashboard;
 mod denials;
 mod dial;
 mod fleet;
+mod fleet_learned;
 mod hardening;
 mod help;
 mod lane;

@@ -12,7 +12,7 @@ pub const SECOND_HOST: &str = "eastus01.afs.azure.net";
 /// A name the gateway maps to the origin but no rule allows on the origin's port.
 pub const DENIED_HOST: &str = "denied.file.core.windows.net";
 /// The certificate name of the branch london.
-const BRANCH_CERT_NAME: &str = "london-fs1.contoso.example";
+pub const BRANCH_CERT_NAME: &str = "london-fs1.contoso.example";
 
 /// Test PKI files: CA, the gateway's certificate (for 127.0.0.1), the branch's client certificate.
 pub struct AgentFiles {
