@@ -3,9 +3,6 @@
 //! Redis emptied by FLUSHALL or a restart without persistence. Real gateways, a real
 //! redis-server of the test's own, TLS origins on loopback; every wait is bounded.
 
-use crate::learned::{
-    LONDON, account, cli, config, eventually, fetch, get, origin_for, state_file_hosts, stop,
-};
 use crate::support::*;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -77,12 +74,16 @@ async fn a_forget_made_while_a_replica_was_down_sticks_when_it_comes_back() {
     let redis = Redis::start(&[]);
     let (state_a, state_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = Gateway::start(&fleet(
-        config(state_a.path(), port, "enforce", 2),
+        learning_config(state_a.path(), port, "enforce", 2),
         &redis,
         "a",
     ))
     .await;
-    let b_config = fleet(config(state_b.path(), port, "enforce", 2), &redis, "b");
+    let b_config = fleet(
+        learning_config(state_b.path(), port, "enforce", 2),
+        &redis,
+        "b",
+    );
     let mut b = Gateway::start(&b_config).await;
     let target = format!("{}:{port}", account(0));
     edit_on(a.admin_addr.unwrap(), "approve", &target);
@@ -113,7 +114,7 @@ async fn a_forget_made_while_a_replica_was_down_sticks_when_it_comes_back() {
         Duration::from_secs(3),
     )
     .await;
-    let listing = get(b.admin_addr.unwrap(), "/learned?branch=london").await;
+    let listing = admin_text(b.admin_addr.unwrap(), "/learned?branch=london").await;
     assert!(!listing.contains(&account(0)), "{listing}");
     assert_eq!(
         b.count_logs(
@@ -151,13 +152,13 @@ async fn a_forget_made_on_a_stopped_replicas_file_reaches_the_fleet() {
     let redis = Redis::start(&[]);
     let (state_a, state_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = Gateway::start(&fleet(
-        config(state_a.path(), port, "enforce", 1),
+        learning_config(state_a.path(), port, "enforce", 1),
         &redis,
         "a",
     ))
     .await;
     let mut b = Gateway::start(&fleet(
-        config(state_b.path(), port, "enforce", 1),
+        learning_config(state_b.path(), port, "enforce", 1),
         &redis,
         "b",
     ))
@@ -211,13 +212,13 @@ async fn an_emptied_redis_is_refilled_from_the_replicas_and_forgets_nothing() {
     // A records, B enforces: acct0 learned by a tunnel through A, acct1 approved on B, acct2
     // approved then forgotten on B.
     let a = Gateway::start(&fleet(
-        config(state_a.path(), port, "record", 3),
+        learning_config(state_a.path(), port, "record", 3),
         &redis,
         "a",
     ))
     .await;
     let b = Gateway::start(&fleet(
-        config(state_b.path(), port, "enforce", 3),
+        learning_config(state_b.path(), port, "enforce", 3),
         &redis,
         "b",
     ))
@@ -230,7 +231,7 @@ async fn an_emptied_redis_is_refilled_from_the_replicas_and_forgets_nothing() {
     eventually(&pki, b.addr, LONDON, &account(0), port, 200).await;
     let a_admin = a.admin_addr.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !get(a_admin, "/learned?branch=london")
+    while !admin_text(a_admin, "/learned?branch=london")
         .await
         .contains(&account(1))
     {
@@ -238,7 +239,7 @@ async fn an_emptied_redis_is_refilled_from_the_replicas_and_forgets_nothing() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let new_metric = "portcullis_new_destinations_total{branch=\"london\",rule=\"accounts\"} 1";
-    assert!(get(a_admin, "/metrics").await.contains(new_metric));
+    assert!(admin_text(a_admin, "/metrics").await.contains(new_metric));
 
     for (round, empty) in ["FLUSHALL", "restart"].into_iter().enumerate() {
         if empty == "restart" {
@@ -284,7 +285,7 @@ async fn an_emptied_redis_is_refilled_from_the_replicas_and_forgets_nothing() {
                 .skip(1)
                 .all(|l| l.get("new_destination").is_none())
         );
-        assert!(get(a_admin, "/metrics").await.contains(new_metric));
+        assert!(admin_text(a_admin, "/metrics").await.contains(new_metric));
     }
     for gw in [&a, &b] {
         assert_eq!(
@@ -299,7 +300,7 @@ async fn an_emptied_redis_is_refilled_from_the_replicas_and_forgets_nothing() {
     // A replica that joins now gets the refilled sets.
     let state_c = tempfile::tempdir().unwrap();
     let c = Gateway::start(&fleet(
-        config(state_c.path(), port, "enforce", 3),
+        learning_config(state_c.path(), port, "enforce", 3),
         &redis,
         "c",
     ))

@@ -5,66 +5,7 @@
 //! leaves a file the gateway cannot start from.
 
 use crate::support::*;
-use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
-
-pub(crate) const LONDON: &str = "127.0.0.2";
-pub(crate) const PARIS: &str = "127.0.0.3";
-
-pub(crate) fn account(n: u32) -> String {
-    format!("acct{n}.file.core.windows.net")
-}
-
-/// Two branches by source address, one rule learning `*.file.core.windows.net` on the origin's
-/// port, `accounts` names resolving to 127.0.0.1.
-pub(crate) fn config(state: &Path, port: u16, learn: &str, accounts: u32) -> GatewayConfig {
-    let config = GatewayConfig::new()
-        .state_dir(state)
-        .rule(
-            Rule::new("accounts")
-                .category("storage")
-                .hosts(&["*.file.core.windows.net"])
-                .ports(&[port])
-                .private_addresses(&["127.0.0.1/32"])
-                .set("learn", learn),
-        )
-        .branch(Branch::new("london").sources(&[format!("{LONDON}/32")]))
-        .branch(Branch::new("paris").sources(&[format!("{PARIS}/32")]));
-    (0..accounts).fold(config, |config, n| config.resolve(&account(n), "127.0.0.1"))
-}
-
-/// A TLS origin answering to the first `accounts` account names.
-pub(crate) async fn origin_for(pki: &Pki, accounts: u32) -> Origin {
-    let names: Vec<String> = (0..accounts).map(account).collect();
-    let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    Origin::start_named(pki, &name_refs).await
-}
-
-/// A GET through the gateway from `from` to `host` on the origin: the status it got, or the
-/// status of the refused CONNECT.
-pub(crate) async fn fetch(pki: &Pki, gw: SocketAddr, from: &str, host: &str, port: u16) -> u16 {
-    let client = reqwest::Client::builder()
-        .proxy(reqwest::Proxy::all(format!("http://{gw}")).unwrap())
-        .tls_backend_preconfigured(pki.client_config())
-        .pool_max_idle_per_host(0)
-        .local_address(from.parse::<std::net::IpAddr>().unwrap())
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap();
-    let url = format!("https://{host}:{port}/download?bytes=16");
-    match client.get(url).send().await {
-        Ok(resp) => resp.status().as_u16(),
-        Err(_) => {
-            let (_, reply) = connect_from(gw, from, &format!("{host}:{port}"), "").await;
-            reply.status
-        }
-    }
-}
-
-pub(crate) async fn get(admin: SocketAddr, path: &str) -> String {
-    admin_get(admin, path).await.body
-}
 
 /// The access lines for `host` from `branch`, in the log's order.
 fn lines_for(gw: &Gateway, branch: &str, host: &str) -> Vec<serde_json::Value> {
@@ -76,21 +17,6 @@ fn lines_for(gw: &Gateway, branch: &str, host: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-pub(crate) async fn stop(gw: &mut Gateway) {
-    gw.signal("TERM");
-    let status = gw.wait_exit(Duration::from_secs(20)).await.expect("stops");
-    assert!(status.success(), "{status}");
-}
-
-pub(crate) fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = portcullis(args);
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[tokio::test]
 async fn record_then_enforce_across_a_restart_with_approve_and_forget_live_and_on_file() {
     let pki = Pki::new();
@@ -99,7 +25,7 @@ async fn record_then_enforce_across_a_restart_with_approve_and_forget_live_and_o
     let state = tempfile::tempdir().unwrap();
 
     // Record: everything passes; each branch's first tunnel to a name is flagged.
-    let mut gw = Gateway::start(config(state.path(), port, "record", 4)).await;
+    let mut gw = Gateway::start(learning_config(state.path(), port, "record", 4)).await;
     let admin = gw.admin_addr.unwrap();
     gw.metrics().await.assert_value(
         r#"portcullis_new_destinations_total{branch="london",rule="accounts"}"#,
@@ -167,7 +93,7 @@ async fn record_then_enforce_across_a_restart_with_approve_and_forget_live_and_o
     assert_eq!(file.matches("\"host\"").count(), 3, "{file}");
 
     // Restart in enforce: only what each branch learned passes.
-    let mut gw = Gateway::start(config(state.path(), port, "enforce", 4)).await;
+    let mut gw = Gateway::start(learning_config(state.path(), port, "enforce", 4)).await;
     let admin = gw.admin_addr.unwrap();
     let admin_text = admin.to_string();
     assert_eq!(fetch(&pki, gw.addr, LONDON, &account(1), port).await, 200);
@@ -292,7 +218,7 @@ async fn record_then_enforce_across_a_restart_with_approve_and_forget_live_and_o
         &account(1),
     ]);
     assert!(ok, "{err}");
-    let gw = Gateway::start(config(state.path(), port, "enforce", 4)).await;
+    let gw = Gateway::start(learning_config(state.path(), port, "enforce", 4)).await;
     assert_eq!(fetch(&pki, gw.addr, PARIS, &account(3), port).await, 200);
     assert_eq!(fetch(&pki, gw.addr, LONDON, &account(1), port).await, 403);
     assert_eq!(fetch(&pki, gw.addr, LONDON, &account(2), port).await, 200);
@@ -322,7 +248,7 @@ async fn a_kill_in_the_middle_of_a_save_leaves_a_whole_file() {
     let file = state.path().join("learned.json");
     let temporary = state.path().join("learned.json.tmp");
     std::fs::write(&file, big_state_file(OLD, port)).unwrap();
-    let conf = config(state.path(), port, "record", 200)
+    let conf = learning_config(state.path(), port, "record", 200)
         .policy("learn_limit", 100000)
         .change_rule("accounts", |rule| rule.set("sni", "off"));
     let mut next = 0;
@@ -369,29 +295,6 @@ async fn a_kill_in_the_middle_of_a_save_leaves_a_whole_file() {
     assert_eq!(reply.status, 200);
 }
 
-/// Waits up to 10 s for `from`'s fetch of `host` through `gw` to get `want`.
-pub(crate) async fn eventually(
-    pki: &Pki,
-    gw: SocketAddr,
-    from: &str,
-    host: &str,
-    port: u16,
-    want: u16,
-) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let got = fetch(pki, gw, from, host, port).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{host} from {from}: {got}, not {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test]
 async fn replicas_share_what_they_learn_approve_and_forget_through_redis() {
     let pki = Pki::new();
@@ -406,8 +309,16 @@ async fn replicas_share_what_they_learn_approve_and_forget_through_redis() {
     };
     let (state_a, state_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     // A records, B enforces: what a branch learns through A passes through B.
-    let a = Gateway::start(replica(config(state_a.path(), port, "record", 3), "a")).await;
-    let b = Gateway::start(replica(config(state_b.path(), port, "enforce", 3), "b")).await;
+    let a = Gateway::start(replica(
+        learning_config(state_a.path(), port, "record", 3),
+        "a",
+    ))
+    .await;
+    let b = Gateway::start(replica(
+        learning_config(state_b.path(), port, "enforce", 3),
+        "b",
+    ))
+    .await;
     assert_eq!(fetch(&pki, b.addr, LONDON, &account(0), port).await, 403);
     assert_eq!(fetch(&pki, a.addr, LONDON, &account(0), port).await, 200);
     eventually(&pki, b.addr, LONDON, &account(0), port, 200).await;
@@ -423,7 +334,7 @@ async fn replicas_share_what_they_learn_approve_and_forget_through_redis() {
     assert_eq!(fetch(&pki, b.addr, PARIS, &account(1), port).await, 200);
     let a_admin = a.admin_addr.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !get(a_admin, "/learned?branch=paris")
+    while !admin_text(a_admin, "/learned?branch=paris")
         .await
         .contains(&account(1))
     {
@@ -453,27 +364,13 @@ async fn replicas_share_what_they_learn_approve_and_forget_through_redis() {
     assert_eq!(state_file_hosts(state_a.path()), [account(1)]);
 }
 
-/// The hosts in a state file (empty when there is none yet).
-pub(crate) fn state_file_hosts(state: &Path) -> Vec<String> {
-    let Ok(text) = std::fs::read_to_string(state.join("learned.json")) else {
-        return Vec::new();
-    };
-    let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
-    parsed["destinations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["host"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 #[tokio::test]
 async fn a_reload_switches_learning_on_and_keeps_what_was_learned() {
     let pki = Pki::new();
     let origin = Origin::start_named(&pki, &[&account(0), &account(1)]).await;
     let port = origin.port();
     let state = tempfile::tempdir().unwrap();
-    let mut gw = Gateway::start(config(state.path(), port, "off", 2)).await;
+    let mut gw = Gateway::start(learning_config(state.path(), port, "off", 2)).await;
     // Off: nothing is kept, nothing is flagged, no file is made.
     assert_eq!(fetch(&pki, gw.addr, LONDON, &account(0), port).await, 200);
     let line = gw.access_line(|l| l["host"] == account(0).as_str()).await;
@@ -481,7 +378,7 @@ async fn a_reload_switches_learning_on_and_keeps_what_was_learned() {
     assert!(!state.path().join("learned.lock").exists());
     std::fs::write(
         gw.config_path(),
-        config(state.path(), port, "record", 2).to_string(),
+        learning_config(state.path(), port, "record", 2).to_string(),
     )
     .unwrap();
     gw.reload("reload applied").await;
@@ -496,7 +393,7 @@ async fn a_reload_switches_learning_on_and_keeps_what_was_learned() {
     }
     std::fs::write(
         gw.config_path(),
-        config(state.path(), port, "enforce", 2).to_string(),
+        learning_config(state.path(), port, "enforce", 2).to_string(),
     )
     .unwrap();
     gw.reload("reload applied").await;

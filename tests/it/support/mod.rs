@@ -6,6 +6,7 @@
 mod agent;
 mod clients;
 mod config;
+mod learned;
 mod metrics;
 mod origins;
 mod pki;
@@ -16,6 +17,7 @@ mod redis;
 pub use agent::*;
 pub use clients::*;
 pub use config::*;
+pub use learned::*;
 pub use metrics::*;
 pub use origins::*;
 pub use pki::*;
