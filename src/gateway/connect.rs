@@ -420,7 +420,7 @@ async fn serve_lane(
         slot: _slot,
         pacers,
         ..
-    } = *admitted;
+    } = unbox(admitted);
     let timeouts = snapshot.config.timeouts;
     let host_header = match (&req.target.host, req.target.port) {
         (host, 80) => host.to_string(),
@@ -473,7 +473,7 @@ async fn serve_tunnel(
         identity,
         slot: _slot,
         pacers,
-    } = *admitted;
+    } = unbox(admitted);
     let mut upstream = dial(snapshot, &plan, req.target.port, record).await?;
     replies::write_established(client)
         .await
@@ -558,6 +558,12 @@ async fn serve_tunnel(
     record.metered_down = record.bytes_down;
     record.end = outcome.end;
     Ok(())
+}
+
+/// The admitted request out of its box, the box freed now: moving out of `*boxed` in place
+/// would keep the allocation until the function returns, through every idle tunnel's life.
+fn unbox(boxed: Box<Admitted<'_>>) -> Admitted<'_> {
+    *boxed
 }
 
 /// Runs `f` when dropped.
