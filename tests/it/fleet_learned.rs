@@ -7,9 +7,17 @@ use crate::support::*;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-/// `config` as replica `name` on `redis`, refreshing every 200 ms.
-fn fleet(config: GatewayConfig, redis: &Redis, name: &str) -> GatewayConfig {
-    config
+/// Replica `name` on `redis` (refreshing every 200 ms) of the learning gateway whose state is
+/// in `state`, its rule in `learn` mode, `accounts` names resolving to the origin.
+fn replica(
+    state: &tempfile::TempDir,
+    port: u16,
+    learn: &str,
+    accounts: u32,
+    redis: &Redis,
+    name: &str,
+) -> GatewayConfig {
+    learning_config(state.path(), port, learn, accounts)
         .fleet("redis", redis.url())
         .fleet("name", name)
         .fleet("refresh", "200ms")
@@ -73,17 +81,8 @@ async fn a_forget_made_while_a_replica_was_down_sticks_when_it_comes_back() {
     let port = origin.port();
     let redis = Redis::start(&[]);
     let (state_a, state_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = Gateway::start(&fleet(
-        learning_config(state_a.path(), port, "enforce", 2),
-        &redis,
-        "a",
-    ))
-    .await;
-    let b_config = fleet(
-        learning_config(state_b.path(), port, "enforce", 2),
-        &redis,
-        "b",
-    );
+    let a = Gateway::start(&replica(&state_a, port, "enforce", 2, &redis, "a")).await;
+    let b_config = replica(&state_b, port, "enforce", 2, &redis, "b");
     let mut b = Gateway::start(&b_config).await;
     let target = format!("{}:{port}", account(0));
     edit_on(a.admin_addr.unwrap(), "approve", &target);
@@ -151,18 +150,8 @@ async fn a_forget_made_on_a_stopped_replicas_file_reaches_the_fleet() {
     let port = origin.port();
     let redis = Redis::start(&[]);
     let (state_a, state_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = Gateway::start(&fleet(
-        learning_config(state_a.path(), port, "enforce", 1),
-        &redis,
-        "a",
-    ))
-    .await;
-    let mut b = Gateway::start(&fleet(
-        learning_config(state_b.path(), port, "enforce", 1),
-        &redis,
-        "b",
-    ))
-    .await;
+    let a = Gateway::start(&replica(&state_a, port, "enforce", 1, &redis, "a")).await;
+    let mut b = Gateway::start(&replica(&state_b, port, "enforce", 1, &redis, "b")).await;
     edit_on(
         b.admin_addr.unwrap(),
         "approve",
@@ -211,18 +200,8 @@ async fn an_emptied_redis_is_refilled_from_the_replicas_and_forgets_nothing() {
     let (state_a, state_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     // A records, B enforces: acct0 learned by a tunnel through A, acct1 approved on B, acct2
     // approved then forgotten on B.
-    let a = Gateway::start(&fleet(
-        learning_config(state_a.path(), port, "record", 3),
-        &redis,
-        "a",
-    ))
-    .await;
-    let b = Gateway::start(&fleet(
-        learning_config(state_b.path(), port, "enforce", 3),
-        &redis,
-        "b",
-    ))
-    .await;
+    let a = Gateway::start(&replica(&state_a, port, "record", 3, &redis, "a")).await;
+    let b = Gateway::start(&replica(&state_b, port, "enforce", 3, &redis, "b")).await;
     assert_eq!(fetch(&pki, a.addr, LONDON, &account(0), port).await, 200);
     let b_admin = b.admin_addr.unwrap();
     edit_on(b_admin, "approve", &format!("{}:{port}", account(1)));
@@ -299,12 +278,7 @@ async fn an_emptied_redis_is_refilled_from_the_replicas_and_forgets_nothing() {
     }
     // A replica that joins now gets the refilled sets.
     let state_c = tempfile::tempdir().unwrap();
-    let c = Gateway::start(&fleet(
-        learning_config(state_c.path(), port, "enforce", 3),
-        &redis,
-        "c",
-    ))
-    .await;
+    let c = Gateway::start(&replica(&state_c, port, "enforce", 3, &redis, "c")).await;
     assert_eq!(fetch(&pki, c.addr, LONDON, &account(1), port).await, 200);
     assert_eq!(fetch(&pki, c.addr, LONDON, &account(0), port).await, 200);
     assert_eq!(fetch(&pki, c.addr, LONDON, &account(2), port).await, 403);
