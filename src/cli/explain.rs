@@ -109,7 +109,16 @@ pub async fn explain(
         }
     );
     if let Some(identity) = plan.identity {
-        let _ = writeln!(out, "branch:   {}", snapshot.config.branch_name(identity));
+        // By source network here (explain sends no credentials): name the network that won.
+        let source = snapshot
+            .config
+            .branch_sources
+            .longest_match(from)
+            .filter(|(_, branch)| identity.branch() == Some(**branch))
+            .map(|(net, _)| format!(" (source {net})"))
+            .unwrap_or_default();
+        let name = snapshot.config.branch_name(identity);
+        let _ = writeln!(out, "branch:   {name}{source}");
         let d = &plan.decision;
         let _ = writeln!(out, "verdict:  {} ({})", d.verdict.as_str(), d.why());
         if let Some(deny) = d.deny_rule {

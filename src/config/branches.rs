@@ -8,8 +8,10 @@ use super::values::{cidrs, is_name};
 use super::{Branch, Credential};
 use crate::policy::Policy;
 use crate::policy::host::DnsName;
+use crate::policy::prefix_map::PrefixMap;
 use ipnet::IpNet;
-use std::collections::HashSet;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use toml::Spanned;
 
@@ -50,7 +52,9 @@ pub(super) fn compile(
     raw: &[Spanned<RawBranch>],
     policy: &Policy,
     clients: &[IpNet],
-) -> Vec<Branch> {
+) -> (Vec<Branch>, PrefixMap<BranchId>) {
+    // Where each source network was listed: a network identifies one branch.
+    let mut placed: HashMap<IpNet, String> = HashMap::new();
     let mut names = HashSet::new();
     let mut users = HashSet::new();
     let mut branches = Vec::new();
@@ -75,6 +79,22 @@ pub(super) fn compile(
         let sources = cidrs(p, &b.sources, &format!("{key}.sources"));
         if sources.len() == b.sources.len() {
             warn_unreachable_sources(p, &key, &name, &b.sources, &sources, clients);
+            for (j, (net, text)) in sources.iter().zip(&b.sources).enumerate() {
+                let here = format!("{key}.sources[{j}]");
+                match placed.entry(net.trunc()) {
+                    Entry::Occupied(first) => p.add(
+                        text.span(),
+                        here,
+                        format!(
+                            "{net} is a source of {} already: a network identifies one branch (the most specific network wins, so list a narrower one to carve part of it out)",
+                            first.get()
+                        ),
+                    ),
+                    Entry::Vacant(slot) => {
+                        slot.insert(format!("branch {name:?} ({here})"));
+                    }
+                }
+            }
         }
         let mut credentials = Vec::new();
         for (j, c) in b.credentials.iter().enumerate() {
@@ -165,7 +185,14 @@ pub(super) fn compile(
             });
         }
     }
-    branches
+    let mut by_source = PrefixMap::default();
+    for (i, branch) in branches.iter().enumerate() {
+        for net in &branch.sources {
+            // A network listed twice was a problem above.
+            let _ = by_source.insert(*net, BranchId(i));
+        }
+    }
+    (branches, by_source)
 }
 
 /// A source network `listen.clients` does not hold (wholly or in part) can never identify the

@@ -99,6 +99,9 @@ pub struct Config {
     pub tls: Option<TlsSettings>,
     /// Branches in file order; the first whose sources hold a client's address is its branch.
     pub branches: Vec<Branch>,
+    /// The branches' source networks: the most specific one holding a client's address names
+    /// its branch (one probe per prefix length in use, whatever the number of branches).
+    pub branch_sources: crate::policy::prefix_map::PrefixMap<BranchId>,
     /// Bandwidth schedules in file order; no two drive the same budget at the same time.
     pub schedules: Vec<Schedule>,
     /// Valid but surely not meant (a branch source that `listen.clients` refuses): printed by
@@ -356,7 +359,7 @@ fn compile(
         .map(|b| b.get_ref().name.get_ref().as_str())
         .collect();
     let (policy, profiles_used) = rules::compile_policy(p, &raw.policy, &branch_names, paths);
-    let branches = branches::compile(p, &raw.branch, &policy, &listen.clients);
+    let (branches, branch_sources) = branches::compile(p, &raw.branch, &policy, &listen.clients);
 
     let resolver = resolver::compile(p, &raw.resolver);
 
@@ -482,6 +485,7 @@ fn compile(
         },
         schedules,
         branches,
+        branch_sources,
         tls,
         warnings: Vec::new(),
         fleet,

@@ -361,3 +361,30 @@ fn a_branch_source_outside_listen_clients_is_a_warning() {
     let config = Config::parse(inside, "w.toml", crate::config::TEST_NOW).unwrap();
     assert!(config.warnings.is_empty(), "{:?}", config.warnings);
 }
+
+#[test]
+fn a_network_identifies_one_branch() {
+    let text = "[[branch]]\nname = \"paris\"\nsources = [\"10.1.0.0/16\"]\n\n[[branch]]\nname = \"lyon\"\nsources = [\"10.2.0.0/16\", \"10.1.0.0/16\"]\n";
+    let problems = Config::parse(text, "b.toml", crate::config::TEST_NOW)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        problems.contains(
+            "b.toml:7:27: branch[1].sources[1]: 10.1.0.0/16 is a source of branch \"paris\" (branch[0].sources[0]) already: a network identifies one branch"
+        ),
+        "{problems}"
+    );
+    // Nested networks are fine: the most specific one wins.
+    let nested = "[[branch]]\nname = \"wide\"\nsources = [\"10.0.0.0/8\"]\n\n[[branch]]\nname = \"narrow\"\nsources = [\"10.1.4.0/24\"]\n";
+    let config = Config::parse(nested, "b.toml", crate::config::TEST_NOW).unwrap();
+    let branch = |ip: &str| {
+        let (_, id) = config
+            .branch_sources
+            .longest_match(ip.parse().unwrap())
+            .unwrap();
+        config.branches[id.index()].name.clone()
+    };
+    assert_eq!(branch("10.1.4.9"), "narrow");
+    assert_eq!(branch("10.1.5.9"), "wide");
+}

@@ -174,12 +174,8 @@ impl Identifier {
                 .await
                 .map(Identity::Branch);
         }
-        if let Some(i) = config
-            .branches
-            .iter()
-            .position(|b| crate::policy::in_networks(&b.sources, client))
-        {
-            return Ok(Identity::Branch(BranchId(i)));
+        if let Some((_, &branch)) = config.branch_sources.longest_match(client) {
+            return Ok(Identity::Branch(branch));
         }
         if config.branches.is_empty() || config.policy.allow_unassigned {
             Ok(Identity::Unassigned)

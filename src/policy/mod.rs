@@ -5,6 +5,7 @@
 
 pub mod destination;
 pub mod host;
+pub mod prefix_map;
 pub mod profiles;
 pub mod service_tags;
 

@@ -344,3 +344,39 @@ async fn max_connections_makes_further_clients_wait_until_a_slot_frees() {
     let head = read_head_bytes(&mut second).await.unwrap();
     assert_eq!(status_of(&head), 200, "served once the slot is free");
 }
+
+/// Source networks work like routes: the most specific network holding the client's address
+/// names its branch, whatever the file order (a wide network listed first no longer hides a
+/// narrow one after it), and `explain` names the network that won.
+#[tokio::test]
+async fn the_most_specific_source_network_names_the_branch() {
+    let origin = TcpOrigin::start(b"").await;
+    let port = origin.addr.port();
+    let config = GatewayConfig::for_origin(port)
+        .branch(Branch::new("region").sources(&["127.0.0.0/8"]))
+        .branch(Branch::new("office").sources(&["127.0.0.2/32"]));
+    let mut gw = Gateway::start(&config).await;
+    let target = format!("{ORIGIN_HOST}:{port}");
+    for (from, branch) in [("127.0.0.2", "office"), ("127.0.0.3", "region")] {
+        let (tunnel, reply) = connect_from(gw.addr, from, &target, "").await;
+        assert_eq!(reply.status, 200);
+        drop(tunnel);
+        let client = reply.client.unwrap().to_string();
+        let line = gw.access_line(|l| l["client"] == client.as_str()).await;
+        assert_eq!(line["branch"], branch, "from {from}");
+    }
+    let (_dir, path) = temp_file("portcullis.toml", &config.to_string());
+    let out = portcullis(&[
+        "explain",
+        "--config",
+        path.to_str().unwrap(),
+        "--from",
+        "127.0.0.2",
+        &target,
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("branch:   office (source 127.0.0.2/32)"),
+        "{text}"
+    );
+}
