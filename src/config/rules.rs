@@ -79,6 +79,7 @@ pub(super) fn compile_policy(
         .collect();
     let policy = Policy {
         mode: raw.mode.unwrap_or(Mode::Enforce),
+        index: crate::policy::rule_index::RuleIndex::new(&rules),
         rules,
         denies,
         service_tags_file: tags.map(|t| t.0),

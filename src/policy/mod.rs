@@ -7,6 +7,7 @@ pub mod destination;
 pub mod host;
 pub mod prefix_map;
 pub mod profiles;
+pub mod rule_index;
 pub mod service_tags;
 
 use host::{Host, HostPattern};
@@ -310,6 +311,8 @@ pub struct Policy {
     pub on_reload: OnReload,
     /// Destinations learned per branch and rule, at most.
     pub learn_limit: usize,
+    /// Which of `rules` can match a target (built from them; see [`rule_index`]).
+    pub index: rule_index::RuleIndex,
 }
 
 /// What a reload does to tunnels that are already open.
@@ -373,7 +376,8 @@ impl Policy {
         let allowed = scope.allowed;
         let mut host_rule: Option<&Rule> = None;
         let mut narrowed_out = false;
-        for (i, rule) in self.rules.iter().enumerate() {
+        for i in self.index.candidates(host) {
+            let rule = &self.rules[i];
             if allowed.is_some_and(|a| !a[i]) {
                 narrowed_out |= rule.matches_host(host) && rule.ports.contains(&port);
                 continue;
@@ -472,6 +476,7 @@ mod tests {
 
     fn policy(mode: Mode, rules: Vec<Rule>) -> Policy {
         Policy {
+            index: rule_index::RuleIndex::new(&rules),
             allow_unassigned: false,
             sni: SniMode::Match,
             on_reload: OnReload::Keep,
@@ -615,6 +620,77 @@ mod tests {
             policy.decide(&t.host, t.port, Scope::default()).verdict,
             Verdict::Allow
         );
+    }
+
+    /// The index gives the decisions a scan of every rule gives, on random rule lists (long
+    /// enough to be indexed), names, ports and branch narrowings.
+    #[test]
+    fn the_rule_index_decides_as_a_scan_of_every_rule() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let labels = ["a", "b", "core", "file", "windows", "net"];
+        let name = |next: &mut dyn FnMut(u64) -> u64, parts: u64| {
+            (0..parts)
+                .map(|_| labels[next(labels.len() as u64) as usize])
+                .collect::<Vec<_>>()
+                .join(".")
+        };
+        let ports = [443, 80, 8443];
+        for round in 0..40 {
+            let count = 32 + next(40) as usize;
+            let rules: Vec<Rule> = (0..count)
+                .map(|i| {
+                    let host = match next(3) {
+                        0 => {
+                            let parts = 1 + next(3);
+                            name(&mut next, parts)
+                        }
+                        _ => {
+                            let parts = 1 + next(2);
+                            format!("*.{}", name(&mut next, parts))
+                        }
+                    };
+                    let port = ports[next(3) as usize];
+                    let addresses: &[&str] = if next(8) == 0 { &["10.0.0.0/8"] } else { &[] };
+                    rule(&format!("r{i}"), &[&host], &[port], addresses)
+                })
+                .collect();
+            let indexed = policy(Mode::Enforce, rules.clone());
+            let mut scanned = indexed.clone();
+            scanned.index = rule_index::RuleIndex::scan_all(rules.len());
+            let narrowed: Vec<bool> = (0..count).map(|_| next(4) != 0).collect();
+            for _ in 0..200 {
+                let host = if next(10) == 0 {
+                    Host::Ip("10.1.2.3".parse().unwrap())
+                } else {
+                    let parts = 1 + next(4);
+                    Host::Name(host::DnsName::parse(&name(&mut next, parts)).unwrap())
+                };
+                let port = ports[next(3) as usize];
+                for scope in [
+                    Scope::default(),
+                    Scope {
+                        branch: Some("b"),
+                        allowed: Some(&narrowed),
+                    },
+                ] {
+                    let (a, b) = (
+                        indexed.decide(&host, port, scope),
+                        scanned.decide(&host, port, scope),
+                    );
+                    assert_eq!(
+                        (a.verdict, a.rule_name(), a.reason),
+                        (b.verdict, b.rule_name(), b.reason),
+                        "round {round}: {host:?}:{port}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
