@@ -195,6 +195,17 @@ pub(super) fn compile(
     (branches, by_source)
 }
 
+/// Each client-certificate name to the first branch (in file order) that lists it.
+pub(super) fn by_certificate(branches: &[Branch]) -> HashMap<String, BranchId> {
+    let mut names = HashMap::new();
+    for (i, branch) in branches.iter().enumerate() {
+        for name in &branch.client_certificates {
+            names.entry(name.as_str().to_owned()).or_insert(BranchId(i));
+        }
+    }
+    names
+}
+
 /// A source network `listen.clients` does not hold (wholly or in part) can never identify the
 /// branch: those clients are refused before identification. Valid, so a warning.
 fn warn_unreachable_sources(

@@ -102,6 +102,8 @@ pub struct Config {
     /// The branches' source networks: the most specific one holding a client's address names
     /// its branch (one probe per prefix length in use, whatever the number of branches).
     pub branch_sources: crate::policy::prefix_map::PrefixMap<BranchId>,
+    /// Client-certificate names to the first branch that lists each.
+    pub certificate_branches: std::collections::HashMap<String, BranchId>,
     /// Bandwidth schedules in file order; no two drive the same budget at the same time.
     pub schedules: Vec<Schedule>,
     /// Valid but surely not meant (a branch source that `listen.clients` refuses): printed by
@@ -484,6 +486,7 @@ fn compile(
             on_write_failure: on_write_failure(p, &raw.log),
         },
         schedules,
+        certificate_branches: branches::by_certificate(&branches),
         branches,
         branch_sources,
         tls,

@@ -230,16 +230,12 @@ impl Identifier {
 }
 
 /// The first branch one of a verified certificate's names (DNS SANs, CN) identifies.
+/// (The first in file order when the names point to several.)
 fn certificate_branch(config: &Config, certificate_names: &[String]) -> Option<BranchId> {
-    if certificate_names.is_empty() {
-        return None;
-    }
-    let i = config.branches.iter().position(|b| {
-        b.client_certificates
-            .iter()
-            .any(|n| certificate_names.iter().any(|c| c == n.as_str()))
-    })?;
-    Some(BranchId(i))
+    certificate_names
+        .iter()
+        .filter_map(|name| config.certificate_branches.get(name).copied())
+        .min_by_key(|branch| branch.index())
 }
 
 /// `Basic base64(user:password)` -> (user, password).
