@@ -886,6 +886,16 @@ fn report(path: &std::path::Path) {
         ("https-bulk", &["gbit_s", "cpu_s_per_gib"]),
         ("https-setup", &["per_s", "p50_ms", "p99_ms"]),
         (
+            "scale-config",
+            &[
+                "per_s",
+                "proxy_cpu_us_per_tx",
+                "rss_mib",
+                "start_ms",
+                "check_config_ms",
+            ],
+        ),
+        (
             "https-scale",
             &["kib_per_idle_tunnel", "held", "passed_byte"],
         ),

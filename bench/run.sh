@@ -7,7 +7,8 @@
 #   bench/run.sh --no-peers      skip squid and tinyproxy
 #   bench/run.sh --release       with --quick: measure release builds (quick defaults to debug)
 #   bench/run.sh --only throttle one section: bulk, setup, scale, throttle, fleet, learn, sni,
-#                                https or rtt (all by default; rtt needs root and /dev/net/tun)
+#                                https, scale-config or rtt (all by default; rtt needs root and
+#                                /dev/net/tun)
 #   bench/run.sh --baseline BIN  before/after: BIN is a `portcullis` built from an earlier commit;
 #                                bulk, setup and scale also measure it as "portcullis-before"
 #                                (same config), in ABBA order against this build: before first
@@ -486,6 +487,43 @@ if section learn; then
   done
   stop_target portcullis-names
   stop_target portcullis-learn
+fi
+
+# The size of the config: N branches, each with a /24 of its own and a pinned storage rule of its
+# own, the client (127.0.0.1) being the last branch, on the bench rule. The setup rate, the
+# gateway's CPU per setup, its memory at rest, the time to start listening and to check-config.
+if section scale-config; then
+  if [ "$QUICK" = 1 ]; then SC_BRANCHES="1 200"; SC_CLIENTS="1"; else SC_BRANCHES="1 2000 10000"; SC_CLIENTS="1 64"; fi
+  echo "scale-config: branches $SC_BRANCHES, clients $SC_CLIENTS"
+  branches_config() { # N
+    python3 - "$1" <<'PY'
+import sys
+n = int(sys.argv[1])
+for i in range(n - 1):
+    print(f'[[policy.allow]]\nname = "b{i}-storage"\ncategory = "storage"\nhosts = ["acct{i}.file.core.windows.net"]\n'
+          f'[[branch]]\nname = "b{i}"\nsources = ["127.{1 + i // 256}.{i % 256}.0/24"]\nallow = ["b{i}-storage"]')
+print('[[branch]]\nname = "last"\nsources = ["127.0.0.0/24"]\nallow = ["bench-origin"]')
+PY
+  }
+  for n in $SC_BRANCHES; do
+    t=portcullis-branches-$n
+    EXTRA[$t]=$(branches_config "$n")
+    started=$(date +%s%N)
+    start_target "$t"
+    start_ms=$(( ($(date +%s%N) - started) / 1000000 ))
+    rss_kib=$(awk '/^VmRSS:/ {print $2}' "/proc/${PID[$t]}/status")
+    started=$(date +%s%N)
+    "$GATEWAY" check-config "$WORK/$t.toml" > /dev/null
+    check_ms=$(( ($(date +%s%N) - started) / 1000000 ))
+    printf '{"scenario":"scale-config","target":"portcullis","variant":"branches-%s","run":1,"rss_mib":%s,"start_ms":%s,"check_config_ms":%s}\n' \
+      "$n" "$(python3 -c "print($rss_kib / 1024)")" "$start_ms" "$check_ms" >> "$RESULTS"
+    for c in $SC_CLIENTS; do
+      # shellcheck disable=SC2046
+      "$LOADGEN" setup $(args_for "$t" 1 | sed "s/--name [^ ]*/--name portcullis/") --clients "$c" --seconds "$SETUP_SECS" \
+        | sed "s/\"scenario\":\"setup\"/\"scenario\":\"scale-config\"/; s/\"variant\":\"clients-/\"variant\":\"branches-$n-clients-/" >> "$RESULTS"
+    done
+    stop_target "$t"
+  done
 fi
 
 # Throttled tunnels over a long round trip (network namespaces of the run's own).
