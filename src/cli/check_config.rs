@@ -352,20 +352,16 @@ fn policy(out: &mut String, config: &Config) {
 fn branches(out: &mut String, config: &Config) {
     let _ = writeln!(
         out,
-        "branches ({}, first source match wins):",
+        "branches ({}, the most specific source network wins):",
         config.branches.len()
     );
     for b in &config.branches {
         // User names only: the hashes stay in the file.
         let users: Vec<&str> = b.credentials.iter().map(|c| c.user.as_str()).collect();
         let rules = b.allowed_rules.as_ref().map_or("all".into(), |allowed| {
-            let names: Vec<&str> = config
-                .policy
-                .rules
-                .iter()
-                .zip(allowed)
-                .filter(|(_, a)| **a)
-                .map(|(r, _)| r.name.as_str())
+            let names: Vec<&str> = allowed
+                .positions()
+                .map(|i| config.policy.rules[i].name.as_str())
                 .collect();
             names.join(", ")
         });
@@ -457,7 +453,7 @@ mod tests {
             "mode: enforce\n",
             "sni: match",
             "on_reload: keep",
-            "branches (0, first source match wins):\n",
+            "branches (0, the most specific source network wins):\n",
             "schedules: none",
         ] {
             assert!(shown.contains(want), "missing {want:?} in:\n{shown}");

@@ -55,6 +55,11 @@ pub(super) fn compile(
 ) -> (Vec<Branch>, PrefixMap<BranchId>) {
     // Where each source network was listed: a network identifies one branch.
     let mut placed: HashMap<IpNet, String> = HashMap::new();
+    // Rule names to positions, once: allow lists are resolved without a scan per name.
+    let mut rule_positions: HashMap<&str, usize> = HashMap::new();
+    for (i, rule) in policy.rules.iter().enumerate() {
+        rule_positions.entry(rule.name.as_str()).or_insert(i);
+    }
     let mut names = HashSet::new();
     let mut users = HashSet::new();
     let mut branches = Vec::new();
@@ -140,23 +145,7 @@ pub(super) fn compile(
                 }
             })
             .collect();
-        let allowed_rules = b.allow.as_ref().map(|names| {
-            let mut allowed = vec![false; policy.rules.len()];
-            for (j, rule) in names.iter().enumerate() {
-                match policy.rules.iter().position(|r| &r.name == rule.get_ref()) {
-                    Some(k) => allowed[k] = true,
-                    None => p.add(
-                        rule.span(),
-                        format!("{key}.allow[{j}]"),
-                        format!(
-                            "no rule named {:?} (rules are listed by check-config)",
-                            rule.get_ref()
-                        ),
-                    ),
-                }
-            }
-            allowed
-        });
+        let allowed_rules = allowed_rules(p, &key, b.allow.as_deref(), &rule_positions);
         let max_tunnels = b.max_tunnels.as_ref().and_then(|n| {
             if *n.get_ref() == 0 {
                 p.add(
@@ -193,6 +182,32 @@ pub(super) fn compile(
         }
     }
     (branches, by_source)
+}
+
+/// `allow`: the rules a branch may use, by name, as positions in the policy's rule list.
+fn allowed_rules(
+    p: &mut Problems<'_>,
+    key: &str,
+    names: Option<&[Spanned<String>]>,
+    rule_positions: &HashMap<&str, usize>,
+) -> Option<crate::policy::RuleSet> {
+    names.map(|names| {
+        let mut allowed = Vec::new();
+        for (j, rule) in names.iter().enumerate() {
+            match rule_positions.get(rule.get_ref().as_str()) {
+                Some(&k) => allowed.push(k),
+                None => p.add(
+                    rule.span(),
+                    format!("{key}.allow[{j}]"),
+                    format!(
+                        "no rule named {:?} (rules are listed by check-config)",
+                        rule.get_ref()
+                    ),
+                ),
+            }
+        }
+        crate::policy::RuleSet::new(allowed)
+    })
 }
 
 /// Each client-certificate name to the first branch (in file order) that lists it.

@@ -125,7 +125,7 @@ pub struct Branch {
     /// Client-certificate names (DNS SAN or CN) that identify this branch on TLS listeners.
     pub client_certificates: Vec<DnsName>,
     /// Rules this branch may use, by position in `policy.rules`; `None` means all of them.
-    pub allowed_rules: Option<Vec<bool>>,
+    pub allowed_rules: Option<crate::policy::RuleSet>,
     /// Open tunnels at once; `None` is unlimited.
     pub max_tunnels: Option<u32>,
 }
@@ -208,7 +208,7 @@ impl Config {
         match identity {
             Identity::Branch(id) => crate::policy::Scope {
                 branch: Some(self.branches[id.0].name.as_str()),
-                allowed: self.branches[id.0].allowed_rules.as_deref(),
+                allowed: self.branches[id.0].allowed_rules.as_ref(),
             },
             Identity::Unassigned => crate::policy::Scope {
                 branch: Some(UNASSIGNED),

@@ -164,7 +164,7 @@ impl Snapshot {
                     .branches
                     .get(b)
                     .and_then(|b| b.allowed_rules.as_ref());
-                if may.is_none_or(|allowed| allowed[i]) {
+                if may.is_none_or(|allowed| allowed.holds(i)) {
                     learned.metrics.expect(branch, &rule.name);
                 }
             }

@@ -91,7 +91,7 @@ fn learning_rule<'c>(
             .iter()
             .enumerate()
             .find(|(_, r)| r.name == name);
-        let may = |i: usize| config.scope(branch).allowed.is_none_or(|a| a[i]);
+        let may = |i: usize| config.scope(branch).allowed.is_none_or(|a| a.holds(i));
         return match found {
             Some((i, _)) if !may(i) => Err((
                 422,

@@ -252,13 +252,37 @@ impl DenyRule {
     }
 }
 
+/// Rule positions a branch may use (its `allow` list): sorted, so a branch costs what it lists,
+/// not what the whole policy holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RuleSet(Box<[u32]>);
+
+impl RuleSet {
+    pub fn new(positions: impl IntoIterator<Item = usize>) -> Self {
+        let mut list: Vec<u32> = positions.into_iter().map(|i| i as u32).collect();
+        list.sort_unstable();
+        list.dedup();
+        Self(list.into_boxed_slice())
+    }
+
+    /// Whether rule position `i` is in the set.
+    pub fn holds(&self, i: usize) -> bool {
+        self.0.binary_search(&(i as u32)).is_ok()
+    }
+
+    /// The positions, ascending.
+    pub fn positions(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0.iter().map(|&i| i as usize)
+    }
+}
+
 /// Whose request a decision is for: the branch (deny rules may list branches) and the allow
 /// rules it may use (a branch's `allow` list, by rule position; `None` is all of them). The
 /// default is a client not identified yet: only deny rules without branches apply to it.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Scope<'a> {
     pub branch: Option<&'a str>,
-    pub allowed: Option<&'a [bool]>,
+    pub allowed: Option<&'a RuleSet>,
 }
 
 /// What the allow-list says about a request.
@@ -378,7 +402,7 @@ impl Policy {
         let mut narrowed_out = false;
         for i in self.index.candidates(host) {
             let rule = &self.rules[i];
-            if allowed.is_some_and(|a| !a[i]) {
+            if allowed.is_some_and(|a| !a.holds(i)) {
                 narrowed_out |= rule.matches_host(host) && rule.ports.contains(&port);
                 continue;
             }
@@ -569,7 +593,7 @@ mod tests {
                 rule("storage", &["*.core.windows.net"], &[443], &[]),
             ],
         );
-        let only_contoso = [true, false];
+        let only_contoso = RuleSet::new([0]);
         let table: &[(&str, Option<&str>, &str)] = &[
             (
                 "contoso.file.core.windows.net:443",
@@ -663,7 +687,7 @@ mod tests {
             let indexed = policy(Mode::Enforce, rules.clone());
             let mut scanned = indexed.clone();
             scanned.index = rule_index::RuleIndex::scan_all(rules.len());
-            let narrowed: Vec<bool> = (0..count).map(|_| next(4) != 0).collect();
+            let narrowed = RuleSet::new((0..count).filter(|_| next(4) != 0));
             for _ in 0..200 {
                 let host = if next(10) == 0 {
                     Host::Ip("10.1.2.3".parse().unwrap())

@@ -220,13 +220,13 @@ fn unused_rules(
         .branches
         .iter()
         .find(|b| b.name == branch)
-        .and_then(|b| b.allowed_rules.as_deref());
+        .and_then(|b| b.allowed_rules.as_ref());
     config
         .policy
         .rules
         .iter()
         .enumerate()
-        .filter(|(i, r)| allowed.is_none_or(|a| a[*i]) && !used.contains_key(&r.name))
+        .filter(|(i, r)| allowed.is_none_or(|a| a.holds(*i)) && !used.contains_key(&r.name))
         .map(|(_, r)| r.name.clone())
         .collect()
 }
