@@ -19,20 +19,18 @@ use tokio::time::Instant;
 /// Connects to one of the vetted addresses within `timeout`; `tried` is the address connected
 /// to, or the last one tried.
 pub async fn dial(
-    addrs: impl Iterator<Item = IpAddr>,
+    mut addrs: impl Iterator<Item = IpAddr>,
     port: u16,
     timeout: Duration,
     attempt_delay: Duration,
     tried: &mut Option<SocketAddr>,
 ) -> Result<TcpStream, Refusal> {
-    let order: Vec<SocketAddr> = interleave(addrs)
-        .into_iter()
-        .map(|ip| SocketAddr::new(ip, port))
-        .collect();
     let deadline = Instant::now() + timeout;
-    let stream = match order[..] {
-        // One address, nothing to race: no attempt set, no second timer.
-        [only] => {
+    let first = addrs.next().map(|ip| SocketAddr::new(ip, port));
+    let stream = match (first, addrs.next()) {
+        (None, _) => return Err(failed(None)),
+        // One address, nothing to race: no attempt set, no second timer, no allocation.
+        (Some(only), None) => {
             *tried = Some(only);
             match tokio::time::timeout_at(deadline, TcpStream::connect(only)).await {
                 Ok(Ok(stream)) => stream,
@@ -40,17 +38,16 @@ pub async fn dial(
                 Err(_) => return Err(timed_out()),
             }
         }
-        // Boxed: the race's state (attempts, timers) would otherwise take its space in every
-        // tunnel's future, single-address ones included.
-        _ => {
-            Box::pin(race(
-                &order,
-                deadline,
-                attempt_delay,
-                TcpStream::connect,
-                tried,
-            ))
-            .await?
+        (Some(first), Some(second)) => {
+            let all = [first.ip(), second].into_iter().chain(addrs);
+            let order: Vec<SocketAddr> = interleave(all)
+                .into_iter()
+                .map(|ip| SocketAddr::new(ip, port))
+                .collect();
+            // Boxed: the race's state (attempts, timers) would otherwise take its space in
+            // every tunnel's future, single-address ones included.
+            let racing = race(&order, deadline, attempt_delay, TcpStream::connect, tried);
+            Box::pin(racing).await?
         }
     };
     let _ = stream.set_nodelay(true);
@@ -68,16 +65,24 @@ pub fn interleave(addrs: impl Iterator<Item = IpAddr>) -> Vec<IpAddr> {
     let Some(first_v4) = addrs.first().map(IpAddr::is_ipv4) else {
         return addrs;
     };
-    let (leading, other): (Vec<IpAddr>, Vec<IpAddr>) =
-        addrs.iter().partition(|ip| ip.is_ipv4() == first_v4);
-    let (mut leading, mut other) = (leading.into_iter(), other.into_iter());
-    let mut out = Vec::with_capacity(addrs.len());
-    loop {
-        match (leading.next(), other.next()) {
-            (None, None) => return out,
-            (a, b) => out.extend(a.into_iter().chain(b)),
-        }
-    }
+    // The n-th address of the first family goes to place 2n, the other family's to 2n + 1; a
+    // stable sort by place keeps each family's order.
+    let (mut leading, mut other) = (0, 0);
+    let mut places: Vec<(usize, IpAddr)> = addrs
+        .into_iter()
+        .map(|ip| {
+            let count = if ip.is_ipv4() == first_v4 {
+                &mut leading
+            } else {
+                &mut other
+            };
+            *count += 1;
+            let place = 2 * (*count - 1) + usize::from(ip.is_ipv4() != first_v4);
+            (place, ip)
+        })
+        .collect();
+    places.sort_by_key(|&(place, _)| place);
+    places.into_iter().map(|(_, ip)| ip).collect()
 }
 
 /// The race over `order` (already interleaved), with `connect` making one attempt: generic so
