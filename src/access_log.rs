@@ -300,8 +300,9 @@ impl Sink {
                     );
                     self.lost = 0;
                     self.reported = None;
+                    // Set only while lines are lost (`lost > 0`): cleared here, not per line.
+                    FAILING.store(false, Relaxed);
                 }
-                FAILING.store(false, Relaxed);
             }
             Err(e) => {
                 FAILING.store(true, Relaxed);
