@@ -30,6 +30,8 @@ pub struct Control {
 impl Control {
     /// Reads the config file again and applies it (SIGHUP, `POST /reload`): counted in the
     /// metrics, logged, and announced to systemd. A bad file leaves the running config.
+    /// Blocks while it parses and compiles (a third of a second for 10,000 branches): call it
+    /// off the async workers (`spawn_blocking`), so tunnels and setups never wait for it.
     pub fn reload(&self) -> Result<(), String> {
         let Some(path) = &self.path else {
             tracing::warn!("reload requested, but the gateway runs on the built-in config");
@@ -45,6 +47,8 @@ impl Control {
                 self.apply(c)
             });
         crate::process::notify(crate::process::ServiceState::Ready);
+        // The parse's garbage, and whatever the last snapshot alone held, go back.
+        crate::process::memory::release_freed();
         match &result {
             Ok(()) => tracing::info!(file = %path.display(), "reload applied"),
             Err(problems) => {
@@ -111,3 +115,4 @@ impl Control {
         self.current.load().metrics.reloaded(false);
     }
 }
+

@@ -43,6 +43,7 @@ pub fn serve(config_path: Option<PathBuf>, log_format: Option<LogFormatArg>) -> 
             Ok(snapshot) => snapshot,
             Err(e) => return Ok(start_failure(&source, &e)),
         };
+        crate::process::memory::release_freed();
         // Fleet mode: no listener opens under a name a live replica holds.
         if let Some(fleet) = &snapshot.fleet
             && let Err(e) = fleet.join(&snapshot.learned).await
@@ -72,7 +73,8 @@ async fn reload_on_sighup(control: crate::control::Control) {
         return;
     };
     while hangups.recv().await.is_some() {
-        let _ = control.reload();
+        let control = control.clone();
+        let _ = tokio::task::spawn_blocking(move || control.reload()).await;
     }
 }
 
