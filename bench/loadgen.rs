@@ -144,6 +144,10 @@ struct TargetArgs {
     /// directory's PKI (`loadgen pki`).
     #[arg(long)]
     proxy_tls: Option<std::path::PathBuf>,
+    /// Proxy credentials, `USER:PASSWORD`, sent as `Proxy-Authorization: Basic` with every
+    /// CONNECT (a branch identified by credentials).
+    #[arg(long)]
+    proxy_auth: Option<String>,
 }
 
 fn main() {
@@ -375,8 +379,14 @@ async fn connect_through<S: AsyncRead + AsyncWrite + Unpin>(
     t: &TargetArgs,
     port: u16,
 ) -> std::io::Result<()> {
+    use base64::Engine;
     let host = &t.connect_host;
-    let req = format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n");
+    let authorization = t.proxy_auth.as_ref().map_or(String::new(), |credentials| {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(credentials);
+        format!("Proxy-Authorization: Basic {encoded}\r\n")
+    });
+    let req =
+        format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n{authorization}\r\n");
     s.write_all(req.as_bytes()).await?;
     // Read the reply head byte by byte: nothing after it may be consumed.
     let mut head = Vec::with_capacity(128);
@@ -891,8 +901,12 @@ fn report(path: &std::path::Path) {
                 "per_s",
                 "proxy_cpu_us_per_tx",
                 "rss_mib",
+                "rss_after_reloads_mib",
                 "start_ms",
                 "check_config_ms",
+                "reload_ms",
+                "metrics_ms",
+                "metrics_mib",
             ],
         ),
         (

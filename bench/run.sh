@@ -180,7 +180,7 @@ DELAY[squid-50M]=$(delay_pool 50000000)
 names_rule() { # LEARN
   printf '[[policy.allow]]\nname = "bench-names"\nhosts = ["*.bench.example"]\nports = [%s]\nprivate_addresses = ["127.0.0.1/32"]\nlearn = "%s"\n[resolver]\nhosts_only = true\n[resolver.hosts]\n"a.bench.example" = "127.0.0.1"\n' "$ORIGIN_PORT" "$1"
 }
-declare -A TOP HOSTARG
+declare -A TOP HOSTARG ADMIN
 HOSTARG[portcullis-names]="--connect-host a.bench.example"
 HOSTARG[portcullis-learn]=${HOSTARG[portcullis-names]}
 TOP[portcullis-learn]="state_dir = \"$WORK/state-learn\""
@@ -188,10 +188,10 @@ TOP[portcullis-learn]="state_dir = \"$WORK/state-learn\""
 declare -A PORT PID
 # start_target NAME: (re)starts a fresh process with an allow-list equivalent to the others':
 # CONNECT from 127.0.0.0/8 to 127.0.0.1 on the two origin ports only.
-# gateway_config LISTEN CLIENTS PORTS: a gateway's listener and the one rule every variant
+# gateway_config LISTEN CLIENTS PORTS [ADMIN]: a gateway's listener and the one rule every variant
 # shares (CONNECT to 127.0.0.1 on PORTS), ending in [limits] for the variant's own lines.
 gateway_config() {
-  printf '[listen]\nproxy = ["%s"]\nclients = ["%s"]\nadmin = "off"\n[policy]\nprofiles = []\n' "$1" "$2"
+  printf '[listen]\nproxy = ["%s"]\nclients = ["%s"]\nadmin = "%s"\n[policy]\nprofiles = []\n' "$1" "$2" "${4:-off}"
   printf '[[policy.allow]]\nname = "bench-origin"\naddresses = ["127.0.0.1/32"]\nports = [%s]\n[limits]\n' "$3"
 }
 start_target() {
@@ -201,7 +201,7 @@ start_target() {
     portcullis*)
       cat > "$WORK/$name.toml" <<EOF
 ${TOP[$name]:-}
-$(gateway_config "127.0.0.1:$port" 127.0.0.0/8 "$ORIGIN_PORT, $TLS_PORT")
+$(gateway_config "127.0.0.1:$port" 127.0.0.0/8 "$ORIGIN_PORT, $TLS_PORT" "${ADMIN[$name]:-off}")
 max_connections = 20000
 [log]
 format = "json"
@@ -492,37 +492,88 @@ fi
 # The size of the config: N branches, each with a /24 of its own and a pinned storage rule of its
 # own, the client (127.0.0.1) being the last branch, on the bench rule. The setup rate, the
 # gateway's CPU per setup, its memory at rest, the time to start listening and to check-config.
+# Config size: N branches, each with its own allow rule, identified by source network, by
+# credentials or by client certificate name; the client is the last branch. Per N: memory at
+# rest, start, check-config, reload and /metrics times; setups at each client count; and setups
+# while reloads (then scrapes) run back to back, against the same setups without them.
 if section scale-config; then
   if [ "$QUICK" = 1 ]; then SC_BRANCHES="1 200"; SC_CLIENTS="1"; else SC_BRANCHES="1 2000 10000"; SC_CLIENTS="1 64"; fi
-  echo "scale-config: branches $SC_BRANCHES, clients $SC_CLIENTS"
-  branches_config() { # N
-    python3 - "$1" <<'PY'
+  SC_MODES="source credentials certificate"
+  echo "scale-config: branches $SC_BRANCHES, identified by $SC_MODES, clients $SC_CLIENTS"
+  [ -f "$WORK/pki/ca.pem" ] || "$LOADGEN" pki "$WORK/pki"
+  SC_HASH=$(printf 'bench-secret' | "$GATEWAY" hash-password)
+  branches_config() { # N MODE
+    python3 - "$1" "$2" "$SC_HASH" "$WORK" <<'PY'
 import sys
-n = int(sys.argv[1])
+n, mode, password_hash, work = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+def identity(i, last):
+    if mode == "source":
+        return f'sources = ["{"127.0.0.0/24" if last else f"127.{1 + i // 256}.{i % 256}.0/24"}"]'
+    if mode == "credentials":
+        return f'credentials = [{{ user = "{"last" if last else f"b{i}"}", password_hash = "{password_hash}" }}]'
+    return f'client_certificates = ["{"branch.bench.test" if last else f"b{i}.bench.test"}"]'
 for i in range(n - 1):
     print(f'[[policy.allow]]\nname = "b{i}-storage"\ncategory = "storage"\nhosts = ["acct{i}.file.core.windows.net"]\n'
-          f'[[branch]]\nname = "b{i}"\nsources = ["127.{1 + i // 256}.{i % 256}.0/24"]\nallow = ["b{i}-storage"]')
-print('[[branch]]\nname = "last"\nsources = ["127.0.0.0/24"]\nallow = ["bench-origin"]')
+          f'[[branch]]\nname = "b{i}"\n{identity(i, False)}\nallow = ["b{i}-storage"]')
+print(f'[[branch]]\nname = "last"\n{identity(0, True)}\nallow = ["bench-origin"]')
+if mode == "certificate":
+    print(f'[tls]\ncertificate = "{work}/pki/gateway.pem"\nkey = "{work}/pki/gateway.key"\nclient_ca = "{work}/pki/ca.pem"')
 PY
   }
+  SC_HTTPS_PORT=$(free_port)
+  # ms COMMAND...: wall time of a command in milliseconds
+  ms() { local t; t=$(date +%s%N); "$@" > /dev/null; echo $(( ($(date +%s%N) - t) / 1000000 )); }
+  median3() { printf '%s\n' "$@" | sort -n | sed -n 2p; }
+  # under_load N LABEL COMMAND...: setups from the last client count while COMMAND runs back to
+  # back (at most 1,000 times, and stopped when the setups end).
+  under_load() {
+    local n=$1 label=$2 c loop; shift 2
+    c=${SC_CLIENTS##* }
+    ( for _ in $(seq 1000); do "$@" > /dev/null 2>&1 || true; done ) &
+    loop=$!
+    # shellcheck disable=SC2046
+    "$LOADGEN" setup $(args_for "$t" 1 | sed "s/--name [^ ]*/--name portcullis/") --clients "$c" --seconds "$SETUP_SECS" \
+      | sed "s/\"scenario\":\"setup\"/\"scenario\":\"scale-config\"/; s/\"variant\":\"clients-/\"variant\":\"branches-$n-$label-clients-/" >> "$RESULTS"
+    kill "$loop" 2>/dev/null || true; wait "$loop" 2>/dev/null || true
+  }
   for n in $SC_BRANCHES; do
-    t=portcullis-branches-$n
-    EXTRA[$t]=$(branches_config "$n")
-    started=$(date +%s%N)
-    start_target "$t"
-    start_ms=$(( ($(date +%s%N) - started) / 1000000 ))
-    rss_kib=$(awk '/^VmRSS:/ {print $2}' "/proc/${PID[$t]}/status")
-    started=$(date +%s%N)
-    "$GATEWAY" check-config "$WORK/$t.toml" > /dev/null
-    check_ms=$(( ($(date +%s%N) - started) / 1000000 ))
-    printf '{"scenario":"scale-config","target":"portcullis","variant":"branches-%s","run":1,"rss_mib":%s,"start_ms":%s,"check_config_ms":%s}\n' \
-      "$n" "$(python3 -c "print($rss_kib / 1024)")" "$start_ms" "$check_ms" >> "$RESULTS"
-    for c in $SC_CLIENTS; do
-      # shellcheck disable=SC2046
-      "$LOADGEN" setup $(args_for "$t" 1 | sed "s/--name [^ ]*/--name portcullis/") --clients "$c" --seconds "$SETUP_SECS" \
-        | sed "s/\"scenario\":\"setup\"/\"scenario\":\"scale-config\"/; s/\"variant\":\"clients-/\"variant\":\"branches-$n-clients-/" >> "$RESULTS"
+    for mode in $SC_MODES; do
+      t=portcullis-branches-$n-$mode
+      EXTRA[$t]=$(branches_config "$n" "$mode")
+      case "$mode" in
+        credentials) HOSTARG[$t]="--proxy-auth last:bench-secret" ;;
+        certificate)
+          TOP[$t]=$(printf '[[listen.tls_proxy]]\naddress = "127.0.0.1:%s"\nclient_certificates = "required"\n' "$SC_HTTPS_PORT")
+          HOSTARG[$t]="--proxy-tls $WORK/pki" ;;
+        source) ADMIN[$t]="127.0.0.1:$(free_port)" ;;
+      esac
+      started=$(date +%s%N)
+      start_target "$t"
+      start_ms=$(( ($(date +%s%N) - started) / 1000000 ))
+      if [ "$mode" = certificate ]; then PORT[$t]=$SC_HTTPS_PORT; fi
+      rss_kib=$(awk '/^VmRSS:/ {print $2}' "/proc/${PID[$t]}/status")
+      for c in $SC_CLIENTS; do
+        # shellcheck disable=SC2046
+        "$LOADGEN" setup $(args_for "$t" 1 | sed "s/--name [^ ]*/--name portcullis/") --clients "$c" --seconds "$SETUP_SECS" \
+          | sed "s/\"scenario\":\"setup\"/\"scenario\":\"scale-config\"/; s/\"variant\":\"clients-/\"variant\":\"branches-$n-$mode-clients-/" >> "$RESULTS"
+      done
+      if [ "$mode" = source ]; then
+        check_ms=$(median3 "$(ms "$GATEWAY" check-config "$WORK/$t.toml")" "$(ms "$GATEWAY" check-config "$WORK/$t.toml")" "$(ms "$GATEWAY" check-config "$WORK/$t.toml")")
+        admin="http://${ADMIN[$t]}"
+        reload() { curl -sf -X POST "$admin/reload"; }
+        scrape() { curl -sf "$admin/metrics"; }
+        reload_ms=$(median3 "$(ms reload)" "$(ms reload)" "$(ms reload)")
+        metrics_ms=$(median3 "$(ms scrape)" "$(ms scrape)" "$(ms scrape)")
+        metrics_bytes=$(scrape | wc -c)
+        under_load "$n" reloading reload
+        rss_after_kib=$(awk '/^VmRSS:/ {print $2}' "/proc/${PID[$t]}/status")
+        under_load "$n" scraping scrape
+        printf '{"scenario":"scale-config","target":"portcullis","variant":"branches-%s","run":1,"rss_mib":%s,"rss_after_reloads_mib":%s,"start_ms":%s,"check_config_ms":%s,"reload_ms":%s,"metrics_ms":%s,"metrics_mib":%s}\n' \
+          "$n" "$(python3 -c "print($rss_kib / 1024)")" "$(python3 -c "print($rss_after_kib / 1024)")" "$start_ms" "$check_ms" \
+          "$reload_ms" "$metrics_ms" "$(python3 -c "print($metrics_bytes / 1048576)")" >> "$RESULTS"
+      fi
+      stop_target "$t"
     done
-    stop_target "$t"
   done
 fi
 
