@@ -899,6 +899,7 @@ fn report(path: &std::path::Path) {
             "scale-config",
             &[
                 "per_s",
+                "p99_ms",
                 "proxy_cpu_us_per_tx",
                 "rss_mib",
                 "rss_after_reloads_mib",

@@ -524,55 +524,60 @@ PY
   # ms COMMAND...: wall time of a command in milliseconds
   ms() { local t; t=$(date +%s%N); "$@" > /dev/null; echo $(( ($(date +%s%N) - t) / 1000000 )); }
   median3() { printf '%s\n' "$@" | sort -n | sed -n 2p; }
-  # under_load N LABEL COMMAND...: setups from the last client count while COMMAND runs back to
-  # back (at most 1,000 times, and stopped when the setups end).
+  # under_load N LABEL COMMAND...: setups from the last client count while COMMAND runs every
+  # half second (at most 1,000 times, and stopped when the setups end).
   under_load() {
     local n=$1 label=$2 c loop; shift 2
     c=${SC_CLIENTS##* }
-    ( for _ in $(seq 1000); do "$@" > /dev/null 2>&1 || true; done ) &
+    ( for _ in $(seq 1000); do "$@" > /dev/null 2>&1 || true; sleep 0.5; done ) &
     loop=$!
     # shellcheck disable=SC2046
-    "$LOADGEN" setup $(args_for "$t" 1 | sed "s/--name [^ ]*/--name portcullis/") --clients "$c" --seconds "$SETUP_SECS" \
+    "$LOADGEN" setup $(args_for "$t" "$run" | sed "s/--name [^ ]*/--name portcullis/") --clients "$c" --seconds "$SETUP_SECS" \
       | sed "s/\"scenario\":\"setup\"/\"scenario\":\"scale-config\"/; s/\"variant\":\"clients-/\"variant\":\"branches-$n-$label-clients-/" >> "$RESULTS"
     kill "$loop" 2>/dev/null || true; wait "$loop" 2>/dev/null || true
   }
-  for n in $SC_BRANCHES; do
-    for mode in $SC_MODES; do
-      t=portcullis-branches-$n-$mode
-      EXTRA[$t]=$(branches_config "$n" "$mode")
-      case "$mode" in
-        credentials) HOSTARG[$t]="--proxy-auth last:bench-secret" ;;
-        certificate)
-          TOP[$t]=$(printf '[[listen.tls_proxy]]\naddress = "127.0.0.1:%s"\nclient_certificates = "required"\n' "$SC_HTTPS_PORT")
-          HOSTARG[$t]="--proxy-tls $WORK/pki" ;;
-        source) ADMIN[$t]="127.0.0.1:$(free_port)" ;;
-      esac
-      started=$(date +%s%N)
-      start_target "$t"
-      start_ms=$(( ($(date +%s%N) - started) / 1000000 ))
-      if [ "$mode" = certificate ]; then PORT[$t]=$SC_HTTPS_PORT; fi
-      rss_kib=$(awk '/^VmRSS:/ {print $2}' "/proc/${PID[$t]}/status")
-      for c in $SC_CLIENTS; do
-        # shellcheck disable=SC2046
-        "$LOADGEN" setup $(args_for "$t" 1 | sed "s/--name [^ ]*/--name portcullis/") --clients "$c" --seconds "$SETUP_SECS" \
-          | sed "s/\"scenario\":\"setup\"/\"scenario\":\"scale-config\"/; s/\"variant\":\"clients-/\"variant\":\"branches-$n-$mode-clients-/" >> "$RESULTS"
+  for run in $(seq "$RUNS"); do
+    # Odd runs go from the smallest config up, even runs down (a fixed order biased the first).
+    order=$SC_BRANCHES
+    if [ $((run % 2)) = 0 ]; then order=$(printf '%s\n' $SC_BRANCHES | tac | tr '\n' ' '); fi
+    for n in $order; do
+      for mode in $SC_MODES; do
+        t=portcullis-branches-$n-$mode
+        EXTRA[$t]=$(branches_config "$n" "$mode")
+        case "$mode" in
+          credentials) HOSTARG[$t]="--proxy-auth last:bench-secret" ;;
+          certificate)
+            TOP[$t]=$(printf '[[listen.tls_proxy]]\naddress = "127.0.0.1:%s"\nclient_certificates = "required"\n' "$SC_HTTPS_PORT")
+            HOSTARG[$t]="--proxy-tls $WORK/pki" ;;
+          source) ADMIN[$t]="127.0.0.1:$(free_port)" ;;
+        esac
+        started=$(date +%s%N)
+        start_target "$t"
+        start_ms=$(( ($(date +%s%N) - started) / 1000000 ))
+        if [ "$mode" = certificate ]; then PORT[$t]=$SC_HTTPS_PORT; fi
+        rss_kib=$(awk '/^VmRSS:/ {print $2}' "/proc/${PID[$t]}/status")
+        for c in $SC_CLIENTS; do
+          # shellcheck disable=SC2046
+          "$LOADGEN" setup $(args_for "$t" "$run" | sed "s/--name [^ ]*/--name portcullis/") --clients "$c" --seconds "$SETUP_SECS" \
+            | sed "s/\"scenario\":\"setup\"/\"scenario\":\"scale-config\"/; s/\"variant\":\"clients-/\"variant\":\"branches-$n-$mode-clients-/" >> "$RESULTS"
+        done
+        if [ "$mode" = source ]; then
+          check_ms=$(median3 "$(ms "$GATEWAY" check-config "$WORK/$t.toml")" "$(ms "$GATEWAY" check-config "$WORK/$t.toml")" "$(ms "$GATEWAY" check-config "$WORK/$t.toml")")
+          admin="http://${ADMIN[$t]}"
+          reload() { curl -sf -X POST "$admin/reload"; }
+          scrape() { curl -sf "$admin/metrics"; }
+          reload_ms=$(median3 "$(ms reload)" "$(ms reload)" "$(ms reload)")
+          metrics_ms=$(median3 "$(ms scrape)" "$(ms scrape)" "$(ms scrape)")
+          metrics_bytes=$(scrape | wc -c)
+          under_load "$n" reloading reload
+          rss_after_kib=$(awk '/^VmRSS:/ {print $2}' "/proc/${PID[$t]}/status")
+          under_load "$n" scraping scrape
+          printf '{"scenario":"scale-config","target":"portcullis","variant":"branches-%s","run":%s,"rss_mib":%s,"rss_after_reloads_mib":%s,"start_ms":%s,"check_config_ms":%s,"reload_ms":%s,"metrics_ms":%s,"metrics_mib":%s}\n' \
+            "$n" "$run" "$(python3 -c "print($rss_kib / 1024)")" "$(python3 -c "print($rss_after_kib / 1024)")" "$start_ms" "$check_ms" \
+            "$reload_ms" "$metrics_ms" "$(python3 -c "print($metrics_bytes / 1048576)")" >> "$RESULTS"
+        fi
+        stop_target "$t"
       done
-      if [ "$mode" = source ]; then
-        check_ms=$(median3 "$(ms "$GATEWAY" check-config "$WORK/$t.toml")" "$(ms "$GATEWAY" check-config "$WORK/$t.toml")" "$(ms "$GATEWAY" check-config "$WORK/$t.toml")")
-        admin="http://${ADMIN[$t]}"
-        reload() { curl -sf -X POST "$admin/reload"; }
-        scrape() { curl -sf "$admin/metrics"; }
-        reload_ms=$(median3 "$(ms reload)" "$(ms reload)" "$(ms reload)")
-        metrics_ms=$(median3 "$(ms scrape)" "$(ms scrape)" "$(ms scrape)")
-        metrics_bytes=$(scrape | wc -c)
-        under_load "$n" reloading reload
-        rss_after_kib=$(awk '/^VmRSS:/ {print $2}' "/proc/${PID[$t]}/status")
-        under_load "$n" scraping scrape
-        printf '{"scenario":"scale-config","target":"portcullis","variant":"branches-%s","run":1,"rss_mib":%s,"rss_after_reloads_mib":%s,"start_ms":%s,"check_config_ms":%s,"reload_ms":%s,"metrics_ms":%s,"metrics_mib":%s}\n' \
-          "$n" "$(python3 -c "print($rss_kib / 1024)")" "$(python3 -c "print($rss_after_kib / 1024)")" "$start_ms" "$check_ms" \
-          "$reload_ms" "$metrics_ms" "$(python3 -c "print($metrics_bytes / 1048576)")" >> "$RESULTS"
-      fi
-      stop_target "$t"
     done
   done
 fi

@@ -123,4 +123,3 @@ impl Control {
         self.current.load().metrics.reloaded(false);
     }
 }
-

@@ -49,6 +49,9 @@ mod tests {
 
     #[test]
     fn a_panic_is_none() {
-        assert_eq!(super::run_in_background("test", || -> u8 { panic!("boom") }), None);
+        assert_eq!(
+            super::run_in_background("test", || -> u8 { panic!("boom") }),
+            None
+        );
     }
 }
