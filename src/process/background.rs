@@ -4,6 +4,7 @@
 //! of an idle core otherwise). On Linux the priority is per thread; elsewhere it is unchanged.
 
 /// How much lower than the process the background thread runs (nice value added).
+#[cfg(target_os = "linux")]
 const NICENESS: i32 = 10;
 
 /// Runs `work` on a new thread at lower priority, inside the caller's tokio runtime (if any),
