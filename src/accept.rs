@@ -125,7 +125,7 @@ impl Connections {
     }
 
     /// Clients accepted by the kernel that wait in the listeners' accept queues for a place
-    /// (at the limit, or between two accepts); read from `/proc/net/tcp*` (Linux; else 0).
+    /// (at the limit, or between two accepts), as the kernel counts them (Linux; else 0).
     pub fn waiting(&self) -> usize {
         let listening = self
             .listening
@@ -135,11 +135,7 @@ impl Connections {
         if listening.is_empty() {
             return 0;
         }
-        ["/proc/net/tcp", "/proc/net/tcp6"]
-            .iter()
-            .filter_map(|path| std::fs::read_to_string(path).ok())
-            .map(|table| queued(&table, &listening))
-            .sum()
+        crate::listen_queue::waiting(&listening)
     }
 
     /// Connections being served now.
@@ -301,23 +297,6 @@ fn socket_inode(listener: &TcpListener) -> Option<u64> {
 #[cfg(not(target_os = "linux"))]
 fn socket_inode(_: &TcpListener) -> Option<u64> {
     None
-}
-
-/// The accept queue lengths of the listening sockets `inodes` in one `/proc/net/tcp` table: for
-/// a socket in state `0A` (listen), `rx_queue` is the number of connections waiting for accept.
-fn queued(table: &str, inodes: &[u64]) -> usize {
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let (state, queues, inode) = (fields.get(3)?, fields.get(4)?, fields.get(9)?);
-            if *state != "0A" || !inodes.contains(&inode.parse().ok()?) {
-                return None;
-            }
-            usize::from_str_radix(queues.split_once(':')?.1, 16).ok()
-        })
-        .sum()
 }
 
 #[cfg(test)]

@@ -4,9 +4,9 @@
 //!
 //! The floors, lowest first (a module imports only from its own floor or below; see
 //! docs/architecture.md for the map and `tests/it/layout.rs` for the check):
-//! - [`process`], [`accept`], [`end`], [`metrics`], [`access_log`], [`admin_http`]: the parts
-//!   both binaries stand on (runtime, the accept loop, how a connection ends, metrics, the log
-//!   line, the admin listener's HTTP server).
+//! - [`process`], [`accept`], [`listen_queue`], [`end`], [`metrics`], [`access_log`],
+//!   [`admin_http`]: the parts both binaries stand on (runtime, the accept loop and its queue,
+//!   how a connection ends, metrics, the log line, the admin listener's HTTP server).
 //! - [`policy`]: host names and patterns, the allow-list and its [`policy::Decision`], the
 //!   destination wall, the built-in profiles. Pure: no I/O, no clock.
 //! - [`bandwidth`]: schedules, bucket arithmetic, per-tunnel gates and paced IO, budgets.
@@ -41,6 +41,7 @@ pub mod end;
 pub mod fleet;
 pub mod gateway;
 pub mod learned;
+pub mod listen_queue;
 pub mod metrics;
 pub mod policy;
 pub mod process;
