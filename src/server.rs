@@ -37,6 +37,9 @@ pub struct Server {
     /// Set once shutdown begins: /readyz answers 503.
     draining: Arc<AtomicBool>,
     config_path: Option<PathBuf>,
+    /// Reload requests from [`Control`]s, carried out by [`Server::run`] on its own thread.
+    reloads: tokio::sync::mpsc::Sender<crate::control::ReloadReply>,
+    reload_requests: tokio::sync::mpsc::Receiver<crate::control::ReloadReply>,
 }
 
 impl Server {
@@ -73,7 +76,10 @@ impl Server {
             descriptors = descriptors.map(|d| d.1),
             "connection limit"
         );
+        let (reloads, reload_requests) = tokio::sync::mpsc::channel(16);
         Ok(Self {
+            reloads,
+            reload_requests,
             current: Arc::new(ArcSwap::from_pointee(snapshot)),
             listeners,
             admin,
@@ -95,14 +101,16 @@ impl Server {
             schedules_changed: self.schedules_changed.clone(),
             applying: self.applying.clone(),
             connections: self.connections.clone(),
+            reloads: self.reloads.clone(),
         }
     }
 
     /// Accepts until `shutdown` completes, then drains: open connections get up to
     /// `timeouts.drain` to finish; tunnels still open then are cut, each writing its access
     /// line (`end = "drain_timeout"`) with its byte counts, before this returns.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let control = self.control();
+        let mut lowered = false;
         let connections = self.connections.clone();
         let mut background = tokio::task::JoinSet::new();
         let spawn = |(key, listener): (ListenerKey, TcpListener)| {
@@ -127,7 +135,7 @@ impl Server {
             }
             admin_task = Some(tokio::spawn(crate::admin::serve(
                 admin,
-                control,
+                control.clone(),
                 self.draining.clone(),
             )));
         }
@@ -168,6 +176,15 @@ impl Server {
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
+                Some(reply) = self.reload_requests.recv() => {
+                    // Here, on the thread that runs this loop (no client is served on it), at
+                    // lower priority from the first reload on.
+                    if !lowered {
+                        crate::process::priority::lower_this_threads_priority();
+                        lowered = true;
+                    }
+                    let _ = reply.send(control.reload_here());
+                }
                 _ = self.listen_changed.notified() => {
                     // A reload changed listener addresses: close the ones gone, bind the new.
                     let config = &self.current.load().config;

@@ -73,8 +73,7 @@ async fn reload_on_sighup(control: crate::control::Control) {
         return;
     };
     while hangups.recv().await.is_some() {
-        let control = control.clone();
-        let _ = tokio::task::spawn_blocking(move || control.reload()).await;
+        let _ = control.reload_async().await;
     }
 }
 

@@ -311,6 +311,15 @@ pub(crate) struct TunnelSlot<'g> {
     fleet: Option<(&'g Arc<Fleet>, &'g String)>,
 }
 
+/// A snapshot outlives the reload that replaced it while connections that started on it run:
+/// its memory is freed when the last of them ends, after the reload's own trim, so it is
+/// given back then (off the async workers).
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        crate::process::memory::release_freed_soon();
+    }
+}
+
 impl Drop for TunnelSlot<'_> {
     fn drop(&mut self) {
         match (self.counter, self.fleet) {

@@ -18,3 +18,12 @@ pub fn release_freed() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn release_freed() {}
+
+/// [`release_freed`] once what is being dropped now is gone: on a blocking thread of the
+/// runtime, or here outside one.
+pub fn release_freed_soon() {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(release_freed)),
+        Err(_) => release_freed(),
+    }
+}

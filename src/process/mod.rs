@@ -1,13 +1,14 @@
 //! What both binaries (`portcullis`, `portcullis-agent`) do around their work, one job per
-//! module: keep slow work off the data path's CPU ([`background`]), run it on a runtime with errors turned into exit codes ([`runtime`]), size the
+//! module: run it on a runtime with errors turned into exit codes ([`runtime`]), size the
 //! descriptor budget ([`descriptors`]), wait for the stop signal ([`signals`]), tell the
 //! service manager how it goes ([`service`]), ask a local endpoint over HTTP ([`local_http`]),
-//! and give back the memory a config load freed ([`memory`]).
+//! give back the memory a config load freed ([`memory`]), and keep slow work off the data
+//! path's CPU ([`priority`]).
 
-pub mod background;
 pub mod descriptors;
 pub mod local_http;
 pub mod memory;
+pub mod priority;
 pub mod runtime;
 pub mod service;
 pub mod signals;
