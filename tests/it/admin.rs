@@ -50,7 +50,8 @@ async fn metrics_count_known_traffic_exactly_and_never_name_a_destination() {
         ),
         (
             &format!(
-                r#"portcullis_build_info{{version="0.1.0",profiles="{}"}}"#,
+                r#"portcullis_build_info{{version="{}",profiles="{}"}}"#,
+                env!("CARGO_PKG_VERSION"),
                 portcullis::policy::profiles::VERSION
             ),
             1.0,

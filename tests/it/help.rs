@@ -233,3 +233,29 @@ fn the_man_page_names_every_subcommand_and_renders_cleanly() {
         }
     }
 }
+
+/// One version everywhere: `--version` of both binaries is Cargo.toml's (so is the `build_info`
+/// metric, tests/it/admin.rs, and both packages, .ci/deb and .ci/msi), and CHANGELOG.md has a
+/// section for it.
+#[test]
+fn both_binaries_and_the_changelog_carry_the_version_in_cargo_toml() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let version = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("version = \""))
+        .and_then(|rest| rest.strip_suffix('"'))
+        .expect("a version line in Cargo.toml");
+    for (binary, name) in BINARIES.iter().zip(["portcullis", "portcullis-agent"]) {
+        let (code, stdout, stderr) = run(binary, &["--version"]);
+        assert_eq!(code, Some(0), "{stderr}");
+        assert_eq!(stdout, format!("{name} {version}\n"));
+    }
+    let changelog = std::fs::read_to_string(root.join("CHANGELOG.md")).unwrap();
+    assert!(
+        changelog
+            .lines()
+            .any(|l| l.starts_with(&format!("## [{version}]"))),
+        "CHANGELOG.md has no section for {version}"
+    );
+}
