@@ -570,6 +570,8 @@ PY
           metrics_ms=$(median3 "$(ms scrape)" "$(ms scrape)" "$(ms scrape)")
           metrics_bytes=$(scrape | wc -c)
           under_load "$n" reloading reload
+          # At rest: one more reload, waited for (one the loop started may still be running).
+          reload > /dev/null; sleep 1
           rss_after_kib=$(awk '/^VmRSS:/ {print $2}' "/proc/${PID[$t]}/status")
           under_load "$n" scraping scrape
           printf '{"scenario":"scale-config","target":"portcullis","variant":"branches-%s","run":%s,"rss_mib":%s,"rss_after_reloads_mib":%s,"start_ms":%s,"check_config_ms":%s,"reload_ms":%s,"metrics_ms":%s,"metrics_mib":%s}\n' \
