@@ -4,9 +4,10 @@
 //!
 //! The floors, lowest first (a module imports only from its own floor or below; see
 //! docs/architecture.md for the map and `tests/it/layout.rs` for the check):
-//! - [`process`], [`accept`], [`listen_queue`], [`end`], [`metrics`], [`access_log`],
-//!   [`admin_http`]: the parts both binaries stand on (runtime, the accept loop and its queue,
-//!   how a connection ends, metrics, the log line, the admin listener's HTTP server).
+//! - [`process`], [`accept`], [`activation`], [`listen_queue`], [`end`], [`metrics`],
+//!   [`access_log`], [`admin_http`]: the parts both binaries stand on (runtime, the accept loop,
+//!   sockets systemd passed, the accept queue, how a connection ends, metrics, the log line, the
+//!   admin listener's HTTP server).
 //! - [`policy`]: host names and patterns, the allow-list and its [`policy::Decision`], the
 //!   destination wall, the built-in profiles. Pure: no I/O, no clock.
 //! - [`bandwidth`]: schedules, bucket arithmetic, per-tunnel gates and paced IO, budgets.
@@ -29,6 +30,7 @@
 
 pub mod accept;
 pub mod access_log;
+pub mod activation;
 pub mod admin;
 pub mod admin_http;
 pub mod agent;

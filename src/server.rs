@@ -20,6 +20,12 @@ use tokio::task::JoinHandle;
 /// A listener's configured address, and its position among `listen.tls_proxy` for HTTPS.
 type ListenerKey = (SocketAddr, Option<usize>);
 
+/// A listener the service manager passed, for tokio.
+fn from_std(listener: std::net::TcpListener) -> std::io::Result<TcpListener> {
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
+}
+
 pub struct Server {
     /// The current snapshot; each connection takes the one current at its accept and keeps
     /// it for its whole life, so a reload never changes an open tunnel.
@@ -48,19 +54,53 @@ impl Server {
     pub async fn bind(snapshot: Snapshot, config_path: Option<PathBuf>) -> std::io::Result<Self> {
         // This process owns the learned destinations' state file while it runs.
         snapshot.learned.claim().map_err(std::io::Error::other)?;
-        let mut listeners = Vec::new();
         let config = &snapshot.config;
-        for (addr, tls_index) in listener_keys(&config.listen) {
-            let listener = crate::accept::listen(addr).map_err(|e| {
-                std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
-            })?;
-            listeners.push(((addr, tls_index), listener));
+        let mut inherited = crate::activation::Inherited::from_env()
+            .map_err(std::io::Error::other)?
+            .unwrap_or_default();
+        let mut listeners = Vec::new();
+        let keys = listener_keys(&config.listen);
+        for (name, key, tls) in [
+            ("proxy", "listen.proxy", false),
+            ("tls-proxy", "listen.tls_proxy[].address", true),
+        ] {
+            let keys: Vec<ListenerKey> = keys
+                .iter()
+                .filter(|k| k.1.is_some() == tls)
+                .copied()
+                .collect();
+            let addresses: Vec<SocketAddr> = keys.iter().map(|k| k.0).collect();
+            match inherited
+                .take(name, key, &addresses)
+                .map_err(std::io::Error::other)?
+            {
+                Some(passed) => {
+                    for (key, listener) in keys.into_iter().zip(passed) {
+                        listeners.push((key, from_std(listener)?));
+                    }
+                }
+                None => {
+                    for (addr, tls_index) in keys {
+                        let listener = crate::accept::listen(addr).map_err(|e| {
+                            std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
+                        })?;
+                        listeners.push(((addr, tls_index), listener));
+                    }
+                }
+            }
         }
-        let admin = match config.listen.admin {
-            None => None,
-            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
-                std::io::Error::new(e.kind(), format!("cannot listen on {addr} (admin): {e}"))
-            })?),
+        let admin_addresses: Vec<SocketAddr> = config.listen.admin.into_iter().collect();
+        let admin = match inherited
+            .take("admin", "listen.admin", &admin_addresses)
+            .map_err(std::io::Error::other)?
+        {
+            Some(mut passed) => passed.pop().map(from_std).transpose()?,
+            None => match config.listen.admin {
+                None => None,
+                Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("cannot listen on {addr} (admin): {e}"))
+                })?),
+            },
         };
         // Before the limit is derived from it: every tunnel holds two descriptors.
         let descriptors = crate::process::raise_descriptor_limit();

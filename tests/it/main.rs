@@ -1,6 +1,7 @@
 //! Integration tests: the real gateway binary on 127.0.0.1:0, real TLS origins with rcgen
 //! certificates, real clients. One test binary, one module per area.
 
+mod activation;
 mod admin;
 mod agent;
 mod audit;
