@@ -197,20 +197,9 @@ impl Server {
         ));
         // Fleet mode only: the refresh task (shares, tunnel counts); nothing runs without it.
         let fleet = self.current.load().fleet.clone();
-        let fleet_task = fleet.as_ref().map(|fleet| {
-            tracing::info!(
-                redis = %fleet.settings.redis.shown,
-                replica = %fleet.settings.name,
-                refresh_ms = fleet.settings.refresh.as_millis() as u64,
-                lease_ms = fleet.settings.lease.as_millis() as u64,
-                "fleet mode: limits are shared through Redis"
-            );
-            background.spawn(crate::fleet::learned::run(fleet.clone(), learned.clone()));
-            tokio::spawn(crate::fleet::refresh::run(
-                fleet.clone(),
-                self.current.clone(),
-            ))
-        });
+        let fleet_task = fleet
+            .as_ref()
+            .map(|fleet| start_fleet(fleet, &learned, &self.current, &mut background));
         crate::process::notify(crate::process::ServiceState::Ready);
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
@@ -254,6 +243,16 @@ impl Server {
         }
         self.draining.store(true, Ordering::Relaxed);
         crate::process::notify(crate::process::ServiceState::Stopping);
+        // `/readyz` answers 503 from now; a load balancer takes a few checks to stop sending,
+        // and what it still sends meanwhile is served.
+        let pre_stop = self.current.load().config.timeouts.pre_stop;
+        if !pre_stop.is_zero() {
+            tracing::info!(
+                pre_stop_ms = pre_stop.as_millis() as u64,
+                "stopping: /readyz answers 503; accepting for timeouts.pre_stop before draining"
+            );
+            tokio::time::sleep(pre_stop).await;
+        }
         if let (Some(fleet), Some(task)) = (&fleet, fleet_task) {
             // Give this replica's shares and counts back before draining.
             task.abort();
@@ -308,6 +307,25 @@ fn listener_keys(listen: &crate::config::Listen) -> Vec<ListenerKey> {
         .enumerate()
         .map(|(i, l)| (l.address, Some(i)));
     plain.chain(tls).collect()
+}
+
+/// Fleet mode's tasks: learned destinations shared (in `background`) and the refresh task
+/// (shares, tunnel counts), returned so that shutdown can stop it before giving shares back.
+fn start_fleet(
+    fleet: &Arc<crate::fleet::Fleet>,
+    learned: &Arc<crate::learned::Learned>,
+    current: &Arc<ArcSwap<Snapshot>>,
+    background: &mut tokio::task::JoinSet<()>,
+) -> JoinHandle<()> {
+    tracing::info!(
+        redis = %fleet.settings.redis.shown,
+        replica = %fleet.settings.name,
+        refresh_ms = fleet.settings.refresh.as_millis() as u64,
+        lease_ms = fleet.settings.lease.as_millis() as u64,
+        "fleet mode: limits are shared through Redis"
+    );
+    background.spawn(crate::fleet::learned::run(fleet.clone(), learned.clone()));
+    tokio::spawn(crate::fleet::refresh::run(fleet.clone(), current.clone()))
 }
 
 /// Accepts on one listener; each client is served on the snapshot current at its accept.

@@ -189,6 +189,18 @@ fn settings(out: &mut String, config: &Config) {
     );
     let _ = writeln!(out, "  idle: {}", duration(t.idle));
     let _ = writeln!(out, "  drain: {}", duration(t.drain));
+    if t.pre_stop.is_zero() {
+        let _ = writeln!(
+            out,
+            "  pre_stop: none (SIGTERM closes the listeners at once)"
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "  pre_stop: {} (SIGTERM: /readyz answers 503 and the listeners accept this long before the drain)",
+            duration(t.pre_stop)
+        );
+    }
     if let Some(fleet) = &config.fleet {
         let _ = writeln!(
             out,
@@ -448,6 +460,7 @@ mod tests {
             "  head: 10s\n",
             "  idle: 15m\n",
             "  drain: 30s\n",
+            "  pre_stop: none",
             "  servers: system resolv.conf\n",
             "  timeout: 5s\n",
             "mode: enforce\n",

@@ -75,6 +75,8 @@ const MAX_THROTTLE_QUEUE: Duration = Duration::from_secs(10);
 /// Sync sessions sit idle for long stretches between change batches.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest `timeouts.pre_stop`: it only has to outlast a load balancer's readiness checks.
+pub const MAX_PRE_STOP: Duration = Duration::from_secs(300);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Unfinished request heads one address may hold: far above what busy branch servers behind
 /// one NAT address have in flight at once, far below the connection limit.
@@ -200,6 +202,9 @@ pub struct Timeouts {
     pub idle: Duration,
     /// On SIGTERM/SIGINT, how long open connections may take to finish before they are closed.
     pub drain: Duration,
+    /// On SIGTERM/SIGINT, how long the listeners keep accepting while `/readyz` already answers
+    /// 503 (a load balancer stops sending first); zero by default.
+    pub pre_stop: Duration,
 }
 
 impl Config {
@@ -391,6 +396,7 @@ fn compile(
             "timeouts.drain",
             DEFAULT_DRAIN_TIMEOUT,
         ),
+        pre_stop: pre_stop(p, raw.timeouts.pre_stop.as_ref()),
     };
 
     let limits = Limits {
@@ -510,6 +516,26 @@ fn attempt_delay(p: &mut Problems<'_>, value: Option<&toml::Spanned<String>>) ->
         }
         _ => delay,
     }
+}
+
+/// `timeouts.pre_stop`: zero (the default, also `"0s"`) up to [`MAX_PRE_STOP`].
+fn pre_stop(p: &mut Problems<'_>, value: Option<&toml::Spanned<String>>) -> Duration {
+    let Some(v) = value else {
+        return Duration::ZERO;
+    };
+    if matches!(v.get_ref().trim(), "0" | "0s") {
+        return Duration::ZERO;
+    }
+    let wait = duration(p, value, "timeouts.pre_stop", Duration::ZERO);
+    if wait > MAX_PRE_STOP {
+        p.add(
+            v.span(),
+            "timeouts.pre_stop",
+            "expected at most 5m (a load balancer stops sending within seconds of a failed readiness check)",
+        );
+        return Duration::ZERO;
+    }
+    wait
 }
 
 /// `log.on_write_failure`: `fail-closed` guards the access file, so it needs one.

@@ -150,6 +150,7 @@ pub(super) struct RawTimeouts {
     pub(super) attempt_delay: Option<Spanned<String>>,
     pub(super) idle: Option<Spanned<String>>,
     pub(super) drain: Option<Spanned<String>>,
+    pub(super) pre_stop: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

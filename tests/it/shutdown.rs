@@ -83,3 +83,59 @@ async fn a_tunnel_cut_at_the_drain_timeout_still_gets_its_access_line_and_bytes(
     );
     assert_eq!(gw.access_count(), 1, "exactly one line");
 }
+
+#[tokio::test]
+async fn pre_stop_keeps_serving_while_readiness_fails_then_closes_the_listeners() {
+    let origin = TcpOrigin::start(b"still served").await;
+    let port = origin.addr.port();
+    let mut gw = Gateway::start(
+        GatewayConfig::for_origin(port)
+            .timeout("pre_stop", "2s")
+            .timeout("drain", "5s"),
+    )
+    .await;
+    let admin = gw.admin_addr.unwrap();
+    assert_eq!(admin_get(admin, "/readyz").await.status, 200);
+    gw.signal("TERM");
+    gw.wait_log(|l| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("stopping: /readyz answers 503"))
+    })
+    .await;
+    let stopping = std::time::Instant::now();
+    assert_eq!(admin_get(admin, "/readyz").await.status, 503);
+    // A client the load balancer still sends is served.
+    let (mut tunnel, status) = open_tunnel(gw.addr, &format!("{ORIGIN_HOST}:{port}"), b"").await;
+    assert_eq!(status, 200, "served during pre_stop");
+    assert_eq!(send_and_finish(&mut tunnel, b"late").await, b"still served");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(2),
+        "the test checked within pre_stop"
+    );
+    // Then the listeners close: new clients are refused, and the gateway exits.
+    gw.wait_log(|l| l["message"] == "stopped accepting; draining")
+        .await;
+    assert!(
+        stopping.elapsed() >= Duration::from_millis(1800),
+        "not before pre_stop"
+    );
+    assert!(tokio::net::TcpStream::connect(gw.addr).await.is_err());
+    let status = gw.wait_exit(Duration::from_secs(10)).await.expect("exits");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn pre_stop_is_bounded() {
+    let (_dir, path) = temp_file(
+        "portcullis.toml",
+        "[listen]\nproxy = [\"127.0.0.1:0\"]\n[timeouts]\npre_stop = \"10m\"\n",
+    );
+    let out = portcullis(&["check-config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("timeouts.pre_stop") && said.contains("expected at most 5m"),
+        "{said}"
+    );
+}
