@@ -78,8 +78,6 @@ impl Control {
                 self.apply(c)
             });
         crate::process::notify(crate::process::ServiceState::Ready);
-        // The parse's garbage, and whatever the last snapshot alone held, go back.
-        crate::process::memory::release_freed();
         match &result {
             Ok(()) => tracing::info!(file = %path.display(), "reload applied"),
             Err(problems) => {

@@ -80,6 +80,10 @@ pub struct Snapshot {
     pub fleet: Option<Arc<Fleet>>,
     /// Destinations each branch used under rules that learn; shared by every snapshot.
     pub learned: Arc<Learned>,
+    /// Last, so it is dropped after everything above: a replaced snapshot is freed when the
+    /// last connection that started on it ends (at once on an idle gateway), and then its
+    /// memory, and the garbage of the parse that replaced it, go back to the system.
+    _release_memory: crate::process::memory::ReleaseOnDrop,
 }
 
 impl Snapshot {
@@ -216,6 +220,7 @@ impl Snapshot {
             connect_rate,
             fleet,
             learned,
+            _release_memory: crate::process::memory::ReleaseOnDrop,
         })
     }
 
@@ -316,15 +321,6 @@ impl Snapshot {
 pub(crate) struct TunnelSlot<'g> {
     counter: Option<&'g Arc<AtomicU32>>,
     fleet: Option<(&'g Arc<Fleet>, &'g String)>,
-}
-
-/// A snapshot outlives the reload that replaced it while connections that started on it run:
-/// its memory is freed when the last of them ends, after the reload's own trim, so it is
-/// given back then (off the async workers).
-impl Drop for Snapshot {
-    fn drop(&mut self) {
-        crate::process::memory::release_freed_soon();
-    }
 }
 
 impl Drop for TunnelSlot<'_> {

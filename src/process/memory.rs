@@ -19,11 +19,16 @@ pub fn release_freed() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn release_freed() {}
 
-/// [`release_freed`] once what is being dropped now is gone: on a blocking thread of the
-/// runtime, or here outside one.
-pub fn release_freed_soon() {
-    match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => drop(runtime.spawn_blocking(release_freed)),
-        Err(_) => release_freed(),
+/// Calls [`release_freed`] when dropped, on a blocking thread of the runtime (or here outside
+/// one): the last field of something large, so that it runs once the rest is freed. One trim
+/// per reload: it walks every allocator arena (tens of milliseconds with 10,000 branches).
+pub struct ReleaseOnDrop;
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(release_freed)),
+            Err(_) => release_freed(),
+        }
     }
 }
