@@ -354,11 +354,14 @@ impl Server {
             let store = learned.clone();
             match tokio::task::spawn_blocking(move || store.release()).await {
                 Ok(Ok(())) => tracing::info!("upgrade: learned destinations saved and released"),
-                Ok(Err(error)) => tracing::warn!(%error, "upgrade: cannot save learned destinations"),
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "upgrade: cannot save learned destinations")
+                }
                 Err(error) => tracing::warn!(%error, "upgrade: saving learned destinations failed"),
             }
         }
-        let timeouts = &self.current.load().config.timeouts;
+        let current = self.current.load_full();
+        let timeouts = &current.config.timeouts;
         let drain = if upgraded {
             timeouts.upgrade_drain
         } else {
@@ -415,7 +418,16 @@ async fn upgrade(
     let mut passed = Vec::new();
     let named = sockets
         .iter()
-        .map(|(key, s)| (if key.1.is_some() { "tls-proxy" } else { "proxy" }, s))
+        .map(|(key, s)| {
+            (
+                if key.1.is_some() {
+                    "tls-proxy"
+                } else {
+                    "proxy"
+                },
+                s,
+            )
+        })
         .chain(admin.map(|s| ("admin", s)));
     for (name, socket) in named {
         let copy = crate::upgrade::copy(socket)

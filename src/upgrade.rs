@@ -91,10 +91,8 @@ pub async fn hand_over(
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
-    let dir = std::env::temp_dir().join(format!(
-        "portcullis-upgrade-{}-{nanos}",
-        std::process::id()
-    ));
+    let dir =
+        std::env::temp_dir().join(format!("portcullis-upgrade-{}-{nanos}", std::process::id()));
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&dir)
@@ -149,21 +147,21 @@ async fn wait_ready(
     let mut buf = [0u8; 64];
     loop {
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("the new process exited before it listened ({status})"));
+            return Err(format!(
+                "the new process exited before it listened ({status})"
+            ));
         }
-        tokio::select! {
-            got = ready.recv(&mut buf) => match got {
-                Ok(n) if &buf[..n] == b"READY=1" => return Ok(()),
-                Ok(_) => {}
-                Err(e) => return Err(format!("readiness socket: {e}")),
-            },
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            _ = tokio::time::sleep_until(deadline) => {
-                return Err(format!(
-                    "the new process did not report that it listens within {}s",
-                    within.as_secs()
-                ));
-            }
+        let got = tokio::time::timeout(Duration::from_millis(100), ready.recv(&mut buf)).await;
+        match got {
+            Ok(Ok(n)) if &buf[..n] == b"READY=1" => return Ok(()),
+            Ok(Ok(_)) | Err(_) => {}
+            Ok(Err(e)) => return Err(format!("readiness socket: {e}")),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "the new process did not report that it listens within {}s",
+                within.as_secs()
+            ));
         }
     }
 }

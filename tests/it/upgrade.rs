@@ -44,11 +44,13 @@ async fn one_tunnel(gateway: std::net::SocketAddr, target: &str) -> Result<(), S
         .map_err(|e| format!("write: {e}"))?;
     let head = read_head_bytes(&mut tcp)
         .await
-        .ok_or_else(|| "no reply head".to_owned())?;
+        .map_err(|e| format!("no reply head: {e:?}"))?;
     if status_of(&head) != 200 {
         return Err(format!("status {}", status_of(&head)));
     }
-    tcp.write_all(b"x").await.map_err(|e| format!("send: {e}"))?;
+    tcp.write_all(b"x")
+        .await
+        .map_err(|e| format!("send: {e}"))?;
     tcp.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
     let mut reply = Vec::new();
     tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut reply)
@@ -71,10 +73,18 @@ async fn sigusr2_hands_over_without_refusing_a_client_and_the_old_process_finish
 
     // A client opening a tunnel every 10 ms through the whole upgrade.
     let stop = Arc::new(AtomicBool::new(false));
-    let (served, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::default()));
+    let (served, failed) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(Mutex::<Vec<String>>::default()),
+    );
     let client = {
-        let (stop, served, failed, target, addr) =
-            (stop.clone(), served.clone(), failed.clone(), target.clone(), gw.addr);
+        let (stop, served, failed, target, addr) = (
+            stop.clone(),
+            served.clone(),
+            failed.clone(),
+            target.clone(),
+            gw.addr,
+        );
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(10));
             for _ in 0..3000 {
@@ -138,7 +148,9 @@ async fn sigusr2_hands_over_without_refusing_a_client_and_the_old_process_finish
     assert!(failed.is_empty(), "failed connections: {failed:?}");
     assert!(served.load(Ordering::Relaxed) > 50, "the client loop ran");
     // The new process serves on alone.
-    one_tunnel(gw.addr, &target).await.expect("the new process serves");
+    one_tunnel(gw.addr, &target)
+        .await
+        .expect("the new process serves");
     drop(new);
 }
 
@@ -147,8 +159,10 @@ use std::sync::Mutex;
 async fn post(admin: std::net::SocketAddr, path: &str) -> Reply {
     raw_request(
         admin,
-        format!("POST {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            .as_bytes(),
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
     )
     .await
 }
@@ -169,7 +183,7 @@ async fn post_upgrade_then_upgrade_drain_cuts_what_is_left_with_an_access_line_e
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     let reply = post(gw.admin_addr.unwrap(), "/upgrade").await;
-    assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
+    assert_eq!(reply.status, 200, "{}", reply.body);
     let _new = handed_over(&mut gw).await;
     let status = gw
         .wait_exit(Duration::from_secs(10))
@@ -229,7 +243,7 @@ async fn the_notify_socket_hears_ready_then_mainpid_then_stopping() {
         let mut heard = Vec::new();
         let mut buf = [0u8; 512];
         while let Ok(n) = socket.recv(&mut buf) {
-            let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let message = String::from_utf8_lossy(&buf[..n]).trim_end().to_owned();
             let stopping = message.contains("STOPPING=1");
             heard.push(message);
             if stopping {
@@ -241,9 +255,18 @@ async fn the_notify_socket_hears_ready_then_mainpid_then_stopping() {
     .await
     .unwrap();
     let at = |what: &str| heard.iter().position(|m| m.starts_with(what));
-    assert_eq!(heard.first().map(String::as_str), Some("READY=1"), "{heard:?}");
+    assert_eq!(
+        heard.first().map(String::as_str),
+        Some("READY=1"),
+        "{heard:?}"
+    );
     let mainpid = at("MAINPID=").expect("MAINPID=");
     assert_eq!(heard[mainpid], format!("MAINPID={}", new.0));
     assert!(at("STOPPING=1").is_some_and(|s| s > mainpid), "{heard:?}");
-    assert_eq!(gw.wait_exit(Duration::from_secs(10)).await.and_then(|s| s.code()), Some(0));
+    assert_eq!(
+        gw.wait_exit(Duration::from_secs(10))
+            .await
+            .and_then(|s| s.code()),
+        Some(0)
+    );
 }
