@@ -270,3 +270,39 @@ async fn the_notify_socket_hears_ready_then_mainpid_then_stopping() {
         Some(0)
     );
 }
+
+#[tokio::test]
+async fn destinations_learned_before_during_and_after_an_upgrade_are_in_the_state_file() {
+    let pki = Pki::new();
+    let origin = origin_for(&pki, 3).await;
+    let port = origin.port();
+    let state = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::start(learning_config(state.path(), port, "record", 3)).await;
+    assert_eq!(fetch(&pki, gw.addr, LONDON, &account(0), port).await, 200);
+    gw.signal("USR2");
+    let new = handed_over(&mut gw).await;
+    // Served by whichever process accepts it: the new one, or the old one before it stopped.
+    assert_eq!(fetch(&pki, gw.addr, PARIS, &account(1), port).await, 200);
+    let status = gw.wait_exit(Duration::from_secs(10)).await.expect("exits");
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(fetch(&pki, gw.addr, LONDON, &account(2), port).await, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let hosts = state_file_hosts(state.path());
+        if (0..3).all(|n| hosts.contains(&account(n))) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the state file holds {hosts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        gw.count_logs(|l| l["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("learned destinations are not saved"))),
+        0
+    );
+    drop(new);
+}
