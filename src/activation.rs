@@ -71,10 +71,17 @@ impl Inherited {
         };
         let mut taken = Vec::with_capacity(addresses.len());
         for address in addresses {
-            let Some(i) = passed
+            // Port 0 ("any port") takes a socket on that address whatever its port: a binary
+            // upgrade hands over what the old process bound.
+            let matches = |l: &TcpListener| {
+                l.local_addr().is_ok_and(|at| {
+                    at == *address || (address.port() == 0 && at.ip() == address.ip())
+                })
+            };
+            let exact = passed
                 .iter()
-                .position(|l| l.local_addr().ok() == Some(*address))
-            else {
+                .position(|l| l.local_addr().ok() == Some(*address));
+            let Some(i) = exact.or_else(|| passed.iter().position(matches)) else {
                 let there: Vec<String> = passed.iter().map(local).collect();
                 return Err(format!(
                     "socket activation: `{key}` lists {address}, but no socket named {name:?} listens there (passed: {})",

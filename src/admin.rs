@@ -6,6 +6,7 @@
 //! | `GET /healthz` | 200 while the process runs |
 //! | `GET /readyz` | 200 when serving, 503 while draining |
 //! | `POST /reload` | from loopback only: reload the config file (200, or 422 with its problems) |
+//! | `POST /upgrade` | from loopback only: binary upgrade (200 once the new process listens, or 500 with why the old one serves on) |
 //! | `GET /learned[?branch=B]` | the learned destinations, in the state file's JSON format |
 //! | `POST /learned/approve?branch=B&host=H[:P][&rule=R]` | from loopback only: learn a destination (saved before the answer) |
 //! | `POST /learned/forget?branch=B&host=H[:P][&rule=R]` | from loopback only: forget one (every port without `:P`) |
@@ -33,6 +34,19 @@ fn route(ask: &Ask<'_>, control: &Control, draining: &AtomicBool) -> Answer {
         ("POST", "/reload") if !ask.from_loopback => {
             Answer::text(403, "reload only from loopback\n")
         }
+        ("POST", "/upgrade") if !ask.from_loopback => {
+            Answer::text(403, "upgrade only from loopback\n")
+        }
+        ("POST", "/upgrade") => match control.upgrade() {
+            Ok(pid) => Answer::text(
+                200,
+                format!("upgraded: process {pid} serves; this one drains\n"),
+            ),
+            Err(problem) => Answer::text(
+                500,
+                format!("upgrade failed; the running process serves on: {problem}\n"),
+            ),
+        },
         ("POST", "/reload") => match control.reload() {
             Ok(()) => Answer::text(200, "reloaded\n"),
             Err(problems) => Answer::text(422, format!("{problems}\n")),

@@ -27,12 +27,15 @@ pub struct Control {
     pub(crate) connections: crate::accept::Connections,
     /// Reload requests, for the server's main thread to carry out; each gets its answer back.
     pub(crate) reloads: tokio::sync::mpsc::Sender<ReloadReply>,
+    /// Binary upgrade requests, for the server's main loop.
+    pub(crate) upgrades: tokio::sync::mpsc::Sender<crate::upgrade::UpgradeReply>,
 }
 
 /// Where a reload's result goes.
 pub type ReloadReply = tokio::sync::oneshot::Sender<Result<(), String>>;
 
 const STOPPING: &str = "the gateway is stopping; nothing was reloaded";
+const UPGRADE_STOPPING: &str = "the gateway is stopping or upgrading already; no upgrade started";
 
 impl Control {
     /// Reloads (SIGHUP, `POST /reload`) from a blocking thread: the server's main thread does
@@ -55,6 +58,30 @@ impl Control {
             .await
             .map_err(|_| STOPPING.to_owned())?;
         answer.await.unwrap_or_else(|_| Err(STOPPING.into()))
+    }
+
+    /// Starts a binary upgrade (`POST /upgrade`) from a blocking thread and waits until the new
+    /// process listens: its process id, or why this process serves on.
+    pub fn upgrade(&self) -> Result<u32, String> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.upgrades
+            .blocking_send(reply)
+            .map_err(|_| UPGRADE_STOPPING.to_owned())?;
+        answer
+            .blocking_recv()
+            .unwrap_or_else(|_| Err(UPGRADE_STOPPING.into()))
+    }
+
+    /// [`Control::upgrade`] from an async task (SIGUSR2).
+    pub async fn upgrade_async(&self) -> Result<u32, String> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.upgrades
+            .send(reply)
+            .await
+            .map_err(|_| UPGRADE_STOPPING.to_owned())?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err(UPGRADE_STOPPING.into()))
     }
 
     /// Reads the config file again and applies it: counted in the metrics, logged, and

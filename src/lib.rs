@@ -50,3 +50,4 @@ pub mod process;
 pub mod server;
 pub mod stream;
 pub mod tunnel;
+pub mod upgrade;

@@ -46,14 +46,20 @@ pub struct Server {
     /// Reload requests from [`Control`]s, carried out by [`Server::run`] on its own thread.
     reloads: tokio::sync::mpsc::Sender<crate::control::ReloadReply>,
     reload_requests: tokio::sync::mpsc::Receiver<crate::control::ReloadReply>,
+    /// Binary upgrade requests (SIGUSR2, `POST /upgrade`), carried out by [`Server::run`].
+    upgrades: tokio::sync::mpsc::Sender<crate::upgrade::UpgradeReply>,
+    upgrade_requests: tokio::sync::mpsc::Receiver<crate::upgrade::UpgradeReply>,
 }
 
 impl Server {
     /// Binds every `listen.proxy` and `listen.tls_proxy` address; fails on the first that
     /// cannot be bound.
     pub async fn bind(snapshot: Snapshot, config_path: Option<PathBuf>) -> std::io::Result<Self> {
-        // This process owns the learned destinations' state file while it runs.
-        snapshot.learned.claim().map_err(std::io::Error::other)?;
+        // This process owns the learned destinations' state file while it runs (one an upgrade
+        // started takes it over once the old process released it: [`Server::run`]).
+        if !crate::upgrade::started_by_upgrade() {
+            snapshot.learned.claim().map_err(std::io::Error::other)?;
+        }
         let config = &snapshot.config;
         let mut inherited = crate::activation::Inherited::from_env()
             .map_err(std::io::Error::other)?
@@ -117,7 +123,10 @@ impl Server {
             "connection limit"
         );
         let (reloads, reload_requests) = tokio::sync::mpsc::channel(16);
+        let (upgrades, upgrade_requests) = tokio::sync::mpsc::channel(4);
         Ok(Self {
+            upgrades,
+            upgrade_requests,
             reloads,
             reload_requests,
             current: Arc::new(ArcSwap::from_pointee(snapshot)),
@@ -142,66 +151,64 @@ impl Server {
             applying: self.applying.clone(),
             connections: self.connections.clone(),
             reloads: self.reloads.clone(),
+            upgrades: self.upgrades.clone(),
         }
     }
 
-    /// Accepts until `shutdown` completes, then drains: open connections get up to
-    /// `timeouts.drain` to finish; tunnels still open then are cut, each writing its access
-    /// line (`end = "drain_timeout"`) with its byte counts, before this returns.
+    /// Accepts until `shutdown` completes or a binary upgrade handed the listeners over, then
+    /// drains: open connections get up to `timeouts.drain` (`timeouts.upgrade_drain` after an
+    /// upgrade) to finish; tunnels still open then are cut, each writing its access line
+    /// (`end = "drain_timeout"`) with its byte counts, before this returns.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let control = self.control();
         let mut lowered = false;
         let connections = self.connections.clone();
         let mut background = tokio::task::JoinSet::new();
+        // A copy of each listening socket, for a binary upgrade to hand over.
+        let mut sockets: HashMap<ListenerKey, crate::upgrade::Socket> = HashMap::new();
         let spawn = |(key, listener): (ListenerKey, TcpListener)| {
             if let Ok(addr) = listener.local_addr() {
                 let kind = if key.1.is_some() { "tls" } else { "plain" };
                 tracing::info!(address = %addr, kind, "listening");
             }
+            let socket = crate::upgrade::copy(&listener);
             let handle = tokio::spawn(accept(
                 listener,
                 key.1,
                 self.current.clone(),
                 connections.clone(),
             ));
-            (key, handle)
+            (key, handle, socket)
         };
-        let mut listening: HashMap<ListenerKey, JoinHandle<()>> =
-            self.listeners.into_iter().map(spawn).collect();
+        let mut listening: HashMap<ListenerKey, JoinHandle<()>> = HashMap::new();
+        for (key, handle, socket) in self.listeners.drain(..).map(spawn) {
+            listening.insert(key, handle);
+            sockets.extend(socket.map(|s| (key, s)));
+        }
         let mut admin_task = None;
-        if let Some(admin) = self.admin {
+        let mut admin_socket = None;
+        if let Some(admin) = self.admin.take() {
             if let Ok(addr) = admin.local_addr() {
                 tracing::info!(address = %addr, kind = "admin", "listening");
             }
+            admin_socket = crate::upgrade::copy(&admin);
             admin_task = Some(tokio::spawn(crate::admin::serve(
                 admin,
                 control.clone(),
                 self.draining.clone(),
             )));
         }
-        let current = self.current.clone();
-        background.spawn(async move {
-            let mut every_minute = tokio::time::interval(Duration::from_secs(60));
-            loop {
-                every_minute.tick().await;
-                current.load().forget_idle_counters();
-            }
-        });
         let learned = self.current.load().learned.clone();
-        background.spawn(crate::learned::keep_saved(learned.clone()));
-        background.spawn(retune_on_schedule(
-            self.current.clone(),
-            |snapshot: &Snapshot| &snapshot.throttles,
-            self.schedules_changed.clone(),
-            jiff::Timestamp::now,
-        ));
         // Fleet mode only: the refresh task (shares, tunnel counts); nothing runs without it.
         let fleet = self.current.load().fleet.clone();
-        let fleet_task = fleet
-            .as_ref()
-            .map(|fleet| start_fleet(fleet, &learned, &self.current, &mut background));
+        let fleet_task = self.start_background(&learned, &fleet, &mut background);
         crate::process::notify(crate::process::ServiceState::Ready);
+        if crate::upgrade::started_by_upgrade() {
+            crate::upgrade::report_ready();
+            background.spawn(take_over_learned(learned.clone()));
+        }
         let mut shutdown = std::pin::pin!(shutdown);
+        let mut handed_over = None;
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
@@ -214,6 +221,19 @@ impl Server {
                     }
                     let _ = reply.send(control.reload_here());
                 }
+                Some(reply) = self.upgrade_requests.recv() => {
+                    let instance = fleet.as_ref().map(|f| f.instance.as_str());
+                    match upgrade(&sockets, admin_socket.as_ref(), instance).await {
+                        Ok(pid) => {
+                            let _ = reply.send(Ok(pid));
+                            handed_over = Some(pid);
+                            break;
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
                 _ = self.listen_changed.notified() => {
                     // A reload changed listener addresses: close the ones gone, bind the new.
                     let config = &self.current.load().config;
@@ -223,6 +243,7 @@ impl Server {
                         if let Some(handle) = listening.remove(&key) {
                             handle.abort();
                             let _ = handle.await;
+                            sockets.remove(&key);
                             tracing::info!(address = %key.0, "stopped listening");
                         }
                     }
@@ -232,8 +253,9 @@ impl Server {
                         }
                         match crate::accept::listen(key.0) {
                             Ok(listener) => {
-                                let (key, handle) = spawn((key, listener));
+                                let (key, handle, socket) = spawn((key, listener));
                                 listening.insert(key, handle);
+                                sockets.extend(socket.map(|s| (key, s)));
                             }
                             Err(e) => tracing::warn!(address = %key.0, error = %e, "cannot listen"),
                         }
@@ -241,35 +263,114 @@ impl Server {
                 }
             }
         }
+        // The copies go: a listener closes once its accept loop and (after an upgrade) the
+        // new process let it go.
+        drop(sockets);
+        drop(admin_socket);
+        let running = Running {
+            listening,
+            admin_task,
+            background,
+            fleet: fleet.zip(fleet_task),
+            learned,
+            handed_over,
+        };
+        self.stop(running).await;
+    }
+
+    /// The background tasks: idle counters forgotten, learned destinations saved, schedules
+    /// retuned, and in fleet mode the fleet's tasks (the refresh task is returned).
+    fn start_background(
+        &self,
+        learned: &Arc<crate::learned::Learned>,
+        fleet: &Option<Arc<crate::fleet::Fleet>>,
+        background: &mut tokio::task::JoinSet<()>,
+    ) -> Option<JoinHandle<()>> {
+        let current = self.current.clone();
+        background.spawn(async move {
+            let mut every_minute = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                every_minute.tick().await;
+                current.load().forget_idle_counters();
+            }
+        });
+        background.spawn(crate::learned::keep_saved(learned.clone()));
+        background.spawn(retune_on_schedule(
+            self.current.clone(),
+            |snapshot: &Snapshot| &snapshot.throttles,
+            self.schedules_changed.clone(),
+            jiff::Timestamp::now,
+        ));
+        fleet
+            .as_ref()
+            .map(|fleet| start_fleet(fleet, learned, &self.current, background))
+    }
+
+    /// Stops accepting and drains (see [`Server::run`]).
+    async fn stop(self, mut running: Running) {
+        let connections = self.connections.clone();
         self.draining.store(true, Ordering::Relaxed);
+        if let Some(pid) = running.handed_over {
+            // The new process is the service now (systemd: `MAINPID=`); this one only drains.
+            crate::upgrade::announce_main_pid(pid);
+        }
         crate::process::notify(crate::process::ServiceState::Stopping);
+        let upgraded = running.handed_over.is_some();
         // `/readyz` answers 503 from now; a load balancer takes a few checks to stop sending,
-        // and what it still sends meanwhile is served.
+        // and what it still sends meanwhile is served. After an upgrade the new process
+        // serves them: no pause.
         let pre_stop = self.current.load().config.timeouts.pre_stop;
-        if !pre_stop.is_zero() {
+        if !pre_stop.is_zero() && !upgraded {
             tracing::info!(
                 pre_stop_ms = pre_stop.as_millis() as u64,
                 "stopping: /readyz answers 503; accepting for timeouts.pre_stop before draining"
             );
             tokio::time::sleep(pre_stop).await;
         }
-        if let (Some(fleet), Some(task)) = (&fleet, fleet_task) {
-            // Give this replica's shares and counts back before draining.
+        if let Some((fleet, task)) = running.fleet.take() {
             task.abort();
             let _ = task.await;
-            crate::fleet::refresh::leave(fleet, &**self.current.load()).await;
+            // Give this replica's shares and counts back before draining; after an upgrade the
+            // new process holds the name and writes them (once, under the same name).
+            if !upgraded {
+                crate::fleet::refresh::leave(&fleet, &**self.current.load()).await;
+            }
         }
         // Drain: stop accepting (the listeners close with their loops), let open connections
         // finish within the drain timeout, then leave the rest to be closed at exit.
-        for (_, handle) in listening.drain() {
+        for (_, handle) in running.listening.drain() {
             handle.abort();
             let _ = handle.await;
         }
-        background.shutdown().await;
-        let drain = self.current.load().config.timeouts.drain;
+        if upgraded && let Some(task) = running.admin_task.take() {
+            // The new process answers on the admin listener (its /readyz is the service's).
+            task.abort();
+        }
+        running.background.shutdown().await;
+        let learned = running.learned;
+        if upgraded {
+            // Nothing is learned here any more: saved, and the state directory released for
+            // the new process, which adds the file to what it learned meanwhile.
+            let store = learned.clone();
+            match tokio::task::spawn_blocking(move || store.release()).await {
+                Ok(Ok(())) => tracing::info!("upgrade: learned destinations saved and released"),
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "upgrade: cannot save learned destinations")
+                }
+                Err(error) => tracing::warn!(%error, "upgrade: saving learned destinations failed"),
+            }
+        }
+        let current = self.current.load_full();
+        let timeouts = &current.config.timeouts;
+        let drain = if upgraded {
+            timeouts.upgrade_drain
+        } else {
+            timeouts.drain
+        };
         tracing::info!(
             open_connections = connections.open(),
             drain_timeout_s = drain.as_secs(),
+            upgraded,
             "stopped accepting; draining"
         );
         match connections.drain(drain).await {
@@ -287,10 +388,91 @@ impl Server {
                 }
             }
         }
-        // What the drained tunnels learned is kept.
+        // What the drained tunnels learned is kept (not after an upgrade: the state file is
+        // the new process's).
         crate::learned::save_logged(&learned).await;
-        if let Some(task) = admin_task {
+        if let Some(task) = running.admin_task {
             task.abort();
+        }
+    }
+}
+
+/// What [`Server::run`] hands to [`Server::stop`].
+struct Running {
+    listening: HashMap<ListenerKey, JoinHandle<()>>,
+    admin_task: Option<JoinHandle<()>>,
+    background: tokio::task::JoinSet<()>,
+    fleet: Option<(Arc<crate::fleet::Fleet>, JoinHandle<()>)>,
+    learned: Arc<crate::learned::Learned>,
+    /// The new process's id, after a binary upgrade.
+    handed_over: Option<u32>,
+}
+
+/// A binary upgrade: the listening sockets (and the admin one) go to a new process, which
+/// must report that it listens; its id, or why this process serves on (logged).
+async fn upgrade(
+    sockets: &HashMap<ListenerKey, crate::upgrade::Socket>,
+    admin: Option<&crate::upgrade::Socket>,
+    fleet_instance: Option<&str>,
+) -> Result<u32, String> {
+    let mut passed = Vec::new();
+    let named = sockets
+        .iter()
+        .map(|(key, s)| {
+            (
+                if key.1.is_some() {
+                    "tls-proxy"
+                } else {
+                    "proxy"
+                },
+                s,
+            )
+        })
+        .chain(admin.map(|s| ("admin", s)));
+    for (name, socket) in named {
+        let copy = crate::upgrade::copy(socket)
+            .ok_or_else(|| "upgrade: cannot copy a listening socket".to_owned());
+        match copy {
+            Ok(copy) => passed.push((name, copy)),
+            Err(e) => {
+                tracing::error!(error = %e, "upgrade failed; this process serves on");
+                return Err(e);
+            }
+        }
+    }
+    tracing::info!(sockets = passed.len(), "upgrade: starting the new binary");
+    let result =
+        crate::upgrade::hand_over(passed, fleet_instance, crate::upgrade::READY_WITHIN).await;
+    match &result {
+        Ok(pid) => tracing::info!(
+            pid,
+            "upgrade: the new process listens; this one stops accepting and drains"
+        ),
+        Err(e) => tracing::error!(error = %e, "upgrade failed; this process serves on"),
+    }
+    result
+}
+
+/// In a process an upgrade started: claims the learned destinations' state directory once the
+/// old process released it (after it stopped accepting), and adds what it saved.
+async fn take_over_learned(learned: Arc<crate::learned::Learned>) {
+    let started = tokio::time::Instant::now();
+    loop {
+        match learned.take_over() {
+            Ok(true) => return,
+            Ok(false) if started.elapsed() < crate::upgrade::READY_WITHIN => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(false) => {
+                tracing::warn!(
+                    "upgrade: the old process still holds the learned destinations' state directory; learned destinations are not saved by this process"
+                );
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "upgrade: cannot read the learned destinations' state file");
+                return;
+            }
         }
     }
 }

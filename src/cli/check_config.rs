@@ -201,6 +201,11 @@ fn settings(out: &mut String, config: &Config) {
             duration(t.pre_stop)
         );
     }
+    let _ = writeln!(
+        out,
+        "  upgrade_drain: {} (after a binary upgrade, SIGUSR2 or POST /upgrade, the old process lets open tunnels run this long)",
+        duration(t.upgrade_drain)
+    );
     if let Some(fleet) = &config.fleet {
         let _ = writeln!(
             out,

@@ -54,6 +54,7 @@ pub fn serve(config_path: Option<PathBuf>, log_format: Option<LogFormatArg>) -> 
         let server = Server::bind(snapshot, config_path).await?;
         tokio::spawn(reload_on_sighup(server.control()));
         tokio::spawn(reopen_on_sigusr1(access_file));
+        tokio::spawn(upgrade_on_sigusr2(server.control()));
         server.run(crate::process::shutdown_signal()).await;
         tracing::info!("exiting");
         Ok(ExitCode::SUCCESS)
@@ -74,6 +75,22 @@ async fn reload_on_sighup(control: crate::control::Control) {
     };
     while hangups.recv().await.is_some() {
         let _ = control.reload_async().await;
+    }
+}
+
+/// No SIGUSR2 off Unix.
+#[cfg(not(unix))]
+async fn upgrade_on_sigusr2(_control: crate::control::Control) {}
+
+/// SIGUSR2: binary upgrade ([`crate::upgrade`]); the result is logged by the server.
+#[cfg(unix)]
+async fn upgrade_on_sigusr2(control: crate::control::Control) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut signals) = signal(SignalKind::user_defined2()) else {
+        return;
+    };
+    while signals.recv().await.is_some() {
+        let _ = control.upgrade_async().await;
     }
 }
 

@@ -77,6 +77,12 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest `timeouts.pre_stop`: it only has to outlast a load balancer's readiness checks.
 pub const MAX_PRE_STOP: Duration = Duration::from_secs(300);
+/// After a binary upgrade, how long the old process lets its open tunnels run: sync sessions
+/// last long, and cutting one costs a re-sync, so an hour by default.
+pub const DEFAULT_UPGRADE_DRAIN: Duration = Duration::from_secs(3600);
+/// The longest `timeouts.upgrade_drain`: an upgrade is usually a security fix, and the old
+/// (vulnerable) binary must not serve on for days.
+pub const MAX_UPGRADE_DRAIN: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Unfinished request heads one address may hold: far above what busy branch servers behind
 /// one NAT address have in flight at once, far below the connection limit.
@@ -205,6 +211,9 @@ pub struct Timeouts {
     /// On SIGTERM/SIGINT, how long the listeners keep accepting while `/readyz` already answers
     /// 503 (a load balancer stops sending first); zero by default.
     pub pre_stop: Duration,
+    /// After a binary upgrade handed the listeners over (SIGUSR2, `POST /upgrade`), how long
+    /// the old process lets open tunnels run before it cuts them and exits.
+    pub upgrade_drain: Duration,
 }
 
 impl Config {
@@ -397,6 +406,7 @@ fn compile(
             DEFAULT_DRAIN_TIMEOUT,
         ),
         pre_stop: pre_stop(p, raw.timeouts.pre_stop.as_ref()),
+        upgrade_drain: upgrade_drain(p, raw.timeouts.upgrade_drain.as_ref()),
     };
 
     let limits = Limits {
@@ -534,6 +544,22 @@ fn pre_stop(p: &mut Problems<'_>, value: Option<&toml::Spanned<String>>) -> Dura
             "expected at most 5m (a load balancer stops sending within seconds of a failed readiness check)",
         );
         return Duration::ZERO;
+    }
+    wait
+}
+
+/// `timeouts.upgrade_drain`: up to [`MAX_UPGRADE_DRAIN`], an hour by default.
+fn upgrade_drain(p: &mut Problems<'_>, value: Option<&toml::Spanned<String>>) -> Duration {
+    let wait = duration(p, value, "timeouts.upgrade_drain", DEFAULT_UPGRADE_DRAIN);
+    if let Some(v) = value
+        && wait > MAX_UPGRADE_DRAIN
+    {
+        p.add(
+            v.span(),
+            "timeouts.upgrade_drain",
+            "expected at most 24h (an upgrade is usually a security fix: the old binary must not serve on for days)",
+        );
+        return DEFAULT_UPGRADE_DRAIN;
     }
     wait
 }

@@ -151,6 +151,7 @@ pub(super) struct RawTimeouts {
     pub(super) idle: Option<Spanned<String>>,
     pub(super) drain: Option<Spanned<String>>,
     pub(super) pre_stop: Option<Spanned<String>>,
+    pub(super) upgrade_drain: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -64,7 +64,8 @@ impl Fleet {
             metrics,
             state: AtomicU8::new(0),
             written: Default::default(),
-            instance: instance_id(),
+            // A process a binary upgrade started takes over its parent's hold on the name.
+            instance: crate::upgrade::inherited_instance().unwrap_or_else(instance_id),
             conflict: AtomicBool::new(false),
         })
     }

@@ -286,6 +286,32 @@ impl Learned {
         Ok(())
     }
 
+    /// Saves what changed and lets `state_dir`'s lock go (the old process of a binary upgrade,
+    /// once it stopped accepting: nothing new is learned in it after that), so the new process
+    /// can claim the directory ([`Learned::take_over`]).
+    pub fn release(&self) -> std::io::Result<()> {
+        let saved = self.save();
+        *self.lock.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        saved
+    }
+
+    /// Claims `state_dir` after the old process of a binary upgrade released it, then adds
+    /// what the file holds (what the old process learned up to its last save) to the sets;
+    /// `Ok(false)` while the old process still holds the lock.
+    pub fn take_over(&self) -> Result<bool, String> {
+        let Some(file) = self.state().file.clone() else {
+            return Ok(true);
+        };
+        if self.claim().is_err() {
+            return Ok(false);
+        }
+        let stored = state_file::load(&file)?;
+        self.insert(stored);
+        self.state().dirty = true;
+        self.changed.notify_one();
+        Ok(true)
+    }
+
     /// Whether a configuration with a rule that learns opened the store.
     pub fn in_use(&self) -> bool {
         self.state().file.is_some()

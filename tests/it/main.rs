@@ -31,4 +31,5 @@ mod support;
 mod throttle_queue;
 mod tls_listener;
 mod tunnel;
+mod upgrade;
 mod windows;
