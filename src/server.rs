@@ -266,7 +266,7 @@ impl Server {
         // The copies go: a listener closes once its accept loop and (after an upgrade) the
         // new process let it go.
         drop(sockets);
-        drop(admin_socket);
+        let _ = admin_socket.take();
         let running = Running {
             listening,
             admin_task,

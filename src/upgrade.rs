@@ -8,6 +8,7 @@
 //! (`timeouts.upgrade_drain`); the kernel queues clients on the shared sockets meanwhile, so
 //! none is refused.
 
+#[cfg(unix)]
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -24,8 +25,9 @@ pub type UpgradeReply = tokio::sync::oneshot::Sender<Result<u32, String>>;
 /// A listening socket's descriptor, kept for an upgrade to hand over.
 #[cfg(unix)]
 pub type Socket = std::os::fd::OwnedFd;
+/// Off Unix there is nothing to hand over.
 #[cfg(not(unix))]
-pub type Socket = ();
+pub struct Socket;
 
 /// A copy of `socket`'s descriptor (`dup`); `None` when the system refuses one.
 #[cfg(unix)]
@@ -68,8 +70,10 @@ pub fn report_ready() {
 pub fn report_ready() {}
 
 /// The readiness socket's directory, removed when dropped.
+#[cfg(unix)]
 struct ReadyDir(PathBuf);
 
+#[cfg(unix)]
 impl Drop for ReadyDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
