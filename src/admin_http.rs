@@ -13,8 +13,9 @@ use tokio::net::TcpListener;
 /// Admin connections served at once; more wait in the listen backlog (a scraper or an operator
 /// needs a few, a runaway script must not take the process's descriptors).
 const MAX_CONNECTIONS: usize = 64;
-/// Longest one admin connection is kept, whatever it does.
-const CONNECTION_TIME: Duration = Duration::from_secs(30);
+/// Longest one admin connection is kept, whatever it does: longer than `POST /upgrade` may
+/// wait for the new process (60 s), so its answer is not cut off.
+const CONNECTION_TIME: Duration = Duration::from_secs(90);
 
 /// One admin request, as the routes see it.
 pub struct Ask<'a> {

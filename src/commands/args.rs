@@ -48,6 +48,14 @@ pub enum Command {
         #[arg(long, value_name = "PATH", default_value = "/healthz")]
         path: String,
     },
+    /// Ask a running gateway (its admin listener, from loopback) to hand its listeners to a new
+    /// process of the binary now at its path, which then serves while the old one drains; exit
+    /// 0 once the new process listens, 1 (the reason on stderr) when the old one serves on.
+    Upgrade {
+        /// The gateway's admin listener (`listen.admin`).
+        #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:9464")]
+        admin: std::net::SocketAddr,
+    },
     /// Print the bandwidth limits in force at a moment and a week table of schedule windows;
     /// `schedule import-afs FILE` turns Azure File Sync network limits into [[schedule]] TOML.
     #[command(args_conflicts_with_subcommands = true)]

@@ -26,6 +26,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::CheckConfig { file } => check_config(&file),
         Command::HashPassword => hash_password(),
         Command::Health { admin, path } => health(admin, &path),
+        Command::Upgrade { admin } => upgrade(admin),
         Command::Schedule {
             action: Some(ScheduleAction::ImportAfs { file }),
             ..
@@ -250,6 +251,23 @@ fn health(admin: std::net::SocketAddr, path: &str) -> ExitCode {
                 "portcullis: {}",
                 reply.lines().next().unwrap_or("no answer")
             );
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("portcullis: {admin}: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `portcullis upgrade`: `POST /upgrade`, waiting as long as the gateway waits for the new
+/// process (its ready report, then some).
+fn upgrade(admin: std::net::SocketAddr) -> ExitCode {
+    let wait = crate::upgrade::READY_WITHIN + std::time::Duration::from_secs(15);
+    match crate::process::http_request_waiting(admin, "POST", "/upgrade", wait) {
+        Ok((200, body)) => crate::process::print_stdout("portcullis", body.as_bytes()),
+        Ok((status, body)) => {
+            eprintln!("portcullis: {admin}: {status}: {}", body.trim_end());
             ExitCode::from(1)
         }
         Err(e) => {

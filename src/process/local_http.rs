@@ -1,18 +1,22 @@
 //! A tiny blocking HTTP client for the command-line probes (`health`, `learned`, the agent's
 //! `status`): one request with an empty body to a local admin or status endpoint.
 
-/// One request with an empty body to a local admin or status endpoint, blocking, 5 s for each
-/// step: the whole reply, at most `limit` bytes.
+/// Each step of a probe (connect, send, each read) gets this long.
+const STEP: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// One request with an empty body to a local admin or status endpoint, blocking, `wait` for
+/// each read and [`STEP`] for the rest: the whole reply, at most `limit` bytes.
 fn exchange(
     addr: std::net::SocketAddr,
     method: &str,
     target: &str,
     limit: u64,
+    wait: std::time::Duration,
 ) -> std::io::Result<Vec<u8>> {
     use std::io::{Read, Write};
-    let timeout = std::time::Duration::from_secs(5);
+    let timeout = STEP;
     let mut tcp = std::net::TcpStream::connect_timeout(&addr, timeout)?;
-    tcp.set_read_timeout(Some(timeout))?;
+    tcp.set_read_timeout(Some(wait))?;
     tcp.set_write_timeout(Some(timeout))?;
     write!(
         tcp,
@@ -26,7 +30,7 @@ fn exchange(
 /// `GET path`: the whole reply (at most 64 KiB) as text. For the command-line probes
 /// (`health`, `status`).
 pub fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
-    let reply = exchange(addr, "GET", path, 64 * 1024)?;
+    let reply = exchange(addr, "GET", path, 64 * 1024, STEP)?;
     Ok(String::from_utf8_lossy(&reply).into_owned())
 }
 
@@ -37,7 +41,17 @@ pub fn http_request(
     method: &str,
     target: &str,
 ) -> std::io::Result<(u16, String)> {
-    let reply = exchange(addr, method, target, 1 << 20)?;
+    http_request_waiting(addr, method, target, STEP)
+}
+
+/// [`http_request`] to an endpoint that takes up to `wait` to answer (`POST /upgrade`).
+pub fn http_request_waiting(
+    addr: std::net::SocketAddr,
+    method: &str,
+    target: &str,
+    wait: std::time::Duration,
+) -> std::io::Result<(u16, String)> {
+    let reply = exchange(addr, method, target, 1 << 20, wait)?;
     let reply = String::from_utf8_lossy(&reply);
     let malformed = || std::io::Error::other("malformed HTTP reply");
     let (head, body) = reply.split_once("\r\n\r\n").ok_or_else(malformed)?;

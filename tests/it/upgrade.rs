@@ -221,6 +221,48 @@ async fn a_config_that_is_bad_at_upgrade_time_leaves_the_old_process_serving() {
         .expect("the old process serves on");
     let reply = post(gw.admin_addr.unwrap(), "/upgrade").await;
     assert_eq!(reply.status, 500);
+    // The command says so too, and fails.
+    let out = upgrade_command(gw.admin_addr.unwrap()).await;
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("500: upgrade failed; the running process serves on"),
+        "{said}"
+    );
+}
+
+/// `portcullis upgrade --admin ADMIN`, run to completion.
+async fn upgrade_command(admin: std::net::SocketAddr) -> std::process::Output {
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["upgrade", "--admin", &admin.to_string()])
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(Duration::from_secs(90), run)
+        .await
+        .expect("the command answers within its wait")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_upgrade_command_hands_over_and_names_the_new_process() {
+    let origin = TcpOrigin::start(b"ok").await;
+    let port = origin.addr.port();
+    let target = format!("{ORIGIN_HOST}:{port}");
+    let mut gw = Gateway::start(GatewayConfig::for_origin(port)).await;
+    let out = upgrade_command(gw.admin_addr.unwrap()).await;
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    let new = handed_over(&mut gw).await;
+    assert_eq!(
+        said,
+        format!("upgraded: process {} serves; this one drains\n", new.0)
+    );
+    gw.wait_exit(Duration::from_secs(10))
+        .await
+        .expect("the old process, with nothing open, exits");
+    one_tunnel(gw.addr, &target)
+        .await
+        .expect("the new process serves");
 }
 
 #[tokio::test]
