@@ -348,3 +348,74 @@ async fn destinations_learned_before_during_and_after_an_upgrade_are_in_the_stat
     );
     drop(new);
 }
+
+#[tokio::test]
+async fn a_fleet_replica_upgraded_in_place_keeps_one_share_under_its_name() {
+    let redis = Redis::start(&[]);
+    let origin = TcpOrigin::start(b"ok").await;
+    let port = origin.addr.port();
+    let schedule = "[[schedule]]\nname = \"fleet\"\ndays = \"daily\"\nhours = \"00:00-00:00\"\ntime_zone = \"UTC\"\nupload = \"8 Mbit/s\"\napplies_to = \"each-branch\"\n";
+    let config = GatewayConfig::for_origin(port)
+        .extra(schedule)
+        .fleet("redis", redis.url())
+        .fleet("name", "gw-1");
+    let mut gw = Gateway::start(config).await;
+    gw.wait_log(|l| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("fleet: Redis answers"))
+    })
+    .await;
+    let target = format!("{ORIGIN_HOST}:{port}");
+    // A tunnel on the old process makes the budget's share; one on the new process keeps it.
+    let (on_old, status) = open_tunnel(gw.addr, &target, b"").await;
+    assert_eq!(status, 200);
+    // Uploading (a budget takes a share while it has demand), until told to finish.
+    let (finish, finished) = tokio::sync::oneshot::channel::<()>();
+    let uploader = tokio::spawn(async move {
+        let mut tunnel = on_old;
+        let chunk = [7u8; 16 * 1024];
+        let mut finished = finished;
+        for _ in 0..2_000 {
+            tokio::select! {
+                _ = &mut finished => break,
+                written = tunnel.write_all(&chunk) => if written.is_err() { break },
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        send_and_finish(&mut tunnel, b"done").await
+    });
+    let shares = "portcullis:{each-branch:unassigned:upload}:shares";
+    let fields = || redis.command(&format!("HKEYS {shares}"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !fields().contains("gw-1") && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(fields().contains("gw-1"), "{}", fields());
+    gw.signal("USR2");
+    let _new = handed_over(&mut gw).await;
+    let (_on_new, status) = open_tunnel(gw.addr, &target, b"").await;
+    assert_eq!(status, 200);
+    let _ = finish.send(());
+    assert_eq!(uploader.await.unwrap(), b"ok");
+    gw.wait_exit(Duration::from_secs(10))
+        .await
+        .expect("the old process exits once its tunnel ended");
+    // The new process refreshes under the same name: one field, never two, and no clash.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        redis.command(&format!("HLEN {shares}")).trim(),
+        ":1",
+        "one share: {}",
+        fields()
+    );
+    assert!(fields().contains("gw-1"), "{}", fields());
+    assert_eq!(
+        gw.count_logs(|l| l["level"] == "ERROR"),
+        0,
+        "no name clash or other error"
+    );
+    one_tunnel(gw.addr, &target)
+        .await
+        .expect("the new process serves");
+}
