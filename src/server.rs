@@ -223,7 +223,16 @@ impl Server {
                 }
                 Some(reply) = self.upgrade_requests.recv() => {
                     let instance = fleet.as_ref().map(|f| f.instance.as_str());
-                    match upgrade(&sockets, admin_socket.as_ref(), instance).await {
+                    // A stop request while the new process starts abandons the upgrade (the
+                    // new process is stopped) and stops this one.
+                    let outcome = tokio::select! {
+                        outcome = upgrade(&sockets, admin_socket.as_ref(), instance) => outcome,
+                        _ = &mut shutdown => {
+                            let _ = reply.send(Err("the gateway is stopping".into()));
+                            break;
+                        }
+                    };
+                    match outcome {
                         Ok(pid) => {
                             let _ = reply.send(Ok(pid));
                             handed_over = Some(pid);

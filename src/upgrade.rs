@@ -126,18 +126,36 @@ pub async fn hand_over(
     command
         .fd_mappings(mappings)
         .map_err(|e| format!("cannot hand the sockets over: {e}"))?;
-    let mut child = command
+    let child = command
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
     let pid = child.id();
     tracing::info!(pid, binary = %binary.display(), "upgrade: new process started; waiting until it listens");
-    let outcome = wait_ready(&ready, &mut child, within).await;
-    if outcome.is_err() {
-        // Ours to stop: it never took over.
-        let _ = child.kill();
-        let _ = child.wait();
+    // Stopped unless it reports ready: also when this wait is abandoned (a stop request).
+    let mut child = StopUnlessReady(Some(child));
+    let outcome = match child.0.as_mut() {
+        Some(process) => wait_ready(&ready, process, within).await,
+        None => Err("the new process is gone".to_owned()),
+    };
+    if outcome.is_ok() {
+        child.0 = None;
     }
     outcome.map(|()| pid)
+}
+
+/// A new process that has not taken over yet: killed and reaped when dropped, so a failed or
+/// abandoned upgrade leaves nothing behind.
+#[cfg(unix)]
+struct StopUnlessReady(Option<std::process::Child>);
+
+#[cfg(unix)]
+impl Drop for StopUnlessReady {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Waits for `READY=1` from `child`, its exit, or `within`.

@@ -419,3 +419,40 @@ async fn a_fleet_replica_upgraded_in_place_keeps_one_share_under_its_name() {
         .await
         .expect("the new process serves");
 }
+
+#[tokio::test]
+async fn a_stop_while_the_new_process_starts_stops_both() {
+    let origin = TcpOrigin::start(b"ok").await;
+    let mut gw = Gateway::start(GatewayConfig::for_origin(origin.addr.port())).await;
+    // The new process reads the config from a pipe nobody writes: it never gets ready.
+    let path = gw.config_path();
+    std::fs::remove_file(&path).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    gw.signal("USR2");
+    let started = gw
+        .wait_log(|l| l["message"] == "upgrade: new process started; waiting until it listens")
+        .await;
+    let new = started["pid"].as_u64().unwrap() as u32;
+    let _guard = NewProcess(new);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asked = std::time::Instant::now();
+    gw.signal("TERM");
+    let status = gw
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("the stop is not held up by the upgrade's wait");
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+    let gone = !std::path::Path::new(&format!("/proc/{new}")).exists()
+        || std::fs::read_to_string(format!("/proc/{new}/stat"))
+            .is_ok_and(|stat| stat.contains(") Z "));
+    assert!(gone, "the new process was stopped with the upgrade");
+}
