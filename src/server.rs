@@ -466,17 +466,28 @@ async fn upgrade(
 /// old process released it (after it stopped accepting), and adds what it saved.
 async fn take_over_learned(learned: Arc<crate::learned::Learned>) {
     let started = tokio::time::Instant::now();
+    let mut warned = false;
     loop {
         match learned.take_over() {
-            Ok(true) => return,
+            Ok(true) => {
+                if warned {
+                    tracing::info!("upgrade: learned destinations taken over; saved from now on");
+                }
+                return;
+            }
             Ok(false) if started.elapsed() < crate::upgrade::READY_WITHIN => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Ok(false) => {
-                tracing::warn!(
-                    "upgrade: the old process still holds the learned destinations' state directory; learned destinations are not saved by this process"
-                );
-                return;
+                // The old process lets go at the latest when it exits (after upgrade_drain):
+                // keep asking, so nothing learned here is lost.
+                if !warned {
+                    warned = true;
+                    tracing::warn!(
+                        "upgrade: the old process still holds the learned destinations' state directory; this process saves them once it lets go"
+                    );
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
             }
             Err(error) => {
                 tracing::warn!(%error, "upgrade: cannot read the learned destinations' state file");
