@@ -259,3 +259,21 @@ fn both_binaries_and_the_changelog_carry_the_version_in_cargo_toml() {
         "CHANGELOG.md has no section for {version}"
     );
 }
+
+/// README's Run command, `cargo run --release -- serve`, starts the gateway: with two binaries
+/// in the package, cargo needs `default-run` to know which (without it the command fails).
+#[test]
+fn cargo_run_starts_the_gateway_as_the_readme_says() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest: toml::Table = std::fs::read_to_string(root.join("Cargo.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        manifest["package"]["default-run"].as_str(),
+        Some("portcullis"),
+        "Cargo.toml's [package] default-run"
+    );
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    assert!(readme.contains("cargo run --release -- serve"));
+}
