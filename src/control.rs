@@ -31,8 +31,40 @@ pub struct Control {
     pub(crate) upgrades: tokio::sync::mpsc::Sender<crate::upgrade::UpgradeReply>,
 }
 
+/// Where the answer to a request the server's main loop carries out goes (a reload, an
+/// upgrade).
+pub type Reply<T> = tokio::sync::oneshot::Sender<Result<T, String>>;
+
 /// Where a reload's result goes.
-pub type ReloadReply = tokio::sync::oneshot::Sender<Result<(), String>>;
+pub type ReloadReply = Reply<()>;
+
+/// Asks the server's main loop through `requests` and waits for its answer, from a blocking
+/// thread; `stopping` when the loop is gone.
+fn ask_blocking<T>(
+    requests: &tokio::sync::mpsc::Sender<Reply<T>>,
+    stopping: &str,
+) -> Result<T, String> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    requests
+        .blocking_send(reply)
+        .map_err(|_| stopping.to_owned())?;
+    answer
+        .blocking_recv()
+        .unwrap_or_else(|_| Err(stopping.into()))
+}
+
+/// [`ask_blocking`] from an async task.
+async fn ask<T>(
+    requests: &tokio::sync::mpsc::Sender<Reply<T>>,
+    stopping: &str,
+) -> Result<T, String> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    requests
+        .send(reply)
+        .await
+        .map_err(|_| stopping.to_owned())?;
+    answer.await.unwrap_or_else(|_| Err(stopping.into()))
+}
 
 const STOPPING: &str = "the gateway is stopping; nothing was reloaded";
 const UPGRADE_STOPPING: &str = "the gateway is stopping or upgrading already; no upgrade started";
@@ -41,47 +73,23 @@ impl Control {
     /// Reloads (SIGHUP, `POST /reload`) from a blocking thread: the server's main thread does
     /// the work ([`Control::reload_here`]) and this waits for its answer.
     pub fn reload(&self) -> Result<(), String> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.reloads
-            .blocking_send(reply)
-            .map_err(|_| STOPPING.to_owned())?;
-        answer
-            .blocking_recv()
-            .unwrap_or_else(|_| Err(STOPPING.into()))
+        ask_blocking(&self.reloads, STOPPING)
     }
 
     /// [`Control::reload`] from an async task.
     pub async fn reload_async(&self) -> Result<(), String> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.reloads
-            .send(reply)
-            .await
-            .map_err(|_| STOPPING.to_owned())?;
-        answer.await.unwrap_or_else(|_| Err(STOPPING.into()))
+        ask(&self.reloads, STOPPING).await
     }
 
     /// Starts a binary upgrade (`POST /upgrade`) from a blocking thread and waits until the new
     /// process listens: its process id, or why this process serves on.
     pub fn upgrade(&self) -> Result<u32, String> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.upgrades
-            .blocking_send(reply)
-            .map_err(|_| UPGRADE_STOPPING.to_owned())?;
-        answer
-            .blocking_recv()
-            .unwrap_or_else(|_| Err(UPGRADE_STOPPING.into()))
+        ask_blocking(&self.upgrades, UPGRADE_STOPPING)
     }
 
     /// [`Control::upgrade`] from an async task (SIGUSR2).
     pub async fn upgrade_async(&self) -> Result<u32, String> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.upgrades
-            .send(reply)
-            .await
-            .map_err(|_| UPGRADE_STOPPING.to_owned())?;
-        answer
-            .await
-            .unwrap_or_else(|_| Err(UPGRADE_STOPPING.into()))
+        ask(&self.upgrades, UPGRADE_STOPPING).await
     }
 
     /// Reads the config file again and applies it: counted in the metrics, logged, and

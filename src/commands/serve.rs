@@ -61,7 +61,22 @@ pub fn serve(config_path: Option<PathBuf>, log_format: Option<LogFormatArg>) -> 
     })
 }
 
-/// The gateway runs on Linux; elsewhere there is no SIGHUP (reload over `POST /reload`).
+/// Runs `action` at every delivery of the Unix signal `kind` (SIGHUP reloads, SIGUSR1 reopens
+/// the access log, SIGUSR2 upgrades); off Unix there are no such signals (the admin listener
+/// does the same).
+#[cfg(unix)]
+async fn on_signal<F: std::future::Future<Output = ()>>(
+    kind: tokio::signal::unix::SignalKind,
+    mut action: impl FnMut() -> F,
+) {
+    let Ok(mut signals) = tokio::signal::unix::signal(kind) else {
+        return;
+    };
+    while signals.recv().await.is_some() {
+        action().await;
+    }
+}
+
 #[cfg(not(unix))]
 async fn reload_on_sighup(_control: crate::control::Control) {}
 
@@ -69,32 +84,24 @@ async fn reload_on_sighup(_control: crate::control::Control) {}
 /// refused with its problems logged and the running configuration stays.
 #[cfg(unix)]
 async fn reload_on_sighup(control: crate::control::Control) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        return;
-    };
-    while hangups.recv().await.is_some() {
+    on_signal(tokio::signal::unix::SignalKind::hangup(), || async {
         let _ = control.reload_async().await;
-    }
+    })
+    .await
 }
 
-/// No SIGUSR2 off Unix.
 #[cfg(not(unix))]
 async fn upgrade_on_sigusr2(_control: crate::control::Control) {}
 
 /// SIGUSR2: binary upgrade ([`crate::upgrade`]); the result is logged by the server.
 #[cfg(unix)]
 async fn upgrade_on_sigusr2(control: crate::control::Control) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut signals) = signal(SignalKind::user_defined2()) else {
-        return;
-    };
-    while signals.recv().await.is_some() {
+    on_signal(tokio::signal::unix::SignalKind::user_defined2(), || async {
         let _ = control.upgrade_async().await;
-    }
+    })
+    .await
 }
 
-/// No SIGUSR1 off Unix.
 #[cfg(not(unix))]
 async fn reopen_on_sigusr1(_access_file: Option<AccessFile>) {}
 
@@ -102,11 +109,7 @@ async fn reopen_on_sigusr1(_access_file: Option<AccessFile>) {}
 /// Never stops the gateway, with or without a file.
 #[cfg(unix)]
 async fn reopen_on_sigusr1(access_file: Option<AccessFile>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut signals) = signal(SignalKind::user_defined1()) else {
-        return;
-    };
-    while signals.recv().await.is_some() {
+    on_signal(tokio::signal::unix::SignalKind::user_defined1(), || async {
         match &access_file {
             None => tracing::info!("SIGUSR1: no log.access_file to reopen"),
             Some(file) => match file.reopen() {
@@ -116,5 +119,6 @@ async fn reopen_on_sigusr1(access_file: Option<AccessFile>) {
                 }
             },
         }
-    }
+    })
+    .await
 }
