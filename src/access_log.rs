@@ -9,6 +9,8 @@ use std::time::Duration;
 
 /// tracing target of the canonical line, so it can be filtered (`RUST_LOG=portcullis::access=info`).
 pub const TARGET: &str = "portcullis::access";
+/// tracing target of the audit line per operator action (admin listener changes).
+pub const AUDIT_TARGET: &str = "portcullis::audit";
 /// tracing target of the branch agent's line per forwarded request.
 pub const AGENT_TARGET: &str = "portcullis::agent";
 
@@ -416,7 +418,7 @@ fn level_filter() -> tracing_subscriber::filter::EnvFilter {
     use tracing_subscriber::filter::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // The access lines are the audit trail, not diagnostics: no level setting removes them.
-    [TARGET, AGENT_TARGET]
+    [TARGET, AGENT_TARGET, AUDIT_TARGET]
         .into_iter()
         .filter_map(|target| format!("{target}=info").parse().ok())
         .fold(filter, |filter, directive| filter.add_directive(directive))
@@ -439,14 +441,19 @@ pub fn init_with(format: LogFormat, access_file: Option<&AccessFile>) {
     use tracing_subscriber::prelude::*;
     let filter = level_filter();
     let to_file = access_file.is_some();
-    let not_moved = filter_fn(move |meta| !(to_file && meta.target() == TARGET));
+    let not_moved = filter_fn(move |meta| {
+        !(to_file && (meta.target() == TARGET || meta.target() == AUDIT_TARGET))
+    });
     let stdout = layer(format, std::io::stdout)
         .with_filter(filter)
         .with_filter(not_moved);
     let file = access_file.map(|file| {
         let shared = file.file.clone();
-        layer(format, move || AccessFileWriter(shared.clone()))
-            .with_filter(Targets::new().with_target(TARGET, tracing::Level::INFO))
+        layer(format, move || AccessFileWriter(shared.clone())).with_filter(
+            Targets::new()
+                .with_target(TARGET, tracing::Level::INFO)
+                .with_target(AUDIT_TARGET, tracing::Level::INFO),
+        )
     });
     // Already installed (a second call in the same process) is fine.
     let _ = tracing_subscriber::registry()

@@ -23,8 +23,12 @@ pub struct Ask<'a> {
     pub path: &'a str,
     /// The query string (after `?`), if any.
     pub query: Option<&'a str>,
-    /// The client is on loopback (changes are taken only from there).
+    /// The client is on loopback (without admin tokens, changes are taken only from there).
     pub from_loopback: bool,
+    /// The client's address (for the audit lines).
+    pub peer: std::net::SocketAddr,
+    /// The `Authorization` header, if any (never logged).
+    pub authorization: Option<&'a str>,
     /// The `Accept` header asks for OpenMetrics text (Prometheus does).
     pub open_metrics: bool,
 }
@@ -34,6 +38,8 @@ pub struct Answer {
     pub status: u16,
     pub content_type: &'static str,
     pub body: String,
+    /// One more header (`WWW-Authenticate` on a 401).
+    pub header: Option<(&'static str, &'static str)>,
 }
 
 impl Ask<'_> {
@@ -46,7 +52,7 @@ impl Ask<'_> {
     }
 }
 
-fn percent_decode(text: &str) -> String {
+pub fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -87,6 +93,19 @@ impl Answer {
             status,
             content_type: "text/plain",
             body: body.into(),
+            header: None,
+        }
+    }
+
+    /// `value` as pretty JSON.
+    pub fn json(status: u16, value: &serde_json::Value) -> Self {
+        let mut body = serde_json::to_string_pretty(value).unwrap_or_default();
+        body.push('\n');
+        Self {
+            status,
+            content_type: "application/json",
+            body,
+            header: None,
         }
     }
 
@@ -103,12 +122,14 @@ impl Answer {
                 status: 200,
                 content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 body: text,
+                header: None,
             }
         } else {
             Self {
                 status: 200,
                 content_type: "text/plain; version=0.0.4; charset=utf-8",
                 body: crate::metrics::classic_text(&text),
+                header: None,
             }
         }
     }
@@ -138,6 +159,11 @@ where
                     .iter()
                     .filter_map(|v| v.to_str().ok())
                     .any(|v| v.contains("application/openmetrics-text"));
+                let authorization = req
+                    .headers()
+                    .get(hyper::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
                 let method = req.method().as_str().to_owned();
                 let path = req.uri().path().to_owned();
                 let query = req.uri().query().map(str::to_owned);
@@ -152,15 +178,20 @@ where
                             path: &path,
                             query: query.as_deref(),
                             from_loopback,
+                            peer,
+                            authorization: authorization.as_deref(),
                             open_metrics,
                         })
                     })
                     .await
                     .unwrap_or_else(|_| Answer::text(500, "internal error\n"));
-                    hyper::Response::builder()
+                    let mut response = hyper::Response::builder()
                         .status(answer.status)
-                        .header("content-type", answer.content_type)
-                        .body(Full::new(Bytes::from(answer.body)))
+                        .header("content-type", answer.content_type);
+                    if let Some((name, value)) = answer.header {
+                        response = response.header(name, value);
+                    }
+                    response.body(Full::new(Bytes::from(answer.body)))
                 }
             });
             let connection = hyper::server::conn::http1::Builder::new()

@@ -164,14 +164,70 @@ impl Control {
         if listen_changed {
             self.listen_changed.notify_one();
         }
+        // Revocation takes effect: a client the new file no longer admits as its branch loses
+        // its open tunnels, whatever `on_reload` says.
+        let revoked = next.live.revoke(&previous.config, &next.config);
+        if revoked > 0 {
+            tracing::info!(
+                closed_tunnels = revoked,
+                "closed open tunnels whose client is no longer admitted as their branch"
+            );
+        }
         if next.config.policy.on_reload == crate::policy::OnReload::CloseDenied {
-            let closed = next.revocable.close_denied(&next);
+            let closed = next.live.close_denied(&next.config);
             tracing::info!(
                 closed_tunnels = closed,
                 "closed open tunnels the new policy denies"
             );
         }
         Ok(())
+    }
+
+    /// Puts `hold` on `branch` on this replica (`None`: releases it): the status, the JSON
+    /// answer and the tunnels it closed now.
+    pub fn hold(
+        &self,
+        branch: &str,
+        hold: Option<crate::live::Hold>,
+    ) -> (u16, serde_json::Value, usize) {
+        let live = self.current().live.clone();
+        let (before, closed) = live.hold(branch, hold);
+        let status = if hold.is_none() && before.is_none() {
+            404
+        } else {
+            200
+        };
+        let body = serde_json::json!({
+            "branch": branch,
+            "hold": hold.map(|h| h.as_str()),
+            "was": before.map(|h| h.as_str()),
+            "drain_until": match hold {
+                Some(crate::live::Hold::Drain { until, .. }) => Some(until.to_string()),
+                _ => None,
+            },
+            "closed": closed,
+        });
+        (status, body, closed)
+    }
+
+    /// Sends `action` to every replica (fleet mode's control stream; holds are kept in Redis
+    /// too, for replicas that start later).
+    pub fn fleet_action(&self, action: crate::live::fleet::Action) -> Result<(), String> {
+        let fleet = self.fleet()?;
+        tokio::runtime::Handle::current().block_on(fleet.send_action(&action))
+    }
+
+    /// Every replica's open tunnels and rates per branch, from their summaries in Redis.
+    pub fn fleet_branches(&self) -> Result<serde_json::Value, String> {
+        let fleet = self.fleet()?;
+        tokio::runtime::Handle::current().block_on(fleet.branch_summaries())
+    }
+
+    fn fleet(&self) -> Result<std::sync::Arc<crate::fleet::Fleet>, String> {
+        self.current()
+            .fleet
+            .clone()
+            .ok_or_else(|| "fleet mode is off: [fleet] is not configured".to_owned())
     }
 
     /// Counts a reload that failed before a configuration could be built (a bad file).

@@ -62,6 +62,16 @@ ends! {
     ClosedByReload => "closed_by_reload", None, outcome;
     /// Still open when the shutdown's drain timeout ran out.
     DrainTimeout => "drain_timeout", None, outcome;
+    /// An operator closed it (`POST /tunnels/close`, `portcullis close`).
+    ClosedByOperator => "closed_by_operator", None, outcome;
+    /// Its branch is draining: a new request is refused (503 with `Retry-After`), an open
+    /// tunnel is closed at the drain's deadline.
+    BranchDrained => "branch_drained", Some(503), outcome;
+    /// Its branch is quarantined: refused, and open tunnels closed at once.
+    BranchQuarantined => "branch_quarantined", Some(403), denial;
+    /// A reload removed or changed how its client was identified as its branch (a credential,
+    /// a certificate name, a source network).
+    IdentityRevoked => "identity_revoked", None, denial;
     // The SNI check inside the tunnel (after the 200, so no status).
     SniMismatch => "sni_mismatch", None, denial;
     SniMissing => "sni_missing", None, denial;

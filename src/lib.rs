@@ -44,6 +44,7 @@ pub mod fleet;
 pub mod gateway;
 pub mod learned;
 pub mod listen_queue;
+pub mod live;
 pub mod metrics;
 pub mod policy;
 pub mod process;

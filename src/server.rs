@@ -511,7 +511,8 @@ fn listener_keys(listen: &crate::config::Listen) -> Vec<ListenerKey> {
     plain.chain(tls).collect()
 }
 
-/// Fleet mode's tasks: learned destinations shared (in `background`) and the refresh task
+/// Fleet mode's tasks: learned destinations and the live view shared (in `background`) and the
+/// refresh task
 /// (shares, tunnel counts), returned so that shutdown can stop it before giving shares back.
 fn start_fleet(
     fleet: &Arc<crate::fleet::Fleet>,
@@ -527,6 +528,8 @@ fn start_fleet(
         "fleet mode: limits are shared through Redis"
     );
     background.spawn(crate::fleet::learned::run(fleet.clone(), learned.clone()));
+    let live = current.load().live.clone();
+    background.spawn(crate::fleet::live::run(fleet.clone(), live));
     tokio::spawn(crate::fleet::refresh::run(fleet.clone(), current.clone()))
 }
 

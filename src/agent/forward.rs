@@ -377,7 +377,7 @@ async fn forward(
         &mut gateway,
         settings.idle_timeout,
         crate::tunnel::Stop {
-            revoked: None,
+            live: None,
             drained: Some(&settings.closing),
         },
         Default::default(),

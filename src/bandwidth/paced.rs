@@ -18,6 +18,10 @@ pub struct Pacer {
     sleep: Option<Pin<Box<Sleep>>>,
     /// What the tunnel last did to this direction's socket queues.
     pub queue: QueueBound,
+    /// Nanoseconds this direction has waited for its turns (the live-tunnel listing reads it).
+    waits: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// When the wait in progress began (timeline nanoseconds).
+    waiting_since: Option<u64>,
 }
 
 /// `limits.throttle_queue` by default: a throttled direction's receive buffer holds 100 ms of
@@ -53,7 +57,14 @@ impl Pacer {
             timeline,
             sleep: None,
             queue: QueueBound::default(),
+            waits: Default::default(),
+            waiting_since: None,
         }
+    }
+
+    /// The nanoseconds this direction has waited for its turns, as they add up.
+    pub fn waits(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.waits.clone()
     }
 
     pub fn gate(&self) -> &Gate {
@@ -79,9 +90,20 @@ impl Pacer {
     /// Ready once every budget in force lets the admitted bytes go.
     pub fn poll_admit(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
-            let at = match self.gate.check(self.timeline.now()) {
-                Admission::Go => return Poll::Ready(()),
-                Admission::WaitUntil(at) => self.timeline.instant(at),
+            let now = self.timeline.now();
+            let at = match self.gate.check(now) {
+                Admission::Go => {
+                    if let Some(since) = self.waiting_since.take() {
+                        let waited = now.saturating_sub(since);
+                        self.waits
+                            .fetch_add(waited, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    return Poll::Ready(());
+                }
+                Admission::WaitUntil(at) => {
+                    self.waiting_since.get_or_insert(now);
+                    self.timeline.instant(at)
+                }
             };
             let sleep = self
                 .sleep

@@ -4,6 +4,7 @@
 //! reported with file, line, column, key and what was expected ([`problems`]); all semantic
 //! problems are listed at once. Compiling reads no clock: the caller says when it is.
 
+pub mod admin;
 mod branches;
 pub mod fleet;
 pub mod learning;
@@ -18,7 +19,7 @@ mod rules;
 mod schedules;
 #[cfg(test)]
 mod tests;
-mod values;
+pub mod values;
 
 pub use crate::access_log::LogFormat;
 pub use branches::{BranchId, Identity, UNASSIGNED};
@@ -122,6 +123,8 @@ pub struct Config {
     /// Where learned destinations are kept (`state_dir/learned.json`); used only when a rule
     /// learns.
     pub state_dir: std::path::PathBuf,
+    /// `[[admin.token]]`: who may read and steer through the admin listener.
+    pub admin_tokens: Vec<admin::AdminToken>,
 }
 
 /// A branch office: who it is (networks, credentials, certificate names) and what it may do.
@@ -492,15 +495,7 @@ fn compile(
         resolver,
         timeouts,
         limits,
-        log: LogSettings {
-            format: raw.log.format.unwrap_or(LogFormat::Text),
-            access_file: raw
-                .log
-                .access_file
-                .as_ref()
-                .map(|f| paths.resolve(p, f, "log.access_file")),
-            on_write_failure: on_write_failure(p, &raw.log),
-        },
+        log: log_settings(p, &raw.log, paths),
         schedules,
         certificate_branches: branches::by_certificate(&branches),
         branches,
@@ -509,6 +504,19 @@ fn compile(
         warnings: Vec::new(),
         fleet,
         state_dir: learning::state_dir(p, raw.state_dir.as_ref(), paths),
+        admin_tokens: admin::compile(p, &raw.admin),
+    }
+}
+
+/// `[log]`.
+fn log_settings(p: &mut Problems<'_>, raw: &raw::RawLog, paths: &paths::Paths<'_>) -> LogSettings {
+    LogSettings {
+        format: raw.format.unwrap_or(LogFormat::Text),
+        access_file: raw
+            .access_file
+            .as_ref()
+            .map(|f| paths.resolve(p, f, "log.access_file")),
+        on_write_failure: on_write_failure(p, raw),
     }
 }
 

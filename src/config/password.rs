@@ -68,6 +68,12 @@ impl StoredPassword {
             .is_some_and(|output| output == self.expected)
     }
 
+    /// Whether `other` is the same stored password (same salt and hash: a reload that kept a
+    /// user's password).
+    pub fn same_as(&self, other: &StoredPassword) -> bool {
+        self.salt == other.salt && self.expected == other.expected && self.blocks == other.blocks
+    }
+
     /// `verify_in` with memory of its own.
     pub fn verify(&self, password: &str) -> bool {
         self.verify_in(password, &mut Vec::new())

@@ -20,6 +20,7 @@ pub(super) struct RawConfig {
     pub(super) branch: Vec<Spanned<RawBranch>>,
     pub(super) schedule: Vec<Spanned<RawSchedule>>,
     pub(super) fleet: Option<Spanned<super::fleet::RawFleet>>,
+    pub(super) admin: super::admin::RawAdmin,
     /// Where the gateway keeps what it learns (learned destinations).
     pub(super) state_dir: Option<Spanned<String>>,
 }

@@ -19,6 +19,7 @@
 
 pub mod learned;
 pub mod link;
+pub mod live;
 pub mod metrics;
 pub mod refresh;
 pub mod scripts;

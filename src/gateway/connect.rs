@@ -14,10 +14,11 @@ use super::{Snapshot, TunnelSlot};
 use crate::access_log::{AccessRecord, OnWriteFailure};
 use crate::bandwidth::{Paced, Pacers};
 use crate::config::Identity;
+use crate::live::{IdentifiedBy, Tunnel};
 use crate::policy::host::Host;
 use crate::policy::{SniMode, Verdict};
 use crate::stream::ClientStream;
-use crate::tunnel;
+use crate::tunnel::{self, Live};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -207,7 +208,14 @@ async fn serve_stream<'s: 'p, 'p>(
     );
     if let Err(refusal) = handled.await {
         if let Some(status) = refusal.status {
-            let reply = replies::write_error(&mut client, status, &refusal.reason);
+            // A draining branch is told when to come back (a retry goes to another replica).
+            let retry_after = (refusal.end == End::BranchDrained)
+                .then_some(record.branch.as_deref())
+                .flatten()
+                .and_then(|branch| snapshot.live.holds.of(branch))
+                .and_then(|hold| hold.refusal().1);
+            let reply =
+                replies::write_error_retry(&mut client, status, &refusal.reason, retry_after);
             if let Ok(Ok(())) = tokio::time::timeout(REPLY_TIMEOUT, reply).await {
                 record.status = status;
                 replied = true;
@@ -270,6 +278,8 @@ struct Admitted<'g> {
     request: ProxyRequest,
     plan: Plan<'g>,
     identity: Identity,
+    /// How the client was identified as its branch (what a reload must still admit).
+    identified: IdentifiedBy,
     /// Counted against the branch's `max_tunnels` until dropped.
     slot: TunnelSlot<'g>,
     /// None where no schedule can throttle the branch and category: those pay nothing.
@@ -359,6 +369,19 @@ async fn admit<'g: 'p, 'p>(
             .unwrap_or_else(|| Refusal::new(End::ClientDenied, "client address not allowed"));
         return Err(refusal);
     };
+    // An operator's hold on the branch (one atomic load while there is none).
+    if let Some(hold) = snapshot
+        .live
+        .holds
+        .of(snapshot.config.branch_name(identity))
+    {
+        let (end, _) = hold.refusal();
+        let reason = match end {
+            End::BranchDrained => "branch draining: retry later",
+            _ => "branch quarantined by an operator",
+        };
+        return Err(Refusal::new(end, reason));
+    }
     let Some(slot) = snapshot.admit_tunnel(identity).await else {
         return Err(Refusal::new(
             End::BranchTunnelLimit,
@@ -374,13 +397,41 @@ async fn admit<'g: 'p, 'p>(
     // Boxed for the hand-over: a local or an async fn's argument would keep its space in the
     // connection's future for the tunnel's whole life; the fields moved out of the box are
     // freed before the relay.
+    let identified = identified_by(
+        snapshot,
+        identity,
+        certificate_names,
+        record.user.as_deref(),
+    );
     Ok(Box::new(Admitted {
         request,
         plan,
         identity,
+        identified,
         slot,
         pacers,
     }))
+}
+
+/// How `identity` was found: the certificate name that matched, the proxy user, or the source
+/// network (see `Identifier::identify`, whose order this follows).
+fn identified_by(
+    snapshot: &Snapshot,
+    identity: Identity,
+    certificate_names: &[String],
+    user: Option<&str>,
+) -> IdentifiedBy {
+    let Identity::Branch(branch) = identity else {
+        return IdentifiedBy::Unassigned;
+    };
+    let by_certificate = certificate_names
+        .iter()
+        .find(|name| snapshot.config.certificate_branches.get(*name) == Some(&branch));
+    match (by_certificate, user) {
+        (Some(name), _) => IdentifiedBy::Certificate(name.clone()),
+        (None, Some(user)) => IdentifiedBy::User(user.to_owned()),
+        (None, None) => IdentifiedBy::Network,
+    }
 }
 
 /// Connects to the plan's vetted addresses within `timeouts.connect`, noting the address and
@@ -471,6 +522,7 @@ async fn serve_tunnel(
         request: mut req,
         plan,
         identity,
+        identified,
         slot: _slot,
         pacers,
     } = unbox(admitted);
@@ -486,6 +538,21 @@ async fn serve_tunnel(
         record.new_destination =
             snapshot.note_destination(identity, rule, name.as_str(), req.target.port);
     }
+    // Listed for operators from here to its end (and closed by them, a hold or a revocation).
+    let registered = snapshot.live.register(Tunnel::new(
+        record.conn_id,
+        snapshot.config.branch_name(identity).to_owned(),
+        identified,
+        record.client.unwrap_or(([0, 0, 0, 0], 0).into()),
+        req.target.clone(),
+        record.resolved,
+        record.rule.clone(),
+        record.category.clone().unwrap_or_else(|| "none".into()),
+        Live::new([
+            pacers.upload.as_ref().map(|p| p.waits()),
+            pacers.download.as_ref().map(|p| p.waits()),
+        ]),
+    ));
     let category = record.category.as_deref().unwrap_or("none");
     let active = snapshot.tunnel_series(identity, category).active;
     active.inc();
@@ -518,22 +585,11 @@ async fn serve_tunnel(
     } else {
         send_up(&mut upstream, &first_bytes, &mut record.bytes_up).await?;
     }
-    // Under `on_reload = "close-denied"` a reload may close this tunnel.
-    let stop =
-        (snapshot.config.policy.on_reload == crate::policy::OnReload::CloseDenied).then(|| {
-            snapshot
-                .revocable
-                .register(record.conn_id, req.target.clone(), record.branch.clone())
-        });
-    let conn_id = record.conn_id;
-    let _unregister = stop
-        .is_some()
-        .then(|| scopeguard(move || snapshot.revocable.remove(conn_id)));
     // Nothing of the request is needed any more: an idle tunnel holds only its sockets.
     drop((req, plan));
 
     let stops = tunnel::Stop {
-        revoked: stop.as_deref(),
+        live: Some(&registered.tunnel.live),
         drained: Some(&snapshot.closing),
     };
     // The relay counts its bytes as they flow, an atomic add each 256 KiB (found only now:

@@ -19,7 +19,6 @@ pub mod refusal;
 pub mod replies;
 pub mod request;
 pub mod resolve;
-pub mod revocable;
 pub mod sni;
 pub mod sni_check;
 pub mod tls;
@@ -27,7 +26,6 @@ pub mod tls;
 pub use connect::{serve, serve_tls};
 pub use plan::{Candidate, Plan, plan};
 pub use refusal::Refusal;
-pub use revocable::Revocable;
 
 use crate::bandwidth::Throttles;
 use crate::config::{Config, Identity, UNASSIGNED};
@@ -58,9 +56,9 @@ pub struct Snapshot {
     pub tls_acceptors: Vec<Arc<TlsAcceptor>>,
     /// Shared by every snapshot: counters survive reloads.
     pub metrics: Arc<Metrics>,
-    /// Open tunnels a reload may close (tracked only under `on_reload = "close-denied"`);
-    /// shared by every snapshot.
-    pub revocable: Arc<Revocable>,
+    /// Every open tunnel, and the branches' holds (drain, quarantine); shared by every
+    /// snapshot.
+    pub live: Arc<crate::live::Registry>,
     /// Notified at the drain timeout: every open tunnel ends (`drain_timeout`) and writes its
     /// access line before the process exits; shared by every snapshot.
     pub closing: Arc<tokio::sync::Notify>,
@@ -214,7 +212,7 @@ impl Snapshot {
             throttles,
             tunnel_series,
             metrics,
-            revocable: previous.map_or_else(Default::default, |p| p.revocable.clone()),
+            live: previous.map_or_else(Default::default, |p| p.live.clone()),
             pending_heads: previous.map_or_else(Default::default, |p| p.pending_heads.clone()),
             closing: previous.map_or_else(Default::default, |p| p.closing.clone()),
             connect_rate,

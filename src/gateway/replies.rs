@@ -30,6 +30,17 @@ pub async fn write_error<W: AsyncWrite + Unpin>(
     status: u16,
     reason: &str,
 ) -> std::io::Result<()> {
+    write_error_retry(io, status, reason, None).await
+}
+
+/// [`write_error`] with `Retry-After: seconds` when given (a draining branch's 503).
+pub async fn write_error_retry<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    status: u16,
+    reason: &str,
+    retry_after: Option<u64>,
+) -> std::io::Result<()> {
+    let retry = retry_after.map_or_else(String::new, |s| format!("Retry-After: {s}\r\n"));
     let allow = match status {
         405 => "Allow: CONNECT\r\n",
         407 => "Proxy-Authenticate: Basic realm=\"portcullis\"\r\n",
@@ -45,7 +56,7 @@ pub async fn write_error<W: AsyncWrite + Unpin>(
         &reason
     };
     let reply = format!(
-        "HTTP/1.1 {status} {phrase}\r\nPortcullis-Error: {reason}\r\n{allow}Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reason}\n",
+        "HTTP/1.1 {status} {phrase}\r\nPortcullis-Error: {reason}\r\n{allow}{retry}Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reason}\n",
         reason.len() + 1
     );
     io.write_all(reply.as_bytes()).await?;

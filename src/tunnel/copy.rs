@@ -101,13 +101,15 @@ pub(crate) struct Progress {
 }
 
 impl Progress {
-    /// Adds the bytes not yet counted to `counter`.
-    pub fn count(&mut self, counter: &prometheus_client::metrics::counter::Counter) {
-        if self.bytes != self.bytes_counted {
-            counter.inc_by(self.bytes - self.bytes_counted);
+    /// Adds the bytes not yet counted to `counter`; returns how many that was.
+    pub fn count(&mut self, counter: &prometheus_client::metrics::counter::Counter) -> u64 {
+        let new = self.bytes - self.bytes_counted;
+        if new != 0 {
+            counter.inc_by(new);
             self.bytes_counted = self.bytes;
             self.moved = true;
         }
+        new
     }
 }
 

@@ -8,6 +8,7 @@
 //! [`METER_STEP`] bytes, at each idle tick and at the end, one atomic add per direction.
 
 pub mod copy;
+pub mod live;
 #[cfg(target_os = "linux")]
 pub mod queue;
 pub mod spare;
@@ -16,6 +17,7 @@ pub mod splice;
 
 pub use crate::end::End;
 pub use copy::{BUFFER_BYTES, Endpoint};
+pub use live::Live;
 
 use crate::bandwidth::Pacers;
 use crate::metrics::{METER_STEP, TunnelBytes};
@@ -31,12 +33,13 @@ use tokio::time::{Instant, Sleep, sleep_until};
 /// Longest interval between idle checks.
 const MAX_TICK: Duration = Duration::from_secs(30);
 
-/// What may end a tunnel from outside: a reload's revocation (this tunnel), and the drain
-/// timeout at shutdown (every tunnel). Either ends it with its counts, so its access line is
-/// written.
+/// What may end a tunnel from outside: a stop of this tunnel through its live state (an
+/// operator, a drain or quarantine of its branch, a reload), and the drain timeout at shutdown
+/// (every tunnel). Either ends it with its counts, so its access line is written.
 #[derive(Clone, Copy, Default)]
 pub struct Stop<'a> {
-    pub revoked: Option<&'a Notify>,
+    /// This tunnel's live state: its bytes are added there too, and its stop ends the relay.
+    pub live: Option<&'a Live>,
     pub drained: Option<&'a Notify>,
 }
 
@@ -133,9 +136,10 @@ where
         tick,
         quiet: Duration::ZERO,
         idle_check: Box::pin(sleep_until(Instant::now() + tick)),
-        // A reload that revokes this tunnel (`on_reload = "close-denied"`) wakes this; the
-        // waits live on the heap, only for tunnels that have them.
-        revoked: stop.revoked.map(|n| Box::pin(n.notified())),
+        // A stop of this tunnel wakes this; the waits live on the heap, only for tunnels that
+        // have them.
+        stopped: stop.live.map(|l| Box::pin(l.notify().notified())),
+        live: stop.live,
         drained: stop.drained.map(|n| Box::pin(n.notified())),
         meter,
         up,
@@ -152,7 +156,8 @@ pub(crate) struct Relay<'a, C: ?Sized, U: ?Sized, P> {
     /// How long no byte has moved, in ticks.
     quiet: Duration,
     idle_check: Pin<Box<Sleep>>,
-    revoked: Option<Pin<Box<Notified<'a>>>>,
+    stopped: Option<Pin<Box<Notified<'a>>>>,
+    live: Option<&'a Live>,
     drained: Option<Pin<Box<Notified<'a>>>>,
     meter: TunnelBytes,
     up: P,
@@ -172,10 +177,9 @@ where
         let Poll::Ready(end) = this.step(cx) else {
             return Poll::Pending;
         };
+        this.count();
         let up = Copier::<C, U>::progress(&mut this.up);
-        up.count(&this.meter.up);
         let down = Copier::<U, C>::progress(&mut this.down);
-        down.count(&this.meter.down);
         Poll::Ready(Outcome {
             bytes_up: up.bytes,
             bytes_down: down.bytes,
@@ -190,12 +194,21 @@ where
     U: ?Sized,
     P: Copier<C, U> + Copier<U, C> + Unpin,
 {
+    /// Adds the bytes not yet counted to the metrics and the live state.
+    fn count(&mut self) {
+        let up = Copier::<C, U>::progress(&mut self.up).count(&self.meter.up);
+        let down = Copier::<U, C>::progress(&mut self.down).count(&self.meter.down);
+        if let Some(live) = self.live {
+            live.add(up, down);
+        }
+    }
+
     /// Moves what can be moved now; `Ready` with how the tunnel ended.
     fn step(&mut self, cx: &mut Context<'_>) -> Poll<End> {
-        if let Some(revoked) = &mut self.revoked
-            && revoked.as_mut().poll(cx).is_ready()
+        if let Some(stopped) = &mut self.stopped
+            && stopped.as_mut().poll(cx).is_ready()
         {
-            return Poll::Ready(End::ClosedByReload);
+            return Poll::Ready(self.live.map_or(End::Closed, Live::stop_end));
         }
         if let Some(drained) = &mut self.drained
             && drained.as_mut().poll(cx).is_ready()
@@ -204,6 +217,7 @@ where
         }
         let (client, upstream) = (&mut *self.client, &mut *self.upstream);
         let (up, down) = (&mut self.up, &mut self.down);
+        let mark_done = |half| self.live.inspect(|l| l.mark_done(half));
         if !Copier::<C, U>::progress(up).done {
             match Copier::<C, U>::poll_copy(up, cx, client, upstream) {
                 Poll::Ready(Err(Failed::Reader)) => return Poll::Ready(End::ClientError),
@@ -212,7 +226,8 @@ where
                     return Poll::Ready(End::Closed);
                 }
                 Poll::Ready(Err(Failed::Writer)) => return Poll::Ready(End::UpstreamError),
-                Poll::Ready(Ok(())) | Poll::Pending => {}
+                Poll::Ready(Ok(())) => _ = mark_done(live::UP_DONE),
+                Poll::Pending => {}
             }
         }
         if !Copier::<U, C>::progress(down).done {
@@ -223,7 +238,8 @@ where
                     return Poll::Ready(End::Closed);
                 }
                 Poll::Ready(Err(Failed::Writer)) => return Poll::Ready(End::ClientError),
-                Poll::Ready(Ok(())) | Poll::Pending => {}
+                Poll::Ready(Ok(())) => _ = mark_done(live::DOWN_DONE),
+                Poll::Pending => {}
             }
         }
         let (up_p, down_p) = (Copier::<C, U>::progress(up), Copier::<U, C>::progress(down));
@@ -231,10 +247,13 @@ where
             return Poll::Ready(End::Closed);
         }
         if up_p.bytes - up_p.bytes_counted + down_p.bytes - down_p.bytes_counted >= METER_STEP {
-            up_p.count(&self.meter.up);
-            down_p.count(&self.meter.down);
+            self.count();
         }
         while self.idle_check.as_mut().poll(cx).is_ready() {
+            let (up_p, down_p) = (
+                Copier::<C, U>::progress(&mut self.up),
+                Copier::<U, C>::progress(&mut self.down),
+            );
             let moved = up_p.moved
                 || down_p.moved
                 || up_p.bytes != up_p.bytes_counted
@@ -249,9 +268,9 @@ where
             if self.quiet >= self.idle {
                 return Poll::Ready(End::IdleTimeout);
             }
-            up_p.count(&self.meter.up);
-            down_p.count(&self.meter.down);
-            (up_p.moved, down_p.moved) = (false, false);
+            self.count();
+            Copier::<C, U>::progress(&mut self.up).moved = false;
+            Copier::<U, C>::progress(&mut self.down).moved = false;
             let next = self.idle_check.deadline() + self.tick;
             self.idle_check.as_mut().reset(next);
         }

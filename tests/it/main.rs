@@ -18,6 +18,7 @@ mod lane;
 mod layout;
 mod learn_from_log;
 mod learned;
+mod live;
 mod malformed;
 mod proxy_protocol;
 mod reference;

@@ -59,6 +59,39 @@ pub async fn admin_get(admin: SocketAddr, path: &str) -> Reply {
     .await
 }
 
+/// `METHOD path` to the admin listener at `admin`, with `Authorization: Bearer token` when
+/// given.
+pub async fn admin_request(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> Reply {
+    let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
+    raw_request(
+        admin,
+        format!("{method} {path} HTTP/1.1\r\nHost: admin\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+}
+
+/// A TCP origin that echoes what it reads until the client half-closes; returns its address.
+pub async fn echo_origin() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut read, mut write) = tcp.into_split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+                let _ = write.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
 /// Sends raw `request` bytes and reads the reply until the gateway closes the connection
 /// (it must, after any error reply); panics if it does not within 15 s.
 pub async fn raw_request(gateway: SocketAddr, request: &[u8]) -> Reply {
