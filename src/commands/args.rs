@@ -56,6 +56,48 @@ pub enum Command {
         #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:9464")]
         admin: std::net::SocketAddr,
     },
+    /// List the open tunnels of a running gateway (its admin listener): branch, target, bytes
+    /// and rates each way, age, state; busiest first.
+    Tunnels {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Print the admin listener's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Close open tunnels of a running gateway, by id or filter (each ends with its access
+    /// line, `end = "closed_by_operator"`).
+    Close {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// List what would close, and close nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also on every other replica (fleet mode, through Redis).
+        #[arg(long)]
+        fleet: bool,
+    },
+    /// Per-branch view and holds: list, drain, quarantine or release a branch.
+    Branch {
+        #[command(subcommand)]
+        action: BranchAction,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// A live terminal view of branches (tunnels, rates against their limits, holds) and the
+    /// busiest tunnels, refreshed each second; keys: s sort, b branch filter, q quit. Prints one
+    /// plain table when stdout is not a terminal.
+    Top {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Branches over every replica (fleet mode).
+        #[arg(long)]
+        fleet: bool,
+    },
     /// Print the bandwidth limits in force at a moment and a week table of schedule windows;
     /// `schedule import-afs FILE` turns Azure File Sync network limits into [[schedule]] TOML.
     #[command(args_conflicts_with_subcommands = true)]
@@ -167,4 +209,95 @@ pub enum ScheduleAction {
 pub enum LogFormatArg {
     Json,
     Text,
+}
+
+/// Where the running gateway's admin listener is, and the token to show it.
+#[derive(clap::Args, Clone, Debug)]
+pub struct AdminArgs {
+    /// The gateway's admin listener (`listen.admin`).
+    #[arg(
+        long,
+        value_name = "IP:PORT",
+        default_value = "127.0.0.1:9464",
+        global = true
+    )]
+    pub admin: std::net::SocketAddr,
+    /// A file whose first line is the admin token (else `PORTCULLIS_ADMIN_TOKEN`), for a
+    /// gateway with [[admin.token]] entries.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub token_file: Option<PathBuf>,
+}
+
+/// Which open tunnels (the admin API's filter).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct FilterArgs {
+    /// Tunnel ids (the access line's `conn_id`); repeat for more.
+    #[arg(long = "id", value_name = "ID")]
+    pub ids: Vec<u64>,
+    /// Only this branch's.
+    #[arg(long, value_name = "NAME")]
+    pub branch: Option<String>,
+    /// Only targets whose host matches (`*` for any run of characters).
+    #[arg(long, value_name = "PATTERN")]
+    pub host: Option<String>,
+    /// Only tunnels allowed by this rule.
+    #[arg(long, value_name = "RULE")]
+    pub rule: Option<String>,
+    /// Only tunnels open at least this long ("30s", "5m").
+    #[arg(long, value_name = "DURATION")]
+    pub min_age: Option<String>,
+    /// Only tunnels moving at least this rate, both ways together ("1 Mbit/s").
+    #[arg(long, value_name = "RATE")]
+    pub min_rate: Option<String>,
+    /// Sort by rate, bytes or age (largest first).
+    #[arg(long, value_name = "KEY", value_parser = ["rate", "bytes", "age"])]
+    pub sort: Option<String>,
+    /// List at most this many.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+}
+
+#[derive(Subcommand)]
+pub enum BranchAction {
+    /// Per branch: open tunnels, rates each way against the limits in force, holds.
+    List {
+        /// Every configured branch, not only those with tunnels or a hold.
+        #[arg(long)]
+        all: bool,
+        /// Also every replica's figures (fleet mode).
+        #[arg(long)]
+        fleet: bool,
+        /// Print the admin listener's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Refuse the branch's new requests (503 with Retry-After); its open tunnels run until the
+    /// deadline, then close.
+    Drain {
+        /// The branch.
+        #[arg(value_name = "NAME")]
+        branch: String,
+        /// How long open tunnels may run ("10m"), or an RFC 3339 time; default 10 minutes.
+        #[arg(long, value_name = "WHEN")]
+        deadline: Option<String>,
+        /// On every replica (fleet mode), and for replicas that start later.
+        #[arg(long)]
+        fleet: bool,
+    },
+    /// Refuse the branch (403) and close its open tunnels now.
+    Quarantine {
+        #[arg(value_name = "NAME")]
+        branch: String,
+        /// On every replica (fleet mode), and for replicas that start later.
+        #[arg(long)]
+        fleet: bool,
+    },
+    /// Take a drain or quarantine off the branch.
+    Release {
+        #[arg(value_name = "NAME")]
+        branch: String,
+        /// On every replica (fleet mode).
+        #[arg(long)]
+        fleet: bool,
+    },
 }

@@ -10,7 +10,9 @@ pub mod serve;
 use crate::config::Config;
 use crate::gateway::Snapshot;
 use crate::policy::host::Target;
-use args::{Cli, Command, LearnedAction, LearnedTarget, ScheduleAction};
+use args::{
+    AdminArgs, BranchAction, Cli, Command, FilterArgs, LearnedAction, LearnedTarget, ScheduleAction,
+};
 use clap::CommandFactory;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -27,6 +29,21 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::HashPassword => hash_password(),
         Command::Health { admin, path } => health(admin, &path),
         Command::Upgrade { admin } => upgrade(admin),
+        Command::Tunnels {
+            admin,
+            filter,
+            json,
+        } => with_token(&admin, || tunnels(admin.admin, &filter, json)),
+        Command::Close {
+            admin,
+            filter,
+            dry_run,
+            fleet,
+        } => with_token(&admin, || close(admin.admin, &filter, dry_run, fleet)),
+        Command::Branch { action, admin } => with_token(&admin, || branch(admin.admin, &action)),
+        Command::Top { admin, fleet } => with_token(&admin, || {
+            crate::cli::top::run(admin.admin, fleet).map(|()| String::new())
+        }),
         Command::Schedule {
             action: Some(ScheduleAction::ImportAfs { file }),
             ..
@@ -258,6 +275,153 @@ fn health(admin: std::net::SocketAddr, path: &str) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Runs `command` with the admin token (`--token-file`, else `PORTCULLIS_ADMIN_TOKEN`) on every
+/// request; prints what it returns, or the reason it failed (exit 1).
+fn with_token(admin: &AdminArgs, command: impl FnOnce() -> Result<String, String>) -> ExitCode {
+    let token = match &admin.token_file {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => text.lines().next().map(|l| l.trim().to_owned()),
+            Err(e) => {
+                eprintln!("portcullis: {}: {e}", path.display());
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => std::env::var("PORTCULLIS_ADMIN_TOKEN").ok(),
+    };
+    if let Some(token) = token.filter(|t| !t.is_empty()) {
+        crate::process::use_admin_token(token);
+    }
+    match command() {
+        Ok(text) => crate::process::print_stdout("portcullis", text.as_bytes()),
+        Err(why) => {
+            eprintln!("portcullis: {why}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The admin API's filter parameters from the command line.
+fn filter_query(filter: &FilterArgs) -> Vec<(&'static str, Option<String>)> {
+    let ids: Vec<String> = filter.ids.iter().map(u64::to_string).collect();
+    vec![
+        ("id", (!ids.is_empty()).then(|| ids.join(","))),
+        ("branch", filter.branch.clone()),
+        ("host", filter.host.clone()),
+        ("rule", filter.rule.clone()),
+        ("min_age", filter.min_age.clone()),
+        ("min_rate", filter.min_rate.clone()),
+        ("sort", filter.sort.clone()),
+        ("limit", filter.limit.map(|n| n.to_string())),
+    ]
+}
+
+/// `portcullis tunnels`.
+fn tunnels(admin: std::net::SocketAddr, filter: &FilterArgs, json: bool) -> Result<String, String> {
+    use crate::cli::live;
+    let listing = live::ask(
+        admin,
+        "GET",
+        &format!("/tunnels?{}", live::query(&filter_query(filter))),
+    )?;
+    if json {
+        return Ok(serde_json::to_string_pretty(&listing).unwrap_or_default() + "\n");
+    }
+    let mut out = live::table(live::TUNNEL_HEADER, &live::tunnel_rows(&listing));
+    out.push_str(&format!(
+        "{} listed of {} open\n",
+        listing["listed"], listing["open"]
+    ));
+    Ok(out)
+}
+
+/// `portcullis close`.
+fn close(
+    admin: std::net::SocketAddr,
+    filter: &FilterArgs,
+    dry_run: bool,
+    fleet: bool,
+) -> Result<String, String> {
+    use crate::cli::live;
+    let mut pairs = filter_query(filter);
+    pairs.push(("dry_run", dry_run.then(|| "true".to_owned())));
+    pairs.push(("fleet", fleet.then(|| "true".to_owned())));
+    let done = live::ask(
+        admin,
+        "POST",
+        &format!("/tunnels/close?{}", live::query(&pairs)),
+    )?;
+    if dry_run {
+        let listing = serde_json::json!({ "tunnels": done["would_close"] });
+        let mut out = live::table(live::TUNNEL_HEADER, &live::tunnel_rows(&listing));
+        out.push_str(&format!(
+            "would close {} (dry run: nothing closed)\n",
+            done["closed"]
+        ));
+        return Ok(out);
+    }
+    let mut out = format!("closed {}\n", done["closed"]);
+    if let Some(fleet) = done["fleet"].as_str() {
+        out.push_str(&format!("fleet: {fleet}\n"));
+    }
+    Ok(out)
+}
+
+/// `portcullis branch list|drain|quarantine|release`.
+fn branch(admin: std::net::SocketAddr, action: &BranchAction) -> Result<String, String> {
+    use crate::cli::live;
+    let yes = |on: bool| on.then(|| "true".to_owned());
+    let (path, pairs) = match action {
+        BranchAction::List { all, fleet, json } => {
+            let query = live::query(&[("all", yes(*all)), ("fleet", yes(*fleet))]);
+            let listing = live::ask(admin, "GET", &format!("/branches?{query}"))?;
+            if *json {
+                return Ok(serde_json::to_string_pretty(&listing).unwrap_or_default() + "\n");
+            }
+            let mut out = live::table(live::BRANCH_HEADER, &live::branch_rows(&listing));
+            if listing["fleet"].is_object() {
+                out.push_str("\nfleet:\n");
+                out.push_str(&live::table(
+                    live::BRANCH_HEADER,
+                    &live::branch_rows(&listing["fleet"]),
+                ));
+            }
+            return Ok(out);
+        }
+        BranchAction::Drain {
+            branch,
+            deadline,
+            fleet,
+        } => (
+            format!("{branch}/drain"),
+            vec![("deadline", deadline.clone()), ("fleet", yes(*fleet))],
+        ),
+        BranchAction::Quarantine { branch, fleet } => {
+            (format!("{branch}/quarantine"), vec![("fleet", yes(*fleet))])
+        }
+        BranchAction::Release { branch, fleet } => {
+            (format!("{branch}/release"), vec![("fleet", yes(*fleet))])
+        }
+    };
+    let branch = path.split('/').next().unwrap_or_default();
+    let done = live::ask(
+        admin,
+        "POST",
+        &format!("/branches/{path}?{}", live::query(&pairs)),
+    )?;
+    let mut out = format!(
+        "{branch}: {} ({} tunnels closed now)\n",
+        done["hold"].as_str().unwrap_or("released"),
+        done["closed"]
+    );
+    if let Some(until) = done["drain_until"].as_str() {
+        out.push_str(&format!("open tunnels close at {until}\n"));
+    }
+    if let Some(fleet) = done["fleet"].as_str() {
+        out.push_str(&format!("fleet: {fleet}\n"));
+    }
+    Ok(out)
 }
 
 /// `portcullis upgrade`: `POST /upgrade`, waiting as long as the gateway waits for the new

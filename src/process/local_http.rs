@@ -1,6 +1,15 @@
 //! A tiny blocking HTTP client for the command-line probes (`health`, `learned`, the agent's
 //! `status`): one request with an empty body to a local admin or status endpoint.
 
+/// The admin token every request of this process sends (`--token-file`,
+/// `PORTCULLIS_ADMIN_TOKEN`), once set.
+static ADMIN_TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sends `token` as a Bearer token with every later request of this process.
+pub fn use_admin_token(token: String) {
+    let _ = ADMIN_TOKEN.set(token);
+}
+
 /// Each step of a probe (connect, send, each read) gets this long.
 const STEP: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -18,9 +27,12 @@ fn exchange(
     let mut tcp = std::net::TcpStream::connect_timeout(&addr, timeout)?;
     tcp.set_read_timeout(Some(wait))?;
     tcp.set_write_timeout(Some(timeout))?;
+    let authorization = ADMIN_TOKEN
+        .get()
+        .map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         tcp,
-        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\n{authorization}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )?;
     let mut reply = Vec::new();
     tcp.take(limit).read_to_end(&mut reply)?;

@@ -17,7 +17,7 @@ pub use descriptors::{
     RESERVED_DESCRIPTORS, connections_for, connections_for_descriptors, descriptor_limit,
     hard_descriptor_limit, raise_descriptor_limit,
 };
-pub use local_http::{http_get, http_request, http_request_waiting};
+pub use local_http::{http_get, http_request, http_request_waiting, use_admin_token};
 pub use runtime::{print_stdout, run};
 #[cfg(windows)]
 pub use service::set_service_hook;

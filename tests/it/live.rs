@@ -290,9 +290,176 @@ async fn tokens_decide_who_reads_and_who_steers_and_the_audit_line_names_the_tok
     assert_eq!(audit["who"], "token:ops");
     assert_eq!(audit["filter"], "branch=london");
     assert_eq!(audit["tunnels"], 1);
+    // The command line sends the token it is given, and says why without one.
+    let admin_text = admin.to_string();
+    let (ok, listed, _) = run_cli(
+        &["tunnels", "--admin", &admin_text],
+        &[("PORTCULLIS_ADMIN_TOKEN", reader)],
+    );
+    assert!(ok && listed.contains("0 listed of 0 open"), "{listed}");
+    let (ok, _, err) = run_cli(&["tunnels", "--admin", &admin_text], &[]);
+    assert!(!ok && err.contains("401"), "{err}");
     let secrets = gw.count_logs(|l| {
         let text = l.to_string();
         text.contains(reader) || text.contains(operator)
     });
     assert_eq!(secrets, 0, "a token in the logs");
+}
+
+/// `portcullis ARGS` with `env`, to completion: (success, stdout, stderr).
+fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A tmux server of this test's own (its socket name), killed when dropped.
+struct Tmux(String);
+
+impl Tmux {
+    fn command(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new("tmux")
+            .args(["-L", &self.0])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.command(&["kill-server"]);
+    }
+}
+
+#[tokio::test]
+async fn the_command_line_lists_closes_and_holds_and_top_draws_in_an_80x24_terminal() {
+    if std::process::Command::new("tmux")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "tmux is missing (Debian's tmux)"
+        );
+        eprintln!("skipped: no tmux");
+        return;
+    }
+    let (config, origin) = two_branches().await;
+    let gw = Gateway::start(config).await;
+    let admin = gw.admin_addr.unwrap().to_string();
+    let mut london = echoing(gw.addr, "127.0.0.2", origin).await;
+    let mut paris = echoing(gw.addr, "127.0.0.3", origin).await;
+    let (ok, listed, _) = run_cli(&["tunnels", "--admin", &admin], &[]);
+    assert!(ok);
+    assert!(listed.starts_with("ID"), "{listed}");
+    assert!(
+        listed.contains("london") && listed.contains(&target(origin)),
+        "{listed}"
+    );
+    assert!(listed.contains("2 listed of 2 open"), "{listed}");
+    // Piped, `top` prints one plain table of branches and tunnels.
+    let (ok, plain, err) = run_cli(&["top", "--admin", &admin], &[]);
+    assert!(ok, "{err}");
+    assert!(plain.starts_with("BRANCH"), "{plain}");
+    assert!(
+        plain.contains("paris") && plain.contains("TARGET"),
+        "{plain}"
+    );
+
+    // In a real 80x24 terminal: the branches and the busiest tunnel, refreshed; `q` quits.
+    let tmux = Tmux(format!("portcullis-top-{}", std::process::id()));
+    let command = format!("{} top --admin {admin}", env!("CARGO_BIN_EXE_portcullis"));
+    let started = tmux.command(&[
+        "new-session",
+        "-d",
+        "-s",
+        "top",
+        "-x",
+        "80",
+        "-y",
+        "24",
+        &command,
+    ]);
+    assert!(started.status.success(), "{started:?}");
+    let pump = tokio::spawn(async move {
+        for _ in 0..40 {
+            assert_echoes(&mut paris, &vec![2u8; 256 * 1024]).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        paris
+    });
+    let mut screen = String::new();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let captured = tmux.command(&["capture-pane", "-p", "-t", "top"]);
+        screen = String::from_utf8_lossy(&captured.stdout).into_owned();
+        let busiest_first = screen
+            .lines()
+            .skip_while(|l| !l.contains("busiest tunnels"))
+            .nth(2)
+            .is_some_and(|first| first.contains("paris") && first.contains("bit/s"));
+        if screen.contains("london") && busiest_first {
+            break;
+        }
+    }
+    assert!(screen.contains("portcullis top"), "{screen}");
+    assert!(
+        screen.contains("london") && screen.contains("paris"),
+        "{screen}"
+    );
+    assert!(screen.lines().count() <= 24 && screen.lines().all(|l| l.chars().count() <= 80));
+    let busiest = screen
+        .lines()
+        .skip_while(|l| !l.contains("busiest tunnels"))
+        .nth(2)
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        busiest.contains("paris"),
+        "the busy tunnel first:\n{screen}"
+    );
+    tmux.command(&["send-keys", "-t", "top", "q"]);
+    let mut quit = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if !tmux.command(&["has-session", "-t", "top"]).status.success() {
+            quit = true;
+            break;
+        }
+    }
+    assert!(quit, "top did not quit on q");
+    let mut paris = pump.await.unwrap();
+
+    // Holds and closes from the command line.
+    let (ok, out, err) = run_cli(&["branch", "quarantine", "london", "--admin", &admin], &[]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("london: quarantined (1 tunnels closed now)"),
+        "{out}"
+    );
+    closed_within(&mut london, Duration::from_secs(2)).await;
+    let (ok, out, _) = run_cli(&["branch", "list", "--admin", &admin], &[]);
+    assert!(ok && out.contains("quarantined"), "{out}");
+    let (ok, _, _) = run_cli(&["branch", "release", "london", "--admin", &admin], &[]);
+    assert!(ok);
+    let (ok, out, _) = run_cli(
+        &["close", "--branch", "paris", "--dry-run", "--admin", &admin],
+        &[],
+    );
+    assert!(ok && out.contains("would close 1"), "{out}");
+    assert_echoes(&mut paris, b"dry run").await;
+    let (ok, out, _) = run_cli(&["close", "--branch", "paris", "--admin", &admin], &[]);
+    assert!(ok && out.contains("closed 1"), "{out}");
+    closed_within(&mut paris, Duration::from_secs(2)).await;
+    let (ok, _, err) = run_cli(&["branch", "drain", "rome", "--admin", &admin], &[]);
+    assert!(!ok && err.contains("no branch named"), "{err}");
 }
