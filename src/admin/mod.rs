@@ -1,15 +1,19 @@
 //! The admin listener (127.0.0.1:9464 by default; `listen.admin = "off"` disables it):
+//! `/metrics`, `/healthz` and `/readyz` for anyone it accepts; the rest as [`auth`] allows
+//! (reads with a read token, changes with a control token; without tokens, reads for anyone
+//! and changes from loopback):
 //!
 //! | route | answer |
 //! |---|---|
 //! | `GET /metrics` (and `HEAD`) | OpenMetrics text when the `Accept` header asks for it (Prometheus does), else the classic text format 0.0.4 |
 //! | `GET /healthz` | 200 while the process runs |
 //! | `GET /readyz` | 200 when serving, 503 while draining |
-//! | `POST /reload` | from loopback only: reload the config file (200, or 422 with its problems) |
-//! | `POST /upgrade` | from loopback only: binary upgrade (200 once the new process listens, or 500 with why the old one serves on) |
+//! | `POST /reload` | reload the config file (200, or 422 with its problems) |
+//! | `POST /upgrade` | binary upgrade (200 once the new process listens, or 500 with why the old one serves on) |
 //! | `GET /learned[?branch=B]` | the learned destinations, in the state file's JSON format |
-//! | `POST /learned/approve?branch=B&host=H[:P][&rule=R]` | from loopback only: learn a destination (saved before the answer) |
-//! | `POST /learned/forget?branch=B&host=H[:P][&rule=R]` | from loopback only: forget one (every port without `:P`) |
+//! | `POST /learned/approve?branch=B&host=H[:P][&rule=R]` | learn a destination (saved before the answer) |
+//! | `POST /learned/forget?branch=B&host=H[:P][&rule=R]` | forget one (every port without `:P`) |
+//! | `GET /tunnels`, `GET /branches`, `POST /tunnels/close`, `POST /branches/NAME/{drain,quarantine,release}` | the live tunnels ([`live`]) |
 
 pub mod auth;
 pub mod live;
