@@ -62,3 +62,61 @@ fn credential<'c>(
             .map(|c| (b.name.as_str(), &c.password))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::live::Tunnel;
+    use crate::policy::host::Target;
+    use crate::tunnel::Live;
+
+    fn config(branches: &str) -> Config {
+        let text = format!("[resolver]\nhosts_only = true\n{branches}");
+        Config::parse(&text, "t", crate::config::TEST_NOW).unwrap()
+    }
+
+    fn tunnel(branch: &str, identified: IdentifiedBy) -> Tunnel {
+        Tunnel::new(
+            1,
+            branch.into(),
+            identified,
+            "10.1.2.3:5000".parse().unwrap(),
+            Target::parse_authority("a.example:443").unwrap(),
+            None,
+            None,
+            "none".into(),
+            Live::default(),
+        )
+    }
+
+    #[test]
+    fn a_network_or_certificate_name_that_moves_revokes_and_one_that_stays_does_not() {
+        let old = config(
+            "[[branch]]\nname = \"london\"\nsources = [\"10.1.0.0/16\"]\nclient_certificates = [\"fs1.london.example\"]\n",
+        );
+        let same = config(
+            "[[branch]]\nname = \"paris\"\nsources = [\"10.9.0.0/16\"]\n[[branch]]\nname = \"london\"\nsources = [\"10.1.0.0/16\"]\nclient_certificates = [\"fs1.london.example\"]\n",
+        );
+        let moved = config(
+            "[[branch]]\nname = \"london\"\nsources = [\"10.2.0.0/16\"]\n[[branch]]\nname = \"paris\"\nsources = [\"10.1.2.0/24\"]\nclient_certificates = [\"fs1.london.example\"]\n",
+        );
+        let by_network = tunnel("london", IdentifiedBy::Network);
+        let by_name = tunnel(
+            "london",
+            IdentifiedBy::Certificate("fs1.london.example".into()),
+        );
+        assert!(still_admitted(&by_network, &old, &same));
+        assert!(still_admitted(&by_name, &old, &same));
+        assert!(!still_admitted(&by_network, &old, &moved));
+        assert!(!still_admitted(&by_name, &old, &moved));
+        let gone = config("[[branch]]\nname = \"paris\"\nsources = [\"10.9.0.0/16\"]\n");
+        assert!(!still_admitted(&by_network, &old, &gone));
+        let unassigned = tunnel(UNASSIGNED, IdentifiedBy::Unassigned);
+        let open = config("");
+        assert!(still_admitted(&unassigned, &open, &open));
+        assert!(
+            !still_admitted(&unassigned, &open, &old),
+            "now a branch's address"
+        );
+    }
+}

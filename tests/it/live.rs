@@ -463,3 +463,119 @@ async fn the_command_line_lists_closes_and_holds_and_top_draws_in_an_80x24_termi
     let (ok, _, err) = run_cli(&["branch", "drain", "rome", "--admin", &admin], &[]);
     assert!(!ok && err.contains("no branch named"), "{err}");
 }
+
+/// A replica of `config` in the fleet on `redis`, started once it reached Redis.
+async fn replica(config: &GatewayConfig, redis: &Redis, name: &str) -> Gateway {
+    let config = config
+        .clone()
+        .fleet("redis", redis.url())
+        .fleet("name", name);
+    let mut gw = Gateway::start(config).await;
+    gw.wait_log(|l| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("fleet: Redis answers"))
+    })
+    .await;
+    gw
+}
+
+#[tokio::test]
+async fn fleet_actions_reach_every_replica_and_holds_apply_to_replicas_that_start_later() {
+    let mut redis = Redis::start(&[]);
+    let (config, origin) = two_branches().await;
+    let a = replica(&config, &redis, "gw-a").await;
+    let mut b = replica(&config, &redis, "gw-b").await;
+    let admin_a = a.admin_addr.unwrap();
+    let mut on_b = echoing(b.addr, "127.0.0.2", origin).await;
+    let mut paris_on_b = echoing(b.addr, "127.0.0.3", origin).await;
+
+    // Every replica's figures, from A.
+    let mut seen = Value::Null;
+    for _ in 0..40 {
+        seen = json(admin_a, "GET", "/branches?fleet=true", None).await;
+        if seen["fleet"]["branches"]
+            .as_array()
+            .is_some_and(|b| b.len() == 2)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let fleet = &seen["fleet"]["branches"];
+    assert!(
+        fleet
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["branch"] == "london" && b["tunnels"] == 1),
+        "{seen}"
+    );
+    assert_eq!(
+        seen["branches"].as_array().unwrap().len(),
+        0,
+        "A itself holds no tunnel: {seen}"
+    );
+
+    // A close by filter sent on A ends the tunnel on B.
+    let closed = json(
+        admin_a,
+        "POST",
+        "/tunnels/close?branch=london&fleet=true",
+        None,
+    )
+    .await;
+    assert_eq!(closed["fleet"], "sent to every replica");
+    closed_within(&mut on_b, Duration::from_secs(3)).await;
+    let line = b
+        .access_line(|l| l["branch"] == "london" && l["status"] == 200)
+        .await;
+    assert_eq!(line["end"], "closed_by_operator");
+    let audit = b
+        .wait_log(|l| l["target"] == "portcullis::audit" && l["who"] == "fleet")
+        .await;
+    assert_eq!(audit["tunnels"], 1);
+    assert_echoes(&mut paris_on_b, b"paris runs on").await;
+
+    // A drain set on A before C starts applies to C.
+    json(
+        admin_a,
+        "POST",
+        "/branches/london/drain?deadline=1h&fleet=true",
+        None,
+    )
+    .await;
+    let c = replica(&config, &redis, "gw-c").await;
+    let (_refused, reply) = connect_from(c.addr, "127.0.0.2", &target(origin), "").await;
+    assert_eq!(reply.status, 503, "{reply:?}");
+    assert!(reply.header("retry-after").is_some());
+    json(admin_a, "POST", "/branches/london/release?fleet=true", None).await;
+    let mut released = false;
+    for _ in 0..40 {
+        let (_tunnel, reply) = connect_from(c.addr, "127.0.0.2", &target(origin), "").await;
+        if reply.status == 200 {
+            released = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(released, "C took the release");
+
+    // Redis gone: a local close works; a fleet close says why it could not reach the others.
+    redis.stop();
+    let mut local = echoing(b.addr, "127.0.0.3", origin).await;
+    let admin_b = b.admin_addr.unwrap();
+    let reply = admin_request(
+        admin_b,
+        "POST",
+        "/tunnels/close?branch=paris&fleet=true",
+        None,
+    )
+    .await;
+    assert_eq!(reply.status, 503, "{reply:?}");
+    assert!(reply.body.contains("not sent"), "{}", reply.body);
+    closed_within(&mut local, Duration::from_secs(2)).await;
+    closed_within(&mut paris_on_b, Duration::from_secs(2)).await;
+    let local_only = admin_request(admin_b, "POST", "/tunnels/close?branch=paris", None).await;
+    assert_eq!(local_only.status, 200, "{local_only:?}");
+}
