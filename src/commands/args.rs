@@ -48,13 +48,12 @@ pub enum Command {
         #[arg(long, value_name = "PATH", default_value = "/healthz")]
         path: String,
     },
-    /// Ask a running gateway (its admin listener, from loopback) to hand its listeners to a new
+    /// Ask a running gateway (its admin listener: from loopback, or with a control token) to hand its listeners to a new
     /// process of the binary now at its path, which then serves while the old one drains; exit
     /// 0 once the new process listens, 1 (the reason on stderr) when the old one serves on.
     Upgrade {
-        /// The gateway's admin listener (`listen.admin`).
-        #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:9464")]
-        admin: std::net::SocketAddr,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// List the open tunnels of a running gateway (its admin listener): branch, target, bytes
     /// and rates each way, age, state; busiest first.

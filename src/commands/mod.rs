@@ -28,7 +28,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::CheckConfig { file } => check_config(&file),
         Command::HashPassword => hash_password(),
         Command::Health { admin, path } => health(admin, &path),
-        Command::Upgrade { admin } => upgrade(admin),
+        Command::Upgrade { admin } => with_token(&admin, || upgrade(admin.admin)),
         Command::Tunnels {
             admin,
             filter,
@@ -63,7 +63,12 @@ pub fn run(cli: Cli) -> ExitCode {
             action,
             config,
             admin,
-        } => learned(config.as_deref(), admin, &action),
+        } => {
+            if let Ok(token) = std::env::var("PORTCULLIS_ADMIN_TOKEN") {
+                crate::process::use_admin_token(token);
+            }
+            learned(config.as_deref(), admin, &action)
+        }
         Command::Learn { from_log, config } => learn(&from_log, config.as_deref()),
         Command::Completions(args) => crate::process::print_stdout(
             "portcullis",
@@ -426,18 +431,12 @@ fn branch(admin: std::net::SocketAddr, action: &BranchAction) -> Result<String, 
 
 /// `portcullis upgrade`: `POST /upgrade`, waiting as long as the gateway waits for the new
 /// process (its ready report, then some).
-fn upgrade(admin: std::net::SocketAddr) -> ExitCode {
+fn upgrade(admin: std::net::SocketAddr) -> Result<String, String> {
     let wait = crate::upgrade::READY_WITHIN + std::time::Duration::from_secs(15);
     match crate::process::http_request_waiting(admin, "POST", "/upgrade", wait) {
-        Ok((200, body)) => crate::process::print_stdout("portcullis", body.as_bytes()),
-        Ok((status, body)) => {
-            eprintln!("portcullis: {admin}: {status}: {}", body.trim_end());
-            ExitCode::from(1)
-        }
-        Err(e) => {
-            eprintln!("portcullis: {admin}: {e}");
-            ExitCode::from(1)
-        }
+        Ok((200, body)) => Ok(body),
+        Ok((status, body)) => Err(format!("{admin}: {status}: {}", body.trim_end())),
+        Err(e) => Err(format!("{admin}: {e}")),
     }
 }
 

@@ -222,7 +222,7 @@ async fn a_config_that_is_bad_at_upgrade_time_leaves_the_old_process_serving() {
     let reply = post(gw.admin_addr.unwrap(), "/upgrade").await;
     assert_eq!(reply.status, 500);
     // The command says so too, and fails.
-    let out = upgrade_command(gw.admin_addr.unwrap()).await;
+    let out = upgrade_command(gw.admin_addr.unwrap(), &[]).await;
     assert_eq!(out.status.code(), Some(1));
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -231,10 +231,14 @@ async fn a_config_that_is_bad_at_upgrade_time_leaves_the_old_process_serving() {
     );
 }
 
-/// `portcullis upgrade --admin ADMIN`, run to completion.
-async fn upgrade_command(admin: std::net::SocketAddr) -> std::process::Output {
+/// `portcullis upgrade --admin ADMIN` (with `env`), run to completion.
+async fn upgrade_command(
+    admin: std::net::SocketAddr,
+    env: &[(&str, &str)],
+) -> std::process::Output {
     let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
         .args(["upgrade", "--admin", &admin.to_string()])
+        .envs(env.iter().copied())
         .kill_on_drop(true)
         .output();
     tokio::time::timeout(Duration::from_secs(90), run)
@@ -243,13 +247,33 @@ async fn upgrade_command(admin: std::net::SocketAddr) -> std::process::Output {
         .unwrap()
 }
 
+/// Tunnels the access lines count as `closed` in the metrics the admin listener serves.
+async fn closed_tunnels(admin: std::net::SocketAddr) -> f64 {
+    Metrics::fetch(admin)
+        .await
+        .sum("portcullis_requests_total{end=\"closed\"}")
+}
+
 #[tokio::test]
-async fn the_upgrade_command_hands_over_and_names_the_new_process() {
+async fn the_upgrade_command_with_a_control_token_hands_over_and_counters_start_again() {
     let origin = TcpOrigin::start(b"ok").await;
     let port = origin.addr.port();
     let target = format!("{ORIGIN_HOST}:{port}");
-    let mut gw = Gateway::start(GatewayConfig::for_origin(port)).await;
-    let out = upgrade_command(gw.admin_addr.unwrap()).await;
+    let token = "upgrade-token-51c9";
+    let hash = portcullis::config::password::hash_password(token).unwrap();
+    let config = GatewayConfig::for_origin(port).extra(&format!(
+        "[[admin.token]]\nname = \"deploy\"\nrole = \"control\"\ntoken_hash = \"{hash}\"\n"
+    ));
+    let mut gw = Gateway::start(config).await;
+    let admin = gw.admin_addr.unwrap();
+    one_tunnel(gw.addr, &target).await.unwrap();
+    let _ = gw.access_line(|l| l["end"] == "closed").await;
+    assert_eq!(closed_tunnels(admin).await, 1.0);
+    // With tokens configured, loopback alone may not upgrade.
+    let refused = upgrade_command(admin, &[]).await;
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("401"));
+    let out = upgrade_command(admin, &[("PORTCULLIS_ADMIN_TOKEN", token)]).await;
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(0), "{said}");
     let new = handed_over(&mut gw).await;
@@ -257,12 +281,26 @@ async fn the_upgrade_command_hands_over_and_names_the_new_process() {
         said,
         format!("upgraded: process {} serves; this one drains\n", new.0)
     );
+    let audit = gw
+        .wait_log(|l| l["target"] == "portcullis::audit" && l["action"] == "upgrade")
+        .await;
+    assert_eq!(audit["who"], "token:deploy");
     gw.wait_exit(Duration::from_secs(10))
         .await
         .expect("the old process, with nothing open, exits");
     one_tunnel(gw.addr, &target)
         .await
         .expect("the new process serves");
+    // The new process's counters started again: only its own tunnel.
+    let mut counted = 0.0;
+    for _ in 0..20 {
+        counted = closed_tunnels(admin).await;
+        if counted >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(counted, 1.0, "the new process counts from zero");
 }
 
 #[tokio::test]
