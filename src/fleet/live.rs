@@ -1,5 +1,5 @@
-//! The live view and control across the fleet. Every `refresh`, each replica writes its
-//! per-branch summary (open tunnels, rates) to a hash that expires after three refreshes and
+//! The live view and control across the fleet. Every second, each replica writes its
+//! per-branch summary (open tunnels, rates) to a hash that expires after three periods and
 //! notes itself in an index, and reads the control stream for actions other replicas sent
 //! (close by filter, hold, release), applying each once. Holds are also kept in a hash, so a
 //! replica that starts later applies the holds in force. All keys share one hash tag
@@ -19,7 +19,10 @@ const HOLDS: &str = "portcullis:{live}:holds";
 const REPLICAS: &str = "portcullis:{live}:replicas";
 /// Entries the control stream keeps (about; older ones are trimmed).
 const STREAM_LENGTH: usize = 1000;
-/// Actions applied per refresh at most (the rest at the next).
+/// How often a replica publishes its summary and reads the control stream (or every
+/// `fleet.refresh`, when longer).
+const PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+/// Actions applied per period at most (the rest at the next).
 const READ_COUNT: usize = 100;
 
 fn summary_key(replica: &str) -> String {
@@ -56,7 +59,7 @@ impl Fleet {
     }
 
     /// Open tunnels and rates per branch over every replica that published in the last three
-    /// refreshes.
+    /// periods.
     pub async fn branch_summaries(&self) -> Result<serde_json::Value, String> {
         let failed =
             |e: super::link::Failure| format!("Redis ({}): {e}", self.settings.redis.shown);
@@ -98,7 +101,8 @@ impl Fleet {
 
 /// This replica's side of the fleet's live view, until aborted.
 pub async fn run(fleet: Arc<Fleet>, registry: Arc<Registry>) {
-    let mut every = tokio::time::interval(fleet.settings.refresh);
+    // Rates are measured over a second: a summary more often would say nothing new.
+    let mut every = tokio::time::interval(PERIOD.max(fleet.settings.refresh));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Actions are read from after the last entry when this replica first reached Redis (and
     // the holds in force taken from their hash then).
@@ -144,7 +148,7 @@ async fn start(fleet: &Fleet, registry: &Arc<Registry>) -> Option<String> {
 
 /// Writes this replica's per-branch summary (replacing the last) and notes it in the index.
 async fn publish(fleet: &Fleet, registry: &Registry) {
-    let refresh_ms = fleet.settings.refresh.as_millis() as u64;
+    let refresh_ms = PERIOD.max(fleet.settings.refresh).as_millis() as u64;
     let key = summary_key(&fleet.settings.name);
     let mut pipe = redis::pipe();
     pipe.cmd("DEL").arg(&key).ignore();
