@@ -229,6 +229,13 @@ fn settings(out: &mut String, config: &Config) {
     } else {
         let _ = writeln!(out, "  servers: {servers}");
     }
+    if let Some(ca) = &r.ca {
+        let _ = writeln!(
+            out,
+            "  encrypted: yes, trusting only {} (no clear-text fallback)",
+            ca.display()
+        );
+    }
     let _ = writeln!(out, "  timeout: {}", duration(r.timeout));
     let _ = writeln!(out, "  hosts_only: {}", r.hosts_only);
     if r.hosts.is_empty() {

@@ -24,6 +24,7 @@ pub use crate::access_log::LogFormat;
 pub use branches::{BranchId, Identity, UNASSIGNED};
 pub use fleet::FleetSettings;
 pub use problems::{ConfigError, Problem};
+pub use resolver::{DnsServer, DnsTransport};
 pub use values::parse_duration;
 
 use crate::bandwidth::schedule::Schedule;
@@ -187,8 +188,12 @@ pub struct TlsSettings {
 
 #[derive(Clone, Debug)]
 pub struct ResolverSettings {
-    /// DNS servers to ask; empty means the system's resolv.conf.
-    pub servers: Vec<SocketAddr>,
+    /// DNS servers to ask; empty means the system's resolv.conf. All clear-text or all
+    /// encrypted (TLS or HTTPS), never a mix: an encrypted resolver has no clear-text fallback.
+    pub servers: Vec<DnsServer>,
+    /// The CA file that signs the encrypted resolvers' certificates (no built-in roots); set
+    /// exactly when the servers are encrypted.
+    pub ca: Option<std::path::PathBuf>,
     pub timeout: Duration,
     /// Static overrides: a name listed here never goes to DNS.
     pub hosts: BTreeMap<DnsName, Vec<IpAddr>>,
@@ -377,7 +382,7 @@ fn compile(
     let (policy, profiles_used) = rules::compile_policy(p, &raw.policy, &branch_names, paths);
     let (branches, branch_sources) = branches::compile(p, &raw.branch, &policy, &listen.clients);
 
-    let resolver = resolver::compile(p, &raw.resolver);
+    let resolver = resolver::compile(p, &raw.resolver, paths);
 
     let timeouts = Timeouts {
         head: duration(

@@ -137,6 +137,7 @@ pub(super) struct RawRule {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawResolver {
     pub(super) servers: Vec<Spanned<String>>,
+    pub(super) ca: Option<Spanned<String>>,
     pub(super) timeout: Option<Spanned<String>>,
     pub(super) hosts: BTreeMap<Spanned<String>, Spanned<toml::Value>>,
     pub(super) hosts_only: bool,

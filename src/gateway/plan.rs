@@ -142,9 +142,12 @@ pub async fn plan<'g>(
                 Err(e) => {
                     let end = match e {
                         ResolveError::Timeout => End::DnsTimeout,
-                        ResolveError::NotFound | ResolveError::Failed(_) => End::DnsFailed,
+                        _ => End::DnsFailed,
                     };
-                    plan.refusal = Some(Refusal::new(end, format!("cannot resolve host: {e}")));
+                    let mut refusal = Refusal::new(end, format!("cannot resolve host: {e}"));
+                    // An encrypted resolver that fails or is not trusted: 504, never clear text.
+                    refusal.status = Some(e.status());
+                    plan.refusal = Some(refusal);
                     return plan;
                 }
             }

@@ -1,11 +1,15 @@
 //! Name resolution owned by the gateway: static overrides first (a listed name never goes to
 //! DNS), then hickory-resolver with its cache and a hard timeout. The caller gets every address
-//! once and vets and dials exactly those; nothing here resolves twice.
+//! once and vets and dials exactly those; nothing here resolves twice. Encrypted servers (DNS
+//! over TLS or HTTPS) are trusted through `resolver.ca` only, and a certificate the CA does not
+//! vouch for is reported as the trust failure it is ([`trust`]).
 
-use crate::config::ResolverSettings;
+mod trust;
+
+use crate::config::{DnsServer, DnsTransport, ResolverSettings};
 use crate::policy::host::DnsName;
 use hickory_resolver::TokioResolver;
-use hickory_resolver::config::{LookupIpStrategy, ResolveHosts, ResolverConfig};
+use hickory_resolver::config::{LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig};
 use hickory_resolver::net::NetError;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use std::collections::BTreeMap;
@@ -21,6 +25,26 @@ pub enum ResolveError {
     Timeout,
     #[error("DNS lookup failed: {0}")]
     Failed(String),
+    /// An encrypted resolver's certificate was refused: `resolver.ca` does not vouch for it.
+    #[error("TLS trust failure with the encrypted DNS resolver: {0}")]
+    Untrusted(String),
+    /// An encrypted resolver could not be asked (down, refusing, broken TLS); never retried in
+    /// clear text.
+    #[error("encrypted DNS resolver failed: {0}")]
+    EncryptedFailed(String),
+}
+
+impl ResolveError {
+    /// The status to answer with: an encrypted resolver that cannot be asked or trusted is a
+    /// gateway without an answer (504), like one that does not answer in time.
+    pub fn status(&self) -> u16 {
+        match self {
+            ResolveError::NotFound | ResolveError::Failed(_) => 502,
+            ResolveError::Timeout
+            | ResolveError::Untrusted(_)
+            | ResolveError::EncryptedFailed(_) => 504,
+        }
+    }
 }
 
 /// Where an answer came from, for logs and `explain`.
@@ -44,11 +68,14 @@ pub struct Resolver {
     /// `None` when DNS is switched off (`hosts_only`).
     dns: Option<TokioResolver>,
     timeout: Duration,
+    /// With encrypted servers: the verdicts on their certificates, to name trust failures.
+    trust: Option<std::sync::Arc<trust::Verdicts>>,
 }
 
 impl Resolver {
     /// Builds the resolver; reads the system's resolv.conf unless servers are configured.
     pub fn new(settings: &ResolverSettings) -> Result<Self, String> {
+        let mut trust = None;
         let dns = if settings.hosts_only {
             None
         } else {
@@ -56,22 +83,19 @@ impl Resolver {
                 TokioResolver::builder_tokio()
                     .map_err(|e| format!("cannot read the system DNS configuration: {e}"))?
             } else {
-                let servers = settings
-                    .servers
-                    .iter()
-                    .map(|addr| {
-                        let mut server =
-                            hickory_resolver::config::NameServerConfig::udp_and_tcp(addr.ip());
-                        for conn in &mut server.connections {
-                            conn.port = addr.port();
-                        }
-                        server
-                    })
-                    .collect();
-                TokioResolver::builder_with_config(
+                let servers = settings.servers.iter().map(name_server).collect();
+                let builder = TokioResolver::builder_with_config(
                     ResolverConfig::from_name_servers(servers),
                     TokioRuntimeProvider::default(),
-                )
+                );
+                match &settings.ca {
+                    Some(ca) if settings.servers.iter().any(|s| s.encrypted()) => {
+                        let (config, verdicts) = trust::client_config(ca)?;
+                        trust = Some(verdicts);
+                        builder.with_tls_config(config)
+                    }
+                    _ => builder,
+                }
             };
             let opts = builder.options_mut();
             opts.timeout = settings.timeout;
@@ -91,6 +115,7 @@ impl Resolver {
             overrides: settings.hosts.clone(),
             dns,
             timeout: settings.timeout,
+            trust,
         })
     }
 
@@ -104,6 +129,7 @@ impl Resolver {
         };
         // A trailing dot makes the name absolute: no search-domain suffixes, one query per type.
         let fqdn = format!("{name}.");
+        let asked = std::time::Instant::now();
         // Boxed: hickory's lookup future is over 1 KiB, and every connection's task would
         // otherwise carry that space for its whole life, idle tunnels included.
         let lookup = Box::pin(tokio::time::timeout(
@@ -112,7 +138,13 @@ impl Resolver {
         ));
         match lookup.await {
             Err(_) => Err(ResolveError::Timeout),
-            Ok(Err(e)) => Err(classify(&e)),
+            Ok(Err(e)) => Err(match (classify(&e), &self.trust) {
+                (ResolveError::Failed(why), Some(trust)) => match trust.refused_since(asked) {
+                    Some(refused) => ResolveError::Untrusted(refused),
+                    None => ResolveError::EncryptedFailed(why),
+                },
+                (other, _) => other,
+            }),
             Ok(Ok(lookup)) => {
                 let addrs: Vec<IpAddr> = lookup.iter().collect();
                 if addrs.is_empty() {
@@ -123,6 +155,22 @@ impl Resolver {
             }
         }
     }
+}
+
+/// hickory's configuration for one of our servers.
+fn name_server(server: &DnsServer) -> NameServerConfig {
+    let ip = server.addr.ip();
+    let mut config = match &server.transport {
+        DnsTransport::Plain => NameServerConfig::udp_and_tcp(ip),
+        DnsTransport::Tls { name } => NameServerConfig::tls(ip, name.as_str().into()),
+        DnsTransport::Https { name, path } => {
+            NameServerConfig::https(ip, name.as_str().into(), Some(path.as_str().into()))
+        }
+    };
+    for conn in &mut config.connections {
+        conn.port = server.addr.port();
+    }
+    config
 }
 
 fn classify(e: &NetError) -> ResolveError {
