@@ -25,6 +25,12 @@ macro_rules! access_line {
             port = $r.port,
             gateway = $r.gateway.as_deref(),
             resolved = $r.resolved.map(tracing::field::display),
+            egress = $r.way_out.as_ref().map(|w| w.egress.as_str()),
+            local_address = $r
+                .way_out
+                .as_ref()
+                .and_then(|w| w.local_address)
+                .map(tracing::field::display),
             verdict = $r.verdict,
             rule = $r.rule.as_deref(),
             category = $r.category.as_deref(),
@@ -42,6 +48,15 @@ macro_rules! access_line {
     };
 }
 
+/// The way out of a request through an egress.
+#[derive(Debug, Default)]
+pub struct WayOut {
+    /// The `[egress.NAME]`.
+    pub egress: String,
+    /// The gateway's own address of the upstream connection.
+    pub local_address: Option<SocketAddr>,
+}
+
 /// Everything known about one request; filled in step by step, emitted once.
 #[derive(Debug, Default)]
 pub struct AccessRecord {
@@ -57,6 +72,9 @@ pub struct AccessRecord {
     pub gateway: Option<String>,
     /// The upstream address connected to (or last tried).
     pub resolved: Option<SocketAddr>,
+    /// Which way the request left (only with egresses configured; boxed, so a record without
+    /// one stays as small as before).
+    pub way_out: Option<Box<WayOut>>,
     pub verdict: Option<&'static str>,
     pub rule: Option<String>,
     /// The server name in the tunnel's TLS ClientHello, when it was checked (the second
@@ -183,6 +201,10 @@ pub fn line_fields() -> Vec<String> {
         port: Some(443),
         gateway: Some("g".into()),
         resolved: Some(SocketAddr::from(([127, 0, 0, 1], 443))),
+        way_out: Some(Box::new(WayOut {
+            egress: "e".into(),
+            local_address: Some(SocketAddr::from(([127, 0, 0, 1], 2))),
+        })),
         verdict: Some("allow"),
         rule: Some("r".into()),
         sni: Some("h".into()),

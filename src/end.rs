@@ -96,6 +96,8 @@ ends! {
     DnsTimeout => "dns_timeout", Some(504), outcome;
     ConnectFailed => "connect_failed", Some(502), outcome;
     ConnectTimeout => "connect_timeout", Some(504), outcome;
+    /// The egress's source address is not on this host (any more): nothing left from another.
+    EgressUnavailable => "egress_unavailable", Some(502), outcome;
     // The plain-HTTP lane.
     Forwarded => "forwarded", None, outcome;
     CacheHit => "cache_hit", None, outcome;

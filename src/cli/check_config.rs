@@ -50,7 +50,55 @@ pub fn report(config: &Config) -> String {
     policy(&mut out, config);
     branches(&mut out, config);
     schedules(&mut out, config);
+    egresses(&mut out, config);
     out
+}
+
+/// The ways out, and which rules and branches use each (nothing without egresses).
+fn egresses(out: &mut String, config: &Config) {
+    let e = &config.egresses;
+    if e.list.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "egresses ({}):", e.list.len());
+    for (i, egress) in e.list.iter().enumerate() {
+        let sources = egress.sources();
+        let sources = if sources.is_empty() {
+            "the kernel's choice of source address".to_owned()
+        } else {
+            sources
+        };
+        let _ = writeln!(
+            out,
+            "  {}: direct, {sources}, {}",
+            egress.name,
+            egress.families()
+        );
+        let rules: Vec<&str> = config
+            .policy
+            .rules
+            .iter()
+            .filter(|r| r.egress == Some(i))
+            .map(|r| r.name.as_str())
+            .collect();
+        let branches: Vec<&str> = config
+            .branches
+            .iter()
+            .filter(|b| b.egress == Some(i))
+            .map(|b| b.name.as_str())
+            .collect();
+        let default = if e.default == Some(i) {
+            "; the default (policy.egress)"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            out,
+            "    used by rules: {}; branches: {}{default}",
+            list_or(&rules, "none"),
+            list_or(&branches, "none")
+        );
+    }
 }
 
 fn listeners(out: &mut String, config: &Config) {

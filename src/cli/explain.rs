@@ -181,6 +181,12 @@ pub async fn explain(
             };
         }
     }
+    if let Some((egress, by)) = plan.egress {
+        let _ = writeln!(out, "egress:   {} ({by})", egress.name);
+        if plan.refusal.is_none() {
+            let _ = writeln!(out, "path:     {}", path(&plan, egress));
+        }
+    }
     let allowed = match &plan.refusal {
         Some(r) => {
             let _ = writeln!(out, "result:   {} {}", r.status.unwrap_or(0), r.reason);
@@ -209,6 +215,26 @@ pub async fn explain(
         }
     };
     (out, allowed)
+}
+
+/// The way out as the dial would take it: "direct from 203.0.113.10, IPv4 only, tries
+/// 20.60.1.5 then 20.60.1.6".
+fn path(plan: &crate::gateway::Plan<'_>, egress: &crate::config::Egress) -> String {
+    let order: Vec<String> = crate::gateway::dial::interleave(plan.dialable())
+        .iter()
+        .map(IpAddr::to_string)
+        .collect();
+    let sources = egress.sources();
+    let from = if sources.is_empty() {
+        String::new()
+    } else {
+        format!(" {sources}")
+    };
+    format!(
+        "direct{from}, {}, tries {}",
+        egress.families(),
+        order.join(" then ")
+    )
 }
 
 /// What a learning rule does with the name for this branch.

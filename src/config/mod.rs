@@ -5,6 +5,7 @@
 //! problems are listed at once. Compiling reads no clock: the caller says when it is.
 
 mod branches;
+pub mod egress;
 pub mod fleet;
 pub mod learning;
 mod listen;
@@ -22,6 +23,7 @@ mod values;
 
 pub use crate::access_log::LogFormat;
 pub use branches::{BranchId, Identity, UNASSIGNED};
+pub use egress::{ChosenBy, Egress, Egresses};
 pub use fleet::FleetSettings;
 pub use problems::{ConfigError, Problem};
 pub use resolver::{DnsServer, DnsTransport};
@@ -40,6 +42,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
+use toml::Spanned;
 use values::duration;
 
 /// A fixed "now" for tests that compile configs: Monday 2026-11-23 00:00 UTC.
@@ -101,6 +104,8 @@ pub struct Config {
     /// Built-in profiles in use, in the order given.
     pub profiles: Vec<&'static str>,
     pub resolver: ResolverSettings,
+    /// `[egress.*]` and `[policy] egress`: the ways out; empty without them.
+    pub egresses: Egresses,
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub log: LogSettings,
@@ -137,6 +142,8 @@ pub struct Branch {
     pub allowed_rules: Option<crate::policy::RuleSet>,
     /// Open tunnels at once; `None` is unlimited.
     pub max_tunnels: Option<u32>,
+    /// The way out for this branch's tunnels (`egress`), by position in `Config::egresses`.
+    pub egress: Option<usize>,
 }
 
 /// A proxy user; the password exists only as an argon2id hash, parsed at load.
@@ -366,6 +373,37 @@ impl Config {
     }
 }
 
+/// `[egress.*]` compiled, and the egress each rule, each branch and the policy names.
+fn assign_egresses(
+    p: &mut Problems<'_>,
+    raw: &RawConfig,
+    policy: &mut Policy,
+    branches: &mut [Branch],
+) -> Egresses {
+    let list = egress::compile(p, &raw.egress);
+    for (i, r) in raw.policy.allow.iter().enumerate() {
+        let r = r.get_ref();
+        let key = format!("policy.allow[{i}].egress");
+        let at = egress::refer(p, &list, r.egress.as_ref(), &key);
+        if let Some(rule) = policy
+            .rules
+            .iter_mut()
+            .find(|x| x.name == *r.name.get_ref())
+        {
+            rule.egress = at;
+        }
+    }
+    for (i, b) in raw.branch.iter().enumerate() {
+        let b = b.get_ref();
+        let at = egress::refer(p, &list, b.egress.as_ref(), &format!("branch[{i}].egress"));
+        if let Some(branch) = branches.iter_mut().find(|x| x.name == *b.name.get_ref()) {
+            branch.egress = at;
+        }
+    }
+    let default = egress::refer(p, &list, raw.policy.egress.as_ref(), "policy.egress");
+    Egresses { list, default }
+}
+
 fn compile(
     raw: RawConfig,
     paths: &paths::Paths<'_>,
@@ -379,8 +417,10 @@ fn compile(
         .iter()
         .map(|b| b.get_ref().name.get_ref().as_str())
         .collect();
-    let (policy, profiles_used) = rules::compile_policy(p, &raw.policy, &branch_names, paths);
-    let (branches, branch_sources) = branches::compile(p, &raw.branch, &policy, &listen.clients);
+    let (mut policy, profiles_used) = rules::compile_policy(p, &raw.policy, &branch_names, paths);
+    let (mut branches, branch_sources) =
+        branches::compile(p, &raw.branch, &policy, &listen.clients);
+    let egresses = assign_egresses(p, &raw, &mut policy, &mut branches);
 
     let resolver = resolver::compile(p, &raw.resolver, paths);
 
@@ -467,25 +507,7 @@ fn compile(
             }
             Some(n) => *n.get_ref(),
         },
-        throttle_queue: match &raw.limits.throttle_queue {
-            Some(v) if v.get_ref() == "off" => None,
-            value => {
-                let queue = duration(
-                    p,
-                    value.as_ref(),
-                    "limits.throttle_queue",
-                    DEFAULT_THROTTLE_QUEUE,
-                );
-                if !(MIN_THROTTLE_QUEUE..=MAX_THROTTLE_QUEUE).contains(&queue) {
-                    p.add(
-                        value.as_ref().expect("the default is in range").span(),
-                        "limits.throttle_queue",
-                        "expected a duration from 20ms to 10s, or \"off\"",
-                    );
-                }
-                Some(queue.clamp(MIN_THROTTLE_QUEUE, MAX_THROTTLE_QUEUE))
-            }
-        },
+        throttle_queue: throttle_queue(p, raw.limits.throttle_queue.as_ref()),
     };
 
     let schedules = schedules::compile(p, &raw.schedule, &branches, &policy, now);
@@ -495,6 +517,7 @@ fn compile(
         policy,
         profiles: profiles_used,
         resolver,
+        egresses,
         timeouts,
         limits,
         log: LogSettings {
@@ -514,6 +537,24 @@ fn compile(
         warnings: Vec::new(),
         fleet,
         state_dir: learning::state_dir(p, raw.state_dir.as_ref(), paths),
+    }
+}
+
+/// `limits.throttle_queue`: "off", or a duration from 20 ms to 10 s.
+fn throttle_queue(p: &mut Problems<'_>, value: Option<&Spanned<String>>) -> Option<Duration> {
+    match value {
+        Some(v) if v.get_ref() == "off" => None,
+        value => {
+            let queue = duration(p, value, "limits.throttle_queue", DEFAULT_THROTTLE_QUEUE);
+            if !(MIN_THROTTLE_QUEUE..=MAX_THROTTLE_QUEUE).contains(&queue) {
+                p.add(
+                    value.expect("the default is in range").span(),
+                    "limits.throttle_queue",
+                    "expected a duration from 20ms to 10s, or \"off\"",
+                );
+            }
+            Some(queue.clamp(MIN_THROTTLE_QUEUE, MAX_THROTTLE_QUEUE))
+        }
     }
 }
 

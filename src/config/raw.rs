@@ -20,6 +20,8 @@ pub(super) struct RawConfig {
     pub(super) branch: Vec<Spanned<RawBranch>>,
     pub(super) schedule: Vec<Spanned<RawSchedule>>,
     pub(super) fleet: Option<Spanned<super::fleet::RawFleet>>,
+    /// `[egress.NAME]`: the ways out.
+    pub(super) egress: BTreeMap<Spanned<String>, Spanned<super::egress::RawEgress>>,
     /// Where the gateway keeps what it learns (learned destinations).
     pub(super) state_dir: Option<Spanned<String>>,
 }
@@ -50,6 +52,7 @@ pub(super) struct RawBranch {
     pub(super) client_certificates: Vec<Spanned<String>>,
     pub(super) allow: Option<Vec<Spanned<String>>>,
     pub(super) max_tunnels: Option<Spanned<u32>>,
+    pub(super) egress: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -99,6 +102,8 @@ pub(super) struct RawPolicy {
     /// `"RULE" = "record" | "enforce" | "off"`: learning for rules by name (a profile's too).
     pub(super) learn: BTreeMap<Spanned<String>, Spanned<Learn>>,
     pub(super) learn_limit: Option<Spanned<u32>>,
+    /// The egress of every rule and branch that names none.
+    pub(super) egress: Option<Spanned<String>>,
 }
 
 /// `[[policy.deny]]`.
@@ -131,6 +136,7 @@ pub(super) struct RawRule {
     pub(super) plain_http: bool,
     pub(super) service_tags: Option<Vec<Spanned<String>>>,
     pub(super) learn: Option<Learn>,
+    pub(super) egress: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

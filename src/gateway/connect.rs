@@ -393,15 +393,20 @@ async fn dial(
 ) -> Result<TcpStream, Refusal> {
     let started = Instant::now();
     let timeouts = snapshot.config.timeouts;
+    let egress = plan.egress.map(|(e, _)| e);
     let dialled = super::dial::dial(
         plan.dialable(),
         port,
         timeouts.connect,
         timeouts.attempt_delay,
+        egress,
         &mut record.resolved,
     )
     .await;
     record.connect_time = Some(started.elapsed());
+    if let Some(egress) = egress {
+        super::egress::note(egress, dialled.as_ref().ok(), record);
+    }
     dialled
 }
 

@@ -6,6 +6,7 @@
 
 pub mod connect;
 pub mod dial;
+pub mod egress;
 pub mod hello_retry;
 pub mod identity;
 pub mod lane;
@@ -94,7 +95,7 @@ impl Snapshot {
     /// A snapshot that takes over from `previous` (a reload): branch tunnel counters carry over
     /// by branch name; everything else is built afresh from `config` and the files it names.
     pub fn replacing(config: Config, previous: Option<&Snapshot>) -> Result<Self, String> {
-        let resolver = Resolver::new(&config.resolver)?;
+        let resolver = Resolver::new(&config.resolver, &config.egresses.list)?;
         let (metrics, fleet, learned) = match previous {
             Some(p) => {
                 fleet_changed(p, &config);

@@ -6,7 +6,7 @@
 
 mod trust;
 
-use crate::config::{DnsServer, DnsTransport, ResolverSettings};
+use crate::config::{DnsServer, DnsTransport, Egress, ResolverSettings};
 use crate::policy::host::DnsName;
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig};
@@ -65,66 +65,74 @@ impl Source {
 
 pub struct Resolver {
     overrides: BTreeMap<DnsName, Vec<IpAddr>>,
-    /// `None` when DNS is switched off (`hosts_only`).
+    /// Both families; `None` when DNS is switched off (`hosts_only`).
     dns: Option<TokioResolver>,
+    /// IPv4 only and IPv6 only, built only when an egress allows just one family.
+    single: [Option<TokioResolver>; 2],
     timeout: Duration,
     /// With encrypted servers: the verdicts on their certificates, to name trust failures.
     trust: Option<std::sync::Arc<trust::Verdicts>>,
 }
 
 impl Resolver {
-    /// Builds the resolver; reads the system's resolv.conf unless servers are configured.
-    pub fn new(settings: &ResolverSettings) -> Result<Self, String> {
+    /// Builds the resolver; reads the system's resolv.conf unless servers are configured. One
+    /// hickory resolver (and cache) per lookup strategy the egresses need: both families, and
+    /// IPv4 only or IPv6 only when an egress allows just that family.
+    pub fn new(settings: &ResolverSettings, egresses: &[Egress]) -> Result<Self, String> {
         let mut trust = None;
-        let dns = if settings.hosts_only {
-            None
-        } else {
-            let mut builder = if settings.servers.is_empty() {
-                TokioResolver::builder_tokio()
-                    .map_err(|e| format!("cannot read the system DNS configuration: {e}"))?
+        let tls = match &settings.ca {
+            Some(ca) if settings.servers.iter().any(|s| s.encrypted()) => {
+                let (config, verdicts) = trust::client_config(ca)?;
+                trust = Some(verdicts);
+                Some(config)
+            }
+            _ => None,
+        };
+        let build = |strategy| match settings.hosts_only {
+            true => Ok(None),
+            false => hickory(settings, tls.clone(), strategy).map(Some),
+        };
+        let needs = |v4: bool| egresses.iter().any(|e| e.ipv4 == v4 && e.ipv6 != v4);
+        let single = [
+            if needs(true) {
+                build(LookupIpStrategy::Ipv4Only)?
             } else {
-                let servers = settings.servers.iter().map(name_server).collect();
-                let builder = TokioResolver::builder_with_config(
-                    ResolverConfig::from_name_servers(servers),
-                    TokioRuntimeProvider::default(),
-                );
-                match &settings.ca {
-                    Some(ca) if settings.servers.iter().any(|s| s.encrypted()) => {
-                        let (config, verdicts) = trust::client_config(ca)?;
-                        trust = Some(verdicts);
-                        builder.with_tls_config(config)
-                    }
-                    _ => builder,
-                }
-            };
-            let opts = builder.options_mut();
-            opts.timeout = settings.timeout;
-            // Our overrides are the only static hosts; /etc/hosts does not describe the internet.
-            opts.use_hosts_file = ResolveHosts::Never;
+                None
+            },
+            if needs(false) {
+                build(LookupIpStrategy::Ipv6Only)?
+            } else {
+                None
+            },
+        ];
+        Ok(Self {
+            overrides: settings.hosts.clone(),
             // Both families, asked in parallel, IPv4 first (hickory's default puts AAAA first):
             // the dial races them from the first address's family, and a storage firewall that
             // admits the site's public IPv4 addresses sees those first.
-            opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
-            Some(
-                builder
-                    .build()
-                    .map_err(|e| format!("cannot build the DNS resolver: {e}"))?,
-            )
-        };
-        Ok(Self {
-            overrides: settings.hosts.clone(),
-            dns,
+            dns: build(LookupIpStrategy::Ipv4AndIpv6)?,
+            single,
             timeout: settings.timeout,
             trust,
         })
     }
 
     /// All addresses for `name`, overrides first; never asks DNS for an overridden name.
-    pub async fn resolve(&self, name: &DnsName) -> Result<(Vec<IpAddr>, Source), ResolveError> {
+    /// `families` (IPv4, IPv6) asks DNS for only one family when only one may be dialled.
+    pub async fn resolve(
+        &self,
+        name: &DnsName,
+        families: Option<(bool, bool)>,
+    ) -> Result<(Vec<IpAddr>, Source), ResolveError> {
         if let Some(addrs) = self.overrides.get(name) {
             return Ok((addrs.clone(), Source::Override));
         }
-        let Some(dns) = &self.dns else {
+        let dns = match families {
+            Some((true, false)) => self.single[0].as_ref(),
+            Some((false, true)) => self.single[1].as_ref(),
+            _ => None,
+        };
+        let Some(dns) = dns.or(self.dns.as_ref()) else {
             return Err(ResolveError::NotFound);
         };
         // A trailing dot makes the name absolute: no search-domain suffixes, one query per type.
@@ -155,6 +163,35 @@ impl Resolver {
             }
         }
     }
+}
+
+/// A hickory resolver asking the configured servers (or the system's) with `strategy`.
+fn hickory(
+    settings: &ResolverSettings,
+    tls: Option<rustls::ClientConfig>,
+    strategy: LookupIpStrategy,
+) -> Result<TokioResolver, String> {
+    let mut builder = if settings.servers.is_empty() {
+        TokioResolver::builder_tokio()
+            .map_err(|e| format!("cannot read the system DNS configuration: {e}"))?
+    } else {
+        let servers = settings.servers.iter().map(name_server).collect();
+        TokioResolver::builder_with_config(
+            ResolverConfig::from_name_servers(servers),
+            TokioRuntimeProvider::default(),
+        )
+    };
+    if let Some(tls) = tls {
+        builder = builder.with_tls_config(tls);
+    }
+    let opts = builder.options_mut();
+    opts.timeout = settings.timeout;
+    // Our overrides are the only static hosts; /etc/hosts does not describe the internet.
+    opts.use_hosts_file = ResolveHosts::Never;
+    opts.ip_strategy = strategy;
+    builder
+        .build()
+        .map_err(|e| format!("cannot build the DNS resolver: {e}"))
 }
 
 /// hickory's configuration for one of our servers.

@@ -10,6 +10,7 @@ mod cli;
 mod dashboard;
 mod denials;
 mod dial;
+mod egress;
 mod encrypted_dns;
 mod fleet;
 mod fleet_learned;

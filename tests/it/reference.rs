@@ -323,10 +323,14 @@ fn leaf_keys(path: &TablePath, into: &mut BTreeSet<String>) {
     for key in keys {
         let table = path.child(&key, false);
         let array = path.child(&key, true);
+        // A table of named tables (`[egress.NAME]`), documented as `egress.NAME.key`.
+        let named = table.child("NAME", false);
         if keys_of(&table).is_some() {
             leaf_keys(&table, into);
         } else if keys_of(&array).is_some() {
             leaf_keys(&array, into);
+        } else if keys_of(&named).is_some() {
+            leaf_keys(&named, into);
         } else {
             into.insert(path.key(&key));
         }
