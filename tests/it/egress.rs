@@ -231,3 +231,73 @@ async fn an_ipv4_only_egress_never_dials_an_ipv6_address() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(v6_peers.try_recv().is_err(), "an IPv6 address was dialled");
 }
+
+/// `CONNECT target` to the gateway inside `ns`: the reply's status.
+fn ns_connect(ns: &NetNs, gw: SocketAddr, target: &str) -> u16 {
+    let reply = ns.exchange(
+        gw,
+        &format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n"),
+    );
+    status_of(reply.as_bytes())
+}
+
+/// Inside a network namespace of the test's own: an IPv6-only egress leaves from its IPv6
+/// source address, and when the IPv4 source address is removed from the host, tunnels are
+/// refused as `egress_unavailable` and `/readyz` names the egress.
+#[tokio::test]
+async fn in_a_namespace_ipv6_leaves_from_its_source_and_a_vanished_address_is_unavailable() {
+    let Some(ns) = NetNs::create() else {
+        return;
+    };
+    ns.ip(&["addr", "add", "192.0.2.10/32", "dev", "lo"]);
+    ns.ip(&["addr", "add", "2001:db8::10/128", "dev", "lo", "nodad"]);
+    let port = 8443;
+    let origin = ns.peer_origin(port);
+    let v6_host = "v6.file.core.windows.net";
+    let config = GatewayConfig::for_origin(port)
+        .no_resolver()
+        .policy("egress", "doc4")
+        .extra(&format!(
+            "[egress.doc4]\nsource_ipv4 = \"192.0.2.10\"\n\n\
+             [egress.doc6]\nsource_ipv6 = \"2001:db8::10\"\nfamilies = [\"ipv6\"]\n\n\
+             [[policy.allow]]\nname = \"v6\"\nhosts = [\"{v6_host}\"]\nports = [{port}]\n\
+             private_addresses = [\"::1/128\"]\negress = \"doc6\"\n\n\
+             [resolver]\nhosts_only = true\n[resolver.hosts]\n\
+             \"{ORIGIN_HOST}\" = \"127.0.0.1\"\n\"{v6_host}\" = [\"127.0.0.1\", \"::1\"]\n"
+        ));
+    let mut gw = Gateway::start_under(config, &[], &ns.wrapper()).await;
+    let admin = gw.admin_addr.unwrap();
+
+    assert_eq!(
+        ns_connect(&ns, gw.addr, &format!("{ORIGIN_HOST}:{port}")),
+        200
+    );
+    assert_eq!(origin.next().as_deref(), Some("192.0.2.10"));
+    // IPv6 only, from its IPv6 source, though the name's first address is IPv4.
+    assert_eq!(ns_connect(&ns, gw.addr, &format!("{v6_host}:{port}")), 200);
+    assert_eq!(origin.next().as_deref(), Some("2001:db8::10"));
+    let ready = ns.exchange(admin, "GET /readyz HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(status_of(ready.as_bytes()), 200, "{ready}");
+
+    // The IPv4 source address leaves the host.
+    ns.ip(&["addr", "del", "192.0.2.10/32", "dev", "lo"]);
+    assert_eq!(
+        ns_connect(&ns, gw.addr, &format!("{ORIGIN_HOST}:{port}")),
+        502
+    );
+    let line = gw
+        .access_line(|l| l["host"] == ORIGIN_HOST && l["status"] == 502)
+        .await;
+    assert_eq!(line["end"], "egress_unavailable");
+    assert_eq!(
+        line["reason"],
+        "egress source address 192.0.2.10 is not on this host"
+    );
+    assert_eq!(origin.seen_within(Duration::from_millis(300)), None);
+    let ready = ns.exchange(admin, "GET /readyz HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(status_of(ready.as_bytes()), 503, "{ready}");
+    assert!(
+        ready.contains("egress doc4: 192.0.2.10 is not an address of this host"),
+        "{ready}"
+    );
+}

@@ -1,6 +1,6 @@
 //! Test fixtures, one module per responsibility: the rcgen PKI, TLS and TCP origins, the real
 //! binaries with JSON logs captured, clients and raw requests, config builders, promtool, free
-//! ports, a redis-server and an unbound of the test's own, the branch agent's files. Everything is
+//! ports, a redis-server and an unbound of the test's own, a network namespace, the branch agent's files. Everything is
 //! re-exported here, so tests keep `use crate::support::*`.
 
 mod agent;
@@ -8,6 +8,7 @@ mod clients;
 mod config;
 mod learned;
 mod metrics;
+mod netns;
 mod origins;
 mod pki;
 mod ports;
@@ -20,6 +21,7 @@ pub use clients::*;
 pub use config::*;
 pub use learned::*;
 pub use metrics::*;
+pub use netns::*;
 pub use origins::*;
 pub use pki::*;
 pub use ports::*;
