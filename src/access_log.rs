@@ -26,6 +26,7 @@ macro_rules! access_line {
             gateway = $r.gateway.as_deref(),
             resolved = $r.resolved.map(tracing::field::display),
             egress = $r.way_out.as_ref().map(|w| w.egress.as_str()),
+            parent = $r.way_out.as_ref().and_then(|w| w.parent.as_deref()),
             local_address = $r
                 .way_out
                 .as_ref()
@@ -53,8 +54,12 @@ macro_rules! access_line {
 pub struct WayOut {
     /// The `[egress.NAME]`.
     pub egress: String,
+    /// The parent proxy that carried it (or was last tried).
+    pub parent: Option<String>,
     /// The gateway's own address of the upstream connection.
     pub local_address: Option<SocketAddr>,
+    /// Bytes a parent proxy sent after its 200 head, until they go to the client.
+    pub early: Option<Box<[u8]>>,
 }
 
 /// Everything known about one request; filled in step by step, emitted once.
@@ -203,7 +208,9 @@ pub fn line_fields() -> Vec<String> {
         resolved: Some(SocketAddr::from(([127, 0, 0, 1], 443))),
         way_out: Some(Box::new(WayOut {
             egress: "e".into(),
+            parent: Some("p".into()),
             local_address: Some(SocketAddr::from(([127, 0, 0, 1], 2))),
+            early: None,
         })),
         verdict: Some("allow"),
         rule: Some("r".into()),

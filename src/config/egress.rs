@@ -21,6 +21,9 @@ pub(super) struct RawEgress {
     source_ipv4: Option<Spanned<String>>,
     source_ipv6: Option<Spanned<String>>,
     families: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    via: Vec<Spanned<String>>,
+    fallback: Option<Spanned<String>>,
 }
 
 /// One way out.
@@ -35,6 +38,11 @@ pub struct Egress {
     pub ipv4: bool,
     /// Whether IPv6 addresses may be dialled.
     pub ipv6: bool,
+    /// Parents to go through, by position in `Egresses::parents`, in order of preference;
+    /// empty: direct.
+    pub via: Vec<usize>,
+    /// `fallback = "direct"`: go direct when every parent failed (default: never).
+    pub fallback_direct: bool,
 }
 
 impl Egress {
@@ -105,6 +113,8 @@ pub struct Egresses {
     pub list: Vec<Egress>,
     /// `[policy] egress`, by position in `list`.
     pub default: Option<usize>,
+    /// `[[parent]]`, in file order.
+    pub parents: Vec<super::Parent>,
 }
 
 impl Egresses {
@@ -143,6 +153,7 @@ impl Egresses {
 pub(super) fn compile(
     p: &mut Problems<'_>,
     raw: &BTreeMap<Spanned<String>, Spanned<RawEgress>>,
+    parents: &[super::Parent],
 ) -> Vec<Egress> {
     let mut list = Vec::new();
     for (name, e) in raw {
@@ -203,12 +214,27 @@ pub(super) fn compile(
                 source_ipv6.is_some() || source_ipv4.is_none(),
             )
         };
+        let via = super::parents::refer(p, parents, &e.via, &key);
+        let fallback_direct = match e.fallback.as_ref().map(|f| (f, f.get_ref().as_str())) {
+            None | Some((_, "none")) => false,
+            Some((_, "direct")) => true,
+            Some((f, other)) => {
+                p.add(
+                    f.span(),
+                    format!("{key}.fallback"),
+                    format!("{other:?}: expected \"none\" or \"direct\""),
+                );
+                false
+            }
+        };
         list.push(Egress {
             name: name.get_ref().clone(),
             source_ipv4,
             source_ipv6,
             ipv4,
             ipv6,
+            via,
+            fallback_direct,
         });
     }
     list

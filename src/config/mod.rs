@@ -10,6 +10,7 @@ pub mod fleet;
 pub mod learning;
 mod listen;
 mod parse_errors;
+pub mod parents;
 pub mod password;
 pub mod paths;
 pub mod problems;
@@ -24,6 +25,7 @@ mod values;
 pub use crate::access_log::LogFormat;
 pub use branches::{BranchId, Identity, UNASSIGNED};
 pub use egress::{ChosenBy, Egress, Egresses};
+pub use parents::{ConnectTarget, Parent};
 pub use fleet::FleetSettings;
 pub use problems::{ConfigError, Problem};
 pub use resolver::{DnsServer, DnsTransport};
@@ -377,10 +379,12 @@ impl Config {
 fn assign_egresses(
     p: &mut Problems<'_>,
     raw: &RawConfig,
+    paths: &paths::Paths<'_>,
     policy: &mut Policy,
     branches: &mut [Branch],
 ) -> Egresses {
-    let list = egress::compile(p, &raw.egress);
+    let parents = parents::compile(p, &raw.parent, paths);
+    let list = egress::compile(p, &raw.egress, &parents);
     for (i, r) in raw.policy.allow.iter().enumerate() {
         let r = r.get_ref();
         let key = format!("policy.allow[{i}].egress");
@@ -401,7 +405,11 @@ fn assign_egresses(
         }
     }
     let default = egress::refer(p, &list, raw.policy.egress.as_ref(), "policy.egress");
-    Egresses { list, default }
+    Egresses {
+        list,
+        default,
+        parents,
+    }
 }
 
 fn compile(
@@ -420,7 +428,7 @@ fn compile(
     let (mut policy, profiles_used) = rules::compile_policy(p, &raw.policy, &branch_names, paths);
     let (mut branches, branch_sources) =
         branches::compile(p, &raw.branch, &policy, &listen.clients);
-    let egresses = assign_egresses(p, &raw, &mut policy, &mut branches);
+    let egresses = assign_egresses(p, &raw, paths, &mut policy, &mut branches);
 
     let resolver = resolver::compile(p, &raw.resolver, paths);
 

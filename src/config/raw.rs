@@ -22,6 +22,8 @@ pub(super) struct RawConfig {
     pub(super) fleet: Option<Spanned<super::fleet::RawFleet>>,
     /// `[egress.NAME]`: the ways out.
     pub(super) egress: BTreeMap<Spanned<String>, Spanned<super::egress::RawEgress>>,
+    /// `[[parent]]`: proxies an egress may go through.
+    pub(super) parent: Vec<Spanned<super::parents::RawParent>>,
     /// Where the gateway keeps what it learns (learned destinations).
     pub(super) state_dir: Option<Spanned<String>>,
 }

@@ -391,6 +391,13 @@ async fn dial(
     port: u16,
     record: &mut AccessRecord,
 ) -> Result<TcpStream, Refusal> {
+    // Through the egress's parent proxies, when it has some (boxed: only those tunnels pay).
+    if super::parent::parents_for(plan).is_some()
+        && let Some(stream) = Box::pin(super::parent::open(snapshot, plan, port, record)).await?
+    {
+        return Ok(stream);
+    }
+    // Direct (or, with `fallback = "direct"`, after every parent failed).
     let started = Instant::now();
     let timeouts = snapshot.config.timeouts;
     let egress = plan.egress.map(|(e, _)| e);
@@ -405,7 +412,8 @@ async fn dial(
     .await;
     record.connect_time = Some(started.elapsed());
     if let Some(egress) = egress {
-        super::egress::note(egress, dialled.as_ref().ok(), record);
+        let metrics = &snapshot.metrics.way_out;
+        super::egress::note(metrics, egress, dialled.as_ref().ok(), record);
     }
     dialled
 }
@@ -483,6 +491,10 @@ async fn serve_tunnel(
     replies::write_established(client)
         .await
         .map_err(|_| Refusal::after_reply(End::ClientError, "client went away before 200"))?;
+    // What a parent proxy sent after its own 200 head (kept in the record's way out).
+    if record.way_out.as_ref().is_some_and(|w| w.early.is_some()) {
+        Box::pin(super::parent::send_down(client, record)).await?;
+    }
     record.status = 200;
     record.reason = plan.decision.why().into_owned();
     if let Some(rule) = plan.decision.rule

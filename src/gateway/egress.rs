@@ -54,10 +54,25 @@ pub fn source(egress: Option<&Egress>, ip: IpAddr) -> Option<IpAddr> {
 }
 
 /// The access line's `egress` and `local_address` (only with egresses configured).
-pub fn note(egress: &Egress, stream: Option<&TcpStream>, record: &mut AccessRecord) {
+pub fn note(
+    metrics: &crate::metrics::WayOutMetrics,
+    egress: &Egress,
+    stream: Option<&TcpStream>,
+    record: &mut AccessRecord,
+) {
+    let path = if stream.is_some() { "direct" } else { "failed" };
+    metrics
+        .egress_requests
+        .get_or_create(&crate::metrics::EgressLabels {
+            egress: egress.name.clone(),
+            path,
+        })
+        .inc();
     record.way_out = Some(Box::new(crate::access_log::WayOut {
         egress: egress.name.clone(),
+        parent: None,
         local_address: stream.and_then(|s| s.local_addr().ok()),
+        early: None,
     }));
 }
 

@@ -13,6 +13,7 @@ pub mod lane;
 pub mod lane_cache;
 #[cfg(test)]
 mod mutations;
+pub mod parent;
 pub mod pending;
 pub mod plan;
 pub mod proxy_protocol;
