@@ -57,6 +57,27 @@ pub fn report(config: &Config) -> String {
 /// The ways out, and which rules and branches use each (nothing without egresses).
 fn egresses(out: &mut String, config: &Config) {
     let e = &config.egresses;
+    if !e.parents.is_empty() {
+        let _ = writeln!(out, "parents ({}):", e.parents.len());
+    }
+    for (i, parent) in e.parents.iter().enumerate() {
+        let users: Vec<&str> = e
+            .list
+            .iter()
+            .filter(|x| x.via.contains(&i))
+            .map(|x| x.name.as_str())
+            .collect();
+        let _ = writeln!(
+            out,
+            "  {}: {}:{}, CONNECT by {}, credentials: {}; used by egresses: {}",
+            parent.name,
+            parent.host,
+            parent.port,
+            parent.connect_by(),
+            parent.user.as_deref().unwrap_or("none"),
+            list_or(&users, "none")
+        );
+    }
     if e.list.is_empty() {
         return;
     }
@@ -68,9 +89,20 @@ fn egresses(out: &mut String, config: &Config) {
         } else {
             sources
         };
+        let via: Vec<&str> = egress
+            .via
+            .iter()
+            .filter_map(|&p| e.parents.get(p))
+            .map(|p| p.name.as_str())
+            .collect();
+        let way = match (via.is_empty(), egress.fallback_direct) {
+            (true, _) => "direct".to_owned(),
+            (false, false) => format!("via {} (never direct)", via.join(" then ")),
+            (false, true) => format!("via {} (direct when all fail)", via.join(" then ")),
+        };
         let _ = writeln!(
             out,
-            "  {}: direct, {sources}, {}",
+            "  {}: {way}, {sources}, {}",
             egress.name,
             egress.families()
         );

@@ -100,7 +100,11 @@ pub(super) fn compile(
                 "expected a name of letters, digits, '-', '_', '.'",
             );
         } else if parents.iter().any(|x| x.name == name) {
-            p.add(r.name.span(), format!("{key}.name"), "a parent of this name is listed already");
+            p.add(
+                r.name.span(),
+                format!("{key}.name"),
+                "a parent of this name is listed already",
+            );
         }
         let Some((host, port)) = host_port(r.address.get_ref()) else {
             p.add(
@@ -177,7 +181,11 @@ fn basic_header(
         );
         return None;
     }
-    let path = paths.resolve(p, &basic.password_file, &format!("{key}.basic.password_file"));
+    let path = paths.resolve(
+        p,
+        &basic.password_file,
+        &format!("{key}.basic.password_file"),
+    );
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
         Err(e) => {
@@ -234,7 +242,10 @@ mod tests {
             host_port("Proxy1.corp.example:8080"),
             Some(("proxy1.corp.example".into(), 8080))
         );
-        assert_eq!(host_port("[2001:db8::1]:3128"), Some(("2001:db8::1".into(), 3128)));
+        assert_eq!(
+            host_port("[2001:db8::1]:3128"),
+            Some(("2001:db8::1".into(), 3128))
+        );
         assert_eq!(host_port("10.0.0.1:3128"), Some(("10.0.0.1".into(), 3128)));
         for bad in ["proxy", "proxy:0", "proxy:x", "pro xy:80", ":80"] {
             assert_eq!(host_port(bad), None, "{bad}");

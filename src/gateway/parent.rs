@@ -172,8 +172,14 @@ async fn through_parents(
             })
             .clone();
         let health = health(&parent.name);
+        if !health.skipped() {
+            up.set(1);
+        }
         if health.skipped() {
-            metrics.parent_requests.get_or_create(&outcome("skipped")).inc();
+            metrics
+                .parent_requests
+                .get_or_create(&outcome("skipped"))
+                .inc();
             failures.push(format!("{}: down, in its backoff", parent.name));
             continue;
         }
@@ -189,10 +195,15 @@ async fn through_parents(
         match answer {
             Ok(tunnel) => {
                 note(record, egress, parent, Some(&tunnel.stream));
-                record.way_out.as_mut().map(|w| w.early = tunnel.early);
+                if let Some(way_out) = record.way_out.as_mut() {
+                    way_out.early = tunnel.early;
+                }
                 health.answered();
                 up.set(1);
-                metrics.parent_requests.get_or_create(&outcome("tunnel")).inc();
+                metrics
+                    .parent_requests
+                    .get_or_create(&outcome("tunnel"))
+                    .inc();
                 path("parent");
                 return Ok(Some(tunnel.stream));
             }
@@ -201,7 +212,10 @@ async fn through_parents(
                 if refusal.end == End::ParentRefused {
                     health.answered();
                     up.set(1);
-                    metrics.parent_requests.get_or_create(&outcome("refused")).inc();
+                    metrics
+                        .parent_requests
+                        .get_or_create(&outcome("refused"))
+                        .inc();
                 }
                 path("failed");
                 return Err(refusal);
@@ -211,7 +225,10 @@ async fn through_parents(
                 if health.failed() {
                     up.set(0);
                 }
-                metrics.parent_requests.get_or_create(&outcome("failed")).inc();
+                metrics
+                    .parent_requests
+                    .get_or_create(&outcome("failed"))
+                    .inc();
                 tracing::warn!(parent = %parent.name, reason = %why, "parent proxy failed");
                 failures.push(format!("{}: {why}", parent.name));
             }

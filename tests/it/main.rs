@@ -21,6 +21,7 @@ mod layout;
 mod learn_from_log;
 mod learned;
 mod malformed;
+mod parents;
 mod proxy_protocol;
 mod reference;
 mod reload;
