@@ -324,7 +324,7 @@ async fn through(
         }
         Err(refusal) => return Err(Failure::Down(refusal.reason.into_owned())),
     };
-    record.resolved = record.resolved.or(tried);
+    record.resolved = tried;
     let exchange = async {
         stream.write_all(request.as_bytes()).await?;
         read_answer(&mut stream).await

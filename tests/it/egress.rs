@@ -182,6 +182,32 @@ fn a_source_address_not_on_this_host_is_refused_at_load() {
 }
 
 #[tokio::test]
+async fn a_reload_with_a_source_address_not_on_this_host_is_rejected() {
+    let (origin, mut peers) = peer_recorder("127.0.0.1:0").await;
+    let mut gw = Gateway::start(branches_config(origin.port())).await;
+    let text = std::fs::read_to_string(gw.config_path()).unwrap();
+    let moved = text.replace(
+        "source_ipv4 = \"127.0.0.5\"",
+        "source_ipv4 = \"192.0.2.10\"",
+    );
+    std::fs::write(gw.config_path(), moved).unwrap();
+    let line = gw
+        .reload("reload rejected; the running configuration stays")
+        .await;
+    let problems = line["problems"].as_str().unwrap();
+    assert!(
+        problems.contains("egress.default-out.source_ipv4")
+            && problems.contains("192.0.2.10 is not an address of this host"),
+        "{line}"
+    );
+    // Still leaving from the address in force.
+    let target = format!("{ORIGIN_HOST}:{}", origin.port());
+    let (_tcp, reply) = connect_from(gw.addr, "127.0.0.12", &target, "").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(next_peer(&mut peers).await.to_string(), "127.0.0.5");
+}
+
+#[tokio::test]
 async fn an_ipv4_only_egress_never_dials_an_ipv6_address() {
     let (v4, mut v4_peers) = peer_recorder("127.0.0.1:0").await;
     // The same port on ::1: an IPv6 dial would land here.

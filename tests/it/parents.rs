@@ -341,3 +341,73 @@ fn explain_prints_the_path_through_parents_and_check_config_who_uses_them() {
     }
     assert!(!out.contains("secret"), "{out}");
 }
+
+#[tokio::test]
+async fn the_sni_check_works_the_same_through_a_parent() {
+    let pki = Pki::new();
+    let origin = crate::support::Origin::start(&pki).await;
+    let port = origin.port();
+    let squid = squid_for_origin();
+    let parents = parent("corp-1", &squid.address(), "");
+    let config = config(port, &parents, "via = [\"corp-1\"]\n")
+        .change_rule("via-parent", |r| r.set("sni", "match"));
+    let mut gw = Gateway::start(config).await;
+    assert_serves(&pki, gw.addr, &origin).await;
+    let line = gw
+        .access_line(|l| l["host"] == VIA_PARENT && l["status"] == 200)
+        .await;
+    assert_eq!(line["sni"], VIA_PARENT);
+    assert_eq!(line["parent"], "corp-1");
+
+    let (tunnel, reply) = connect(gw.addr, &format!("{VIA_PARENT}:{port}"), "").await;
+    assert_eq!(reply.status, 200);
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(pki.client_config()));
+    let name = rustls::pki_types::ServerName::try_from("evil.example").unwrap();
+    assert!(
+        connector.connect(name, tunnel).await.is_err(),
+        "the tunnel is cut"
+    );
+    let line = gw.access_line(|l| l["end"] == "sni_mismatch").await;
+    assert_eq!(line["parent"], "corp-1");
+}
+
+/// A listener on `addr` whose accept queue is full: further SYNs are dropped.
+async fn black_hole(addr: SocketAddr) -> (tokio::net::TcpListener, Vec<tokio::net::TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(addr).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let mut queued = Vec::new();
+    for _ in 0..2 {
+        let connect = tokio::net::TcpStream::connect(addr);
+        match tokio::time::timeout(Duration::from_millis(500), connect).await {
+            Ok(Ok(stream)) => queued.push(stream),
+            _ => break,
+        }
+    }
+    (listener, queued)
+}
+
+#[tokio::test]
+async fn a_parent_whose_first_address_drops_syns_is_reached_within_about_one_attempt_delay() {
+    let mut origin = Origin::start(b"ok").await;
+    let squid = squid_for_origin();
+    let _hole = black_hole(SocketAddr::from(([127, 0, 0, 2], squid.port))).await;
+    let parents = parent("corp-1", &format!("parent.corp.example:{}", squid.port), "");
+    let config = config(origin.addr.port(), &parents, "via = [\"corp-1\"]\n")
+        .no_resolver()
+        .extra(&format!(
+            "[resolver]\nhosts_only = true\n[resolver.hosts]\n\
+             \"parent.corp.example\" = [\"127.0.0.2\", \"127.0.0.1\"]\n\"{VIA_PARENT}\" = \"20.60.1.5\"\n"
+        ));
+    let mut gw = Gateway::start(config).await;
+    let started = std::time::Instant::now();
+    let (tcp, reply) = connect(gw.addr, &format!("{VIA_PARENT}:{}", origin.addr.port()), "").await;
+    let took = started.elapsed();
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    assert_eq!(exchange(tcp).await, b"ok");
+    origin.received.recv().await.unwrap();
+    let line = gw.access_line(|l| l["host"] == VIA_PARENT).await;
+    assert_eq!(line["parent"], "corp-1");
+    assert_eq!(line["resolved"], format!("127.0.0.1:{}", squid.port));
+}
