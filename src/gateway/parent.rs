@@ -369,8 +369,7 @@ async fn addresses(
         Err(_) => {
             let name = DnsName::parse(&parent.host)
                 .map_err(|why| Failure::Down(format!("bad parent name: {why}")))?;
-            let families = Some((egress.ipv4, egress.ipv6));
-            match snapshot.resolver.resolve(&name, families).await {
+            match snapshot.resolver.resolve(&name, Some(egress)).await {
                 Ok((addrs, _)) => addrs,
                 Err(e) => return Err(Failure::Down(format!("cannot resolve the parent: {e}"))),
             }

@@ -136,14 +136,13 @@ pub async fn plan<'g>(
         &snapshot.config.branches,
         plan.identity,
     );
-    let families = plan.egress.map(|(e, _)| (e.ipv4, e.ipv6));
     let addrs = match &target.host {
         Host::Ip(ip) => {
             plan.source = Some("literal");
             vec![*ip]
         }
         Host::Name(name) => {
-            let resolving = snapshot.resolver.resolve(name, families);
+            let resolving = snapshot.resolver.resolve(name, plan.egress.map(|(e, _)| e));
             match timed(&mut plan.resolve_time, resolving).await {
                 Ok((addrs, source)) => {
                     plan.source = Some(source.as_str());

@@ -69,6 +69,8 @@ pub struct Resolver {
     dns: Option<TokioResolver>,
     /// IPv4 only and IPv6 only, built only when an egress allows just one family.
     single: [Option<TokioResolver>; 2],
+    /// Per egress with a source address: queries leave from it too (its families' strategy).
+    bound: Vec<(String, TokioResolver)>,
     timeout: Duration,
     /// With encrypted servers: the verdicts on their certificates, to name trust failures.
     trust: Option<std::sync::Arc<trust::Verdicts>>,
@@ -90,8 +92,18 @@ impl Resolver {
         };
         let build = |strategy| match settings.hosts_only {
             true => Ok(None),
-            false => hickory(settings, tls.clone(), strategy).map(Some),
+            false => hickory(settings, tls.clone(), strategy, None).map(Some),
         };
+        let mut bound = Vec::new();
+        for e in egresses
+            .iter()
+            .filter(|e| e.source_ipv4.is_some() || e.source_ipv6.is_some())
+        {
+            if !settings.hosts_only {
+                let resolver = hickory(settings, tls.clone(), strategy_of(e), Some(e))?;
+                bound.push((e.name.clone(), resolver));
+            }
+        }
         let needs = |v4: bool| egresses.iter().any(|e| e.ipv4 == v4 && e.ipv6 != v4);
         let single = [
             if needs(true) {
@@ -112,25 +124,33 @@ impl Resolver {
             // admits the site's public IPv4 addresses sees those first.
             dns: build(LookupIpStrategy::Ipv4AndIpv6)?,
             single,
+            bound,
             timeout: settings.timeout,
             trust,
         })
     }
 
     /// All addresses for `name`, overrides first; never asks DNS for an overridden name.
-    /// `families` (IPv4, IPv6) asks DNS for only one family when only one may be dialled.
+    /// For a request through `egress`: DNS is asked for its families only, from its source
+    /// address when it has one.
     pub async fn resolve(
         &self,
         name: &DnsName,
-        families: Option<(bool, bool)>,
+        egress: Option<&Egress>,
     ) -> Result<(Vec<IpAddr>, Source), ResolveError> {
         if let Some(addrs) = self.overrides.get(name) {
             return Ok((addrs.clone(), Source::Override));
         }
-        let dns = match families {
-            Some((true, false)) => self.single[0].as_ref(),
-            Some((false, true)) => self.single[1].as_ref(),
-            _ => None,
+        let dns = match egress {
+            None => None,
+            Some(e) => match self.bound.iter().find(|(n, _)| *n == e.name) {
+                Some((_, bound)) => Some(bound),
+                None => match (e.ipv4, e.ipv6) {
+                    (true, false) => self.single[0].as_ref(),
+                    (false, true) => self.single[1].as_ref(),
+                    _ => None,
+                },
+            },
         };
         let Some(dns) = dns.or(self.dns.as_ref()) else {
             return Err(ResolveError::NotFound);
@@ -165,21 +185,41 @@ impl Resolver {
     }
 }
 
-/// A hickory resolver asking the configured servers (or the system's) with `strategy`.
+/// The lookup strategy for an egress's families (IPv4 first when both).
+fn strategy_of(egress: &Egress) -> LookupIpStrategy {
+    match (egress.ipv4, egress.ipv6) {
+        (true, false) => LookupIpStrategy::Ipv4Only,
+        (false, true) => LookupIpStrategy::Ipv6Only,
+        _ => LookupIpStrategy::Ipv4AndIpv6,
+    }
+}
+
+/// A hickory resolver asking the configured servers (or the system's) with `strategy`, its
+/// queries leaving from `bound`'s source address for each server's family when given.
 fn hickory(
     settings: &ResolverSettings,
     tls: Option<rustls::ClientConfig>,
     strategy: LookupIpStrategy,
+    bound: Option<&Egress>,
 ) -> Result<TokioResolver, String> {
-    let mut builder = if settings.servers.is_empty() {
-        TokioResolver::builder_tokio()
-            .map_err(|e| format!("cannot read the system DNS configuration: {e}"))?
-    } else {
-        let servers = settings.servers.iter().map(name_server).collect();
-        TokioResolver::builder_with_config(
-            ResolverConfig::from_name_servers(servers),
+    let config = match (settings.servers.is_empty(), bound) {
+        (true, None) => None,
+        (true, Some(_)) => Some(
+            hickory_resolver::system_conf::read_system_conf()
+                .map_err(|e| format!("cannot read the system DNS configuration: {e}"))?
+                .0,
+        ),
+        (false, _) => Some(ResolverConfig::from_name_servers(
+            settings.servers.iter().map(name_server).collect(),
+        )),
+    };
+    let mut builder = match config {
+        None => TokioResolver::builder_tokio()
+            .map_err(|e| format!("cannot read the system DNS configuration: {e}"))?,
+        Some(config) => TokioResolver::builder_with_config(
+            bind_sources(config, bound),
             TokioRuntimeProvider::default(),
-        )
+        ),
     };
     if let Some(tls) = tls {
         builder = builder.with_tls_config(tls);
@@ -192,6 +232,24 @@ fn hickory(
     builder
         .build()
         .map_err(|e| format!("cannot build the DNS resolver: {e}"))
+}
+
+/// `config` with every connection to a server bound to `egress`'s source address of the
+/// server's family (none where the egress has none for it).
+fn bind_sources(config: ResolverConfig, egress: Option<&Egress>) -> ResolverConfig {
+    let Some(egress) = egress else {
+        return config;
+    };
+    let (domain, search, mut servers) = config.into_parts();
+    for server in &mut servers {
+        let bind = egress
+            .source_for(server.ip)
+            .map(|ip| std::net::SocketAddr::new(ip, 0));
+        for conn in &mut server.connections {
+            conn.bind_addr = bind;
+        }
+    }
+    ResolverConfig::from_parts(domain, search, servers)
 }
 
 /// hickory's configuration for one of our servers.

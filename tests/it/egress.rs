@@ -327,3 +327,65 @@ async fn in_a_namespace_ipv6_leaves_from_its_source_and_a_vanished_address_is_un
         "{ready}"
     );
 }
+
+/// A DNS server on 127.0.0.1 (UDP) that answers every A query with 127.0.0.1 and reports the
+/// address each query came from.
+async fn recording_dns() -> (SocketAddr, UnboundedReceiver<IpAddr>) {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let query = &buf[..n];
+            let mut end = 12;
+            while end < n && query[end] != 0 {
+                end += query[end] as usize + 1;
+            }
+            if end + 5 > n {
+                continue;
+            }
+            let _ = tx.send(from.ip());
+            let a = u16::from_be_bytes([query[end + 1], query[end + 2]]) == 1;
+            let mut reply = query[..2].to_vec();
+            reply.extend_from_slice(&[0x81, 0x80, 0, 1, 0, u8::from(a), 0, 0, 0, 0]);
+            reply.extend_from_slice(&query[12..end + 5]);
+            if a {
+                reply.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 127, 0, 0, 1]);
+            }
+            let _ = socket.send_to(&reply, from).await;
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn dns_for_an_egress_leaves_from_its_source_address_and_asks_for_its_families_only() {
+    let (origin, mut peers) = peer_recorder("127.0.0.1:0").await;
+    let (dns, mut queries) = recording_dns().await;
+    let config = GatewayConfig::for_origin(origin.port())
+        .dns(&[dns], "2s")
+        .policy("egress", "out")
+        .extra("[egress.out]\nsource_ipv4 = \"127.0.0.2\"\n");
+    let mut gw = Gateway::start(config).await;
+    let (tcp, reply) = connect_from(
+        gw.addr,
+        "127.0.0.1",
+        &format!("{ORIGIN_HOST}:{}", origin.port()),
+        "",
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(next_peer(&mut peers).await.to_string(), "127.0.0.2");
+    drop(tcp);
+    let line = gw.access_line(|l| l["host"] == ORIGIN_HOST).await;
+    assert_eq!(line["egress"], "out");
+    // One query (A only: the egress has no IPv6 source), from the egress's address.
+    let from = tokio::time::timeout(Duration::from_secs(1), queries.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(from.to_string(), "127.0.0.2");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(queries.try_recv().is_err(), "an AAAA query was sent too");
+}
