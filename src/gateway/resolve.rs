@@ -133,13 +133,17 @@ impl Resolver {
     /// All addresses for `name`, overrides first; never asks DNS for an overridden name.
     /// For a request through `egress`: DNS is asked for its families only, from its source
     /// address when it has one.
-    pub async fn resolve(
-        &self,
-        name: &DnsName,
+    /// An override answers at once; a DNS lookup is one boxed future (hickory's lookup is over
+    /// 1 KiB, and every connection's task would otherwise carry that space for its whole life,
+    /// idle tunnels included).
+    pub fn resolve<'a>(
+        &'a self,
+        name: &'a DnsName,
         egress: Option<&Egress>,
-    ) -> Result<(Vec<IpAddr>, Source), ResolveError> {
+    ) -> impl std::future::Future<Output = Result<(Vec<IpAddr>, Source), ResolveError>> + 'a {
+        use futures_util::future::{Either, ready};
         if let Some(addrs) = self.overrides.get(name) {
-            return Ok((addrs.clone(), Source::Override));
+            return Either::Left(ready(Ok((addrs.clone(), Source::Override))));
         }
         let dns = match egress {
             None => None,
@@ -152,18 +156,21 @@ impl Resolver {
                 },
             },
         };
-        let Some(dns) = dns.or(self.dns.as_ref()) else {
+        Either::Right(Box::pin(self.lookup(name, dns.or(self.dns.as_ref()))))
+    }
+
+    async fn lookup(
+        &self,
+        name: &DnsName,
+        dns: Option<&TokioResolver>,
+    ) -> Result<(Vec<IpAddr>, Source), ResolveError> {
+        let Some(dns) = dns else {
             return Err(ResolveError::NotFound);
         };
         // A trailing dot makes the name absolute: no search-domain suffixes, one query per type.
         let fqdn = format!("{name}.");
         let asked = std::time::Instant::now();
-        // Boxed: hickory's lookup future is over 1 KiB, and every connection's task would
-        // otherwise carry that space for its whole life, idle tunnels included.
-        let lookup = Box::pin(tokio::time::timeout(
-            self.timeout,
-            dns.lookup_ip(fqdn.as_str()),
-        ));
+        let lookup = tokio::time::timeout(self.timeout, dns.lookup_ip(fqdn.as_str()));
         match lookup.await {
             Err(_) => Err(ResolveError::Timeout),
             Ok(Err(e)) => Err(match (classify(&e), &self.trust) {
