@@ -116,6 +116,7 @@ impl Snapshot {
             }
         };
         learned.open(&config)?;
+        parent::series_from_the_start(&config, &metrics.way_out);
         let identifier = Identifier::new(&config, fleet.clone());
         // Tunnel counts carry over by branch name (one map, not a scan per branch: 10,000
         // branches made that 50 million name comparisons per reload).

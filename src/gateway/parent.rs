@@ -17,7 +17,7 @@ use super::plan::Plan;
 use super::refusal::{End, Refusal};
 use crate::access_log::{AccessRecord, WayOut};
 use crate::config::{ConnectTarget, Egress, Parent};
-use crate::metrics::{ParentLabels, ParentOutcomeLabels};
+use crate::metrics::{ParentLabels, ParentOutcomeLabels, WayOutMetrics};
 use crate::policy::host::{DnsName, Target};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -57,6 +57,39 @@ pub fn parents_for<'g>(plan: &Plan<'g>) -> Option<&'g Egress> {
         })
     });
     (!private).then_some(egress)
+}
+
+/// The configured parents' and egresses' series, at zero (and each parent up unless in its
+/// backoff), so alerts and `increase()` see the first event; nothing without them.
+pub fn series_from_the_start(config: &crate::config::Config, metrics: &WayOutMetrics) {
+    let egresses = &config.egresses;
+    for parent in &egresses.parents {
+        let up = !health(&parent.name).skipped();
+        metrics
+            .parent_up
+            .get_or_create(&ParentLabels {
+                parent: parent.name.clone(),
+            })
+            .set(i64::from(up));
+        for outcome in ["tunnel", "refused", "failed", "skipped"] {
+            drop(metrics.parent_requests.get_or_create(&ParentOutcomeLabels {
+                parent: parent.name.clone(),
+                outcome,
+            }));
+        }
+    }
+    for egress in &egresses.list {
+        for path in ["direct", "parent", "fallback", "failed"] {
+            drop(
+                metrics
+                    .egress_requests
+                    .get_or_create(&crate::metrics::EgressLabels {
+                        egress: egress.name.clone(),
+                        path,
+                    }),
+            );
+        }
+    }
 }
 
 /// A parent's run of failures and when it may be tried again; process-wide by name, so a
