@@ -166,16 +166,15 @@ pub(super) fn compile(
             );
         }
         let e = e.get_ref();
-        let source_ipv4 =
-            source(p, e.source_ipv4.as_ref(), &key, "source_ipv4", true).map(|ip| match ip {
-                IpAddr::V4(v4) => v4,
-                IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
-            });
-        let source_ipv6 =
-            source(p, e.source_ipv6.as_ref(), &key, "source_ipv6", false).map(|ip| match ip {
-                IpAddr::V6(v6) => v6,
-                IpAddr::V4(_) => Ipv6Addr::UNSPECIFIED,
-            });
+        // `source` checks the family: only the right one comes back.
+        let source_ipv4 = match source(p, e.source_ipv4.as_ref(), &key, "source_ipv4", true) {
+            Some(IpAddr::V4(v4)) => Some(v4),
+            _ => None,
+        };
+        let source_ipv6 = match source(p, e.source_ipv6.as_ref(), &key, "source_ipv6", false) {
+            Some(IpAddr::V6(v6)) => Some(v6),
+            _ => None,
+        };
         let (ipv4, ipv6) = if let Some(families) = &e.families {
             let (mut ipv4, mut ipv6) = (false, false);
             for f in families.get_ref() {
