@@ -411,3 +411,98 @@ async fn a_parent_whose_first_address_drops_syns_is_reached_within_about_one_att
     assert_eq!(line["parent"], "corp-1");
     assert_eq!(line["resolved"], format!("127.0.0.1:{}", squid.port));
 }
+
+/// A stunnel of the test's own with two services: a TLS client beside the gateway (plain in on
+/// `plain`, TLS out, the test CA and the parent's name checked) and a TLS server in front of
+/// Squid (the parent's TLS port). Stopped (its PID only) when dropped.
+struct Stunnel {
+    plain: u16,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Stunnel {
+    fn start(pki: &Pki, squid_port: u16) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = pki.issue_pem(&["proxy.test.example"], 2099);
+        let d = dir.path();
+        std::fs::write(d.join("cert.pem"), cert).unwrap();
+        std::fs::write(d.join("key.pem"), key).unwrap();
+        std::fs::write(d.join("ca.pem"), &pki.ca_pem).unwrap();
+        let (plain, tls) = (free_port(), free_port());
+        let config = format!(
+            "foreground = yes\npid =\n\
+             [to-parent]\nclient = yes\naccept = 127.0.0.1:{plain}\nconnect = 127.0.0.1:{tls}\n\
+             CAfile = {d}/ca.pem\nverifyChain = yes\ncheckHost = proxy.test.example\n\
+             [parent-tls]\naccept = 127.0.0.1:{tls}\nconnect = 127.0.0.1:{squid_port}\n\
+             cert = {d}/cert.pem\nkey = {d}/key.pem\n",
+            d = d.display()
+        );
+        std::fs::write(d.join("stunnel.conf"), config).unwrap();
+        let child = std::process::Command::new("stunnel4")
+            .arg(d.join("stunnel.conf"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("stunnel4 (apt-get install stunnel4)");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", tls)).is_err()
+            || std::net::TcpStream::connect(("127.0.0.1", plain)).is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "stunnel did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            plain,
+            child,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Stunnel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// TLS to a parent the way the guide says for this version: a TLS client (stunnel) beside the
+/// gateway, the parent (Squid) behind a TLS port.
+#[tokio::test]
+async fn a_tls_parent_through_a_tls_client_beside_the_gateway() {
+    let mut origin = Origin::start(b"over tls").await;
+    let squid = squid_for_origin();
+    let pki = Pki::new();
+    let stunnel = Stunnel::start(&pki, squid.port);
+    let parents = parent("corp-tls", &format!("127.0.0.1:{}", stunnel.plain), "");
+    let mut gw = Gateway::start(config(
+        origin.addr.port(),
+        &parents,
+        "via = [\"corp-tls\"]\n",
+    ))
+    .await;
+    let target = format!("{VIA_PARENT}:{}", origin.addr.port());
+    let (tcp, reply) = connect(gw.addr, &target, "").await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(exchange(tcp).await, b"over tls");
+    origin.received.recv().await.unwrap();
+    let log = squid.wait_log(&format!("CONNECT {target}"));
+    assert!(log.contains(&format!("CONNECT {target} 200")), "{log}");
+    let line = gw.access_line(|l| l["host"] == VIA_PARENT).await;
+    assert_eq!(line["parent"], "corp-tls");
+
+    // `tls` on the parent itself is refused at load, with what to do instead.
+    let refused =
+        "[[parent]]\nname = \"p\"\naddress = \"127.0.0.1:1\"\ntls = { ca = \"ca.pem\" }\n";
+    let (_dir, path) = temp_file("tls.toml", refused);
+    let out = portcullis(&["check-config", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("parent[0].tls") && stderr.contains("stunnel"),
+        "{stderr}"
+    );
+}
