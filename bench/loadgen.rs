@@ -895,6 +895,9 @@ fn report(path: &std::path::Path) {
         ("sni", &["gbit_s", "cpu_s_per_gib"]),
         ("https-bulk", &["gbit_s", "cpu_s_per_gib"]),
         ("https-setup", &["per_s", "p50_ms", "p99_ms"]),
+        ("way-out-setup", &["per_s", "p50_ms", "p99_ms"]),
+        ("parent-setup", &["per_s", "p50_ms", "p99_ms"]),
+        ("parent-bulk", &["gbit_s", "cpu_s_per_gib"]),
         (
             "scale-config",
             &[
@@ -1011,6 +1014,20 @@ fn report(path: &std::path::Path) {
             by_target.get("portcullis-learn").map(|v| median(v)),
         ) {
             print!("   [learn on / off {:.3}]", on / off);
+        }
+        if let (true, Some(off), Some(on)) = (
+            scenario == "way-out-setup" && *metric == "per_s",
+            by_target.get("portcullis").map(|v| median(v)),
+            by_target.get("portcullis-egress").map(|v| median(v)),
+        ) {
+            print!("   [egress / none {:.3}]", on / off);
+        }
+        if let (true, Some(alone), Some(behind)) = (
+            scenario.starts_with("parent-") && (*metric == "per_s" || *metric == "gbit_s"),
+            by_target.get("squid-parent").map(|v| median(v)),
+            by_target.get("portcullis-parent").map(|v| median(v)),
+        ) {
+            print!("   [gateway + squid / squid alone {:.3}]", behind / alone);
         }
         println!();
     }

@@ -7,7 +7,7 @@
 #   bench/run.sh --no-peers      skip squid and tinyproxy
 #   bench/run.sh --release       with --quick: measure release builds (quick defaults to debug)
 #   bench/run.sh --only throttle one section: bulk, setup, scale, throttle, fleet, learn, sni,
-#                                https, scale-config or rtt (all by default; rtt needs root and
+#                                https, scale-config, way-out or rtt (all by default; rtt needs root and
 #                                /dev/net/tun)
 #   bench/run.sh --baseline BIN  before/after: BIN is a `portcullis` built from an earlier commit;
 #                                bulk, setup and scale also measure it as "portcullis-before"
@@ -180,7 +180,7 @@ DELAY[squid-50M]=$(delay_pool 50000000)
 names_rule() { # LEARN
   printf '[[policy.allow]]\nname = "bench-names"\nhosts = ["*.bench.example"]\nports = [%s]\nprivate_addresses = ["127.0.0.1/32"]\nlearn = "%s"\n[resolver]\nhosts_only = true\n[resolver.hosts]\n"a.bench.example" = "127.0.0.1"\n' "$ORIGIN_PORT" "$1"
 }
-declare -A TOP HOSTARG ADMIN
+declare -A TOP HOSTARG ADMIN POLICY
 HOSTARG[portcullis-names]="--connect-host a.bench.example"
 HOSTARG[portcullis-learn]=${HOSTARG[portcullis-names]}
 TOP[portcullis-learn]="state_dir = \"$WORK/state-learn\""
@@ -191,7 +191,7 @@ declare -A PORT PID
 # gateway_config LISTEN CLIENTS PORTS [ADMIN]: a gateway's listener and the one rule every variant
 # shares (CONNECT to 127.0.0.1 on PORTS), ending in [limits] for the variant's own lines.
 gateway_config() {
-  printf '[listen]\nproxy = ["%s"]\nclients = ["%s"]\nadmin = "%s"\n[policy]\nprofiles = []\n' "$1" "$2" "${4:-off}"
+  printf '[listen]\nproxy = ["%s"]\nclients = ["%s"]\nadmin = "%s"\n[policy]\nprofiles = []\n%s\n' "$1" "$2" "${4:-off}" "${POLICY[$NAME_FOR_CONFIG]:-}"
   printf '[[policy.allow]]\nname = "bench-origin"\naddresses = ["127.0.0.1/32"]\nports = [%s]\n[limits]\n' "$3"
 }
 start_target() {
@@ -199,6 +199,7 @@ start_target() {
   port=$(free_port)
   case "$name" in
     portcullis*)
+      NAME_FOR_CONFIG=$name
       cat > "$WORK/$name.toml" <<EOF
 ${TOP[$name]:-}
 $(gateway_config "127.0.0.1:$port" 127.0.0.0/8 "$ORIGIN_PORT, $TLS_PORT" "${ADMIN[$name]:-off}")
@@ -582,6 +583,46 @@ PY
       done
     done
   done
+fi
+
+# The way out: the setup rate with an egress (a source address, IPv4 only) against none, ABBA
+# (no regression for the direct path); and Squid as a parent behind the gateway against Squid
+# alone (setups and one tunnel's throughput: what the gateway adds on top of a parent).
+if section way-out; then
+  if [ "$QUICK" = 1 ]; then WAY_RUNS=2; else WAY_RUNS=$((RUNS * 2)); fi
+  EXTRA[portcullis-egress]=$(printf '[egress.out]\nsource_ipv4 = "127.0.0.1"\nfamilies = ["ipv4"]\n')
+  POLICY[portcullis-egress]='egress = "out"'
+  echo "way-out: egress against none, $WAY_RUNS interleaved runs"
+  start_target portcullis-egress
+  for run in $(seq "$WAY_RUNS"); do
+    for t in $(abba "$run" portcullis portcullis-egress); do
+      for c in 1 16; do
+        # shellcheck disable=SC2046
+        "$LOADGEN" setup $(args_for "$t" "$((run + 600))") --clients "$c" --seconds "$SETUP_SECS" \
+          | sed 's/"scenario":"setup"/"scenario":"way-out-setup"/' >> "$RESULTS"
+      done
+    done
+  done
+  stop_target portcullis-egress
+  if command -v squid >/dev/null; then
+    start_target squid-parent
+    EXTRA[portcullis-parent]=$(printf '[[parent]]\nname = "squid"\naddress = "127.0.0.1:%s"\n[egress.parent]\nvia = ["squid"]\n' "${PORT[squid-parent]}")
+    POLICY[portcullis-parent]='egress = "parent"'
+    start_target portcullis-parent
+    echo "way-out: portcullis with squid as its parent against squid alone, $WAY_RUNS interleaved runs"
+    for run in $(seq "$WAY_RUNS"); do
+      for t in $(abba "$run" squid-parent portcullis-parent); do
+        # shellcheck disable=SC2046
+        {
+          "$LOADGEN" setup $(args_for "$t" "$((run + 700))") --clients 1 --seconds "$SETUP_SECS"
+          "$LOADGEN" setup $(args_for "$t" "$((run + 700))") --clients 16 --seconds "$SETUP_SECS"
+          "$LOADGEN" bulk $(args_for "$t" "$((run + 700))") --bytes "$BULK_BYTES" --direction down
+        } | sed 's/"scenario":"setup"/"scenario":"parent-setup"/; s/"scenario":"bulk"/"scenario":"parent-bulk"/' >> "$RESULTS"
+      done
+    done
+    stop_target portcullis-parent
+    stop_target squid-parent
+  fi
 fi
 
 # Throttled tunnels over a long round trip (network namespaces of the run's own).

@@ -27,6 +27,13 @@ macro_rules! access_line {
             port = $r.port,
             gateway = $r.gateway.as_deref(),
             resolved = $r.resolved.map(tracing::field::display),
+            egress = $r.way_out.as_ref().map(|w| w.egress.as_str()),
+            parent = $r.way_out.as_ref().and_then(|w| w.parent.as_deref()),
+            local_address = $r
+                .way_out
+                .as_ref()
+                .and_then(|w| w.local_address)
+                .map(tracing::field::display),
             verdict = $r.verdict,
             rule = $r.rule.as_deref(),
             category = $r.category.as_deref(),
@@ -44,6 +51,19 @@ macro_rules! access_line {
     };
 }
 
+/// The way out of a request through an egress.
+#[derive(Debug, Default)]
+pub struct WayOut {
+    /// The `[egress.NAME]`.
+    pub egress: String,
+    /// The parent proxy that carried it (or was last tried).
+    pub parent: Option<String>,
+    /// The gateway's own address of the upstream connection.
+    pub local_address: Option<SocketAddr>,
+    /// Bytes a parent proxy sent after its 200 head, until they go to the client.
+    pub early: Option<Box<[u8]>>,
+}
+
 /// Everything known about one request; filled in step by step, emitted once.
 #[derive(Debug, Default)]
 pub struct AccessRecord {
@@ -59,6 +79,9 @@ pub struct AccessRecord {
     pub gateway: Option<String>,
     /// The upstream address connected to (or last tried).
     pub resolved: Option<SocketAddr>,
+    /// Which way the request left (only with egresses configured; boxed, so a record without
+    /// one stays as small as before).
+    pub way_out: Option<Box<WayOut>>,
     pub verdict: Option<&'static str>,
     pub rule: Option<String>,
     /// The server name in the tunnel's TLS ClientHello, when it was checked (the second
@@ -185,6 +208,12 @@ pub fn line_fields() -> Vec<String> {
         port: Some(443),
         gateway: Some("g".into()),
         resolved: Some(SocketAddr::from(([127, 0, 0, 1], 443))),
+        way_out: Some(Box::new(WayOut {
+            egress: "e".into(),
+            parent: Some("p".into()),
+            local_address: Some(SocketAddr::from(([127, 0, 0, 1], 2))),
+            early: None,
+        })),
         verdict: Some("allow"),
         rule: Some("r".into()),
         sni: Some("h".into()),

@@ -106,6 +106,12 @@ ends! {
     DnsTimeout => "dns_timeout", Some(504), outcome;
     ConnectFailed => "connect_failed", Some(502), outcome;
     ConnectTimeout => "connect_timeout", Some(504), outcome;
+    /// The egress's source address is not on this host (any more): nothing left from another.
+    EgressUnavailable => "egress_unavailable", Some(502), outcome;
+    /// A parent proxy answered the CONNECT with an error status (passed back; never failed over).
+    ParentRefused => "parent_refused", Some(502), outcome;
+    /// Every parent proxy failed and the egress does not fall back to direct.
+    ParentUnavailable => "parent_unavailable", Some(502), outcome;
     // The plain-HTTP lane.
     Forwarded => "forwarded", None, outcome;
     CacheHit => "cache_hit", None, outcome;

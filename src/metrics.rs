@@ -119,6 +119,70 @@ pub struct Metrics {
     pub throttled_bytes: Family<ThrottleLabels, Counter>,
     /// The `changeNumber` of the service tags file in force (0 without one).
     pub service_tags_change_number: Gauge,
+    /// Parents and egresses (series only for those configured and used).
+    pub way_out: WayOutMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ParentOutcomeLabels {
+    pub parent: String,
+    /// `tunnel` (the parent said 200), `refused` (it answered with another status), `failed`
+    /// (no usable answer: failover), `skipped` (down, in its backoff).
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ParentLabels {
+    pub parent: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EgressLabels {
+    pub egress: String,
+    /// `direct`, `parent`, `fallback` (direct after every parent failed), `failed`.
+    pub path: &'static str,
+}
+
+/// Metrics of the ways out: per parent and per egress.
+#[derive(Clone)]
+pub struct WayOutMetrics {
+    pub parent_requests: Family<ParentOutcomeLabels, Counter>,
+    pub parent_up: Family<ParentLabels, Gauge>,
+    pub parent_connect: Family<ParentLabels, Histogram, fn() -> Histogram>,
+    pub egress_requests: Family<EgressLabels, Counter>,
+}
+
+impl WayOutMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            parent_requests: Family::default(),
+            parent_up: Family::default(),
+            parent_connect: Family::new_with_constructor(latency_histogram),
+            egress_requests: Family::default(),
+        };
+        registry.register(
+            "parent_requests",
+            "CONNECTs sent to each parent proxy by outcome (tunnel, refused, failed, skipped)",
+            metrics.parent_requests.clone(),
+        );
+        registry.register(
+            "parent_up",
+            "1 while a parent proxy is used, 0 while it is skipped after failing (passive health)",
+            metrics.parent_up.clone(),
+        );
+        registry.register_with_unit(
+            "parent_connect_duration",
+            "Time from connecting to a parent proxy to its answer to the CONNECT",
+            Unit::Seconds,
+            metrics.parent_connect.clone(),
+        );
+        registry.register(
+            "egress_requests",
+            "Upstream connections per egress by path (direct, parent, fallback, failed)",
+            metrics.egress_requests.clone(),
+        );
+        metrics
+    }
 }
 
 /// 0.25 ms to about 16 s, doubling.
@@ -241,6 +305,7 @@ impl Metrics {
             "changeNumber of the service tags file in force (policy.service_tags_file); 0 without one",
             service_tags_change_number.clone(),
         );
+        let way_out = WayOutMetrics::register(registry);
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -269,6 +334,7 @@ impl Metrics {
             throttle_wait_seconds,
             throttled_bytes,
             service_tags_change_number,
+            way_out,
         }
     }
 

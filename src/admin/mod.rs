@@ -7,7 +7,7 @@
 //! |---|---|
 //! | `GET /metrics` (and `HEAD`) | OpenMetrics text when the `Accept` header asks for it (Prometheus does), else the classic text format 0.0.4 |
 //! | `GET /healthz` | 200 while the process runs |
-//! | `GET /readyz` | 200 when serving, 503 while draining |
+//! | `GET /readyz` | 200 when serving, 503 while draining or while an egress's source address is not on this host (named) |
 //! | `POST /reload` | reload the config file (200, or 422 with its problems) |
 //! | `POST /upgrade` | binary upgrade (200 once the new process listens, or 500 with why the old one serves on) |
 //! | `GET /learned[?branch=B]` | the learned destinations, in the state file's JSON format |
@@ -44,7 +44,7 @@ fn route(ask: &Ask<'_>, control: &Control, draining: &AtomicBool) -> Answer {
         ("GET", "/readyz") if draining.load(Ordering::Relaxed) => {
             return Answer::text(503, "draining\n");
         }
-        ("GET", "/readyz") => return Answer::text(200, "ready\n"),
+        ("GET", "/readyz") => return ready(control),
         _ => {}
     }
     let needs = match ask.method {
@@ -90,6 +90,18 @@ fn route(ask: &Ask<'_>, control: &Control, draining: &AtomicBool) -> Answer {
         ("POST", "/learned/approve") => learned_change(ask, control, &caller, Edit::Approve),
         ("POST", "/learned/forget") => learned_change(ask, control, &caller, Edit::Forget),
         _ => Answer::not_found(),
+    }
+}
+
+/// 200 when every egress can leave from its source addresses; 503 naming those that cannot
+/// (an address that left the host). Without egresses, no check at all.
+fn ready(control: &Control) -> Answer {
+    let snapshot = control.current();
+    let down = crate::gateway::egress::unavailable(&snapshot.config.egresses.list);
+    if down.is_empty() {
+        Answer::text(200, "ready\n")
+    } else {
+        Answer::text(503, format!("not ready: {}\n", down.join("; ")))
     }
 }
 

@@ -50,7 +50,87 @@ pub fn report(config: &Config) -> String {
     policy(&mut out, config);
     branches(&mut out, config);
     schedules(&mut out, config);
+    egresses(&mut out, config);
     out
+}
+
+/// The ways out, and which rules and branches use each (nothing without egresses).
+fn egresses(out: &mut String, config: &Config) {
+    let e = &config.egresses;
+    if !e.parents.is_empty() {
+        let _ = writeln!(out, "parents ({}):", e.parents.len());
+    }
+    for (i, parent) in e.parents.iter().enumerate() {
+        let users: Vec<&str> = e
+            .list
+            .iter()
+            .filter(|x| x.via.contains(&i))
+            .map(|x| x.name.as_str())
+            .collect();
+        let _ = writeln!(
+            out,
+            "  {}: {}:{}, CONNECT by {}, credentials: {}; used by egresses: {}",
+            parent.name,
+            parent.host,
+            parent.port,
+            parent.connect_by(),
+            parent.user.as_deref().unwrap_or("none"),
+            list_or(&users, "none")
+        );
+    }
+    if e.list.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "egresses ({}):", e.list.len());
+    for (i, egress) in e.list.iter().enumerate() {
+        let sources = egress.sources();
+        let sources = if sources.is_empty() {
+            "the kernel's choice of source address".to_owned()
+        } else {
+            sources
+        };
+        let via: Vec<&str> = egress
+            .via
+            .iter()
+            .filter_map(|&p| e.parents.get(p))
+            .map(|p| p.name.as_str())
+            .collect();
+        let way = match (via.is_empty(), egress.fallback_direct) {
+            (true, _) => "direct".to_owned(),
+            (false, false) => format!("via {} (never direct)", via.join(" then ")),
+            (false, true) => format!("via {} (direct when all fail)", via.join(" then ")),
+        };
+        let _ = writeln!(
+            out,
+            "  {}: {way}, {sources}, {}",
+            egress.name,
+            egress.families()
+        );
+        let rules: Vec<&str> = config
+            .policy
+            .rules
+            .iter()
+            .filter(|r| r.egress == Some(i))
+            .map(|r| r.name.as_str())
+            .collect();
+        let branches: Vec<&str> = config
+            .branches
+            .iter()
+            .filter(|b| b.egress == Some(i))
+            .map(|b| b.name.as_str())
+            .collect();
+        let default = if e.default == Some(i) {
+            "; the default (policy.egress)"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            out,
+            "    used by rules: {}; branches: {}{default}",
+            list_or(&rules, "none"),
+            list_or(&branches, "none")
+        );
+    }
 }
 
 fn listeners(out: &mut String, config: &Config) {
@@ -228,6 +308,13 @@ fn settings(out: &mut String, config: &Config) {
         let _ = writeln!(out, "  servers: none (hosts_only: DNS is never asked)");
     } else {
         let _ = writeln!(out, "  servers: {servers}");
+    }
+    if let Some(ca) = &r.ca {
+        let _ = writeln!(
+            out,
+            "  encrypted: yes, trusting only {} (no clear-text fallback)",
+            ca.display()
+        );
     }
     let _ = writeln!(out, "  timeout: {}", duration(r.timeout));
     let _ = writeln!(out, "  hosts_only: {}", r.hosts_only);

@@ -181,6 +181,12 @@ pub async fn explain(
             };
         }
     }
+    if let Some((egress, by)) = plan.egress {
+        let _ = writeln!(out, "egress:   {} ({by})", egress.name);
+        if plan.refusal.is_none() {
+            let _ = writeln!(out, "path:     {}", path(snapshot, &plan, egress));
+        }
+    }
     let allowed = match &plan.refusal {
         Some(r) => {
             let _ = writeln!(out, "result:   {} {}", r.status.unwrap_or(0), r.reason);
@@ -209,6 +215,66 @@ pub async fn explain(
         }
     };
     (out, allowed)
+}
+
+/// The way out as the dial would take it: "direct from 203.0.113.10, IPv4 only, tries
+/// 20.60.1.5 then 20.60.1.6".
+fn path(
+    snapshot: &Snapshot,
+    plan: &crate::gateway::Plan<'_>,
+    egress: &crate::config::Egress,
+) -> String {
+    let order: Vec<String> = crate::gateway::dial::interleave(plan.dialable())
+        .iter()
+        .map(IpAddr::to_string)
+        .collect();
+    let sources = egress.sources();
+    let from = if sources.is_empty() {
+        String::new()
+    } else {
+        format!(" {sources}")
+    };
+    let direct = format!(
+        "direct{from}, {}, tries {}",
+        egress.families(),
+        order.join(" then ")
+    );
+    if crate::gateway::parent::parents_for(plan).is_none() {
+        return match egress.via.is_empty() {
+            true => direct,
+            false => format!("{direct} (a private endpoint: never through a parent)"),
+        };
+    }
+    let parents = parents(snapshot, egress);
+    let fallback = match egress.fallback_direct {
+        true => format!("; if every parent fails, {direct}"),
+        false => "; never direct".to_owned(),
+    };
+    format!("via {parents}{fallback}")
+}
+
+/// "corp-1 then corp-2, CONNECT by name" (how each parent is asked, when they differ).
+fn parents(snapshot: &Snapshot, egress: &crate::config::Egress) -> String {
+    let all = &snapshot.config.egresses.parents;
+    let via: Vec<&crate::config::Parent> = egress.via.iter().filter_map(|&i| all.get(i)).collect();
+    let same = via
+        .windows(2)
+        .all(|w| w[0].connect_target == w[1].connect_target);
+    let names: Vec<String> = via
+        .iter()
+        .map(|p| match same {
+            true => p.name.clone(),
+            false => format!("{} (CONNECT by {})", p.name, p.connect_by()),
+        })
+        .collect();
+    match (same, via.first()) {
+        (true, Some(first)) => format!(
+            "{}, CONNECT by {}",
+            names.join(" then "),
+            first.connect_by()
+        ),
+        _ => names.join(" then "),
+    }
 }
 
 /// What a learning rule does with the name for this branch.

@@ -171,6 +171,8 @@ pub(super) fn compile(
                 client_certificates,
                 allowed_rules,
                 max_tunnels,
+                // Set once the egresses are known (`egress::assign`).
+                egress: None,
             });
         }
     }

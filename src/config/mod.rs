@@ -6,9 +6,11 @@
 
 pub mod admin;
 mod branches;
+pub mod egress;
 pub mod fleet;
 pub mod learning;
 mod listen;
+pub mod parents;
 mod parse_errors;
 pub mod password;
 pub mod paths;
@@ -23,8 +25,11 @@ pub mod values;
 
 pub use crate::access_log::LogFormat;
 pub use branches::{BranchId, Identity, UNASSIGNED};
+pub use egress::{ChosenBy, Egress, Egresses};
 pub use fleet::FleetSettings;
+pub use parents::{ConnectTarget, Parent};
 pub use problems::{ConfigError, Problem};
+pub use resolver::{DnsServer, DnsTransport};
 pub use values::parse_duration;
 
 use crate::bandwidth::schedule::Schedule;
@@ -40,6 +45,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
+use toml::Spanned;
 use values::duration;
 
 /// A fixed "now" for tests that compile configs: Monday 2026-11-23 00:00 UTC.
@@ -101,6 +107,8 @@ pub struct Config {
     /// Built-in profiles in use, in the order given.
     pub profiles: Vec<&'static str>,
     pub resolver: ResolverSettings,
+    /// `[egress.*]` and `[policy] egress`: the ways out; empty without them.
+    pub egresses: Egresses,
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub log: LogSettings,
@@ -139,6 +147,8 @@ pub struct Branch {
     pub allowed_rules: Option<crate::policy::RuleSet>,
     /// Open tunnels at once; `None` is unlimited.
     pub max_tunnels: Option<u32>,
+    /// The way out for this branch's tunnels (`egress`), by position in `Config::egresses`.
+    pub egress: Option<usize>,
 }
 
 /// A proxy user; the password exists only as an argon2id hash, parsed at load.
@@ -190,8 +200,12 @@ pub struct TlsSettings {
 
 #[derive(Clone, Debug)]
 pub struct ResolverSettings {
-    /// DNS servers to ask; empty means the system's resolv.conf.
-    pub servers: Vec<SocketAddr>,
+    /// DNS servers to ask; empty means the system's resolv.conf. All clear-text or all
+    /// encrypted (TLS or HTTPS), never a mix: an encrypted resolver has no clear-text fallback.
+    pub servers: Vec<DnsServer>,
+    /// The CA file that signs the encrypted resolvers' certificates (no built-in roots); set
+    /// exactly when the servers are encrypted.
+    pub ca: Option<std::path::PathBuf>,
     pub timeout: Duration,
     /// Static overrides: a name listed here never goes to DNS.
     pub hosts: BTreeMap<DnsName, Vec<IpAddr>>,
@@ -364,6 +378,43 @@ impl Config {
     }
 }
 
+/// `[egress.*]` compiled, and the egress each rule, each branch and the policy names.
+fn assign_egresses(
+    p: &mut Problems<'_>,
+    raw: &RawConfig,
+    paths: &paths::Paths<'_>,
+    policy: &mut Policy,
+    branches: &mut [Branch],
+) -> Egresses {
+    let parents = parents::compile(p, &raw.parent, paths);
+    let list = egress::compile(p, &raw.egress, &parents);
+    for (i, r) in raw.policy.allow.iter().enumerate() {
+        let r = r.get_ref();
+        let key = format!("policy.allow[{i}].egress");
+        let at = egress::refer(p, &list, r.egress.as_ref(), &key);
+        if let Some(rule) = policy
+            .rules
+            .iter_mut()
+            .find(|x| x.name == *r.name.get_ref())
+        {
+            rule.egress = at;
+        }
+    }
+    for (i, b) in raw.branch.iter().enumerate() {
+        let b = b.get_ref();
+        let at = egress::refer(p, &list, b.egress.as_ref(), &format!("branch[{i}].egress"));
+        if let Some(branch) = branches.iter_mut().find(|x| x.name == *b.name.get_ref()) {
+            branch.egress = at;
+        }
+    }
+    let default = egress::refer(p, &list, raw.policy.egress.as_ref(), "policy.egress");
+    Egresses {
+        list,
+        default,
+        parents,
+    }
+}
+
 fn compile(
     raw: RawConfig,
     paths: &paths::Paths<'_>,
@@ -377,10 +428,12 @@ fn compile(
         .iter()
         .map(|b| b.get_ref().name.get_ref().as_str())
         .collect();
-    let (policy, profiles_used) = rules::compile_policy(p, &raw.policy, &branch_names, paths);
-    let (branches, branch_sources) = branches::compile(p, &raw.branch, &policy, &listen.clients);
+    let (mut policy, profiles_used) = rules::compile_policy(p, &raw.policy, &branch_names, paths);
+    let (mut branches, branch_sources) =
+        branches::compile(p, &raw.branch, &policy, &listen.clients);
+    let egresses = assign_egresses(p, &raw, paths, &mut policy, &mut branches);
 
-    let resolver = resolver::compile(p, &raw.resolver);
+    let resolver = resolver::compile(p, &raw.resolver, paths);
 
     let timeouts = Timeouts {
         head: duration(
@@ -465,25 +518,7 @@ fn compile(
             }
             Some(n) => *n.get_ref(),
         },
-        throttle_queue: match &raw.limits.throttle_queue {
-            Some(v) if v.get_ref() == "off" => None,
-            value => {
-                let queue = duration(
-                    p,
-                    value.as_ref(),
-                    "limits.throttle_queue",
-                    DEFAULT_THROTTLE_QUEUE,
-                );
-                if !(MIN_THROTTLE_QUEUE..=MAX_THROTTLE_QUEUE).contains(&queue) {
-                    p.add(
-                        value.as_ref().expect("the default is in range").span(),
-                        "limits.throttle_queue",
-                        "expected a duration from 20ms to 10s, or \"off\"",
-                    );
-                }
-                Some(queue.clamp(MIN_THROTTLE_QUEUE, MAX_THROTTLE_QUEUE))
-            }
-        },
+        throttle_queue: throttle_queue(p, raw.limits.throttle_queue.as_ref()),
     };
 
     let schedules = schedules::compile(p, &raw.schedule, &branches, &policy, now);
@@ -493,6 +528,7 @@ fn compile(
         policy,
         profiles: profiles_used,
         resolver,
+        egresses,
         timeouts,
         limits,
         log: log_settings(p, &raw.log, paths),
@@ -517,6 +553,24 @@ fn log_settings(p: &mut Problems<'_>, raw: &raw::RawLog, paths: &paths::Paths<'_
             .as_ref()
             .map(|f| paths.resolve(p, f, "log.access_file")),
         on_write_failure: on_write_failure(p, raw),
+    }
+}
+
+/// `limits.throttle_queue`: "off", or a duration from 20 ms to 10 s.
+fn throttle_queue(p: &mut Problems<'_>, value: Option<&Spanned<String>>) -> Option<Duration> {
+    match value {
+        Some(v) if v.get_ref() == "off" => None,
+        value => {
+            let queue = duration(p, value, "limits.throttle_queue", DEFAULT_THROTTLE_QUEUE);
+            if !(MIN_THROTTLE_QUEUE..=MAX_THROTTLE_QUEUE).contains(&queue) {
+                p.add(
+                    value.expect("the default is in range").span(),
+                    "limits.throttle_queue",
+                    "expected a duration from 20ms to 10s, or \"off\"",
+                );
+            }
+            Some(queue.clamp(MIN_THROTTLE_QUEUE, MAX_THROTTLE_QUEUE))
+        }
     }
 }
 

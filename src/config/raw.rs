@@ -21,6 +21,10 @@ pub(super) struct RawConfig {
     pub(super) schedule: Vec<Spanned<RawSchedule>>,
     pub(super) fleet: Option<Spanned<super::fleet::RawFleet>>,
     pub(super) admin: super::admin::RawAdmin,
+    /// `[egress.NAME]`: the ways out.
+    pub(super) egress: BTreeMap<Spanned<String>, Spanned<super::egress::RawEgress>>,
+    /// `[[parent]]`: proxies an egress may go through.
+    pub(super) parent: Vec<Spanned<super::parents::RawParent>>,
     /// Where the gateway keeps what it learns (learned destinations).
     pub(super) state_dir: Option<Spanned<String>>,
 }
@@ -51,6 +55,7 @@ pub(super) struct RawBranch {
     pub(super) client_certificates: Vec<Spanned<String>>,
     pub(super) allow: Option<Vec<Spanned<String>>>,
     pub(super) max_tunnels: Option<Spanned<u32>>,
+    pub(super) egress: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -100,6 +105,8 @@ pub(super) struct RawPolicy {
     /// `"RULE" = "record" | "enforce" | "off"`: learning for rules by name (a profile's too).
     pub(super) learn: BTreeMap<Spanned<String>, Spanned<Learn>>,
     pub(super) learn_limit: Option<Spanned<u32>>,
+    /// The egress of every rule and branch that names none.
+    pub(super) egress: Option<Spanned<String>>,
 }
 
 /// `[[policy.deny]]`.
@@ -132,12 +139,14 @@ pub(super) struct RawRule {
     pub(super) plain_http: bool,
     pub(super) service_tags: Option<Vec<Spanned<String>>>,
     pub(super) learn: Option<Learn>,
+    pub(super) egress: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawResolver {
     pub(super) servers: Vec<Spanned<String>>,
+    pub(super) ca: Option<Spanned<String>>,
     pub(super) timeout: Option<Spanned<String>>,
     pub(super) hosts: BTreeMap<Spanned<String>, Spanned<toml::Value>>,
     pub(super) hosts_only: bool,

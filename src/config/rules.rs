@@ -111,6 +111,7 @@ fn profile_rule(profile: &'static str, entry: &profiles::Entry) -> Rule {
         service_tags: Vec::new(),
         tag_ranges: None,
         learn: Learn::Off,
+        egress: None,
     }
 }
 
@@ -194,6 +195,8 @@ fn compile_rule(
         service_tags,
         tag_ranges,
         learn: raw.learn.unwrap_or_default(),
+        // Set once the egresses are known (`egress::assign`).
+        egress: None,
     })
 }
 

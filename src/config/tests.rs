@@ -80,7 +80,7 @@ format = "json"
     let literal = c.policy.rules.iter().find(|r| r.name == "literal").unwrap();
     assert_eq!(literal.category, "other");
     assert_eq!(
-        c.resolver.servers[1],
+        c.resolver.servers[1].addr,
         "10.0.0.54:5353".parse::<SocketAddr>().unwrap()
     );
     assert_eq!(
@@ -387,4 +387,71 @@ fn a_network_identifies_one_branch() {
     };
     assert_eq!(branch("10.1.4.9"), "narrow");
     assert_eq!(branch("10.1.5.9"), "wide");
+}
+
+#[test]
+fn encrypted_dns_servers_parse_in_their_three_shapes() {
+    use crate::config::{DnsServer, DnsTransport};
+    let ok = |text: &str| DnsServer::parse(text).unwrap();
+    assert_eq!(ok("10.0.0.53").addr, "10.0.0.53:53".parse().unwrap());
+    let tls = ok("tls://10.0.0.53#dns.corp.example");
+    assert_eq!(tls.addr, "10.0.0.53:853".parse().unwrap());
+    assert_eq!(
+        tls.transport,
+        DnsTransport::Tls {
+            name: "dns.corp.example".into()
+        }
+    );
+    let https = ok("https://[2001:db8::53]:8443#dns.corp.example");
+    assert_eq!(https.addr, "[2001:db8::53]:8443".parse().unwrap());
+    assert_eq!(
+        https.transport,
+        DnsTransport::Https {
+            name: "dns.corp.example".into(),
+            path: "/dns-query".into()
+        }
+    );
+    assert_eq!(
+        ok("https://10.0.0.53/resolve#d.example").to_string(),
+        "https://10.0.0.53:443/resolve#d.example"
+    );
+    for (bad, why) in [
+        ("tls://10.0.0.53", "needs the name its certificate carries"),
+        ("tls://dns.example#dns.example", "not an IP address"),
+        ("quic://10.0.0.53#d.example", "unknown scheme"),
+        ("https://10.0.0.53/q?x=1#d.example", "no query"),
+        ("tls://10.0.0.53#bad_name!", "the name after `#`"),
+    ] {
+        let err = DnsServer::parse(bad).unwrap_err();
+        assert!(err.contains(why), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn encrypted_dns_needs_its_ca_and_never_mixes_with_clear_text() {
+    let problems = |text: &str| {
+        Config::parse(text, "r.toml", crate::config::TEST_NOW)
+            .unwrap_err()
+            .to_string()
+    };
+    let msg = problems("[resolver]\nservers = [\"tls://10.0.0.53#dns.example\"]\n");
+    assert!(msg.contains("r.toml:2:12: resolver.ca"), "{msg}");
+    assert!(msg.contains("no built-in roots"), "{msg}");
+    let msg = problems(
+        "[resolver]\nservers = [\"tls://10.0.0.53#d.example\", \"10.0.0.54\"]\nca = \"ca.pem\"\n",
+    );
+    assert!(msg.contains("r.toml:2:41: resolver.servers"), "{msg}");
+    assert!(msg.contains("no fallback to clear-text DNS"), "{msg}");
+    let msg = problems("[resolver]\nservers = [\"10.0.0.53\"]\nca = \"ca.pem\"\n");
+    assert!(msg.contains("r.toml:3:6: resolver.ca"), "{msg}");
+    let c = Config::parse(
+        "[resolver]\nservers = [\"https://10.0.0.53#d.example\"]\nca = \"ca.pem\"\n",
+        "/etc/portcullis/r.toml",
+        crate::config::TEST_NOW,
+    )
+    .unwrap();
+    assert_eq!(
+        c.resolver.ca.as_deref(),
+        Some(std::path::Path::new("/etc/portcullis/ca.pem"))
+    );
 }

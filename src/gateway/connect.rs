@@ -442,17 +442,30 @@ async fn dial(
     port: u16,
     record: &mut AccessRecord,
 ) -> Result<TcpStream, Refusal> {
+    // Through the egress's parent proxies, when it has some (boxed: only those tunnels pay).
+    if super::parent::parents_for(plan).is_some()
+        && let Some(stream) = Box::pin(super::parent::open(snapshot, plan, port, record)).await?
+    {
+        return Ok(stream);
+    }
+    // Direct (or, with `fallback = "direct"`, after every parent failed).
     let started = Instant::now();
     let timeouts = snapshot.config.timeouts;
+    let egress = plan.egress.map(|(e, _)| e);
     let dialled = super::dial::dial(
         plan.dialable(),
         port,
         timeouts.connect,
         timeouts.attempt_delay,
+        egress,
         &mut record.resolved,
     )
     .await;
     record.connect_time = Some(started.elapsed());
+    if let Some(egress) = egress {
+        let metrics = &snapshot.metrics.way_out;
+        super::egress::note(metrics, egress, dialled.as_ref().ok(), record);
+    }
     dialled
 }
 
@@ -530,6 +543,10 @@ async fn serve_tunnel(
     replies::write_established(client)
         .await
         .map_err(|_| Refusal::after_reply(End::ClientError, "client went away before 200"))?;
+    // What a parent proxy sent after its own 200 head (kept in the record's way out).
+    if record.way_out.as_ref().is_some_and(|w| w.early.is_some()) {
+        Box::pin(super::parent::send_down(client, record)).await?;
+    }
     record.status = 200;
     record.reason = plan.decision.why().into_owned();
     if let Some(rule) = plan.decision.rule
@@ -539,7 +556,7 @@ async fn serve_tunnel(
             snapshot.note_destination(identity, rule, name.as_str(), req.target.port);
     }
     // Listed for operators from here to its end (and closed by them, a hold or a revocation).
-    let registered = snapshot.live.register(Tunnel::new(
+    let mut tunnel = Tunnel::new(
         record.conn_id,
         snapshot.config.branch_name(identity).to_owned(),
         identified,
@@ -552,7 +569,12 @@ async fn serve_tunnel(
             pacers.upload.as_ref().map(|p| p.waits()),
             pacers.download.as_ref().map(|p| p.waits()),
         ]),
-    ));
+    );
+    if let Some(way_out) = &record.way_out {
+        tunnel.egress.clone_from(&way_out.egress);
+        tunnel.parent.clone_from(&way_out.parent);
+    }
+    let registered = snapshot.live.register(tunnel);
     let category = record.category.as_deref().unwrap_or("none");
     let active = snapshot.tunnel_series(identity, category).active;
     active.inc();

@@ -6,7 +6,9 @@
 //! that drops SYNs, a broken IPv6 path) so costs one attempt delay, not the whole timeout.
 //! Nothing here resolves: there is no second lookup to race.
 
+use super::egress;
 use super::refusal::{End, Refusal};
+use crate::config::Egress;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use std::future::Future;
@@ -16,13 +18,14 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-/// Connects to one of the vetted addresses within `timeout`; `tried` is the address connected
-/// to, or the last one tried.
+/// Connects to one of the vetted addresses within `timeout`, from `egress`'s source address for
+/// each family when it binds one; `tried` is the address connected to, or the last one tried.
 pub async fn dial(
     mut addrs: impl Iterator<Item = IpAddr>,
     port: u16,
     timeout: Duration,
     attempt_delay: Duration,
+    egress: Option<&Egress>,
     tried: &mut Option<SocketAddr>,
 ) -> Result<TcpStream, Refusal> {
     let deadline = Instant::now() + timeout;
@@ -32,7 +35,8 @@ pub async fn dial(
         // One address, nothing to race: no attempt set, no second timer, no allocation.
         (Some(only), None) => {
             *tried = Some(only);
-            match tokio::time::timeout_at(deadline, TcpStream::connect(only)).await {
+            let connecting = egress::connect(only, egress::source(egress, only.ip()));
+            match tokio::time::timeout_at(deadline, connecting).await {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => return Err(failed(Some(e))),
                 Err(_) => return Err(timed_out()),
@@ -46,7 +50,9 @@ pub async fn dial(
                 .collect();
             // Boxed: the race's state (attempts, timers) would otherwise take its space in
             // every tunnel's future, single-address ones included.
-            let racing = race(&order, deadline, attempt_delay, TcpStream::connect, tried);
+            let connect =
+                |addr: SocketAddr| egress::connect(addr, egress::source(egress, addr.ip()));
+            let racing = race(&order, deadline, attempt_delay, connect, tried);
             Box::pin(racing).await?
         }
     };
@@ -141,6 +147,13 @@ where
 
 /// The refusal when every attempt failed, from the last error.
 fn failed(last_error: Option<io::Error>) -> Refusal {
+    // An egress's source address that left the host: never leave from another one.
+    if let Some(gone) = last_error.as_ref().and_then(egress::source_gone) {
+        return Refusal::new(
+            End::EgressUnavailable,
+            format!("egress source address {gone} is not on this host"),
+        );
+    }
     let reason = match last_error {
         Some(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
             "upstream refused the connection".into()

@@ -6,12 +6,14 @@
 
 pub mod connect;
 pub mod dial;
+pub mod egress;
 pub mod hello_retry;
 pub mod identity;
 pub mod lane;
 pub mod lane_cache;
 #[cfg(test)]
 mod mutations;
+pub mod parent;
 pub mod pending;
 pub mod plan;
 pub mod proxy_protocol;
@@ -92,7 +94,7 @@ impl Snapshot {
     /// A snapshot that takes over from `previous` (a reload): branch tunnel counters carry over
     /// by branch name; everything else is built afresh from `config` and the files it names.
     pub fn replacing(config: Config, previous: Option<&Snapshot>) -> Result<Self, String> {
-        let resolver = Resolver::new(&config.resolver)?;
+        let resolver = Resolver::new(&config.resolver, &config.egresses.list)?;
         let (metrics, fleet, learned) = match previous {
             Some(p) => {
                 fleet_changed(p, &config);
@@ -112,6 +114,7 @@ impl Snapshot {
             }
         };
         learned.open(&config)?;
+        parent::series_from_the_start(&config, &metrics.way_out);
         let identifier = Identifier::new(&config, fleet.clone());
         // Tunnel counts carry over by branch name (one map, not a scan per branch: 10,000
         // branches made that 50 million name comparisons per reload).

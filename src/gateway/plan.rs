@@ -6,7 +6,7 @@ use super::Snapshot;
 use super::identity;
 use super::refusal::{End, Refusal};
 use super::resolve::ResolveError;
-use crate::config::Identity;
+use crate::config::{ChosenBy, Egress, Identity};
 use crate::policy::destination;
 use crate::policy::host::{Host, Target};
 use crate::policy::{DENIED_ADDRESS, Decision, Learn, Mode, OUTSIDE_SERVICE_TAGS, Verdict};
@@ -37,6 +37,8 @@ pub struct Plan<'g> {
     pub resolve_time: Option<Duration>,
     /// Set when the request must be refused; otherwise dial the candidates that passed.
     pub refusal: Option<Refusal>,
+    /// The way out, and who chose it; `None` without egresses (the direct way of old).
+    pub egress: Option<(&'g Egress, ChosenBy)>,
 }
 
 impl Plan<'_> {
@@ -86,6 +88,7 @@ pub async fn plan<'g>(
         source: None,
         candidates: Vec::new(),
         refusal: None,
+        egress: None,
     };
     if !plan.client_allowed {
         plan.refusal = Some(Refusal::new(
@@ -128,13 +131,19 @@ pub async fn plan<'g>(
         plan.refusal = Some(Refusal::new(end, decision.why()));
         return plan;
     }
+    plan.egress = snapshot.config.egresses.for_request(
+        decision.rule,
+        &snapshot.config.branches,
+        plan.identity,
+    );
     let addrs = match &target.host {
         Host::Ip(ip) => {
             plan.source = Some("literal");
             vec![*ip]
         }
         Host::Name(name) => {
-            match timed(&mut plan.resolve_time, snapshot.resolver.resolve(name)).await {
+            let resolving = snapshot.resolver.resolve(name, plan.egress.map(|(e, _)| e));
+            match timed(&mut plan.resolve_time, resolving).await {
                 Ok((addrs, source)) => {
                     plan.source = Some(source.as_str());
                     addrs
@@ -142,16 +151,46 @@ pub async fn plan<'g>(
                 Err(e) => {
                     let end = match e {
                         ResolveError::Timeout => End::DnsTimeout,
-                        ResolveError::NotFound | ResolveError::Failed(_) => End::DnsFailed,
+                        _ => End::DnsFailed,
                     };
-                    plan.refusal = Some(Refusal::new(end, format!("cannot resolve host: {e}")));
+                    let mut refusal = Refusal::new(end, format!("cannot resolve host: {e}"));
+                    // An encrypted resolver that fails or is not trusted: 504, never clear text.
+                    refusal.status = Some(e.status());
+                    plan.refusal = Some(refusal);
                     return plan;
                 }
             }
         }
     };
+    let addrs = match plan.egress {
+        Some((egress, _)) => match of_families(addrs, egress) {
+            Ok(addrs) => addrs,
+            Err(refusal) => {
+                plan.refusal = Some(refusal);
+                return plan;
+            }
+        },
+        None => addrs,
+    };
     vet(snapshot, &mut plan, addrs, target.port, scope);
     plan
+}
+
+/// The addresses `egress` may dial (its families); refused when none is left. Overrides and
+/// IP literals pass here too, so an IPv4-only egress never dials an IPv6 address.
+fn of_families(mut addrs: Vec<IpAddr>, egress: &Egress) -> Result<Vec<IpAddr>, Refusal> {
+    addrs.retain(|ip| egress.allows(*ip));
+    if addrs.is_empty() {
+        return Err(Refusal::new(
+            End::DnsFailed,
+            format!(
+                "no address the egress may dial ({} is {})",
+                egress.name,
+                egress.families()
+            ),
+        ));
+    }
+    Ok(addrs)
 }
 
 /// Vets each of `addrs`: the destination wall (the rule's CIDRs open it), the rule's service

@@ -61,8 +61,12 @@ pub struct Tunnel {
     pub client: SocketAddr,
     /// The CONNECT target.
     pub target: Target,
-    /// The address dialled.
+    /// The address dialled (a parent proxy's, through one).
     pub dialled: Option<SocketAddr>,
+    /// The `[egress.NAME]` it left through (empty: direct, no egress configured).
+    pub egress: String,
+    /// The parent proxy that carries it.
+    pub parent: Option<String>,
     pub rule: Option<String>,
     pub category: String,
     pub live: Live,
@@ -102,6 +106,8 @@ impl Tunnel {
             client,
             target,
             dialled,
+            egress: String::new(),
+            parent: None,
             rule,
             category,
             live,

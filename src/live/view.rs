@@ -31,6 +31,8 @@ pub fn tunnel(t: &Tunnel, (rate_up, rate_down): (u64, u64), now: Instant) -> Val
         "client": t.client.to_string(),
         "target": t.target.to_string(),
         "dialled": t.dialled.map(|a| a.to_string()),
+        "egress": (!t.egress.is_empty()).then_some(&t.egress),
+        "parent": t.parent,
         "rule": t.rule,
         "category": t.category,
         "bytes_up": bytes_up,

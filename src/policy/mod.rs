@@ -131,6 +131,9 @@ pub struct Rule {
     /// Whether the exact names a branch uses under this rule's wildcards are learned, and
     /// whether only learned names pass.
     pub learn: Learn,
+    /// The way out for this rule's tunnels (`egress`), by position in `Config::egresses`;
+    /// beats the branch's and the default.
+    pub egress: Option<usize>,
 }
 
 /// A rule's learning of destinations per branch (`learn` on an allow rule, or
@@ -495,6 +498,7 @@ mod tests {
             service_tags: Vec::new(),
             tag_ranges: None,
             learn: Learn::Off,
+            egress: None,
         }
     }
 

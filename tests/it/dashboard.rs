@@ -52,7 +52,9 @@ async fn exported_with_learning(origin_port: u16, extra: &str) -> Metrics {
     let config = GatewayConfig::for_origin(origin_port)
         .state_dir(state.path())
         .extra(extra)
-        .extra("[policy.learn]\n\"test-origin\" = \"record\"\n");
+        .extra("[policy.learn]\n\"test-origin\" = \"record\"\n")
+        // A parent and an egress (unused), so their families have series.
+        .extra("[[parent]]\nname = \"corp\"\naddress = \"127.0.0.1:1\"\n[egress.corp]\nvia = [\"corp\"]\n");
     let gw = Gateway::start(config).await;
     gw.metrics().await
 }

@@ -160,13 +160,22 @@ async fn observability_reference_lists_every_metric() {
     let state = tempfile::tempdir().unwrap();
     let mut origin = TcpOrigin::start(b"5byte").await;
     let port = origin.addr.port();
+    // The origin's address as one the rule lists (not a private endpoint), so the tunnel
+    // tries the egress's parent (nothing listens there) and falls back to direct.
     let config = GatewayConfig::for_origin(port)
+        .origin_rule(|r| {
+            r.set("private_addresses", Vec::<&str>::new())
+                .addresses(&["127.0.0.1/32"])
+        })
         .state_dir(state.path())
         .branch(Branch::new("london").sources(&["127.0.0.0/8"]))
         .fleet("redis", redis.url())
         .fleet("name", "reference")
+        .policy("egress", "out")
         .extra(
-            "[policy.learn]\n\"test-origin\" = \"record\"\n\
+            "[[parent]]\nname = \"gone\"\naddress = \"127.0.0.1:1\"\n\
+             [egress.out]\nvia = [\"gone\"]\nfallback = \"direct\"\n\
+             [policy.learn]\n\"test-origin\" = \"record\"\n\
              [[schedule]]\nname = \"always\"\ndays = \"daily\"\nhours = \"00:00-00:00\"\n\
              time_zone = \"UTC\"\nupload = \"100 Mbit/s\"\ndownload = \"100 Mbit/s\"\n\
              categories = [\"storage\"]\n",
@@ -323,10 +332,14 @@ fn leaf_keys(path: &TablePath, into: &mut BTreeSet<String>) {
     for key in keys {
         let table = path.child(&key, false);
         let array = path.child(&key, true);
+        // A table of named tables (`[egress.NAME]`), documented as `egress.NAME.key`.
+        let named = table.child("NAME", false);
         if keys_of(&table).is_some() {
             leaf_keys(&table, into);
         } else if keys_of(&array).is_some() {
             leaf_keys(&array, into);
+        } else if keys_of(&named).is_some() {
+            leaf_keys(&named, into);
         } else {
             into.insert(path.key(&key));
         }
