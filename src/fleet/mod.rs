@@ -48,6 +48,10 @@ pub struct Fleet {
     pub(crate) instance: String,
     /// Whether another live process held this replica's name at the last refresh.
     conflict: AtomicBool,
+    /// When a call last went unanswered: for a lease after it, Redis's tunnel counts may lack
+    /// what replicas admitted alone meanwhile (or what a failover lost), so a tunnel needs the
+    /// fallback share's room here as well as Redis's yes.
+    failed_at: std::sync::Mutex<Option<Instant>>,
 }
 
 const UP: u8 = 1;
@@ -67,6 +71,7 @@ impl Fleet {
             // A process a binary upgrade started takes over its parent's hold on the name.
             instance: crate::upgrade::inherited_instance().unwrap_or_else(instance_id),
             conflict: AtomicBool::new(false),
+            failed_at: Default::default(),
         })
     }
 
@@ -129,7 +134,7 @@ impl Fleet {
 
     /// Claims the name for the lease: true when this process holds it now.
     async fn claim(&self) -> Result<bool, Failure> {
-        let mut pipe = redis::pipe();
+        let mut pipe = link::Batch::new();
         pipe.add_command(self.claim_command());
         let result = self.link.query::<Vec<i64>>(&pipe).await;
         self.mark(result.as_ref().map(|_| ()));
@@ -153,7 +158,7 @@ impl Fleet {
 
     /// Who holds the name, as Redis says.
     async fn holder(&self) -> Option<String> {
-        let mut pipe = redis::pipe();
+        let mut pipe = link::Batch::new();
         pipe.cmd("GET").arg(name_key(&self.settings.name));
         let (holder,) = self.link.query::<(Option<String>,)>(&pipe).await.ok()?;
         holder
@@ -189,6 +194,9 @@ impl Fleet {
     fn mark(&self, result: Result<(), &Failure>) {
         let now = if result.is_ok() { UP } else { DOWN };
         self.metrics.connected.set(i64::from(now == UP));
+        if now == DOWN {
+            *self.failed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        }
         if self.state.swap(now, Relaxed) == now {
             return;
         }
@@ -219,16 +227,27 @@ impl Fleet {
         (f64::from(max) * self.settings.fallback_share).ceil() as u32
     }
 
-    /// Opening a tunnel of `branch` (limit `max` fleet-wide): `Some(admitted)` as Redis
-    /// counts, `None` when Redis did not answer in time (decide locally).
-    pub async fn open_tunnel(&self, branch: &str, max: u32) -> Option<bool> {
-        let mut pipe = redis::pipe();
+    /// Opening a tunnel of `branch` (limit `max` fleet-wide; `before` open here already):
+    /// `Some(admitted)` as Redis counts, `None` when Redis did not answer in time (decide
+    /// locally). Within a lease of a call Redis did not answer (an outage, a failover), Redis's
+    /// counts may lack tunnels other replicas admitted alone meanwhile: its yes needs this
+    /// replica's fallback share to have room too, so the fleet never goes past `max` while the
+    /// counts heal (every replica writes its true counts at its next refresh).
+    pub async fn open_tunnel(&self, branch: &str, max: u32, before: u32) -> Option<bool> {
+        let mut pipe = link::Batch::new();
         let mut cmd = evalsha(&scripts::OPEN_TUNNEL, &tunnels_key(branch));
         cmd.arg(&self.settings.name).arg(max).arg(self.lease_ms());
         pipe.add_command(cmd);
         let result = self.link.query::<Vec<i64>>(&pipe).await;
         self.mark(result.as_ref().map(|_| ()));
-        result.ok().map(|answer| answer.first() == Some(&1))
+        let admitted = result.ok()?.first() == Some(&1);
+        let settling = self
+            .failed_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|at| at.elapsed() < self.settings.lease);
+        // Refused here after Redis counted it: the next refresh writes the true count.
+        Some(admitted && (!settling || before < self.fallback_max(max)))
     }
 
     /// A tunnel counted in Redis closed: one less for this replica there, then in `local`
@@ -238,7 +257,7 @@ impl Fleet {
         let fleet = self.clone();
         let key = tunnels_key(branch);
         tokio::spawn(async move {
-            let mut pipe = redis::pipe();
+            let mut pipe = link::Batch::new();
             let mut cmd = evalsha(&scripts::SET_TUNNELS, &key);
             cmd.arg(&fleet.settings.name).arg(-1).arg(fleet.lease_ms());
             pipe.add_command(cmd);
@@ -251,7 +270,7 @@ impl Fleet {
     /// One authentication attempt from `client` (its counted address): `Some(allowed)` by
     /// the fleet-wide count in this minute, `None` when Redis did not answer (decide locally).
     pub async fn auth_attempt(&self, client: IpAddr, per_minute: u32) -> Option<bool> {
-        let mut pipe = redis::pipe();
+        let mut pipe = link::Batch::new();
         pipe.add_command(evalsha(&scripts::AUTH_ATTEMPT, &auth_key(client)));
         let result = self.link.query::<Vec<i64>>(&pipe).await;
         self.mark(result.as_ref().map(|_| ()));

@@ -74,7 +74,7 @@ async fn refresh<G: Shared>(
     let lease_ms = settings.lease.as_millis() as u64;
     let fallback = fraction_ppm(settings.fallback_share);
     let now = throttles.now();
-    let mut pipe = redis::pipe();
+    let mut pipe = super::link::Batch::new();
     let mut asked: Vec<(&Arc<Bucket>, u64, String)> = Vec::new();
     let mut kept: HashSet<String> = HashSet::new();
     for budget in throttles.budgets() {
@@ -219,7 +219,7 @@ pub async fn leave<G: Shared>(fleet: &Fleet, shared: &G) {
         }
     }
     let keys = std::mem::take(&mut *fleet.written.lock().unwrap_or_else(|e| e.into_inner()));
-    let mut pipe = redis::pipe();
+    let mut pipe = super::link::Batch::new();
     for key in &keys {
         pipe.cmd("HDEL").arg(key).arg(&fleet.settings.name).ignore();
     }

@@ -297,13 +297,19 @@ async fn a_kill_in_the_middle_of_a_save_leaves_a_whole_file() {
 
 #[tokio::test]
 async fn replicas_share_what_they_learn_approve_and_forget_through_redis() {
+    let redis = Redis::start(&[]);
+    replicas_share_learned_destinations(&redis.url()).await;
+}
+
+/// Two replicas on the Redis at `url`: what one learns, approves or forgets reaches the other,
+/// per branch, and each keeps the fleet's destinations in its own file.
+pub async fn replicas_share_learned_destinations(url: &str) {
     let pki = Pki::new();
     let origin = origin_for(&pki, 3).await;
     let port = origin.port();
-    let redis = Redis::start(&[]);
     let replica = |config: GatewayConfig, name: &str| {
         config
-            .fleet("redis", redis.url())
+            .fleet("redis", url)
             .fleet("name", name)
             .fleet("refresh", "200ms")
     };

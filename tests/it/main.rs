@@ -11,6 +11,7 @@ mod dashboard;
 mod denials;
 mod dial;
 mod fleet;
+mod fleet_ha;
 mod fleet_learned;
 mod hardening;
 mod help;

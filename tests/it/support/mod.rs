@@ -1,6 +1,6 @@
 //! Test fixtures, one module per responsibility: the rcgen PKI, TLS and TCP origins, the real
 //! binaries with JSON logs captured, clients and raw requests, config builders, promtool, free
-//! ports, a redis-server of the test's own, the branch agent's files. Everything is
+//! ports, a redis-server of the test's own (or a Redis Cluster, or a Sentinel set), the branch agent's files. Everything is
 //! re-exported here, so tests keep `use crate::support::*`.
 
 mod agent;
@@ -13,6 +13,7 @@ mod pki;
 mod ports;
 mod processes;
 mod redis;
+mod redis_ha;
 
 pub use agent::*;
 pub use clients::*;
@@ -24,6 +25,7 @@ pub use pki::*;
 pub use ports::*;
 pub use processes::*;
 pub use redis::*;
+pub use redis_ha::*;
 
 /// The name test origins answer to; the gateway maps it to 127.0.0.1 with a static override.
 pub const ORIGIN_HOST: &str = "share1.file.core.windows.net";

@@ -1,0 +1,271 @@
+//! Fleet mode on a Redis that survives losing a node: a Redis Cluster (three primaries with a
+//! replica each) and a Sentinel set (a primary, a replica, three sentinels), real
+//! `redis-server` processes of the test's own (support's `RedisCluster`, `RedisSentinel`),
+//! real gateway replicas. Every fleet feature works as on one Redis; a primary killed by its
+//! PID fails no tunnel, and the limits are whole again within 2 s of the new primary.
+
+use crate::fleet::{
+    LIMIT, Pusher, Sink, each_branch_budget_split, gateway_for, measure, office, replica,
+    start_replica, upload_all_day,
+};
+use crate::support::*;
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+const DOWN: &str = "fleet: Redis does not answer";
+const UP: &str = "fleet: Redis answers";
+
+fn logged(gw: &Gateway, start: &str) -> usize {
+    gw.count_logs(|l| l["message"].as_str().is_some_and(|m| m.starts_with(start)))
+}
+
+/// The share hash of the each-branch upload budget of `branch`.
+fn share_key(branch: &str) -> String {
+    format!("portcullis:{{each-branch:{branch}:upload}}:shares")
+}
+
+#[tokio::test]
+async fn a_cluster_splits_a_budget_as_one_redis_does_and_spreads_budgets_over_its_primaries() {
+    let cluster = RedisCluster::start();
+    let branches = [
+        ("london", "127.0.0.2"),
+        ("paris", "127.0.0.3"),
+        ("rome", "127.0.0.4"),
+    ];
+    let (gws, ports) = each_branch_budget_split(&cluster.url()).await;
+    // Another replica with three branches, a tunnel of each: each budget takes its share in
+    // its own hash, on the primary serving that hash's slot.
+    let mut config = gateway_for(&ports).extra(&upload_all_day("each-branch"));
+    for (name, from) in branches {
+        config = config.branch(Branch::new(name).sources(&[from]));
+    }
+    let branched = start_replica(&replica(&config, &cluster.url(), "gw-4")).await;
+    let mut pushers = Vec::new();
+    for (_, from) in branches {
+        pushers.push(Pusher::open(branched.addr, from, ports[0]).await);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut holders = BTreeSet::new();
+    for (branch, _) in branches {
+        let key = share_key(branch);
+        let primary = cluster.primary_of(&key);
+        let held = cluster.command(primary, &format!("HEXISTS {key} gw-4"));
+        assert!(held.starts_with(":1"), "{key} on {primary}: {held:?}");
+        holders.insert(primary);
+    }
+    eprintln!("budgets on primaries {holders:?}");
+    assert!(holders.len() >= 2, "every budget on one primary");
+    for pusher in pushers {
+        assert!(pusher.close().await, "no tunnel failed");
+    }
+    for gw in gws.iter().chain([&branched]) {
+        assert_eq!(logged(gw, DOWN), 0, "Redis always answered");
+    }
+}
+
+/// Three replicas pushing through one each-branch budget on the Redis `config_for` names;
+/// `kill` takes the primary holding the budget away and answers when its successor was
+/// elected. No tunnel fails, the fleet is within 3 % of the limit again within 2 s, every
+/// replica says once that Redis went and once that it answers again, and `check` sees the
+/// budget on the new primary.
+async fn a_failover_keeps_the_limit<T: Send + 'static>(
+    config_for: impl Fn(&GatewayConfig, &str) -> GatewayConfig,
+    kill: impl FnOnce() -> (T, Instant) + Send + 'static,
+    check: impl FnOnce(&T),
+) {
+    let sinks = [
+        Sink::start().await,
+        Sink::start().await,
+        Sink::start().await,
+    ];
+    let ports: Vec<u16> = sinks.iter().map(|s| s.port).collect();
+    let config = gateway_for(&ports).extra(&upload_all_day("each-branch"));
+    let mut gws = Vec::new();
+    for name in ["gw-1", "gw-2", "gw-3"] {
+        gws.push(start_replica(&config_for(&config, name)).await);
+    }
+    let mut pushers = Vec::new();
+    for (gw, port) in gws.iter().zip(&ports) {
+        pushers.push(Pusher::open(gw.addr, "127.0.0.1", *port).await);
+    }
+    let all = [&sinks[0], &sinks[1], &sinks[2]];
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let total: f64 = measure(&all, Duration::from_secs(2)).await.iter().sum();
+    eprintln!("before the failover: {total:.0} B/s");
+    assert!((total / LIMIT - 1.0).abs() <= 0.03, "{total}");
+    let said: Vec<(usize, usize)> = gws
+        .iter()
+        .map(|gw| (logged(gw, DOWN), logged(gw, UP)))
+        .collect();
+    // Killed and replaced off the runtime's thread: the sinks go on counting meanwhile.
+    let (set, elected) = tokio::task::spawn_blocking(kill).await.unwrap();
+    let since = elected.elapsed();
+    tokio::time::sleep(Duration::from_millis(800).saturating_sub(since)).await;
+    let rates = measure(&all, Duration::from_millis(1_200)).await;
+    let total: f64 = rates.iter().sum();
+    eprintln!(
+        "from {:?} to {:?} after the election: {total:.0} B/s {rates:?}",
+        elected.elapsed() - Duration::from_millis(1_200),
+        elected.elapsed()
+    );
+    assert!(
+        (total / LIMIT - 1.0).abs() <= 0.03,
+        "the fleet moves {total:.0} B/s of 1 MB/s within 2 s of the new primary"
+    );
+    for (gw, (down, up)) in gws.iter().zip(said) {
+        let metrics = gw.metrics().await;
+        assert_eq!(metrics.get("portcullis_fleet_connected"), Some(1.0));
+        assert_eq!(logged(gw, DOWN), down + 1, "the outage is logged once");
+        assert_eq!(logged(gw, UP), up + 1, "and the way back once");
+    }
+    check(&set);
+    for pusher in pushers {
+        assert!(
+            pusher.close().await,
+            "no tunnel failed through the failover"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_cluster_primary_killed_fails_no_tunnel_and_the_limit_is_whole_again_within_2s() {
+    let mut cluster = RedisCluster::start();
+    let url = cluster.url();
+    let key = share_key("unassigned");
+    a_failover_keeps_the_limit(
+        |config, name| replica(config, &url, name),
+        move || {
+            let primary = cluster.primary_of(&share_key("unassigned"));
+            let elected = cluster.kill_primary(primary);
+            (cluster, elected)
+        },
+        |cluster| {
+            // The budget lives on on the promoted replica.
+            let primary = cluster.primary_of(&key);
+            let held = cluster.command(primary, &format!("HLEN {key}"));
+            assert!(held.starts_with(":3"), "{key} on {primary}: {held:?}");
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_sentinel_failover_fails_no_tunnel_and_the_limit_is_whole_again_within_2s() {
+    let mut sentinel = RedisSentinel::start();
+    let value = sentinel.fleet_value();
+    a_failover_keeps_the_limit(
+        |config, name| {
+            config
+                .clone()
+                .fleet("sentinel", TomlRaw(value.clone()))
+                .fleet("name", name)
+        },
+        move || {
+            let elected = sentinel.kill_primary();
+            (sentinel, elected)
+        },
+        |sentinel| {
+            let held = sentinel.command(
+                sentinel.replica_port(),
+                &format!("HLEN {}", share_key("unassigned")),
+            );
+            assert!(held.starts_with(":3"), "{held:?}");
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn max_tunnels_never_exceeds_the_cap_through_a_cluster_failover() {
+    let mut cluster = RedisCluster::start();
+    let origin = TcpOrigin::start(b"").await;
+    let port = origin.addr.port();
+    // Six tunnels fleet-wide; alone, a replica takes ceil(0.33 x 6) = 2, so three replicas
+    // deciding alone cannot pass six either.
+    let config = gateway_for(&[port])
+        .branch(office(6))
+        .fleet("fallback_share", 0.33);
+    let mut gws = Vec::new();
+    for name in ["gw-1", "gw-2", "gw-3"] {
+        gws.push(start_replica(&replica(&config, &cluster.url(), name)).await);
+    }
+    let target = format!("{ORIGIN_HOST}:{port}");
+    let mut open: Vec<Vec<tokio::net::TcpStream>> = vec![Vec::new(), Vec::new(), Vec::new()];
+    for (i, gw) in gws.iter().enumerate() {
+        for _ in 0..2 {
+            let (tcp, reply) = connect_from(gw.addr, "127.0.0.1", &target, "").await;
+            assert_eq!(reply.status, 200);
+            open[i].push(tcp);
+        }
+    }
+    let (_tcp, reply) = connect_from(gws[0].addr, "127.0.0.1", &target, "").await;
+    assert_eq!(reply.status, 429, "the seventh");
+    let primary = cluster.primary_of("portcullis:{tunnels:office}");
+    let killer = tokio::task::spawn_blocking(move || {
+        let elected = cluster.kill_primary(primary);
+        (cluster, elected)
+    });
+    // Through the failover and 3 s past it: a tunnel closes on one replica, and one is asked
+    // for on the next; at no point more than six open.
+    let (mut admitted, mut refused) = (0, 0);
+    let mut elected: Option<(RedisCluster, Instant)> = None;
+    let mut killer = Some(killer);
+    for round in 0..400 {
+        if let Some(k) = killer.as_ref()
+            && k.is_finished()
+        {
+            elected = Some(killer.take().unwrap().await.unwrap());
+        }
+        if elected
+            .as_ref()
+            .is_some_and(|(_, at)| at.elapsed() > Duration::from_secs(3))
+        {
+            break;
+        }
+        let (from, to) = (round % 3, (round + 1) % 3);
+        if round % 2 == 0 && !open[from].is_empty() {
+            drop(open[from].remove(0));
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        let (tcp, reply) = connect_from(gws[to].addr, "127.0.0.1", &target, "").await;
+        if reply.status == 200 {
+            open[to].push(tcp);
+            admitted += 1;
+        } else {
+            assert_eq!(reply.status, 429, "{reply:?}");
+            refused += 1;
+        }
+        let now: usize = open.iter().map(Vec::len).sum();
+        assert!(now <= 6, "{now} tunnels open of at most 6 (round {round})");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_cluster, _) = elected.expect("the failover ended within the rounds");
+    eprintln!("through the failover: {admitted} admitted, {refused} refused");
+    assert!(admitted >= 5, "tunnels were admitted through the failover");
+    // Healed: the fleet takes exactly six again.
+    for list in &mut open {
+        list.clear();
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut again = Vec::new();
+    for i in 0..6 {
+        let (tcp, reply) = connect_from(gws[i % 3].addr, "127.0.0.1", &target, "").await;
+        assert_eq!(reply.status, 200, "tunnel {i} after the failover");
+        again.push(tcp);
+    }
+    let (_tcp, reply) = connect_from(gws[1].addr, "127.0.0.1", &target, "").await;
+    assert_eq!(reply.status, 429, "the seventh after the failover");
+}
+
+#[tokio::test]
+async fn learned_destinations_spread_through_a_cluster() {
+    let cluster = RedisCluster::start();
+    crate::learned::replicas_share_learned_destinations(&cluster.url()).await;
+    // The hash and its version key share a slot, so one script changes both.
+    let primary = cluster.primary_of("portcullis:{learned}");
+    let both = cluster.command(
+        primary,
+        "EXISTS portcullis:{learned} portcullis:{learned}:version",
+    );
+    assert!(both.starts_with(":2"), "{both:?}");
+}

@@ -1,0 +1,360 @@
+//! Redis that survives losing a node, made of real `redis-server` processes of the test's own
+//! on `free_port()`s of loopback (no persistence, files in a temporary directory): a Redis
+//! Cluster of three primaries with a replica each, and a Sentinel set (a primary, a replica,
+//! three sentinels). Failure detection is shortened (1 s) so a failover takes a few seconds.
+//! Only the PIDs started here are ever killed, each on drop at the latest.
+
+use super::redis::command_on;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `redis-server` of the set: its port and process (gone once killed).
+struct Node {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Node {
+    /// Starts `redis-server` with `args` on a free port and waits until it answers PING.
+    fn start(args: impl Fn(u16) -> Vec<String>) -> Self {
+        for _ in 0..20 {
+            let port = super::free_port();
+            let mut child = Command::new("redis-server")
+                .args(args(port))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server (apt-get install redis-server)");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if command_on(port, "PING").starts_with("+PONG") {
+                    return Self {
+                        port,
+                        child: Some(child),
+                    };
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("no free port for redis-server");
+    }
+
+    /// Kills this node's process (its PID only).
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// Polls `check` every 50 ms for up to `within`.
+fn wait_for(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Three primaries (the slots in thirds: 0-5460, 5461-10922, 10923-16383) and one replica of
+/// each, `cluster-node-timeout` 1 s.
+pub struct RedisCluster {
+    /// Primaries first (index 0..3), then their replicas.
+    nodes: Vec<Node>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_owned();
+        let nodes: Vec<Node> = (0..6)
+            .map(|_| {
+                Node::start(|port| {
+                    let mut args = strings(&[
+                        "--bind",
+                        "127.0.0.1",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--loglevel",
+                        "warning",
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-node-timeout",
+                        "1000",
+                    ]);
+                    args.extend([
+                        "--port".into(),
+                        port.to_string(),
+                        // The bus port named too: port + 10000 may be taken.
+                        "--cluster-port".into(),
+                        super::free_port().to_string(),
+                        "--cluster-config-file".into(),
+                        path.join(format!("nodes-{port}.conf"))
+                            .display()
+                            .to_string(),
+                        "--dir".into(),
+                        path.display().to_string(),
+                    ]);
+                    args
+                })
+            })
+            .collect();
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for node in &nodes {
+            create.arg(format!("127.0.0.1:{}", node.port));
+        }
+        let out = create
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli (apt-get install redis-server)");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = Self { nodes, _dir: dir };
+        wait_for(
+            "the cluster is ok on every node",
+            Duration::from_secs(20),
+            || {
+                cluster
+                    .nodes
+                    .iter()
+                    .all(|n| command_on(n.port, "CLUSTER INFO").contains("cluster_state:ok"))
+            },
+        );
+        wait_for("every replica is in sync", Duration::from_secs(20), || {
+            cluster.nodes[3..]
+                .iter()
+                .all(|n| command_on(n.port, "INFO replication").contains("master_link_status:up"))
+        });
+        // redis-cli makes the first three the primaries.
+        for (i, node) in cluster.nodes.iter().enumerate() {
+            let role = command_on(node.port, "ROLE");
+            assert_eq!(role.contains("master"), i < 3, "node {i}: {role}");
+        }
+        cluster
+    }
+
+    /// Seed nodes: the three primaries.
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self.nodes[..3]
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis+cluster://{}", seeds.join(","))
+    }
+
+    /// The ports of the nodes that are primaries now (alive).
+    pub fn primaries(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.port)
+            .filter(|&port| command_on(port, "ROLE").contains("master"))
+            .collect()
+    }
+
+    /// The port of the primary serving `key` now.
+    pub fn primary_of(&self, key: &str) -> u16 {
+        self.primaries()
+            .into_iter()
+            .find(|&port| !command_on(port, &format!("TYPE {key}")).starts_with("-MOVED"))
+            .expect("a primary serving the key")
+    }
+
+    /// Kills the primary on `port` (its PID) and waits for its replica to take over (with a
+    /// 1 s node timeout, a few seconds): when the replica was elected.
+    pub fn kill_primary(&mut self, port: u16) -> Instant {
+        let replica = self
+            .nodes
+            .iter()
+            .find(|n| {
+                n.child.is_some() && {
+                    let role = command_on(n.port, "ROLE");
+                    role.contains("slave") && role.contains(&format!("\r\n:{port}\r\n"))
+                }
+            })
+            .map(|n| n.port)
+            .expect("the primary's replica");
+        let killed = Instant::now();
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .unwrap()
+            .kill();
+        wait_for("the replica takes over", Duration::from_secs(20), || {
+            command_on(replica, "ROLE").contains("master")
+        });
+        eprintln!(
+            "cluster: replica {replica} took over from {port} after {:?}",
+            killed.elapsed()
+        );
+        Instant::now()
+    }
+
+    /// `lines` sent to the node on `port`.
+    pub fn command(&self, port: u16, lines: &str) -> String {
+        command_on(port, lines)
+    }
+}
+
+/// A primary and its replica, monitored as `portcullis` by three sentinels (quorum 2,
+/// `down-after-milliseconds` 1 s).
+pub struct RedisSentinel {
+    primary: Node,
+    replica: Node,
+    sentinels: Vec<Node>,
+    _dir: tempfile::TempDir,
+}
+
+pub const SENTINEL_MASTER: &str = "portcullis";
+
+impl RedisSentinel {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let base = strings(&[
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--loglevel",
+            "warning",
+        ]);
+        let primary = Node::start(|port| {
+            let mut args = base.clone();
+            args.extend(["--port".into(), port.to_string()]);
+            args
+        });
+        let replica = Node::start(|port| {
+            let mut args = base.clone();
+            args.extend([
+                "--port".into(),
+                port.to_string(),
+                "--replicaof".into(),
+                "127.0.0.1".into(),
+                primary.port.to_string(),
+            ]);
+            args
+        });
+        wait_for("the replica is in sync", Duration::from_secs(10), || {
+            command_on(replica.port, "INFO replication").contains("master_link_status:up")
+        });
+        let sentinels = (0..3)
+            .map(|i| {
+                Node::start(|port| {
+                    // A sentinel rewrites its file: one of its own, in the directory.
+                    let file = dir.path().join(format!("sentinel-{i}-{port}.conf"));
+                    std::fs::write(
+                        &file,
+                        format!(
+                            "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                             sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {primary} 2\n\
+                             sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
+                             sentinel failover-timeout {SENTINEL_MASTER} 10000\n\
+                             sentinel parallel-syncs {SENTINEL_MASTER} 1\n",
+                            dir = dir.path().display(),
+                            primary = primary.port,
+                        ),
+                    )
+                    .unwrap();
+                    vec![file.display().to_string(), "--sentinel".into()]
+                })
+            })
+            .collect();
+        let set = Self {
+            primary,
+            replica,
+            sentinels,
+            _dir: dir,
+        };
+        wait_for(
+            "every sentinel knows the others and the replica",
+            Duration::from_secs(20),
+            || {
+                set.sentinels.iter().all(|s| {
+                    let master = command_on(s.port, &format!("SENTINEL MASTER {SENTINEL_MASTER}"));
+                    master.contains("num-other-sentinels\r\n$1\r\n2")
+                        && master.contains("num-slaves\r\n$1\r\n1")
+                })
+            },
+        );
+        set
+    }
+
+    /// The sentinels' URLs, as `fleet.sentinel.nodes` takes them (TOML array items).
+    pub fn nodes(&self) -> Vec<String> {
+        self.sentinels
+            .iter()
+            .map(|s| format!("redis://127.0.0.1:{}", s.port))
+            .collect()
+    }
+
+    /// The `sentinel = { ... }` value for `[fleet]`.
+    pub fn fleet_value(&self) -> String {
+        let nodes: Vec<String> = self.nodes().iter().map(|n| format!("{n:?}")).collect();
+        format!(
+            "{{ master = \"{SENTINEL_MASTER}\", nodes = [{}] }}",
+            nodes.join(", ")
+        )
+    }
+
+    pub fn replica_port(&self) -> u16 {
+        self.replica.port
+    }
+
+    /// Kills the primary (its PID) and waits until every sentinel names the replica as the
+    /// primary: when that was.
+    pub fn kill_primary(&mut self) -> Instant {
+        let killed = Instant::now();
+        self.primary.kill();
+        let replica = format!("{}", self.replica.port);
+        wait_for(
+            "the sentinels promote the replica",
+            Duration::from_secs(30),
+            || {
+                command_on(self.replica.port, "ROLE").contains("master")
+                    && self.sentinels.iter().all(|s| {
+                        command_on(
+                            s.port,
+                            &format!("SENTINEL GET-MASTER-ADDR-BY-NAME {SENTINEL_MASTER}"),
+                        )
+                        .contains(&replica)
+                    })
+            },
+        );
+        eprintln!(
+            "sentinel: replica {replica} promoted after {:?}",
+            killed.elapsed()
+        );
+        Instant::now()
+    }
+
+    /// `lines` sent to the node on `port`.
+    pub fn command(&self, port: u16, lines: &str) -> String {
+        command_on(port, lines)
+    }
+}
