@@ -67,11 +67,11 @@ async fn a_cluster_splits_a_budget_as_one_redis_does_and_spreads_budgets_over_it
 /// `kill` takes the primary holding the budget away and answers when its successor was
 /// elected. No tunnel fails, the fleet is within 3 % of the limit again within 2 s, every
 /// replica says once that Redis went and once that it answers again, and `check` sees the
-/// budget on the new primary.
+/// budget on the new primary (and what the replicas logged).
 async fn a_failover_keeps_the_limit<T: Send + 'static>(
     config_for: impl Fn(&GatewayConfig, &str) -> GatewayConfig,
     kill: impl FnOnce() -> (T, Instant) + Send + 'static,
-    check: impl FnOnce(&T),
+    check: impl FnOnce(&T, &[Gateway]),
 ) {
     let sinks = [
         Sink::start().await,
@@ -118,7 +118,7 @@ async fn a_failover_keeps_the_limit<T: Send + 'static>(
         assert_eq!(logged(gw, DOWN), down + 1, "the outage is logged once");
         assert_eq!(logged(gw, UP), up + 1, "and the way back once");
     }
-    check(&set);
+    check(&set, &gws);
     for pusher in pushers {
         assert!(
             pusher.close().await,
@@ -139,7 +139,7 @@ async fn a_cluster_primary_killed_fails_no_tunnel_and_the_limit_is_whole_again_w
             let elected = cluster.kill_primary(primary);
             (cluster, elected)
         },
-        |cluster| {
+        |cluster, _| {
             // The budget lives on on the promoted replica.
             let primary = cluster.primary_of(&key);
             let held = cluster.command(primary, &format!("HLEN {key}"));
@@ -164,7 +164,13 @@ async fn a_sentinel_failover_fails_no_tunnel_and_the_limit_is_whole_again_within
             let elected = sentinel.kill_primary();
             (sentinel, elected)
         },
-        |sentinel| {
+        |sentinel, gws| {
+            for gw in gws {
+                let named = gw.count_logs(|l| {
+                    l["message"] == "fleet: the sentinels name a new Redis primary; calls go to it"
+                });
+                assert_eq!(named, 1, "the new primary is named once");
+            }
             let held = sentinel.command(
                 sentinel.replica_port(),
                 &format!("HLEN {}", share_key("unassigned")),
