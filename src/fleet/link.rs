@@ -142,10 +142,14 @@ enum Connection {
     Sentinel(Sentinel),
 }
 
-/// A Redis Cluster: the client, made at the first call.
+/// A Redis Cluster: the client, made at the first call, and since when calls fail.
 struct Cluster {
     client: redis::cluster::ClusterClient,
     connection: Mutex<Option<ClusterConnection>>,
+    failing_since: Mutex<Option<Instant>>,
+    /// Failing this long, the connection is made anew from the seed nodes (a cluster that was
+    /// all down, or moved to other addresses).
+    renew_after: Duration,
 }
 
 impl Cluster {
@@ -157,6 +161,20 @@ impl Cluster {
                 .get_pending_async_connection_with_config(redis::cluster::ClusterConfig::new())
         })
         .clone()
+    }
+
+    /// Notes how a call went; failing for `renew_after`, the next call starts from the seeds.
+    fn answered(&self, ok: bool) {
+        let mut since = self.failing_since.lock().unwrap_or_else(|e| e.into_inner());
+        match (*since, ok) {
+            (_, true) => *since = None,
+            (None, false) => *since = Some(Instant::now()),
+            (Some(at), false) if at.elapsed() >= self.renew_after => {
+                *since = None;
+                *self.connection.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+            (Some(_), false) => {}
+        }
     }
 }
 
@@ -284,7 +302,11 @@ impl Link {
                 }
             }
         };
-        let result = match tokio::time::timeout(timeout, call).await {
+        let result = tokio::time::timeout(timeout, call).await;
+        if let Connection::Cluster(cluster) = &self.connection {
+            cluster.answered(matches!(result, Ok(Ok(_))));
+        }
+        let result = match result {
             Err(_) => {
                 if let Connection::Sentinel(sentinel) = &self.connection
                     && let Some((number, _)) = sentinel.held()
@@ -417,6 +439,8 @@ fn cluster(
     Ok(Cluster {
         client: builder.build()?,
         connection: Mutex::new(None),
+        failing_since: Mutex::new(None),
+        renew_after: settings.lease.max(Duration::from_secs(5)),
     })
 }
 

@@ -275,3 +275,50 @@ async fn learned_destinations_spread_through_a_cluster() {
     );
     assert!(both.starts_with(":2"), "{both:?}");
 }
+
+#[tokio::test]
+async fn a_replica_started_while_the_whole_cluster_is_down_finds_it_when_it_is_back() {
+    let mut cluster = RedisCluster::start();
+    let origin = TcpOrigin::start(b"").await;
+    let port = origin.addr.port();
+    let config = replica(
+        &gateway_for(&[port]).branch(office(2)),
+        &cluster.url(),
+        "gw-1",
+    );
+    cluster = tokio::task::spawn_blocking(move || {
+        cluster.kill_all();
+        cluster
+    })
+    .await
+    .unwrap();
+    // Nothing answers: the replica starts, decides alone, and says Redis does not answer.
+    let mut gw = Gateway::start(&config).await;
+    let _ = gw
+        .wait_log(|l| l["message"].as_str().is_some_and(|m| m.starts_with(DOWN)))
+        .await;
+    let target = format!("{ORIGIN_HOST}:{port}");
+    let (_alone, reply) = connect_from(gw.addr, "127.0.0.1", &target, "").await;
+    assert_eq!(reply.status, 200);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.start_again();
+        cluster
+    })
+    .await
+    .unwrap();
+    let back = Instant::now();
+    let _ = gw
+        .wait_log(|l| l["message"].as_str().is_some_and(|m| m.starts_with(UP)))
+        .await;
+    eprintln!("Redis answers {:?} after the cluster is ok", back.elapsed());
+    assert_eq!(
+        gw.metrics().await.get("portcullis_fleet_connected"),
+        Some(1.0)
+    );
+    // Counted in Redis again: the replica's true count was written back by its refresh.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let key = "portcullis:{tunnels:office}";
+    let stored = cluster.command(cluster.primary_of(key), &format!("HGET {key} gw-1"));
+    assert!(stored.contains("\n1 "), "{stored:?}");
+}

@@ -8,9 +8,10 @@ use super::redis::command_on;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A `redis-server` of the set: its port and process (gone once killed).
+/// A `redis-server` of the set: its port, arguments and process (gone once killed).
 struct Node {
     port: u16,
+    args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -19,29 +20,40 @@ impl Node {
     fn start(args: impl Fn(u16) -> Vec<String>) -> Self {
         for _ in 0..20 {
             let port = super::free_port();
-            let mut child = Command::new("redis-server")
-                .args(args(port))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server (apt-get install redis-server)");
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                if command_on(port, "PING").starts_with("+PONG") {
-                    return Self {
-                        port,
-                        child: Some(child),
-                    };
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            let mut node = Self {
+                port,
+                args: args(port),
+                child: None,
+            };
+            if node.run() {
+                return node;
             }
-            let _ = child.kill();
-            let _ = child.wait();
         }
         panic!("no free port for redis-server");
+    }
+
+    /// Runs the server; false when it did not answer PING within 5 s.
+    fn run(&mut self) -> bool {
+        let mut child = Command::new("redis-server")
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (apt-get install redis-server)");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            if command_on(self.port, "PING").starts_with("+PONG") {
+                self.child = Some(child);
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
     }
 
     /// Kills this node's process (its PID only).
@@ -217,6 +229,30 @@ impl RedisCluster {
     /// `lines` sent to the node on `port`.
     pub fn command(&self, port: u16, lines: &str) -> String {
         command_on(port, lines)
+    }
+
+    /// Kills every node (their PIDs): the whole cluster is down.
+    pub fn kill_all(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+    }
+
+    /// Starts every node again on its ports (the cluster's layout is in their files; the data
+    /// is gone) and waits until the cluster is ok.
+    pub fn start_again(&mut self) {
+        for node in &mut self.nodes {
+            assert!(
+                node.run(),
+                "redis-server did not start again on {}",
+                node.port
+            );
+        }
+        wait_for("the cluster is ok again", Duration::from_secs(30), || {
+            self.nodes
+                .iter()
+                .all(|n| command_on(n.port, "CLUSTER INFO").contains("cluster_state:ok"))
+        });
     }
 }
 
