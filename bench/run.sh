@@ -412,7 +412,7 @@ fi
 
 # Redis commands per second on each primary against the number of busy budgets: one Redis
 # against a Redis Cluster of three primaries (redis-servers of the run's own), one replica with
-# 48 branches, each with a 1 MB/s download budget, and a tunnel in K of them. Not in --quick
+# 192 branches, each with a 250 kB/s download budget, and a tunnel in K of them. Not in --quick
 # (unless asked for with --only fleet-cluster); skipped without redis-server and redis-cli.
 if section fleet-cluster && { [ "$QUICK" = 0 ] || [ "$ONLY" = fleet-cluster ]; } \
   && command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then
@@ -441,26 +441,26 @@ if section fleet-cluster && { [ "$QUICK" = 0 ] || [ "$ONLY" = fleet-cluster ]; }
     if [ "$ready" = 1 ]; then break; fi
     sleep 0.1
   done
-  BUDGETS=48
+  BUDGETS=192
   branches=""
   for i in $(seq 2 $((BUDGETS + 1))); do branches+=$(printf '\n[[branch]]\nname = "b%s"\nsources = ["127.0.0.%s"]' "$i" "$i"); done
   seeds=$(printf '127.0.0.1:%s,' "${CLUSTER_PORTS[@]}")
-  EXTRA[portcullis-redis-single]=$(printf '%s\n%s\n[fleet]\nredis = "redis://127.0.0.1:%s/0"\nname = "bench"\n' "$branches" "$(one_way "1000000 B/s" down)" "$SINGLE_PORT")
-  EXTRA[portcullis-redis-cluster]=$(printf '%s\n%s\n[fleet]\nredis = "redis+cluster://%s"\nname = "bench"\n' "$branches" "$(one_way "1000000 B/s" down)" "${seeds%,}")
+  EXTRA[portcullis-redis-single]=$(printf '%s\n%s\n[fleet]\nredis = "redis://127.0.0.1:%s/0"\nname = "bench"\n' "$branches" "$(one_way "250000 B/s" down)" "$SINGLE_PORT")
+  EXTRA[portcullis-redis-cluster]=$(printf '%s\n%s\n[fleet]\nredis = "redis+cluster://%s"\nname = "bench"\n' "$branches" "$(one_way "250000 B/s" down)" "${seeds%,}")
   commands_on() { redis-cli -p "$1" info stats | sed -n 's/^total_commands_processed:\([0-9]*\).*/\1/p'; }
   echo "fleet-cluster: Redis commands per second on each primary (INFO stats, a script call counts with the commands it runs), one replica, K of $BUDGETS budgets busy"
   for mode in single cluster; do
     target=portcullis-redis-$mode
     if [ "$mode" = single ]; then ports=("$SINGLE_PORT"); else ports=("${CLUSTER_PORTS[@]}"); fi
     start_target "$target"
-    for k in 6 12 24 48; do
+    for k in 12 48 96 192; do
       sources=$(seq 2 $((k + 1)) | sed 's/^/127.0.0./' | paste -sd, -)
       before=()
       for node_port in "${ports[@]}"; do before+=("$(commands_on "$node_port")"); done
       started=$(date +%s.%N)
       # shellcheck disable=SC2046
       "$LOADGEN" throttle $(args_for "$target" 1) --streams "$k" --direction down \
-        --seconds 4 --limit $((k * 1000000)) --sources "$sources" --label "redis-$mode$k-" >> "$RESULTS"
+        --seconds 4 --limit $((k * 250000)) --sources "$sources" --label "redis-$mode$k-" >> "$RESULTS"
       elapsed=$(python3 -c "print($(date +%s.%N) - $started)")
       rates=()
       for i in "${!ports[@]}"; do
