@@ -322,3 +322,83 @@ async fn a_replica_started_while_the_whole_cluster_is_down_finds_it_when_it_is_b
     let stored = cluster.command(cluster.primary_of(key), &format!("HGET {key} gw-1"));
     assert!(stored.contains("\n1 "), "{stored:?}");
 }
+
+#[tokio::test]
+async fn an_acl_user_and_passwords_reach_a_cluster_and_a_sentinel_set_and_never_the_logs() {
+    let auth = RedisAuth {
+        password: Some("admin-s3cret".into()),
+        user: Some(("gateway".into(), "gateway-s3cret".into())),
+        sentinel_password: Some("sentinel-s3cret".into()),
+    };
+    let (cluster, sentinel) = tokio::task::spawn_blocking(move || {
+        (
+            RedisCluster::start_with(&auth),
+            RedisSentinel::start_with(&auth),
+        )
+    })
+    .await
+    .unwrap();
+    let origin = TcpOrigin::start(b"").await;
+    let port = origin.addr.port();
+    let (_dir, file) = temp_file("redis-password", "gateway-s3cret\n");
+    let (_sentinel_dir, sentinels_file) = temp_file("sentinel-password", "sentinel-s3cret\n");
+    // The gateway's own ACL user (on portcullis:* keys only) on every node.
+    let config = gateway_for(&[port])
+        .branch(office(2))
+        .fleet("user", "gateway")
+        .fleet("redis_password_file", &file);
+    let on_cluster = start_replica(&replica(&config, &cluster.url(), "gw-c")).await;
+    let nodes: Vec<String> = sentinel.nodes().iter().map(|n| format!("{n:?}")).collect();
+    let value = format!(
+        "{{ master = \"{SENTINEL_MASTER}\", nodes = [{}], password_file = {:?} }}",
+        nodes.join(", "),
+        sentinels_file.to_str().unwrap()
+    );
+    let on_sentinel = start_replica(
+        &config
+            .clone()
+            .fleet("sentinel", TomlRaw(value))
+            .fleet("name", "gw-s"),
+    )
+    .await;
+    let target = format!("{ORIGIN_HOST}:{port}");
+    let key = "portcullis:{tunnels:office}";
+    let (_one, reply) = connect_from(on_cluster.addr, "127.0.0.1", &target, "").await;
+    assert_eq!(reply.status, 200);
+    let stored = cluster.command(cluster.primary_of(key), &format!("HGET {key} gw-c"));
+    assert!(
+        stored.contains("\n1 "),
+        "counted on the cluster: {stored:?}"
+    );
+    let (_two, reply) = connect_from(on_sentinel.addr, "127.0.0.1", &target, "").await;
+    assert_eq!(reply.status, 200);
+    let stored = sentinel.command(sentinel.primary_port(), &format!("HGET {key} gw-s"));
+    assert!(
+        stored.contains("\n1 "),
+        "counted on the primary: {stored:?}"
+    );
+    for gw in [&on_cluster, &on_sentinel] {
+        let metrics = gw.metrics().await;
+        assert_eq!(metrics.get("portcullis_fleet_connected"), Some(1.0));
+        let all = serde_json::to_string(&gw.logs()).unwrap();
+        for secret in ["admin-s3cret", "gateway-s3cret", "sentinel-s3cret"] {
+            assert!(!all.contains(secret), "a password in the logs");
+        }
+    }
+    let shown = on_sentinel.logs().iter().find_map(|l| {
+        l["redis"]
+            .as_str()
+            .filter(|r| r.starts_with("sentinel master"))
+            .map(str::to_owned)
+    });
+    assert_eq!(
+        shown.as_deref(),
+        Some(
+            format!(
+                "sentinel master {SENTINEL_MASTER} via {}",
+                sentinel.nodes().join(",")
+            )
+            .as_str()
+        )
+    );
+}

@@ -8,6 +8,55 @@ use super::redis::command_on;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// `lines` sent to the server on `port`, after `AUTH password` when there is one (its `+OK`
+/// left out of the replies).
+fn ask(password: Option<&str>, port: u16, lines: &str) -> String {
+    match password {
+        None => command_on(port, lines),
+        Some(password) => {
+            let all = command_on(port, &format!("AUTH {password}\r\n{lines}"));
+            all.strip_prefix("+OK\r\n").unwrap_or(&all).to_owned()
+        }
+    }
+}
+
+/// ACL users and passwords on a set's Redis nodes (and its sentinels).
+#[derive(Clone, Default)]
+pub struct RedisAuth {
+    /// The default user's password (`requirepass`, `masterauth`): what the tests use.
+    pub password: Option<String>,
+    /// An ACL user for the gateways: name and password, on `portcullis:*` keys only.
+    pub user: Option<(String, String)>,
+    /// The sentinels' own password (`requirepass` on them).
+    pub sentinel_password: Option<String>,
+}
+
+impl RedisAuth {
+    /// Arguments for a data node.
+    fn args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(password) = &self.password {
+            args.extend(strings(&[
+                "--requirepass",
+                password,
+                "--masterauth",
+                password,
+            ]));
+        }
+        if let Some((name, password)) = &self.user {
+            args.extend(strings(&[
+                "--user",
+                name,
+                "on",
+                &format!(">{password}"),
+                "~portcullis:*",
+                "+@all",
+            ]));
+        }
+        args
+    }
+}
+
 /// A `redis-server` of the set: its port, arguments and process (gone once killed).
 struct Node {
     port: u16,
@@ -45,7 +94,8 @@ impl Node {
             if let Ok(Some(_)) = child.try_wait() {
                 break;
             }
-            if command_on(self.port, "PING").starts_with("+PONG") {
+            let pong = command_on(self.port, "PING");
+            if pong.starts_with("+PONG") || pong.starts_with("-NOAUTH") {
                 self.child = Some(child);
                 return true;
             }
@@ -89,11 +139,17 @@ fn wait_for(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
 pub struct RedisCluster {
     /// Primaries first (index 0..3), then their replicas.
     nodes: Vec<Node>,
+    password: Option<String>,
     _dir: tempfile::TempDir,
 }
 
 impl RedisCluster {
     pub fn start() -> Self {
+        Self::start_with(&RedisAuth::default())
+    }
+
+    /// With passwords and an ACL user on every node.
+    pub fn start_with(auth: &RedisAuth) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().to_owned();
         let nodes: Vec<Node> = (0..6)
@@ -126,6 +182,7 @@ impl RedisCluster {
                         "--dir".into(),
                         path.display().to_string(),
                     ]);
+                    args.extend(auth.args());
                     args
                 })
             })
@@ -134,6 +191,9 @@ impl RedisCluster {
         create.arg("--cluster").arg("create");
         for node in &nodes {
             create.arg(format!("127.0.0.1:{}", node.port));
+        }
+        if let Some(password) = &auth.password {
+            create.args(["-a", password, "--no-auth-warning"]);
         }
         let out = create
             .args(["--cluster-replicas", "1", "--cluster-yes"])
@@ -145,25 +205,30 @@ impl RedisCluster {
             "redis-cli --cluster create: {}",
             String::from_utf8_lossy(&out.stdout)
         );
-        let cluster = Self { nodes, _dir: dir };
+        let cluster = Self {
+            nodes,
+            password: auth.password.clone(),
+            _dir: dir,
+        };
         wait_for(
             "the cluster is ok on every node",
             Duration::from_secs(20),
             || {
-                cluster
-                    .nodes
-                    .iter()
-                    .all(|n| command_on(n.port, "CLUSTER INFO").contains("cluster_state:ok"))
+                cluster.nodes.iter().all(|n| {
+                    ask(cluster.password.as_deref(), n.port, "CLUSTER INFO")
+                        .contains("cluster_state:ok")
+                })
             },
         );
         wait_for("every replica is in sync", Duration::from_secs(20), || {
-            cluster.nodes[3..]
-                .iter()
-                .all(|n| command_on(n.port, "INFO replication").contains("master_link_status:up"))
+            cluster.nodes[3..].iter().all(|n| {
+                ask(cluster.password.as_deref(), n.port, "INFO replication")
+                    .contains("master_link_status:up")
+            })
         });
         // redis-cli makes the first three the primaries.
         for (i, node) in cluster.nodes.iter().enumerate() {
-            let role = command_on(node.port, "ROLE");
+            let role = ask(cluster.password.as_deref(), node.port, "ROLE");
             assert_eq!(role.contains("master"), i < 3, "node {i}: {role}");
         }
         cluster
@@ -184,7 +249,7 @@ impl RedisCluster {
             .iter()
             .filter(|n| n.child.is_some())
             .map(|n| n.port)
-            .filter(|&port| command_on(port, "ROLE").contains("master"))
+            .filter(|&port| ask(self.password.as_deref(), port, "ROLE").contains("master"))
             .collect()
     }
 
@@ -192,7 +257,9 @@ impl RedisCluster {
     pub fn primary_of(&self, key: &str) -> u16 {
         self.primaries()
             .into_iter()
-            .find(|&port| !command_on(port, &format!("TYPE {key}")).starts_with("-MOVED"))
+            .find(|&port| {
+                !ask(self.password.as_deref(), port, &format!("TYPE {key}")).starts_with("-MOVED")
+            })
             .expect("a primary serving the key")
     }
 
@@ -204,7 +271,7 @@ impl RedisCluster {
             .iter()
             .find(|n| {
                 n.child.is_some() && {
-                    let role = command_on(n.port, "ROLE");
+                    let role = ask(self.password.as_deref(), n.port, "ROLE");
                     role.contains("slave") && role.contains(&format!("\r\n:{port}\r\n"))
                 }
             })
@@ -217,7 +284,7 @@ impl RedisCluster {
             .unwrap()
             .kill();
         wait_for("the replica takes over", Duration::from_secs(20), || {
-            command_on(replica, "ROLE").contains("master")
+            ask(self.password.as_deref(), replica, "ROLE").contains("master")
         });
         eprintln!(
             "cluster: replica {replica} took over from {port} after {:?}",
@@ -228,7 +295,7 @@ impl RedisCluster {
 
     /// `lines` sent to the node on `port`.
     pub fn command(&self, port: u16, lines: &str) -> String {
-        command_on(port, lines)
+        ask(self.password.as_deref(), port, lines)
     }
 
     /// Kills every node (their PIDs): the whole cluster is down.
@@ -249,9 +316,9 @@ impl RedisCluster {
             );
         }
         wait_for("the cluster is ok again", Duration::from_secs(30), || {
-            self.nodes
-                .iter()
-                .all(|n| command_on(n.port, "CLUSTER INFO").contains("cluster_state:ok"))
+            self.nodes.iter().all(|n| {
+                ask(self.password.as_deref(), n.port, "CLUSTER INFO").contains("cluster_state:ok")
+            })
         });
     }
 }
@@ -262,6 +329,8 @@ pub struct RedisSentinel {
     primary: Node,
     replica: Node,
     sentinels: Vec<Node>,
+    password: Option<String>,
+    sentinel_password: Option<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -269,8 +338,15 @@ pub const SENTINEL_MASTER: &str = "portcullis";
 
 impl RedisSentinel {
     pub fn start() -> Self {
+        Self::start_with(&RedisAuth::default())
+    }
+
+    /// With passwords and an ACL user on the primary and the replica, and a password of the
+    /// sentinels' own.
+    pub fn start_with(auth: &RedisAuth) -> Self {
+        let (data, own) = (auth.password.as_deref(), auth.sentinel_password.as_deref());
         let dir = tempfile::tempdir().unwrap();
-        let base = strings(&[
+        let mut base = strings(&[
             "--bind",
             "127.0.0.1",
             "--save",
@@ -280,6 +356,7 @@ impl RedisSentinel {
             "--loglevel",
             "warning",
         ]);
+        base.extend(auth.args());
         let primary = Node::start(|port| {
             let mut args = base.clone();
             args.extend(["--port".into(), port.to_string()]);
@@ -297,7 +374,7 @@ impl RedisSentinel {
             args
         });
         wait_for("the replica is in sync", Duration::from_secs(10), || {
-            command_on(replica.port, "INFO replication").contains("master_link_status:up")
+            ask(data, replica.port, "INFO replication").contains("master_link_status:up")
         });
         let sentinels = (0..3)
             .map(|i| {
@@ -311,9 +388,14 @@ impl RedisSentinel {
                              sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {primary} 2\n\
                              sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
                              sentinel failover-timeout {SENTINEL_MASTER} 10000\n\
-                             sentinel parallel-syncs {SENTINEL_MASTER} 1\n",
+                             sentinel parallel-syncs {SENTINEL_MASTER} 1\n{auth_pass}{requirepass}",
                             dir = dir.path().display(),
                             primary = primary.port,
+                            auth_pass = data.map_or(String::new(), |p| format!(
+                                "sentinel auth-pass {SENTINEL_MASTER} {p}\n"
+                            )),
+                            requirepass =
+                                own.map_or(String::new(), |p| format!("requirepass {p}\n")),
                         ),
                     )
                     .unwrap();
@@ -325,6 +407,8 @@ impl RedisSentinel {
             primary,
             replica,
             sentinels,
+            password: auth.password.clone(),
+            sentinel_password: auth.sentinel_password.clone(),
             _dir: dir,
         };
         wait_for(
@@ -332,7 +416,7 @@ impl RedisSentinel {
             Duration::from_secs(20),
             || {
                 set.sentinels.iter().all(|s| {
-                    let master = command_on(s.port, &format!("SENTINEL MASTER {SENTINEL_MASTER}"));
+                    let master = ask(own, s.port, &format!("SENTINEL MASTER {SENTINEL_MASTER}"));
                     master.contains("num-other-sentinels\r\n$1\r\n2")
                         && master.contains("num-slaves\r\n$1\r\n1")
                 })
@@ -358,6 +442,10 @@ impl RedisSentinel {
         )
     }
 
+    pub fn primary_port(&self) -> u16 {
+        self.primary.port
+    }
+
     pub fn replica_port(&self) -> u16 {
         self.replica.port
     }
@@ -372,9 +460,10 @@ impl RedisSentinel {
             "the sentinels promote the replica",
             Duration::from_secs(30),
             || {
-                command_on(self.replica.port, "ROLE").contains("master")
+                ask(self.password.as_deref(), self.replica.port, "ROLE").contains("master")
                     && self.sentinels.iter().all(|s| {
-                        command_on(
+                        ask(
+                            self.sentinel_password.as_deref(),
                             s.port,
                             &format!("SENTINEL GET-MASTER-ADDR-BY-NAME {SENTINEL_MASTER}"),
                         )
@@ -389,8 +478,8 @@ impl RedisSentinel {
         Instant::now()
     }
 
-    /// `lines` sent to the node on `port`.
+    /// `lines` sent to the data node on `port`.
     pub fn command(&self, port: u16, lines: &str) -> String {
-        command_on(port, lines)
+        ask(self.password.as_deref(), port, lines)
     }
 }
