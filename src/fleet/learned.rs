@@ -231,6 +231,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_hash_and_its_version_key_share_a_slot() {
+        // One script writes both: on a Redis Cluster they must live on one node.
+        use redis::cluster_routing::Slot;
+        assert_eq!(Slot::for_key(KEY), Slot::for_key(VERSION_KEY));
+        assert_eq!(Slot::for_key(KEY), Slot::for_key("learned"));
+    }
+
+    #[test]
     fn fields_and_values_round_trip_and_strange_ones_are_skipped() {
         let place = Place::new(
             "london",
