@@ -402,3 +402,44 @@ async fn an_acl_user_and_passwords_reach_a_cluster_and_a_sentinel_set_and_never_
         )
     );
 }
+
+#[tokio::test]
+async fn rediss_cluster_verifies_every_node_against_the_system_trust_store() {
+    let pki = Pki::new();
+    let ca = tempfile::tempdir().unwrap();
+    let ca_file = ca.path().join("ca.pem");
+    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+    let cluster = tokio::task::spawn_blocking(move || RedisCluster::start_tls(&pki))
+        .await
+        .unwrap();
+    assert!(cluster.url().starts_with("rediss+cluster://"));
+    let origin = TcpOrigin::start(b"").await;
+    let port = origin.addr.port();
+    let config = gateway_for(&[port]).branch(office(2));
+    // The replica trusts the test CA as the system's (rustls-native-certs reads SSL_CERT_FILE).
+    let mut gw = Gateway::start_with_env(
+        replica(&config, &cluster.url(), "gw-1"),
+        &[("SSL_CERT_FILE", ca_file.to_str().unwrap())],
+    )
+    .await;
+    let _ = gw
+        .wait_log(|l| l["message"].as_str().is_some_and(|m| m.starts_with(UP)))
+        .await;
+    let target = format!("{ORIGIN_HOST}:{port}");
+    let (_tunnel, reply) = connect_from(gw.addr, "127.0.0.1", &target, "").await;
+    assert_eq!(reply.status, 200);
+    let key = "portcullis:{tunnels:office}";
+    let stored = cluster.command(cluster.primary_of(key), &format!("HGET {key} gw-1"));
+    assert!(stored.contains("\n1 "), "counted over TLS: {stored:?}");
+    // Without the CA no node is believed: Redis does not answer, tunnels go on.
+    let mut untrusted = Gateway::start_with_env(
+        replica(&config, &cluster.url(), "gw-2"),
+        &[("SSL_CERT_FILE", "/dev/null")],
+    )
+    .await;
+    let _ = untrusted
+        .wait_log(|l| l["message"].as_str().is_some_and(|m| m.starts_with(DOWN)))
+        .await;
+    let (_tunnel, reply) = connect_from(untrusted.addr, "127.0.0.1", &target, "").await;
+    assert_eq!(reply.status, 200);
+}

@@ -151,18 +151,39 @@ impl Drop for Redis {
 /// the raw replies, read until there is one per line (or 2 s passed, or the connection
 /// failed: whatever came, "" when nothing).
 pub fn command_on(port: u16, lines: &str) -> String {
-    let Ok(mut tcp) = TcpStream::connect(("127.0.0.1", port)) else {
+    let Ok(tcp) = TcpStream::connect(("127.0.0.1", port)) else {
         return String::new();
     };
     let _ = tcp.set_read_timeout(Some(Duration::from_millis(500)));
+    exchange(tcp, lines)
+}
+
+/// `command_on` over TLS (a server with `--tls-port`), trusting what `config` trusts.
+pub fn command_on_tls(
+    config: &std::sync::Arc<rustls::ClientConfig>,
+    port: u16,
+    lines: &str,
+) -> String {
+    let Ok(tcp) = TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = tcp.set_read_timeout(Some(Duration::from_millis(500)));
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let Ok(tls) = rustls::ClientConnection::new(config.clone(), name) else {
+        return String::new();
+    };
+    exchange(rustls::StreamOwned::new(tls, tcp), lines)
+}
+
+fn exchange(mut stream: impl Read + Write, lines: &str) -> String {
     let wanted = lines.split("\r\n").count();
-    if tcp.write_all(format!("{lines}\r\n").as_bytes()).is_err() {
+    if stream.write_all(format!("{lines}\r\n").as_bytes()).is_err() {
         return String::new();
     }
     let (mut all, mut buf) = (Vec::new(), [0u8; 4096]);
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline && replies(&all) < wanted {
-        match tcp.read(&mut buf) {
+        match stream.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => all.extend_from_slice(&buf[..n]),
         }

@@ -4,20 +4,45 @@
 //! three sentinels). Failure detection is shortened (1 s) so a failover takes a few seconds.
 //! Only the PIDs started here are ever killed, each on drop at the latest.
 
-use super::redis::command_on;
+use super::Pki;
+use super::redis::{command_on, command_on_tls};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// `lines` sent to the server on `port`, after `AUTH password` when there is one (its `+OK`
-/// left out of the replies).
-fn ask(password: Option<&str>, port: u16, lines: &str) -> String {
-    match password {
-        None => command_on(port, lines),
-        Some(password) => {
-            let all = command_on(port, &format!("AUTH {password}\r\n{lines}"));
-            all.strip_prefix("+OK\r\n").unwrap_or(&all).to_owned()
+/// How the tests talk to a set's nodes: the default user's password (sent first with `AUTH`,
+/// its `+OK` left out of the replies) and TLS (trusting the test CA).
+#[derive(Clone, Default)]
+struct Talk {
+    password: Option<String>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl Talk {
+    /// `lines` sent to the node on `port`.
+    fn ask(&self, port: u16, lines: &str) -> String {
+        let lines = match &self.password {
+            None => lines.to_owned(),
+            Some(password) => format!("AUTH {password}\r\n{lines}"),
+        };
+        let all = match &self.tls {
+            None => command_on(port, &lines),
+            Some(config) => command_on_tls(config, port, &lines),
+        };
+        match &self.password {
+            Some(_) => all.strip_prefix("+OK\r\n").unwrap_or(&all).to_owned(),
+            None => all,
         }
     }
+}
+
+/// `lines` sent to the server on `port`, after `AUTH password` when there is one.
+fn ask(password: Option<&str>, port: u16, lines: &str) -> String {
+    Talk {
+        password: password.map(str::to_owned),
+        tls: None,
+    }
+    .ask(port, lines)
 }
 
 /// ACL users and passwords on a set's Redis nodes (and its sentinels).
@@ -62,17 +87,28 @@ struct Node {
     port: u16,
     args: Vec<String>,
     child: Option<Child>,
+    /// TLS for the readiness PING, on a node that speaks only TLS.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Node {
     /// Starts `redis-server` with `args` on a free port and waits until it answers PING.
     fn start(args: impl Fn(u16) -> Vec<String>) -> Self {
+        Self::start_tls(None, args)
+    }
+
+    /// `start`, the readiness PING over TLS when `tls` is given.
+    fn start_tls(
+        tls: Option<Arc<rustls::ClientConfig>>,
+        args: impl Fn(u16) -> Vec<String>,
+    ) -> Self {
         for _ in 0..20 {
             let port = super::free_port();
             let mut node = Self {
                 port,
                 args: args(port),
                 child: None,
+                tls: tls.clone(),
             };
             if node.run() {
                 return node;
@@ -94,7 +130,11 @@ impl Node {
             if let Ok(Some(_)) = child.try_wait() {
                 break;
             }
-            let pong = command_on(self.port, "PING");
+            let pong = Talk {
+                password: None,
+                tls: self.tls.clone(),
+            }
+            .ask(self.port, "PING");
             if pong.starts_with("+PONG") || pong.starts_with("-NOAUTH") {
                 self.child = Some(child);
                 return true;
@@ -139,7 +179,7 @@ fn wait_for(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
 pub struct RedisCluster {
     /// Primaries first (index 0..3), then their replicas.
     nodes: Vec<Node>,
-    password: Option<String>,
+    talk: Talk,
     _dir: tempfile::TempDir,
 }
 
@@ -150,11 +190,35 @@ impl RedisCluster {
 
     /// With passwords and an ACL user on every node.
     pub fn start_with(auth: &RedisAuth) -> Self {
+        Self::start_inner(auth, None)
+    }
+
+    /// Speaking only TLS, to clients and between the nodes, with a certificate for 127.0.0.1
+    /// from `pki`.
+    pub fn start_tls(pki: &Pki) -> Self {
+        Self::start_inner(&RedisAuth::default(), Some(pki))
+    }
+
+    fn start_inner(auth: &RedisAuth, pki: Option<&Pki>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().to_owned();
+        let file = |name: &str, text: &str| {
+            let file = path.join(name);
+            std::fs::write(&file, text).unwrap();
+            file.display().to_string()
+        };
+        let tls = pki.map(|pki| {
+            let (cert, key) = pki.issue_pem(&["127.0.0.1"], 2040);
+            [
+                file("node.pem", &cert),
+                file("node.key", &key),
+                file("ca.pem", &pki.ca_pem),
+            ]
+        });
+        let client = pki.map(|pki| Arc::new(pki.client_config()));
         let nodes: Vec<Node> = (0..6)
             .map(|_| {
-                Node::start(|port| {
+                Node::start_tls(client.clone(), |port| {
                     let mut args = strings(&[
                         "--bind",
                         "127.0.0.1",
@@ -169,9 +233,29 @@ impl RedisCluster {
                         "--cluster-node-timeout",
                         "1000",
                     ]);
+                    let ports = match &tls {
+                        None => strings(&["--port", &port.to_string()]),
+                        Some([cert, key, ca]) => strings(&[
+                            "--port",
+                            "0",
+                            "--tls-port",
+                            &port.to_string(),
+                            "--tls-cluster",
+                            "yes",
+                            "--tls-replication",
+                            "yes",
+                            "--tls-cert-file",
+                            cert,
+                            "--tls-key-file",
+                            key,
+                            "--tls-ca-cert-file",
+                            ca,
+                            "--tls-auth-clients",
+                            "no",
+                        ]),
+                    };
+                    args.extend(ports);
                     args.extend([
-                        "--port".into(),
-                        port.to_string(),
                         // The bus port named too: port + 10000 may be taken.
                         "--cluster-port".into(),
                         super::free_port().to_string(),
@@ -195,6 +279,9 @@ impl RedisCluster {
         if let Some(password) = &auth.password {
             create.args(["-a", password, "--no-auth-warning"]);
         }
+        if let Some([_, _, ca]) = &tls {
+            create.args(["--tls", "--cacert", ca]);
+        }
         let out = create
             .args(["--cluster-replicas", "1", "--cluster-yes"])
             .stdin(Stdio::null())
@@ -207,7 +294,10 @@ impl RedisCluster {
         );
         let cluster = Self {
             nodes,
-            password: auth.password.clone(),
+            talk: Talk {
+                password: auth.password.clone(),
+                tls: client,
+            },
             _dir: dir,
         };
         wait_for(
@@ -215,20 +305,24 @@ impl RedisCluster {
             Duration::from_secs(20),
             || {
                 cluster.nodes.iter().all(|n| {
-                    ask(cluster.password.as_deref(), n.port, "CLUSTER INFO")
+                    cluster
+                        .talk
+                        .ask(n.port, "CLUSTER INFO")
                         .contains("cluster_state:ok")
                 })
             },
         );
         wait_for("every replica is in sync", Duration::from_secs(20), || {
             cluster.nodes[3..].iter().all(|n| {
-                ask(cluster.password.as_deref(), n.port, "INFO replication")
+                cluster
+                    .talk
+                    .ask(n.port, "INFO replication")
                     .contains("master_link_status:up")
             })
         });
         // redis-cli makes the first three the primaries.
         for (i, node) in cluster.nodes.iter().enumerate() {
-            let role = ask(cluster.password.as_deref(), node.port, "ROLE");
+            let role = cluster.talk.ask(node.port, "ROLE");
             assert_eq!(role.contains("master"), i < 3, "node {i}: {role}");
         }
         cluster
@@ -240,7 +334,12 @@ impl RedisCluster {
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        format!("redis+cluster://{}", seeds.join(","))
+        let scheme = if self.talk.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}+cluster://{}", seeds.join(","))
     }
 
     /// The ports of the nodes that are primaries now (alive).
@@ -249,7 +348,7 @@ impl RedisCluster {
             .iter()
             .filter(|n| n.child.is_some())
             .map(|n| n.port)
-            .filter(|&port| ask(self.password.as_deref(), port, "ROLE").contains("master"))
+            .filter(|&port| self.talk.ask(port, "ROLE").contains("master"))
             .collect()
     }
 
@@ -258,7 +357,10 @@ impl RedisCluster {
         self.primaries()
             .into_iter()
             .find(|&port| {
-                !ask(self.password.as_deref(), port, &format!("TYPE {key}")).starts_with("-MOVED")
+                !self
+                    .talk
+                    .ask(port, &format!("TYPE {key}"))
+                    .starts_with("-MOVED")
             })
             .expect("a primary serving the key")
     }
@@ -271,7 +373,7 @@ impl RedisCluster {
             .iter()
             .find(|n| {
                 n.child.is_some() && {
-                    let role = ask(self.password.as_deref(), n.port, "ROLE");
+                    let role = self.talk.ask(n.port, "ROLE");
                     role.contains("slave") && role.contains(&format!("\r\n:{port}\r\n"))
                 }
             })
@@ -284,7 +386,7 @@ impl RedisCluster {
             .unwrap()
             .kill();
         wait_for("the replica takes over", Duration::from_secs(20), || {
-            ask(self.password.as_deref(), replica, "ROLE").contains("master")
+            self.talk.ask(replica, "ROLE").contains("master")
         });
         eprintln!(
             "cluster: replica {replica} took over from {port} after {:?}",
@@ -295,7 +397,7 @@ impl RedisCluster {
 
     /// `lines` sent to the node on `port`.
     pub fn command(&self, port: u16, lines: &str) -> String {
-        ask(self.password.as_deref(), port, lines)
+        self.talk.ask(port, lines)
     }
 
     /// Kills every node (their PIDs): the whole cluster is down.
@@ -317,7 +419,9 @@ impl RedisCluster {
         }
         wait_for("the cluster is ok again", Duration::from_secs(30), || {
             self.nodes.iter().all(|n| {
-                ask(self.password.as_deref(), n.port, "CLUSTER INFO").contains("cluster_state:ok")
+                self.talk
+                    .ask(n.port, "CLUSTER INFO")
+                    .contains("cluster_state:ok")
             })
         });
     }
