@@ -567,14 +567,22 @@ async fn a_replica_stopping_gives_its_share_back_at_once() {
 #[tokio::test]
 async fn authentication_attempts_count_across_the_fleet() {
     let redis = Redis::start(&[]);
+    authentication_attempts_count_across(|config, name| replica(config, &redis.url(), name)).await;
+}
+
+/// Two replicas, each `on` its Redis under its name: three credential guesses a minute from
+/// one address, whichever replica takes them.
+pub async fn authentication_attempts_count_across(
+    on: impl Fn(&GatewayConfig, &str) -> GatewayConfig,
+) {
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
     let hash = portcullis::config::password::hash_password("s3cret").unwrap();
     let config = gateway_for(&[port])
         .limit("auth_attempts_per_minute", 3)
         .branch(Branch::new("office").credentials("fs1", &hash));
-    let a = start_replica(&replica(&config, &redis.url(), "gw-1")).await;
-    let b = start_replica(&replica(&config, &redis.url(), "gw-2")).await;
+    let a = start_replica(&on(&config, "gw-1")).await;
+    let b = start_replica(&on(&config, "gw-2")).await;
     let target = format!("{ORIGIN_HOST}:{port}");
     let mut statuses = Vec::new();
     for gw in [&a, &b, &a, &b] {

@@ -5,8 +5,8 @@
 //! PID fails no tunnel, and the limits are whole again within 2 s of the new primary.
 
 use crate::fleet::{
-    LIMIT, Pusher, Sink, each_branch_budget_split, gateway_for, measure, office, replica,
-    start_replica, upload_all_day,
+    LIMIT, Pusher, Sink, authentication_attempts_count_across, each_branch_budget_split,
+    gateway_for, measure, office, replica, start_replica, upload_all_day,
 };
 use crate::support::*;
 use std::collections::BTreeSet;
@@ -266,7 +266,10 @@ async fn max_tunnels_never_exceeds_the_cap_through_a_cluster_failover() {
 #[tokio::test]
 async fn learned_destinations_spread_through_a_cluster() {
     let cluster = RedisCluster::start();
-    crate::learned::replicas_share_learned_destinations(&cluster.url()).await;
+    crate::learned::replicas_share_learned_destinations(|config| {
+        config.fleet("redis", cluster.url())
+    })
+    .await;
     // The hash and its version key share a slot, so one script changes both.
     let primary = cluster.primary_of("portcullis:{learned}");
     let both = cluster.command(
@@ -442,4 +445,33 @@ async fn rediss_cluster_verifies_every_node_against_the_system_trust_store() {
         .await;
     let (_tunnel, reply) = connect_from(untrusted.addr, "127.0.0.1", &target, "").await;
     assert_eq!(reply.status, 200);
+}
+
+#[tokio::test]
+async fn authentication_attempts_count_across_a_cluster() {
+    let cluster = RedisCluster::start();
+    authentication_attempts_count_across(|config, name| replica(config, &cluster.url(), name))
+        .await;
+}
+
+#[tokio::test]
+async fn authentication_attempts_and_learned_destinations_go_through_a_sentinel_set() {
+    let sentinel = RedisSentinel::start();
+    let value = sentinel.fleet_value();
+    authentication_attempts_count_across(|config, name| {
+        config
+            .clone()
+            .fleet("sentinel", TomlRaw(value.clone()))
+            .fleet("name", name)
+    })
+    .await;
+    crate::learned::replicas_share_learned_destinations(|config| {
+        config.fleet("sentinel", TomlRaw(value.clone()))
+    })
+    .await;
+    let both = sentinel.command(
+        sentinel.primary_port(),
+        "EXISTS portcullis:{learned} portcullis:{learned}:version",
+    );
+    assert!(both.starts_with(":2"), "{both:?}");
 }
