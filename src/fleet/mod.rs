@@ -222,6 +222,21 @@ impl Fleet {
         self.state.load(Relaxed) == UP
     }
 
+    /// How long a call on a tunnel's path (its count, an auth attempt) may wait: the refresh
+    /// interval, or a fifth of it (at least 20 ms) while Redis does not answer (an outage, a
+    /// failover), so tunnels do not wait on a Redis that is away; the refresh task, with the
+    /// whole interval, finds it back.
+    fn tunnel_timeout(&self) -> std::time::Duration {
+        let refresh = self.settings.refresh;
+        if self.state.load(Relaxed) == DOWN {
+            (refresh / 5)
+                .max(std::time::Duration::from_millis(20))
+                .min(refresh)
+        } else {
+            refresh
+        }
+    }
+
     /// A branch's tunnel limit when Redis cannot say: this replica's fallback share of it.
     pub fn fallback_max(&self, max: u32) -> u32 {
         (f64::from(max) * self.settings.fallback_share).ceil() as u32
@@ -238,7 +253,10 @@ impl Fleet {
         let mut cmd = evalsha(&scripts::OPEN_TUNNEL, &tunnels_key(branch));
         cmd.arg(&self.settings.name).arg(max).arg(self.lease_ms());
         pipe.add_command(cmd);
-        let result = self.link.query::<Vec<i64>>(&pipe).await;
+        let result = self
+            .link
+            .query_within::<Vec<i64>>(&pipe, self.tunnel_timeout())
+            .await;
         self.mark(result.as_ref().map(|_| ()));
         let admitted = result.ok()?.first() == Some(&1);
         let settling = self
@@ -272,7 +290,10 @@ impl Fleet {
     pub async fn auth_attempt(&self, client: IpAddr, per_minute: u32) -> Option<bool> {
         let mut pipe = link::Batch::new();
         pipe.add_command(evalsha(&scripts::AUTH_ATTEMPT, &auth_key(client)));
-        let result = self.link.query::<Vec<i64>>(&pipe).await;
+        let result = self
+            .link
+            .query_within::<Vec<i64>>(&pipe, self.tunnel_timeout())
+            .await;
         self.mark(result.as_ref().map(|_| ()));
         result
             .ok()

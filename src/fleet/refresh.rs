@@ -161,9 +161,17 @@ async fn refresh<G: Shared>(
     match result {
         Ok(values) => {
             fleet.claimed(values.last() == Some(&1));
+            // Back after longer than a lease (an outage, a failover): every entry had lapsed,
+            // so the first replicas to report would take the others' parts until those report
+            // too. For this one refresh no share goes above the fallback share.
+            let back = last_ok.is_some_and(|at| at.elapsed() >= settings.lease);
             *last_ok = Some(Instant::now());
             for ((bucket, limit, key), share) in asked.iter().zip(values) {
-                let rate = bucket.set_share(ppm(share.max(0) as u64, *limit), now);
+                let mut share = ppm(share.max(0) as u64, *limit);
+                if back {
+                    share = share.min(fallback);
+                }
+                let rate = bucket.set_share(share, now);
                 if let Some(t) = taking.get_mut(key) {
                     t.shared = true;
                     fleet
