@@ -1,7 +1,8 @@
 //! Fleet mode: replicas behind one load balancer enforce one set of limits, shared through
-//! Redis (or Valkey). Bandwidth: every `refresh`, one pipelined round trip reports each
-//! budget's demand and takes this replica's share ([`refresh`], [`shares`], [`scripts`]);
-//! local buckets only change rate. Branch `max_tunnels` and `auth_attempts_per_minute` are
+//! Redis (or Valkey): one endpoint, a Redis Cluster or a Sentinel set, all behind [`link`]
+//! (every key carries a hash tag, every script touches one slot). Bandwidth: every `refresh`,
+//! one pipelined round trip reports each budget's demand and takes this replica's share
+//! ([`refresh`], [`shares`], [`scripts`]); local buckets only change rate. Branch `max_tunnels` and `auth_attempts_per_minute` are
 //! counted in Redis per call ([`Fleet::open_tunnel`], [`Fleet::auth_attempt`]). Redis down or
 //! slow never fails or holds up a tunnel: every call has a timeout ([`link`]), shares outlive
 //! a failed refresh for the lease, then `fallback_share` of each limit applies. Learned
