@@ -204,6 +204,44 @@ async fn a_sentinel_failover_fails_no_tunnel_and_the_limit_is_whole_again_within
 #[tokio::test]
 async fn max_tunnels_never_exceeds_the_cap_through_a_cluster_failover() {
     let mut cluster = RedisCluster::start();
+    let url = cluster.url();
+    max_tunnels_through_a_failover(
+        |config, name| replica(config, &url, name),
+        move || {
+            let primary = cluster.primary_of("portcullis:{tunnels:office}");
+            let elected = cluster.kill_primary(primary);
+            (cluster, elected)
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn max_tunnels_never_exceeds_the_cap_through_a_sentinel_failover() {
+    let mut sentinel = RedisSentinel::start();
+    let value = sentinel.fleet_value();
+    max_tunnels_through_a_failover(
+        |config, name| {
+            config
+                .clone()
+                .fleet("sentinel", TomlRaw(value.clone()))
+                .fleet("name", name)
+        },
+        move || {
+            let elected = sentinel.kill_primary();
+            (sentinel, elected)
+        },
+    )
+    .await;
+}
+
+/// Three replicas `on` a Redis that `kill` fails over, a branch of six tunnels: through the
+/// failover and 3 s past the election, a tunnel closes on one replica and one is asked for on
+/// the next, and at no point are more than six open; none waits; afterwards exactly six again.
+async fn max_tunnels_through_a_failover<T: Send + 'static>(
+    on: impl Fn(&GatewayConfig, &str) -> GatewayConfig,
+    kill: impl FnOnce() -> (T, Instant) + Send + 'static,
+) {
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
     // Six tunnels fleet-wide; alone, a replica takes ceil(0.33 x 6) = 2, so three replicas
@@ -213,7 +251,7 @@ async fn max_tunnels_never_exceeds_the_cap_through_a_cluster_failover() {
         .fleet("fallback_share", 0.33);
     let mut gws = Vec::new();
     for name in ["gw-1", "gw-2", "gw-3"] {
-        gws.push(start_replica(&replica(&config, &cluster.url(), name)).await);
+        gws.push(start_replica(&on(&config, name)).await);
     }
     let target = format!("{ORIGIN_HOST}:{port}");
     let mut open: Vec<Vec<tokio::net::TcpStream>> = vec![Vec::new(), Vec::new(), Vec::new()];
@@ -226,16 +264,10 @@ async fn max_tunnels_never_exceeds_the_cap_through_a_cluster_failover() {
     }
     let (_tcp, reply) = connect_from(gws[0].addr, "127.0.0.1", &target, "").await;
     assert_eq!(reply.status, 429, "the seventh");
-    let primary = cluster.primary_of("portcullis:{tunnels:office}");
-    let killer = tokio::task::spawn_blocking(move || {
-        let elected = cluster.kill_primary(primary);
-        (cluster, elected)
-    });
-    // Through the failover and 3 s past it: a tunnel closes on one replica, and one is asked
-    // for on the next; at no point more than six open.
+    let killer = tokio::task::spawn_blocking(kill);
     let (mut admitted, mut refused) = (0, 0);
     let mut slowest = Duration::ZERO;
-    let mut elected: Option<(RedisCluster, Instant)> = None;
+    let mut elected: Option<(T, Instant)> = None;
     let mut killer = Some(killer);
     for round in 0..400 {
         if let Some(k) = killer.as_ref()
@@ -268,7 +300,7 @@ async fn max_tunnels_never_exceeds_the_cap_through_a_cluster_failover() {
         assert!(now <= 6, "{now} tunnels open of at most 6 (round {round})");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (_cluster, _) = elected.expect("the failover ended within the rounds");
+    let (_set, _) = elected.expect("the failover ended within the rounds");
     eprintln!(
         "through the failover: {admitted} admitted, {refused} refused, the slowest answer in {slowest:?}"
     );
