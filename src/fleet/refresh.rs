@@ -9,7 +9,7 @@
 use super::link::evalsha;
 use super::shares::{self, ask, fraction_ppm, ppm};
 use super::{Fleet, scripts, share_key, tunnels_key};
-use crate::bandwidth::bucket::Bucket;
+use crate::bandwidth::bucket::{Bucket, PPM};
 use crate::bandwidth::{Demand, Throttles};
 use crate::metrics::ThrottleLabels;
 use arc_swap::ArcSwap;
@@ -166,21 +166,8 @@ async fn refresh<G: Shared>(
             // too. For this one refresh no share goes above the fallback share.
             let back = last_ok.is_some_and(|at| at.elapsed() >= settings.lease);
             *last_ok = Some(Instant::now());
-            for ((bucket, limit, key), share) in asked.iter().zip(values) {
-                let mut share = ppm(share.max(0) as u64, *limit);
-                if back {
-                    share = share.min(fallback);
-                }
-                let rate = bucket.set_share(share, now);
-                if let Some(t) = taking.get_mut(key) {
-                    t.shared = true;
-                    fleet
-                        .metrics
-                        .share
-                        .get_or_create(&t.labels)
-                        .set(rate as i64);
-                }
-            }
+            let cap = if back { fallback } else { PPM };
+            take_shares(fleet, taking, &asked, &values, cap, now);
             for (branch, count) in writing {
                 counted.insert(branch, count);
             }
@@ -209,6 +196,30 @@ async fn refresh<G: Shared>(
                         .set(rate as i64);
                 }
             }
+        }
+    }
+}
+
+/// Sets each asked budget's bucket to the share Redis answered (at most `cap` millionths of
+/// its limit) and notes it taken.
+fn take_shares(
+    fleet: &Fleet,
+    taking: &mut HashMap<String, Taking>,
+    asked: &[(&Arc<Bucket>, u64, String)],
+    values: &[i64],
+    cap: u64,
+    now: u64,
+) {
+    for ((bucket, limit, key), share) in asked.iter().zip(values) {
+        let share = ppm((*share).max(0) as u64, *limit).min(cap);
+        let rate = bucket.set_share(share, now);
+        if let Some(t) = taking.get_mut(key) {
+            t.shared = true;
+            fleet
+                .metrics
+                .share
+                .get_or_create(&t.labels)
+                .set(rate as i64);
         }
     }
 }
