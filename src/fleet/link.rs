@@ -77,6 +77,18 @@ impl Batch {
         self
     }
 
+    /// The answers of the commands not ignored, from one per command (`None`: none came; an
+    /// empty list: none at all).
+    fn answered(&self, mut values: Vec<Option<Value>>) -> Vec<Option<Value>> {
+        values.resize(self.cmds.len(), None);
+        values
+            .into_iter()
+            .zip(&self.ignored)
+            .filter(|(_, ignored)| !**ignored)
+            .map(|(value, _)| value)
+            .collect()
+    }
+
     /// All of it as one pipeline.
     fn pipeline(&self) -> Pipeline {
         let mut pipe = redis::pipe();
@@ -286,19 +298,26 @@ impl Link {
         let call = async {
             match &self.connection {
                 Connection::Single(manager) => {
-                    with_scripts(&mut manager.clone(), &batch.pipeline()).await
+                    with_scripts(&mut manager.clone(), &batch.pipeline())
+                        .await
+                        .map_err(Failure::Redis)
                 }
                 Connection::Cluster(cluster) => {
-                    let answers = by_slot(&cluster.connection(), batch).await?;
-                    Ok(T::from_redis_value(answers)?)
+                    let (values, failure) = by_slot(&cluster.connection(), batch, timeout).await;
+                    if let Some(failure) = failure {
+                        return Err(failure);
+                    }
+                    let answers = batch.answered(values).into_iter().flatten().collect();
+                    T::from_redis_value(Value::Array(answers)).map_err(|e| Failure::Redis(e.into()))
                 }
                 Connection::Sentinel(sentinel) => {
-                    let (number, mut connection) = sentinel.connection().await?;
+                    let (number, mut connection) =
+                        sentinel.connection().await.map_err(Failure::Redis)?;
                     let result = with_scripts(&mut connection, &batch.pipeline()).await;
                     if result.is_err() {
                         sentinel.forget(number);
                     }
-                    result
+                    result.map_err(Failure::Redis)
                 }
             }
         };
@@ -316,10 +335,27 @@ impl Link {
                 }
                 Err(Failure::Timeout)
             }
-            Ok(result) => result.map_err(Failure::Redis),
+            Ok(result) => result,
         };
         self.duration.observe(started.elapsed().as_secs_f64());
         result
+    }
+
+    /// Runs `batch` within the timeout: each command's answer (ignored ones left out), `None`
+    /// for those whose part did not answer, and why. On a cluster a primary away fails only
+    /// the commands of its slots; elsewhere a call answers whole or not at all.
+    pub async fn query_each(&self, batch: &Batch) -> (Vec<Option<Value>>, Option<Failure>) {
+        let Connection::Cluster(cluster) = &self.connection else {
+            return match self.query::<Vec<Value>>(batch).await {
+                Ok(values) => (values.into_iter().map(Some).collect(), None),
+                Err(failure) => (batch.answered(Vec::new()), Some(failure)),
+            };
+        };
+        let started = Instant::now();
+        let (values, failure) = by_slot(&cluster.connection(), batch, self.timeout).await;
+        cluster.answered(values.iter().any(Option::is_some) || failure.is_none());
+        self.duration.observe(started.elapsed().as_secs_f64());
+        (batch.answered(values), failure)
     }
 }
 
@@ -351,9 +387,15 @@ where
 }
 
 /// `batch` on a cluster: one pipeline per slot, all at once (the cluster client sends each to
-/// its slot's primary, following MOVED and ASK); a slot answering NOSCRIPT gets the scripts
-/// and runs again. The answers of commands not ignored, in order.
-async fn by_slot(connection: &ClusterConnection, batch: &Batch) -> redis::RedisResult<Value> {
+/// its slot's primary, following MOVED and ASK), each within `timeout`; a slot answering
+/// NOSCRIPT gets the scripts and runs again. Every command's answer, `None` where its slot did
+/// not answer (a primary away: the others' answers still count), and the first failure.
+async fn by_slot(
+    connection: &ClusterConnection,
+    batch: &Batch,
+    timeout: Duration,
+) -> (Vec<Option<Value>>, Option<Failure>) {
+    let deadline = tokio::time::Instant::now() + timeout;
     let groups = batch.by_slot();
     let pipelines: Vec<Pipeline> = groups
         .iter()
@@ -368,32 +410,44 @@ async fn by_slot(connection: &ClusterConnection, batch: &Batch) -> redis::RedisR
     let run = |pipe: &Pipeline| {
         let mut connection = connection.clone();
         let pipe = pipe.clone();
-        async move { pipe.query_async::<Vec<Value>>(&mut connection).await }
+        async move {
+            match tokio::time::timeout_at(deadline, pipe.query_async::<Vec<Value>>(&mut connection))
+                .await
+            {
+                Err(_) => Err(Failure::Timeout),
+                Ok(answer) => answer.map_err(Failure::Redis),
+            }
+        }
     };
-    let mut answers: Vec<redis::RedisResult<Vec<Value>>> =
+    let noscript =
+        |a: &Result<Vec<Value>, Failure>| matches!(a, Err(Failure::Redis(e)) if is_noscript(e));
+    let mut answers: Vec<Result<Vec<Value>, Failure>> =
         futures_util::future::join_all(pipelines.iter().map(run)).await;
-    if answers.iter().any(|a| a.as_ref().is_err_and(is_noscript)) {
-        load_scripts(&mut connection.clone()).await?;
-        for (pipe, answer) in pipelines.iter().zip(answers.iter_mut()) {
-            if answer.as_ref().is_err_and(is_noscript) {
-                *answer = run(pipe).await;
+    if answers.iter().any(noscript) {
+        let loaded = tokio::time::timeout_at(deadline, load_scripts(&mut connection.clone())).await;
+        if let Ok(Ok(())) = loaded {
+            for (pipe, answer) in pipelines.iter().zip(answers.iter_mut()) {
+                if noscript(answer) {
+                    *answer = run(pipe).await;
+                }
             }
         }
     }
     let mut values: Vec<Option<Value>> = vec![None; batch.cmds.len()];
+    let mut failure = None;
     for (group, answer) in groups.iter().zip(answers) {
-        for (&i, value) in group.iter().zip(answer?) {
-            values[i] = Some(value);
+        match answer {
+            Ok(answer) => {
+                for (&i, value) in group.iter().zip(answer) {
+                    values[i] = Some(value);
+                }
+            }
+            Err(e) => {
+                failure.get_or_insert(e);
+            }
         }
     }
-    Ok(Value::Array(
-        values
-            .into_iter()
-            .zip(&batch.ignored)
-            .filter(|(_, ignored)| !**ignored)
-            .map(|(value, _)| value.unwrap_or(Value::Nil))
-            .collect(),
-    ))
+    (values, failure)
 }
 
 /// The client of one endpoint, with the password file's password and `fleet.user`.

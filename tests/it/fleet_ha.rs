@@ -537,3 +537,68 @@ async fn authentication_attempts_and_learned_destinations_go_through_a_sentinel_
     );
     assert!(both.starts_with(":2"), "{both:?}");
 }
+
+#[tokio::test]
+async fn a_cluster_primary_away_holds_only_the_budgets_of_its_own_slots() {
+    // A 3 s node timeout: the primary stays away about 4 s, past the 1 s lease.
+    let mut cluster = tokio::task::spawn_blocking(|| RedisCluster::start_with_node_timeout(3000))
+        .await
+        .unwrap();
+    let (london, paris) = (Sink::start().await, Sink::start().await);
+    let config = gateway_for(&[london.port, paris.port])
+        .extra(&upload_all_day("each-branch"))
+        .branch(Branch::new("london").sources(&["127.0.0.2"]))
+        .branch(Branch::new("paris").sources(&["127.0.0.3"]))
+        .fleet("lease", "1s")
+        .fleet("fallback_share", 0.5);
+    let mut gws = Vec::new();
+    for name in ["gw-1", "gw-2", "gw-3"] {
+        gws.push(start_replica(&replica(&config, &cluster.url(), name)).await);
+    }
+    // The two budgets live on two primaries.
+    let (on_london, on_paris) = (
+        cluster.primary_of(&share_key("london")),
+        cluster.primary_of(&share_key("paris")),
+    );
+    assert_ne!(on_london, on_paris);
+    let mut pushers = Vec::new();
+    for gw in &gws {
+        pushers.push(Pusher::open(gw.addr, "127.0.0.2", london.port).await);
+        pushers.push(Pusher::open(gw.addr, "127.0.0.3", paris.port).await);
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let rates = measure(&[&london, &paris], Duration::from_millis(1_500)).await;
+    eprintln!("before: london {:.0}, paris {:.0} B/s", rates[0], rates[1]);
+    let killed = Instant::now();
+    let killer = tokio::task::spawn_blocking(move || {
+        let elected = cluster.kill_primary(on_paris);
+        (cluster, elected)
+    });
+    // Past the lease: paris's replicas run on their fallback shares (3 x 0.5 of its limit),
+    // london's budget, on a primary that answers, keeps its real shares.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let rates = measure(&[&london, &paris], Duration::from_millis(1_500)).await;
+    let during = killed.elapsed();
+    eprintln!(
+        "1.5 s to {during:?} after the kill: london {:.0}, paris {:.0} B/s",
+        rates[0], rates[1]
+    );
+    let (_cluster, elected) = killer.await.unwrap();
+    assert!(
+        elected > killed + during,
+        "the primary came back within the measurement"
+    );
+    assert!(
+        (rates[0] / LIMIT - 1.0).abs() <= 0.05,
+        "london's budget keeps its shares: {:.0} B/s",
+        rates[0]
+    );
+    assert!(
+        rates[1] / LIMIT > 1.3,
+        "paris's budget is on the fallback share: {:.0} B/s",
+        rates[1]
+    );
+    for pusher in pushers {
+        assert!(pusher.close().await, "no tunnel failed");
+    }
+}

@@ -175,7 +175,7 @@ fn wait_for(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
 }
 
 /// Three primaries (the slots in thirds: 0-5460, 5461-10922, 10923-16383) and one replica of
-/// each, `cluster-node-timeout` 1 s.
+/// each, `cluster-node-timeout` 1 s (unless said otherwise).
 pub struct RedisCluster {
     /// Primaries first (index 0..3), then their replicas.
     nodes: Vec<Node>,
@@ -190,16 +190,21 @@ impl RedisCluster {
 
     /// With passwords and an ACL user on every node.
     pub fn start_with(auth: &RedisAuth) -> Self {
-        Self::start_inner(auth, None)
+        Self::start_inner(auth, None, 1000)
+    }
+
+    /// With a `cluster-node-timeout` of `ms`: a primary killed is replaced that much later.
+    pub fn start_with_node_timeout(ms: u32) -> Self {
+        Self::start_inner(&RedisAuth::default(), None, ms)
     }
 
     /// Speaking only TLS, to clients and between the nodes, with a certificate for 127.0.0.1
     /// from `pki`.
     pub fn start_tls(pki: &Pki) -> Self {
-        Self::start_inner(&RedisAuth::default(), Some(pki))
+        Self::start_inner(&RedisAuth::default(), Some(pki), 1000)
     }
 
-    fn start_inner(auth: &RedisAuth, pki: Option<&Pki>) -> Self {
+    fn start_inner(auth: &RedisAuth, pki: Option<&Pki>, node_timeout_ms: u32) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().to_owned();
         let file = |name: &str, text: &str| {
@@ -231,7 +236,7 @@ impl RedisCluster {
                         "--cluster-enabled",
                         "yes",
                         "--cluster-node-timeout",
-                        "1000",
+                        &node_timeout_ms.to_string(),
                     ]);
                     let ports = match &tls {
                         None => strings(&["--port", &port.to_string()]),
