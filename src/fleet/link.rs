@@ -8,7 +8,8 @@
 //!
 //! A call is a [`Batch`]: one pipeline on one endpoint; on a cluster, one pipeline per hash slot,
 //! all sent at once, the answers put back in order. Each key names its slot by its hash tag, and
-//! every script touches the keys of one slot only, so no call ever spans slots.
+//! every script touches the keys of one slot only, so no call ever spans slots. A primary away
+//! fails only its slots' commands: [`Link::query_each`] gives each command's answer apart.
 
 use super::scripts;
 use crate::config::FleetSettings;
