@@ -6,9 +6,10 @@
 #   bench/run.sh --runs 5        medians over 5 interleaved runs (default 3)
 #   bench/run.sh --no-peers      skip squid and tinyproxy
 #   bench/run.sh --release       with --quick: measure release builds (quick defaults to debug)
-#   bench/run.sh --only throttle one section: bulk, setup, scale, throttle, fleet, learn, sni,
-#                                https, scale-config, way-out or rtt (all by default; rtt needs root and
-#                                /dev/net/tun)
+#   bench/run.sh --only throttle one section: bulk, setup, scale, throttle, fleet,
+#                                fleet-cluster, learn, sni, https, scale-config, way-out or rtt
+#                                (all by default; rtt needs root and /dev/net/tun; fleet-cluster
+#                                is not in --quick unless named)
 #   bench/run.sh --baseline BIN  before/after: BIN is a `portcullis` built from an earlier commit;
 #                                bulk, setup and scale also measure it as "portcullis-before"
 #                                (same config), in ABBA order against this build: before first
@@ -408,6 +409,71 @@ if section fleet && command -v redis-server >/dev/null; then
     stop_target portcullis-fleet-budgets
   fi
   kill "$REDIS_PID" 2>/dev/null || true
+fi
+
+# Redis commands per second on each primary against the number of busy budgets: one Redis
+# against a Redis Cluster of three primaries (redis-servers of the run's own), one replica with
+# 192 branches, each with a 250 kB/s download budget, and a tunnel in K of them. Not in --quick
+# (unless asked for with --only fleet-cluster); skipped without redis-server and redis-cli.
+if section fleet-cluster && { [ "$QUICK" = 0 ] || [ "$ONLY" = fleet-cluster ]; } \
+  && command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then
+  SINGLE_PORT=$(free_port)
+  redis-server --port "$SINGLE_PORT" --bind 127.0.0.1 --save "" --appendonly no > "$WORK/redis-single.log" 2>&1 &
+  PIDS+=($!)
+  CLUSTER_PORTS=()
+  for _ in 1 2 3; do
+    node_port=$(free_port)
+    # The bus port named too: port + 10000 may be taken.
+    redis-server --port "$node_port" --cluster-port "$(free_port)" --cluster-enabled yes \
+      --cluster-config-file "$WORK/nodes-$node_port.conf" --dir "$WORK" --bind 127.0.0.1 \
+      --save "" --appendonly no > "$WORK/redis-$node_port.log" 2>&1 &
+    PIDS+=($!)
+    CLUSTER_PORTS+=("$node_port")
+  done
+  for node_port in "$SINGLE_PORT" "${CLUSTER_PORTS[@]}"; do wait_port "$node_port"; done
+  # shellcheck disable=SC2046
+  redis-cli --cluster create $(printf '127.0.0.1:%s ' "${CLUSTER_PORTS[@]}") --cluster-replicas 0 \
+    --cluster-yes > "$WORK/cluster-create.log" 2>&1
+  for _ in $(seq 100); do
+    ready=1
+    for node_port in "${CLUSTER_PORTS[@]}"; do
+      redis-cli -p "$node_port" cluster info | grep -q cluster_state:ok || ready=0
+    done
+    if [ "$ready" = 1 ]; then break; fi
+    sleep 0.1
+  done
+  BUDGETS=192
+  branches=""
+  for i in $(seq 2 $((BUDGETS + 1))); do branches+=$(printf '\n[[branch]]\nname = "b%s"\nsources = ["127.0.0.%s"]' "$i" "$i"); done
+  seeds=$(printf '127.0.0.1:%s,' "${CLUSTER_PORTS[@]}")
+  EXTRA[portcullis-redis-single]=$(printf '%s\n%s\n[fleet]\nredis = "redis://127.0.0.1:%s/0"\nname = "bench"\n' "$branches" "$(one_way "250000 B/s" down)" "$SINGLE_PORT")
+  EXTRA[portcullis-redis-cluster]=$(printf '%s\n%s\n[fleet]\nredis = "redis+cluster://%s"\nname = "bench"\n' "$branches" "$(one_way "250000 B/s" down)" "${seeds%,}")
+  commands_on() { redis-cli -p "$1" info stats | sed -n 's/^total_commands_processed:\([0-9]*\).*/\1/p'; }
+  echo "fleet-cluster: Redis commands per second on each primary (INFO stats, a script call counts with the commands it runs), one replica, K of $BUDGETS budgets busy"
+  for mode in single cluster; do
+    target=portcullis-redis-$mode
+    if [ "$mode" = single ]; then ports=("$SINGLE_PORT"); else ports=("${CLUSTER_PORTS[@]}"); fi
+    start_target "$target"
+    for k in 12 48 96 192; do
+      sources=$(seq 2 $((k + 1)) | sed 's/^/127.0.0./' | paste -sd, -)
+      before=()
+      for node_port in "${ports[@]}"; do before+=("$(commands_on "$node_port")"); done
+      started=$(date +%s.%N)
+      # shellcheck disable=SC2046
+      "$LOADGEN" throttle $(args_for "$target" 1) --streams "$k" --direction down \
+        --seconds 4 --limit $((k * 250000)) --sources "$sources" --label "redis-$mode$k-" >> "$RESULTS"
+      elapsed=$(python3 -c "print($(date +%s.%N) - $started)")
+      rates=()
+      for i in "${!ports[@]}"; do
+        after=$(commands_on "${ports[$i]}")
+        # Less the INFO call that read the count before.
+        rates+=("$(python3 -c "print(round(($after - ${before[$i]} - 1) / $elapsed))")")
+      done
+      total=$(python3 -c "print(sum([${rates[*]/%/,}]))")
+      echo "fleet-cluster: $mode, $k busy budget(s): ${rates[*]} per primary (total $total, busiest $(printf '%s\n' "${rates[@]}" | sort -n | tail -1))"
+    done
+    stop_target "$target"
+  done
 fi
 
 # The SNI check inside TLS: one tunnel downloading inside TLS through a rule that checks the

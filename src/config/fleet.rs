@@ -1,11 +1,11 @@
-//! `[fleet]`: several replicas share one set of limits through Redis. The Redis URL is checked
-//! here (scheme, host, port, database) so a bad one is a config problem with its place, and
-//! its password is kept apart from what is ever printed.
+//! `[fleet]`: several replicas share one set of limits through Redis: one endpoint, a Redis
+//! Cluster or a Sentinel set. Where Redis is gets checked here ([`super::redis`]: scheme,
+//! hosts, ports, database, which keys go together) so a bad one is a config problem with its
+//! place, and every password is kept apart from what is ever printed.
 
 use super::problems::Problems;
 use super::values::{duration, is_name};
 use serde::Deserialize;
-use std::fmt;
 use std::time::Duration;
 use toml::Spanned;
 
@@ -16,7 +16,9 @@ pub const DEFAULT_FALLBACK_SHARE: f64 = 0.34;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawFleet {
-    pub(super) redis: Spanned<String>,
+    pub(super) redis: Option<Spanned<String>>,
+    pub(super) sentinel: Option<Spanned<RawSentinel>>,
+    pub(super) user: Option<Spanned<String>>,
     pub(super) redis_password_file: Option<Spanned<String>>,
     pub(super) name: Option<Spanned<String>>,
     pub(super) refresh: Option<Spanned<String>>,
@@ -24,25 +26,29 @@ pub(super) struct RawFleet {
     pub(super) fallback_share: Option<Spanned<f64>>,
 }
 
-/// A string never printed: `Debug` and `Display` show `***`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(pub String);
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
+/// `sentinel = { master = "portcullis", nodes = ["redis://s1:26379", ...] }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSentinel {
+    pub(super) master: Spanned<String>,
+    pub(super) nodes: Spanned<Vec<Spanned<String>>>,
+    pub(super) password_file: Option<Spanned<String>>,
 }
 
-/// Where Redis is: the URL as given (it may hold a password: use only to connect) and the same
-/// URL with any password replaced by `***` (for logs and `check-config`).
-#[derive(Clone, Debug)]
+pub use super::redis::{Secret, Topology, redact};
+
+/// Where Redis is: the URL as given (it may hold a password: use only to connect; empty with
+/// Sentinel) and what is shown of it (passwords as `***`, for logs and `check-config`).
+#[derive(Clone, Debug, PartialEq)]
 pub struct RedisTarget {
     pub url: Secret,
     pub shown: String,
+    /// The ACL user name on the Redis nodes (`fleet.user`); otherwise the URL's, if any.
+    pub user: Option<String>,
     /// From `redis_password_file`; takes the place of a password in the URL.
     pub password: Option<Secret>,
     pub tls: bool,
+    pub topology: Topology,
 }
 
 #[derive(Clone, Debug)]
@@ -64,54 +70,17 @@ pub(super) fn compile(
     raw: &Spanned<RawFleet>,
     paths: &super::paths::Paths<'_>,
 ) -> Option<FleetSettings> {
+    let at = raw.span();
     let raw = raw.get_ref();
     let mut ok = true;
-    let password = raw.redis_password_file.as_ref().and_then(|file| {
-        let path = paths.resolve(p, file, "fleet.redis_password_file");
-        if path.as_os_str().is_empty() {
-            // Not expandable: the problem is already listed.
-            ok = false;
-            return None;
-        }
-        match std::fs::read_to_string(&path) {
-            Ok(text) if !text.trim_end_matches(['\r', '\n']).is_empty() => {
-                Some(Secret(text.trim_end_matches(['\r', '\n']).to_owned()))
-            }
-            Ok(_) => {
-                p.add(
-                    file.span(),
-                    "fleet.redis_password_file",
-                    format!("{}: the file is empty", path.display()),
-                );
-                ok = false;
-                None
-            }
-            Err(e) => {
-                p.add(
-                    file.span(),
-                    "fleet.redis_password_file",
-                    format!("cannot read {}: {e}", path.display()),
-                );
-                ok = false;
-                None
-            }
-        }
-    });
-    let redis = match check_url(raw.redis.get_ref()) {
-        Ok((shown, tls)) => Some(RedisTarget {
-            url: Secret(raw.redis.get_ref().clone()),
-            shown,
-            password,
-            tls,
-        }),
-        Err((offset, message)) => {
-            // Point at the bad part inside the string (past its opening quote).
-            let span = raw.redis.span();
-            let at = (span.start + 1 + offset).min(span.end);
-            p.add(at..at, "fleet.redis", message);
-            None
-        }
-    };
+    let password = secret_file(
+        p,
+        paths,
+        raw.redis_password_file.as_ref(),
+        "fleet.redis_password_file",
+        &mut ok,
+    );
+    let redis = target(p, raw, at.clone(), paths, password, &mut ok);
     let name = match &raw.name {
         Some(name) if !is_name(name.get_ref()) => {
             p.add(
@@ -135,7 +104,7 @@ pub(super) fn compile(
             .lease
             .as_ref()
             .or(raw.refresh.as_ref())
-            .map_or(raw.redis.span(), |s| s.span());
+            .map_or(at.clone(), |s| s.span());
         p.add(
             span,
             "fleet.lease",
@@ -171,95 +140,213 @@ pub(super) fn compile(
     })
 }
 
-/// `redis[s]://[[user]:password@]host[:port][/db]`: the URL with its password shown as `***`
-/// and whether it is TLS; or where (byte offset in the URL) it goes wrong and why.
-fn check_url(url: &str) -> Result<(String, bool), (usize, String)> {
-    let expected = "expected redis://[:password@]host[:port][/db] or rediss://... (TLS)";
-    let (scheme, rest) = url
-        .split_once("://")
-        .ok_or_else(|| (0, format!("{url:?}: {expected}", url = redact(url))))?;
-    let tls = match scheme {
-        "redis" => false,
-        "rediss" => true,
-        other => {
-            return Err((
-                0,
-                format!("unknown scheme {other:?}: {expected} (Valkey speaks the same protocol)"),
-            ));
+/// A secret's file (its first line), read at load; `None` without one. A problem marks `ok`
+/// false.
+fn secret_file(
+    p: &mut Problems<'_>,
+    paths: &super::paths::Paths<'_>,
+    file: Option<&Spanned<String>>,
+    key: &str,
+    ok: &mut bool,
+) -> Option<Secret> {
+    let file = file?;
+    let path = paths.resolve(p, file, key);
+    if path.as_os_str().is_empty() {
+        // Not expandable: the problem is already listed.
+        *ok = false;
+        return None;
+    }
+    match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim_end_matches(['\r', '\n']).is_empty() => {
+            Some(Secret(text.trim_end_matches(['\r', '\n']).to_owned()))
         }
-    };
-    let start = scheme.len() + 3;
-    let (authority, path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
-    let (userinfo, host_port) = match authority.rfind('@') {
-        Some(i) => (Some(&authority[..i]), &authority[i + 1..]),
-        None => (None, authority),
-    };
-    let host_at = start + userinfo.map_or(0, |u| u.len() + 1);
-    let (host, port) = if let Some(v6) = host_port.strip_prefix('[') {
-        let end = v6
-            .find(']')
-            .ok_or((host_at, "an IPv6 address needs its closing ']'".to_owned()))?;
-        (&host_port[..end + 2], &v6[end + 1..])
-    } else {
-        match host_port.rfind(':') {
-            Some(i) => (&host_port[..i], &host_port[i..]),
-            None => (host_port, ""),
+        Ok(_) => {
+            p.add(
+                file.span(),
+                key,
+                format!("{}: the file is empty", path.display()),
+            );
+            *ok = false;
+            None
         }
-    };
-    if host.is_empty() {
-        return Err((host_at, format!("no host: {expected}")));
+        Err(e) => {
+            p.add(
+                file.span(),
+                key,
+                format!("cannot read {}: {e}", path.display()),
+            );
+            *ok = false;
+            None
+        }
     }
-    if let Some(port) = port.strip_prefix(':')
-        && port.parse::<u16>().ok().filter(|&p| p != 0).is_none()
-    {
-        return Err((
-            host_at + host.len() + 1,
-            format!("{port:?}: expected a port from 1 to 65535"),
-        ));
-    } else if !port.is_empty() && !port.starts_with(':') {
-        return Err((
-            host_at + host.len(),
-            format!("unexpected {port:?} after the host"),
-        ));
-    }
-    let path_at = start + authority.len();
-    let db = path.split('?').next().unwrap_or("").trim_start_matches('/');
-    if !db.is_empty() && db.parse::<u32>().is_err() {
-        return Err((
-            path_at + 1,
-            format!("{db:?}: expected a database number such as /0"),
-        ));
-    }
-    if path.contains('?') {
-        return Err((
-            path_at + path.find('?').unwrap_or(0),
-            "query parameters are not supported: put the password in redis_password_file"
-                .to_owned(),
-        ));
-    }
-    redis::IntoConnectionInfo::into_connection_info(url)
-        .map_err(|e| (0, format!("{}: {e}", redact(url))))?;
-    Ok((redact(url), tls))
 }
 
-/// The URL with the password of its user part shown as `***`.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        None => url.to_owned(),
-        Some(at) => {
-            let user = rest[..at].split(':').next().unwrap_or("");
-            let hidden = if rest[..at].contains(':') {
-                format!("{user}:***")
-            } else {
-                "***".to_owned()
+/// A problem at `offset` bytes into a string value (past its opening quote).
+fn inside(
+    p: &mut Problems<'_>,
+    value: &Spanned<String>,
+    key: &str,
+    (offset, message): (usize, String),
+) {
+    let span = value.span();
+    let at = (span.start + 1 + offset).min(span.end);
+    p.add(at..at, key, message);
+}
+
+/// The ACL user name of `fleet.user`, checked.
+fn user(p: &mut Problems<'_>, raw: &RawFleet, ok: &mut bool) -> Option<String> {
+    let user = raw.user.as_ref()?;
+    let name = user.get_ref();
+    if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        p.add(
+            user.span(),
+            "fleet.user",
+            format!("{name:?}: expected an ACL user name (no spaces)"),
+        );
+        *ok = false;
+        return None;
+    }
+    Some(name.clone())
+}
+
+/// Where Redis is: `redis` (one endpoint or a cluster) or `sentinel`, exactly one of them,
+/// with `user` and the password file for the Redis nodes in every mode.
+fn target(
+    p: &mut Problems<'_>,
+    raw: &RawFleet,
+    at: std::ops::Range<usize>,
+    paths: &super::paths::Paths<'_>,
+    password: Option<Secret>,
+    ok: &mut bool,
+) -> Option<RedisTarget> {
+    let user = user(p, raw, ok);
+    match (&raw.redis, &raw.sentinel) {
+        (Some(_), Some(sentinel)) => {
+            p.add(
+                sentinel.span(),
+                "fleet.sentinel",
+                "fleet.redis and fleet.sentinel both say where Redis is: keep redis for one endpoint or a cluster (redis+cluster://), sentinel for a Sentinel set",
+            );
+            None
+        }
+        (None, None) => {
+            p.add(
+                at,
+                "fleet.redis",
+                "missing: fleet.redis (redis://host:6379, or redis+cluster://h1:6379,h2:6379 for a Redis Cluster) or fleet.sentinel = { master = \"...\", nodes = [...] }",
+            );
+            None
+        }
+        (Some(url), None) => {
+            let text = url.get_ref();
+            let (shown, tls, topology) = match super::redis::check_cluster_url(text) {
+                Err(problem) => {
+                    inside(p, url, "fleet.redis", problem);
+                    return None;
+                }
+                Ok((shown, tls, seeds)) if text.contains("+cluster://") => (
+                    shown,
+                    tls,
+                    Topology::Cluster {
+                        seeds: seeds.into_iter().map(Secret).collect(),
+                    },
+                ),
+                Ok((shown, tls, _)) => (shown, tls, Topology::Single),
             };
-            format!("{scheme}://{hidden}{}", &rest[at..])
+            if let (Some(named), Some(given)) = (super::redis::url_user(text), &raw.user) {
+                p.add(
+                    given.span(),
+                    "fleet.user",
+                    format!(
+                        "the URL in fleet.redis names user {named:?} already: keep one of the two"
+                    ),
+                );
+                *ok = false;
+            }
+            Some(RedisTarget {
+                url: Secret(text.clone()),
+                shown,
+                user,
+                password,
+                tls,
+                topology,
+            })
+        }
+        (None, Some(sentinel)) => sentinel_target(p, sentinel.get_ref(), paths, user, password, ok),
+    }
+}
+
+/// `fleet.sentinel`: the master's name, the sentinels (all `redis://` or all `rediss://`, which
+/// also says whether the primary speaks TLS) and their password file.
+fn sentinel_target(
+    p: &mut Problems<'_>,
+    sentinel: &RawSentinel,
+    paths: &super::paths::Paths<'_>,
+    user: Option<String>,
+    password: Option<Secret>,
+    ok: &mut bool,
+) -> Option<RedisTarget> {
+    let master = sentinel.master.get_ref();
+    if !is_name(master) {
+        p.add(
+            sentinel.master.span(),
+            "fleet.sentinel.master",
+            format!(
+                "{master:?}: expected the name the sentinels monitor the primary under (letters, digits, '-', '_' or '.')"
+            ),
+        );
+        *ok = false;
+    }
+    let nodes = sentinel.nodes.get_ref();
+    if nodes.is_empty() {
+        p.add(
+            sentinel.nodes.span(),
+            "fleet.sentinel.nodes",
+            "no sentinel: list them, [\"redis://s1:26379\", \"redis://s2:26379\", \"redis://s3:26379\"]",
+        );
+        return None;
+    }
+    let mut shown = Vec::new();
+    let mut tls = None;
+    for node in nodes {
+        match super::redis::check_sentinel_url(node.get_ref()) {
+            Err(problem) => {
+                inside(p, node, "fleet.sentinel.nodes", problem);
+                *ok = false;
+            }
+            Ok((_, this)) if tls.is_some_and(|t| t != this) => {
+                p.add(
+                    node.span(),
+                    "fleet.sentinel.nodes",
+                    "every sentinel takes redis://, or every one rediss:// (TLS to the sentinels and to the primary): not a mix",
+                );
+                *ok = false;
+            }
+            Ok((url, this)) => {
+                tls = Some(this);
+                shown.push(url);
+            }
         }
     }
+    let sentinels_password = secret_file(
+        p,
+        paths,
+        sentinel.password_file.as_ref(),
+        "fleet.sentinel.password_file",
+        ok,
+    );
+    Some(RedisTarget {
+        url: Secret(String::new()),
+        shown: format!("sentinel master {master} via {}", shown.join(",")),
+        user,
+        password,
+        tls: tls.unwrap_or(false),
+        topology: Topology::Sentinel {
+            master: master.clone(),
+            sentinels: nodes.iter().map(|n| Secret(n.get_ref().clone())).collect(),
+            password: sentinels_password,
+        },
+    })
 }
 
 /// This host's name (Linux: the kernel's; elsewhere the environment's), or "portcullis".
@@ -276,26 +363,6 @@ pub(crate) fn host_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fleet_urls_are_checked_and_passwords_never_shown() {
-        assert_eq!(
-            check_url("redis://127.0.0.1:6379/0"),
-            Ok(("redis://127.0.0.1:6379/0".into(), false))
-        );
-        assert_eq!(
-            check_url("rediss://:s3cret@redis.example:6380"),
-            Ok(("rediss://:***@redis.example:6380".into(), true))
-        );
-        assert_eq!(redact("redis://gw:s3cret@host/1"), "redis://gw:***@host/1");
-        assert_eq!(redact("redis://s3cret@host"), "redis://***@host");
-        let bad = |url: &str| check_url(url).unwrap_err();
-        assert_eq!(bad("http://host").0, 0);
-        assert_eq!(bad("redis://host:99999").0, "redis://host:".len());
-        assert_eq!(bad("redis://host/x").0, "redis://host/".len());
-        assert_eq!(bad("redis://:pw@").0, "redis://:pw@".len());
-        assert!(!bad("redis://:pw@:1").1.contains("pw"));
-    }
 
     #[test]
     fn fleet_problems_name_their_place_and_without_fleet_there_is_none() {
@@ -347,5 +414,75 @@ mod tests {
         );
         let missing = Config::parse("[fleet]\nname = \"a\"\n", "f.toml", TEST_NOW).unwrap_err();
         assert!(missing.to_string().contains("redis"), "{missing}");
+    }
+
+    #[test]
+    fn a_cluster_or_a_sentinel_set_and_their_bad_combinations() {
+        use crate::config::{Config, TEST_NOW};
+        let parse = |body: &str| Config::parse(&format!("[fleet]\n{body}"), "f.toml", TEST_NOW);
+        let fleet = parse("redis = \"redis+cluster://gw:pw@h1:7000,h2:7001\"\n")
+            .unwrap()
+            .fleet
+            .unwrap();
+        assert_eq!(fleet.redis.shown, "redis+cluster://gw:***@h1:7000,h2:7001");
+        assert!(matches!(&fleet.redis.topology, Topology::Cluster { seeds } if seeds.len() == 2));
+        let fleet = parse(
+            "user = \"gateway\"\nsentinel = { master = \"portcullis\", nodes = [\"rediss://:pw@s1:26379\", \"rediss://s2:26379\"] }\n",
+        )
+        .unwrap()
+        .fleet
+        .unwrap();
+        assert_eq!(
+            fleet.redis.shown,
+            "sentinel master portcullis via rediss://:***@s1:26379,rediss://s2:26379"
+        );
+        assert!(fleet.redis.tls);
+        assert_eq!(fleet.redis.user.as_deref(), Some("gateway"));
+        assert!(!format!("{fleet:?}").contains("pw@"));
+        let problem = |body: &str| parse(body).unwrap_err().to_string();
+        let both = problem(
+            "redis = \"redis://h\"\nsentinel = { master = \"m\", nodes = [\"redis://s:26379\"] }\n",
+        );
+        assert!(both.starts_with("f.toml:3:12: fleet.sentinel: "), "{both}");
+        let neither = problem("name = \"a\"\n");
+        assert!(
+            neither.starts_with("f.toml:1:1: fleet.redis: missing"),
+            "{neither}"
+        );
+        let mixed = problem(
+            "sentinel = { master = \"m\", nodes = [\"redis://s1:1\", \"rediss://s2:1\"] }\n",
+        );
+        assert!(
+            mixed.starts_with("f.toml:2:53: fleet.sentinel.nodes: every sentinel"),
+            "{mixed}"
+        );
+        let empty = problem("sentinel = { master = \"m\", nodes = [] }\n");
+        assert!(
+            empty.starts_with("f.toml:2:36: fleet.sentinel.nodes: no sentinel"),
+            "{empty}"
+        );
+        let bad_master = problem("sentinel = { master = \"a b\", nodes = [\"redis://s:1\"] }\n");
+        assert!(
+            bad_master.starts_with("f.toml:2:23: fleet.sentinel.master:"),
+            "{bad_master}"
+        );
+        let node = problem("sentinel = { master = \"m\", nodes = [\"redis://s:1/3\"] }\n");
+        assert!(
+            node.starts_with("f.toml:2:50: fleet.sentinel.nodes: a sentinel has no database"),
+            "{node}"
+        );
+        let db = problem("redis = \"redis+cluster://a:1,b:2/4\"\n");
+        assert!(
+            db.starts_with("f.toml:2:34: fleet.redis: a Redis Cluster has database 0 only"),
+            "{db}"
+        );
+        let twice = problem("redis = \"redis://gw:pw@h\"\nuser = \"other\"\n");
+        assert!(
+            twice.starts_with("f.toml:3:8: fleet.user: the URL in fleet.redis names user \"gw\""),
+            "{twice}"
+        );
+        assert!(!twice.contains("pw"), "{twice}");
+        let spaced = problem("redis = \"redis://h\"\nuser = \"a b\"\n");
+        assert!(spaced.starts_with("f.toml:3:8: fleet.user:"), "{spaced}");
     }
 }

@@ -16,6 +16,7 @@ pub mod password;
 pub mod paths;
 pub mod problems;
 mod raw;
+pub mod redis;
 mod resolver;
 mod rules;
 mod schedules;

@@ -110,7 +110,7 @@ pub async fn run(fleet: Arc<Fleet>, learned: Arc<Learned>) {
 /// since the last read. Errs when Redis did not answer a step.
 pub async fn sync(fleet: &Fleet, learned: &Learned, sharing: &mut Sharing) -> Result<(), Failure> {
     let changes = learned.changes();
-    let mut pipe = redis::pipe();
+    let mut pipe = super::link::Batch::new();
     for batch in changes.chunks(BATCH) {
         let mut cmd = super::link::evalsha_keys(&LEARNED_CHANGE, &[KEY, VERSION_KEY]);
         for change in batch {
@@ -168,7 +168,7 @@ fn acknowledge(learned: &Learned, changes: &[Change], stamps: &[i64]) {
 
 /// Reads the whole hash with Redis's time, reconciles, and writes back what Redis lacks.
 async fn read(fleet: &Fleet, learned: &Learned) -> Result<(), Failure> {
-    let mut pipe = redis::pipe();
+    let mut pipe = super::link::Batch::new();
     pipe.cmd("TIME").cmd("HGETALL").arg(KEY);
     type Read = ((i64, i64), HashMap<Vec<u8>, Vec<u8>>);
     let result = fleet.link.query::<Read>(&pipe).await;
@@ -196,7 +196,7 @@ async fn read(fleet: &Fleet, learned: &Learned) -> Result<(), Failure> {
     if outcome.refill.is_empty() && outcome.sweep.is_empty() {
         return Ok(());
     }
-    let mut pipe = redis::pipe();
+    let mut pipe = super::link::Batch::new();
     for batch in outcome.refill.chunks(BATCH) {
         let mut cmd = super::link::evalsha_keys(&LEARNED_REFILL, &[KEY, VERSION_KEY]);
         for stamped in batch {
@@ -229,6 +229,14 @@ async fn read(fleet: &Fleet, learned: &Learned) -> Result<(), Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hash_and_its_version_key_share_a_slot() {
+        // One script writes both: on a Redis Cluster they must live on one node.
+        use redis::cluster_routing::Slot;
+        assert_eq!(Slot::for_key(KEY), Slot::for_key(VERSION_KEY));
+        assert_eq!(Slot::for_key(KEY), Slot::for_key("learned"));
+    }
 
     #[test]
     fn fields_and_values_round_trip_and_strange_ones_are_skipped() {

@@ -32,7 +32,7 @@ fn summary_key(replica: &str) -> String {
 impl Fleet {
     /// Sends `action` to every replica; a hold is also written to the holds hash.
     pub async fn send_action(&self, action: &Action) -> Result<(), String> {
-        let mut pipe = redis::pipe();
+        let mut pipe = super::link::Batch::new();
         let add = pipe
             .cmd("XADD")
             .arg(STREAM)
@@ -64,10 +64,10 @@ impl Fleet {
         let failed =
             |e: super::link::Failure| format!("Redis ({}): {e}", self.settings.redis.shown);
         let now = now_ms();
-        let mut pipe = redis::pipe();
+        let mut pipe = super::link::Batch::new();
         pipe.cmd("ZRANGEBYSCORE").arg(REPLICAS).arg(now).arg("+inf");
         let (replicas,): (Vec<String>,) = self.link.query(&pipe).await.map_err(failed)?;
-        let mut pipe = redis::pipe();
+        let mut pipe = super::link::Batch::new();
         for replica in &replicas {
             pipe.cmd("HGETALL").arg(summary_key(replica));
         }
@@ -121,7 +121,7 @@ pub async fn run(fleet: Arc<Fleet>, registry: Arc<Registry>) {
 
 /// The holds in force from Redis, and the stream's last id; `None` while Redis is silent.
 async fn start(fleet: &Fleet, registry: &Arc<Registry>) -> Option<String> {
-    let mut pipe = redis::pipe();
+    let mut pipe = super::link::Batch::new();
     pipe.cmd("HGETALL").arg(HOLDS);
     pipe.cmd("XREVRANGE")
         .arg(STREAM)
@@ -150,7 +150,7 @@ async fn start(fleet: &Fleet, registry: &Arc<Registry>) -> Option<String> {
 async fn publish(fleet: &Fleet, registry: &Registry) {
     let refresh_ms = PERIOD.max(fleet.settings.refresh).as_millis() as u64;
     let key = summary_key(&fleet.settings.name);
-    let mut pipe = redis::pipe();
+    let mut pipe = super::link::Batch::new();
     pipe.cmd("DEL").arg(&key).ignore();
     let figures = view::figures(registry);
     if !figures.is_empty() {
@@ -178,7 +178,7 @@ async fn publish(fleet: &Fleet, registry: &Registry) {
 
 /// Applies the actions other replicas sent since `from` (moved past each one read).
 async fn apply_new_actions(fleet: &Fleet, registry: &Arc<Registry>, from: &mut String) {
-    let mut pipe = redis::pipe();
+    let mut pipe = super::link::Batch::new();
     pipe.cmd("XRANGE")
         .arg(STREAM)
         .arg(format!("({from}"))

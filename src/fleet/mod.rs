@@ -1,7 +1,8 @@
 //! Fleet mode: replicas behind one load balancer enforce one set of limits, shared through
-//! Redis (or Valkey). Bandwidth: every `refresh`, one pipelined round trip reports each
-//! budget's demand and takes this replica's share ([`refresh`], [`shares`], [`scripts`]);
-//! local buckets only change rate. Branch `max_tunnels` and `auth_attempts_per_minute` are
+//! Redis (or Valkey): one endpoint, a Redis Cluster or a Sentinel set, all behind [`link`]
+//! (every key carries a hash tag, every script touches one slot). Bandwidth: every `refresh`,
+//! one pipelined round trip reports each budget's demand and takes this replica's share
+//! ([`refresh`], [`shares`], [`scripts`]); local buckets only change rate. Branch `max_tunnels` and `auth_attempts_per_minute` are
 //! counted in Redis per call ([`Fleet::open_tunnel`], [`Fleet::auth_attempt`]). Redis down or
 //! slow never fails or holds up a tunnel: every call has a timeout ([`link`]), shares outlive
 //! a failed refresh for the lease, then `fallback_share` of each limit applies. Learned
@@ -49,6 +50,10 @@ pub struct Fleet {
     pub(crate) instance: String,
     /// Whether another live process held this replica's name at the last refresh.
     conflict: AtomicBool,
+    /// When a call last went unanswered: for a lease after it, Redis's tunnel counts may lack
+    /// what replicas admitted alone meanwhile (or what a failover lost), so a tunnel needs the
+    /// fallback share's room here as well as Redis's yes.
+    failed_at: std::sync::Mutex<Option<Instant>>,
 }
 
 const UP: u8 = 1;
@@ -68,6 +73,7 @@ impl Fleet {
             // A process a binary upgrade started takes over its parent's hold on the name.
             instance: crate::upgrade::inherited_instance().unwrap_or_else(instance_id),
             conflict: AtomicBool::new(false),
+            failed_at: Default::default(),
         })
     }
 
@@ -130,7 +136,7 @@ impl Fleet {
 
     /// Claims the name for the lease: true when this process holds it now.
     async fn claim(&self) -> Result<bool, Failure> {
-        let mut pipe = redis::pipe();
+        let mut pipe = link::Batch::new();
         pipe.add_command(self.claim_command());
         let result = self.link.query::<Vec<i64>>(&pipe).await;
         self.mark(result.as_ref().map(|_| ()));
@@ -154,7 +160,7 @@ impl Fleet {
 
     /// Who holds the name, as Redis says.
     async fn holder(&self) -> Option<String> {
-        let mut pipe = redis::pipe();
+        let mut pipe = link::Batch::new();
         pipe.cmd("GET").arg(name_key(&self.settings.name));
         let (holder,) = self.link.query::<(Option<String>,)>(&pipe).await.ok()?;
         holder
@@ -190,6 +196,9 @@ impl Fleet {
     fn mark(&self, result: Result<(), &Failure>) {
         let now = if result.is_ok() { UP } else { DOWN };
         self.metrics.connected.set(i64::from(now == UP));
+        if now == DOWN {
+            *self.failed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        }
         if self.state.swap(now, Relaxed) == now {
             return;
         }
@@ -215,21 +224,50 @@ impl Fleet {
         self.state.load(Relaxed) == UP
     }
 
+    /// How long a call on a tunnel's path (its count, an auth attempt) may wait: the refresh
+    /// interval, or a fifth of it (at least 20 ms) while Redis does not answer (an outage, a
+    /// failover), so tunnels do not wait on a Redis that is away; the refresh task, with the
+    /// whole interval, finds it back.
+    fn tunnel_timeout(&self) -> std::time::Duration {
+        let refresh = self.settings.refresh;
+        if self.state.load(Relaxed) == DOWN {
+            (refresh / 5)
+                .max(std::time::Duration::from_millis(20))
+                .min(refresh)
+        } else {
+            refresh
+        }
+    }
+
     /// A branch's tunnel limit when Redis cannot say: this replica's fallback share of it.
     pub fn fallback_max(&self, max: u32) -> u32 {
         (f64::from(max) * self.settings.fallback_share).ceil() as u32
     }
 
-    /// Opening a tunnel of `branch` (limit `max` fleet-wide): `Some(admitted)` as Redis
-    /// counts, `None` when Redis did not answer in time (decide locally).
-    pub async fn open_tunnel(&self, branch: &str, max: u32) -> Option<bool> {
-        let mut pipe = redis::pipe();
+    /// Opening a tunnel of `branch` (limit `max` fleet-wide; `before` open here already):
+    /// `Some(admitted)` as Redis counts, `None` when Redis did not answer in time (decide
+    /// locally). Within a lease of a call Redis did not answer (an outage, a failover), Redis's
+    /// counts may lack tunnels other replicas admitted alone meanwhile: its yes needs this
+    /// replica's fallback share to have room too, so the fleet never goes past `max` while the
+    /// counts heal (every replica writes its true counts at its next refresh).
+    pub async fn open_tunnel(&self, branch: &str, max: u32, before: u32) -> Option<bool> {
+        let mut pipe = link::Batch::new();
         let mut cmd = evalsha(&scripts::OPEN_TUNNEL, &tunnels_key(branch));
         cmd.arg(&self.settings.name).arg(max).arg(self.lease_ms());
         pipe.add_command(cmd);
-        let result = self.link.query::<Vec<i64>>(&pipe).await;
+        let result = self
+            .link
+            .query_within::<Vec<i64>>(&pipe, self.tunnel_timeout())
+            .await;
         self.mark(result.as_ref().map(|_| ()));
-        result.ok().map(|answer| answer.first() == Some(&1))
+        let admitted = result.ok()?.first() == Some(&1);
+        let settling = self
+            .failed_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|at| at.elapsed() < self.settings.lease);
+        // Refused here after Redis counted it: the next refresh writes the true count.
+        Some(admitted && (!settling || before < self.fallback_max(max)))
     }
 
     /// A tunnel counted in Redis closed: one less for this replica there, then in `local`
@@ -239,7 +277,7 @@ impl Fleet {
         let fleet = self.clone();
         let key = tunnels_key(branch);
         tokio::spawn(async move {
-            let mut pipe = redis::pipe();
+            let mut pipe = link::Batch::new();
             let mut cmd = evalsha(&scripts::SET_TUNNELS, &key);
             cmd.arg(&fleet.settings.name).arg(-1).arg(fleet.lease_ms());
             pipe.add_command(cmd);
@@ -252,9 +290,12 @@ impl Fleet {
     /// One authentication attempt from `client` (its counted address): `Some(allowed)` by
     /// the fleet-wide count in this minute, `None` when Redis did not answer (decide locally).
     pub async fn auth_attempt(&self, client: IpAddr, per_minute: u32) -> Option<bool> {
-        let mut pipe = redis::pipe();
+        let mut pipe = link::Batch::new();
         pipe.add_command(evalsha(&scripts::AUTH_ATTEMPT, &auth_key(client)));
-        let result = self.link.query::<Vec<i64>>(&pipe).await;
+        let result = self
+            .link
+            .query_within::<Vec<i64>>(&pipe, self.tunnel_timeout())
+            .await;
         self.mark(result.as_ref().map(|_| ()));
         result
             .ok()

@@ -34,6 +34,8 @@ struct Taking {
     shared: bool,
     /// Whether this replica has a field in the budget's hash (it is not idle there).
     asking: bool,
+    /// When Redis last answered for it (on a cluster, its slot's primary).
+    last_ok: Option<Instant>,
 }
 
 /// Runs until aborted, on the snapshot current at each refresh.
@@ -42,22 +44,13 @@ pub async fn run<G: Shared>(fleet: Arc<Fleet>, current: Arc<ArcSwap<G>>) {
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut taking: HashMap<String, Taking> = HashMap::new();
     let mut counted: HashMap<String, u32> = HashMap::new();
-    let mut last_ok: Option<Instant> = None;
     let mut last = Instant::now();
     loop {
         every.tick().await;
         let snapshot = current.load_full();
         let window = last.elapsed();
         last = Instant::now();
-        refresh(
-            &fleet,
-            &*snapshot,
-            window,
-            &mut taking,
-            &mut counted,
-            &mut last_ok,
-        )
-        .await;
+        refresh(&fleet, &*snapshot, window, &mut taking, &mut counted).await;
     }
 }
 
@@ -67,14 +60,13 @@ async fn refresh<G: Shared>(
     window: Duration,
     taking: &mut HashMap<String, Taking>,
     counted: &mut HashMap<String, u32>,
-    last_ok: &mut Option<Instant>,
 ) {
     let throttles = shared.throttles();
     let settings = &fleet.settings;
     let lease_ms = settings.lease.as_millis() as u64;
     let fallback = fraction_ppm(settings.fallback_share);
     let now = throttles.now();
-    let mut pipe = redis::pipe();
+    let mut pipe = super::link::Batch::new();
     let mut asked: Vec<(&Arc<Bucket>, u64, String)> = Vec::new();
     let mut kept: HashSet<String> = HashSet::new();
     for budget in throttles.budgets() {
@@ -98,6 +90,7 @@ async fn refresh<G: Shared>(
             previous: 0,
             shared: false,
             asking: false,
+            last_ok: None,
         });
         let previous = std::mem::replace(&mut entry.previous, demand.tunnels);
         let idle = demand == Demand::default() && previous == 0;
@@ -155,53 +148,76 @@ async fn refresh<G: Shared>(
     // Last, so the answers before it line up with `asked`; it also tells whether Redis
     // answers when there is nothing to share.
     pipe.add_command(fleet.claim_command());
-    let result = fleet.link.query::<Vec<i64>>(&pipe).await;
-    fleet.mark(result.as_ref().map(|_| ()));
-    let now = throttles.now();
-    match result {
-        Ok(values) => {
-            fleet.claimed(values.last() == Some(&1));
-            *last_ok = Some(Instant::now());
-            for ((bucket, limit, key), share) in asked.iter().zip(values) {
-                let rate = bucket.set_share(ppm(share.max(0) as u64, *limit), now);
-                if let Some(t) = taking.get_mut(key) {
-                    t.shared = true;
-                    fleet
-                        .metrics
-                        .share
-                        .get_or_create(&t.labels)
-                        .set(rate as i64);
-                }
-            }
-            for (branch, count) in writing {
-                counted.insert(branch, count);
-            }
-            let mut written = fleet.written.lock().unwrap_or_else(|e| e.into_inner());
-            written.clear();
-            written.extend(asked.iter().map(|(_, _, key)| key.clone()));
-            written.extend(
-                counted
-                    .iter()
-                    .filter(|(_, c)| **c > 0)
-                    .map(|(branch, _)| tunnels_key(branch)),
-            );
+    // On a cluster a primary away fails only the calls of its slots: the others count.
+    let (answers, failure) = fleet.link.query_each(&pipe).await;
+    fleet.mark(failure.as_ref().map_or(Ok(()), Err));
+    if failure.is_some() {
+        fleet.metrics.refresh_failures.inc();
+    }
+    let int = |answer: &Option<redis::Value>| match answer {
+        Some(redis::Value::Int(n)) => Some(*n),
+        _ => None,
+    };
+    if let Some(held) = answers.last().and_then(int) {
+        fleet.claimed(held == 1);
+    }
+    let shares: Vec<Option<i64>> = answers.iter().take(asked.len()).map(int).collect();
+    take_shares(fleet, taking, &asked, &shares, fallback, throttles.now());
+    if answers.iter().all(Option::is_none) {
+        return;
+    }
+    for ((branch, count), answer) in writing.into_iter().zip(answers.iter().skip(asked.len())) {
+        if answer.is_some() {
+            counted.insert(branch, count);
         }
-        Err(_) => {
-            fleet.metrics.refresh_failures.inc();
-            let expired = last_ok.is_none_or(|at| at.elapsed() >= settings.lease);
-            for (bucket, _, key) in &asked {
-                // Shares taken before hold for their lease; new budgets start at the fallback.
-                let Some(t) = taking.get(key) else { continue };
-                if expired || !t.shared {
-                    let rate = bucket.set_share(fallback, now);
-                    fleet
-                        .metrics
-                        .share
-                        .get_or_create(&t.labels)
-                        .set(rate as i64);
-                }
+    }
+    let mut written = fleet.written.lock().unwrap_or_else(|e| e.into_inner());
+    written.clear();
+    written.extend(asked.iter().map(|(_, _, key)| key.clone()));
+    written.extend(
+        counted
+            .iter()
+            .filter(|(_, c)| **c > 0)
+            .map(|(branch, _)| tunnels_key(branch)),
+    );
+}
+
+/// Sets each asked budget's bucket to the share Redis answered, or, where it did not answer,
+/// keeps the share taken before for its lease, then (and for a budget never shared) the
+/// fallback share.
+fn take_shares(
+    fleet: &Fleet,
+    taking: &mut HashMap<String, Taking>,
+    asked: &[(&Arc<Bucket>, u64, String)],
+    shares: &[Option<i64>],
+    fallback: u64,
+    now: u64,
+) {
+    let lease = fleet.settings.lease;
+    for ((bucket, limit, key), share) in asked.iter().zip(shares) {
+        let Some(t) = taking.get_mut(key) else {
+            continue;
+        };
+        let lapsed = t.last_ok.is_none_or(|at| at.elapsed() >= lease);
+        let rate = match share {
+            Some(share) => {
+                // Back after longer than a lease (an outage, a failover): every entry had
+                // lapsed, so the first replicas to report would take the others' parts until
+                // those report too. For this one refresh no share goes above the fallback.
+                let back = t.shared && lapsed;
+                t.shared = true;
+                t.last_ok = Some(Instant::now());
+                let share = ppm((*share).max(0) as u64, *limit);
+                bucket.set_share(if back { share.min(fallback) } else { share }, now)
             }
-        }
+            None if lapsed || !t.shared => bucket.set_share(fallback, now),
+            None => continue,
+        };
+        fleet
+            .metrics
+            .share
+            .get_or_create(&t.labels)
+            .set(rate as i64);
     }
 }
 
@@ -219,7 +235,7 @@ pub async fn leave<G: Shared>(fleet: &Fleet, shared: &G) {
         }
     }
     let keys = std::mem::take(&mut *fleet.written.lock().unwrap_or_else(|e| e.into_inner()));
-    let mut pipe = redis::pipe();
+    let mut pipe = super::link::Batch::new();
     for key in &keys {
         pipe.cmd("HDEL").arg(key).arg(&fleet.settings.name).ignore();
     }

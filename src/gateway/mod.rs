@@ -272,7 +272,7 @@ impl Snapshot {
                 fleet: None,
             };
             // Boxed: only tunnels of limited branches in fleet mode pay for this future.
-            return match Box::pin(fleet.open_tunnel(&branch.name, max)).await {
+            return match Box::pin(fleet.open_tunnel(&branch.name, max, before)).await {
                 Some(true) => {
                     slot.fleet = Some((fleet, &branch.name));
                     Some(slot)
@@ -359,8 +359,7 @@ fn fleet_changed(previous: &Snapshot, config: &Config) {
     let same = match (was, &config.fleet) {
         (None, None) => true,
         (Some(a), Some(b)) => {
-            a.redis.url == b.redis.url
-                && a.redis.password == b.redis.password
+            a.redis == b.redis
                 && a.name == b.name
                 && a.refresh == b.refresh
                 && a.lease == b.lease

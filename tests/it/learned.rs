@@ -297,15 +297,18 @@ async fn a_kill_in_the_middle_of_a_save_leaves_a_whole_file() {
 
 #[tokio::test]
 async fn replicas_share_what_they_learn_approve_and_forget_through_redis() {
+    let redis = Redis::start(&[]);
+    replicas_share_learned_destinations(|config| config.fleet("redis", redis.url())).await;
+}
+
+/// Two replicas, each `on` the same Redis: what one learns, approves or forgets reaches the
+/// other, per branch, and each keeps the fleet's destinations in its own file.
+pub async fn replicas_share_learned_destinations(on: impl Fn(GatewayConfig) -> GatewayConfig) {
     let pki = Pki::new();
     let origin = origin_for(&pki, 3).await;
     let port = origin.port();
-    let redis = Redis::start(&[]);
     let replica = |config: GatewayConfig, name: &str| {
-        config
-            .fleet("redis", redis.url())
-            .fleet("name", name)
-            .fleet("refresh", "200ms")
+        on(config).fleet("name", name).fleet("refresh", "200ms")
     };
     let (state_a, state_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     // A records, B enforces: what a branch learns through A passes through B.

@@ -13,6 +13,7 @@ mod dial;
 mod egress;
 mod encrypted_dns;
 mod fleet;
+mod fleet_ha;
 mod fleet_learned;
 mod hardening;
 mod help;

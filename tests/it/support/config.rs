@@ -49,6 +49,15 @@ macro_rules! plain_toml {
 }
 plain_toml!(bool, i32, u16, u32, u64, usize, f64);
 
+/// A value written as it is (an inline table: `{ master = "m", nodes = [...] }`).
+pub struct TomlRaw(pub String);
+
+impl ToToml for TomlRaw {
+    fn to_toml(&self) -> String {
+        self.0.clone()
+    }
+}
+
 impl<T: ToToml> ToToml for [T] {
     fn to_toml(&self) -> String {
         let items: Vec<String> = self.iter().map(ToToml::to_toml).collect();

@@ -1,6 +1,6 @@
 //! Test fixtures, one module per responsibility: the rcgen PKI, TLS and TCP origins, the real
 //! binaries with JSON logs captured, clients and raw requests, config builders, promtool, free
-//! ports, a redis-server, an unbound and a squid of the test's own, a network namespace, the branch agent's files. Everything is
+//! ports, a redis-server of the test's own (or a Redis Cluster, or a Sentinel set), an unbound and a squid of the test's own, a network namespace, the branch agent's files. Everything is
 //! re-exported here, so tests keep `use crate::support::*`.
 
 mod agent;
@@ -14,6 +14,7 @@ mod pki;
 mod ports;
 mod processes;
 mod redis;
+mod redis_ha;
 mod squid;
 mod unbound;
 
@@ -28,6 +29,7 @@ pub use pki::*;
 pub use ports::*;
 pub use processes::*;
 pub use redis::*;
+pub use redis_ha::*;
 pub use squid::*;
 pub use unbound::*;
 

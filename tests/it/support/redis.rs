@@ -146,3 +146,79 @@ impl Drop for Redis {
         self.stop();
     }
 }
+
+/// `lines` (inline commands, one a line) sent to the server on `port` over a fresh connection:
+/// the raw replies, read until there is one per line (or 2 s passed, or the connection
+/// failed: whatever came, "" when nothing).
+pub fn command_on(port: u16, lines: &str) -> String {
+    let Ok(tcp) = TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = tcp.set_read_timeout(Some(Duration::from_millis(500)));
+    exchange(tcp, lines)
+}
+
+/// `command_on` over TLS (a server with `--tls-port`), trusting what `config` trusts.
+pub fn command_on_tls(
+    config: &std::sync::Arc<rustls::ClientConfig>,
+    port: u16,
+    lines: &str,
+) -> String {
+    let Ok(tcp) = TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = tcp.set_read_timeout(Some(Duration::from_millis(500)));
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let Ok(tls) = rustls::ClientConnection::new(config.clone(), name) else {
+        return String::new();
+    };
+    exchange(rustls::StreamOwned::new(tls, tcp), lines)
+}
+
+fn exchange(mut stream: impl Read + Write, lines: &str) -> String {
+    let wanted = lines.split("\r\n").count();
+    if stream.write_all(format!("{lines}\r\n").as_bytes()).is_err() {
+        return String::new();
+    }
+    let (mut all, mut buf) = (Vec::new(), [0u8; 4096]);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline && replies(&all) < wanted {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+/// How many whole RESP2 replies `buf` holds.
+fn replies(buf: &[u8]) -> usize {
+    /// The end of the reply starting at `at`, if it is whole.
+    fn reply(buf: &[u8], at: usize) -> Option<usize> {
+        let line_end = at + buf.get(at..)?.windows(2).position(|w| w == b"\r\n")?;
+        let line = std::str::from_utf8(&buf[at + 1..line_end]).ok()?;
+        let next = line_end + 2;
+        match buf[at] {
+            b'+' | b'-' | b':' => Some(next),
+            b'$' => {
+                let n: i64 = line.parse().ok()?;
+                if n < 0 {
+                    return Some(next);
+                }
+                let end = next + n as usize + 2;
+                (buf.len() >= end).then_some(end)
+            }
+            b'*' => {
+                let n: i64 = line.parse().ok()?;
+                (0..n.max(0)).try_fold(next, |at, _| reply(buf, at))
+            }
+            _ => None,
+        }
+    }
+    let (mut at, mut count) = (0, 0);
+    while let Some(end) = reply(buf, at) {
+        at = end;
+        count += 1;
+    }
+    count
+}
