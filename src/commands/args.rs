@@ -285,6 +285,7 @@ pub enum BranchAction {
     },
     /// Refuse the branch (403) and close its open tunnels now.
     Quarantine {
+        /// The branch.
         #[arg(value_name = "NAME")]
         branch: String,
         /// On every replica (fleet mode), and for replicas that start later.
@@ -293,6 +294,7 @@ pub enum BranchAction {
     },
     /// Take a drain or quarantine off the branch.
     Release {
+        /// The branch.
         #[arg(value_name = "NAME")]
         branch: String,
         /// On every replica (fleet mode).

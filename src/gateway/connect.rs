@@ -278,8 +278,9 @@ struct Admitted<'g> {
     request: ProxyRequest,
     plan: Plan<'g>,
     identity: Identity,
-    /// How the client was identified as its branch (what a reload must still admit).
-    identified: IdentifiedBy,
+    /// How the client was identified as its branch (what a reload must still admit); boxed,
+    /// as it is held across the dial in every connection's future.
+    identified: Box<IdentifiedBy>,
     /// Counted against the branch's `max_tunnels` until dropped.
     slot: TunnelSlot<'g>,
     /// None where no schedule can throttle the branch and category: those pay nothing.
@@ -407,7 +408,7 @@ async fn admit<'g: 'p, 'p>(
         request,
         plan,
         identity,
-        identified,
+        identified: Box::new(identified),
         slot,
         pacers,
     }))
@@ -556,25 +557,14 @@ async fn serve_tunnel(
             snapshot.note_destination(identity, rule, name.as_str(), req.target.port);
     }
     // Listed for operators from here to its end (and closed by them, a hold or a revocation).
-    let mut tunnel = Tunnel::new(
-        record.conn_id,
-        snapshot.config.branch_name(identity).to_owned(),
-        identified,
-        record.client.unwrap_or(([0, 0, 0, 0], 0).into()),
-        req.target.clone(),
-        record.resolved,
-        record.rule.clone(),
-        record.category.clone().unwrap_or_else(|| "none".into()),
-        Live::new([
-            pacers.upload.as_ref().map(|p| p.waits()),
-            pacers.download.as_ref().map(|p| p.waits()),
-        ]),
+    let registered = register(
+        snapshot,
+        record,
+        identity,
+        *identified,
+        &req.target,
+        &pacers,
     );
-    if let Some(way_out) = &record.way_out {
-        tunnel.egress.clone_from(&way_out.egress);
-        tunnel.parent.clone_from(&way_out.parent);
-    }
-    let registered = snapshot.live.register(tunnel);
     let category = record.category.as_deref().unwrap_or("none");
     let active = snapshot.tunnel_series(identity, category).active;
     active.inc();
@@ -636,6 +626,37 @@ async fn serve_tunnel(
     record.metered_down = record.bytes_down;
     record.end = outcome.end;
     Ok(())
+}
+
+/// Puts an open tunnel in the live registry. A plain function: the tunnel's description is
+/// built on its stack, not in the connection's future (every idle tunnel pays for that).
+fn register<'s>(
+    snapshot: &'s Snapshot,
+    record: &AccessRecord,
+    identity: Identity,
+    identified: IdentifiedBy,
+    target: &crate::policy::host::Target,
+    pacers: &Pacers,
+) -> crate::live::Registered<'s> {
+    let mut tunnel = Tunnel::new(
+        record.conn_id,
+        snapshot.config.branch_name(identity).to_owned(),
+        identified,
+        record.client.unwrap_or(([0, 0, 0, 0], 0).into()),
+        target.clone(),
+        record.resolved,
+        record.rule.clone(),
+        record.category.clone().unwrap_or_else(|| "none".into()),
+        Live::new([
+            pacers.upload.as_ref().map(|p| p.waits()),
+            pacers.download.as_ref().map(|p| p.waits()),
+        ]),
+    );
+    if let Some(way_out) = &record.way_out {
+        tunnel.egress.clone_from(&way_out.egress);
+        tunnel.parent.clone_from(&way_out.parent);
+    }
+    snapshot.live.register(tunnel)
 }
 
 /// The admitted request out of its box, the box freed now: moving out of `*boxed` in place
