@@ -429,8 +429,8 @@ fn identified_by(
         .iter()
         .find(|name| snapshot.config.certificate_branches.get(*name) == Some(&branch));
     match (by_certificate, user) {
-        (Some(name), _) => IdentifiedBy::Certificate(name.clone()),
-        (None, Some(user)) => IdentifiedBy::User(user.to_owned()),
+        (Some(name), _) => IdentifiedBy::Certificate(name.as_str().into()),
+        (None, Some(user)) => IdentifiedBy::User(user.into()),
         (None, None) => IdentifiedBy::Network,
     }
 }
@@ -557,12 +557,14 @@ async fn serve_tunnel(
             snapshot.note_destination(identity, rule, name.as_str(), req.target.port);
     }
     // Listed for operators from here to its end (and closed by them, a hold or a revocation).
+    let rule = plan.decision.rule;
     let registered = register(
         snapshot,
         record,
         identity,
         *identified,
         &req.target,
+        rule,
         &pacers,
     );
     let category = record.category.as_deref().unwrap_or("none");
@@ -636,25 +638,32 @@ fn register<'s>(
     identity: Identity,
     identified: IdentifiedBy,
     target: &crate::policy::host::Target,
+    rule: Option<&crate::policy::Rule>,
     pacers: &Pacers,
 ) -> crate::live::Registered<'s> {
-    let mut tunnel = Tunnel::new(
-        record.conn_id,
-        snapshot.config.branch_name(identity).to_owned(),
+    let names = &snapshot.names;
+    let (rule, category) = match rule.map(|r| names.rule(&snapshot.config, r)) {
+        Some((name, category)) => (Some(name), category),
+        None => (None, names.no_category.clone()),
+    };
+    let opened = crate::live::Opened {
+        id: record.conn_id,
+        branch: names.branch(identity),
         identified,
-        record.client.unwrap_or(([0, 0, 0, 0], 0).into()),
-        target.clone(),
-        record.resolved,
-        record.rule.clone(),
-        record.category.clone().unwrap_or_else(|| "none".into()),
-        Live::new([
-            pacers.upload.as_ref().map(|p| p.waits()),
-            pacers.download.as_ref().map(|p| p.waits()),
-        ]),
-    );
+        client: record.client.unwrap_or(([0, 0, 0, 0], 0).into()),
+        target: target.to_string().into_boxed_str(),
+        dialled: record.resolved,
+        rule,
+        category,
+    };
+    let live = Live::new([
+        pacers.upload.as_ref().map(|p| p.waits()),
+        pacers.download.as_ref().map(|p| p.waits()),
+    ]);
+    let mut tunnel = Tunnel::new(opened, live);
     if let Some(way_out) = &record.way_out {
-        tunnel.egress.clone_from(&way_out.egress);
-        tunnel.parent.clone_from(&way_out.parent);
+        tunnel.egress = Some(way_out.egress.as_str().into());
+        tunnel.parent = way_out.parent.as_deref().map(Into::into);
     }
     snapshot.live.register(tunnel)
 }

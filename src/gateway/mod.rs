@@ -80,6 +80,8 @@ pub struct Snapshot {
     pub fleet: Option<Arc<Fleet>>,
     /// Destinations each branch used under rules that learn; shared by every snapshot.
     pub learned: Arc<Learned>,
+    /// Branch, rule and category names as open tunnels share them (no string per tunnel).
+    pub names: TunnelNames,
     /// Last, so it is dropped after everything above: a replaced snapshot is freed when the
     /// last connection that started on it ends (at once on an idle gateway), and then its
     /// memory, and the garbage of the parse that replaced it, go back to the system.
@@ -205,7 +207,9 @@ impl Snapshot {
             }
         }
         throttles.retune(jiff::Timestamp::now());
+        let names = TunnelNames::new(&config);
         Ok(Self {
+            names,
             config,
             resolver,
             identifier,
@@ -313,6 +317,61 @@ impl Snapshot {
 
     pub fn client_allowed(&self, ip: IpAddr) -> bool {
         crate::policy::in_networks(&self.config.listen.clients, ip)
+    }
+}
+
+/// The names an open tunnel is listed under, made once per snapshot and shared by its tunnels
+/// (a clone is a reference count, not a string).
+pub struct TunnelNames {
+    /// By branch position; `unassigned` last.
+    branches: Vec<Arc<str>>,
+    /// Each rule's name and category, by position in `policy.rules`.
+    rules: Vec<(Arc<str>, Arc<str>)>,
+    /// The category of a tunnel without a rule.
+    pub no_category: Arc<str>,
+}
+
+impl TunnelNames {
+    fn new(config: &Config) -> Self {
+        let branches = config
+            .branches
+            .iter()
+            .map(|b| Arc::from(b.name.as_str()))
+            .chain([Arc::from(UNASSIGNED)])
+            .collect();
+        let rules = config
+            .policy
+            .rules
+            .iter()
+            .map(|r| (Arc::from(r.name.as_str()), Arc::from(r.category.as_str())))
+            .collect();
+        Self {
+            branches,
+            rules,
+            no_category: Arc::from("none"),
+        }
+    }
+
+    pub fn branch(&self, identity: Identity) -> Arc<str> {
+        let at = identity
+            .branch()
+            .map_or(self.branches.len() - 1, |id| id.index());
+        self.branches[at].clone()
+    }
+
+    /// `rule`'s name and category: found by its place in `config.policy.rules` (one
+    /// subtraction, whatever the number of rules), or made afresh for a rule from elsewhere.
+    pub fn rule(&self, config: &Config, rule: &Rule) -> (Arc<str>, Arc<str>) {
+        let rules = &config.policy.rules;
+        let offset = (rule as *const Rule as usize).wrapping_sub(rules.as_ptr() as usize);
+        let at = offset / std::mem::size_of::<Rule>().max(1);
+        match (rules.get(at), self.rules.get(at)) {
+            (Some(r), Some(names)) if std::ptr::eq(r, rule) => names.clone(),
+            _ => (
+                Arc::from(rule.name.as_str()),
+                Arc::from(rule.category.as_str()),
+            ),
+        }
     }
 }
 

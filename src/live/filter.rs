@@ -133,16 +133,13 @@ impl Filter {
     /// The tests that do not need a rate (the cheap ones, first).
     pub(super) fn holds_fixed(&self, t: &Tunnel, now: Instant) -> bool {
         (self.ids.is_empty() || self.ids.contains(&t.id))
-            && self.branch.as_ref().is_none_or(|b| *b == t.branch)
+            && self.branch.as_ref().is_none_or(|b| **b == *t.branch)
             && self
                 .rule
                 .as_ref()
-                .is_none_or(|r| t.rule.as_ref() == Some(r))
+                .is_none_or(|r| t.rule.as_deref() == Some(r.as_str()))
             && self.min_age.is_none_or(|min| t.age(now) >= min)
-            && self
-                .host
-                .as_ref()
-                .is_none_or(|p| glob(p, &t.target.host.to_string()))
+            && self.host.as_ref().is_none_or(|p| glob(p, t.host()))
     }
 
     pub(super) fn sort(&self, chosen: &mut [(Arc<Tunnel>, (u64, u64))], now: Instant) {

@@ -14,7 +14,6 @@ pub use filter::{Filter, Sort};
 pub use holds::{Hold, Holds};
 
 use crate::end::End;
-use crate::policy::host::Target;
 use crate::tunnel::Live;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -30,9 +29,9 @@ pub const SHARDS: usize = 16;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum IdentifiedBy {
     /// A verified client certificate's name (the one that matched).
-    Certificate(String),
+    Certificate(Box<str>),
     /// Proxy credentials of this user.
-    User(String),
+    User(Box<str>),
     /// Its source network.
     Network,
     /// No branch: admitted as `unassigned`.
@@ -50,72 +49,87 @@ impl IdentifiedBy {
     }
 }
 
-/// One open tunnel: what it is (fixed at start) and its live state.
+/// One open tunnel: what it is (fixed at start) and its live state. Kept small (every open
+/// tunnel has one): names are the snapshot's shared strings, the target one short string.
 pub struct Tunnel {
     /// The connection id (the access line's `conn_id`).
     pub id: u64,
-    pub started: jiff::Timestamp,
     pub opened: Instant,
-    pub branch: String,
+    pub branch: Arc<str>,
     pub identified: IdentifiedBy,
     pub client: SocketAddr,
-    /// The CONNECT target.
-    pub target: Target,
+    /// The CONNECT target, `host:port`.
+    pub target: Box<str>,
     /// The address dialled (a parent proxy's, through one).
     pub dialled: Option<SocketAddr>,
-    /// The `[egress.NAME]` it left through (empty: direct, no egress configured).
-    pub egress: String,
+    /// The `[egress.NAME]` it left through, when egresses are configured.
+    pub egress: Option<Box<str>>,
     /// The parent proxy that carries it.
-    pub parent: Option<String>,
-    pub rule: Option<String>,
-    pub category: String,
+    pub parent: Option<Box<str>>,
+    pub rule: Option<Arc<str>>,
+    pub category: Arc<str>,
     pub live: Live,
     rates: Mutex<Samples>,
 }
 
-/// The two latest byte samples a rate is taken between.
+/// The two latest byte samples a rate is taken between: (milliseconds since the tunnel
+/// opened, bytes up, bytes down).
 #[derive(Clone, Copy)]
 struct Samples {
-    older: (Instant, u64, u64),
-    newer: (Instant, u64, u64),
+    older: (u32, u64, u64),
+    newer: (u32, u64, u64),
 }
 
 /// A rate is measured over at least this long (between the two latest samples).
-const RATE_WINDOW: Duration = Duration::from_secs(1);
+const RATE_WINDOW_MS: u32 = 1000;
+
+/// What a tunnel is, fixed when it opens.
+pub struct Opened {
+    pub id: u64,
+    pub branch: Arc<str>,
+    pub identified: IdentifiedBy,
+    pub client: SocketAddr,
+    pub target: Box<str>,
+    pub dialled: Option<SocketAddr>,
+    pub rule: Option<Arc<str>>,
+    pub category: Arc<str>,
+}
 
 impl Tunnel {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        id: u64,
-        branch: String,
-        identified: IdentifiedBy,
-        client: SocketAddr,
-        target: Target,
-        dialled: Option<SocketAddr>,
-        rule: Option<String>,
-        category: String,
-        live: Live,
-    ) -> Self {
-        let opened = Instant::now();
+    pub fn new(opened: Opened, live: Live) -> Self {
         Self {
-            id,
-            started: jiff::Timestamp::now(),
-            opened,
-            branch,
-            identified,
-            client,
-            target,
-            dialled,
-            egress: String::new(),
+            id: opened.id,
+            opened: Instant::now(),
+            branch: opened.branch,
+            identified: opened.identified,
+            client: opened.client,
+            target: opened.target,
+            dialled: opened.dialled,
+            egress: None,
             parent: None,
-            rule,
-            category,
+            rule: opened.rule,
+            category: opened.category,
             live,
             rates: Mutex::new(Samples {
-                older: (opened, 0, 0),
-                newer: (opened, 0, 0),
+                older: (0, 0, 0),
+                newer: (0, 0, 0),
             }),
         }
+    }
+
+    /// The CONNECT target's host (IPv6 literals in brackets).
+    pub fn host(&self) -> &str {
+        self.target
+            .rsplit_once(':')
+            .map_or(&*self.target, |(host, _)| host)
+    }
+
+    /// When it opened, on the wall clock.
+    pub fn started(&self, now: Instant) -> jiff::Timestamp {
+        let age = jiff::SignedDuration::try_from(self.age(now)).unwrap_or_default();
+        jiff::Timestamp::now()
+            .checked_sub(age)
+            .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
     }
 
     /// Bytes per second each way (up, down), measured between the two latest samples (a new
@@ -123,13 +137,14 @@ impl Tunnel {
     /// the tunnel opened).
     pub fn rates(&self, now: Instant) -> (u64, u64) {
         let (up, down) = self.live.bytes();
+        let at = u32::try_from(self.age(now).as_millis()).unwrap_or(u32::MAX);
         let mut samples = self.rates.lock().unwrap_or_else(|e| e.into_inner());
-        if now.saturating_duration_since(samples.newer.0) >= RATE_WINDOW {
+        if at.saturating_sub(samples.newer.0) >= RATE_WINDOW_MS {
             samples.older = samples.newer;
-            samples.newer = (now, up, down);
+            samples.newer = (at, up, down);
         }
-        let (at, up_then, down_then) = samples.older;
-        let seconds = now.saturating_duration_since(at).as_secs_f64();
+        let (then, up_then, down_then) = samples.older;
+        let seconds = f64::from(at.saturating_sub(then)) / 1000.0;
         if seconds < 0.001 {
             return (0, 0);
         }
@@ -248,10 +263,13 @@ impl Registry {
                 let identity = config
                     .identity_named(&t.branch)
                     .unwrap_or(crate::config::Identity::Unassigned);
+                let Ok(target) = crate::policy::host::Target::parse_authority(&t.target) else {
+                    return false;
+                };
                 let decision =
                     config
                         .policy
-                        .decide(&t.target.host, t.target.port, config.scope(identity));
+                        .decide(&target.host, target.port, config.scope(identity));
                 decision.verdict == crate::policy::Verdict::Deny && t.live.stop(End::ClosedByReload)
             })
             .count()
@@ -290,7 +308,7 @@ impl Registry {
     pub fn close_branch(&self, branch: &str, end: End) -> usize {
         self.all()
             .iter()
-            .filter(|t| t.branch == branch && t.live.stop(end))
+            .filter(|t| &*t.branch == branch && t.live.stop(end))
             .count()
     }
 }
@@ -301,14 +319,16 @@ mod tests {
 
     fn tunnel(id: u64, branch: &str) -> Tunnel {
         Tunnel::new(
-            id,
-            branch.into(),
-            IdentifiedBy::Network,
-            "127.0.0.1:5000".parse().unwrap(),
-            Target::parse_authority("a.example:443").unwrap(),
-            None,
-            None,
-            "storage".into(),
+            Opened {
+                id,
+                branch: branch.into(),
+                identified: IdentifiedBy::Network,
+                client: "127.0.0.1:5000".parse().unwrap(),
+                target: "a.example:443".into(),
+                dialled: None,
+                rule: None,
+                category: "storage".into(),
+            },
             Live::default(),
         )
     }
@@ -330,11 +350,24 @@ mod tests {
     #[test]
     fn a_rate_is_the_bytes_between_samples_a_second_apart() {
         let t = tunnel(1, "london");
+        assert_eq!(t.host(), "a.example");
         let start = t.opened;
         t.live.add(1000, 0);
         // The first rate is the average since the tunnel opened.
         assert_eq!(t.rates(start + Duration::from_secs(2)), (500, 0));
         t.live.add(3000, 4000);
         assert_eq!(t.rates(start + Duration::from_secs(3)), (3000, 4000));
+    }
+}
+
+#[cfg(test)]
+mod size {
+    /// Every open tunnel holds one (docs/benchmarks.md: memory per idle tunnel).
+    #[test]
+    fn a_tunnel_record_stays_small() {
+        let size = std::mem::size_of::<super::Tunnel>();
+        eprintln!("Tunnel: {size} bytes");
+        // 2026-12-07: 336 bytes (names shared with the snapshot, the target one short string).
+        assert!(size <= 336, "Tunnel is {size} bytes");
     }
 }

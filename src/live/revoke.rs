@@ -25,16 +25,17 @@ pub fn still_admitted(tunnel: &Tunnel, old: &Config, new: &Config) -> bool {
     if !crate::policy::in_networks(&new.listen.clients, ip) {
         return false;
     }
-    let branch_is =
-        |identity: Option<Identity>| identity.is_some_and(|i| new.branch_name(i) == tunnel.branch);
+    let branch_is = |identity: Option<Identity>| {
+        identity.is_some_and(|i| new.branch_name(i) == &*tunnel.branch)
+    };
     match &tunnel.identified {
         IdentifiedBy::Certificate(name) => branch_is(
             new.certificate_branches
-                .get(name)
+                .get(&**name)
                 .map(|&b| Identity::Branch(b)),
         ),
         IdentifiedBy::User(user) => match (credential(old, user), credential(new, user)) {
-            (Some((_, was)), Some((branch, now))) => branch == tunnel.branch && was.same_as(now),
+            (Some((_, was)), Some((branch, now))) => branch == &*tunnel.branch && was.same_as(now),
             _ => false,
         },
         IdentifiedBy::Network => branch_is(
@@ -43,7 +44,7 @@ pub fn still_admitted(tunnel: &Tunnel, old: &Config, new: &Config) -> bool {
                 .map(|(_, &b)| Identity::Branch(b)),
         ),
         IdentifiedBy::Unassigned => {
-            tunnel.branch == UNASSIGNED
+            &*tunnel.branch == UNASSIGNED
                 && new.branch_sources.longest_match(ip).is_none()
                 && (new.branches.is_empty() || new.policy.allow_unassigned)
         }
@@ -67,7 +68,6 @@ fn credential<'c>(
 mod tests {
     use super::*;
     use crate::live::Tunnel;
-    use crate::policy::host::Target;
     use crate::tunnel::Live;
 
     fn config(branches: &str) -> Config {
@@ -77,14 +77,16 @@ mod tests {
 
     fn tunnel(branch: &str, identified: IdentifiedBy) -> Tunnel {
         Tunnel::new(
-            1,
-            branch.into(),
-            identified,
-            "10.1.2.3:5000".parse().unwrap(),
-            Target::parse_authority("a.example:443").unwrap(),
-            None,
-            None,
-            "none".into(),
+            crate::live::Opened {
+                id: 1,
+                branch: branch.into(),
+                identified,
+                client: "10.1.2.3:5000".parse().unwrap(),
+                target: "a.example:443".into(),
+                dialled: None,
+                rule: None,
+                category: "none".into(),
+            },
             Live::default(),
         )
     }

@@ -24,17 +24,17 @@ pub fn tunnel(t: &Tunnel, (rate_up, rate_down): (u64, u64), now: Instant) -> Val
     };
     let mut row = json!({
         "id": t.id,
-        "started": t.started.to_string(),
+        "started": t.started(now).to_string(),
         "age_s": t.age(now).as_secs_f64().round() as u64,
-        "branch": t.branch,
+        "branch": &*t.branch,
         "identified_by": t.identified.as_str(),
         "client": t.client.to_string(),
-        "target": t.target.to_string(),
+        "target": &*t.target,
         "dialled": t.dialled.map(|a| a.to_string()),
-        "egress": (!t.egress.is_empty()).then_some(&t.egress),
-        "parent": t.parent,
-        "rule": t.rule,
-        "category": t.category,
+        "egress": t.egress.as_deref(),
+        "parent": t.parent.as_deref(),
+        "rule": t.rule.as_deref(),
+        "category": &*t.category,
         "bytes_up": bytes_up,
         "bytes_down": bytes_down,
         "rate_up": rate_up,
@@ -71,7 +71,7 @@ pub fn figures(registry: &Registry) -> BTreeMap<String, BranchFigures> {
     let mut by_branch: BTreeMap<String, BranchFigures> = BTreeMap::new();
     for t in registry.all() {
         let (up, down) = t.rates(now);
-        let figures = by_branch.entry(t.branch.clone()).or_default();
+        let figures = by_branch.entry(t.branch.to_string()).or_default();
         figures.tunnels += 1;
         figures.rate_up += up;
         figures.rate_down += down;
