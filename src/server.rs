@@ -336,12 +336,17 @@ impl Server {
             );
             tokio::time::sleep(pre_stop).await;
         }
+        let mut draining_counts = None;
         if let Some((fleet, task)) = running.fleet.take() {
             task.abort();
             let _ = task.await;
             // Give this replica's shares and counts back before draining; after an upgrade the
-            // new process holds the name and writes them (once, under the same name).
-            if !upgraded {
+            // new process holds the name and writes them (once, under the same name), and
+            // this one counts its draining tunnels under a field of its own until it exits.
+            if upgraded {
+                let counting = crate::fleet::refresh::drain_counts(fleet, self.current.clone());
+                draining_counts = Some(tokio::spawn(counting));
+            } else {
                 crate::fleet::refresh::leave(&fleet, &**self.current.load()).await;
             }
         }
@@ -396,6 +401,9 @@ impl Server {
                     tracing::warn!(connections = left, "exiting with connections still open");
                 }
             }
+        }
+        if let Some(task) = draining_counts {
+            task.abort();
         }
         // What the drained tunnels learned is kept (not after an upgrade: the state file is
         // the new process's).

@@ -54,6 +54,10 @@ pub struct Fleet {
     /// what replicas admitted alone meanwhile (or what a failover lost), so a tunnel needs the
     /// fallback share's room here as well as Redis's yes.
     failed_at: std::sync::Mutex<Option<Instant>>,
+    /// The field this process's tunnel counts go under: `fleet.name`, until a binary upgrade
+    /// hands the name to the new process; the old one then counts its draining tunnels under
+    /// a field of its own ([`refresh::drain_counts`]), so neither overwrites the other.
+    count_field: arc_swap::ArcSwap<String>,
 }
 
 const UP: u8 = 1;
@@ -62,6 +66,7 @@ const DOWN: u8 = 2;
 impl Fleet {
     /// The client is made here but connects only at the first call (the refresh task's).
     pub fn new(settings: FleetSettings, registry: &mut Registry) -> Result<Self, String> {
+        let name = settings.name.clone();
         let metrics = FleetMetrics::register(registry);
         let link = Link::new(&settings, metrics.redis_duration.clone())?;
         Ok(Self {
@@ -74,6 +79,7 @@ impl Fleet {
             instance: crate::upgrade::inherited_instance().unwrap_or_else(instance_id),
             conflict: AtomicBool::new(false),
             failed_at: Default::default(),
+            count_field: arc_swap::ArcSwap::from_pointee(name),
         })
     }
 
@@ -239,6 +245,11 @@ impl Fleet {
         }
     }
 
+    /// The field this process's tunnel counts go under now.
+    pub fn count_field(&self) -> Arc<String> {
+        self.count_field.load_full()
+    }
+
     /// A branch's tunnel limit when Redis cannot say: this replica's fallback share of it.
     pub fn fallback_max(&self, max: u32) -> u32 {
         (f64::from(max) * self.settings.fallback_share).ceil() as u32
@@ -253,7 +264,9 @@ impl Fleet {
     pub async fn open_tunnel(&self, branch: &str, max: u32, before: u32) -> Option<bool> {
         let mut pipe = link::Batch::new();
         let mut cmd = evalsha(&scripts::OPEN_TUNNEL, &tunnels_key(branch));
-        cmd.arg(&self.settings.name).arg(max).arg(self.lease_ms());
+        cmd.arg(&**self.count_field.load())
+            .arg(max)
+            .arg(self.lease_ms());
         pipe.add_command(cmd);
         let result = self
             .link
@@ -279,7 +292,9 @@ impl Fleet {
         tokio::spawn(async move {
             let mut pipe = link::Batch::new();
             let mut cmd = evalsha(&scripts::SET_TUNNELS, &key);
-            cmd.arg(&fleet.settings.name).arg(-1).arg(fleet.lease_ms());
+            cmd.arg(&**fleet.count_field.load())
+                .arg(-1)
+                .arg(fleet.lease_ms());
             pipe.add_command(cmd);
             let result = fleet.link.query::<Vec<i64>>(&pipe).await;
             fleet.mark(result.as_ref().map(|_| ()));

@@ -134,6 +134,7 @@ async fn refresh<G: Shared>(
         keep
     });
     let counts = shared.tunnel_counts();
+    let field = fleet.count_field();
     let mut writing = Vec::new();
     for (branch, count) in counts {
         // Counts of 0 are written once (the field goes), then no more.
@@ -141,7 +142,7 @@ async fn refresh<G: Shared>(
             continue;
         }
         let mut cmd = evalsha(&scripts::SET_TUNNELS, &tunnels_key(branch));
-        cmd.arg(&settings.name).arg(count).arg(lease_ms);
+        cmd.arg(&*field).arg(count).arg(lease_ms);
         pipe.add_command(cmd);
         writing.push((branch.to_owned(), count));
     }
@@ -180,6 +181,35 @@ async fn refresh<G: Shared>(
             .filter(|(_, c)| **c > 0)
             .map(|(branch, _)| tunnels_key(branch)),
     );
+}
+
+/// After a binary upgrade, in the old process until it exits: its draining tunnels count
+/// under a field of their own (`NAME@upgrading-PID`, renewed every refresh, lapsing a lease
+/// after the process is gone), while the new process writes its counts under the name. Both
+/// count towards each branch's `max_tunnels`; neither overwrites the other. Shares are left
+/// to the new process: the old one's throttled tunnels keep theirs for a lease, then take the
+/// fallback share.
+pub async fn drain_counts<G: Shared>(fleet: Arc<Fleet>, current: Arc<ArcSwap<G>>) {
+    let field = Arc::new(format!(
+        "{}@upgrading-{}",
+        fleet.settings.name,
+        std::process::id()
+    ));
+    fleet.count_field.store(field.clone());
+    let lease_ms = fleet.settings.lease.as_millis() as u64;
+    let mut every = tokio::time::interval(fleet.settings.refresh);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let snapshot = current.load_full();
+        let mut pipe = super::link::Batch::new();
+        for (branch, count) in snapshot.tunnel_counts() {
+            let mut cmd = evalsha(&scripts::SET_TUNNELS, &tunnels_key(branch));
+            cmd.arg(&*field).arg(count).arg(lease_ms);
+            pipe.add_command(cmd);
+        }
+        let _ = fleet.link.query_each(&pipe).await;
+    }
 }
 
 /// Sets each asked budget's bucket to the share Redis answered, or, where it did not answer,

@@ -494,3 +494,54 @@ async fn a_stop_while_the_new_process_starts_stops_both() {
             .is_ok_and(|stat| stat.contains(") Z "));
     assert!(gone, "the new process was stopped with the upgrade");
 }
+
+#[tokio::test]
+async fn tunnels_draining_on_the_old_process_still_count_against_the_fleet_cap() {
+    let redis = Redis::start(&[]);
+    let origin = TcpOrigin::start(b"ok").await;
+    let port = origin.addr.port();
+    let config = GatewayConfig::for_origin(port)
+        .branch(
+            Branch::new("london")
+                .sources(&["127.0.0.0/8"])
+                .set("max_tunnels", 2),
+        )
+        .fleet("redis", redis.url())
+        .fleet("name", "gw-1");
+    let mut gw = Gateway::start(config).await;
+    gw.wait_log(|l| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("fleet: Redis answers"))
+    })
+    .await;
+    let target = format!("{ORIGIN_HOST}:{port}");
+    let (first, status) = open_tunnel(gw.addr, &target, b"").await;
+    assert_eq!(status, 200);
+    let (second, status) = open_tunnel(gw.addr, &target, b"").await;
+    assert_eq!(status, 200);
+    gw.signal("USR2");
+    let _new = handed_over(&mut gw).await;
+    // Past the lease of what the old process counted under the name (2 s): its two draining
+    // tunnels still fill the cap.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let (_third, status) = open_tunnel(gw.addr, &target, b"").await;
+    assert_eq!(status, 429, "the cap holds across the handover");
+    let counts = redis.command("HKEYS portcullis:{tunnels:london}");
+    assert!(counts.contains("gw-1@upgrading-"), "{counts}");
+    // Once they end, the new process admits again.
+    drop((first, second));
+    let mut admitted = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (_t, status) = open_tunnel(gw.addr, &target, b"").await;
+        if status == 200 {
+            admitted = true;
+            break;
+        }
+    }
+    assert!(
+        admitted,
+        "the old process's tunnels stopped counting once closed"
+    );
+}
