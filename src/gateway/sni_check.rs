@@ -10,9 +10,8 @@ use super::sni::{self, Hello};
 use crate::access_log::AccessRecord;
 use crate::policy::SniMode;
 use crate::policy::host::{DnsName, Host, Target};
-use crate::stream::ClientStream;
+use crate::stream::{ClientStream, Upstream};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 /// Whether the ClientHello fits the tunnel; a refusal closes it (the 200 went out already).
 pub fn check_sni(
@@ -76,7 +75,7 @@ fn closed(end: End, reason: impl Into<std::borrow::Cow<'static, str>>) -> Refusa
 /// Every byte read goes on unchanged and is counted; a refusal closes the tunnel.
 pub async fn checked_tls_start(
     client: &mut ClientStream,
-    upstream: &mut TcpStream,
+    upstream: &mut Upstream,
     early: Vec<u8>,
     check: impl Fn(&sni::Hello) -> Result<(), Refusal>,
     record: &mut AccessRecord,
@@ -146,11 +145,7 @@ pub async fn checked_tls_start(
 }
 
 /// Writes bytes read before the relay to the upstream, counting them.
-pub async fn send_up(
-    upstream: &mut TcpStream,
-    bytes: &[u8],
-    sent: &mut u64,
-) -> Result<(), Refusal> {
+pub async fn send_up(upstream: &mut Upstream, bytes: &[u8], sent: &mut u64) -> Result<(), Refusal> {
     if bytes.is_empty() {
         return Ok(());
     }
