@@ -436,6 +436,10 @@ fn tls_failure(e: &std::io::Error, server_name: &rustls::pki_types::ServerName<'
         rustls::Error::InvalidCertificate(C::UnknownIssuer) => {
             "certificate not signed by parent tls.ca (unknown issuer)".into()
         }
+        // A CA of the same name as one in tls.ca, but another key.
+        rustls::Error::InvalidCertificate(C::BadSignature) => {
+            "certificate not signed by parent tls.ca (bad signature)".into()
+        }
         rustls::Error::InvalidCertificate(
             C::NotValidForName | C::NotValidForNameContext { .. },
         ) => {
