@@ -663,4 +663,23 @@ fn tls_to_a_parent_is_checked_at_load() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("parent[0].tls.server_name"), "{stderr}");
     assert!(!stderr.contains("stunnel"), "{stderr}");
+    // A good one: check-config says how the parent is reached.
+    let pki = Pki::new();
+    let (_ca_dir, ca) = temp_file("corp-ca.pem", &pki.ca_pem);
+    let good = format!(
+        "[[parent]]\nname = \"p\"\naddress = \"Proxy.corp.example:3128\"\ntls = {{ ca = \"{}\" }}\n",
+        ca.display()
+    );
+    let (_dir, path) = temp_file("tls.toml", &good);
+    let out = portcullis(&["check-config", path.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let want = format!(
+        "  p: proxy.corp.example:3128, TLS to proxy.corp.example (CA {}), CONNECT by name",
+        ca.display()
+    );
+    assert!(
+        stdout.contains(&want),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
