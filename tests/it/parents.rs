@@ -683,3 +683,33 @@ fn tls_to_a_parent_is_checked_at_load() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The plain-HTTP lane (revocation lists, OCSP) goes through the egress's parents like a
+/// tunnel, so through a TLS parent too: its request travels inside the parent's TLS.
+#[tokio::test]
+async fn the_plain_http_lane_goes_through_a_tls_parent() {
+    let mut origin =
+        Origin::start(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nCRL-DATA")
+            .await;
+    let squid = squid_for_origin();
+    let pki = Pki::new();
+    let stunnel = Stunnel::start(&pki, squid.port);
+    let parents = stunnel.parent("corp-tls", &pki.ca_pem, PARENT_NAME);
+    let port = origin.addr.port();
+    let config = config(port, &parents, "via = [\"corp-tls\"]\n")
+        .change_rule("via-parent", |r| r.set("plain_http", true));
+    let mut gw = Gateway::start(config).await;
+    let request =
+        format!("GET http://{VIA_PARENT}:{port}/crl HTTP/1.1\r\nHost: {VIA_PARENT}\r\n\r\n");
+    let reply = raw_request(gw.addr, request.as_bytes()).await;
+    assert_eq!((reply.status, reply.body.as_str()), (200, "CRL-DATA"));
+    let sent = origin.received.recv().await.unwrap();
+    assert!(sent.starts_with(b"GET /crl HTTP/1.1"), "{sent:?}");
+    let line = gw.access_line(|l| l["host"] == VIA_PARENT).await;
+    assert_eq!(line["parent"], "corp-tls", "{line}");
+    let log = squid.wait_log(&format!("CONNECT {VIA_PARENT}:{port}"));
+    assert!(
+        log.contains(&format!("CONNECT {VIA_PARENT}:{port} 200")),
+        "{log}"
+    );
+}
