@@ -233,7 +233,20 @@ fn compile_tls(
             );
             None
         }
-        None => ServerName::try_from(host.to_owned()).ok(),
+        None => match ServerName::try_from(host.to_owned()) {
+            Ok(server_name) => Some(server_name),
+            Err(_) => {
+                p.add(
+                    tls.ca.span(),
+                    format!("{key}.tls.server_name"),
+                    format!(
+                        "{host:?} cannot be checked in a certificate: name the parent's \
+                         certificate with `tls.server_name`"
+                    ),
+                );
+                None
+            }
+        },
     };
     let ca = paths.resolve(p, &tls.ca, &format!("{key}.tls.ca"));
     if ca.as_os_str().is_empty() {
@@ -258,11 +271,15 @@ fn compile_tls(
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let config = match rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .ok()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    {
+        Ok(builder) => builder.with_root_certificates(roots).with_no_client_auth(),
+        Err(e) => {
+            p.add(tls.ca.span(), format!("{key}.tls"), e.to_string());
+            return None;
+        }
+    };
     Some(ParentTls {
         ca,
         server_name: server_name?,

@@ -9,8 +9,8 @@
 //!
 //! Failover cannot fail open: the next parent is tried only when one failed as a proxy before
 //! any tunnel byte (connect error or timeout, TLS failure, closed or malformed answer, no
-//! answer within `timeouts.connect`). A parent's own answer other than 2xx is its decision, passed back as
-//! `parent_refused` and never tried elsewhere. A parent that failed
+//! answer within `timeouts.connect`). A parent's own answer other than 2xx is its decision,
+//! passed back as `parent_refused` and never tried elsewhere. A parent that failed
 //! [`FAILURES_BEFORE_BACKOFF`] times in a row is skipped for a backoff (passive health). When
 //! every parent failed, `fallback = "direct"` dials directly; otherwise `parent_unavailable`.
 //! A private endpoint (an address in the rule's `private_addresses`) never goes to a parent.

@@ -144,13 +144,17 @@ pub async fn checked_tls_start(
     send_up(upstream, &rest, &mut record.bytes_up).await
 }
 
-/// Writes bytes read before the relay to the upstream, counting them.
+/// Writes bytes read before the relay to the upstream, counting them (flushed: TLS to a parent
+/// may hold the last record back otherwise; a no-op for TCP).
 pub async fn send_up(upstream: &mut Upstream, bytes: &[u8], sent: &mut u64) -> Result<(), Refusal> {
     if bytes.is_empty() {
         return Ok(());
     }
-    upstream
-        .write_all(bytes)
+    let write = async {
+        upstream.write_all(bytes).await?;
+        upstream.flush().await
+    };
+    write
         .await
         .map_err(|_| Refusal::after_reply(End::UpstreamError, "upstream write failed"))?;
     *sent += bytes.len() as u64;
