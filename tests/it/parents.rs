@@ -509,6 +509,23 @@ async fn a_tunnel_through_a_tls_parent_carries_bytes_and_never_the_clients_crede
     assert_eq!(line["end"], "closed");
     assert_eq!(line["bytes_up"], 4, "{line}");
     assert_eq!(line["bytes_down"], 8, "{line}");
+
+    // The CA file gone: a reload is refused at its line, and the running config (its trust
+    // already read) goes on.
+    std::fs::remove_file(stunnel.dir.path().join("corp-tls-ca.pem")).unwrap();
+    let line = gw
+        .reload("reload rejected; the running configuration stays")
+        .await;
+    let problems = line["problems"].as_str().unwrap_or_default();
+    assert!(
+        problems.contains("portcullis.toml:")
+            && problems.contains("parent[0].tls.ca")
+            && problems.contains("corp-tls-ca.pem: cannot read the CA file"),
+        "{line}"
+    );
+    let (tcp, reply) = connect(gw.addr, &target, "").await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(exchange(tcp).await, b"over tls");
 }
 
 #[tokio::test]
