@@ -69,10 +69,19 @@ fn egresses(out: &mut String, config: &Config) {
             .collect();
         let _ = writeln!(
             out,
-            "  {}: {}:{}, CONNECT by {}, credentials: {}; used by egresses: {}",
+            "  {}: {}:{}{}, CONNECT by {}, credentials: {}; used by egresses: {}",
             parent.name,
             parent.host,
             parent.port,
+            parent
+                .tls
+                .as_ref()
+                .map(|t| format!(
+                    ", TLS to {} (CA {})",
+                    t.server_name.to_str(),
+                    t.ca.display()
+                ))
+                .unwrap_or_default(),
             parent.connect_by(),
             parent.user.as_deref().unwrap_or("none"),
             list_or(&users, "none")

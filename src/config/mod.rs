@@ -28,7 +28,7 @@ pub use crate::access_log::LogFormat;
 pub use branches::{BranchId, Identity, UNASSIGNED};
 pub use egress::{ChosenBy, Egress, Egresses};
 pub use fleet::FleetSettings;
-pub use parents::{ConnectTarget, Parent};
+pub use parents::{ConnectTarget, Parent, ParentTls};
 pub use problems::{ConfigError, Problem};
 pub use resolver::{DnsServer, DnsTransport};
 pub use values::parse_duration;

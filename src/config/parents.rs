@@ -1,13 +1,18 @@
 //! `[[parent]]`: corporate proxies the gateway may send its CONNECTs through, named by an
 //! egress's `via`. The gateway still decides everything itself first; a parent only carries
 //! what was allowed. Its own credentials (`basic`) are read here, once, and kept only as the
-//! header value they make.
+//! header value they make; its TLS trust (`tls.ca`) is read here too, into the client config
+//! the gateway's handshakes with it use.
 
 use super::paths::Paths;
 use super::problems::Problems;
 use super::values::is_name;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use serde::Deserialize;
 use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use toml::Spanned;
 
 /// `[[parent]]` as written.
@@ -24,9 +29,7 @@ pub(super) struct RawParent {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawParentTls {
-    #[allow(dead_code)]
     ca: Spanned<String>,
-    #[allow(dead_code)]
     server_name: Option<Spanned<String>>,
 }
 
@@ -58,6 +61,41 @@ pub struct Parent {
     pub authorization: Option<String>,
     /// The user of `basic`, for `check-config`.
     pub user: Option<String>,
+    /// `tls`: the gateway speaks TLS to the parent and sends its CONNECT inside.
+    pub tls: Option<ParentTls>,
+}
+
+/// TLS to a parent: the only trust is `tls.ca` (no built-in roots), the name checked is
+/// `tls.server_name` (or the address's host name).
+#[derive(Clone)]
+pub struct ParentTls {
+    /// The CA file, as resolved.
+    pub ca: PathBuf,
+    /// The name sent (SNI, for a DNS name) and checked in the parent's certificate.
+    pub server_name: ServerName<'static>,
+    /// The client config trusting only `ca`'s certificates.
+    pub connector: tokio_rustls::TlsConnector,
+    /// `ca`'s certificates, so a reload that changed the file is seen as a change.
+    certificates: Vec<CertificateDer<'static>>,
+}
+
+impl PartialEq for ParentTls {
+    fn eq(&self, other: &Self) -> bool {
+        self.ca == other.ca
+            && self.server_name == other.server_name
+            && self.certificates == other.certificates
+    }
+}
+
+impl Eq for ParentTls {}
+
+impl fmt::Debug for ParentTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ParentTls")
+            .field("ca", &self.ca)
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl fmt::Debug for Parent {
@@ -68,6 +106,7 @@ impl fmt::Debug for Parent {
             .field("port", &self.port)
             .field("connect_target", &self.connect_target)
             .field("user", &self.user)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -114,14 +153,10 @@ pub(super) fn compile(
             );
             continue;
         };
-        if let Some(tls) = &r.tls {
-            p.add(
-                tls.span(),
-                format!("{key}.tls"),
-                "TLS to a parent is not supported by this version: put a TLS client (stunnel) \
-                 beside the gateway and name its plain port as the address",
-            );
-        }
+        let tls = r
+            .tls
+            .as_ref()
+            .and_then(|tls| compile_tls(p, tls.get_ref(), &host, paths, &key));
         let connect_target = match r.connect_target.as_ref().map(|v| (v, v.get_ref().as_str())) {
             None | Some((_, "name")) => ConnectTarget::Name,
             Some((_, "address")) => ConnectTarget::Address,
@@ -148,6 +183,7 @@ pub(super) fn compile(
             connect_target,
             authorization,
             user,
+            tls,
         });
     }
     parents
@@ -162,6 +198,107 @@ fn host_port(text: &str) -> Option<(String, u16)> {
     let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
     crate::policy::host::DnsName::parse(host).ok()?;
     Some((host.to_ascii_lowercase(), port))
+}
+
+/// `tls`: the CA file read (its certificates the only roots) and the name to check: the one
+/// written, or the address's host when it is a name (an IP address needs one written).
+fn compile_tls(
+    p: &mut Problems<'_>,
+    tls: &RawParentTls,
+    host: &str,
+    paths: &Paths<'_>,
+    key: &str,
+) -> Option<ParentTls> {
+    let server_name = match &tls.server_name {
+        Some(name) => match ServerName::try_from(name.get_ref().to_ascii_lowercase()) {
+            Ok(server_name) => Some(server_name),
+            Err(_) => {
+                p.add(
+                    name.span(),
+                    format!("{key}.tls.server_name"),
+                    format!(
+                        "{:?}: expected the DNS name (or IP address) in the parent's certificate",
+                        name.get_ref()
+                    ),
+                );
+                None
+            }
+        },
+        None if host.parse::<std::net::IpAddr>().is_ok() => {
+            p.add(
+                tls.ca.span(),
+                format!("{key}.tls.server_name"),
+                "the address is an IP address: say which name the parent's certificate holds \
+                 with `tls.server_name`",
+            );
+            None
+        }
+        None => match ServerName::try_from(host.to_owned()) {
+            Ok(server_name) => Some(server_name),
+            Err(_) => {
+                p.add(
+                    tls.ca.span(),
+                    format!("{key}.tls.server_name"),
+                    format!(
+                        "{host:?} cannot be checked in a certificate: name the parent's \
+                         certificate with `tls.server_name`"
+                    ),
+                );
+                None
+            }
+        },
+    };
+    let ca = paths.resolve(p, &tls.ca, &format!("{key}.tls.ca"));
+    if ca.as_os_str().is_empty() {
+        return None;
+    }
+    let certificates = match read_ca(&ca) {
+        Ok(certificates) => certificates,
+        Err(why) => {
+            p.add(tls.ca.span(), format!("{key}.tls.ca"), why);
+            return None;
+        }
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in &certificates {
+        if let Err(e) = roots.add(cert.clone()) {
+            p.add(
+                tls.ca.span(),
+                format!("{key}.tls.ca"),
+                format!("{}: not a usable CA certificate: {e}", ca.display()),
+            );
+            return None;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = match rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+    {
+        Ok(builder) => builder.with_root_certificates(roots).with_no_client_auth(),
+        Err(e) => {
+            p.add(tls.ca.span(), format!("{key}.tls"), e.to_string());
+            return None;
+        }
+    };
+    Some(ParentTls {
+        ca,
+        server_name: server_name?,
+        connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        certificates,
+    })
+}
+
+/// The certificates of a PEM CA file; why not, for the problem's message.
+fn read_ca(ca: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let shown = ca.display();
+    let certificates = CertificateDer::pem_file_iter(ca)
+        .map_err(|e| format!("{shown}: cannot read the CA file: {e}"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{shown}: not a PEM certificate file: {e}"))?;
+    if certificates.is_empty() {
+        return Err(format!("{shown}: no certificate in the CA file"));
+    }
+    Ok(certificates)
 }
 
 /// `Basic base64(user:password)` from the user and the first line of the password file.

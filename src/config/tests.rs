@@ -455,3 +455,69 @@ fn encrypted_dns_needs_its_ca_and_never_mixes_with_clear_text() {
         Some(std::path::Path::new("/etc/portcullis/ca.pem"))
     );
 }
+
+#[test]
+fn tls_to_a_parent_needs_a_readable_ca_and_a_name_to_check() {
+    let problems = |text: &str| {
+        Config::parse(text, "/nonexistent/p.toml", crate::config::TEST_NOW)
+            .unwrap_err()
+            .to_string()
+    };
+    let head = "[[parent]]\nname = \"corp-1\"\n";
+    let msg = problems(&format!(
+        "{head}address = \"proxy1.corp.example:8080\"\ntls = {{ ca = \"corp-ca.pem\" }}\n"
+    ));
+    assert!(msg.contains("p.toml:4:14: parent[0].tls.ca"), "{msg}");
+    assert!(
+        msg.contains("/nonexistent/corp-ca.pem: cannot read the CA file"),
+        "{msg}"
+    );
+    let msg = problems(&format!(
+        "{head}address = \"10.0.0.8:8080\"\ntls = {{ ca = \"corp-ca.pem\" }}\n"
+    ));
+    assert!(
+        msg.contains("p.toml:4:14: parent[0].tls.server_name"),
+        "{msg}"
+    );
+    assert!(msg.contains("IP address"), "{msg}");
+    let msg = problems(&format!(
+        "{head}address = \"10.0.0.8:8080\"\ntls = {{ ca = \"c.pem\", server_name = \"bad name\" }}\n"
+    ));
+    assert!(
+        msg.contains("p.toml:4:37: parent[0].tls.server_name"),
+        "{msg}"
+    );
+    // A CA file that holds no certificate.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("empty.pem"), "not a certificate\n").unwrap();
+    let path = dir.path().join("p.toml");
+    let msg = Config::parse(
+        &format!("{head}address = \"proxy1.corp.example:8080\"\ntls = {{ ca = \"empty.pem\" }}\n"),
+        path.to_str().unwrap(),
+        crate::config::TEST_NOW,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(msg.contains("no certificate in the CA file"), "{msg}");
+    // A CA read: the name checked is the address's host unless one is written.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = params.self_signed(&key).unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+    let parse = |address: &str, extra: &str| {
+        Config::parse(
+            &format!("{head}address = \"{address}\"\ntls = {{ ca = \"ca.pem\"{extra} }}\n"),
+            path.to_str().unwrap(),
+            crate::config::TEST_NOW,
+        )
+        .unwrap()
+    };
+    let c = parse("Proxy1.corp.example:8080", "");
+    let tls = c.egresses.parents[0].tls.as_ref().unwrap();
+    assert_eq!(tls.server_name.to_str(), "proxy1.corp.example");
+    assert_eq!(tls.ca, dir.path().join("ca.pem"));
+    let c = parse("10.0.0.8:8080", ", server_name = \"proxy1.corp.example\"");
+    let tls = c.egresses.parents[0].tls.as_ref().unwrap();
+    assert_eq!(tls.server_name.to_str(), "proxy1.corp.example");
+}

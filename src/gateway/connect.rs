@@ -17,7 +17,7 @@ use crate::config::Identity;
 use crate::live::{IdentifiedBy, Tunnel};
 use crate::policy::host::Host;
 use crate::policy::{SniMode, Verdict};
-use crate::stream::ClientStream;
+use crate::stream::{ClientStream, Upstream};
 use crate::tunnel::{self, Live};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -442,7 +442,7 @@ async fn dial(
     plan: &Plan<'_>,
     port: u16,
     record: &mut AccessRecord,
-) -> Result<TcpStream, Refusal> {
+) -> Result<Upstream, Refusal> {
     // Through the egress's parent proxies, when it has some (boxed: only those tunnels pay).
     if super::parent::parents_for(plan).is_some()
         && let Some(stream) = Box::pin(super::parent::open(snapshot, plan, port, record)).await?
@@ -467,7 +467,7 @@ async fn dial(
         let metrics = &snapshot.metrics.way_out;
         super::egress::note(metrics, egress, dialled.as_ref().ok(), record);
     }
-    dialled
+    dialled.map(Upstream::Plain)
 }
 
 /// The plain-HTTP lane (revocation lists, OCSP): a fresh cached answer, or one fetched over
@@ -615,12 +615,18 @@ async fn serve_tunnel(
     // (which would look the series up again, with label strings, for every checked tunnel).
     meter.up.inc_by(record.bytes_up);
     meter.down.inc_by(record.bytes_down);
-    // Plain clients splice; TLS clients go through the buffered copy (bytes must be decrypted).
+    // Plain on both sides splices; TLS on either (a TLS client, a parent spoken to over TLS)
+    // goes through the buffered copy (bytes must be decrypted). A plain upstream is relayed as
+    // the bare socket: no TLS check per chunk.
     let idle = snapshot.config.timeouts.idle;
-    let outcome = if let ClientStream::Plain(tcp) = client {
-        tunnel::relay_tcp(tcp, &mut upstream, idle, stops, pacers, meter).await
-    } else {
-        tunnel::relay(client, &mut upstream, idle, stops, pacers, meter).await
+    let outcome = match (client, &mut upstream) {
+        (ClientStream::Plain(tcp), Upstream::Plain(up)) => {
+            tunnel::relay_tcp(tcp, up, idle, stops, pacers, meter).await
+        }
+        (client, Upstream::Plain(up)) => {
+            tunnel::relay(client, up, idle, stops, pacers, meter).await
+        }
+        (client, up) => tunnel::relay(client, up, idle, stops, pacers, meter).await,
     };
     record.bytes_up += outcome.bytes_up;
     record.bytes_down += outcome.bytes_down;

@@ -9,12 +9,12 @@
 use super::lane_cache::{Collecting, Hit, LaneCache, MAX_ENTRY_BYTES};
 use super::refusal::{End, Refusal};
 use super::request::{HOP_BY_HOP, LaneRequest, MAX_LANE_BODY};
+use crate::stream::Upstream;
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// Largest answer passed on (CRLs of public CAs are a few MiB at most).
 pub const MAX_RESPONSE_BYTES: u64 = 16 * 1024 * 1024;
@@ -58,7 +58,7 @@ impl Drop for Answer {
 /// once the upstream's response head is in.
 pub async fn fetch<C: AsyncRead + Unpin>(
     client: &mut C,
-    upstream: TcpStream,
+    upstream: Upstream,
     request: &LaneRequest,
     host_header: &str,
     mut body: Vec<u8>,

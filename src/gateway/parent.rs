@@ -4,10 +4,13 @@
 //! and answers the client only once a parent said 200. Bytes the parent sent after its 200 head
 //! go to the client after ours.
 //!
+//! With `tls`, the gateway does a TLS handshake with the parent (trusting only its `tls.ca`)
+//! before its CONNECT, and the tunnel's bytes travel inside that TLS.
+//!
 //! Failover cannot fail open: the next parent is tried only when one failed as a proxy before
-//! any tunnel byte (connect error or timeout, closed or malformed answer, no answer within
-//! `timeouts.connect`). A parent's own answer other than 2xx is its decision, passed back as
-//! `parent_refused` and never tried elsewhere. A parent that failed
+//! any tunnel byte (connect error or timeout, TLS failure, closed or malformed answer, no
+//! answer within `timeouts.connect`). A parent's own answer other than 2xx is its decision,
+//! passed back as `parent_refused` and never tried elsewhere. A parent that failed
 //! [`FAILURES_BEFORE_BACKOFF`] times in a row is skipped for a backoff (passive health). When
 //! every parent failed, `fallback = "direct"` dials directly; otherwise `parent_unavailable`.
 //! A private endpoint (an address in the rule's `private_addresses`) never goes to a parent.
@@ -16,9 +19,10 @@ use super::Snapshot;
 use super::plan::Plan;
 use super::refusal::{End, Refusal};
 use crate::access_log::{AccessRecord, WayOut};
-use crate::config::{ConnectTarget, Egress, Parent};
+use crate::config::{ConnectTarget, Egress, Parent, ParentTls};
 use crate::metrics::{ParentLabels, ParentOutcomeLabels, WayOutMetrics};
 use crate::policy::host::{DnsName, Target};
+use crate::stream::Upstream;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -38,7 +42,7 @@ const MAX_ANSWER_HEAD: usize = 8 * 1024;
 
 /// The upstream through a parent, with what the parent sent after its 200 head.
 struct Tunnel {
-    stream: TcpStream,
+    stream: Upstream,
     early: Option<Box<[u8]>>,
 }
 
@@ -153,7 +157,7 @@ pub async fn open(
     plan: &Plan<'_>,
     port: u16,
     record: &mut AccessRecord,
-) -> Result<Option<TcpStream>, Refusal> {
+) -> Result<Option<Upstream>, Refusal> {
     let Some(egress) = parents_for(plan) else {
         return Ok(None);
     };
@@ -178,7 +182,7 @@ async fn through_parents(
     egress: &Egress,
     target: &Target,
     record: &mut AccessRecord,
-) -> Result<Option<TcpStream>, Refusal> {
+) -> Result<Option<Upstream>, Refusal> {
     let metrics = &snapshot.metrics.way_out;
     let path = |path| {
         metrics
@@ -297,11 +301,11 @@ pub async fn send_down<W: tokio::io::AsyncWrite + Unpin>(
 }
 
 /// The access line's way out through `parent`.
-fn note(record: &mut AccessRecord, egress: &Egress, parent: &Parent, stream: Option<&TcpStream>) {
+fn note(record: &mut AccessRecord, egress: &Egress, parent: &Parent, stream: Option<&Upstream>) {
     record.way_out = Some(Box::new(WayOut {
         egress: egress.name.clone(),
         parent: Some(parent.name.clone()),
-        local_address: stream.and_then(|s| s.local_addr().ok()),
+        local_address: stream.and_then(|s| s.tcp().local_addr().ok()),
         early: None,
     }));
 }
@@ -328,8 +332,9 @@ fn connect_request(parent: &Parent, plan: &Plan<'_>, target: &Target) -> String 
     format!("CONNECT {host} HTTP/1.1\r\nHost: {host}\r\n{auth}\r\n")
 }
 
-/// One parent: connect (its addresses raced, from the egress's source address), send the
-/// CONNECT, read its answer head, all within `timeouts.connect`.
+/// One parent: connect (its addresses raced, from the egress's source address), the TLS
+/// handshake when it has `tls`, send the CONNECT, read its answer head, all within
+/// `timeouts.connect`.
 async fn through(
     snapshot: &Snapshot,
     parent: &Parent,
@@ -350,7 +355,7 @@ async fn through(
         &mut tried,
     )
     .await;
-    let mut stream = match dialled {
+    let tcp = match dialled {
         Ok(stream) => stream,
         Err(refusal) if refusal.end == End::EgressUnavailable => {
             return Err(Failure::Final(refusal));
@@ -358,8 +363,13 @@ async fn through(
         Err(refusal) => return Err(Failure::Down(refusal.reason.into_owned())),
     };
     record.resolved = tried;
+    let mut stream = match &parent.tls {
+        None => Upstream::Plain(tcp),
+        Some(tls) => Upstream::Tls(Box::new(handshake(tls, tcp, deadline).await?)),
+    };
     let exchange = async {
         stream.write_all(request.as_bytes()).await?;
+        stream.flush().await?;
         read_answer(&mut stream).await
     };
     let answer = match tokio::time::timeout_at(deadline, exchange).await {
@@ -387,6 +397,61 @@ async fn through(
                 reason: format!("parent {} refused: {status}", parent.name).into(),
             }))
         }
+    }
+}
+
+/// The TLS handshake with a parent, by `deadline`; a failure says what went wrong in words an
+/// operator can act on.
+async fn handshake(
+    tls: &ParentTls,
+    tcp: TcpStream,
+    deadline: Instant,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Failure> {
+    let connect = tls.connector.connect(tls.server_name.clone(), tcp);
+    match tokio::time::timeout_at(deadline, connect).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(Failure::Down(format!(
+            "TLS: {}",
+            tls_failure(&e, &tls.server_name)
+        ))),
+        Err(_) => Err(Failure::Down(
+            "TLS: no handshake within timeouts.connect".into(),
+        )),
+    }
+}
+
+/// Why a handshake with a parent failed.
+fn tls_failure(e: &std::io::Error, server_name: &rustls::pki_types::ServerName<'_>) -> String {
+    use rustls::CertificateError as C;
+    let name = server_name.to_str();
+    let Some(tls) = e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
+        return match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                "the parent closed the connection during the handshake".into()
+            }
+            _ => format!("handshake failed: {e}"),
+        };
+    };
+    match tls {
+        rustls::Error::InvalidCertificate(C::UnknownIssuer) => {
+            "certificate not signed by parent tls.ca (unknown issuer)".into()
+        }
+        // A CA of the same name as one in tls.ca, but another key.
+        rustls::Error::InvalidCertificate(C::BadSignature) => {
+            "certificate not signed by parent tls.ca (bad signature)".into()
+        }
+        rustls::Error::InvalidCertificate(
+            C::NotValidForName | C::NotValidForNameContext { .. },
+        ) => {
+            format!("certificate not valid for {name} (tls.server_name)")
+        }
+        rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+            "certificate expired".into()
+        }
+        rustls::Error::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => {
+            "certificate not valid yet".into()
+        }
+        other => format!("handshake failed: {other}"),
     }
 }
 

@@ -10,9 +10,8 @@ use super::sni::{self, Hello};
 use crate::access_log::AccessRecord;
 use crate::policy::SniMode;
 use crate::policy::host::{DnsName, Host, Target};
-use crate::stream::ClientStream;
+use crate::stream::{ClientStream, Upstream};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 /// Whether the ClientHello fits the tunnel; a refusal closes it (the 200 went out already).
 pub fn check_sni(
@@ -76,7 +75,7 @@ fn closed(end: End, reason: impl Into<std::borrow::Cow<'static, str>>) -> Refusa
 /// Every byte read goes on unchanged and is counted; a refusal closes the tunnel.
 pub async fn checked_tls_start(
     client: &mut ClientStream,
-    upstream: &mut TcpStream,
+    upstream: &mut Upstream,
     early: Vec<u8>,
     check: impl Fn(&sni::Hello) -> Result<(), Refusal>,
     record: &mut AccessRecord,
@@ -145,17 +144,17 @@ pub async fn checked_tls_start(
     send_up(upstream, &rest, &mut record.bytes_up).await
 }
 
-/// Writes bytes read before the relay to the upstream, counting them.
-pub async fn send_up(
-    upstream: &mut TcpStream,
-    bytes: &[u8],
-    sent: &mut u64,
-) -> Result<(), Refusal> {
+/// Writes bytes read before the relay to the upstream, counting them (flushed: TLS to a parent
+/// may hold the last record back otherwise; a no-op for TCP).
+pub async fn send_up(upstream: &mut Upstream, bytes: &[u8], sent: &mut u64) -> Result<(), Refusal> {
     if bytes.is_empty() {
         return Ok(());
     }
-    upstream
-        .write_all(bytes)
+    let write = async {
+        upstream.write_all(bytes).await?;
+        upstream.flush().await
+    };
+    write
         .await
         .map_err(|_| Refusal::after_reply(End::UpstreamError, "upstream write failed"))?;
     *sent += bytes.len() as u64;

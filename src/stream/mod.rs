@@ -1,6 +1,7 @@
 //! A connection as the data path sees it: plain TCP or TLS over TCP. Plain tunnels can splice;
 //! TLS ones copy through the buffered path. One enum for both ends of TLS: the gateway's
-//! clients (server side) and the agent's connections to gateways (client side).
+//! clients (server side), and the client side: the agent's connections to gateways and the
+//! gateway's tunnels through a parent proxy spoken to over TLS.
 
 pub mod server_tls;
 
@@ -22,6 +23,20 @@ pub enum MaybeTls<T> {
 
 /// A client of the gateway.
 pub type ClientStream = MaybeTls<ServerTls>;
+
+/// A tunnel's upstream: plain TCP (a direct dial, or a plain parent proxy), or TLS to a
+/// parent proxy (`[[parent]]` `tls`), the tunnel's bytes inside it.
+pub type Upstream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
+
+impl<T: OverTcp> MaybeTls<T> {
+    /// The TCP socket underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            MaybeTls::Plain(s) => s,
+            MaybeTls::Tls(s) => s.tcp(),
+        }
+    }
+}
 
 impl<T: AsyncRead + Unpin> AsyncRead for MaybeTls<T> {
     fn poll_read(
@@ -92,10 +107,6 @@ impl<T: AsyncRead + AsyncWrite + OverTcp + Unpin> Endpoint for MaybeTls<T> {
 
     #[cfg(target_os = "linux")]
     fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        let tcp = match self {
-            MaybeTls::Plain(s) => s,
-            MaybeTls::Tls(s) => s.tcp(),
-        };
-        Some(std::os::fd::AsFd::as_fd(tcp))
+        Some(std::os::fd::AsFd::as_fd(self.tcp()))
     }
 }

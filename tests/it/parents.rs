@@ -1,7 +1,9 @@
 //! Parent proxies, against a real Squid started by each test: the tunnel through it, the
 //! client's credentials never reaching it, Basic to the parent, a parent's refusal passed back
 //! without failover, failover when the first parent is gone, every parent down, a private
-//! endpoint going direct, `address` mode, and the bytes after a parent's 200 head.
+//! endpoint going direct, `address` mode, the bytes after a parent's 200 head, and TLS to a
+//! parent (Squid behind stunnel's TLS port): the tunnel inside it, a certificate not trusted
+//! or for another name failing over, a silent handshake timing out.
 
 use crate::support::*;
 use std::net::SocketAddr;
@@ -412,29 +414,29 @@ async fn a_parent_whose_first_address_drops_syns_is_reached_within_about_one_att
     assert_eq!(line["resolved"], format!("127.0.0.1:{}", squid.port));
 }
 
-/// A stunnel of the test's own with two services: a TLS client beside the gateway (plain in on
-/// `plain`, TLS out, the test CA and the parent's name checked) and a TLS server in front of
-/// Squid (the parent's TLS port). Stopped (its PID only) when dropped.
+/// A stunnel of the test's own as the parent's TLS port: a TLS server (a certificate for
+/// `proxy.test.example` from the test CA) in front of Squid. The gateway speaks TLS to it
+/// itself. Stopped (its PID only) when dropped.
 struct Stunnel {
-    plain: u16,
+    port: u16,
     child: std::process::Child,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
+
+const PARENT_NAME: &str = "proxy.test.example";
 
 impl Stunnel {
     fn start(pki: &Pki, squid_port: u16) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let (cert, key) = pki.issue_pem(&["proxy.test.example"], 2099);
+        let (cert, key) = pki.issue_pem(&[PARENT_NAME], 2099);
         let d = dir.path();
         std::fs::write(d.join("cert.pem"), cert).unwrap();
         std::fs::write(d.join("key.pem"), key).unwrap();
         std::fs::write(d.join("ca.pem"), &pki.ca_pem).unwrap();
-        let (plain, tls) = (free_port(), free_port());
+        let port = free_port();
         let config = format!(
             "foreground = yes\npid =\n\
-             [to-parent]\nclient = yes\naccept = 127.0.0.1:{plain}\nconnect = 127.0.0.1:{tls}\n\
-             CAfile = {d}/ca.pem\nverifyChain = yes\ncheckHost = proxy.test.example\n\
-             [parent-tls]\naccept = 127.0.0.1:{tls}\nconnect = 127.0.0.1:{squid_port}\n\
+             [parent-tls]\naccept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{squid_port}\n\
              cert = {d}/cert.pem\nkey = {d}/key.pem\n",
             d = d.display()
         );
@@ -446,20 +448,28 @@ impl Stunnel {
             .spawn()
             .expect("stunnel4 (apt-get install stunnel4)");
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", tls)).is_err()
-            || std::net::TcpStream::connect(("127.0.0.1", plain)).is_err()
-        {
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "stunnel did not listen"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Self {
-            plain,
-            child,
-            _dir: dir,
-        }
+        Self { port, child, dir }
+    }
+
+    /// `[[parent]]` `name` through this TLS port, trusting `ca_pem`, checking `server_name`.
+    fn parent(&self, name: &str, ca_pem: &str, server_name: &str) -> String {
+        let ca = self.dir.path().join(format!("{name}-ca.pem"));
+        std::fs::write(&ca, ca_pem).unwrap();
+        parent(
+            name,
+            &format!("127.0.0.1:{}", self.port),
+            &format!(
+                "tls = {{ ca = \"{}\", server_name = \"{server_name}\" }}",
+                ca.display()
+            ),
+        )
     }
 }
 
@@ -470,39 +480,253 @@ impl Drop for Stunnel {
     }
 }
 
-/// TLS to a parent the way the guide says for this version: a TLS client (stunnel) beside the
-/// gateway, the parent (Squid) behind a TLS port.
+/// The gateway speaks TLS to the parent itself (Squid behind stunnel's TLS port): the tunnel
+/// carries bytes both ways inside it, and the client's credentials never reach the parent.
 #[tokio::test]
-async fn a_tls_parent_through_a_tls_client_beside_the_gateway() {
+async fn a_tunnel_through_a_tls_parent_carries_bytes_and_never_the_clients_credentials() {
     let mut origin = Origin::start(b"over tls").await;
     let squid = squid_for_origin();
     let pki = Pki::new();
     let stunnel = Stunnel::start(&pki, squid.port);
-    let parents = parent("corp-tls", &format!("127.0.0.1:{}", stunnel.plain), "");
-    let mut gw = Gateway::start(config(
-        origin.addr.port(),
-        &parents,
-        "via = [\"corp-tls\"]\n",
-    ))
-    .await;
+    let parents = stunnel.parent("corp-tls", &pki.ca_pem, PARENT_NAME);
+    let via = "via = [\"corp-tls\"]\n";
+    let mut gw = Gateway::start(config(origin.addr.port(), &parents, via)).await;
     let target = format!("{VIA_PARENT}:{}", origin.addr.port());
+    let client_auth = basic("branch-user", "branch-secret");
+    let (tcp, reply) = connect(gw.addr, &target, &client_auth).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(exchange(tcp).await, b"over tls");
+    assert_eq!(origin.received.recv().await.unwrap(), b"ping");
+    let log = squid.wait_log(&format!("CONNECT {target}"));
+    assert!(log.contains(&format!("CONNECT {target} 200")), "{log}");
+    assert!(log.contains("auth=[]") || log.contains("auth=[-]"), "{log}");
+    assert!(
+        !log.contains("YnJhbmNo"),
+        "the client's credentials reached the parent: {log}"
+    );
+    let line = gw.access_line(|l| l["host"] == VIA_PARENT).await;
+    assert_eq!(line["parent"], "corp-tls", "{line}");
+    assert_eq!(line["end"], "closed");
+    assert_eq!(line["bytes_up"], 4, "{line}");
+    assert_eq!(line["bytes_down"], 8, "{line}");
+
+    // The CA file gone: a reload is refused at its line, and the running config (its trust
+    // already read) goes on.
+    std::fs::remove_file(stunnel.dir.path().join("corp-tls-ca.pem")).unwrap();
+    let line = gw
+        .reload("reload rejected; the running configuration stays")
+        .await;
+    let problems = line["problems"].as_str().unwrap_or_default();
+    assert!(
+        problems.contains("portcullis.toml:")
+            && problems.contains("parent[0].tls.ca")
+            && problems.contains("corp-tls-ca.pem: cannot read the CA file"),
+        "{line}"
+    );
     let (tcp, reply) = connect(gw.addr, &target, "").await;
     assert_eq!(reply.status, 200, "{reply:?}");
     assert_eq!(exchange(tcp).await, b"over tls");
-    origin.received.recv().await.unwrap();
-    let log = squid.wait_log(&format!("CONNECT {target}"));
-    assert!(log.contains(&format!("CONNECT {target} 200")), "{log}");
-    let line = gw.access_line(|l| l["host"] == VIA_PARENT).await;
+}
+
+#[tokio::test]
+async fn the_sni_check_works_the_same_through_a_tls_parent() {
+    let pki = Pki::new();
+    let origin = crate::support::Origin::start(&pki).await;
+    let port = origin.port();
+    let squid = squid_for_origin();
+    let stunnel = Stunnel::start(&pki, squid.port);
+    let parents = stunnel.parent("corp-tls", &pki.ca_pem, PARENT_NAME);
+    let config = config(port, &parents, "via = [\"corp-tls\"]\n")
+        .change_rule("via-parent", |r| r.set("sni", "match"));
+    let mut gw = Gateway::start(config).await;
+    assert_serves(&pki, gw.addr, &origin).await;
+    let line = gw
+        .access_line(|l| l["host"] == VIA_PARENT && l["status"] == 200)
+        .await;
+    assert_eq!(line["sni"], VIA_PARENT);
     assert_eq!(line["parent"], "corp-tls");
 
-    // `tls` on the parent itself is refused at load, with what to do instead.
-    let refused =
-        "[[parent]]\nname = \"p\"\naddress = \"127.0.0.1:1\"\ntls = { ca = \"ca.pem\" }\n";
-    let (_dir, path) = temp_file("tls.toml", refused);
+    let (tunnel, reply) = connect(gw.addr, &format!("{VIA_PARENT}:{port}"), "").await;
+    assert_eq!(reply.status, 200);
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(pki.client_config()));
+    let name = rustls::pki_types::ServerName::try_from("evil.example").unwrap();
+    assert!(
+        connector.connect(name, tunnel).await.is_err(),
+        "the tunnel is cut"
+    );
+    let line = gw.access_line(|l| l["end"] == "sni_mismatch").await;
+    assert_eq!(line["parent"], "corp-tls");
+}
+
+/// A parent whose certificate the gateway does not trust (another CA), or whose certificate is
+/// for another name, fails as a proxy before any tunnel byte: the next (plain) parent carries
+/// the tunnel, and with every parent down the 502 names each TLS problem.
+#[tokio::test]
+async fn a_tls_parent_not_trusted_fails_over_and_says_why() {
+    let mut origin = Origin::start(b"ok").await;
+    let mut squid = squid_for_origin();
+    let pki = Pki::new();
+    let stunnel = Stunnel::start(&pki, squid.port);
+    let other_ca = Pki::named("Another test CA");
+    let parents = stunnel.parent("bad-ca", &other_ca.ca_pem, PARENT_NAME)
+        + &stunnel.parent("bad-name", &pki.ca_pem, "other.test.example")
+        + &parent("plain", &squid.address(), "");
+    let via = "via = [\"bad-ca\", \"bad-name\", \"plain\"]\n";
+    let mut gw = Gateway::start(config(origin.addr.port(), &parents, via)).await;
+    let target = format!("{VIA_PARENT}:{}", origin.addr.port());
+    let (tcp, reply) = connect(gw.addr, &target, "").await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(exchange(tcp).await, b"ok");
+    origin.received.recv().await.unwrap();
+    let line = gw.access_line(|l| l["host"] == VIA_PARENT).await;
+    assert_eq!(line["parent"], "plain", "{line}");
+    let metrics = gw.metrics().await;
+    for name in ["bad-ca", "bad-name"] {
+        metrics.assert_value(
+            &format!("portcullis_parent_requests_total{{parent=\"{name}\",outcome=\"failed\"}}"),
+            1.0,
+        );
+    }
+    // Only the plain parent's CONNECT reached Squid: the TLS ones ended at the handshake.
+    let log = squid.wait_log(&format!("CONNECT {target}"));
+    assert_eq!(log.matches("CONNECT ").count(), 1, "{log}");
+
+    // Squid gone too: 502, each parent's reason in it.
+    squid.stop();
+    let (_tcp, reply) = connect(gw.addr, &target, "").await;
+    assert_eq!(reply.status, 502, "{reply:?}");
+    let reason = reply.header("portcullis-error").unwrap_or_default();
+    assert!(
+        reason.contains("bad-ca: TLS: certificate not signed by parent tls.ca (unknown issuer)"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("bad-name: TLS: certificate not valid for other.test.example"),
+        "{reason}"
+    );
+    let line = gw
+        .access_line(|l| l["host"] == VIA_PARENT && l["status"] == 502)
+        .await;
+    assert_eq!(line["end"], "parent_unavailable");
+    let logged = line["reason"].as_str().unwrap_or_default();
+    assert!(
+        logged.contains("bad-ca: TLS: certificate not signed"),
+        "{line}"
+    );
+    let nothing = tokio::time::timeout(Duration::from_millis(300), origin.received.recv());
+    assert!(nothing.await.is_err(), "the origin saw a connection");
+}
+
+/// A parent that accepts TCP but never answers the handshake fails within `timeouts.connect`.
+#[tokio::test]
+async fn a_tls_parent_silent_in_the_handshake_fails_in_time() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = silent.local_addr().unwrap();
+    let _held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            held.push(tcp);
+        }
+    });
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let parents = parent(
+        "silent",
+        &address.to_string(),
+        &format!(
+            "tls = {{ ca = \"{}\", server_name = \"{PARENT_NAME}\" }}",
+            ca.display()
+        ),
+    );
+    let config = config(1443, &parents, "via = [\"silent\"]\n").timeout("connect", "1s");
+    let mut gw = Gateway::start(config).await;
+    let started = std::time::Instant::now();
+    let (_tcp, reply) = connect(gw.addr, &format!("{VIA_PARENT}:1443"), "").await;
+    assert_eq!(reply.status, 502, "{reply:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let reason = reply.header("portcullis-error").unwrap_or_default();
+    assert!(
+        reason.contains("silent: TLS: no handshake within timeouts.connect"),
+        "{reason}"
+    );
+    let line = gw.access_line(|l| l["host"] == VIA_PARENT).await;
+    assert_eq!(line["end"], "parent_unavailable");
+}
+
+/// `tls` problems are the operator's to fix at load: a CA file missing, an IP address without
+/// the name to check.
+#[test]
+fn tls_to_a_parent_is_checked_at_load() {
+    let missing = "[[parent]]\nname = \"p\"\naddress = \"proxy.corp.example:3128\"\n\
+                   tls = { ca = \"no-such-ca.pem\" }\n";
+    let (_dir, path) = temp_file("tls.toml", missing);
     let out = portcullis(&["check-config", path.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
     assert!(
-        stderr.contains("parent[0].tls") && stderr.contains("stunnel"),
+        stderr.contains("tls.toml:4:14: parent[0].tls.ca")
+            && stderr.contains("no-such-ca.pem: cannot read the CA file"),
         "{stderr}"
+    );
+    let by_ip = "[[parent]]\nname = \"p\"\naddress = \"127.0.0.1:1\"\ntls = { ca = \"ca.pem\" }\n";
+    let (_dir, path) = temp_file("tls.toml", by_ip);
+    let out = portcullis(&["check-config", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("parent[0].tls.server_name"), "{stderr}");
+    assert!(!stderr.contains("stunnel"), "{stderr}");
+    // A good one: check-config says how the parent is reached.
+    let pki = Pki::new();
+    let (_ca_dir, ca) = temp_file("corp-ca.pem", &pki.ca_pem);
+    let good = format!(
+        "[[parent]]\nname = \"p\"\naddress = \"Proxy.corp.example:3128\"\ntls = {{ ca = \"{}\" }}\n",
+        ca.display()
+    );
+    let (_dir, path) = temp_file("tls.toml", &good);
+    let out = portcullis(&["check-config", path.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let want = format!(
+        "  p: proxy.corp.example:3128, TLS to proxy.corp.example (CA {}), CONNECT by name",
+        ca.display()
+    );
+    assert!(
+        stdout.contains(&want),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The plain-HTTP lane (revocation lists, OCSP) goes through the egress's parents like a
+/// tunnel, so through a TLS parent too: its request travels inside the parent's TLS.
+#[tokio::test]
+async fn the_plain_http_lane_goes_through_a_tls_parent() {
+    let mut origin =
+        Origin::start(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nCRL-DATA")
+            .await;
+    let squid = squid_for_origin();
+    let pki = Pki::new();
+    let stunnel = Stunnel::start(&pki, squid.port);
+    let parents = stunnel.parent("corp-tls", &pki.ca_pem, PARENT_NAME);
+    let port = origin.addr.port();
+    let config = config(port, &parents, "via = [\"corp-tls\"]\n")
+        .change_rule("via-parent", |r| r.set("plain_http", true));
+    let mut gw = Gateway::start(config).await;
+    let request =
+        format!("GET http://{VIA_PARENT}:{port}/crl HTTP/1.1\r\nHost: {VIA_PARENT}\r\n\r\n");
+    let reply = raw_request(gw.addr, request.as_bytes()).await;
+    assert_eq!((reply.status, reply.body.as_str()), (200, "CRL-DATA"));
+    let sent = origin.received.recv().await.unwrap();
+    assert!(sent.starts_with(b"GET /crl HTTP/1.1"), "{sent:?}");
+    let line = gw.access_line(|l| l["host"] == VIA_PARENT).await;
+    assert_eq!(line["parent"], "corp-tls", "{line}");
+    let log = squid.wait_log(&format!("CONNECT {VIA_PARENT}:{port}"));
+    assert!(
+        log.contains(&format!("CONNECT {VIA_PARENT}:{port} 200")),
+        "{log}"
     );
 }

@@ -14,6 +14,12 @@ pub struct Pki {
 
 impl Pki {
     pub fn new() -> Self {
+        Self::named("Portcullis test CA")
+    }
+
+    /// A test CA whose subject is `name` (another name than [`Pki::new`]'s: a CA that certificates
+    /// signed by the first one do not name as their issuer).
+    pub fn named(name: &str) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -23,7 +29,7 @@ impl Pki {
         params.distinguished_name = rcgen::DistinguishedName::new();
         params
             .distinguished_name
-            .push(rcgen::DnType::CommonName, "Portcullis test CA");
+            .push(rcgen::DnType::CommonName, name);
         let ca = params.self_signed(&key).unwrap();
         Self {
             ca_der: ca.der().clone(),
