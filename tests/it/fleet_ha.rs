@@ -24,6 +24,14 @@ fn share_key(branch: &str) -> String {
     format!("portcullis:{{each-branch:{branch}:upload}}:shares")
 }
 
+/// `config` as the replica `name` of a fleet on the sentinel set `value` (`fleet.sentinel`).
+fn sentinel_replica(config: &GatewayConfig, value: &str, name: &str) -> GatewayConfig {
+    config
+        .clone()
+        .fleet("sentinel", TomlRaw(value.to_owned()))
+        .fleet("name", name)
+}
+
 #[tokio::test]
 async fn a_cluster_splits_a_budget_as_one_redis_does_and_spreads_budgets_over_its_primaries() {
     let cluster = RedisCluster::start();
@@ -174,12 +182,7 @@ async fn a_sentinel_failover_fails_no_tunnel_and_the_limit_is_whole_again_within
     let mut sentinel = RedisSentinel::start();
     let value = sentinel.fleet_value();
     a_failover_keeps_the_limit(
-        |config, name| {
-            config
-                .clone()
-                .fleet("sentinel", TomlRaw(value.clone()))
-                .fleet("name", name)
-        },
+        |config, name| sentinel_replica(config, &value, name),
         move || {
             let elected = sentinel.kill_primary();
             (sentinel, elected)
@@ -221,12 +224,7 @@ async fn max_tunnels_never_exceeds_the_cap_through_a_sentinel_failover() {
     let mut sentinel = RedisSentinel::start();
     let value = sentinel.fleet_value();
     max_tunnels_through_a_failover(
-        |config, name| {
-            config
-                .clone()
-                .fleet("sentinel", TomlRaw(value.clone()))
-                .fleet("name", name)
-        },
+        |config, name| sentinel_replica(config, &value, name),
         move || {
             let elected = sentinel.kill_primary();
             (sentinel, elected)
@@ -419,13 +417,7 @@ async fn an_acl_user_and_passwords_reach_a_cluster_and_a_sentinel_set_and_never_
         nodes.join(", "),
         sentinels_file.to_str().unwrap()
     );
-    let on_sentinel = start_replica(
-        &config
-            .clone()
-            .fleet("sentinel", TomlRaw(value))
-            .fleet("name", "gw-s"),
-    )
-    .await;
+    let on_sentinel = start_replica(&sentinel_replica(&config, &value, "gw-s")).await;
     let target = format!("{ORIGIN_HOST}:{port}");
     let key = "portcullis:{tunnels:office}";
     let (_one, reply) = connect_from(on_cluster.addr, "127.0.0.1", &target, "").await;
@@ -468,12 +460,45 @@ async fn an_acl_user_and_passwords_reach_a_cluster_and_a_sentinel_set_and_never_
     );
 }
 
+/// A replica trusting the CA `ca_pem` as the system's (rustls-native-certs reads `SSL_CERT_FILE`)
+/// counts a tunnel to `target` where `stored` reads it (over TLS); one trusting nothing
+/// believes no node: Redis does not answer for it, and its tunnels go on. The trusting
+/// replica, its CA's directory and its tunnel stay with the caller.
+async fn verified_against_the_system_trust_store(
+    ca_pem: &str,
+    target: &str,
+    replica: impl Fn(&str) -> GatewayConfig,
+    stored: impl Fn() -> String,
+) -> (Gateway, tempfile::TempDir, tokio::net::TcpStream) {
+    let ca = tempfile::tempdir().unwrap();
+    let ca_file = ca.path().join("ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let mut gw = Gateway::start_with_env(
+        replica("gw-1"),
+        &[("SSL_CERT_FILE", ca_file.to_str().unwrap())],
+    )
+    .await;
+    let _ = gw
+        .wait_log(|l| l["message"].as_str().is_some_and(|m| m.starts_with(UP)))
+        .await;
+    let (tunnel, reply) = connect_from(gw.addr, "127.0.0.1", target, "").await;
+    assert_eq!(reply.status, 200);
+    let counted = stored();
+    assert!(counted.contains("\n1 "), "counted over TLS: {counted:?}");
+    let mut untrusted =
+        Gateway::start_with_env(replica("gw-2"), &[("SSL_CERT_FILE", "/dev/null")]).await;
+    let _ = untrusted
+        .wait_log(|l| l["message"].as_str().is_some_and(|m| m.starts_with(DOWN)))
+        .await;
+    let (_tunnel, reply) = connect_from(untrusted.addr, "127.0.0.1", target, "").await;
+    assert_eq!(reply.status, 200);
+    (gw, ca, tunnel)
+}
+
 #[tokio::test]
 async fn rediss_cluster_verifies_every_node_against_the_system_trust_store() {
     let pki = Pki::new();
-    let ca = tempfile::tempdir().unwrap();
-    let ca_file = ca.path().join("ca.pem");
-    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+    let ca_pem = pki.ca_pem.clone();
     let cluster = tokio::task::spawn_blocking(move || RedisCluster::start_tls(&pki))
         .await
         .unwrap();
@@ -481,32 +506,65 @@ async fn rediss_cluster_verifies_every_node_against_the_system_trust_store() {
     let origin = TcpOrigin::start(b"").await;
     let port = origin.addr.port();
     let config = gateway_for(&[port]).branch(office(2));
-    // The replica trusts the test CA as the system's (rustls-native-certs reads SSL_CERT_FILE).
-    let mut gw = Gateway::start_with_env(
-        replica(&config, &cluster.url(), "gw-1"),
-        &[("SSL_CERT_FILE", ca_file.to_str().unwrap())],
-    )
-    .await;
-    let _ = gw
-        .wait_log(|l| l["message"].as_str().is_some_and(|m| m.starts_with(UP)))
-        .await;
-    let target = format!("{ORIGIN_HOST}:{port}");
-    let (_tunnel, reply) = connect_from(gw.addr, "127.0.0.1", &target, "").await;
-    assert_eq!(reply.status, 200);
     let key = "portcullis:{tunnels:office}";
-    let stored = cluster.command(cluster.primary_of(key), &format!("HGET {key} gw-1"));
-    assert!(stored.contains("\n1 "), "counted over TLS: {stored:?}");
-    // Without the CA no node is believed: Redis does not answer, tunnels go on.
-    let mut untrusted = Gateway::start_with_env(
-        replica(&config, &cluster.url(), "gw-2"),
-        &[("SSL_CERT_FILE", "/dev/null")],
+    verified_against_the_system_trust_store(
+        &ca_pem,
+        &format!("{ORIGIN_HOST}:{port}"),
+        |name| replica(&config, &cluster.url(), name),
+        || cluster.command(cluster.primary_of(key), &format!("HGET {key} gw-1")),
     )
     .await;
-    let _ = untrusted
-        .wait_log(|l| l["message"].as_str().is_some_and(|m| m.starts_with(DOWN)))
-        .await;
-    let (_tunnel, reply) = connect_from(untrusted.addr, "127.0.0.1", &target, "").await;
+}
+
+#[tokio::test]
+async fn a_sentinel_set_over_tls_is_verified_and_followed_through_a_failover() {
+    let pki = Pki::new();
+    let ca_pem = pki.ca_pem.clone();
+    let sentinel = tokio::task::spawn_blocking(move || RedisSentinel::start_tls(&pki))
+        .await
+        .unwrap();
+    let value = sentinel.fleet_value();
+    assert!(value.contains("rediss://"), "{value}");
+    let origin = TcpOrigin::start(b"").await;
+    let port = origin.addr.port();
+    // Room beyond the fallback share: the second tunnel opens right after the failover.
+    let config = gateway_for(&[port]).branch(office(10));
+    let key = "portcullis:{tunnels:office}";
+    let (mut gw, _ca, _tunnel) = verified_against_the_system_trust_store(
+        &ca_pem,
+        &format!("{ORIGIN_HOST}:{port}"),
+        |name| sentinel_replica(&config, &value, name),
+        || sentinel.command(sentinel.primary_port(), &format!("HGET {key} gw-1")),
+    )
+    .await;
+    // The primary killed: the sentinels, asked over TLS, name the replica, and the gateway
+    // counts there over TLS (a second tunnel: the first's count came by replication).
+    let sentinel = tokio::task::spawn_blocking(move || {
+        let mut sentinel = sentinel;
+        sentinel.kill_primary();
+        sentinel
+    })
+    .await
+    .unwrap();
+    gw.wait_log(|l| {
+        l["message"] == "fleet: the sentinels name a new Redis primary; calls go to it"
+    })
+    .await;
+    let (_second, reply) =
+        connect_from(gw.addr, "127.0.0.1", &format!("{ORIGIN_HOST}:{port}"), "").await;
     assert_eq!(reply.status, 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stored = sentinel.command(sentinel.replica_port(), &format!("HGET {key} gw-1"));
+        if stored.contains("\n2 ") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "both tunnels counted on the new primary: {stored:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
@@ -520,13 +578,8 @@ async fn authentication_attempts_count_across_a_cluster() {
 async fn authentication_attempts_and_learned_destinations_go_through_a_sentinel_set() {
     let sentinel = RedisSentinel::start();
     let value = sentinel.fleet_value();
-    authentication_attempts_count_across(|config, name| {
-        config
-            .clone()
-            .fleet("sentinel", TomlRaw(value.clone()))
-            .fleet("name", name)
-    })
-    .await;
+    authentication_attempts_count_across(|config, name| sentinel_replica(config, &value, name))
+        .await;
     crate::learned::replicas_share_learned_destinations(|config| {
         config.fleet("sentinel", TomlRaw(value.clone()))
     })

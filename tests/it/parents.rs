@@ -91,23 +91,24 @@ async fn connect(gw: SocketAddr, target: &str, headers: &str) -> (tokio::net::Tc
     connect_from(gw, "127.0.0.1", target, headers).await
 }
 
-#[tokio::test]
-async fn a_tunnel_through_squid_carries_bytes_and_never_the_clients_credentials() {
-    let mut origin = Origin::start(b"from the origin").await;
-    let squid = squid_for_origin();
-    let parents = parent("corp-1", &squid.address(), "");
-    let via = "via = [\"corp-1\"]\n";
-    let mut gw = Gateway::start(config(origin.addr.port(), &parents, via)).await;
+/// A tunnel to the origin through `parents`' `name` carries bytes both ways, its access line
+/// names the parent, and the client's own credentials never reach the parent (Squid's log).
+/// The gateway and the target stay with the caller.
+async fn carries_bytes_and_never_the_clients_credentials(
+    origin: &mut Origin,
+    squid: &Squid,
+    parents: &str,
+    name: &str,
+    answer: &[u8],
+) -> (Gateway, String) {
+    let via = format!("via = [\"{name}\"]\n");
+    let mut gw = Gateway::start(config(origin.addr.port(), parents, &via)).await;
     let target = format!("{VIA_PARENT}:{}", origin.addr.port());
     let client_auth = basic("branch-user", "branch-secret");
     let (tcp, reply) = connect(gw.addr, &target, &client_auth).await;
     assert_eq!(reply.status, 200, "{reply:?}");
-    assert_eq!(exchange(tcp).await, b"from the origin");
+    assert_eq!(exchange(tcp).await, answer);
     assert_eq!(origin.received.recv().await.unwrap(), b"ping");
-    let line = gw.access_line(|l| l["host"] == VIA_PARENT).await;
-    assert_eq!(line["parent"], "corp-1", "{line}");
-    assert_eq!(line["egress"], "corp");
-    assert_eq!(line["end"], "closed");
     let log = squid.wait_log(&format!("CONNECT {target}"));
     assert!(log.contains(&format!("CONNECT {target} 200")), "{log}");
     assert!(log.contains("auth=[]") || log.contains("auth=[-]"), "{log}");
@@ -115,6 +116,29 @@ async fn a_tunnel_through_squid_carries_bytes_and_never_the_clients_credentials(
         !log.contains("YnJhbmNo"),
         "the client's credentials reached the parent: {log}"
     );
+    let line = gw.access_line(|l| l["host"] == VIA_PARENT).await;
+    assert_eq!(line["parent"], name, "{line}");
+    assert_eq!(line["end"], "closed");
+    assert_eq!(line["bytes_up"], 4, "{line}");
+    assert_eq!(line["bytes_down"], answer.len(), "{line}");
+    (gw, target)
+}
+
+#[tokio::test]
+async fn a_tunnel_through_squid_carries_bytes_and_never_the_clients_credentials() {
+    let mut origin = Origin::start(b"from the origin").await;
+    let squid = squid_for_origin();
+    let parents = parent("corp-1", &squid.address(), "");
+    let (mut gw, _) = carries_bytes_and_never_the_clients_credentials(
+        &mut origin,
+        &squid,
+        &parents,
+        "corp-1",
+        b"from the origin",
+    )
+    .await;
+    let line = gw.access_line(|l| l["host"] == VIA_PARENT).await;
+    assert_eq!(line["egress"], "corp");
 }
 
 #[tokio::test]
@@ -344,33 +368,44 @@ fn explain_prints_the_path_through_parents_and_check_config_who_uses_them() {
     assert!(!out.contains("secret"), "{out}");
 }
 
-#[tokio::test]
-async fn the_sni_check_works_the_same_through_a_parent() {
-    let pki = Pki::new();
-    let origin = crate::support::Origin::start(&pki).await;
+/// The SNI check inside a tunnel through `parents`' `name`: a hello for the name asked for
+/// passes (and the access line names the parent), one for another name is cut.
+async fn the_sni_check_through(
+    pki: &Pki,
+    origin: &crate::support::Origin,
+    parents: &str,
+    name: &str,
+) {
     let port = origin.port();
-    let squid = squid_for_origin();
-    let parents = parent("corp-1", &squid.address(), "");
-    let config = config(port, &parents, "via = [\"corp-1\"]\n")
-        .change_rule("via-parent", |r| r.set("sni", "match"));
+    let via = format!("via = [\"{name}\"]\n");
+    let config = config(port, parents, &via).change_rule("via-parent", |r| r.set("sni", "match"));
     let mut gw = Gateway::start(config).await;
-    assert_serves(&pki, gw.addr, &origin).await;
+    assert_serves(pki, gw.addr, origin).await;
     let line = gw
         .access_line(|l| l["host"] == VIA_PARENT && l["status"] == 200)
         .await;
     assert_eq!(line["sni"], VIA_PARENT);
-    assert_eq!(line["parent"], "corp-1");
+    assert_eq!(line["parent"], name);
 
     let (tunnel, reply) = connect(gw.addr, &format!("{VIA_PARENT}:{port}"), "").await;
     assert_eq!(reply.status, 200);
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(pki.client_config()));
-    let name = rustls::pki_types::ServerName::try_from("evil.example").unwrap();
+    let evil = rustls::pki_types::ServerName::try_from("evil.example").unwrap();
     assert!(
-        connector.connect(name, tunnel).await.is_err(),
+        connector.connect(evil, tunnel).await.is_err(),
         "the tunnel is cut"
     );
     let line = gw.access_line(|l| l["end"] == "sni_mismatch").await;
-    assert_eq!(line["parent"], "corp-1");
+    assert_eq!(line["parent"], name);
+}
+
+#[tokio::test]
+async fn the_sni_check_works_the_same_through_a_parent() {
+    let pki = Pki::new();
+    let origin = crate::support::Origin::start(&pki).await;
+    let squid = squid_for_origin();
+    let parents = parent("corp-1", &squid.address(), "");
+    the_sni_check_through(&pki, &origin, &parents, "corp-1").await;
 }
 
 /// A listener on `addr` whose accept queue is full: further SYNs are dropped.
@@ -489,26 +524,14 @@ async fn a_tunnel_through_a_tls_parent_carries_bytes_and_never_the_clients_crede
     let pki = Pki::new();
     let stunnel = Stunnel::start(&pki, squid.port);
     let parents = stunnel.parent("corp-tls", &pki.ca_pem, PARENT_NAME);
-    let via = "via = [\"corp-tls\"]\n";
-    let mut gw = Gateway::start(config(origin.addr.port(), &parents, via)).await;
-    let target = format!("{VIA_PARENT}:{}", origin.addr.port());
-    let client_auth = basic("branch-user", "branch-secret");
-    let (tcp, reply) = connect(gw.addr, &target, &client_auth).await;
-    assert_eq!(reply.status, 200, "{reply:?}");
-    assert_eq!(exchange(tcp).await, b"over tls");
-    assert_eq!(origin.received.recv().await.unwrap(), b"ping");
-    let log = squid.wait_log(&format!("CONNECT {target}"));
-    assert!(log.contains(&format!("CONNECT {target} 200")), "{log}");
-    assert!(log.contains("auth=[]") || log.contains("auth=[-]"), "{log}");
-    assert!(
-        !log.contains("YnJhbmNo"),
-        "the client's credentials reached the parent: {log}"
-    );
-    let line = gw.access_line(|l| l["host"] == VIA_PARENT).await;
-    assert_eq!(line["parent"], "corp-tls", "{line}");
-    assert_eq!(line["end"], "closed");
-    assert_eq!(line["bytes_up"], 4, "{line}");
-    assert_eq!(line["bytes_down"], 8, "{line}");
+    let (mut gw, target) = carries_bytes_and_never_the_clients_credentials(
+        &mut origin,
+        &squid,
+        &parents,
+        "corp-tls",
+        b"over tls",
+    )
+    .await;
 
     // The CA file gone: a reload is refused at its line, and the running config (its trust
     // already read) goes on.
@@ -532,30 +555,10 @@ async fn a_tunnel_through_a_tls_parent_carries_bytes_and_never_the_clients_crede
 async fn the_sni_check_works_the_same_through_a_tls_parent() {
     let pki = Pki::new();
     let origin = crate::support::Origin::start(&pki).await;
-    let port = origin.port();
     let squid = squid_for_origin();
     let stunnel = Stunnel::start(&pki, squid.port);
     let parents = stunnel.parent("corp-tls", &pki.ca_pem, PARENT_NAME);
-    let config = config(port, &parents, "via = [\"corp-tls\"]\n")
-        .change_rule("via-parent", |r| r.set("sni", "match"));
-    let mut gw = Gateway::start(config).await;
-    assert_serves(&pki, gw.addr, &origin).await;
-    let line = gw
-        .access_line(|l| l["host"] == VIA_PARENT && l["status"] == 200)
-        .await;
-    assert_eq!(line["sni"], VIA_PARENT);
-    assert_eq!(line["parent"], "corp-tls");
-
-    let (tunnel, reply) = connect(gw.addr, &format!("{VIA_PARENT}:{port}"), "").await;
-    assert_eq!(reply.status, 200);
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(pki.client_config()));
-    let name = rustls::pki_types::ServerName::try_from("evil.example").unwrap();
-    assert!(
-        connector.connect(name, tunnel).await.is_err(),
-        "the tunnel is cut"
-    );
-    let line = gw.access_line(|l| l["end"] == "sni_mismatch").await;
-    assert_eq!(line["parent"], "corp-tls");
+    the_sni_check_through(&pki, &origin, &parents, "corp-tls").await;
 }
 
 /// A parent whose certificate the gateway does not trust (another CA), or whose certificate is

@@ -1,6 +1,7 @@
 //! Binary upgrade (SIGUSR2, `POST /upgrade`): the listeners go to a new process of the same
 //! binary, no client is refused, open tunnels finish on the old process, which then exits.
 
+use crate::fleet::{replica, start_replica, upload_all_day};
 use crate::support::*;
 use serde_json::Value;
 use std::sync::Arc;
@@ -392,18 +393,8 @@ async fn a_fleet_replica_upgraded_in_place_keeps_one_share_under_its_name() {
     let redis = Redis::start(&[]);
     let origin = TcpOrigin::start(b"ok").await;
     let port = origin.addr.port();
-    let schedule = "[[schedule]]\nname = \"fleet\"\ndays = \"daily\"\nhours = \"00:00-00:00\"\ntime_zone = \"UTC\"\nupload = \"8 Mbit/s\"\napplies_to = \"each-branch\"\n";
-    let config = GatewayConfig::for_origin(port)
-        .extra(schedule)
-        .fleet("redis", redis.url())
-        .fleet("name", "gw-1");
-    let mut gw = Gateway::start(config).await;
-    gw.wait_log(|l| {
-        l["message"]
-            .as_str()
-            .is_some_and(|m| m.starts_with("fleet: Redis answers"))
-    })
-    .await;
+    let config = GatewayConfig::for_origin(port).extra(&upload_all_day("each-branch"));
+    let mut gw = start_replica(&replica(&config, &redis.url(), "gw-1")).await;
     let target = format!("{ORIGIN_HOST}:{port}");
     // A tunnel on the old process makes the budget's share; one on the new process keeps it.
     let (on_old, status) = open_tunnel(gw.addr, &target, b"").await;
@@ -500,21 +491,12 @@ async fn tunnels_draining_on_the_old_process_still_count_against_the_fleet_cap()
     let redis = Redis::start(&[]);
     let origin = TcpOrigin::start(b"ok").await;
     let port = origin.addr.port();
-    let config = GatewayConfig::for_origin(port)
-        .branch(
-            Branch::new("london")
-                .sources(&["127.0.0.0/8"])
-                .set("max_tunnels", 2),
-        )
-        .fleet("redis", redis.url())
-        .fleet("name", "gw-1");
-    let mut gw = Gateway::start(config).await;
-    gw.wait_log(|l| {
-        l["message"]
-            .as_str()
-            .is_some_and(|m| m.starts_with("fleet: Redis answers"))
-    })
-    .await;
+    let config = GatewayConfig::for_origin(port).branch(
+        Branch::new("london")
+            .sources(&["127.0.0.0/8"])
+            .set("max_tunnels", 2),
+    );
+    let mut gw = start_replica(&replica(&config, &redis.url(), "gw-1")).await;
     let target = format!("{ORIGIN_HOST}:{port}");
     let (first, status) = open_tunnel(gw.addr, &target, b"").await;
     assert_eq!(status, 200);

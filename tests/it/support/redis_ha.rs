@@ -36,15 +36,6 @@ impl Talk {
     }
 }
 
-/// `lines` sent to the server on `port`, after `AUTH password` when there is one.
-fn ask(password: Option<&str>, port: u16, lines: &str) -> String {
-    Talk {
-        password: password.map(str::to_owned),
-        tls: None,
-    }
-    .ask(port, lines)
-}
-
 /// ACL users and passwords on a set's Redis nodes (and its sentinels).
 #[derive(Clone, Default)]
 pub struct RedisAuth {
@@ -92,12 +83,8 @@ struct Node {
 }
 
 impl Node {
-    /// Starts `redis-server` with `args` on a free port and waits until it answers PING.
-    fn start(args: impl Fn(u16) -> Vec<String>) -> Self {
-        Self::start_tls(None, args)
-    }
-
-    /// `start`, the readiness PING over TLS when `tls` is given.
+    /// Starts `redis-server` with `args` on a free port and waits until it answers PING (over
+    /// TLS when `tls` is given).
     fn start_tls(
         tls: Option<Arc<rustls::ClientConfig>>,
         args: impl Fn(u16) -> Vec<String>,
@@ -165,6 +152,45 @@ fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 
+/// A certificate for 127.0.0.1 from `pki`, its key and the CA, as files in `dir`.
+fn tls_files(pki: &Pki, dir: &std::path::Path) -> [String; 3] {
+    let (cert, key) = pki.issue_pem(&["127.0.0.1"], 2040);
+    [
+        ("node.pem", cert),
+        ("node.key", key),
+        ("ca.pem", pki.ca_pem.clone()),
+    ]
+    .map(|(name, text)| {
+        let file = dir.join(name);
+        std::fs::write(&file, text).unwrap();
+        file.display().to_string()
+    })
+}
+
+/// The listening arguments of a node on `port`: plain, or TLS only (to clients and replicas,
+/// no client certificates asked for) with `tls`'s files.
+fn ports(port: u16, tls: Option<&[String; 3]>) -> Vec<String> {
+    match tls {
+        None => strings(&["--port", &port.to_string()]),
+        Some([cert, key, ca]) => strings(&[
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--tls-replication",
+            "yes",
+            "--tls-cert-file",
+            cert,
+            "--tls-key-file",
+            key,
+            "--tls-ca-cert-file",
+            ca,
+            "--tls-auth-clients",
+            "no",
+        ]),
+    }
+}
+
 /// Polls `check` every 50 ms for up to `within`.
 fn wait_for(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
@@ -207,19 +233,7 @@ impl RedisCluster {
     fn start_inner(auth: &RedisAuth, pki: Option<&Pki>, node_timeout_ms: u32) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().to_owned();
-        let file = |name: &str, text: &str| {
-            let file = path.join(name);
-            std::fs::write(&file, text).unwrap();
-            file.display().to_string()
-        };
-        let tls = pki.map(|pki| {
-            let (cert, key) = pki.issue_pem(&["127.0.0.1"], 2040);
-            [
-                file("node.pem", &cert),
-                file("node.key", &key),
-                file("ca.pem", &pki.ca_pem),
-            ]
-        });
+        let tls = pki.map(|pki| tls_files(pki, &path));
         let client = pki.map(|pki| Arc::new(pki.client_config()));
         let nodes: Vec<Node> = (0..6)
             .map(|_| {
@@ -238,28 +252,10 @@ impl RedisCluster {
                         "--cluster-node-timeout",
                         &node_timeout_ms.to_string(),
                     ]);
-                    let ports = match &tls {
-                        None => strings(&["--port", &port.to_string()]),
-                        Some([cert, key, ca]) => strings(&[
-                            "--port",
-                            "0",
-                            "--tls-port",
-                            &port.to_string(),
-                            "--tls-cluster",
-                            "yes",
-                            "--tls-replication",
-                            "yes",
-                            "--tls-cert-file",
-                            cert,
-                            "--tls-key-file",
-                            key,
-                            "--tls-ca-cert-file",
-                            ca,
-                            "--tls-auth-clients",
-                            "no",
-                        ]),
-                    };
-                    args.extend(ports);
+                    args.extend(ports(port, tls.as_ref()));
+                    if tls.is_some() {
+                        args.extend(strings(&["--tls-cluster", "yes"]));
+                    }
                     args.extend([
                         // The bus port named too: port + 10000 may be taken.
                         "--cluster-port".into(),
@@ -438,8 +434,10 @@ pub struct RedisSentinel {
     primary: Node,
     replica: Node,
     sentinels: Vec<Node>,
-    password: Option<String>,
-    sentinel_password: Option<String>,
+    /// How the tests talk to the primary and the replica.
+    data: Talk,
+    /// How the tests talk to the sentinels.
+    own: Talk,
     _dir: tempfile::TempDir,
 }
 
@@ -447,14 +445,33 @@ pub const SENTINEL_MASTER: &str = "portcullis";
 
 impl RedisSentinel {
     pub fn start() -> Self {
-        Self::start_with(&RedisAuth::default())
+        Self::start_inner(&RedisAuth::default(), None)
     }
 
     /// With passwords and an ACL user on the primary and the replica, and a password of the
     /// sentinels' own.
     pub fn start_with(auth: &RedisAuth) -> Self {
-        let (data, own) = (auth.password.as_deref(), auth.sentinel_password.as_deref());
+        Self::start_inner(auth, None)
+    }
+
+    /// Every node and sentinel speaking only TLS (to clients, between the data nodes and from
+    /// the sentinels to them), with a certificate for 127.0.0.1 from `pki`.
+    pub fn start_tls(pki: &Pki) -> Self {
+        Self::start_inner(&RedisAuth::default(), Some(pki))
+    }
+
+    fn start_inner(auth: &RedisAuth, pki: Option<&Pki>) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let tls = pki.map(|pki| tls_files(pki, dir.path()));
+        let client = pki.map(|pki| Arc::new(pki.client_config()));
+        let data = Talk {
+            password: auth.password.clone(),
+            tls: client.clone(),
+        };
+        let own = Talk {
+            password: auth.sentinel_password.clone(),
+            tls: client.clone(),
+        };
         let mut base = strings(&[
             "--bind",
             "127.0.0.1",
@@ -466,45 +483,57 @@ impl RedisSentinel {
             "warning",
         ]);
         base.extend(auth.args());
-        let primary = Node::start(|port| {
+        let primary = Node::start_tls(client.clone(), |port| {
             let mut args = base.clone();
-            args.extend(["--port".into(), port.to_string()]);
+            args.extend(ports(port, tls.as_ref()));
             args
         });
-        let replica = Node::start(|port| {
+        let replica = Node::start_tls(client.clone(), |port| {
             let mut args = base.clone();
-            args.extend([
-                "--port".into(),
-                port.to_string(),
-                "--replicaof".into(),
-                "127.0.0.1".into(),
-                primary.port.to_string(),
-            ]);
+            args.extend(ports(port, tls.as_ref()));
+            args.extend(strings(&[
+                "--replicaof",
+                "127.0.0.1",
+                &primary.port.to_string(),
+            ]));
             args
         });
         wait_for("the replica is in sync", Duration::from_secs(10), || {
-            ask(data, replica.port, "INFO replication").contains("master_link_status:up")
+            data.ask(replica.port, "INFO replication")
+                .contains("master_link_status:up")
         });
         let sentinels = (0..3)
             .map(|i| {
-                Node::start(|port| {
-                    // A sentinel rewrites its file: one of its own, in the directory.
+                Node::start_tls(client.clone(), |port| {
+                    // A sentinel rewrites its file: one of its own, in the directory. Over TLS
+                    // it listens on its TLS port only and reaches the data nodes and the
+                    // other sentinels over TLS (`tls-replication`).
                     let file = dir.path().join(format!("sentinel-{i}-{port}.conf"));
+                    let listen = match &tls {
+                        None => format!("port {port}\n"),
+                        Some([cert, key, ca]) => format!(
+                            "port 0\ntls-port {port}\ntls-replication yes\n\
+                             tls-cert-file {cert}\ntls-key-file {key}\n\
+                             tls-ca-cert-file {ca}\ntls-auth-clients no\n"
+                        ),
+                    };
                     std::fs::write(
                         &file,
                         format!(
-                            "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                            "{listen}bind 127.0.0.1\ndir {dir}\n\
                              sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {primary} 2\n\
                              sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
                              sentinel failover-timeout {SENTINEL_MASTER} 10000\n\
                              sentinel parallel-syncs {SENTINEL_MASTER} 1\n{auth_pass}{requirepass}",
                             dir = dir.path().display(),
                             primary = primary.port,
-                            auth_pass = data.map_or(String::new(), |p| format!(
-                                "sentinel auth-pass {SENTINEL_MASTER} {p}\n"
-                            )),
-                            requirepass =
-                                own.map_or(String::new(), |p| format!("requirepass {p}\n")),
+                            auth_pass = auth.password.as_ref().map_or(String::new(), |p| {
+                                format!("sentinel auth-pass {SENTINEL_MASTER} {p}\n")
+                            }),
+                            requirepass = auth
+                                .sentinel_password
+                                .as_ref()
+                                .map_or(String::new(), |p| format!("requirepass {p}\n")),
                         ),
                     )
                     .unwrap();
@@ -516,8 +545,8 @@ impl RedisSentinel {
             primary,
             replica,
             sentinels,
-            password: auth.password.clone(),
-            sentinel_password: auth.sentinel_password.clone(),
+            data,
+            own,
             _dir: dir,
         };
         wait_for(
@@ -525,7 +554,9 @@ impl RedisSentinel {
             Duration::from_secs(20),
             || {
                 set.sentinels.iter().all(|s| {
-                    let master = ask(own, s.port, &format!("SENTINEL MASTER {SENTINEL_MASTER}"));
+                    let master = set
+                        .own
+                        .ask(s.port, &format!("SENTINEL MASTER {SENTINEL_MASTER}"));
                     master.contains("num-other-sentinels\r\n$1\r\n2")
                         && master.contains("num-slaves\r\n$1\r\n1")
                 })
@@ -534,11 +565,17 @@ impl RedisSentinel {
         set
     }
 
-    /// The sentinels' URLs, as `fleet.sentinel.nodes` takes them (TOML array items).
+    /// The sentinels' URLs, as `fleet.sentinel.nodes` takes them (TOML array items):
+    /// `rediss://` when the set speaks TLS.
     pub fn nodes(&self) -> Vec<String> {
+        let scheme = if self.own.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         self.sentinels
             .iter()
-            .map(|s| format!("redis://127.0.0.1:{}", s.port))
+            .map(|s| format!("{scheme}://127.0.0.1:{}", s.port))
             .collect()
     }
 
@@ -569,14 +606,14 @@ impl RedisSentinel {
             "the sentinels promote the replica",
             Duration::from_secs(30),
             || {
-                ask(self.password.as_deref(), self.replica.port, "ROLE").contains("master")
+                self.data.ask(self.replica.port, "ROLE").contains("master")
                     && self.sentinels.iter().all(|s| {
-                        ask(
-                            self.sentinel_password.as_deref(),
-                            s.port,
-                            &format!("SENTINEL GET-MASTER-ADDR-BY-NAME {SENTINEL_MASTER}"),
-                        )
-                        .contains(&replica)
+                        self.own
+                            .ask(
+                                s.port,
+                                &format!("SENTINEL GET-MASTER-ADDR-BY-NAME {SENTINEL_MASTER}"),
+                            )
+                            .contains(&replica)
                     })
             },
         );
@@ -589,6 +626,6 @@ impl RedisSentinel {
 
     /// `lines` sent to the data node on `port`.
     pub fn command(&self, port: u16, lines: &str) -> String {
-        ask(self.password.as_deref(), port, lines)
+        self.data.ask(port, lines)
     }
 }
