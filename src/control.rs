@@ -164,6 +164,9 @@ impl Control {
         if listen_changed {
             self.listen_changed.notify_one();
         }
+        // From here a tunnel admitted under an older snapshot is checked as it registers: the
+        // sweeps below cover the tunnels registered before.
+        next.live.now_current(next.generation);
         // Revocation takes effect: a client the new file no longer admits as its branch loses
         // its open tunnels, whatever `on_reload` says.
         let revoked = next.live.revoke(&previous.config, &next.config);

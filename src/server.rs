@@ -124,12 +124,15 @@ impl Server {
         );
         let (reloads, reload_requests) = tokio::sync::mpsc::channel(16);
         let (upgrades, upgrade_requests) = tokio::sync::mpsc::channel(4);
+        let live = snapshot.live.clone();
+        let current = Arc::new(ArcSwap::from_pointee(snapshot));
+        live.follow(&current);
         Ok(Self {
             upgrades,
             upgrade_requests,
             reloads,
             reload_requests,
-            current: Arc::new(ArcSwap::from_pointee(snapshot)),
+            current,
             listeners,
             admin,
             draining: Arc::new(AtomicBool::new(false)),
@@ -396,7 +399,7 @@ impl Server {
                 );
                 // Open tunnels end now with their counts and write their access lines
                 // (`end = "drain_timeout"`) before the process exits.
-                self.current.load().closing.notify_waiters();
+                self.current.load().closing.fire();
                 if let Drained::Left(left) = connections.drain(LINES_AFTER_DRAIN).await {
                     tracing::warn!(connections = left, "exiting with connections still open");
                 }

@@ -96,15 +96,20 @@ pub fn close(ask: &Ask<'_>, control: &Control, caller: &Caller) -> Answer {
         );
     }
     let dry_run = ask.param("dry_run").as_deref() == Some("true");
+    let fleet = ask.param("fleet").as_deref() == Some("true") && !dry_run;
+    if fleet && let Some(why) = filter.not_fleet_wide() {
+        return Answer::text(400, format!("fleet=true: {why}\n"));
+    }
     let snapshot = control.current();
     let (ids, listed) = if dry_run {
-        let selected = snapshot.live.select(&filter);
+        // Every id that would close; the rows of the first (a listing's default) only.
+        let mut selected = snapshot.live.select_all(&filter);
         let ids: Vec<u64> = selected.iter().map(|(t, _)| t.id).collect();
+        selected.truncate(crate::live::filter::DEFAULT_LIMIT);
         (ids, Some(view::tunnels(&selected, snapshot.live.len())))
     } else {
         (snapshot.live.close(&filter, End::ClosedByOperator), None)
     };
-    let fleet = ask.param("fleet").as_deref() == Some("true") && !dry_run;
     let mut body = json!({ "dry_run": dry_run, "closed": ids.len(), "ids": ids });
     if let Some(listed) = listed {
         body["would_close"] = listed["tunnels"].clone();
@@ -148,7 +153,7 @@ pub fn branch_action(ask: &Ask<'_>, control: &Control, caller: &Caller, rest: &s
         "quarantine" => Some(Hold::Quarantine),
         _ => None,
     };
-    let (status, mut body, touched) = control.hold(branch, hold);
+    let (mut status, mut body, touched) = control.hold(branch, hold);
     if ask.param("fleet").as_deref() == Some("true") {
         let sent = control.fleet_action(crate::live::fleet::Action::Hold(
             branch.to_owned(),
@@ -159,27 +164,12 @@ pub fn branch_action(ask: &Ask<'_>, control: &Control, caller: &Caller, rest: &s
             Err(why) => format!("not sent: {why}"),
         });
         if sent.is_err() {
-            audit(
-                ask,
-                caller,
-                action,
-                Some(branch),
-                &Filter::default(),
-                touched,
-                false,
-            );
-            return Answer::json(503, &body);
+            // Held here, but not everywhere: the caller must hear it.
+            status = 503;
         }
     }
-    audit(
-        ask,
-        caller,
-        action,
-        Some(branch),
-        &Filter::default(),
-        touched,
-        false,
-    );
+    let filter = Filter::default();
+    audit(ask, caller, action, Some(branch), &filter, touched, false);
     Answer::json(status, &body)
 }
 

@@ -57,7 +57,7 @@ pub struct Settings {
     /// The client certificate presented to `https://` gateways, when one is configured.
     pub certificate: Option<ClientCertificate>,
     /// Notified at the drain timeout: open tunnels end (`drain_timeout`) and log their line.
-    pub closing: tokio::sync::Notify,
+    pub closing: crate::tunnel::Closing,
 }
 
 /// Binds the listener, then serves until `shutdown` resolves, then drains.
@@ -115,7 +115,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> std:
         Drained::Left(left) => {
             tracing::warn!(left, "drain time over; closing the remaining tunnels");
             // They end with their counts and write their lines before the process exits.
-            settings.closing.notify_waiters();
+            settings.closing.fire();
             let _ = connections.drain(Duration::from_secs(2)).await;
         }
     }

@@ -30,9 +30,17 @@ fn summary_key(replica: &str) -> String {
 }
 
 impl Fleet {
-    /// Sends `action` to every replica; a hold is also written to the holds hash.
+    /// Sends `action` to every replica; a hold is also written to the holds hash, before the
+    /// stream entry (a replica starting reads the stream's end before the hash: it finds the
+    /// hold in one or the other, see [`start`]).
     pub async fn send_action(&self, action: &Action) -> Result<(), String> {
         let mut pipe = super::link::Batch::new();
+        if let Action::Hold(branch, hold) = action {
+            match hold {
+                Some(hold) => pipe.cmd("HSET").arg(HOLDS).arg(branch).arg(hold),
+                None => pipe.cmd("HDEL").arg(HOLDS).arg(branch),
+            };
+        }
         let add = pipe
             .cmd("XADD")
             .arg(STREAM)
@@ -44,12 +52,6 @@ impl Fleet {
             .arg(&self.instance);
         for (field, value) in action.fields() {
             add.arg(field).arg(value);
-        }
-        if let Action::Hold(branch, hold) = action {
-            match hold {
-                Some(hold) => pipe.cmd("HSET").arg(HOLDS).arg(branch).arg(hold),
-                None => pipe.cmd("HDEL").arg(HOLDS).arg(branch),
-            };
         }
         self.link
             .query::<redis::Value>(&pipe)
@@ -120,17 +122,19 @@ pub async fn run(fleet: Arc<Fleet>, registry: Arc<Registry>) {
 }
 
 /// The holds in force from Redis, and the stream's last id; `None` while Redis is silent.
+/// The stream's end is read before the hash (another replica writes the hash before the
+/// stream): a hold sent meanwhile is in the hash or after that end, never in neither.
 async fn start(fleet: &Fleet, registry: &Arc<Registry>) -> Option<String> {
     let mut pipe = super::link::Batch::new();
-    pipe.cmd("HGETALL").arg(HOLDS);
     pipe.cmd("XREVRANGE")
         .arg(STREAM)
         .arg("+")
         .arg("-")
         .arg("COUNT")
         .arg(1);
+    pipe.cmd("HGETALL").arg(HOLDS);
     type Entries = Vec<(String, HashMap<String, String>)>;
-    let (holds, last): (HashMap<String, String>, Entries) = fleet.link.query(&pipe).await.ok()?;
+    let (last, holds): (Entries, HashMap<String, String>) = fleet.link.query(&pipe).await.ok()?;
     for (branch, wire) in holds {
         match Hold::from_wire(&wire) {
             Some(hold) => {

@@ -671,7 +671,12 @@ fn register<'s>(
         tunnel.egress = Some(way_out.egress.as_str().into());
         tunnel.parent = way_out.parent.as_deref().map(Into::into);
     }
-    snapshot.live.register(tunnel)
+    let registered = snapshot.live.register(tunnel);
+    // A reload since admission swept the registry before this tunnel was in it.
+    snapshot
+        .live
+        .check_late(&registered.tunnel, &snapshot.config, snapshot.generation);
+    registered
 }
 
 /// The admitted request out of its box, the box freed now: moving out of `*boxed` in place

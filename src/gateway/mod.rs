@@ -63,7 +63,7 @@ pub struct Snapshot {
     pub live: Arc<crate::live::Registry>,
     /// Notified at the drain timeout: every open tunnel ends (`drain_timeout`) and writes its
     /// access line before the process exits; shared by every snapshot.
-    pub closing: Arc<tokio::sync::Notify>,
+    pub closing: Arc<crate::tunnel::Closing>,
     /// Unfinished request heads per client address; shared by every snapshot.
     pub pending_heads: Arc<pending::PendingHeads>,
     /// Fresh CRL answers of the plain-HTTP lane.
@@ -82,6 +82,9 @@ pub struct Snapshot {
     pub learned: Arc<Learned>,
     /// Branch, rule and category names as open tunnels share them (no string per tunnel).
     pub names: TunnelNames,
+    /// Counts reloads: one more than the snapshot this one replaced. A tunnel admitted under
+    /// an older one than the registry's current is checked again as it registers.
+    pub generation: u64,
     /// Last, so it is dropped after everything above: a replaced snapshot is freed when the
     /// last connection that started on it ends (at once on an idle gateway), and then its
     /// memory, and the garbage of the parse that replaced it, go back to the system.
@@ -225,6 +228,7 @@ impl Snapshot {
             connect_rate,
             fleet,
             learned,
+            generation: previous.map_or(0, |p| p.generation + 1),
             _release_memory: crate::process::memory::ReleaseOnDrop,
         })
     }

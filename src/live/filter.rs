@@ -6,8 +6,15 @@ use super::Tunnel;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Listed at most, unless `limit` says otherwise.
+/// Listed at most, unless `limit` says otherwise (a close without `limit` takes every tunnel
+/// the filter selects).
 pub const DEFAULT_LIMIT: usize = 1000;
+/// The largest `limit` taken: an answer stays a few megabytes.
+pub const MAX_LIMIT: usize = 10_000;
+/// The most tunnel ids one filter names.
+pub const MAX_IDS: usize = 1000;
+/// The longest host pattern (a DNS name is at most 253 characters).
+pub const MAX_HOST_PATTERN: usize = 253;
 
 /// What a listing sorts by (largest first; `age`: oldest first).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -21,6 +28,7 @@ pub enum Sort {
 /// A selection of open tunnels; empty selects every tunnel.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Filter {
+    /// Sorted, without repeats.
     pub ids: Vec<u64>,
     pub branch: Option<String>,
     /// A host pattern: exact, or with `*` for any run of characters (`*.file.core.windows.net`).
@@ -30,7 +38,9 @@ pub struct Filter {
     /// Bytes per second, both ways together.
     pub min_rate: Option<u64>,
     pub sort: Sort,
-    pub limit: usize,
+    /// At most this many, the first by `sort`; `None`: a listing shows [`DEFAULT_LIMIT`], a
+    /// close takes all.
+    pub limit: Option<usize>,
 }
 
 impl Default for Filter {
@@ -43,7 +53,7 @@ impl Default for Filter {
             min_age: None,
             min_rate: None,
             sort: Sort::Rate,
-            limit: DEFAULT_LIMIT,
+            limit: None,
         }
     }
 }
@@ -63,12 +73,26 @@ impl Filter {
                     .parse()
                     .map_err(|_| format!("id={id:?}: expected tunnel ids such as 12 or 12,15"))?;
                 filter.ids.push(id);
+                if filter.ids.len() > MAX_IDS {
+                    return Err(format!("id: expected at most {MAX_IDS} tunnel ids"));
+                }
             }
+            filter.ids.sort_unstable();
+            filter.ids.dedup();
         }
         filter.branch = param("branch").filter(|b| !b.is_empty());
         filter.host = param("host")
             .filter(|h| !h.is_empty())
             .map(|h| h.to_ascii_lowercase());
+        if filter
+            .host
+            .as_ref()
+            .is_some_and(|h| h.len() > MAX_HOST_PATTERN)
+        {
+            return Err(format!(
+                "host: expected a pattern of at most {MAX_HOST_PATTERN} characters"
+            ));
+        }
         filter.rule = param("rule").filter(|r| !r.is_empty());
         if let Some(age) = param("min_age") {
             filter.min_age = Some(
@@ -87,9 +111,9 @@ impl Filter {
             };
         }
         if let Some(limit) = param("limit") {
-            filter.limit = limit
-                .parse()
-                .map_err(|_| format!("limit={limit:?}: expected a number of tunnels"))?;
+            filter.limit = Some(limit.parse().ok().filter(|&n| n <= MAX_LIMIT).ok_or_else(
+                || format!("limit={limit:?}: expected a number of tunnels up to {MAX_LIMIT}"),
+            )?);
         }
         Ok(filter)
     }
@@ -102,6 +126,20 @@ impl Filter {
             || self.rule.is_some()
             || self.min_age.is_some()
             || self.min_rate.is_some()
+    }
+
+    /// Why this filter cannot be sent to every replica, if it cannot: tunnel ids are each
+    /// replica's own (42 here is another tunnel there), and a limit would apply on each.
+    pub fn not_fleet_wide(&self) -> Option<&'static str> {
+        if !self.ids.is_empty() {
+            Some(
+                "tunnel ids are each replica's own: close by id without fleet=true, on the replica that lists it",
+            )
+        } else if self.limit.is_some() {
+            Some("a limit would apply on each replica: close fleet-wide without limit")
+        } else {
+            None
+        }
     }
 
     /// The filter as query parameters (the command line sends it; audit lines show it).
@@ -132,7 +170,7 @@ impl Filter {
 
     /// The tests that do not need a rate (the cheap ones, first).
     pub(super) fn holds_fixed(&self, t: &Tunnel, now: Instant) -> bool {
-        (self.ids.is_empty() || self.ids.contains(&t.id))
+        (self.ids.is_empty() || self.ids.binary_search(&t.id).is_ok())
             && self.branch.as_ref().is_none_or(|b| **b == *t.branch)
             && self
                 .rule
@@ -221,7 +259,10 @@ mod tests {
         assert_eq!(f.branch.as_deref(), Some("london"));
         assert_eq!(f.min_age, Some(Duration::from_secs(30)));
         assert_eq!(f.min_rate, Some(1000));
-        assert_eq!((f.sort, f.limit, f.ids.clone()), (Sort::Age, 5, vec![3, 4]));
+        assert_eq!(
+            (f.sort, f.limit, f.ids.clone()),
+            (Sort::Age, Some(5), vec![3, 4])
+        );
         assert!(f.selects());
         assert!(!Filter::default().selects());
         let back = Filter::from_params(params(Box::leak(f.to_query().into_boxed_str()))).unwrap();
@@ -232,11 +273,36 @@ mod tests {
             "limit=-1",
             "id=x",
             "min_rate=fast",
+            "limit=10001",
         ] {
             let name = bad.split('=').next().unwrap();
             let err = Filter::from_params(params(bad)).unwrap_err();
             assert!(err.starts_with(name), "{bad}: {err}");
         }
+        let many = (0..=MAX_IDS)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let err = Filter::from_params(|name| (name == "id").then(|| many.clone())).unwrap_err();
+        assert!(err.starts_with("id: expected at most"), "{err}");
+        let long = "a".repeat(MAX_HOST_PATTERN + 1);
+        let err = Filter::from_params(|name| (name == "host").then(|| long.clone())).unwrap_err();
+        assert!(err.starts_with("host:"), "{err}");
+        let ids = Filter::from_params(params("id=9,3,9")).unwrap();
+        assert_eq!(ids.ids, vec![3, 9]);
+        assert!(ids.not_fleet_wide().is_some());
+        assert!(
+            Filter::from_params(params("branch=x&limit=2"))
+                .unwrap()
+                .not_fleet_wide()
+                .is_some()
+        );
+        assert!(
+            Filter::from_params(params("branch=x"))
+                .unwrap()
+                .not_fleet_wide()
+                .is_none()
+        );
         assert_eq!(
             Filter::from_params(params("min_rate=8 Mbit/s"))
                 .unwrap()

@@ -61,6 +61,9 @@ impl Action {
                 if !filter.selects() {
                     return Err("a close without a filter".into());
                 }
+                if let Some(why) = filter.not_fleet_wide() {
+                    return Err(why.into());
+                }
                 Ok(Action::Close(filter))
             }
             Some("hold") => {

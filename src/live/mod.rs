@@ -13,11 +13,15 @@ pub mod view;
 pub use filter::{Filter, Sort};
 pub use holds::{Hold, Holds};
 
+use crate::config::Config;
 use crate::end::End;
+use crate::gateway::Snapshot;
 use crate::tunnel::Live;
+use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Weak;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -76,12 +80,12 @@ pub struct Tunnel {
 /// opened, bytes up, bytes down).
 #[derive(Clone, Copy)]
 struct Samples {
-    older: (u32, u64, u64),
-    newer: (u32, u64, u64),
+    older: (u64, u64, u64),
+    newer: (u64, u64, u64),
 }
 
 /// A rate is measured over at least this long (between the two latest samples).
-const RATE_WINDOW_MS: u32 = 1000;
+const RATE_WINDOW_MS: u64 = 1000;
 
 /// What a tunnel is, fixed when it opens.
 pub struct Opened {
@@ -137,14 +141,14 @@ impl Tunnel {
     /// the tunnel opened).
     pub fn rates(&self, now: Instant) -> (u64, u64) {
         let (up, down) = self.live.bytes();
-        let at = u32::try_from(self.age(now).as_millis()).unwrap_or(u32::MAX);
+        let at = u64::try_from(self.age(now).as_millis()).unwrap_or(u64::MAX);
         let mut samples = self.rates.lock().unwrap_or_else(|e| e.into_inner());
         if at.saturating_sub(samples.newer.0) >= RATE_WINDOW_MS {
             samples.older = samples.newer;
             samples.newer = (at, up, down);
         }
         let (then, up_then, down_then) = samples.older;
-        let seconds = f64::from(at.saturating_sub(then)) / 1000.0;
+        let seconds = at.saturating_sub(then) as f64 / 1000.0;
         if seconds < 0.001 {
             return (0, 0);
         }
@@ -163,6 +167,10 @@ pub struct Registry {
     shards: [Mutex<HashMap<u64, Arc<Tunnel>>>; SHARDS],
     open: AtomicUsize,
     pub holds: Holds,
+    /// The generation of the snapshot in force (see [`Registry::check_late`]).
+    current_generation: AtomicU64,
+    /// The gateway's current snapshot (weak: each snapshot holds this registry).
+    current: std::sync::OnceLock<Weak<ArcSwap<Snapshot>>>,
 }
 
 /// A tunnel in the registry, taken out when dropped.
@@ -207,6 +215,36 @@ impl Registry {
         }
     }
 
+    /// Where the current snapshot is kept, for [`Registry::check_late`].
+    pub fn follow(&self, current: &Arc<ArcSwap<Snapshot>>) {
+        let _ = self.current.set(Arc::downgrade(current));
+    }
+
+    /// The snapshot of `generation` is in force now (a reload stored it).
+    pub fn now_current(&self, generation: u64) {
+        self.current_generation.store(generation, Ordering::SeqCst);
+    }
+
+    /// `tunnel`, just registered, was admitted under `admitted` (of `generation`): when a
+    /// reload came meanwhile its sweeps ran before the tunnel was here, so it gets them now
+    /// against the configuration in force (revocation, and `close-denied`).
+    pub fn check_late(&self, tunnel: &Tunnel, admitted: &Config, generation: u64) {
+        if self.current_generation.load(Ordering::SeqCst) == generation {
+            return;
+        }
+        let Some(current) = self.current.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        let now = current.load();
+        if !revoke::still_admitted(tunnel, admitted, &now.config) {
+            tunnel.live.stop(End::IdentityRevoked);
+        } else if now.config.policy.on_reload == crate::policy::OnReload::CloseDenied
+            && denied(tunnel, &now.config)
+        {
+            tunnel.live.stop(End::ClosedByReload);
+        }
+    }
+
     /// Open tunnels now.
     pub fn len(&self) -> usize {
         self.open.load(Ordering::Relaxed)
@@ -226,8 +264,16 @@ impl Registry {
         all
     }
 
-    /// The open tunnels `filter` selects, sorted and limited as it says, with their rates.
+    /// The open tunnels `filter` selects, sorted and limited as it says (a listing without a
+    /// limit: [`filter::DEFAULT_LIMIT`]), with their rates.
     pub fn select(&self, filter: &Filter) -> Vec<(Arc<Tunnel>, (u64, u64))> {
+        let mut chosen = self.select_all(filter);
+        chosen.truncate(filter.limit.unwrap_or(filter::DEFAULT_LIMIT));
+        chosen
+    }
+
+    /// Every open tunnel `filter` selects, sorted, cut only at the filter's own limit.
+    pub fn select_all(&self, filter: &Filter) -> Vec<(Arc<Tunnel>, (u64, u64))> {
         let now = Instant::now();
         let mut chosen: Vec<_> = self
             .all()
@@ -240,13 +286,16 @@ impl Registry {
             .filter(|(_, (up, down))| filter.min_rate.is_none_or(|min| up + down >= min))
             .collect();
         filter.sort(&mut chosen, now);
-        chosen.truncate(filter.limit);
+        if let Some(limit) = filter.limit {
+            chosen.truncate(limit);
+        }
         chosen
     }
 
-    /// Stops every open tunnel `filter` selects with `end`; returns their ids.
+    /// Stops every open tunnel `filter` selects (all of them, or its `limit` first by its
+    /// sort) with `end`; returns their ids.
     pub fn close(&self, filter: &Filter, end: End) -> Vec<u64> {
-        self.select(filter)
+        self.select_all(filter)
             .into_iter()
             .filter(|(t, _)| t.live.stop(end))
             .map(|(t, _)| t.id)
@@ -256,22 +305,10 @@ impl Registry {
     /// Under `on_reload = "close-denied"`: stops the open tunnels `config`'s policy denies
     /// (`closed_by_reload`); returns how many. A branch the reload removed is judged as
     /// unassigned.
-    pub fn close_denied(&self, config: &crate::config::Config) -> usize {
+    pub fn close_denied(&self, config: &Config) -> usize {
         self.all()
             .iter()
-            .filter(|t| {
-                let identity = config
-                    .identity_named(&t.branch)
-                    .unwrap_or(crate::config::Identity::Unassigned);
-                let Ok(target) = crate::policy::host::Target::parse_authority(&t.target) else {
-                    return false;
-                };
-                let decision =
-                    config
-                        .policy
-                        .decide(&target.host, target.port, config.scope(identity));
-                decision.verdict == crate::policy::Verdict::Deny && t.live.stop(End::ClosedByReload)
-            })
+            .filter(|t| denied(t, config) && t.live.stop(End::ClosedByReload))
             .count()
     }
 
@@ -311,6 +348,21 @@ impl Registry {
             .filter(|t| &*t.branch == branch && t.live.stop(end))
             .count()
     }
+}
+
+/// Whether `config`'s policy denies `tunnel`'s target to its branch (a branch it no longer
+/// has is judged as unassigned).
+fn denied(tunnel: &Tunnel, config: &Config) -> bool {
+    let identity = config
+        .identity_named(&tunnel.branch)
+        .unwrap_or(crate::config::Identity::Unassigned);
+    let Ok(target) = crate::policy::host::Target::parse_authority(&tunnel.target) else {
+        return false;
+    };
+    let decision = config
+        .policy
+        .decide(&target.host, target.port, config.scope(identity));
+    decision.verdict == crate::policy::Verdict::Deny
 }
 
 #[cfg(test)]

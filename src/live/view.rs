@@ -107,18 +107,23 @@ pub fn branches(
     let mut rows: Vec<(String, BranchFigures)> = figures.into_iter().collect();
     rows.sort_by_key(|(_, f)| std::cmp::Reverse((f.rate_up + f.rate_down, f.tunnels)));
     let now = jiff::Timestamp::now();
+    let by_name: std::collections::HashMap<&str, &crate::config::Branch> = config
+        .branches
+        .iter()
+        .map(|b| (b.name.as_str(), b))
+        .collect();
     let rows: Vec<Value> = rows
         .into_iter()
         .map(|(name, f)| {
+            let in_force = throttles.in_force_at(now, Some(&name), None);
             let limit = |direction| {
-                throttles
-                    .in_force_at(now, Some(&name), None)
-                    .into_iter()
+                in_force
+                    .iter()
                     .filter(|l| l.direction == direction)
                     .map(|l| l.rate)
                     .min()
             };
-            let configured = config.branches.iter().find(|b| b.name == name);
+            let configured = by_name.get(name.as_str()).copied();
             let hold = holds.get(&name);
             json!({
                 "branch": name,

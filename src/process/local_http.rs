@@ -35,7 +35,13 @@ fn exchange(
         "{method} {target} HTTP/1.1\r\nHost: {addr}\r\n{authorization}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )?;
     let mut reply = Vec::new();
-    tcp.take(limit).read_to_end(&mut reply)?;
+    tcp.take(limit + 1).read_to_end(&mut reply)?;
+    if reply.len() as u64 > limit {
+        return Err(std::io::Error::other(format!(
+            "the answer is larger than {} KiB: narrow it (a filter, a smaller --limit)",
+            limit / 1024
+        )));
+    }
     Ok(reply)
 }
 
@@ -46,8 +52,8 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<Strin
     Ok(String::from_utf8_lossy(&reply).into_owned())
 }
 
-/// One request with an empty body (the `learned` commands): the status and the body (at most
-/// 1 MiB).
+/// One request with an empty body (the `learned` and live-tunnel commands): the status and the
+/// body (at most 64 MiB: 10,000 tunnels' rows take about 7 MiB).
 pub fn http_request(
     addr: std::net::SocketAddr,
     method: &str,
@@ -63,7 +69,7 @@ pub fn http_request_waiting(
     target: &str,
     wait: std::time::Duration,
 ) -> std::io::Result<(u16, String)> {
-    let reply = exchange(addr, method, target, 1 << 20, wait)?;
+    let reply = exchange(addr, method, target, 64 << 20, wait)?;
     let reply = String::from_utf8_lossy(&reply);
     let malformed = || std::io::Error::other("malformed HTTP reply");
     let (head, body) = reply.split_once("\r\n\r\n").ok_or_else(malformed)?;

@@ -23,6 +23,7 @@ use crate::bandwidth::Pacers;
 use crate::metrics::{METER_STEP, TunnelBytes};
 use copy::{Buffered, Copier, Failed};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -40,7 +41,56 @@ const MAX_TICK: Duration = Duration::from_secs(30);
 pub struct Stop<'a> {
     /// This tunnel's live state: its bytes are added there too, and its stop ends the relay.
     pub live: Option<&'a Live>,
-    pub drained: Option<&'a Notify>,
+    pub drained: Option<&'a Closing>,
+}
+
+/// The drain timeout's signal to every open tunnel: a flag the relays read on each step (no
+/// lock shared by every tunnel), and a wake-up for the idle ones.
+#[derive(Default)]
+pub struct Closing {
+    fired: AtomicBool,
+    notify: Notify,
+}
+
+impl Closing {
+    /// Ends every relay waiting on this (and every later one) with `drain_timeout`.
+    pub fn fire(&self) {
+        self.fired.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    fn fired(&self) -> bool {
+        self.fired.load(Ordering::Acquire)
+    }
+}
+
+/// A wake-up a relay waits for without taking its lock on every step: the notification is
+/// polled once, to leave the task's waker, and after that only its flag is read.
+struct Signal<'a> {
+    notified: Pin<Box<Notified<'a>>>,
+    armed: bool,
+}
+
+impl<'a> Signal<'a> {
+    fn new(notified: Notified<'a>) -> Self {
+        Self {
+            notified: Box::pin(notified),
+            armed: false,
+        }
+    }
+
+    /// Whether it fired: `fired` says so, or (the first time) the notification did.
+    fn fired(&mut self, cx: &mut Context<'_>, fired: impl Fn() -> bool) -> bool {
+        if fired() {
+            return true;
+        }
+        if self.armed {
+            return false;
+        }
+        self.armed = true;
+        // A fire between the check above and the waker's registration left the flag set.
+        self.notified.as_mut().poll(cx).is_ready() || fired()
+    }
 }
 
 /// Bytes carried and how it ended.
@@ -138,9 +188,9 @@ where
         idle_check: Box::pin(sleep_until(Instant::now() + tick)),
         // A stop of this tunnel wakes this; the waits live on the heap, only for tunnels that
         // have them.
-        stopped: stop.live.map(|l| Box::pin(l.notify().notified())),
+        stopped: stop.live.map(|l| Signal::new(l.notify().notified())),
         live: stop.live,
-        drained: stop.drained.map(|n| Box::pin(n.notified())),
+        drained: stop.drained.map(|c| (Signal::new(c.notify.notified()), c)),
         meter,
         up,
         down,
@@ -156,9 +206,9 @@ pub(crate) struct Relay<'a, C: ?Sized, U: ?Sized, P> {
     /// How long no byte has moved, in ticks.
     quiet: Duration,
     idle_check: Pin<Box<Sleep>>,
-    stopped: Option<Pin<Box<Notified<'a>>>>,
+    stopped: Option<Signal<'a>>,
     live: Option<&'a Live>,
-    drained: Option<Pin<Box<Notified<'a>>>>,
+    drained: Option<(Signal<'a>, &'a Closing)>,
     meter: TunnelBytes,
     up: P,
     down: P,
@@ -205,13 +255,13 @@ where
 
     /// Moves what can be moved now; `Ready` with how the tunnel ended.
     fn step(&mut self, cx: &mut Context<'_>) -> Poll<End> {
-        if let Some(stopped) = &mut self.stopped
-            && stopped.as_mut().poll(cx).is_ready()
+        if let (Some(stopped), Some(live)) = (&mut self.stopped, self.live)
+            && stopped.fired(cx, || live.stopped())
         {
-            return Poll::Ready(self.live.map_or(End::Closed, Live::stop_end));
+            return Poll::Ready(live.stop_end());
         }
-        if let Some(drained) = &mut self.drained
-            && drained.as_mut().poll(cx).is_ready()
+        if let Some((drained, closing)) = &mut self.drained
+            && drained.fired(cx, || closing.fired())
         {
             return Poll::Ready(End::DrainTimeout);
         }

@@ -9,13 +9,13 @@ use tokio::net::{TcpSocket, TcpStream};
 
 /// A listener on `addr` whose accept queue is full and never drained: the kernel drops every
 /// further SYN, as a dead front end or a broken path does. Holds its sockets while alive.
-struct BlackHole {
+pub(crate) struct BlackHole {
     _listener: tokio::net::TcpListener,
     _queued: Vec<TcpStream>,
 }
 
 impl BlackHole {
-    async fn at(addr: SocketAddr) -> Self {
+    pub(crate) async fn at(addr: SocketAddr) -> Self {
         let socket = TcpSocket::new_v4().unwrap();
         socket.bind(addr).unwrap();
         let listener = socket.listen(1).unwrap();

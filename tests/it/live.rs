@@ -245,6 +245,43 @@ async fn a_reload_that_revokes_a_credential_closes_that_branchs_tunnels_and_no_o
     assert_echoes(&mut paris, b"untouched").await;
 }
 
+/// A CONNECT still dialling when a reload revokes its credential joins the registry after the
+/// reload's sweep: it is checked as it joins, and closed.
+#[tokio::test]
+async fn a_tunnel_dialling_through_a_reload_that_revokes_its_credential_is_closed_as_it_opens() {
+    let origin = echo_origin().await;
+    let port = origin.port();
+    // The name's first address drops SYNs: the dial waits one attempt delay for the second.
+    let _dead = crate::dial::BlackHole::at(SocketAddr::from(([127, 0, 0, 2], port))).await;
+    let hash = portcullis::config::password::hash_password("s3cret").unwrap();
+    let base = GatewayConfig::for_origin(port)
+        .resolve(ORIGIN_HOST, ["127.0.0.2", "127.0.0.1"])
+        .origin_rule(|r| r.private_addresses(&["127.0.0.0/8"]))
+        .timeout("attempt_delay", "1500ms");
+    let with_london = base
+        .clone()
+        .branch(Branch::new("london").credentials("london-fs1", &hash));
+    let mut gw = Gateway::start(with_london).await;
+    let (gateway, to) = (gw.addr, target(origin));
+    let dialling = tokio::spawn(async move {
+        connect_from(gateway, "127.0.0.3", &to, &basic("london-fs1", "s3cret")).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::write(gw.config_path(), base.to_string()).unwrap();
+    gw.reload("reload applied").await;
+    let (mut tunnel, reply) = dialling.await.unwrap();
+    assert_eq!(reply.status, 200, "admitted before the reload: {reply:?}");
+    closed_within(&mut tunnel, Duration::from_secs(2)).await;
+    let line = gw
+        .access_line(|l| l["user"] == "london-fs1" && l["status"] == 200)
+        .await;
+    assert_eq!(line["end"], "identity_revoked");
+    assert!(
+        line["connect_ms"].as_u64().unwrap() >= 1000,
+        "the dial outlasted the reload: {line}"
+    );
+}
+
 #[tokio::test]
 async fn tokens_decide_who_reads_and_who_steers_and_the_audit_line_names_the_token() {
     let (config, origin) = two_branches().await;
@@ -263,6 +300,24 @@ async fn tokens_decide_who_reads_and_who_steers_and_the_audit_line_names_the_tok
     assert!(anonymous.header("www-authenticate").is_some());
     let wrong = admin_request(admin, "GET", "/tunnels", Some("guess")).await;
     assert_eq!(wrong.status, 401);
+    // A guesser on another address runs out of checks (429), and only its own: the reader's
+    // first check, from here, is not refused.
+    let mut limited = None;
+    for guess in 0..20 {
+        let mut tcp = connect_bound(admin, "127.0.0.2").await;
+        let request = format!(
+            "GET /tunnels HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer guess-{guess}\r\nConnection: close\r\n\r\n"
+        );
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let reply = read_reply_to_close(&mut tcp).await;
+        if reply.status == 429 {
+            limited = Some(reply);
+            break;
+        }
+        assert_eq!(reply.status, 401, "{reply:?}");
+    }
+    let limited = limited.expect("a guesser is limited");
+    assert_eq!(limited.header("retry-after"), Some("1"));
     let listed = json(admin, "GET", "/tunnels", Some(reader)).await;
     assert_eq!(listed["open"], 1);
     // Metrics and health stay open for scrapers and load balancers.
@@ -466,18 +521,7 @@ async fn the_command_line_lists_closes_and_holds_and_top_draws_in_an_80x24_termi
 
 /// A replica of `config` in the fleet on `redis`, started once it reached Redis.
 async fn replica(config: &GatewayConfig, redis: &Redis, name: &str) -> Gateway {
-    let config = config
-        .clone()
-        .fleet("redis", redis.url())
-        .fleet("name", name);
-    let mut gw = Gateway::start(config).await;
-    gw.wait_log(|l| {
-        l["message"]
-            .as_str()
-            .is_some_and(|m| m.starts_with("fleet: Redis answers"))
-    })
-    .await;
-    gw
+    crate::fleet::start_replica(&crate::fleet::replica(config, &redis.url(), name)).await
 }
 
 #[tokio::test]

@@ -357,9 +357,9 @@ impl GatewayConfig {
         self
     }
 
-    /// A static override: `name` resolves to `address`. Without DNS servers the resolver is
-    /// `hosts_only`.
-    pub fn resolve(mut self, name: &str, address: &str) -> Self {
+    /// A static override: `name` resolves to `address` (or a list of addresses, in order).
+    /// Without DNS servers the resolver is `hosts_only`.
+    pub fn resolve(mut self, name: &str, address: impl ToToml) -> Self {
         self.resolver
             .get_or_insert_with(Resolver::default)
             .hosts
