@@ -91,6 +91,25 @@ async fn connect(gw: SocketAddr, target: &str, headers: &str) -> (tokio::net::Tc
     connect_from(gw, "127.0.0.1", target, headers).await
 }
 
+/// A gateway sending through `parents` as `via` says, and a tunnel through it to the origin
+/// (with `headers` on the CONNECT) that carries bytes both ways; the gateway and the target
+/// stay with the caller.
+async fn gateway_through(
+    origin: &mut Origin,
+    parents: &str,
+    via: &str,
+    headers: &str,
+    answer: &[u8],
+) -> (Gateway, String) {
+    let gw = Gateway::start(config(origin.addr.port(), parents, via)).await;
+    let target = format!("{VIA_PARENT}:{}", origin.addr.port());
+    let (tcp, reply) = connect(gw.addr, &target, headers).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(exchange(tcp).await, answer);
+    assert_eq!(origin.received.recv().await.unwrap(), b"ping");
+    (gw, target)
+}
+
 /// A tunnel to the origin through `parents`' `name` carries bytes both ways, its access line
 /// names the parent, and the client's own credentials never reach the parent (Squid's log).
 /// The gateway and the target stay with the caller.
@@ -102,13 +121,8 @@ async fn carries_bytes_and_never_the_clients_credentials(
     answer: &[u8],
 ) -> (Gateway, String) {
     let via = format!("via = [\"{name}\"]\n");
-    let mut gw = Gateway::start(config(origin.addr.port(), parents, &via)).await;
-    let target = format!("{VIA_PARENT}:{}", origin.addr.port());
     let client_auth = basic("branch-user", "branch-secret");
-    let (tcp, reply) = connect(gw.addr, &target, &client_auth).await;
-    assert_eq!(reply.status, 200, "{reply:?}");
-    assert_eq!(exchange(tcp).await, answer);
-    assert_eq!(origin.received.recv().await.unwrap(), b"ping");
+    let (mut gw, target) = gateway_through(origin, parents, &via, &client_auth, answer).await;
     let log = squid.wait_log(&format!("CONNECT {target}"));
     assert!(log.contains(&format!("CONNECT {target} 200")), "{log}");
     assert!(log.contains("auth=[]") || log.contains("auth=[-]"), "{log}");
@@ -161,12 +175,7 @@ async fn basic_to_the_parent_and_a_refusal_passed_back_without_failover() {
     let parents = parent("corp-1", &squid.address(), &basic_with(&good))
         + &parent("corp-2", &second.address(), "");
     let via = "via = [\"corp-1\", \"corp-2\"]\n";
-    let mut gw = Gateway::start(config(origin.addr.port(), &parents, via)).await;
-    let target = format!("{VIA_PARENT}:{}", origin.addr.port());
-    let (tcp, reply) = connect(gw.addr, &target, "").await;
-    assert_eq!(reply.status, 200, "{reply:?}");
-    assert_eq!(exchange(tcp).await, b"ok");
-    origin.received.recv().await.unwrap();
+    let (mut gw, target) = gateway_through(&mut origin, &parents, via, "", b"ok").await;
     let log = squid.wait_log("user=portcullis");
     assert!(log.contains("user=portcullis"), "{log}");
 
@@ -205,12 +214,7 @@ async fn failover_when_the_first_parent_is_gone_and_502_when_all_are() {
     let gone = format!("127.0.0.1:{}", free_port());
     let parents = parent("corp-1", &gone, "") + &parent("corp-2", &squid.address(), "");
     let via = "via = [\"corp-1\", \"corp-2\"]\n";
-    let mut gw = Gateway::start(config(origin.addr.port(), &parents, via)).await;
-    let target = format!("{VIA_PARENT}:{}", origin.addr.port());
-    let (tcp, reply) = connect(gw.addr, &target, "").await;
-    assert_eq!(reply.status, 200, "{reply:?}");
-    assert_eq!(exchange(tcp).await, b"ok");
-    origin.received.recv().await.unwrap();
+    let (mut gw, target) = gateway_through(&mut origin, &parents, via, "", b"ok").await;
     let line = gw.access_line(|l| l["host"] == VIA_PARENT).await;
     assert_eq!(line["parent"], "corp-2");
     let metrics = gw.metrics().await;
@@ -575,12 +579,7 @@ async fn a_tls_parent_not_trusted_fails_over_and_says_why() {
         + &stunnel.parent("bad-name", &pki.ca_pem, "other.test.example")
         + &parent("plain", &squid.address(), "");
     let via = "via = [\"bad-ca\", \"bad-name\", \"plain\"]\n";
-    let mut gw = Gateway::start(config(origin.addr.port(), &parents, via)).await;
-    let target = format!("{VIA_PARENT}:{}", origin.addr.port());
-    let (tcp, reply) = connect(gw.addr, &target, "").await;
-    assert_eq!(reply.status, 200, "{reply:?}");
-    assert_eq!(exchange(tcp).await, b"ok");
-    origin.received.recv().await.unwrap();
+    let (mut gw, target) = gateway_through(&mut origin, &parents, via, "", b"ok").await;
     let line = gw.access_line(|l| l["host"] == VIA_PARENT).await;
     assert_eq!(line["parent"], "plain", "{line}");
     let metrics = gw.metrics().await;

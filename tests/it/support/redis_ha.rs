@@ -152,6 +152,20 @@ fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 
+/// A data node's arguments: loopback only, no persistence, warnings only.
+fn data_node() -> Vec<String> {
+    strings(&[
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--loglevel",
+        "warning",
+    ])
+}
+
 /// A certificate for 127.0.0.1 from `pki`, its key and the CA, as files in `dir`.
 fn tls_files(pki: &Pki, dir: &std::path::Path) -> [String; 3] {
     let (cert, key) = pki.issue_pem(&["127.0.0.1"], 2040);
@@ -238,20 +252,13 @@ impl RedisCluster {
         let nodes: Vec<Node> = (0..6)
             .map(|_| {
                 Node::start_tls(client.clone(), |port| {
-                    let mut args = strings(&[
-                        "--bind",
-                        "127.0.0.1",
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                        "--loglevel",
-                        "warning",
+                    let mut args = data_node();
+                    args.extend(strings(&[
                         "--cluster-enabled",
                         "yes",
                         "--cluster-node-timeout",
                         &node_timeout_ms.to_string(),
-                    ]);
+                    ]));
                     args.extend(ports(port, tls.as_ref()));
                     if tls.is_some() {
                         args.extend(strings(&["--tls-cluster", "yes"]));
@@ -472,16 +479,7 @@ impl RedisSentinel {
             password: auth.sentinel_password.clone(),
             tls: client.clone(),
         };
-        let mut base = strings(&[
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--loglevel",
-            "warning",
-        ]);
+        let mut base = data_node();
         base.extend(auth.args());
         let primary = Node::start_tls(client.clone(), |port| {
             let mut args = base.clone();
