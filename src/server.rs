@@ -126,7 +126,13 @@ impl Server {
         let (upgrades, upgrade_requests) = tokio::sync::mpsc::channel(4);
         let live = snapshot.live.clone();
         let current = Arc::new(ArcSwap::from_pointee(snapshot));
-        live.follow(&current);
+        // Weak: each snapshot holds the registry.
+        let in_force = Arc::downgrade(&current);
+        live.follow(Box::new(move |check| {
+            if let Some(current) = in_force.upgrade() {
+                check(&current.load().config);
+            }
+        }));
         Ok(Self {
             upgrades,
             upgrade_requests,
@@ -164,6 +170,8 @@ impl Server {
     /// (`end = "drain_timeout"`) with its byte counts, before this returns.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let control = self.control();
+        // Started by an upgrade: the old process's holds apply before the first request.
+        take_over_holds(&self.current.load().live);
         let mut lowered = false;
         let connections = self.connections.clone();
         let mut background = tokio::task::JoinSet::new();
@@ -226,10 +234,14 @@ impl Server {
                 }
                 Some(reply) = self.upgrade_requests.recv() => {
                     let instance = fleet.as_ref().map(|f| f.instance.as_str());
+                    let holds: Vec<(String, String)> = self.current.load().live.holds.all()
+                        .into_iter()
+                        .map(|(branch, hold)| (branch, hold.wire()))
+                        .collect();
                     // A stop request while the new process starts abandons the upgrade (the
                     // new process is stopped) and stops this one.
                     let outcome = tokio::select! {
-                        outcome = upgrade(&sockets, admin_socket.as_ref(), instance) => outcome,
+                        outcome = upgrade(&sockets, admin_socket.as_ref(), instance, &holds) => outcome,
                         _ = &mut shutdown => {
                             let _ = reply.send(Err("the gateway is stopping".into()));
                             break;
@@ -434,6 +446,7 @@ async fn upgrade(
     sockets: &HashMap<ListenerKey, crate::upgrade::Socket>,
     admin: Option<&crate::upgrade::Socket>,
     fleet_instance: Option<&str>,
+    holds: &[(String, String)],
 ) -> Result<u32, String> {
     let mut passed = Vec::new();
     let named = sockets
@@ -462,7 +475,8 @@ async fn upgrade(
     }
     tracing::info!(sockets = passed.len(), "upgrade: starting the new binary");
     let result =
-        crate::upgrade::hand_over(passed, fleet_instance, crate::upgrade::READY_WITHIN).await;
+        crate::upgrade::hand_over(passed, fleet_instance, holds, crate::upgrade::READY_WITHIN)
+            .await;
     match &result {
         Ok(pid) => tracing::info!(
             pid,
@@ -471,6 +485,20 @@ async fn upgrade(
         Err(e) => tracing::error!(error = %e, "upgrade failed; this process serves on"),
     }
     result
+}
+
+/// In a process an upgrade started: the holds the old process had in force (an upgrade must
+/// not lift a quarantine).
+fn take_over_holds(live: &Arc<crate::live::Registry>) {
+    for (branch, wire) in crate::upgrade::inherited_holds() {
+        match crate::live::Hold::from_wire(&wire) {
+            Some(hold) => {
+                live.hold(&branch, Some(hold));
+                tracing::info!(%branch, hold = hold.as_str(), "upgrade: took over a hold");
+            }
+            None => tracing::warn!(%branch, %wire, "upgrade: skipped a hold that does not parse"),
+        }
+    }
 }
 
 /// In a process an upgrade started: claims the learned destinations' state directory once the

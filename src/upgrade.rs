@@ -16,6 +16,9 @@ use std::time::Duration;
 pub const READY_ENV: &str = "PORTCULLIS_UPGRADE_READY";
 /// Fleet mode: the old process's instance id, so the new one takes over its replica name.
 pub const INSTANCE_ENV: &str = "PORTCULLIS_UPGRADE_INSTANCE";
+/// The branches' holds (drain, quarantine) in force on the old process, as JSON (branch name
+/// to the hold's wire text): an upgrade must not lift a quarantine.
+pub const HOLDS_ENV: &str = "PORTCULLIS_UPGRADE_HOLDS";
 /// How long the new process has to load its config and listen.
 pub const READY_WITHIN: Duration = Duration::from_secs(60);
 
@@ -53,6 +56,23 @@ pub fn inherited_instance() -> Option<String> {
     std::env::var(INSTANCE_ENV).ok().filter(|i| !i.is_empty())
 }
 
+/// The old process's holds (branch, wire text), when this process was started by an upgrade.
+pub fn inherited_holds() -> Vec<(String, String)> {
+    if !started_by_upgrade() {
+        return Vec::new();
+    }
+    let Some(text) = std::env::var(HOLDS_ENV).ok().filter(|t| !t.is_empty()) else {
+        return Vec::new();
+    };
+    match serde_json::from_str::<std::collections::BTreeMap<String, String>>(&text) {
+        Ok(holds) => holds.into_iter().collect(),
+        Err(error) => {
+            tracing::error!(%error, "upgrade: the old process's holds do not parse");
+            Vec::new()
+        }
+    }
+}
+
 /// Tells the parent of an upgrade that this process listens; nothing without one.
 #[cfg(unix)]
 pub fn report_ready() {
@@ -86,6 +106,7 @@ impl Drop for ReadyDir {
 pub async fn hand_over(
     sockets: Vec<(&'static str, Socket)>,
     fleet_instance: Option<&str>,
+    holds: &[(String, String)],
     within: Duration,
 ) -> Result<u32, String> {
     use command_fds::{CommandFdExt, FdMapping};
@@ -122,6 +143,7 @@ pub async fn hand_over(
         .env_remove("LISTEN_PID")
         .env(READY_ENV, &path)
         .env(INSTANCE_ENV, fleet_instance.unwrap_or(""))
+        .env(HOLDS_ENV, holds_json(holds))
         .stdin(std::process::Stdio::null());
     command
         .fd_mappings(mappings)
@@ -192,9 +214,20 @@ async fn wait_ready(
 pub async fn hand_over(
     _sockets: Vec<(&'static str, Socket)>,
     _fleet_instance: Option<&str>,
+    _holds: &[(String, String)],
     _within: Duration,
 ) -> Result<u32, String> {
     Err("binary upgrades hand sockets over on Unix only".into())
+}
+
+/// `holds` (branch, wire text) as [`HOLDS_ENV`] carries them.
+#[cfg(unix)]
+fn holds_json(holds: &[(String, String)]) -> String {
+    let map: std::collections::BTreeMap<&str, &str> = holds
+        .iter()
+        .map(|(branch, hold)| (branch.as_str(), hold.as_str()))
+        .collect();
+    serde_json::to_string(&map).unwrap_or_default()
 }
 
 /// Tells systemd the new process is the service's main process (`MAINPID=`); nothing outside

@@ -15,12 +15,9 @@ pub use holds::{Hold, Holds};
 
 use crate::config::Config;
 use crate::end::End;
-use crate::gateway::Snapshot;
 use crate::tunnel::Live;
-use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Weak;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -169,9 +166,12 @@ pub struct Registry {
     pub holds: Holds,
     /// The generation of the snapshot in force (see [`Registry::check_late`]).
     current_generation: AtomicU64,
-    /// The gateway's current snapshot (weak: each snapshot holds this registry).
-    current: std::sync::OnceLock<Weak<ArcSwap<Snapshot>>>,
+    /// Runs a function on the configuration in force (the server sets it at start).
+    in_force: std::sync::OnceLock<InForce>,
 }
+
+/// Runs the function it is given on the configuration in force, if the gateway still runs.
+pub type InForce = Box<dyn Fn(&mut dyn FnMut(&Config)) + Send + Sync>;
 
 /// A tunnel in the registry, taken out when dropped.
 pub struct Registered<'r> {
@@ -215,9 +215,9 @@ impl Registry {
         }
     }
 
-    /// Where the current snapshot is kept, for [`Registry::check_late`].
-    pub fn follow(&self, current: &Arc<ArcSwap<Snapshot>>) {
-        let _ = self.current.set(Arc::downgrade(current));
+    /// How to reach the configuration in force, for [`Registry::check_late`].
+    pub fn follow(&self, in_force: InForce) {
+        let _ = self.in_force.set(in_force);
     }
 
     /// The snapshot of `generation` is in force now (a reload stored it).
@@ -232,17 +232,18 @@ impl Registry {
         if self.current_generation.load(Ordering::SeqCst) == generation {
             return;
         }
-        let Some(current) = self.current.get().and_then(Weak::upgrade) else {
+        let Some(in_force) = self.in_force.get() else {
             return;
         };
-        let now = current.load();
-        if !revoke::still_admitted(tunnel, admitted, &now.config) {
-            tunnel.live.stop(End::IdentityRevoked);
-        } else if now.config.policy.on_reload == crate::policy::OnReload::CloseDenied
-            && denied(tunnel, &now.config)
-        {
-            tunnel.live.stop(End::ClosedByReload);
-        }
+        in_force(&mut |now: &Config| {
+            if !revoke::still_admitted(tunnel, admitted, now) {
+                tunnel.live.stop(End::IdentityRevoked);
+            } else if now.policy.on_reload == crate::policy::OnReload::CloseDenied
+                && denied(tunnel, now)
+            {
+                tunnel.live.stop(End::ClosedByReload);
+            }
+        });
     }
 
     /// Open tunnels now.

@@ -305,6 +305,52 @@ async fn the_upgrade_command_with_a_control_token_hands_over_and_counters_start_
 }
 
 #[tokio::test]
+async fn holds_in_force_move_to_the_new_process() {
+    let origin = TcpOrigin::start(b"ok").await;
+    let port = origin.addr.port();
+    let target = format!("{ORIGIN_HOST}:{port}");
+    let config = GatewayConfig::for_origin(port)
+        .branch(Branch::new("london").sources(&["127.0.0.2/32"]))
+        .branch(Branch::new("paris").sources(&["127.0.0.3/32"]))
+        .branch(Branch::new("rome").sources(&["127.0.0.4/32"]));
+    let mut gw = Gateway::start(config).await;
+    let admin = gw.admin_addr.unwrap();
+    for (path, status) in [
+        ("/branches/london/quarantine", 200),
+        ("/branches/paris/drain?deadline=1h", 200),
+    ] {
+        let reply = admin_request(admin, "POST", path, None).await;
+        assert_eq!(reply.status, status, "{path}: {reply:?}");
+    }
+    gw.signal("USR2");
+    let _new = handed_over(&mut gw).await;
+    gw.wait_exit(Duration::from_secs(10))
+        .await
+        .expect("the old process, with nothing open, exits");
+    // Only the new process serves now: the quarantine and the drain hold there.
+    let (_, quarantined) = connect_from(gw.addr, "127.0.0.2", &target, "").await;
+    assert_eq!(quarantined.status, 403, "{quarantined:?}");
+    let (_, drained) = connect_from(gw.addr, "127.0.0.3", &target, "").await;
+    assert_eq!(drained.status, 503, "{drained:?}");
+    let retry: u64 = drained.header("retry-after").unwrap().parse().unwrap();
+    assert!((3000..=3600).contains(&retry), "the deadline kept: {retry}");
+    let (_, free) = connect_from(gw.addr, "127.0.0.4", &target, "").await;
+    assert_eq!(free.status, 200, "{free:?}");
+    let branches = admin_request(admin, "GET", "/branches", None).await;
+    let listed: Value = serde_json::from_str(&branches.body).unwrap();
+    let hold = |name: &str| {
+        listed["branches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["branch"] == name)
+            .map(|b| b["hold"].clone())
+    };
+    assert_eq!(hold("london"), Some(Value::from("quarantined")));
+    assert_eq!(hold("paris"), Some(Value::from("draining")));
+}
+
+#[tokio::test]
 async fn the_notify_socket_hears_ready_then_mainpid_then_stopping() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("notify");
