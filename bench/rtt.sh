@@ -28,6 +28,8 @@ RTT_CLIENT_NS="$RTT_NS-client"
 # fresh; otherwise its window is two hours away (a budget a reload adds would only apply to
 # tunnels opened after it: the reload moves the window of one the tunnel already has).
 rtt_config() {
+  # No other section's policy lines (gateway_config adds those of NAME_FOR_CONFIG).
+  NAME_FOR_CONFIG=rtt
   cat > "$WORK/rtt.toml" <<EOF
 $(gateway_config 10.99.0.2:3128 10.99.0.1/32 8000)
 throttle_queue = "$1"
