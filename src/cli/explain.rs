@@ -224,10 +224,11 @@ fn path(
     plan: &crate::gateway::Plan<'_>,
     egress: &crate::config::Egress,
 ) -> String {
-    let order: Vec<String> = crate::gateway::dial::interleave(plan.dialable())
-        .iter()
-        .map(IpAddr::to_string)
-        .collect();
+    let order: Vec<String> =
+        crate::gateway::dial::interleave(crate::gateway::parent::direct_candidates(plan))
+            .iter()
+            .map(IpAddr::to_string)
+            .collect();
     let sources = egress.sources();
     let from = if sources.is_empty() {
         String::new()

@@ -454,7 +454,7 @@ async fn dial(
     let timeouts = snapshot.config.timeouts;
     let egress = plan.egress.map(|(e, _)| e);
     let dialled = super::dial::dial(
-        plan.dialable(),
+        super::parent::direct_candidates(plan),
         port,
         timeouts.connect,
         timeouts.attempt_delay,

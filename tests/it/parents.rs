@@ -286,6 +286,46 @@ async fn a_private_endpoint_goes_direct_and_address_mode_sends_the_vetted_ip() {
     );
 }
 
+/// A name whose answer holds a private endpoint's address and another: only the private one
+/// is dialled, directly; the other never leaves without the parent (not direct, not at all).
+#[tokio::test]
+async fn a_mixed_answer_dials_only_its_private_addresses_directly() {
+    let mut origin = Origin::start(b"public").await;
+    let port = origin.addr.port();
+    let private = tokio::net::TcpListener::bind(("127.0.0.3", port))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = private.accept().await {
+            let mut ping = [0u8; 4];
+            let _ = tcp.read_exact(&mut ping).await;
+            let _ = tcp.write_all(b"private").await;
+        }
+    });
+    let squid = squid_for_origin();
+    let parents = parent("corp-1", &squid.address(), "");
+    let config = config(port, &parents, "via = [\"corp-1\"]\n")
+        .change_rule("private-endpoint", |r| {
+            r.private_addresses(&["127.0.0.3/32"])
+                .addresses(&["127.0.0.1/32"])
+        })
+        .resolve(PRIVATE, ["127.0.0.1", "127.0.0.3"]);
+    let mut gw = Gateway::start(config).await;
+    let (tcp, reply) = connect(gw.addr, &format!("{PRIVATE}:{port}"), "").await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(exchange(tcp).await, b"private");
+    let line = gw.access_line(|l| l["host"] == PRIVATE).await;
+    assert_eq!(line["resolved"], format!("127.0.0.3:{port}"), "{line}");
+    assert!(line.get("parent").is_none(), "{line}");
+    let nothing = tokio::time::timeout(Duration::from_millis(300), origin.received.recv());
+    assert!(nothing.await.is_err(), "the public address was dialled");
+    assert!(
+        !squid.access_log().contains("CONNECT"),
+        "{}",
+        squid.access_log()
+    );
+}
+
 /// A parent of the test's own that answers 200 and sends bytes right after its head, or
 /// answers garbage: the bytes reach the client; garbage is a proxy failure (failover).
 #[tokio::test]
