@@ -46,9 +46,10 @@ pub struct Egress {
 }
 
 impl Egress {
-    /// Whether `ip`'s family may be dialled through this egress.
+    /// Whether `ip`'s family may be dialled through this egress (an IPv4-mapped address is
+    /// IPv4).
     pub fn allows(&self, ip: IpAddr) -> bool {
-        match ip {
+        match ip.to_canonical() {
             IpAddr::V4(_) => self.ipv4,
             IpAddr::V6(_) => self.ipv6,
         }
@@ -56,7 +57,7 @@ impl Egress {
 
     /// The source address for connections to `ip`, if this egress binds one.
     pub fn source_for(&self, ip: IpAddr) -> Option<IpAddr> {
-        match ip {
+        match ip.to_canonical() {
             IpAddr::V4(_) => self.source_ipv4.map(IpAddr::V4),
             IpAddr::V6(_) => self.source_ipv6.map(IpAddr::V6),
         }

@@ -487,6 +487,8 @@ async fn addresses(
             }
         }
     };
+    // A mapped address is IPv4 on the wire (see the plan's addresses).
+    addrs = addrs.into_iter().map(|ip| ip.to_canonical()).collect();
     addrs.retain(|ip| egress.allows(*ip));
     if addrs.is_empty() {
         return Err(Failure::Down(format!(

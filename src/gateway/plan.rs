@@ -162,6 +162,9 @@ pub async fn plan<'g>(
             }
         }
     };
+    // An IPv4-mapped IPv6 address is IPv4 on the wire: vetted, filtered by family, bound to a
+    // source and dialled as the IPv4 address it is.
+    let addrs: Vec<IpAddr> = addrs.into_iter().map(|ip| ip.to_canonical()).collect();
     let addrs = match plan.egress {
         Some((egress, _)) => match of_families(addrs, egress) {
             Ok(addrs) => addrs,

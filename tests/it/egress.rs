@@ -225,15 +225,20 @@ async fn an_ipv4_only_egress_never_dials_an_ipv6_address() {
     // Both families in the answer, IPv6 first: only the IPv4 one is dialled.
     let config = GatewayConfig::for_origin(v4.port())
         .origin_rule(|rule| {
-            rule.hosts(&[ORIGIN_HOST, "v6.file.core.windows.net"])
-                .private_addresses(&["127.0.0.1/32", "::1/128"])
+            rule.hosts(&[
+                ORIGIN_HOST,
+                "v6.file.core.windows.net",
+                "mapped.file.core.windows.net",
+            ])
+            .private_addresses(&["127.0.0.1/32", "::1/128"])
         })
         .no_resolver()
         .policy("egress", "v4")
         .extra(&format!(
             "[egress.v4]\nfamilies = [\"ipv4\"]\n\n[resolver]\nhosts_only = true\n\
              [resolver.hosts]\n\"{ORIGIN_HOST}\" = [\"::1\", \"127.0.0.1\"]\n\
-             \"v6.file.core.windows.net\" = \"::1\"\n"
+             \"v6.file.core.windows.net\" = \"::1\"\n\
+             \"mapped.file.core.windows.net\" = \"::ffff:127.0.0.1\"\n"
         ));
     let mut gw = Gateway::start(config).await;
     let target = format!("{ORIGIN_HOST}:{}", v4.port());
@@ -252,6 +257,16 @@ async fn an_ipv4_only_egress_never_dials_an_ipv6_address() {
         line["reason"],
         "no address the egress may dial (v4 is IPv4 only)"
     );
+    // An IPv4-mapped address is IPv4 on the wire: dialled as the IPv4 address it is.
+    let mapped = format!("mapped.file.core.windows.net:{}", v4.port());
+    let (tcp, status) = open_tunnel(gw.addr, &mapped, b"").await;
+    assert_eq!(status, 200);
+    assert_eq!(next_peer(&mut v4_peers).await.to_string(), "127.0.0.1");
+    drop(tcp);
+    let line = gw
+        .access_line(|l| l["host"] == "mapped.file.core.windows.net")
+        .await;
+    assert_eq!(line["resolved"], format!("127.0.0.1:{}", v4.port()));
     // An IPv6 literal too.
     let (_tcp, _status) = open_tunnel(gw.addr, &format!("[::1]:{}", v4.port()), b"").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
