@@ -242,12 +242,22 @@ fn hickory(
 }
 
 /// `config` with every connection to a server bound to `egress`'s source address of the
-/// server's family (none where the egress has none for it).
+/// server's family. An egress with a source address asks only servers of a family it has one
+/// for: a query never leaves from an address nobody chose (none left: lookups fail, 504).
 fn bind_sources(config: ResolverConfig, egress: Option<&Egress>) -> ResolverConfig {
     let Some(egress) = egress else {
         return config;
     };
     let (domain, search, mut servers) = config.into_parts();
+    if egress.source_ipv4.is_some() || egress.source_ipv6.is_some() {
+        servers.retain(|server| {
+            let bound = egress.source_for(server.ip).is_some();
+            if !bound {
+                tracing::warn!(egress = %egress.name, server = %server.ip, "egress has no source address of this DNS server's family: its lookups skip the server");
+            }
+            bound
+        });
+    }
     for server in &mut servers {
         let bind = egress
             .source_for(server.ip)

@@ -346,7 +346,12 @@ async fn in_a_namespace_ipv6_leaves_from_its_source_and_a_vanished_address_is_un
 /// A DNS server on 127.0.0.1 (UDP) that answers every A query with 127.0.0.1 and reports the
 /// address each query came from.
 async fn recording_dns() -> (SocketAddr, UnboundedReceiver<IpAddr>) {
-    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    recording_dns_at("127.0.0.1:0").await
+}
+
+/// [`recording_dns`] on `bind`.
+async fn recording_dns_at(bind: &str) -> (SocketAddr, UnboundedReceiver<IpAddr>) {
+    let socket = tokio::net::UdpSocket::bind(bind).await.unwrap();
     let addr = socket.local_addr().unwrap();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -403,4 +408,41 @@ async fn dns_for_an_egress_leaves_from_its_source_address_and_asks_for_its_famil
     assert_eq!(from.to_string(), "127.0.0.2");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(queries.try_recv().is_err(), "an AAAA query was sent too");
+}
+
+/// An egress with only an IPv4 source never asks an IPv6 DNS server (the query would leave from
+/// an address nobody chose); its IPv4 server answers.
+#[tokio::test]
+async fn dns_for_an_egress_skips_a_server_of_a_family_it_has_no_source_for() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("skipped: no ::1 on this host");
+        return;
+    }
+    let (origin, mut peers) = peer_recorder("127.0.0.1:0").await;
+    let (dns6, mut queries6) = recording_dns_at("[::1]:0").await;
+    let (dns4, mut queries4) = recording_dns().await;
+    let config = GatewayConfig::for_origin(origin.port())
+        .dns(&[dns6, dns4], "2s")
+        .policy("egress", "out")
+        .extra("[egress.out]\nsource_ipv4 = \"127.0.0.2\"\n");
+    let gw = Gateway::start(config).await;
+    let (_tcp, reply) = connect_from(
+        gw.addr,
+        "127.0.0.1",
+        &format!("{ORIGIN_HOST}:{}", origin.port()),
+        "",
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(next_peer(&mut peers).await.to_string(), "127.0.0.2");
+    let from = tokio::time::timeout(Duration::from_secs(1), queries4.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(from.to_string(), "127.0.0.2");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        queries6.try_recv().is_err(),
+        "a query went to the IPv6 server"
+    );
 }
