@@ -399,11 +399,13 @@ async fn through(
         }),
         Answer::Status(status, _) => {
             // Its decision, passed back with its status (only error statuses: a 1xx or 3xx
-            // answer to CONNECT is a broken proxy, 502).
-            let shown = if (400..600).contains(&status) {
-                status
-            } else {
-                502
+            // answer to CONNECT is a broken proxy, 502). A 407 refuses the gateway's own
+            // credentials, which the branch client cannot fix: 502, so the client is not
+            // asked for credentials of its own (the reason keeps the 407).
+            let shown = match status {
+                407 => 502,
+                400..600 => status,
+                _ => 502,
             };
             Err(Failure::Final(Refusal {
                 end: End::ParentRefused,
@@ -529,16 +531,30 @@ async fn read_answer<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> std::io
 
 /// The answer in `buf`, or `None` while the head is incomplete.
 fn parse_answer(buf: &[u8]) -> Option<Answer> {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut response = httparse::Response::new(&mut headers);
-    match response.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => match response.code {
-            Some(code) => Some(Answer::Status(code, buf[len..].to_vec())),
-            None => Some(Answer::Malformed("malformed answer")),
-        },
-        Ok(httparse::Status::Partial) => None,
+    match parse_with(buf, &mut [httparse::EMPTY_HEADER; 64]) {
+        // A head of many short header lines is still an answer (a refusal is not a broken
+        // proxy): parsed again with room for as many as 8 KiB can hold.
+        Err(httparse::Error::TooManyHeaders) => {
+            parse_with(buf, &mut vec![httparse::EMPTY_HEADER; MAX_ANSWER_HEAD / 4])
+                .unwrap_or(Some(Answer::Malformed("malformed answer")))
+        }
+        Ok(answer) => answer,
         Err(_) => Some(Answer::Malformed("malformed answer")),
     }
+}
+
+fn parse_with<'b>(
+    buf: &'b [u8],
+    headers: &mut [httparse::Header<'b>],
+) -> Result<Option<Answer>, httparse::Error> {
+    let mut response = httparse::Response::new(headers);
+    Ok(match response.parse(buf)? {
+        httparse::Status::Complete(len) => Some(match response.code {
+            Some(code) => Answer::Status(code, buf[len..].to_vec()),
+            None => Answer::Malformed("malformed answer"),
+        }),
+        httparse::Status::Partial => None,
+    })
 }
 
 #[cfg(test)]
@@ -556,6 +572,11 @@ mod tests {
             Some(Answer::Status(407, Vec::new()))
         );
         assert_eq!(parse_answer(b"HTTP/1.1 200 OK\r\n"), None);
+        let many = format!("HTTP/1.1 403 Forbidden\r\n{}\r\n", "X: y\r\n".repeat(100));
+        assert_eq!(
+            parse_answer(many.as_bytes()),
+            Some(Answer::Status(403, Vec::new()))
+        );
         assert_eq!(
             parse_answer(b"SSH-2.0-OpenSSH\r\n\r\n"),
             Some(Answer::Malformed("malformed answer"))

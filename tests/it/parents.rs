@@ -202,7 +202,13 @@ async fn basic_to_the_parent_and_a_refusal_passed_back_without_failover() {
     let parents = parent("corp-1", &squid.address(), &basic_with(&bad));
     let mut gw = Gateway::start(config(origin.addr.port(), &parents, "via = [\"corp-1\"]\n")).await;
     let (_tcp, reply) = connect(gw.addr, &target, "").await;
-    assert_eq!(reply.status, 407, "{reply:?}");
+    // The gateway's own credentials were refused: the branch client is not challenged.
+    assert_eq!(reply.status, 502, "{reply:?}");
+    assert_eq!(
+        reply.header("portcullis-error"),
+        Some("parent corp-1 refused: 407")
+    );
+    assert!(reply.header("proxy-authenticate").is_none(), "{reply:?}");
     let line = gw.access_line(|l| l["host"] == VIA_PARENT).await;
     assert_eq!(line["end"], "parent_refused");
 }
