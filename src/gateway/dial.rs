@@ -116,6 +116,9 @@ where
     let mut running = FuturesUnordered::new();
     running.push(attempt(first));
     let mut next_start = Instant::now() + attempt_delay;
+    // An egress source address that left the host, seen in any attempt: said in the end
+    // whatever the other attempts met (never blamed on the upstream or a parent).
+    let mut gone: Option<io::Error> = None;
     loop {
         let more = waiting.len() > 0;
         tokio::select! {
@@ -126,8 +129,15 @@ where
                     return Ok(stream);
                 }
                 Err(e) => {
+                    let last = match egress::source_gone(&e) {
+                        Some(_) => {
+                            gone.get_or_insert(e);
+                            None
+                        }
+                        None => Some(e),
+                    };
                     if !more && running.is_empty() {
-                        return Err(failed(Some(e)));
+                        return Err(failed(gone.take().or(last)));
                     }
                     // A failed attempt hands over at once.
                     next_start = Instant::now();
@@ -140,7 +150,9 @@ where
                 }
                 next_start = Instant::now() + attempt_delay;
             }
-            () = tokio::time::sleep_until(deadline) => return Err(timed_out()),
+            () = tokio::time::sleep_until(deadline) => {
+                return Err(gone.map_or_else(timed_out, |e| failed(Some(e))));
+            }
         }
     }
 }
@@ -276,5 +288,36 @@ mod tests {
         assert_eq!(refused.end, End::ConnectFailed);
         assert_eq!(refused.reason, "upstream refused the connection");
         assert_eq!(started.elapsed(), Duration::from_millis(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_source_address_gone_in_any_attempt_is_what_the_race_says() {
+        // .1 cannot bind its source (the address left the host); .2 is refused afterwards:
+        // the egress is unavailable, not the upstream.
+        let connect = |addr: SocketAddr| {
+            let last = match addr.ip() {
+                IpAddr::V4(v4) => v4.octets()[3],
+                IpAddr::V6(_) => 0,
+            };
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(u64::from(last) * 5)).await;
+                let e: io::Result<u8> = match last {
+                    1 => Err(io::Error::other(egress::SourceGone(ip("192.0.2.10")))),
+                    _ => Err(io::ErrorKind::ConnectionRefused.into()),
+                };
+                e
+            })
+        };
+        let mut tried = None;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let refused = race(&addrs(&[1, 2]), deadline, DELAY, connect, &mut tried)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(refused.end, End::EgressUnavailable);
+        assert_eq!(
+            refused.reason,
+            "egress source address 192.0.2.10 is not on this host"
+        );
     }
 }
