@@ -173,6 +173,11 @@ pub async fn explain(
                         c.ip
                     )
                 }
+                (Err(crate::policy::BESIDE_PRIVATE_ENDPOINT), _) => writeln!(
+                    out,
+                    "  {}  refused: beside a private endpoint (leaves only through the egress's parents)",
+                    c.ip
+                ),
                 (Err(range), _) => writeln!(
                     out,
                     "  {}  refused: {range} (not in a CIDR the rule lists)",
@@ -224,11 +229,10 @@ fn path(
     plan: &crate::gateway::Plan<'_>,
     egress: &crate::config::Egress,
 ) -> String {
-    let order: Vec<String> =
-        crate::gateway::dial::interleave(crate::gateway::parent::direct_candidates(plan))
-            .iter()
-            .map(IpAddr::to_string)
-            .collect();
+    let order: Vec<String> = crate::gateway::dial::interleave(plan.dialable())
+        .iter()
+        .map(IpAddr::to_string)
+        .collect();
     let sources = egress.sources();
     let from = if sources.is_empty() {
         String::new()

@@ -454,7 +454,7 @@ async fn dial(
     let timeouts = snapshot.config.timeouts;
     let egress = plan.egress.map(|(e, _)| e);
     let dialled = super::dial::dial(
-        super::parent::direct_candidates(plan),
+        plan.dialable(),
         port,
         timeouts.connect,
         timeouts.attempt_delay,

@@ -53,28 +53,15 @@ pub fn parents_for<'g>(plan: &Plan<'g>) -> Option<&'g Egress> {
     if egress.via.is_empty() {
         return None;
     }
-    let private = plan.dialable().any(|ip| private_endpoint(plan, ip));
+    // (Its other addresses are refused in the plan: only the private ones are dialled.)
+    let private = plan.decision.rule.is_some_and(|rule| {
+        plan.dialable().any(|ip| {
+            rule.private_addresses
+                .iter()
+                .any(|net| crate::policy::net_contains(net, ip))
+        })
+    });
     (!private).then_some(egress)
-}
-
-/// Whether `ip` is one of the plan's rule's `private_addresses`.
-fn private_endpoint(plan: &Plan<'_>, ip: std::net::IpAddr) -> bool {
-    plan.decision.rule.is_some_and(|rule| {
-        rule.private_addresses
-            .iter()
-            .any(|net| crate::policy::net_contains(net, ip))
-    })
-}
-
-/// The addresses the gateway dials itself: every vetted one, except for a private endpoint
-/// whose egress sends through parents: then only its private addresses (a public address in
-/// the same answer never leaves without the parents). After every parent failed under
-/// `fallback = "direct"`, every vetted one.
-pub fn direct_candidates<'p>(plan: &'p Plan<'_>) -> impl Iterator<Item = std::net::IpAddr> + 'p {
-    let private_only =
-        plan.egress.is_some_and(|(e, _)| !e.via.is_empty()) && parents_for(plan).is_none();
-    plan.dialable()
-        .filter(move |&ip| !private_only || private_endpoint(plan, ip))
 }
 
 /// The configured parents' and egresses' series, at zero (and each parent up unless in its

@@ -9,7 +9,9 @@ use super::resolve::ResolveError;
 use crate::config::{ChosenBy, Egress, Identity};
 use crate::policy::destination;
 use crate::policy::host::{Host, Target};
-use crate::policy::{DENIED_ADDRESS, Decision, Learn, Mode, OUTSIDE_SERVICE_TAGS, Verdict};
+use crate::policy::{
+    BESIDE_PRIVATE_ENDPOINT, DENIED_ADDRESS, Decision, Learn, Mode, OUTSIDE_SERVICE_TAGS, Verdict,
+};
 use std::net::IpAddr;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -196,6 +198,31 @@ fn of_families(mut addrs: Vec<IpAddr>, egress: &Egress) -> Result<Vec<IpAddr>, R
     Ok(addrs)
 }
 
+/// A private endpoint (an address the rule lists in `private_addresses`) is dialled directly,
+/// never through parents: when its egress has parents, its other addresses are refused, so
+/// none of them leaves without the parents.
+fn keep_private_endpoint(plan: &mut Plan<'_>) {
+    let (Some((egress, _)), Some(rule)) = (plan.egress, plan.decision.rule) else {
+        return;
+    };
+    if egress.via.is_empty() {
+        return;
+    }
+    let private = |ip: IpAddr| {
+        rule.private_addresses
+            .iter()
+            .any(|net| crate::policy::net_contains(net, ip))
+    };
+    if !plan.dialable().any(private) {
+        return;
+    }
+    for candidate in &mut plan.candidates {
+        if candidate.vetted.is_ok() && !private(candidate.ip) {
+            candidate.vetted = Err(BESIDE_PRIVATE_ENDPOINT);
+        }
+    }
+}
+
 /// Vets each of `addrs`: the destination wall (the rule's CIDRs open it), the rule's service
 /// tags, and deny rules' addresses; sets the refusal when none may be dialled.
 fn vet<'g>(
@@ -226,6 +253,7 @@ fn vet<'g>(
             Candidate { ip, vetted }
         })
         .collect();
+    keep_private_endpoint(plan);
     if let Some(deny) = denied_by {
         // Report mode lets it through as `would_deny`, as it does a deny rule's host.
         if policy.mode == Mode::Report {

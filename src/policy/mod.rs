@@ -164,6 +164,10 @@ impl Learn {
 pub const OUTSIDE_SERVICE_TAGS: &str = "outside service tags";
 /// A candidate address's refusal when a deny rule's `addresses` hold it.
 pub const DENIED_ADDRESS: &str = "denied by rule";
+/// A candidate address's refusal when its answer also holds a private endpoint's address and
+/// its egress sends through parents: the endpoint is dialled directly, at its private
+/// addresses only; this one would leave without the parents.
+pub const BESIDE_PRIVATE_ENDPOINT: &str = "beside a private endpoint";
 
 impl Rule {
     /// Whether `ip` passes this rule's service-tag check (always, without tags).
