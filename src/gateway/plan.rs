@@ -164,9 +164,6 @@ pub async fn plan<'g>(
             }
         }
     };
-    // An IPv4-mapped IPv6 address is IPv4 on the wire: vetted, filtered by family, bound to a
-    // source and dialled as the IPv4 address it is.
-    let addrs: Vec<IpAddr> = addrs.into_iter().map(|ip| ip.to_canonical()).collect();
     let addrs = match plan.egress {
         Some((egress, _)) => match of_families(addrs, egress) {
             Ok(addrs) => addrs,
@@ -250,7 +247,13 @@ fn vet<'g>(
                 Some(_) if policy.mode == Mode::Enforce => vetted.and(Err(DENIED_ADDRESS)),
                 _ => vetted,
             };
-            Candidate { ip, vetted }
+            // Vetted as given (the wall names IPv4-embedding forms as such); an IPv4-mapped
+            // address is IPv4 on the wire, so it is bound and dialled as the IPv4 it is (the
+            // egress's families take it as IPv4 too).
+            Candidate {
+                ip: ip.to_canonical(),
+                vetted,
+            }
         })
         .collect();
     keep_private_endpoint(plan);
