@@ -379,33 +379,41 @@ async fn recording_dns_at(bind: &str) -> (SocketAddr, UnboundedReceiver<IpAddr>)
     (addr, rx)
 }
 
-#[tokio::test]
-async fn dns_for_an_egress_leaves_from_its_source_address_and_asks_for_its_families_only() {
-    let (origin, mut peers) = peer_recorder("127.0.0.1:0").await;
-    let (dns, mut queries) = recording_dns().await;
+/// A gateway whose egress `out` leaves from 127.0.0.2 and asks `servers`: one tunnel to
+/// `origin` leaves from 127.0.0.2 (`peers`), and its first query, which `queries` records,
+/// leaves from there too. The gateway, its tunnel ended, stays with the caller.
+async fn through_egress_out(
+    servers: &[SocketAddr],
+    origin: SocketAddr,
+    peers: &mut UnboundedReceiver<IpAddr>,
+    queries: &mut UnboundedReceiver<IpAddr>,
+) -> Gateway {
     let config = GatewayConfig::for_origin(origin.port())
-        .dns(&[dns], "2s")
+        .dns(servers, "2s")
         .policy("egress", "out")
         .extra("[egress.out]\nsource_ipv4 = \"127.0.0.2\"\n");
-    let mut gw = Gateway::start(config).await;
-    let (tcp, reply) = connect_from(
-        gw.addr,
-        "127.0.0.1",
-        &format!("{ORIGIN_HOST}:{}", origin.port()),
-        "",
-    )
-    .await;
+    let gw = Gateway::start(config).await;
+    let target = format!("{ORIGIN_HOST}:{}", origin.port());
+    let (tcp, reply) = connect_from(gw.addr, "127.0.0.1", &target, "").await;
     assert_eq!(reply.status, 200, "{reply:?}");
-    assert_eq!(next_peer(&mut peers).await.to_string(), "127.0.0.2");
+    assert_eq!(next_peer(peers).await.to_string(), "127.0.0.2");
     drop(tcp);
-    let line = gw.access_line(|l| l["host"] == ORIGIN_HOST).await;
-    assert_eq!(line["egress"], "out");
-    // One query (A only: the egress has no IPv6 source), from the egress's address.
     let from = tokio::time::timeout(Duration::from_secs(1), queries.recv())
         .await
         .unwrap()
         .unwrap();
     assert_eq!(from.to_string(), "127.0.0.2");
+    gw
+}
+
+#[tokio::test]
+async fn dns_for_an_egress_leaves_from_its_source_address_and_asks_for_its_families_only() {
+    let (origin, mut peers) = peer_recorder("127.0.0.1:0").await;
+    let (dns, mut queries) = recording_dns().await;
+    let mut gw = through_egress_out(&[dns], origin, &mut peers, &mut queries).await;
+    let line = gw.access_line(|l| l["host"] == ORIGIN_HOST).await;
+    assert_eq!(line["egress"], "out");
+    // One query (A only: the egress has no IPv6 source), from the egress's address.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(queries.try_recv().is_err(), "an AAAA query was sent too");
 }
@@ -421,25 +429,7 @@ async fn dns_for_an_egress_skips_a_server_of_a_family_it_has_no_source_for() {
     let (origin, mut peers) = peer_recorder("127.0.0.1:0").await;
     let (dns6, mut queries6) = recording_dns_at("[::1]:0").await;
     let (dns4, mut queries4) = recording_dns().await;
-    let config = GatewayConfig::for_origin(origin.port())
-        .dns(&[dns6, dns4], "2s")
-        .policy("egress", "out")
-        .extra("[egress.out]\nsource_ipv4 = \"127.0.0.2\"\n");
-    let gw = Gateway::start(config).await;
-    let (_tcp, reply) = connect_from(
-        gw.addr,
-        "127.0.0.1",
-        &format!("{ORIGIN_HOST}:{}", origin.port()),
-        "",
-    )
-    .await;
-    assert_eq!(reply.status, 200, "{reply:?}");
-    assert_eq!(next_peer(&mut peers).await.to_string(), "127.0.0.2");
-    let from = tokio::time::timeout(Duration::from_secs(1), queries4.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(from.to_string(), "127.0.0.2");
+    let _gw = through_egress_out(&[dns6, dns4], origin, &mut peers, &mut queries4).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         queries6.try_recv().is_err(),
