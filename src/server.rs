@@ -171,7 +171,8 @@ impl Server {
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let control = self.control();
         // Started by an upgrade: the old process's holds apply before the first request.
-        take_over_holds(&self.current.load().live);
+        let holds = crate::upgrade::inherited_holds();
+        crate::live::fleet::take_holds(&self.current.load().live, holds, "upgrade");
         let mut lowered = false;
         let connections = self.connections.clone();
         let mut background = tokio::task::JoinSet::new();
@@ -485,20 +486,6 @@ async fn upgrade(
         Err(e) => tracing::error!(error = %e, "upgrade failed; this process serves on"),
     }
     result
-}
-
-/// In a process an upgrade started: the holds the old process had in force (an upgrade must
-/// not lift a quarantine).
-fn take_over_holds(live: &Arc<crate::live::Registry>) {
-    for (branch, wire) in crate::upgrade::inherited_holds() {
-        match crate::live::Hold::from_wire(&wire) {
-            Some(hold) => {
-                live.hold(&branch, Some(hold));
-                tracing::info!(%branch, hold = hold.as_str(), "upgrade: took over a hold");
-            }
-            None => tracing::warn!(%branch, %wire, "upgrade: skipped a hold that does not parse"),
-        }
-    }
 }
 
 /// In a process an upgrade started: claims the learned destinations' state directory once the

@@ -135,15 +135,7 @@ async fn start(fleet: &Fleet, registry: &Arc<Registry>) -> Option<String> {
     pipe.cmd("HGETALL").arg(HOLDS);
     type Entries = Vec<(String, HashMap<String, String>)>;
     let (last, holds): (Entries, HashMap<String, String>) = fleet.link.query(&pipe).await.ok()?;
-    for (branch, wire) in holds {
-        match Hold::from_wire(&wire) {
-            Some(hold) => {
-                registry.hold(&branch, Some(hold));
-                tracing::info!(%branch, hold = hold.as_str(), "fleet: applied a hold in force");
-            }
-            None => tracing::warn!(%branch, %wire, "fleet: skipped a hold that does not parse"),
-        }
-    }
+    crate::live::fleet::take_holds(registry, holds, "fleet");
     Some(
         last.first()
             .map_or_else(|| "0-0".to_owned(), |(id, _)| id.clone()),

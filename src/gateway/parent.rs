@@ -54,13 +54,10 @@ pub fn parents_for<'g>(plan: &Plan<'g>) -> Option<&'g Egress> {
         return None;
     }
     // (Its other addresses are refused in the plan: only the private ones are dialled.)
-    let private = plan.decision.rule.is_some_and(|rule| {
-        plan.dialable().any(|ip| {
-            rule.private_addresses
-                .iter()
-                .any(|net| crate::policy::net_contains(net, ip))
-        })
-    });
+    let private = plan
+        .decision
+        .rule
+        .is_some_and(|rule| plan.dialable().any(|ip| rule.is_private_endpoint(ip)));
     (!private).then_some(egress)
 }
 

@@ -205,16 +205,11 @@ fn keep_private_endpoint(plan: &mut Plan<'_>) {
     if egress.via.is_empty() {
         return;
     }
-    let private = |ip: IpAddr| {
-        rule.private_addresses
-            .iter()
-            .any(|net| crate::policy::net_contains(net, ip))
-    };
-    if !plan.dialable().any(private) {
+    if !plan.dialable().any(|ip| rule.is_private_endpoint(ip)) {
         return;
     }
     for candidate in &mut plan.candidates {
-        if candidate.vetted.is_ok() && !private(candidate.ip) {
+        if candidate.vetted.is_ok() && !rule.is_private_endpoint(candidate.ip) {
             candidate.vetted = Err(BESIDE_PRIVATE_ENDPOINT);
         }
     }

@@ -32,6 +32,25 @@ impl Hold {
     }
 }
 
+/// Puts `holds` (branch, wire text) on `registry`, as a replica starting takes them over
+/// (`from`: "fleet" from Redis, "upgrade" from the old process); one that does not parse is
+/// skipped with a warning.
+pub fn take_holds(
+    registry: &std::sync::Arc<super::Registry>,
+    holds: impl IntoIterator<Item = (String, String)>,
+    from: &'static str,
+) {
+    for (branch, wire) in holds {
+        match Hold::from_wire(&wire) {
+            Some(hold) => {
+                registry.hold(&branch, Some(hold));
+                tracing::info!(%branch, hold = hold.as_str(), from, "took over a hold in force");
+            }
+            None => tracing::warn!(%branch, %wire, from, "skipped a hold that does not parse"),
+        }
+    }
+}
+
 impl Action {
     /// The stream entry's fields.
     pub fn fields(&self) -> Vec<(&'static str, String)> {

@@ -170,6 +170,13 @@ pub const DENIED_ADDRESS: &str = "denied by rule";
 pub const BESIDE_PRIVATE_ENDPOINT: &str = "beside a private endpoint";
 
 impl Rule {
+    /// Whether `ip` is one of this rule's `private_addresses` (a private endpoint's).
+    pub fn is_private_endpoint(&self, ip: IpAddr) -> bool {
+        self.private_addresses
+            .iter()
+            .any(|net| net_contains(net, ip))
+    }
+
     /// Whether `ip` passes this rule's service-tag check (always, without tags).
     pub fn in_service_tags(&self, ip: IpAddr) -> bool {
         self.tag_ranges.as_ref().is_none_or(|r| r.contains(ip))
