@@ -276,7 +276,8 @@ async fn the_upgrade_command_with_a_control_token_hands_over_and_counters_start_
     assert!(String::from_utf8_lossy(&refused.stderr).contains("401"));
     let out = upgrade_command(admin, &[("PORTCULLIS_ADMIN_TOKEN", token)]).await;
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(out.status.code(), Some(0), "{said}");
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{said}{why}");
     let new = handed_over(&mut gw).await;
     assert_eq!(
         said,
